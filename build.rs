@@ -1,0 +1,96 @@
+//! Compiles every `kernels/*.cu` with nvcc into one fatbin embedded in the binary
+//! (SASS for sm_80 and sm_90, PTX for compute_80).
+//!
+//! nvcc is looked for in `NVCC`, `CUDA_HOME`/`CUDA_PATH`, `PATH`, then the project-local toolchain
+//! under `.cuda/` (installed by `scripts/install-nvcc.sh`). Without nvcc the build is CPU-only and
+//! says so in one warning; `FNOKERN_REQUIRE_KERNELS=1` turns that into an error.
+
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const TARGETS: &[&str] = &[
+    "-gencode=arch=compute_80,code=sm_80",
+    "-gencode=arch=compute_90,code=sm_90",
+    "-gencode=arch=compute_80,code=compute_80",
+];
+
+fn main() {
+    println!("cargo::rustc-check-cfg=cfg(fnokern_kernels)");
+    println!("cargo::rerun-if-changed=kernels");
+    for v in ["NVCC", "CUDA_HOME", "CUDA_PATH", "FNOKERN_REQUIRE_KERNELS", "PATH"] {
+        println!("cargo::rerun-if-env-changed={v}");
+    }
+    let require = env::var("FNOKERN_REQUIRE_KERNELS").is_ok_and(|v| v == "1");
+    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let mut sources: Vec<PathBuf> = std::fs::read_dir(manifest.join("kernels"))
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    sources.retain(|p| p.extension().is_some_and(|e| e == "cu"));
+    sources.sort();
+    if sources.is_empty() {
+        if require {
+            panic!("FNOKERN_REQUIRE_KERNELS=1 but kernels/ holds no .cu file");
+        }
+        return;
+    }
+    let Some(nvcc) = find_nvcc(&manifest) else {
+        if require {
+            panic!("FNOKERN_REQUIRE_KERNELS=1 but no nvcc was found (NVCC, CUDA_HOME, CUDA_PATH, PATH, .cuda/); run scripts/install-nvcc.sh");
+        }
+        println!("cargo::warning=nvcc not found: building fnokern CPU-only (set NVCC or run scripts/install-nvcc.sh for the CUDA kernels)");
+        return;
+    };
+    let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let fatbin = out.join("kernels.fatbin");
+    let mut cmd = Command::new(&nvcc);
+    cmd.arg("--fatbin").arg("-O3").arg("-std=c++17").args(TARGETS);
+    if let Some(cccl) = cccl_include(&nvcc) {
+        cmd.arg("-I").arg(cccl);
+    }
+    cmd.arg("-I").arg(manifest.join("kernels")).arg("-o").arg(&fatbin);
+    // One fatbin from several translation units needs relocatable device code.
+    if sources.len() > 1 {
+        cmd.arg("-rdc=true");
+    }
+    cmd.args(&sources);
+    let status = cmd.status().unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
+    if !status.success() {
+        panic!("nvcc failed compiling the kernels ({status})");
+    }
+    let version = Command::new(&nvcc)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().last().map(str::to_owned))
+        .unwrap_or_else(|| "unknown".into());
+    println!("cargo::rustc-cfg=fnokern_kernels");
+    println!("cargo::rustc-env=FNOKERN_KERNELS=1");
+    println!("cargo::rustc-env=FNOKERN_NVCC_VERSION={version}");
+    println!("cargo::rustc-env=FNOKERN_CUDA_TARGETS=sm_80 sm_90 (SASS), compute_80 (PTX)");
+}
+
+fn find_nvcc(manifest: &Path) -> Option<PathBuf> {
+    let exe = |p: PathBuf| p.is_file().then_some(p);
+    if let Some(p) = env::var_os("NVCC").map(PathBuf::from).and_then(exe) {
+        return Some(p);
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(p) = env::var_os(var).map(|h| PathBuf::from(h).join("bin/nvcc")).and_then(exe) {
+            return Some(p);
+        }
+    }
+    if let Some(path) = env::var_os("PATH") {
+        if let Some(p) = env::split_paths(&path).map(|d| d.join("nvcc")).find_map(exe) {
+            return Some(p);
+        }
+    }
+    exe(manifest.join(".cuda/nvidia/cu13/bin/nvcc"))
+}
+
+/// The PyPI toolchain keeps `<nv/target>` under include/cccl.
+fn cccl_include(nvcc: &Path) -> Option<PathBuf> {
+    let dir = nvcc.parent()?.parent()?.join("include/cccl");
+    dir.is_dir().then_some(dir)
+}

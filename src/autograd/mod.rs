@@ -1,0 +1,429 @@
+//! The autodiff tape, the parameter store and checkpointed segments.
+//!
+//! A [`Tape`] records one node per differentiable op: the ids of its inputs and outputs and a
+//! backward closure holding only the tensors that backward needs. [`Tape::backward`] walks the
+//! nodes in reverse; each node takes its outputs' gradients (freeing them), runs, is dropped (freeing
+//! what it saved), and adds into its inputs' gradients. Parameter gradients accumulate by parameter,
+//! in the order the nodes run. The tape never holds activations itself: what the caller drops and no
+//! node saved is freed at once.
+//!
+//! [`Tape::checkpoint`] runs a body without recording it and records one node that keeps only the
+//! body's inputs; its backward re-runs the body on a fresh sub-tape and back-propagates through it.
+//! The sub-tape starts from the gradients already accumulated for the inputs and for the parameters,
+//! so every addition happens in the same order as without checkpointing: the gradients are bitwise
+//! identical.
+
+mod params;
+
+use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub use params::{ParamId, ParamStore};
+
+use crate::backend;
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Shape, Tensor};
+
+/// A value on a tape: its tensor and its place in the graph. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Var {
+    id: usize,
+    tape: u64,
+    value: Tensor,
+}
+
+impl Var {
+    pub fn value(&self) -> &Tensor {
+        &self.value
+    }
+    pub fn shape(&self) -> &Shape {
+        self.value.shape()
+    }
+    pub fn dims(&self) -> &[usize] {
+        self.value.dims()
+    }
+    pub fn id(&self) -> usize {
+        self.id
+    }
+}
+
+#[derive(Clone, Copy)]
+struct VarInfo {
+    requires_grad: bool,
+    param: Option<ParamId>,
+}
+
+type BackwardFn = Box<dyn FnOnce(&mut Ctx) -> Result<()>>;
+
+struct Node {
+    inputs: Vec<usize>,
+    outputs: Vec<usize>,
+    /// Shape and dtype of each output, to make zeros for an output nobody used.
+    out_meta: Vec<(Shape, DType)>,
+    backward: BackwardFn,
+}
+
+/// Gradients being accumulated during one backward walk.
+struct GradStore<'p> {
+    vars: Vec<Option<Tensor>>,
+    params: &'p mut Vec<Option<Tensor>>,
+}
+
+impl GradStore<'_> {
+    fn slot(&mut self, info: &[VarInfo], var: usize) -> &mut Option<Tensor> {
+        match info[var].param {
+            Some(p) => &mut self.params[p.0],
+            None => &mut self.vars[var],
+        }
+    }
+
+    fn accumulate(&mut self, info: &[VarInfo], var: usize, g: Tensor) -> Result<()> {
+        let slot = self.slot(info, var);
+        *slot = Some(match slot.take() {
+            None => g,
+            Some(prev) => backend::add_into(prev, g)?,
+        });
+        Ok(())
+    }
+}
+
+/// What a node's backward closure sees: its outputs' gradients, which inputs need one, and a way
+/// to add into the inputs' gradients.
+pub struct Ctx<'a, 'p> {
+    grads_out: Vec<Tensor>,
+    needs: Vec<bool>,
+    inputs: &'a [usize],
+    info: &'a [VarInfo],
+    store: &'a mut GradStore<'p>,
+}
+
+impl Ctx<'_, '_> {
+    /// The gradient of output `i`.
+    pub fn grad(&self, i: usize) -> &Tensor {
+        &self.grads_out[i]
+    }
+    /// Whether input `i` needs a gradient.
+    pub fn needs(&self, i: usize) -> bool {
+        self.needs[i]
+    }
+    /// Adds `g` into the gradient of input `i` (ignored when that input needs none).
+    pub fn add(&mut self, i: usize, g: Tensor) -> Result<()> {
+        if !self.needs[i] {
+            return Ok(());
+        }
+        self.store.accumulate(self.info, self.inputs[i], g)
+    }
+    fn take_input_grad(&mut self, i: usize) -> Option<Tensor> {
+        self.store.slot(self.info, self.inputs[i]).take()
+    }
+    fn put_input_grad(&mut self, i: usize, g: Tensor) {
+        *self.store.slot(self.info, self.inputs[i]) = Some(g);
+    }
+}
+
+static NEXT_TAPE: AtomicU64 = AtomicU64::new(1);
+
+/// Records differentiable ops for one forward pass.
+pub struct Tape {
+    id: u64,
+    vars: Vec<VarInfo>,
+    nodes: Vec<Node>,
+    recording: bool,
+    params: Rc<Vec<Tensor>>,
+    param_vars: HashMap<ParamId, Var>,
+}
+
+impl Default for Tape {
+    fn default() -> Self {
+        Tape::new()
+    }
+}
+
+/// The result of a backward walk.
+pub struct Gradients {
+    params: Vec<Option<Tensor>>,
+    leaves: HashMap<usize, Tensor>,
+}
+
+impl Gradients {
+    /// The gradient of a parameter, if the loss depends on it.
+    pub fn param(&self, id: ParamId) -> Option<&Tensor> {
+        self.params.get(id.0).and_then(|g| g.as_ref())
+    }
+    /// All parameter gradients, indexed by parameter id.
+    pub fn params(&self) -> &[Option<Tensor>] {
+        &self.params
+    }
+    pub fn into_params(self) -> Vec<Option<Tensor>> {
+        self.params
+    }
+    /// The gradient of a leaf made with [`Tape::leaf`] and `requires_grad`.
+    pub fn wrt(&self, v: &Var) -> Option<&Tensor> {
+        self.leaves.get(&v.id)
+    }
+}
+
+impl Tape {
+    /// A tape with no parameters.
+    pub fn new() -> Tape {
+        Tape::with_param_values(Rc::new(Vec::new()))
+    }
+
+    /// A tape whose [`Tape::param`] reads the store's current values (shared, not copied).
+    pub fn with_params(store: &ParamStore) -> Tape {
+        Tape::with_param_values(Rc::new(store.values().to_vec()))
+    }
+
+    fn with_param_values(params: Rc<Vec<Tensor>>) -> Tape {
+        Tape {
+            id: NEXT_TAPE.fetch_add(1, Ordering::Relaxed),
+            vars: Vec::new(),
+            nodes: Vec::new(),
+            recording: true,
+            params,
+            param_vars: HashMap::new(),
+        }
+    }
+
+    fn new_var(&mut self, value: Tensor, requires_grad: bool, param: Option<ParamId>) -> Var {
+        self.vars.push(VarInfo { requires_grad, param });
+        Var {
+            id: self.vars.len() - 1,
+            tape: self.id,
+            value,
+        }
+    }
+
+    /// A leaf value: an input, or a constant when `requires_grad` is false.
+    pub fn leaf(&mut self, value: Tensor, requires_grad: bool) -> Var {
+        self.new_var(value, requires_grad, None)
+    }
+
+    /// A constant (no gradient).
+    pub fn constant(&mut self, value: Tensor) -> Var {
+        self.leaf(value, false)
+    }
+
+    /// The same value with no gradient flowing back through it.
+    pub fn detach(&mut self, v: &Var) -> Var {
+        self.leaf(v.value.clone(), false)
+    }
+
+    /// The parameter `id` as a leaf whose gradient accumulates into the parameter's.
+    pub fn param(&mut self, id: ParamId) -> Result<Var> {
+        if let Some(v) = self.param_vars.get(&id) {
+            return Ok(v.clone());
+        }
+        let value = self
+            .params
+            .get(id.0)
+            .cloned()
+            .ok_or_else(|| Error::Autograd(format!("parameter #{} is not in this tape's store", id.0)))?;
+        let v = self.new_var(value, true, Some(id));
+        self.param_vars.insert(id, v.clone());
+        Ok(v)
+    }
+
+    /// Whether gradients flow to `v` from ops recorded now.
+    pub fn requires_grad(&self, v: &Var) -> bool {
+        self.recording && self.vars.get(v.id).is_some_and(|i| i.requires_grad) && v.tape == self.id
+    }
+
+    /// Number of recorded nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    fn check_own(&self, vars: &[&Var]) -> Result<()> {
+        match vars.iter().find(|v| v.tape != self.id) {
+            Some(v) => Err(Error::Autograd(format!(
+                "a value of shape {} belongs to another tape (inside a checkpoint body, use only its inputs and tape.param)",
+                v.shape()
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Records an op with the given inputs and output values. `backward` runs only if some input
+    /// needs a gradient and the tape is recording; otherwise it is dropped at once, with what it saved.
+    pub fn record(
+        &mut self,
+        inputs: &[&Var],
+        outputs: Vec<Tensor>,
+        backward: impl FnOnce(&mut Ctx) -> Result<()> + 'static,
+    ) -> Result<Vec<Var>> {
+        self.check_own(inputs)?;
+        let rg = self.recording && inputs.iter().any(|v| self.vars[v.id].requires_grad);
+        let out_meta: Vec<(Shape, DType)> = outputs.iter().map(|t| (t.shape().clone(), t.dtype())).collect();
+        let outs: Vec<Var> = outputs.into_iter().map(|t| self.new_var(t, rg, None)).collect();
+        if rg {
+            self.nodes.push(Node {
+                inputs: inputs.iter().map(|v| v.id).collect(),
+                outputs: outs.iter().map(|v| v.id).collect(),
+                out_meta,
+                backward: Box::new(backward),
+            });
+        }
+        Ok(outs)
+    }
+
+    /// [`Tape::record`] for an op with one output.
+    pub fn record1(
+        &mut self,
+        inputs: &[&Var],
+        output: Tensor,
+        backward: impl FnOnce(&mut Ctx) -> Result<()> + 'static,
+    ) -> Result<Var> {
+        let mut outs = self.record(inputs, vec![output], backward)?;
+        outs.pop().ok_or_else(|| Error::Autograd("record1 made no output".into()))
+    }
+
+    /// Back-propagates from a one-element `loss` (seed 1).
+    pub fn backward(self, loss: &Var) -> Result<Gradients> {
+        if loss.value.numel() != 1 {
+            return Err(Error::Autograd(format!(
+                "backward needs a one-element loss, got shape {} (use backward_with for other seeds)",
+                loss.shape()
+            )));
+        }
+        let seed = Tensor::full(1.0, loss.shape().clone(), loss.value.dtype(), loss.value.device())?;
+        self.backward_with(vec![(loss.clone(), seed)])
+    }
+
+    /// Back-propagates from the given (value, gradient) pairs.
+    pub fn backward_with(self, seeds: Vec<(Var, Tensor)>) -> Result<Gradients> {
+        let mut params = vec![None; self.params.len()];
+        // Node outputs' gradients are consumed during the walk: what remains belongs to leaves.
+        let grads = self.run(seeds, HashMap::new(), &mut params)?;
+        let leaves = grads
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, g)| g.map(|g| (i, g)))
+            .collect();
+        Ok(Gradients { params, leaves })
+    }
+
+    /// The reverse walk. `initial` pre-loads gradients of some vars (a checkpoint's inputs);
+    /// parameter gradients accumulate into `params`. Returns the remaining per-var gradients.
+    fn run(
+        mut self,
+        seeds: Vec<(Var, Tensor)>,
+        initial: HashMap<usize, Tensor>,
+        params: &mut Vec<Option<Tensor>>,
+    ) -> Result<Vec<Option<Tensor>>> {
+        let info = std::mem::take(&mut self.vars);
+        let mut store = GradStore {
+            vars: vec![None; info.len()],
+            params,
+        };
+        for (v, g) in initial {
+            store.vars[v] = Some(g);
+        }
+        for (v, g) in seeds {
+            self.check_own(&[&v])?;
+            if v.shape() != g.shape() {
+                return Err(Error::mismatch_because("backward", v.shape(), g.shape(), "seed gradient"));
+            }
+            drop(v.value);
+            store.accumulate(&info, v.id, g)?;
+        }
+        // Drop the parameter handles so that parameter values are held only by their store.
+        self.param_vars.clear();
+        while let Some(node) = self.nodes.pop() {
+            let mut got: Vec<Option<Tensor>> = node.outputs.iter().map(|&o| store.vars[o].take()).collect();
+            let dev = match got.iter().flatten().next() {
+                Some(g) => g.device().clone(),
+                None => continue,
+            };
+            let mut grads_out = Vec::with_capacity(got.len());
+            for (g, (shape, dtype)) in got.iter_mut().zip(&node.out_meta) {
+                grads_out.push(match g.take() {
+                    Some(g) => g,
+                    None => Tensor::zeros(shape.clone(), *dtype, &dev)?,
+                });
+            }
+            let needs = node.inputs.iter().map(|&i| info[i].requires_grad).collect();
+            let mut ctx = Ctx {
+                grads_out,
+                needs,
+                inputs: &node.inputs,
+                info: &info,
+                store: &mut store,
+            };
+            (node.backward)(&mut ctx)?;
+        }
+        Ok(store.vars)
+    }
+
+    /// Runs `body` on `inputs` as a checkpointed segment: only the inputs are kept for backward, which
+    /// re-runs the body. The body must reach other values only through its inputs and `tape.param`.
+    pub fn checkpoint<F>(&mut self, inputs: &[&Var], body: F) -> Result<Vec<Var>>
+    where
+        F: Fn(&mut Tape, &[Var]) -> Result<Vec<Var>> + 'static,
+    {
+        self.check_own(inputs)?;
+        let mut seen = HashSet::new();
+        for v in inputs {
+            if !seen.insert(v.id) {
+                return Err(Error::Autograd("a checkpoint input is given twice".into()));
+            }
+            if self.vars[v.id].param.is_some() {
+                return Err(Error::Autograd(
+                    "a parameter is given as a checkpoint input; read it inside the body with tape.param".into(),
+                ));
+            }
+        }
+        let owned: Vec<Var> = inputs.iter().map(|v| (*v).clone()).collect();
+        let was = self.recording;
+        self.recording = false;
+        let outs = body(self, &owned);
+        self.recording = was;
+        let out_values: Vec<Tensor> = outs?.into_iter().map(|v| v.value).collect();
+        drop(owned);
+
+        let saved: Vec<Tensor> = inputs.iter().map(|v| v.value.clone()).collect();
+        let params = self.params.clone();
+        let body = Rc::new(body);
+        self.record(inputs, out_values, move |ctx| {
+            let mut sub = Tape::with_param_values(params);
+            let leaves: Vec<Var> = saved
+                .into_iter()
+                .enumerate()
+                .map(|(i, t)| sub.leaf(t, ctx.needs(i)))
+                .collect();
+            let outs = body(&mut sub, &leaves)?;
+            if outs.len() != ctx.grads_out.len() {
+                return Err(Error::Autograd(format!(
+                    "checkpoint body gave {} outputs on recomputation and {} before",
+                    outs.len(),
+                    ctx.grads_out.len()
+                )));
+            }
+            let seeds: Vec<(Var, Tensor)> = outs.into_iter().zip(std::mem::take(&mut ctx.grads_out)).collect();
+            let mut initial = HashMap::new();
+            for (i, leaf) in leaves.iter().enumerate() {
+                if ctx.needs(i) {
+                    if let Some(g) = ctx.take_input_grad(i) {
+                        initial.insert(leaf.id, g);
+                    }
+                }
+            }
+            let ids: Vec<usize> = leaves.iter().map(|l| l.id).collect();
+            drop(leaves);
+            let mut sub_grads = sub.run(seeds, initial, &mut *ctx.store.params)?;
+            for (i, id) in ids.into_iter().enumerate() {
+                if ctx.needs(i) {
+                    if let Some(g) = sub_grads[id].take() {
+                        ctx.put_input_grad(i, g);
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+}

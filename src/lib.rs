@@ -1,0 +1,21 @@
+//! fnokern: a training engine for deep Fourier Neural Operators.
+//!
+//! Layers, bottom up: [`tensor`] and [`device`] (storage and the memory ledger), [`backend`] (the
+//! kernels of each device behind one small surface), [`autograd`] (the tape, parameters,
+//! checkpointed segments), [`ops`] (differentiable ops, the only users of the tape), and
+//! [`gradcheck`] (finite-difference checks of the ops).
+
+pub mod autograd;
+pub mod backend;
+pub mod build_info;
+pub mod device;
+pub mod error;
+pub mod gradcheck;
+pub mod ops;
+pub mod tensor;
+
+pub use autograd::{Gradients, ParamId, ParamStore, Tape, Var};
+pub use backend::{Conv2dParams, ModeConvention, NormKind, SpectralModes};
+pub use device::{Device, DeviceKind, MemoryStats};
+pub use error::{Error, Result};
+pub use tensor::{DType, Shape, Tensor};

@@ -1,0 +1,390 @@
+//! `Tensor`: a shape, a dtype and contiguous row-major storage on a device.
+//!
+//! Storage is shared (`Arc`): cloning a tensor is free and never allocates. Every buffer is
+//! accounted on its device when it is created and released when its last handle drops, so the
+//! device's current and peak byte counts follow the program exactly (see `device.rs`).
+//! Complex tensors are real tensors whose last dimension is 2 (re, im), interleaved as cuFFT does.
+
+use std::fmt;
+use std::sync::Arc;
+
+use half::{bf16, f16};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal, Uniform};
+
+use crate::device::{Allocation, Device};
+use crate::error::{Error, Result};
+
+/// Dimensions, outermost first. A scalar has no dimensions and one element.
+#[derive(Clone, PartialEq, Eq, Hash, Default)]
+pub struct Shape(Vec<usize>);
+
+impl Shape {
+    pub fn new(dims: impl Into<Vec<usize>>) -> Self {
+        Shape(dims.into())
+    }
+    pub fn scalar() -> Self {
+        Shape(Vec::new())
+    }
+    pub fn dims(&self) -> &[usize] {
+        &self.0
+    }
+    pub fn rank(&self) -> usize {
+        self.0.len()
+    }
+    pub fn numel(&self) -> usize {
+        self.0.iter().product()
+    }
+    /// Size of dimension `i`, counting from the end when negative-style indexing is wanted:
+    /// `dim(0)` is the outermost.
+    pub fn dim(&self, i: usize) -> usize {
+        self.0[i]
+    }
+}
+
+impl fmt::Debug for Shape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl fmt::Display for Shape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[")?;
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                write!(f, ", ")?;
+            }
+            write!(f, "{d}")?;
+        }
+        write!(f, "]")
+    }
+}
+
+impl From<&[usize]> for Shape {
+    fn from(d: &[usize]) -> Self {
+        Shape(d.to_vec())
+    }
+}
+impl<const N: usize> From<[usize; N]> for Shape {
+    fn from(d: [usize; N]) -> Self {
+        Shape(d.to_vec())
+    }
+}
+impl From<Vec<usize>> for Shape {
+    fn from(d: Vec<usize>) -> Self {
+        Shape(d)
+    }
+}
+
+/// Element types. f32 and f64 are computed on the CPU; f16 and bf16 are storage types for the
+/// mixed-precision path (cast to and from, not computed in).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F16,
+    BF16,
+    F32,
+    F64,
+}
+
+impl DType {
+    pub fn size_in_bytes(self) -> usize {
+        match self {
+            DType::F16 | DType::BF16 => 2,
+            DType::F32 => 4,
+            DType::F64 => 8,
+        }
+    }
+    pub fn is_compute(self) -> bool {
+        matches!(self, DType::F32 | DType::F64)
+    }
+}
+
+/// The element buffer behind a tensor. Meta tensors have none.
+#[doc(hidden)]
+pub enum Data {
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+    Meta,
+}
+
+pub(crate) struct Storage {
+    data: Data,
+    // Dropped with the storage: returns the bytes to the device's accounting.
+    _alloc: Allocation,
+}
+
+/// A Rust element type that a tensor can hold.
+pub trait Element: Copy + Send + Sync + bytemuck::Pod + fmt::Debug + 'static {
+    const DTYPE: DType;
+    fn slice(data: &Data) -> Option<&[Self]>;
+    fn slice_mut(data: &mut Data) -> Option<&mut [Self]>;
+    fn wrap(v: Vec<Self>) -> Data;
+    fn as_f64(self) -> f64;
+    fn of_f64(v: f64) -> Self;
+}
+
+macro_rules! element {
+    ($t:ty, $variant:ident, $to:expr, $from:expr) => {
+        impl Element for $t {
+            const DTYPE: DType = DType::$variant;
+            fn slice(data: &Data) -> Option<&[Self]> {
+                match data {
+                    Data::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+            fn slice_mut(data: &mut Data) -> Option<&mut [Self]> {
+                match data {
+                    Data::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+            fn wrap(v: Vec<Self>) -> Data {
+                Data::$variant(v)
+            }
+            fn as_f64(self) -> f64 {
+                ($to)(self)
+            }
+            fn of_f64(v: f64) -> Self {
+                ($from)(v)
+            }
+        }
+    };
+}
+element!(f32, F32, |x: f32| x as f64, |v: f64| v as f32);
+element!(f64, F64, |x: f64| x, |v: f64| v);
+element!(f16, F16, |x: f16| x.to_f64(), f16::from_f64);
+element!(bf16, BF16, |x: bf16| x.to_f64(), bf16::from_f64);
+
+/// A shaped, typed buffer on a device. Cheap to clone (shared storage).
+#[derive(Clone)]
+pub struct Tensor {
+    shape: Shape,
+    dtype: DType,
+    device: Device,
+    storage: Arc<Storage>,
+}
+
+impl fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Tensor({}, {:?}, {})", self.shape, self.dtype, self.device)
+    }
+}
+
+impl Tensor {
+    /// A zero-filled tensor (a data-less one on the meta device), accounted on `device`.
+    pub fn zeros(shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
+        let shape = shape.into();
+        let n = shape.numel();
+        let alloc = device.allocate((n * dtype.size_in_bytes()) as u64, || {
+            format!("a {dtype:?} tensor of shape {shape}")
+        })?;
+        let data = if device.is_meta() {
+            Data::Meta
+        } else {
+            match dtype {
+                DType::F16 => Data::F16(vec![f16::ZERO; n]),
+                DType::BF16 => Data::BF16(vec![bf16::ZERO; n]),
+                DType::F32 => Data::F32(vec![0.0; n]),
+                DType::F64 => Data::F64(vec![0.0; n]),
+            }
+        };
+        Ok(Tensor {
+            shape,
+            dtype,
+            device: device.clone(),
+            storage: Arc::new(Storage {
+                data,
+                _alloc: alloc,
+            }),
+        })
+    }
+
+    /// Wraps host data. On the meta device only the shape and byte count are kept.
+    pub fn from_vec<T: Element>(data: Vec<T>, shape: impl Into<Shape>, device: &Device) -> Result<Tensor> {
+        let shape = shape.into();
+        if data.len() != shape.numel() {
+            return Err(Error::bad_shape(
+                "Tensor::from_vec",
+                &shape,
+                format!("{} elements given for {} places", data.len(), shape.numel()),
+            ));
+        }
+        let alloc = device.allocate((data.len() * std::mem::size_of::<T>()) as u64, || {
+            format!("a {:?} tensor of shape {shape}", T::DTYPE)
+        })?;
+        let data = if device.is_meta() { Data::Meta } else { T::wrap(data) };
+        Ok(Tensor {
+            shape,
+            dtype: T::DTYPE,
+            device: device.clone(),
+            storage: Arc::new(Storage {
+                data,
+                _alloc: alloc,
+            }),
+        })
+    }
+
+    /// A tensor filled with one value.
+    pub fn full(value: f64, shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
+        let shape = shape.into();
+        let n = shape.numel();
+        if device.is_meta() {
+            return Tensor::zeros(shape, dtype, device);
+        }
+        match dtype {
+            DType::F16 => Tensor::from_vec(vec![f16::from_f64(value); n], shape, device),
+            DType::BF16 => Tensor::from_vec(vec![bf16::from_f64(value); n], shape, device),
+            DType::F32 => Tensor::from_vec(vec![value as f32; n], shape, device),
+            DType::F64 => Tensor::from_vec(vec![value; n], shape, device),
+        }
+    }
+
+    /// Standard-normal samples times `std`, from a seeded ChaCha8 stream: the same seed gives the
+    /// same tensor on every machine.
+    pub fn randn(shape: impl Into<Shape>, std: f64, seed: u64, dtype: DType, device: &Device) -> Result<Tensor> {
+        let shape = shape.into();
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let v: Vec<f64> = (0..shape.numel())
+            .map(|_| {
+                let z: f64 = StandardNormal.sample(&mut rng);
+                z * std
+            })
+            .collect();
+        Tensor::from_f64_vec(v, shape, dtype, device)
+    }
+
+    /// Uniform samples in [lo, hi) from a seeded ChaCha8 stream.
+    pub fn rand_uniform(
+        shape: impl Into<Shape>,
+        lo: f64,
+        hi: f64,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let shape = shape.into();
+        let dist = Uniform::new(lo, hi)
+            .map_err(|e| Error::invalid("Tensor::rand_uniform", format!("bounds [{lo}, {hi}): {e}")))?;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let v: Vec<f64> = (0..shape.numel()).map(|_| dist.sample(&mut rng)).collect();
+        Tensor::from_f64_vec(v, shape, dtype, device)
+    }
+
+    /// Builds a tensor of any dtype from f64 values (rounded to the dtype).
+    pub fn from_f64_vec(v: Vec<f64>, shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
+        match dtype {
+            DType::F64 => Tensor::from_vec(v, shape, device),
+            DType::F32 => Tensor::from_vec(v.into_iter().map(|x| x as f32).collect::<Vec<_>>(), shape, device),
+            DType::F16 => Tensor::from_vec(v.into_iter().map(f16::from_f64).collect::<Vec<_>>(), shape, device),
+            DType::BF16 => Tensor::from_vec(v.into_iter().map(bf16::from_f64).collect::<Vec<_>>(), shape, device),
+        }
+    }
+
+    pub fn shape(&self) -> &Shape {
+        &self.shape
+    }
+    pub fn dims(&self) -> &[usize] {
+        self.shape.dims()
+    }
+    pub fn rank(&self) -> usize {
+        self.shape.rank()
+    }
+    pub fn numel(&self) -> usize {
+        self.shape.numel()
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    pub fn size_in_bytes(&self) -> usize {
+        self.numel() * self.dtype.size_in_bytes()
+    }
+
+    /// The elements, if this tensor holds `T` and has data.
+    pub fn as_slice<T: Element>(&self) -> Result<&[T]> {
+        if matches!(self.storage.data, Data::Meta) {
+            return Err(Error::NoData { op: "Tensor::as_slice" });
+        }
+        T::slice(&self.storage.data).ok_or(Error::DTypeMismatch {
+            op: "Tensor::as_slice",
+            lhs: self.dtype,
+            rhs: T::DTYPE,
+        })
+    }
+
+    /// Mutable elements of a tensor whose storage nobody else holds (a freshly made output).
+    pub(crate) fn as_mut_slice<T: Element>(&mut self) -> Result<&mut [T]> {
+        let dtype = self.dtype;
+        let storage = Arc::get_mut(&mut self.storage)
+            .ok_or_else(|| Error::invalid("Tensor::as_mut_slice", "storage is shared; write into a fresh tensor"))?;
+        if matches!(storage.data, Data::Meta) {
+            return Err(Error::NoData { op: "Tensor::as_mut_slice" });
+        }
+        T::slice_mut(&mut storage.data).ok_or(Error::DTypeMismatch {
+            op: "Tensor::as_mut_slice",
+            lhs: dtype,
+            rhs: T::DTYPE,
+        })
+    }
+
+    /// Whether this handle is the only one on its storage (so it may be written in place).
+    pub(crate) fn is_unique(&mut self) -> bool {
+        Arc::get_mut(&mut self.storage).is_some()
+    }
+
+    /// A copy of the elements as f64, whatever the dtype.
+    pub fn to_f64_vec(&self) -> Result<Vec<f64>> {
+        Ok(match &self.storage.data {
+            Data::F16(v) => v.iter().map(|x| x.to_f64()).collect(),
+            Data::BF16(v) => v.iter().map(|x| x.to_f64()).collect(),
+            Data::F32(v) => v.iter().map(|&x| x as f64).collect(),
+            Data::F64(v) => v.clone(),
+            Data::Meta => return Err(Error::NoData { op: "Tensor::to_f64_vec" }),
+        })
+    }
+
+    /// The single value of a one-element tensor.
+    pub fn scalar_value(&self) -> Result<f64> {
+        if self.numel() != 1 {
+            return Err(Error::bad_shape("Tensor::scalar_value", &self.shape, "not a one-element tensor"));
+        }
+        Ok(self.to_f64_vec()?[0])
+    }
+
+    /// The same storage seen with another shape of the same element count (no copy).
+    pub fn reshape(&self, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        if shape.numel() != self.numel() {
+            return Err(Error::mismatch_because("reshape", &self.shape, &shape, "element counts differ"));
+        }
+        Ok(Tensor {
+            shape,
+            dtype: self.dtype,
+            device: self.device.clone(),
+            storage: self.storage.clone(),
+        })
+    }
+
+    /// A rounded copy in another dtype (f16/bf16 round to nearest even, as `half` does).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
+        if dtype == self.dtype {
+            return Ok(self.clone());
+        }
+        if self.device.is_meta() {
+            return Tensor::zeros(self.shape.clone(), dtype, &self.device);
+        }
+        Tensor::from_f64_vec(self.to_f64_vec()?, self.shape.clone(), dtype, &self.device)
+    }
+
+    /// Whether every element is finite (an error on the meta device, which has no elements).
+    pub fn all_finite(&self) -> Result<bool> {
+        Ok(self.to_f64_vec()?.iter().all(|x| x.is_finite()))
+    }
+}
