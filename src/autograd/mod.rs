@@ -378,13 +378,13 @@ impl Tape {
                 ));
             }
         }
-        let owned: Vec<Var> = inputs.iter().map(|v| (*v).clone()).collect();
-        let was = self.recording;
-        self.recording = false;
-        let outs = body(self, &owned);
-        self.recording = was;
-        let out_values: Vec<Tensor> = outs?.into_iter().map(|v| v.value).collect();
-        drop(owned);
+        // Forward on a tape of its own that records nothing, so the body's internals are freed as
+        // it goes, and a body that reaches for an outer value fails now rather than in backward.
+        let mut fwd = Tape::with_param_values(self.params.clone());
+        fwd.recording = false;
+        let leaves: Vec<Var> = inputs.iter().map(|v| fwd.leaf(v.value.clone(), false)).collect();
+        let out_values: Vec<Tensor> = body(&mut fwd, &leaves)?.into_iter().map(|v| v.value).collect();
+        drop((leaves, fwd));
 
         let saved: Vec<Tensor> = inputs.iter().map(|v| v.value.clone()).collect();
         let params = self.params.clone();
