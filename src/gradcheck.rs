@@ -112,6 +112,8 @@ pub fn check(inputs: Vec<Input>, f: &Graph, tol: Tolerance, seed: u64) -> Result
             report.checked += 1;
             report.max_abs_err = report.max_abs_err.max(err);
             report.max_rel_err = report.max_rel_err.max(err / numeric.abs().max(1e-12));
+            // Negated so that a NaN error counts as a failure.
+            #[allow(clippy::neg_cmp_op_on_partial_ord)]
             if !(err <= tol.atol + tol.rtol * numeric.abs()) {
                 report.mismatches.push(format!(
                     "input {k} {} entry {j}: analytic {:.9e} numeric {:.9e}",
@@ -131,13 +133,12 @@ pub struct Case {
     pub run: fn() -> Result<Report>,
 }
 
-fn randn(shape: impl Into<Shape>, seed: u64) -> Tensor {
-    // Only allocation on a fresh CPU device can fail here, and it has no limit.
-    Tensor::randn(shape, 1.0, seed, DType::F64, &Device::cpu()).unwrap_or_else(|e| panic!("{e}"))
+fn randn(shape: impl Into<Shape>, seed: u64) -> Result<Tensor> {
+    Tensor::randn(shape, 1.0, seed, DType::F64, &Device::cpu())
 }
 
-fn positive(shape: impl Into<Shape>, seed: u64) -> Tensor {
-    Tensor::rand_uniform(shape, 0.5, 2.0, seed, DType::F64, &Device::cpu()).unwrap_or_else(|e| panic!("{e}"))
+fn positive(shape: impl Into<Shape>, seed: u64) -> Result<Tensor> {
+    Tensor::rand_uniform(shape, 0.5, 2.0, seed, DType::F64, &Device::cpu())
 }
 
 fn vars(ts: Vec<Tensor>) -> Vec<Input> {
@@ -149,63 +150,63 @@ fn go(inputs: Vec<Input>, f: &Graph) -> Result<Report> {
 }
 
 fn conv_case(x: [usize; 4], w: [usize; 4], bias: bool, p: Conv2dParams) -> Result<Report> {
-    let mut ins = vec![randn(x, 1), randn(w, 2)];
+    let mut ins = vec![randn(x, 1)?, randn(w, 2)?];
     if bias {
-        ins.push(randn([w[0]], 3));
+        ins.push(randn([w[0]], 3)?);
     }
     go(vars(ins), &move |t, v| ops::conv2d(t, &v[0], &v[1], v.get(2), p))
 }
 
 fn convt_case(x: [usize; 4], w: [usize; 4], bias: bool, p: Conv2dParams) -> Result<Report> {
-    let mut ins = vec![randn(x, 1), randn(w, 2)];
+    let mut ins = vec![randn(x, 1)?, randn(w, 2)?];
     if bias {
-        ins.push(randn([w[1]], 3));
+        ins.push(randn([w[1]], 3)?);
     }
     go(vars(ins), &move |t, v| ops::conv_transpose2d(t, &v[0], &v[1], v.get(2), p))
 }
 
 fn spectral_case(x: [usize; 4], c_out: usize, modes: SpectralModes) -> Result<Report> {
     let ws = modes.weight_shape(x[1], c_out, x[2], x[3]);
-    go(vars(vec![randn(x, 1), randn(ws, 2)]), &move |t, v| ops::spectral_conv(t, &v[0], &v[1], modes))
+    go(vars(vec![randn(x, 1)?, randn(ws, 2)?]), &move |t, v| ops::spectral_conv(t, &v[0], &v[1], modes))
 }
 
 fn mix_case(xh: [usize; 5], c_out: usize, modes: SpectralModes) -> Result<Report> {
     // The weight shape for a map whose half spectrum has xh[3] columns (W = 2 (Wh - 1)).
     let ws = modes.weight_shape(xh[1], c_out, xh[2], 2 * (xh[3] - 1));
-    go(vars(vec![randn(xh, 1), randn(ws, 2)]), &move |t, v| ops::spectral_mix(t, &v[0], &v[1], modes))
+    go(vars(vec![randn(xh, 1)?, randn(ws, 2)?]), &move |t, v| ops::spectral_mix(t, &v[0], &v[1], modes))
 }
 
 fn norm_case(kind: NormKind, affine: bool) -> Result<Report> {
     let x = [2, 3, 5, 3];
-    let mut ins = vec![randn(x, 1)];
+    let mut ins = vec![randn(x, 1)?];
     if affine {
-        ins.push(randn([3], 2));
+        ins.push(randn([3], 2)?);
         if kind != NormKind::RmsNorm {
-            ins.push(randn([3], 3));
+            ins.push(randn([3], 3)?);
         }
     }
     go(vars(ins), &move |t, v| ops::norm(t, kind, &v[0], v.get(1), v.get(2), 1e-5))
 }
 
 fn unary_case(f: fn(&mut Tape, &Var) -> Result<Var>, positive_only: bool) -> Result<Report> {
-    let x = if positive_only { positive([3, 5, 7], 1) } else { randn([3, 5, 7], 1) };
+    let x = if positive_only { positive([3, 5, 7], 1)? } else { randn([3, 5, 7], 1)? };
     go(vars(vec![x]), &move |t, v| f(t, &v[0]))
 }
 
 fn binary_case(f: fn(&mut Tape, &Var, &Var) -> Result<Var>) -> Result<Report> {
-    go(vars(vec![randn([3, 5, 7], 1), randn([3, 5, 7], 2)]), &move |t, v| f(t, &v[0], &v[1]))
+    go(vars(vec![randn([3, 5, 7], 1)?, randn([3, 5, 7], 2)?]), &move |t, v| f(t, &v[0], &v[1]))
 }
 
 fn scalar_case(f: fn(&mut Tape, &Var, &Var) -> Result<Var>) -> Result<Report> {
-    go(vars(vec![randn([3, 5], 1), positive([1], 2)]), &move |t, v| f(t, &v[0], &v[1]))
+    go(vars(vec![randn([3, 5], 1)?, positive([1], 2)?]), &move |t, v| f(t, &v[0], &v[1]))
 }
 
 fn fft_case(norm: ops::FftNorm) -> Result<Report> {
-    go(vars(vec![randn([2, 5, 3, 2], 1)]), &move |t, v| ops::fft2(t, &v[0], norm))
+    go(vars(vec![randn([2, 5, 3, 2], 1)?]), &move |t, v| ops::fft2(t, &v[0], norm))
 }
 
 fn loss_case(f: fn(&mut Tape, &Var, &Var) -> Result<Var>) -> Result<Report> {
-    go(vars(vec![randn([2, 3, 5], 1), randn([2, 3, 5], 2)]), &move |t, v| f(t, &v[0], &v[1]))
+    go(vars(vec![randn([2, 3, 5], 1)?, randn([2, 3, 5], 2)?]), &move |t, v| f(t, &v[0], &v[1]))
 }
 
 /// Every op's check.
@@ -223,11 +224,11 @@ pub fn all_cases() -> Vec<Case> {
         case!("conv2d_3x3_stride2_pad1", conv_case([1, 2, 7, 5], [3, 2, 3, 3], false, Conv2dParams::new(2, 1))),
         case!("conv_transpose2d_2x2_stride2_bias", convt_case([2, 3, 3, 5], [3, 4, 2, 2], true, Conv2dParams::new(2, 0))),
         case!("conv_transpose2d_3x3_stride2_pad1", convt_case([1, 2, 3, 4], [2, 3, 3, 3], false, Conv2dParams::new(2, 1))),
-        case!("rfft2_odd_width", go(vars(vec![randn([2, 5, 7], 1)]), &|t, v| ops::rfft2(t, &v[0]))),
-        case!("rfft2_even_width", go(vars(vec![randn([2, 5, 6], 1)]), &|t, v| ops::rfft2(t, &v[0]))),
+        case!("rfft2_odd_width", go(vars(vec![randn([2, 5, 7], 1)?]), &|t, v| ops::rfft2(t, &v[0]))),
+        case!("rfft2_even_width", go(vars(vec![randn([2, 5, 6], 1)?]), &|t, v| ops::rfft2(t, &v[0]))),
         // Random half spectra: the DC and Nyquist columns are not Hermitian.
-        case!("irfft2_even_width", go(vars(vec![randn([2, 5, 4, 2], 1)]), &|t, v| ops::irfft2(t, &v[0], 6))),
-        case!("irfft2_odd_width", go(vars(vec![randn([2, 5, 4, 2], 1)]), &|t, v| ops::irfft2(t, &v[0], 7))),
+        case!("irfft2_even_width", go(vars(vec![randn([2, 5, 4, 2], 1)?]), &|t, v| ops::irfft2(t, &v[0], 6))),
+        case!("irfft2_odd_width", go(vars(vec![randn([2, 5, 4, 2], 1)?]), &|t, v| ops::irfft2(t, &v[0], 7))),
         case!("spectral_mix_corners", mix_case([2, 3, 7, 4, 2], 2, SpectralModes::new(3, Corners))),
         case!("spectral_mix_positive", mix_case([2, 3, 7, 4, 2], 2, SpectralModes::new(3, Positive))),
         case!("spectral_conv_corners", spectral_case([2, 3, 7, 6], 2, SpectralModes::new(3, Corners))),
@@ -240,20 +241,20 @@ pub fn all_cases() -> Vec<Case> {
         case!("add", binary_case(ops::add)),
         case!("sub", binary_case(ops::sub)),
         case!("mul", binary_case(ops::mul)),
-        case!("scale", go(vars(vec![randn([3, 5], 1)]), &|t, v| ops::scale(t, &v[0], -1.7))),
-        case!("add_scalar", go(vars(vec![randn([3, 5], 1)]), &|t, v| ops::add_scalar(t, &v[0], 0.3))),
+        case!("scale", go(vars(vec![randn([3, 5], 1)?]), &|t, v| ops::scale(t, &v[0], -1.7))),
+        case!("add_scalar", go(vars(vec![randn([3, 5], 1)?]), &|t, v| ops::add_scalar(t, &v[0], 0.3))),
         case!("mul_scalar", scalar_case(ops::mul_scalar)),
         case!("div_scalar", scalar_case(ops::div_scalar)),
-        case!("channel_scale", go(vars(vec![randn([2, 3, 5, 3], 1), randn([3], 2)]), &|t, v| ops::channel_scale(t, &v[0], &v[1]))),
+        case!("channel_scale", go(vars(vec![randn([2, 3, 5, 3], 1)?, randn([3], 2)?]), &|t, v| ops::channel_scale(t, &v[0], &v[1]))),
         case!(
             "layerscale_residual",
-            go(vars(vec![randn([2, 3, 5, 3], 1), randn([2, 3, 5, 3], 2), randn([3], 3)]), &|t, v| ops::layerscale(
+            go(vars(vec![randn([2, 3, 5, 3], 1)?, randn([2, 3, 5, 3], 2)?, randn([3], 3)?]), &|t, v| ops::layerscale(
                 t, &v[0], &v[1], &v[2]
             ))
         ),
         case!(
             "concat_channels",
-            go(vars(vec![randn([2, 3, 3, 5], 1), randn([2, 1, 3, 5], 2), randn([2, 2, 3, 5], 3)]), &|t, v| {
+            go(vars(vec![randn([2, 3, 3, 5], 1)?, randn([2, 1, 3, 5], 2)?, randn([2, 2, 3, 5], 3)?]), &|t, v| {
                 ops::concat_channels(t, &[&v[0], &v[1], &v[2]])
             })
         ),
@@ -265,7 +266,7 @@ pub fn all_cases() -> Vec<Case> {
         case!("instance_norm_plain", norm_case(NormKind::InstanceNorm, false)),
         case!(
             "mul_probe",
-            go(vars(vec![randn([2, 3, 5, 2], 1)]), &|t, v| {
+            go(vars(vec![randn([2, 3, 5, 2], 1)?]), &|t, v| {
                 let probe = Tensor::randn([3, 5, 2], 1.0, 9, DType::F64, v[0].value().device())?;
                 ops::mul_probe(t, &v[0], &probe)
             })
@@ -273,17 +274,17 @@ pub fn all_cases() -> Vec<Case> {
         case!("fft2_unnormalised", fft_case(ops::FftNorm::Backward)),
         case!("fft2_ortho", fft_case(ops::FftNorm::Ortho)),
         case!("fft2_forward_norm", fft_case(ops::FftNorm::Forward)),
-        case!("fftshift_complex_odd", go(vars(vec![randn([2, 5, 3, 2], 1)]), &|t, v| ops::fftshift(t, &v[0], true))),
-        case!("ifftshift_real_odd", go(vars(vec![randn([2, 5, 7], 1)]), &|t, v| ops::ifftshift(t, &v[0], false))),
-        case!("complex_abs", go(vars(vec![randn([2, 5, 3, 2], 1)]), &|t, v| ops::complex_abs(t, &v[0]))),
-        case!("channels_to_complex", go(vars(vec![randn([2, 4, 3, 5], 1)]), &|t, v| ops::channels_to_complex(t, &v[0]))),
-        case!("complex_to_channels", go(vars(vec![randn([2, 3, 3, 5, 2], 1)]), &|t, v| ops::complex_to_channels(t, &v[0]))),
-        case!("sum", go(vars(vec![randn([3, 5], 1)]), &|t, v| ops::sum(t, &v[0]))),
-        case!("sum_sq", go(vars(vec![randn([3, 5], 1)]), &|t, v| ops::sum_sq(t, &v[0]))),
-        case!("mean", go(vars(vec![randn([3, 5], 1)]), &|t, v| ops::mean(t, &v[0]))),
+        case!("fftshift_complex_odd", go(vars(vec![randn([2, 5, 3, 2], 1)?]), &|t, v| ops::fftshift(t, &v[0], true))),
+        case!("ifftshift_real_odd", go(vars(vec![randn([2, 5, 7], 1)?]), &|t, v| ops::ifftshift(t, &v[0], false))),
+        case!("complex_abs", go(vars(vec![randn([2, 5, 3, 2], 1)?]), &|t, v| ops::complex_abs(t, &v[0]))),
+        case!("channels_to_complex", go(vars(vec![randn([2, 4, 3, 5], 1)?]), &|t, v| ops::channels_to_complex(t, &v[0]))),
+        case!("complex_to_channels", go(vars(vec![randn([2, 3, 3, 5, 2], 1)?]), &|t, v| ops::complex_to_channels(t, &v[0]))),
+        case!("sum", go(vars(vec![randn([3, 5], 1)?]), &|t, v| ops::sum(t, &v[0]))),
+        case!("sum_sq", go(vars(vec![randn([3, 5], 1)?]), &|t, v| ops::sum_sq(t, &v[0]))),
+        case!("mean", go(vars(vec![randn([3, 5], 1)?]), &|t, v| ops::mean(t, &v[0]))),
         case!(
             "global_norm",
-            go(vars(vec![randn([3, 5], 1), randn([7], 2)]), &|t, v| ops::global_norm(t, &[&v[0], &v[1]]))
+            go(vars(vec![randn([3, 5], 1)?, randn([7], 2)?]), &|t, v| ops::global_norm(t, &[&v[0], &v[1]]))
         ),
         case!("mae", loss_case(ops::mae)),
         case!("mse", loss_case(ops::mse)),
@@ -291,7 +292,7 @@ pub fn all_cases() -> Vec<Case> {
         // The denominator is detached, so only the prediction's gradient is the true derivative.
         case!(
             "mae_over_detached_mean",
-            go(vec![Input::var(randn([2, 3, 5], 1)), Input::constant(positive([2, 3, 5], 2))], &|t, v| {
+            go(vec![Input::var(randn([2, 3, 5], 1)?), Input::constant(positive([2, 3, 5], 2)?)], &|t, v| {
                 ops::mae_over_detached_mean(t, &v[0], &v[1], 1e-8)
             })
         ),

@@ -65,7 +65,7 @@ fn block1(t: &mut Tape, x: &Var, spec: ParamId, cw: ParamId, cb: ParamId) -> Res
     let c = ops::conv2d(t, x, &w, Some(&b), Conv2dParams::new(1, 1))?;
     let sum = ops::add(t, &a, &c)?;
     let g = ops::gelu(t, &sum)?;
-    Ok(ops::add(t, x, &g)?)
+    ops::add(t, x, &g)
 }
 
 /// y = x + lambda * GELU(Spectral(n) + Conv3x3(n)), n = RMSNorm(x) (pre-norm LayerScale)
@@ -161,6 +161,7 @@ fn checkpointed_gradients_are_bitwise_identical() {
 fn checkpointing_lowers_the_peak() {
     let (_, plain, _) = peak_of_step(&Device::cpu(), false);
     let (_, ckpt, _) = peak_of_step(&Device::cpu(), true);
+    eprintln!("peak bytes of one step: plain {plain}, checkpointed {ckpt}");
     assert!(ckpt < plain, "checkpointed peak {ckpt} is not below plain peak {plain}");
 }
 

@@ -529,6 +529,17 @@ pub fn conv2d_bwd_weight(x: &Tensor, dy: &Tensor, w_shape: &Shape, p: Conv2dPara
             format!("input and output gradient do not fit a weight of shape {w_shape}"),
         ));
     }
+    let op = "conv2d_bwd_weight";
+    let (xd, dyd) = (x.dims(), dy.dims());
+    let expect = [xd[0], wd[0], conv_out(op, x.shape(), wd[2], p, xd[2])?, conv_out(op, x.shape(), wd[3], p, xd[3])?];
+    if dyd != expect {
+        return Err(Error::mismatch_because(
+            op,
+            dy.shape(),
+            &Shape::new(expect),
+            "output gradient does not match the forward's output",
+        ));
+    }
     with_out(w_shape.clone(), x, |dw| x.device().backend().conv2d_bwd_weight(x, dy, p, dw))
 }
 
@@ -755,7 +766,7 @@ pub fn norm(kind: NormKind, x: &Tensor, gamma: Option<&Tensor>, beta: Option<&Te
 }
 
 /// Gradients of a normalisation: (dx, dgamma, dbeta), the last two when asked for.
-#[allow(clippy::type_complexity)]
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
 pub fn norm_bwd(
     kind: NormKind,
     x: &Tensor,

@@ -23,7 +23,7 @@ use crate::tensor::{DType, Element, Tensor};
 pub(crate) const CHUNK: usize = 1 << 14;
 
 /// A floating-point type the CPU computes in.
-pub trait Float: Element + num_traits::Float + rustfft::FftNum + Default + std::iter::Sum {
+pub trait Float: Element + num_traits::Float + rustfft::FftNum + Default + std::iter::Sum + std::ops::AddAssign {
     /// C = alpha * A B + beta * C with explicit row and column strides (matrixmultiply).
     ///
     /// # Safety
@@ -289,7 +289,7 @@ impl Backend for CpuBackend {
             acc.as_mut_slice::<T>()?
                 .par_chunks_mut(CHUNK)
                 .zip(o.par_chunks(CHUNK))
-                .for_each(|(ac, oc)| ac.iter_mut().zip(oc).for_each(|(a, &o)| *a = *a + o));
+                .for_each(|(ac, oc)| ac.iter_mut().zip(oc).for_each(|(a, &o)| *a += o));
             Ok(())
         })
     }
@@ -302,7 +302,7 @@ impl Backend for CpuBackend {
                 y.as_mut_slice::<T>()?
                     .par_chunks_mut(s)
                     .enumerate()
-                    .for_each(|(i, plane)| plane.iter_mut().for_each(|v| *v = *v + bias[i % c]));
+                    .for_each(|(i, plane)| plane.iter_mut().for_each(|v| *v += bias[i % c]));
             }
             Ok(())
         })

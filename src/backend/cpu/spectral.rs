@@ -230,8 +230,8 @@ pub(super) fn mix_fwd(xh: &Tensor, w: &Tensor, rows: &[usize], y: &mut Tensor) -
                     for c in 0..m.my {
                         let (xi, wi) = (m.at(row, c), m.w_at(i, o, r, c));
                         let p = cmul((xp[xi], xp[xi + 1]), (ws[wi], ws[wi + 1]));
-                        yp[xi] = yp[xi] + p.0;
-                        yp[xi + 1] = yp[xi + 1] + p.1;
+                        yp[xi] += p.0;
+                        yp[xi + 1] += p.1;
                     }
                 }
             }
@@ -254,8 +254,8 @@ pub(super) fn mix_bwd_input(dyh: &Tensor, w: &Tensor, rows: &[usize], dxh: &mut 
                     for c in 0..m.my {
                         let (yi, wi) = (m.at(row, c), m.w_at(i, o, r, c));
                         let p = cmul((dyp[yi], dyp[yi + 1]), (ws[wi], -ws[wi + 1]));
-                        dxp[yi] = dxp[yi] + p.0;
-                        dxp[yi + 1] = dxp[yi + 1] + p.1;
+                        dxp[yi] += p.0;
+                        dxp[yi + 1] += p.1;
                     }
                 }
             }
@@ -282,8 +282,8 @@ pub(super) fn mix_bwd_weight(xh: &Tensor, dyh: &Tensor, rows: &[usize], dw: &mut
                         let k = m.at(row, c);
                         let p = cmul((xp[k], -xp[k + 1]), (dyp[k], dyp[k + 1]));
                         let j = 2 * (r * m.my + c);
-                        dwb[j] = dwb[j] + p.0;
-                        dwb[j + 1] = dwb[j + 1] + p.1;
+                        dwb[j] += p.0;
+                        dwb[j + 1] += p.1;
                     }
                 }
             }
