@@ -377,3 +377,61 @@ fn gradient_accumulation_reuses_a_unique_buffer() {
     assert_eq!(shared.to_f64_vec().unwrap(), vec![3.0; 64]);
     assert_eq!(d.to_f64_vec().unwrap(), vec![5.0; 64]);
 }
+
+/// Every op given tensors of the wrong rank (a scalar, a vector) returns an error, never panics.
+#[test]
+fn wrong_ranks_are_errors_not_panics() {
+    use fnokern::ops as o;
+    let dev = Device::cpu();
+    let shapes: [&[usize]; 4] = [&[], &[3], &[2, 3], &[0, 2, 2]];
+    for sa in shapes {
+        for sb in shapes {
+            let a = Tensor::zeros(sa.to_vec(), DType::F32, &dev).unwrap();
+            let b = Tensor::zeros(sb.to_vec(), DType::F32, &dev).unwrap();
+            let modes = SpectralModes::new(2, ModeConvention::Corners);
+            let run = std::panic::catch_unwind(|| {
+                let mut t = Tape::new();
+                let (x, y) = (t.leaf(a.clone(), true), t.leaf(b.clone(), true));
+                let p = Conv2dParams::new(1, 1);
+                let _ = o::conv2d(&mut t, &x, &y, None, p);
+                let _ = o::conv_transpose2d(&mut t, &x, &y, None, Conv2dParams::new(2, 0));
+                let _ = o::spectral_conv(&mut t, &x, &y, modes);
+                let _ = o::spectral_mix(&mut t, &x, &y, modes);
+                let _ = o::rfft2(&mut t, &x);
+                let _ = o::irfft2(&mut t, &x, 4);
+                let _ = o::channel_scale(&mut t, &x, &y);
+                let _ = o::layerscale(&mut t, &x, &x, &y);
+                let _ = o::concat_channels(&mut t, &[&x, &y]);
+                let _ = o::layer_norm(&mut t, &x, Some(&y), None, 1e-5);
+                let _ = o::instance_norm(&mut t, &x, None, Some(&y), 1e-5);
+                let _ = o::mul_probe(&mut t, &x, &b);
+                let _ = o::fft2(&mut t, &x, o::FftNorm::Ortho);
+                let _ = o::fftshift(&mut t, &x, true);
+                let _ = o::fftshift(&mut t, &x, false);
+                let _ = o::complex_abs(&mut t, &x);
+                let _ = o::channels_to_complex(&mut t, &x);
+                let _ = o::complex_to_channels(&mut t, &x);
+                let _ = o::div_scalar(&mut t, &x, &y);
+                let _ = o::mul_scalar(&mut t, &x, &y);
+                let _ = o::mae(&mut t, &x, &y);
+                let _ = o::rel_l2(&mut t, &x, &y);
+                let _ = o::mean(&mut t, &x);
+                let _ = o::global_norm(&mut t, &[]);
+            });
+            assert!(run.is_ok(), "an op panicked on shapes {sa:?} and {sb:?}");
+        }
+    }
+}
+
+#[test]
+fn magnitude_gradient_is_zero_at_zero() {
+    let dev = Device::cpu();
+    let z = Tensor::from_vec(vec![0.0f64, 0.0, 3.0, -4.0], [2, 2], &dev).unwrap();
+    let mut t = Tape::new();
+    let zv = t.leaf(z, true);
+    let m = ops::complex_abs(&mut t, &zv).unwrap();
+    assert_eq!(m.value().to_f64_vec().unwrap(), [0.0, 5.0]);
+    let s = ops::sum(&mut t, &m).unwrap();
+    let g = t.backward(&s).unwrap().wrt(&zv).unwrap().to_f64_vec().unwrap();
+    assert_eq!(g, [0.0, 0.0, 0.6, -0.8]);
+}

@@ -682,10 +682,11 @@ pub fn spectral_mix(xh: &Tensor, w: &Tensor, modes: SpectralModes) -> Result<Ten
 pub fn spectral_mix_bwd_input(dyh: &Tensor, w: &Tensor, modes: SpectralModes) -> Result<Tensor> {
     check_same("spectral_mix_bwd_input", &[dyh, w])?;
     check_rank("spectral_mix_bwd_input", dyh, 5, "output gradient")?;
+    check_rank("spectral_mix_bwd_input", w, 5, "spectral weight")?;
     let d = dyh.dims();
     let shape = Shape::new([d[0], w.dims()[0], d[2], d[3], 2]);
     let rows = modes.kept_rows(d[2]);
-    if w.rank() != 5 || w.dims()[1] != d[1] || w.dims()[2] != rows.len() || w.dims()[3] != modes.modes.min(d[3]) {
+    if w.dims()[1] != d[1] || w.dims()[2] != rows.len() || w.dims()[3] != modes.modes.min(d[3]) {
         return Err(Error::mismatch_because(
             "spectral_mix_bwd_input",
             dyh.shape(),

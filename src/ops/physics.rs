@@ -48,7 +48,10 @@ pub enum FftNorm {
 /// The forward complex 2-D FFT over (H, W) of [.., H, W, 2].
 pub fn fft2(tape: &mut Tape, z: &Var, norm: FftNorm) -> Result<Var> {
     let d = z.dims();
-    let n = (d[d.len().saturating_sub(3)] * d[d.len().saturating_sub(2)]) as f64;
+    if d.len() < 3 {
+        return Err(crate::error::Error::bad_shape("fft2", z.shape(), "expected a complex field [.., H, W, 2]"));
+    }
+    let n = (d[d.len() - 3] * d[d.len() - 2]) as f64;
     let scale = match norm {
         FftNorm::Backward => 1.0,
         FftNorm::Ortho => 1.0 / n.sqrt(),
@@ -64,7 +67,7 @@ pub fn fft2(tape: &mut Tape, z: &Var, norm: FftNorm) -> Result<Var> {
 
 fn shift(tape: &mut Tape, x: &Var, complex: bool, inverse: bool) -> Result<Var> {
     let d = x.dims();
-    let r = d.len() - usize::from(complex);
+    let r = d.len().saturating_sub(usize::from(complex));
     if r < 2 {
         return Err(crate::error::Error::bad_shape("fftshift", x.shape(), "needs [.., H, W]"));
     }

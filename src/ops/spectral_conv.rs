@@ -8,6 +8,7 @@ use crate::error::Result;
 /// Unnormalised real 2-D FFT over the last two dimensions: [.., H, W] -> [.., H, W/2+1, 2].
 pub fn rfft2(tape: &mut Tape, x: &Var) -> Result<Var> {
     let y = backend::rfft2(x.value())?;
+    // rfft2 accepted x, so it has at least two dimensions.
     let w = x.dims()[x.dims().len() - 1];
     tape.record1(&[x], y, move |ctx| {
         let dx = backend::rfft2_bwd(ctx.grad(0), w)?;
