@@ -70,6 +70,14 @@ pub enum Error {
     #[error("FFT failed in {op}: {why}")]
     Fft { op: &'static str, why: String },
 
+    /// A config file or override that cannot be read as a config.
+    #[error("{origin}: {why}")]
+    Config { origin: String, why: String },
+
+    /// A data file that is missing a field or holds the wrong thing.
+    #[error("{path}: {why}")]
+    BadFile { path: String, why: String },
+
     #[error("{path}: {source}")]
     Io {
         path: String,

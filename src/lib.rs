@@ -8,9 +8,11 @@
 pub mod autograd;
 pub mod backend;
 pub mod build_info;
+pub mod config;
 pub mod device;
 pub mod error;
 pub mod gradcheck;
+pub mod model;
 pub mod ops;
 pub mod tensor;
 

@@ -2,7 +2,10 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use fnokern::config::Config;
 
 #[derive(Parser)]
 #[command(name = "fnokern", version, about = "Train deep Fourier Neural Operators robustly and fast")]
@@ -11,8 +14,44 @@ struct Cli {
     command: Command,
 }
 
+/// Where the config comes from: a TOML file, then the shorthand flags, then `--set` overrides.
+#[derive(Args, Clone)]
+struct ConfigArgs {
+    /// TOML config file (sections [model], [data], [loss]); defaults apply to what it leaves out.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Shorthand for --set model.depth=D.
+    #[arg(long)]
+    depth: Option<usize>,
+    /// Override one field, e.g. --set model.width=16 --set data.n=32 (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    set: Vec<String>,
+}
+
+impl ConfigArgs {
+    fn resolve(&self) -> fnokern::Result<Config> {
+        let mut cfg = match &self.config {
+            Some(p) => Config::load(p)?,
+            None => Config::default(),
+        };
+        if let Some(d) = self.depth {
+            cfg.set(&format!("model.depth={d}"))?;
+        }
+        for s in &self.set {
+            cfg.set(s)?;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Print the generator's levels (resolution, width, kept modes, parameters, bytes) and total.
+    Model {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
     /// Print the build (CUDA kernels embedded or not, nvcc, targets) and the devices.
     Info,
     /// Check every differentiable op's gradient against central finite differences (f64, CPU).
@@ -31,6 +70,7 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Gradcheck { only } => gradcheck(only.as_deref()),
+        Command::Model { cfg } => model(&cfg),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -39,6 +79,25 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn model(args: &ConfigArgs) -> fnokern::Result<()> {
+    let cfg = args.resolve()?;
+    // Shapes only: the meta device builds the parameters without their data.
+    let dev = fnokern::Device::meta();
+    let g = fnokern::model::Generator::new(&cfg.model, cfg.data.n, 1, &dev, fnokern::DType::F32)?;
+    println!(
+        "hybrid U-FNO generator: depth {}, width {}, modes {} ({:?}), max_channels {}, block {:?}, N {}",
+        cfg.model.depth,
+        cfg.model.width,
+        cfg.model.modes,
+        cfg.model.mode_convention,
+        cfg.model.max_channels,
+        cfg.model.block,
+        cfg.data.n
+    );
+    print!("{}", g.describe());
+    Ok(())
 }
 
 fn info() {

@@ -1,0 +1,551 @@
+//! The capped-width hybrid U-FNO generator (shared/REFERENCE.md section 1).
+//!
+//! lifter:      conv3x3(C -> w) -> GELU -> conv3x3(w -> w)
+//! encoder i:   block at (r_i, c_i); its output is the skip of level i (all but the last)
+//! transition:  conv2x2 stride 2 to (r_i / 2, min(2 c_i, max_channels)) while r_i / 2 stays at
+//!              least `min_resolution` (and r_i is even); otherwise conv3x3 stride 1 at the same
+//!              width, so any depth builds at any N
+//! bottleneck:  one more block at the last level, modes / 2
+//! decoder j:   (deepest first) up = the transition's adjoint (conv-transpose 2x2 stride 2, or
+//!              conv3x3), concat [up, skip_j], conv3x3(2 c_j -> c_j) -> GELU -> conv3x3(c_j -> c_j)
+//! head:        conv1x1(w -> 2C): [real..., imag...] of the object patch
+//!
+//! Parameter names follow PyTorch module paths (`encoder.0.spectral.weight`, ...); see
+//! `model::weights` for the layouts. Initialisation follows PyTorch's defaults: conv weights and
+//! biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)); spectral weights CN(0, 1) / sqrt(C_in).
+
+pub mod weights;
+
+use std::fmt::Write as _;
+
+use crate::autograd::{ParamId, ParamStore, Tape, Var};
+use crate::backend::{Conv2dParams, NormKind, SpectralModes};
+use crate::config::{BlockKind, CheckpointPolicy, ModelConfig, PrenormKind};
+use crate::device::Device;
+use crate::error::Result;
+use crate::ops;
+use crate::tensor::{DType, Shape, Tensor};
+
+const PAD1: Conv2dParams = Conv2dParams::new(1, 1);
+const DOWN: Conv2dParams = Conv2dParams::new(2, 0);
+const POINT: Conv2dParams = Conv2dParams::new(1, 0);
+
+/// How one encoder level passes to the next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transition {
+    /// conv2x2 stride 2: half the resolution, double the channels (capped).
+    Down,
+    /// conv3x3 stride 1 at the same width and resolution.
+    Same,
+}
+
+/// One encoder level's geometry.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LevelSpec {
+    pub resolution: usize,
+    pub width: usize,
+    /// How this level passes to the next (None for the last level).
+    pub next: Option<Transition>,
+}
+
+/// The level geometry a config gives at input size n.
+pub fn plan_levels(cfg: &ModelConfig, n: usize) -> Vec<LevelSpec> {
+    let mut levels = Vec::with_capacity(cfg.depth);
+    let (mut r, mut c) = (n, cfg.width);
+    for i in 0..cfg.depth {
+        let next = (i + 1 < cfg.depth).then(|| {
+            if r % 2 == 0 && r / 2 >= cfg.min_resolution {
+                Transition::Down
+            } else {
+                Transition::Same
+            }
+        });
+        levels.push(LevelSpec {
+            resolution: r,
+            width: c,
+            next,
+        });
+        if next == Some(Transition::Down) {
+            r /= 2;
+            c = (2 * c).min(cfg.max_channels);
+        }
+    }
+    levels
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Conv {
+    w: ParamId,
+    b: ParamId,
+}
+
+impl Conv {
+    fn run(self, t: &mut Tape, x: &Var, p: Conv2dParams) -> Result<Var> {
+        let (w, b) = (t.param(self.w)?, t.param(self.b)?);
+        ops::conv2d(t, x, &w, Some(&b), p)
+    }
+    fn run_transposed(self, t: &mut Tape, x: &Var, p: Conv2dParams) -> Result<Var> {
+        let (w, b) = (t.param(self.w)?, t.param(self.b)?);
+        ops::conv_transpose2d(t, x, &w, Some(&b), p)
+    }
+}
+
+/// Parameters of one residual block.
+#[derive(Clone, Copy, Debug)]
+struct Block {
+    kind: BlockKind,
+    prenorm: PrenormKind,
+    eps: f64,
+    modes: SpectralModes,
+    spectral: ParamId,
+    conv: Conv,
+    /// LayerScale gain lambda [C].
+    scale: Option<ParamId>,
+    /// Normalisation gain and shift [C].
+    norm_w: Option<ParamId>,
+    norm_b: Option<ParamId>,
+}
+
+impl Block {
+    /// GELU(Spectral(x) + Conv3x3(x))
+    fn branch(&self, t: &mut Tape, x: &Var) -> Result<Var> {
+        let w = t.param(self.spectral)?;
+        let s = ops::spectral_conv(t, x, &w, self.modes)?;
+        let c = self.conv.run(t, x, PAD1)?;
+        let sum = ops::add(t, &s, &c)?;
+        ops::gelu(t, &sum)
+    }
+
+    fn norm(&self, t: &mut Tape, kind: NormKind, x: &Var) -> Result<Var> {
+        let g = self.norm_w.map(|p| t.param(p)).transpose()?;
+        let b = self.norm_b.map(|p| t.param(p)).transpose()?;
+        ops::norm(t, kind, x, g.as_ref(), b.as_ref(), self.eps)
+    }
+
+    fn forward(&self, t: &mut Tape, x: &Var) -> Result<Var> {
+        match self.kind {
+            BlockKind::Ptycho => {
+                let br = self.branch(t, x)?;
+                ops::add(t, x, &br)
+            }
+            BlockKind::Layerscale => {
+                let br = self.branch(t, x)?;
+                let l = t.param(self.scale.ok_or_else(missing)?)?;
+                ops::layerscale(t, x, &br, &l)
+            }
+            BlockKind::LayerscaleNorm => {
+                let br = self.branch(t, x)?;
+                let n = self.norm(t, NormKind::InstanceNorm, &br)?;
+                let l = t.param(self.scale.ok_or_else(missing)?)?;
+                ops::layerscale(t, x, &n, &l)
+            }
+            BlockKind::Prenorm => {
+                let kind = match self.prenorm {
+                    PrenormKind::Rms => NormKind::RmsNorm,
+                    PrenormKind::Layer => NormKind::LayerNorm,
+                };
+                let n = self.norm(t, kind, x)?;
+                let br = self.branch(t, &n)?;
+                ops::add(t, x, &br)
+            }
+            BlockKind::ZeroGamma => {
+                let br = self.branch(t, x)?;
+                let n = self.norm(t, NormKind::InstanceNorm, &br)?;
+                ops::add(t, x, &n)
+            }
+        }
+    }
+}
+
+fn missing() -> crate::error::Error {
+    crate::error::Error::Autograd("block variant built without its parameter".into())
+}
+
+#[derive(Clone, Copy, Debug)]
+struct EncoderLevel {
+    block: Block,
+    next: Option<(Transition, Conv)>,
+}
+
+impl EncoderLevel {
+    /// [block output] or [block output (the skip), input of the next level].
+    fn forward(&self, t: &mut Tape, x: &Var) -> Result<Vec<Var>> {
+        let y = self.block.forward(t, x)?;
+        Ok(match self.next {
+            None => vec![y],
+            Some((Transition::Down, c)) => {
+                let d = c.run(t, &y, DOWN)?;
+                vec![y, d]
+            }
+            Some((Transition::Same, c)) => {
+                let d = c.run(t, &y, PAD1)?;
+                vec![y, d]
+            }
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct DecoderLevel {
+    up: (Transition, Conv),
+    conv1: Conv,
+    conv2: Conv,
+}
+
+impl DecoderLevel {
+    fn forward(&self, t: &mut Tape, x: &Var, skip: &Var) -> Result<Var> {
+        let up = match self.up {
+            (Transition::Down, c) => c.run_transposed(t, x, DOWN)?,
+            (Transition::Same, c) => c.run(t, x, PAD1)?,
+        };
+        let cat = ops::concat_channels(t, &[&up, skip])?;
+        drop(up);
+        let h = self.conv1.run(t, &cat, PAD1)?;
+        drop(cat);
+        let h = ops::gelu(t, &h)?;
+        self.conv2.run(t, &h, PAD1)
+    }
+}
+
+/// One row of the model table.
+#[derive(Clone, Debug)]
+pub struct TableRow {
+    pub part: String,
+    pub resolution: usize,
+    pub width: usize,
+    /// Kept (rows, cols) of its spectral convolution, if it has one.
+    pub modes: Option<(usize, usize)>,
+    /// Real scalars (a complex weight counts 2 per entry).
+    pub params: usize,
+}
+
+/// The generator: its parameters and how they connect.
+pub struct Generator {
+    pub config: ModelConfig,
+    pub n: usize,
+    pub in_channels: usize,
+    pub params: ParamStore,
+    levels: Vec<LevelSpec>,
+    lifter: (Conv, Conv),
+    encoder: Vec<EncoderLevel>,
+    bottleneck: Block,
+    decoder: Vec<DecoderLevel>,
+    head: Conv,
+    table: Vec<TableRow>,
+}
+
+/// Builds parameters with PyTorch's default initialisation from one seeded stream.
+struct Builder<'a> {
+    store: ParamStore,
+    dev: &'a Device,
+    dtype: DType,
+    seed: u64,
+    /// Parameters of the part being built, for the table.
+    counted: usize,
+}
+
+impl Builder<'_> {
+    fn next_seed(&mut self) -> u64 {
+        self.seed = self.seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.seed
+    }
+
+    fn add(&mut self, name: String, t: Tensor) -> Result<ParamId> {
+        self.counted += t.numel();
+        self.store.add(name, t)
+    }
+
+    fn uniform(&mut self, name: String, shape: Shape, bound: f64) -> Result<ParamId> {
+        let seed = self.next_seed();
+        let t = Tensor::rand_uniform(shape, -bound, bound, seed, self.dtype, self.dev)?;
+        self.add(name, t)
+    }
+
+    fn constant(&mut self, name: String, shape: Shape, value: f64) -> Result<ParamId> {
+        let t = Tensor::full(value, shape, self.dtype, self.dev)?;
+        self.add(name, t)
+    }
+
+    /// conv weight [out, in, k, k] and bias, fan_in = in k k.
+    fn conv(&mut self, prefix: &str, c_in: usize, c_out: usize, k: usize) -> Result<Conv> {
+        let bound = 1.0 / ((c_in * k * k) as f64).sqrt();
+        Ok(Conv {
+            w: self.uniform(format!("{prefix}.weight"), Shape::new([c_out, c_in, k, k]), bound)?,
+            b: self.uniform(format!("{prefix}.bias"), Shape::new([c_out]), bound)?,
+        })
+    }
+
+    /// conv-transpose weight [in, out, k, k] and bias; PyTorch takes fan_in = out k k.
+    fn conv_transpose(&mut self, prefix: &str, c_in: usize, c_out: usize, k: usize) -> Result<Conv> {
+        let bound = 1.0 / ((c_out * k * k) as f64).sqrt();
+        Ok(Conv {
+            w: self.uniform(format!("{prefix}.weight"), Shape::new([c_in, c_out, k, k]), bound)?,
+            b: self.uniform(format!("{prefix}.bias"), Shape::new([c_out]), bound)?,
+        })
+    }
+
+    fn block(&mut self, prefix: &str, cfg: &ModelConfig, c: usize, r: usize, modes: usize) -> Result<Block> {
+        let modes = SpectralModes::new(modes, cfg.mode_convention.into());
+        let ws = modes.weight_shape(c, c, r, r);
+        // CN(0, 1) / sqrt(C_in): real and imaginary parts N(0, 1/2) each.
+        let seed = self.next_seed();
+        let spectral = self.add(
+            format!("{prefix}.spectral.weight"),
+            Tensor::randn(ws, (0.5 / c as f64).sqrt(), seed, self.dtype, self.dev)?,
+        )?;
+        let conv = self.conv(&format!("{prefix}.conv"), c, c, 3)?;
+        let cs = Shape::new([c]);
+        let gain = cfg.layerscale_gain();
+        let (mut scale, mut norm_w, mut norm_b) = (None, None, None);
+        match cfg.block {
+            BlockKind::Ptycho => {}
+            BlockKind::Layerscale => scale = Some(self.constant(format!("{prefix}.scale"), cs, gain)?),
+            BlockKind::LayerscaleNorm => {
+                norm_w = Some(self.constant(format!("{prefix}.norm.weight"), cs.clone(), 1.0)?);
+                norm_b = Some(self.constant(format!("{prefix}.norm.bias"), cs.clone(), 0.0)?);
+                scale = Some(self.constant(format!("{prefix}.scale"), cs, gain)?);
+            }
+            BlockKind::Prenorm => {
+                norm_w = Some(self.constant(format!("{prefix}.norm.weight"), cs.clone(), 1.0)?);
+                if cfg.prenorm == PrenormKind::Layer {
+                    norm_b = Some(self.constant(format!("{prefix}.norm.bias"), cs, 0.0)?);
+                }
+            }
+            BlockKind::ZeroGamma => {
+                norm_w = Some(self.constant(format!("{prefix}.norm.weight"), cs.clone(), 0.0)?);
+                norm_b = Some(self.constant(format!("{prefix}.norm.bias"), cs, 0.0)?);
+            }
+        }
+        Ok(Block {
+            kind: cfg.block,
+            prenorm: cfg.prenorm,
+            eps: cfg.norm_eps,
+            modes,
+            spectral,
+            conv,
+            scale,
+            norm_w,
+            norm_b,
+        })
+    }
+
+    fn take_count(&mut self) -> usize {
+        std::mem::take(&mut self.counted)
+    }
+}
+
+impl Generator {
+    /// Builds a generator for N x N inputs with `in_channels` channels, parameters on `dev`.
+    pub fn new(cfg: &ModelConfig, n: usize, in_channels: usize, dev: &Device, dtype: DType) -> Result<Generator> {
+        cfg.validate(n)?;
+        if in_channels == 0 {
+            return Err(crate::error::Error::invalid("model", "in_channels must be at least 1"));
+        }
+        let levels = plan_levels(cfg, n);
+        let mut b = Builder {
+            store: ParamStore::new(),
+            dev,
+            dtype,
+            seed: cfg.seed ^ 0x9e37_79b9_7f4a_7c15,
+            counted: 0,
+        };
+        let mut table = Vec::new();
+        let w = cfg.width;
+        let lifter = (b.conv("lifter.0", in_channels, w, 3)?, b.conv("lifter.2", w, w, 3)?);
+        table.push(TableRow {
+            part: "lifter".into(),
+            resolution: n,
+            width: w,
+            modes: None,
+            params: b.take_count(),
+        });
+        let kept = |modes: usize, r: usize| {
+            let m = SpectralModes::new(modes, cfg.mode_convention.into());
+            (m.kept_rows(r).len(), m.kept_cols(r))
+        };
+        let mut encoder = Vec::with_capacity(cfg.depth);
+        for (i, l) in levels.iter().enumerate() {
+            let block = b.block(&format!("encoder.{i}"), cfg, l.width, l.resolution, cfg.modes)?;
+            let next = match l.next {
+                None => None,
+                Some(tr) => {
+                    let nxt = &levels[i + 1];
+                    let k = if tr == Transition::Down { 2 } else { 3 };
+                    Some((tr, b.conv(&format!("down.{i}"), l.width, nxt.width, k)?))
+                }
+            };
+            encoder.push(EncoderLevel { block, next });
+            table.push(TableRow {
+                part: format!("encoder.{i}{}", match l.next {
+                    Some(Transition::Down) => " + down 2x2/2",
+                    Some(Transition::Same) => " + same 3x3",
+                    None => "",
+                }),
+                resolution: l.resolution,
+                width: l.width,
+                modes: Some(kept(cfg.modes, l.resolution)),
+                params: b.take_count(),
+            });
+        }
+        let last = &levels[levels.len() - 1];
+        let bmodes = (cfg.modes / 2).max(1);
+        let bottleneck = b.block("bottleneck", cfg, last.width, last.resolution, bmodes)?;
+        table.push(TableRow {
+            part: "bottleneck".into(),
+            resolution: last.resolution,
+            width: last.width,
+            modes: Some(kept(bmodes, last.resolution)),
+            params: b.take_count(),
+        });
+        let mut decoder = Vec::new();
+        for j in (0..levels.len() - 1).rev() {
+            let (l, deeper) = (&levels[j], &levels[j + 1]);
+            let tr = l.next.unwrap_or(Transition::Same);
+            let up = match tr {
+                Transition::Down => b.conv_transpose(&format!("decoder.{j}.up"), deeper.width, l.width, 2)?,
+                Transition::Same => b.conv(&format!("decoder.{j}.up"), deeper.width, l.width, 3)?,
+            };
+            let conv1 = b.conv(&format!("decoder.{j}.conv1"), 2 * l.width, l.width, 3)?;
+            let conv2 = b.conv(&format!("decoder.{j}.conv2"), l.width, l.width, 3)?;
+            decoder.push(DecoderLevel {
+                up: (tr, up),
+                conv1,
+                conv2,
+            });
+            table.push(TableRow {
+                part: format!("decoder.{j}"),
+                resolution: l.resolution,
+                width: l.width,
+                modes: None,
+                params: b.take_count(),
+            });
+        }
+        let head = b.conv("head", w, 2 * in_channels, 1)?;
+        table.push(TableRow {
+            part: "head".into(),
+            resolution: n,
+            width: 2 * in_channels,
+            modes: None,
+            params: b.take_count(),
+        });
+        Ok(Generator {
+            config: cfg.clone(),
+            n,
+            in_channels,
+            params: b.store,
+            levels,
+            lifter,
+            encoder,
+            bottleneck,
+            decoder,
+            head,
+            table,
+        })
+    }
+
+    pub fn levels(&self) -> &[LevelSpec] {
+        &self.levels
+    }
+
+    pub fn table(&self) -> &[TableRow] {
+        &self.table
+    }
+
+    /// Real scalar parameters in all.
+    pub fn num_params(&self) -> usize {
+        self.params.num_elements()
+    }
+
+    /// x [B, C, N, N] -> [B, 2C, N, N] (real channels, then imaginary channels).
+    pub fn forward(&self, t: &mut Tape, x: &Var) -> Result<Var> {
+        let d = x.dims();
+        if d.len() != 4 || d[1] != self.in_channels || d[2] != self.n || d[3] != self.n {
+            return Err(crate::error::Error::mismatch_because(
+                "generator",
+                x.shape(),
+                &Shape::new([d.first().copied().unwrap_or(0), self.in_channels, self.n, self.n]),
+                "input must be [B, C, N, N] as built",
+            ));
+        }
+        let policy = self.config.checkpoint;
+        let h = self.lifter.0.run(t, x, PAD1)?;
+        let h = ops::gelu(t, &h)?;
+        let mut h = self.lifter.1.run(t, &h, PAD1)?;
+        let mut skips = Vec::with_capacity(self.encoder.len());
+        for (i, level) in self.encoder.iter().enumerate() {
+            let mut outs = segment(t, policy, i, &[&h], {
+                let level = *level;
+                move |t, v| level.forward(t, &v[0])
+            })?;
+            h = outs.pop().ok_or_else(missing)?;
+            if let Some(skip) = outs.pop() {
+                skips.push(skip);
+            }
+        }
+        let bottleneck = self.bottleneck;
+        h = segment(t, policy, self.encoder.len(), &[&h], move |t, v| Ok(vec![bottleneck.forward(t, &v[0])?]))?
+            .pop()
+            .ok_or_else(missing)?;
+        for level in &self.decoder {
+            let skip = skips.pop().ok_or_else(missing)?;
+            let j = skips.len();
+            h = segment(t, policy, j, &[&h, &skip], {
+                let level = *level;
+                move |t, v| Ok(vec![level.forward(t, &v[0], &v[1])?])
+            })?
+            .pop()
+            .ok_or_else(missing)?;
+        }
+        self.head.run(t, &h, POINT)
+    }
+
+    /// The per-level table `fnokern model` prints.
+    pub fn describe(&self) -> String {
+        let mut s = String::new();
+        let bytes = |p: usize| p * 4;
+        let _ = writeln!(
+            s,
+            "{:<28} {:>10} {:>7} {:>12} {:>12} {:>12}",
+            "part", "resolution", "width", "kept modes", "parameters", "bytes (f32)"
+        );
+        for r in &self.table {
+            let modes = r.modes.map_or("-".to_string(), |(a, b)| format!("{a} x {b}"));
+            let _ = writeln!(
+                s,
+                "{:<28} {:>10} {:>7} {:>12} {:>12} {:>12}",
+                r.part,
+                format!("{0}x{0}", r.resolution),
+                r.width,
+                modes,
+                r.params,
+                bytes(r.params)
+            );
+        }
+        let total = self.num_params();
+        let _ = writeln!(
+            s,
+            "{:<28} {:>10} {:>7} {:>12} {:>12} {:>12}",
+            "total", "", "", "", total, bytes(total)
+        );
+        let _ = writeln!(
+            s,
+            "widths <= max_channels ({}): {}; parameters count real scalars (a complex spectral weight counts 2)",
+            self.config.max_channels,
+            self.levels.iter().all(|l| l.width <= self.config.max_channels)
+        );
+        s
+    }
+}
+
+/// Runs `body` plainly, or as a checkpointed segment when the policy covers level `i`.
+fn segment<F>(t: &mut Tape, policy: CheckpointPolicy, i: usize, inputs: &[&Var], body: F) -> Result<Vec<Var>>
+where
+    F: Fn(&mut Tape, &[Var]) -> Result<Vec<Var>> + 'static,
+{
+    if policy.applies(i) {
+        t.checkpoint(inputs, body)
+    } else {
+        let owned: Vec<Var> = inputs.iter().map(|v| (*v).clone()).collect();
+        body(t, &owned)
+    }
+}
