@@ -233,8 +233,10 @@ pub struct DataConfig {
     pub seed: u64,
     /// Directory of the on-disk dataset cache (keyed by every field above).
     pub cache_dir: PathBuf,
-    /// Load this NPZ (reference layout) instead of simulating, if set.
+    /// Load the training split from this NPZ (reference layout) instead of simulating, if set.
     pub npz: Option<PathBuf>,
+    /// The test split's NPZ (needed with `npz`).
+    pub npz_test: Option<PathBuf>,
 }
 
 impl Default for DataConfig {
@@ -255,6 +257,7 @@ impl Default for DataConfig {
             seed: 0,
             cache_dir: PathBuf::from("data-cache"),
             npz: None,
+            npz_test: None,
         }
     }
 }

@@ -7,7 +7,7 @@
 //! differentiable op, on small odd sizes with fixed seeds; `fnokern gradcheck` runs them and so
 //! does the test suite.
 
-use crate::autograd::{Tape, Var};
+use crate::autograd::{ParamStore, Tape, Var};
 use crate::backend::{self, Conv2dParams, ModeConvention, NormKind, SpectralModes};
 use crate::device::Device;
 use crate::error::Result;
@@ -67,8 +67,8 @@ impl Input {
 
 type Graph<'a> = dyn Fn(&mut Tape, &[Var]) -> Result<Var> + 'a;
 
-fn eval(inputs: &[Tensor], f: &Graph, r: &Tensor) -> Result<f64> {
-    let mut tape = Tape::new();
+fn eval(params: &ParamStore, inputs: &[Tensor], f: &Graph, r: &Tensor) -> Result<f64> {
+    let mut tape = Tape::with_params(params);
     let vars: Vec<Var> = inputs.iter().map(|t| tape.leaf(t.clone(), false)).collect();
     let out = f(&mut tape, &vars)?;
     backend::dot(out.value(), r)?.scalar_value()
@@ -76,8 +76,33 @@ fn eval(inputs: &[Tensor], f: &Graph, r: &Tensor) -> Result<f64> {
 
 /// Checks the gradient of `f` with respect to every checked input.
 pub fn check(inputs: Vec<Input>, f: &Graph, tol: Tolerance, seed: u64) -> Result<Report> {
+    check_with_params(&ParamStore::new(), inputs, f, tol, seed, usize::MAX)
+}
+
+/// Which entries of an `n`-element tensor to check: all of them, or `limit` spread evenly.
+fn entries(n: usize, limit: usize) -> Vec<usize> {
+    if n <= limit {
+        (0..n).collect()
+    } else {
+        (0..limit).map(|i| i * n / limit + (i * 7919) % (n / limit).max(1)).collect()
+    }
+}
+
+/// Checks the gradients of `f` with respect to its checked inputs and every parameter of `params`
+/// (which `f` reads with `tape.param`), at most `limit` entries per tensor (spread over it).
+pub fn check_with_params(
+    params: &ParamStore,
+    inputs: Vec<Input>,
+    f: &Graph,
+    tol: Tolerance,
+    seed: u64,
+    limit: usize,
+) -> Result<Report> {
     // All values of one check live on one device (one ledger).
-    let dev = Device::cpu();
+    let dev = match params.values().first() {
+        Some(t) => t.device().clone(),
+        None => Device::cpu(),
+    };
     let inputs = inputs
         .into_iter()
         .map(|i| {
@@ -85,7 +110,7 @@ pub fn check(inputs: Vec<Input>, f: &Graph, tol: Tolerance, seed: u64) -> Result
             Ok(Input { value, checked: i.checked })
         })
         .collect::<Result<Vec<_>>>()?;
-    let mut tape = Tape::new();
+    let mut tape = Tape::with_params(params);
     let vars: Vec<Var> = inputs.iter().map(|i| tape.leaf(i.value.clone(), i.checked)).collect();
     let out = f(&mut tape, &vars)?;
     let r = Tensor::randn(out.shape().clone(), 1.0, seed ^ 0x5eed, DType::F64, &dev)?;
@@ -93,35 +118,52 @@ pub fn check(inputs: Vec<Input>, f: &Graph, tol: Tolerance, seed: u64) -> Result
 
     let values: Vec<Tensor> = inputs.iter().map(|i| i.value.clone()).collect();
     let mut report = Report::default();
+    let mut compare = |what: String, analytic: f64, numeric: f64| {
+        let err = (analytic - numeric).abs();
+        report.checked += 1;
+        report.max_abs_err = report.max_abs_err.max(err);
+        report.max_rel_err = report.max_rel_err.max(err / numeric.abs().max(1e-12));
+        // Negated so that a NaN error counts as a failure.
+        #[allow(clippy::neg_cmp_op_on_partial_ord)]
+        if !(err <= tol.atol + tol.rtol * numeric.abs()) {
+            report
+                .mismatches
+                .push(format!("{what}: analytic {analytic:.9e} numeric {numeric:.9e}"));
+        }
+    };
+    let central = |at: &dyn Fn(f64) -> Result<f64>| -> Result<f64> { Ok((at(tol.step)? - at(-tol.step)?) / (2.0 * tol.step)) };
     for (k, input) in inputs.iter().enumerate().filter(|(_, i)| i.checked) {
         let analytic = match grads.wrt(&vars[k]) {
             Some(g) => g.to_f64_vec()?,
             None => vec![0.0; input.value.numel()],
         };
         let base = input.value.to_f64_vec()?;
-        for j in 0..base.len() {
-            let at = |delta: f64| -> Result<f64> {
+        for j in entries(base.len(), limit) {
+            let numeric = central(&|delta| {
                 let mut v = base.clone();
                 v[j] += delta;
                 let mut probe = values.clone();
                 probe[k] = Tensor::from_vec(v, input.value.shape().clone(), &dev)?;
-                eval(&probe, f, &r)
-            };
-            let numeric = (at(tol.step)? - at(-tol.step)?) / (2.0 * tol.step);
-            let err = (analytic[j] - numeric).abs();
-            report.checked += 1;
-            report.max_abs_err = report.max_abs_err.max(err);
-            report.max_rel_err = report.max_rel_err.max(err / numeric.abs().max(1e-12));
-            // Negated so that a NaN error counts as a failure.
-            #[allow(clippy::neg_cmp_op_on_partial_ord)]
-            if !(err <= tol.atol + tol.rtol * numeric.abs()) {
-                report.mismatches.push(format!(
-                    "input {k} {} entry {j}: analytic {:.9e} numeric {:.9e}",
-                    input.value.shape(),
-                    analytic[j],
-                    numeric
-                ));
-            }
+                eval(params, &probe, f, &r)
+            })?;
+            compare(format!("input {k} {} entry {j}", input.value.shape()), analytic[j], numeric);
+        }
+    }
+    for (id, name, value) in params.iter() {
+        let analytic = match grads.param(id) {
+            Some(g) => g.to_f64_vec()?,
+            None => vec![0.0; value.numel()],
+        };
+        let base = value.to_f64_vec()?;
+        for j in entries(base.len(), limit) {
+            let numeric = central(&|delta| {
+                let mut v = base.clone();
+                v[j] += delta;
+                let mut moved = params.clone();
+                moved.set(id, Tensor::from_vec(v, value.shape().clone(), &dev)?)?;
+                eval(&moved, &values, f, &r)
+            })?;
+            compare(format!("parameter `{name}` entry {j}"), analytic[j], numeric);
         }
     }
     Ok(report)
@@ -238,6 +280,9 @@ pub fn all_cases() -> Vec<Case> {
         case!("abs", unary_case(ops::abs, false)),
         case!("sqrt", unary_case(ops::sqrt, true)),
         case!("square", unary_case(ops::square, false)),
+        case!("log", unary_case(ops::log, true)),
+        // randn inputs stay clear of the wrap points (odd multiples of pi) by far more than h.
+        case!("wrap_angle", unary_case(ops::wrap_angle, false)),
         case!("add", binary_case(ops::add)),
         case!("sub", binary_case(ops::sub)),
         case!("mul", binary_case(ops::mul)),
@@ -276,6 +321,7 @@ pub fn all_cases() -> Vec<Case> {
         case!("fft2_forward_norm", fft_case(ops::FftNorm::Forward)),
         case!("fftshift_complex_odd", go(vars(vec![randn([2, 5, 3, 2], 1)?]), &|t, v| ops::fftshift(t, &v[0], true))),
         case!("ifftshift_real_odd", go(vars(vec![randn([2, 5, 7], 1)?]), &|t, v| ops::ifftshift(t, &v[0], false))),
+        case!("complex_angle", go(vars(vec![randn([2, 5, 3, 2], 1)?]), &|t, v| ops::complex_angle(t, &v[0]))),
         case!("complex_abs", go(vars(vec![randn([2, 5, 3, 2], 1)?]), &|t, v| ops::complex_abs(t, &v[0]))),
         case!("channels_to_complex", go(vars(vec![randn([2, 4, 3, 5], 1)?]), &|t, v| ops::channels_to_complex(t, &v[0]))),
         case!("complex_to_channels", go(vars(vec![randn([2, 3, 3, 5, 2], 1)?]), &|t, v| ops::complex_to_channels(t, &v[0]))),

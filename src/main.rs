@@ -51,6 +51,33 @@ enum Command {
     Model {
         #[command(flatten)]
         cfg: ConfigArgs,
+        /// Also write the freshly initialised weights (seed model.seed) to this safetensors file.
+        #[arg(long)]
+        save_weights: Option<PathBuf>,
+    },
+    /// Simulate the grid-lines data set (or read it from the cache, or from the configured NPZ
+    /// files) and print what it holds.
+    Data {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Also write the splits as NPZ files (reference layout) into this directory.
+        #[arg(long)]
+        export: Option<PathBuf>,
+    },
+    /// Loss, output and every parameter gradient of one batch, for parity checks with other
+    /// frameworks (safetensors in, safetensors out; see README).
+    Grad {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Generator weights (safetensors, PyTorch names and layouts).
+        #[arg(long)]
+        weights: PathBuf,
+        /// The batch (safetensors: diffraction, probe, and Y_I/Y_phi for the supervised loss).
+        #[arg(long)]
+        batch: PathBuf,
+        /// Where to write loss, output and grad.<name> (safetensors).
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Print the build (CUDA kernels embedded or not, nvcc, targets) and the devices.
     Info,
@@ -70,7 +97,9 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Gradcheck { only } => gradcheck(only.as_deref()),
-        Command::Model { cfg } => model(&cfg),
+        Command::Model { cfg, save_weights } => model(&cfg, save_weights.as_deref()),
+        Command::Grad { cfg, weights, batch, out } => grad(&cfg, &weights, &batch, &out),
+        Command::Data { cfg, export } => data(&cfg, export.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -81,10 +110,42 @@ fn main() -> ExitCode {
     }
 }
 
-fn model(args: &ConfigArgs) -> fnokern::Result<()> {
+fn data(args: &ConfigArgs, export: Option<&std::path::Path>) -> fnokern::Result<()> {
     let cfg = args.resolve()?;
-    // Shapes only: the meta device builds the parameters without their data.
-    let dev = fnokern::Device::meta();
+    let start = std::time::Instant::now();
+    let ds = fnokern::data::load_or_simulate(&cfg.data, &mut |m| eprintln!("{m}"))?;
+    for (name, s) in [("train", &ds.train), ("test", &ds.test)] {
+        let mean = s.diffraction.iter().map(|&v| v as f64).sum::<f64>() / s.diffraction.len().max(1) as f64;
+        println!(
+            "{name}: {} patterns of {}x{}, mean diffraction amplitude {mean:.4e}, stitchable: {}",
+            s.len(),
+            s.n,
+            s.n,
+            s.centres.is_some() && s.ground_truth.is_some()
+        );
+    }
+    println!("source: {} ({:.1} s)", ds.source, start.elapsed().as_secs_f64());
+    if let Some(dir) = export {
+        std::fs::create_dir_all(dir).map_err(|source| fnokern::Error::Io { path: dir.display().to_string(), source })?;
+        for (name, s) in [("train.npz", &ds.train), ("test.npz", &ds.test)] {
+            fnokern::data::npz::save(&dir.join(name), s)?;
+        }
+        println!("exported train.npz and test.npz to {}", dir.display());
+    }
+    Ok(())
+}
+
+fn grad(args: &ConfigArgs, weights: &std::path::Path, batch: &std::path::Path, out: &std::path::Path) -> fnokern::Result<()> {
+    let cfg = args.resolve()?;
+    let loss = fnokern::model::parity::grad_to_file(&cfg, weights, batch, out)?;
+    println!("loss {loss:.8e}; wrote loss, output and parameter gradients to {}", out.display());
+    Ok(())
+}
+
+fn model(args: &ConfigArgs, save_weights: Option<&std::path::Path>) -> fnokern::Result<()> {
+    let cfg = args.resolve()?;
+    // Shapes only, unless the weights are wanted: the meta device builds parameters without data.
+    let dev = if save_weights.is_some() { fnokern::Device::cpu() } else { fnokern::Device::meta() };
     let g = fnokern::model::Generator::new(&cfg.model, cfg.data.n, 1, &dev, fnokern::DType::F32)?;
     println!(
         "hybrid U-FNO generator: depth {}, width {}, modes {} ({:?}), max_channels {}, block {:?}, N {}",
@@ -97,6 +158,10 @@ fn model(args: &ConfigArgs) -> fnokern::Result<()> {
         cfg.data.n
     );
     print!("{}", g.describe());
+    if let Some(path) = save_weights {
+        fnokern::model::weights::save_params(path, &g.params, None)?;
+        println!("wrote the initial weights to {}", path.display());
+    }
     Ok(())
 }
 

@@ -126,6 +126,12 @@ impl Backend for MetaBackend {
     fn complex_abs_bwd(&self, _: &Tensor, _: &Tensor, _: &mut Tensor) -> Result<()> {
         Ok(())
     }
+    fn complex_angle(&self, _: &Tensor, _: &mut Tensor) -> Result<()> {
+        Ok(())
+    }
+    fn complex_angle_bwd(&self, _: &Tensor, _: &Tensor, _: &mut Tensor) -> Result<()> {
+        Ok(())
+    }
     fn pack_complex(&self, _: &Tensor, _: bool, _: &mut Tensor) -> Result<()> {
         Ok(())
     }

@@ -87,6 +87,10 @@ pub enum Unary {
     Sqrt,
     /// x^2.
     Square,
+    /// ln x.
+    Log,
+    /// The angle wrapped to [-pi, pi): x - 2 pi round(x / 2 pi); derivative 1.
+    WrapAngle,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -200,6 +204,10 @@ pub trait Backend: Sync {
     fn roll2d(&self, x: &Tensor, sh: usize, sw: usize, complex: bool, y: &mut Tensor) -> Result<()>;
     fn complex_abs(&self, z: &Tensor, y: &mut Tensor) -> Result<()>;
     fn complex_abs_bwd(&self, z: &Tensor, dy: &Tensor, dz: &mut Tensor) -> Result<()>;
+    /// y = arg z = atan2(im, re).
+    fn complex_angle(&self, z: &Tensor, y: &mut Tensor) -> Result<()>;
+    /// dz = dy (-im, re) / |z|^2, defined as 0 at z = 0.
+    fn complex_angle_bwd(&self, z: &Tensor, dy: &Tensor, dz: &mut Tensor) -> Result<()>;
     /// [B, 2C, S] channels (real then imaginary) to [B, C, S, 2], or back when `unpack`.
     fn pack_complex(&self, x: &Tensor, unpack: bool, y: &mut Tensor) -> Result<()>;
 }
@@ -852,6 +860,22 @@ pub fn complex_abs_bwd(z: &Tensor, dy: &Tensor) -> Result<Tensor> {
         return Err(Error::mismatch("complex_abs_bwd", z.shape(), dy.shape()));
     }
     with_out(z.shape().clone(), z, |dz| z.device().backend().complex_abs_bwd(z, dy, dz))
+}
+
+pub fn complex_angle(z: &Tensor) -> Result<Tensor> {
+    check_compute("complex_angle", z)?;
+    check_complex("complex_angle", z, 1)?;
+    let d = z.dims();
+    with_out(&d[..d.len() - 1], z, |y| z.device().backend().complex_angle(z, y))
+}
+
+pub fn complex_angle_bwd(z: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    check_same("complex_angle_bwd", &[z, dy])?;
+    check_complex("complex_angle_bwd", z, 1)?;
+    if dy.dims() != &z.dims()[..z.rank() - 1] {
+        return Err(Error::mismatch("complex_angle_bwd", z.shape(), dy.shape()));
+    }
+    with_out(z.shape().clone(), z, |dz| z.device().backend().complex_angle_bwd(z, dy, dz))
 }
 
 /// [B, 2C, ...] channels (real parts then imaginary parts) -> complex [B, C, ..., 2].

@@ -14,6 +14,7 @@
 //! `model::weights` for the layouts. Initialisation follows PyTorch's defaults: conv weights and
 //! biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)); spectral weights CN(0, 1) / sqrt(C_in).
 
+pub mod parity;
 pub mod weights;
 
 use std::fmt::Write as _;

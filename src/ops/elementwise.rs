@@ -34,6 +34,16 @@ pub fn square(tape: &mut Tape, x: &Var) -> Result<Var> {
     unary_op(tape, x, Unary::Square)
 }
 
+/// ln x.
+pub fn log(tape: &mut Tape, x: &Var) -> Result<Var> {
+    unary_op(tape, x, Unary::Log)
+}
+
+/// An angle wrapped to [-pi, pi); its gradient is 1 (the wrap is a shift by whole turns).
+pub fn wrap_angle(tape: &mut Tape, x: &Var) -> Result<Var> {
+    unary_op(tape, x, Unary::WrapAngle)
+}
+
 pub fn add(tape: &mut Tape, a: &Var, b: &Var) -> Result<Var> {
     let y = backend::binary(Binary::Add, a.value(), b.value())?;
     tape.record1(&[a, b], y, |ctx| {

@@ -105,3 +105,16 @@ pub fn complex_abs(tape: &mut Tape, z: &Var) -> Result<Var> {
         Ok(())
     })
 }
+
+/// arg z = atan2(im, re) of a complex [.., 2] tensor; the gradient at z = 0 is defined as 0.
+pub fn complex_angle(tape: &mut Tape, z: &Var) -> Result<Var> {
+    let y = backend::complex_angle(z.value())?;
+    let saved = tape.requires_grad(z).then(|| z.value().clone());
+    tape.record1(&[z], y, move |ctx| {
+        if let Some(z) = saved {
+            let dz = backend::complex_angle_bwd(&z, ctx.grad(0))?;
+            ctx.add(0, dz)?;
+        }
+        Ok(())
+    })
+}

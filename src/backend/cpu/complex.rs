@@ -4,6 +4,7 @@
 //! fft2:  y = scale * FFT2(z) (or the unnormalised inverse), rows then columns (rustfft).
 //! roll:  y[(i + sh) % H, (j + sw) % W] = x[i, j]; fftshift is roll by (H/2, W/2).
 //! abs:   y = |z| (hypot); d|z|/dz = z / |z|, defined as 0 at z = 0.
+//! angle: y = atan2(im, re); d arg/dz = (-im, re) / |z|^2, defined as 0 at z = 0.
 //! pack:  [B, 2C, S] (real channels, then imaginary) <-> [B, C, S, 2].
 
 #[allow(unused_imports)]
@@ -152,6 +153,44 @@ pub(super) fn abs_bwd(z: &Tensor, dy: &Tensor, dz: &mut Tensor) -> Result<()> {
                     if m > T::zero() {
                         dzc[2 * k] = g * re / m;
                         dzc[2 * k + 1] = g * im / m;
+                    } else {
+                        dzc[2 * k] = T::zero();
+                        dzc[2 * k + 1] = T::zero();
+                    }
+                }
+            });
+        Ok(())
+    })
+}
+
+pub(super) fn angle(z: &Tensor, y: &mut Tensor) -> Result<()> {
+    with_float!(z.dtype(), "complex_angle", |T| {
+        let zs = z.as_slice::<T>()?;
+        y.as_mut_slice::<T>()?
+            .par_chunks_mut(CHUNK)
+            .zip(zs.par_chunks(2 * CHUNK))
+            .for_each(|(yc, zc)| {
+                for (k, v) in yc.iter_mut().enumerate() {
+                    *v = zc[2 * k + 1].atan2(zc[2 * k]);
+                }
+            });
+        Ok(())
+    })
+}
+
+pub(super) fn angle_bwd(z: &Tensor, dy: &Tensor, dz: &mut Tensor) -> Result<()> {
+    with_float!(z.dtype(), "complex_angle_bwd", |T| {
+        let (zs, dys) = (z.as_slice::<T>()?, dy.as_slice::<T>()?);
+        dz.as_mut_slice::<T>()?
+            .par_chunks_mut(2 * CHUNK)
+            .zip(zs.par_chunks(2 * CHUNK).zip(dys.par_chunks(CHUNK)))
+            .for_each(|(dzc, (zc, dyc))| {
+                for (k, &g) in dyc.iter().enumerate() {
+                    let (re, im) = (zc[2 * k], zc[2 * k + 1]);
+                    let m2 = re * re + im * im;
+                    if m2 > T::zero() {
+                        dzc[2 * k] = -g * im / m2;
+                        dzc[2 * k + 1] = g * re / m2;
                     } else {
                         dzc[2 * k] = T::zero();
                         dzc[2 * k + 1] = T::zero();

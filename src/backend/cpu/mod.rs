@@ -194,6 +194,8 @@ fn unary_f(op: Unary, x: f64) -> f64 {
         Unary::Abs => x.abs(),
         Unary::Sqrt => x.sqrt(),
         Unary::Square => x * x,
+        Unary::Log => x.ln(),
+        Unary::WrapAngle => x - std::f64::consts::TAU * (x / std::f64::consts::TAU).round(),
     }
 }
 
@@ -212,6 +214,8 @@ fn unary_df(op: Unary, x: f64) -> f64 {
         }
         Unary::Sqrt => 0.5 / x.sqrt(),
         Unary::Square => 2.0 * x,
+        Unary::Log => 1.0 / x,
+        Unary::WrapAngle => 1.0,
     }
 }
 
@@ -517,6 +521,12 @@ impl Backend for CpuBackend {
     }
     fn complex_abs_bwd(&self, z: &Tensor, dy: &Tensor, dz: &mut Tensor) -> Result<()> {
         complex::abs_bwd(z, dy, dz)
+    }
+    fn complex_angle(&self, z: &Tensor, y: &mut Tensor) -> Result<()> {
+        complex::angle(z, y)
+    }
+    fn complex_angle_bwd(&self, z: &Tensor, dy: &Tensor, dz: &mut Tensor) -> Result<()> {
+        complex::angle_bwd(z, dy, dz)
     }
     fn pack_complex(&self, x: &Tensor, unpack: bool, y: &mut Tensor) -> Result<()> {
         complex::pack(x, unpack, y)

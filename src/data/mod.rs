@@ -1,0 +1,171 @@
+//! Data: the grid-lines simulator, NPZ files in the reference layout, the on-disk cache, batches,
+//! and the physics forward model with the losses.
+
+pub mod npz;
+pub mod physics;
+pub mod simulate;
+
+use std::path::{Path, PathBuf};
+
+use crate::config::DataConfig;
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Tensor};
+use npz::NpzSplit;
+
+/// Bumped whenever the simulation changes, so that old caches are not reused.
+const SIM_VERSION: u32 = 1;
+
+/// A training and a test split with their probe.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dataset {
+    pub train: NpzSplit,
+    pub test: NpzSplit,
+    /// Where it came from: the cache directory or the NPZ files.
+    pub source: String,
+    /// Whether it was read from an existing cache rather than simulated now.
+    pub from_cache: bool,
+}
+
+/// FNV-1a over bytes: a stable key for the cache (std's hasher may change between releases).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// The cache directory of a config: every field that changes the data, hashed.
+pub fn cache_path(cfg: &DataConfig) -> PathBuf {
+    let mut key = cfg.clone();
+    key.cache_dir = PathBuf::new();
+    key.npz = None;
+    key.npz_test = None;
+    let text = format!("v{SIM_VERSION}:{}", serde_json::to_string(&key).unwrap_or_default());
+    cfg.cache_dir.join(format!("gridlines-{:016x}", fnv1a(text.as_bytes())))
+}
+
+fn to_split(sim: &simulate::SimSplit, probe: &[[f64; 2]], n: usize) -> NpzSplit {
+    let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+    let half = n as f64 / 2.0;
+    let obj = &sim.objects[0];
+    NpzSplit {
+        n,
+        diffraction: f32s(&sim.diffraction),
+        y_i: f32s(&sim.y_i),
+        y_phi: f32s(&sim.y_phi),
+        probe: probe.iter().map(|p| [p[0] as f32, p[1] as f32]).collect(),
+        // The first object of the split; stitching uses object_index to pick its patches.
+        ground_truth: Some((
+            obj.amplitude.size,
+            obj.amplitude
+                .data
+                .iter()
+                .zip(&obj.phase.data)
+                .map(|(&a, &ph)| [(a * ph.cos()) as f32, (a * ph.sin()) as f32])
+                .collect(),
+        )),
+        centres: Some(sim.origin.iter().map(|&(_, r, c)| (r as f64 + half, c as f64 + half)).collect()),
+        object_index: Some(sim.origin.iter().map(|&(i, _, _)| i as i64).collect()),
+    }
+}
+
+/// Simulates, or reads the cache, or reads the configured NPZ files.
+pub fn load_or_simulate(cfg: &DataConfig, progress: &mut dyn FnMut(&str)) -> Result<Dataset> {
+    cfg.validate()?;
+    if let Some(train) = &cfg.npz {
+        let test = cfg.npz_test.as_ref().ok_or_else(|| {
+            Error::invalid("data config", "npz is set but npz_test is not: both splits are needed")
+        })?;
+        let ds = Dataset {
+            train: npz::load(train)?,
+            test: npz::load(test)?,
+            source: format!("{} + {}", train.display(), test.display()),
+            from_cache: false,
+        };
+        if ds.train.n != cfg.n || ds.test.n != cfg.n {
+            return Err(Error::invalid(
+                "data config",
+                format!("the NPZ patches are {}x{} / {}x{} but data.n is {}", ds.train.n, ds.train.n, ds.test.n, ds.test.n, cfg.n),
+            ));
+        }
+        return Ok(ds);
+    }
+    let dir = cache_path(cfg);
+    let (train_p, test_p, done) = (dir.join("train.npz"), dir.join("test.npz"), dir.join("params.json"));
+    if done.is_file() {
+        progress(&format!("reading the cached dataset {}", dir.display()));
+        return Ok(Dataset {
+            train: npz::load(&train_p)?,
+            test: npz::load(&test_p)?,
+            source: dir.display().to_string(),
+            from_cache: true,
+        });
+    }
+    progress(&format!(
+        "simulating grid-lines data: {} + {} objects of {} px, N = {}, strides {}/{}",
+        cfg.train_objects, cfg.test_objects, cfg.object_size, cfg.n, cfg.train_stride, cfg.test_stride
+    ));
+    let (train, test, probe, s) = simulate::simulate(cfg);
+    let ds = Dataset {
+        train: to_split(&train, &probe, cfg.n),
+        test: to_split(&test, &probe, cfg.n),
+        source: dir.display().to_string(),
+        from_cache: false,
+    };
+    write_cache(&dir, cfg, &ds, s)?;
+    progress(&format!("cached at {}", dir.display()));
+    Ok(ds)
+}
+
+/// Writes the two splits to temporary files, renames them into place, and writes params.json last:
+/// a cache without params.json is incomplete and is simulated again.
+fn write_cache(dir: &Path, cfg: &DataConfig, ds: &Dataset, s: f64) -> Result<()> {
+    let io = |p: &Path| {
+        let p = p.display().to_string();
+        move |source| Error::Io { path: p.clone(), source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    for (name, split) in [("train.npz", &ds.train), ("test.npz", &ds.test)] {
+        let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+        npz::save(&tmp, split)?;
+        std::fs::rename(&tmp, dir.join(name)).map_err(io(&tmp))?;
+    }
+    let params = serde_json::json!({
+        "simulation_version": SIM_VERSION,
+        "config": cfg,
+        "intensity_scale": s,
+        "train_patterns": ds.train.len(),
+        "test_patterns": ds.test.len(),
+    });
+    crate::model::weights::write_atomic(&dir.join("params.json"), params.to_string().as_bytes())
+}
+
+/// A batch: the generator input and what the losses compare against, all [B, 1, N, N] except the
+/// probe [N, N, 2].
+pub struct Batch {
+    pub diffraction: Tensor,
+    pub y_i: Tensor,
+    pub y_phi: Tensor,
+}
+
+/// Builds the batch of patterns `idx` of a split on `dev`.
+pub fn batch(split: &NpzSplit, idx: &[usize], dtype: DType, dev: &Device) -> Result<Batch> {
+    let n2 = split.n * split.n;
+    let count = split.len();
+    if let Some(&bad) = idx.iter().find(|&&i| i >= count) {
+        return Err(Error::invalid("batch", format!("pattern {bad} of a split of {count}")));
+    }
+    let gather = |v: &[f32]| -> Vec<f64> {
+        idx.iter().flat_map(|&i| v[i * n2..(i + 1) * n2].iter().map(|&x| x as f64)).collect()
+    };
+    let shape = [idx.len(), 1, split.n, split.n];
+    Ok(Batch {
+        diffraction: Tensor::from_f64_vec(gather(&split.diffraction), shape, dtype, dev)?,
+        y_i: Tensor::from_f64_vec(gather(&split.y_i), shape, dtype, dev)?,
+        y_phi: Tensor::from_f64_vec(gather(&split.y_phi), shape, dtype, dev)?,
+    })
+}
+
+/// The split's probe as a [N, N, 2] tensor.
+pub fn probe_tensor(split: &NpzSplit, dtype: DType, dev: &Device) -> Result<Tensor> {
+    let v: Vec<f64> = split.probe.iter().flat_map(|p| [p[0] as f64, p[1] as f64]).collect();
+    Tensor::from_f64_vec(v, [split.n, split.n, 2], dtype, dev)
+}

@@ -1,0 +1,79 @@
+//! The physics forward model and the training losses.
+//!
+//! The generator's output [B, 2C, N, N] holds the object O (real channels, then imaginary). The
+//! forward model illuminates it with the probe times `probe_scale` and propagates to the detector:
+//!   amp_pred = |fftshift(FFT2(O * probe_scale * P))| / N        (an orthonormal FFT)
+//! Losses (all one-element values):
+//!   normalized_amplitude_mae: mean |amp_pred - amp_obs| / (mean(amp_obs) + eps), denominator detached
+//!   poisson_nll:              mean(I_pred - I_obs ln(I_pred + eps)), I = amp^2 (PyTorch's
+//!                             PoissonNLLLoss with log_input = False)
+//!   supervised_l1:            mean | |O * probe_scale * P| - Y_I | + mean |wrap(arg O - Y_phi)|
+
+use crate::autograd::{Tape, Var};
+use crate::backend;
+use crate::config::{LossConfig, LossKind};
+use crate::error::Result;
+use crate::ops;
+use crate::tensor::Tensor;
+
+/// The probe the forward model uses: P * probe_scale, [N, N, 2].
+pub fn scaled_probe(probe: &Tensor, cfg: &LossConfig) -> Result<Tensor> {
+    backend::affine(probe, cfg.probe_scale, 0.0)
+}
+
+/// O * probe_scale * P as a complex [B, C, N, N, 2] value.
+pub fn illuminate(t: &mut Tape, out: &Var, scaled_probe: &Tensor) -> Result<Var> {
+    let o = ops::channels_to_complex(t, out)?;
+    ops::mul_probe(t, &o, scaled_probe)
+}
+
+/// The predicted diffraction amplitude [B, C, N, N] of the generator output [B, 2C, N, N].
+pub fn predicted_amplitude(t: &mut Tape, out: &Var, scaled_probe: &Tensor) -> Result<Var> {
+    let lit = illuminate(t, out, scaled_probe)?;
+    let far = ops::fft2(t, &lit, ops::FftNorm::Ortho)?;
+    drop(lit);
+    let far = ops::fftshift(t, &far, true)?;
+    ops::complex_abs(t, &far)
+}
+
+/// What a loss compares the output with: observed amplitudes, and for the supervised loss the
+/// illuminated amplitude and the phase, each [B, C, N, N].
+pub struct Targets<'a> {
+    pub diffraction: &'a Var,
+    pub y_i: &'a Var,
+    pub y_phi: &'a Var,
+}
+
+/// The configured loss of a generator output.
+pub fn loss(t: &mut Tape, cfg: &LossConfig, out: &Var, targets: &Targets, scaled_probe: &Tensor) -> Result<Var> {
+    match cfg.kind {
+        LossKind::NormalizedAmplitudeMae => {
+            let amp = predicted_amplitude(t, out, scaled_probe)?;
+            ops::mae_over_detached_mean(t, &amp, targets.diffraction, cfg.eps)
+        }
+        LossKind::PoissonNll => {
+            let amp = predicted_amplitude(t, out, scaled_probe)?;
+            let i_pred = ops::square(t, &amp)?;
+            drop(amp);
+            let i_obs = ops::square(t, targets.diffraction)?;
+            let shifted = ops::add_scalar(t, &i_pred, cfg.eps)?;
+            let log = ops::log(t, &shifted)?;
+            let weighted = ops::mul(t, &i_obs, &log)?;
+            let nll = ops::sub(t, &i_pred, &weighted)?;
+            ops::mean(t, &nll)
+        }
+        LossKind::SupervisedL1 => {
+            let lit = illuminate(t, out, scaled_probe)?;
+            let amp = ops::complex_abs(t, &lit)?;
+            drop(lit);
+            let amp_term = ops::mae(t, &amp, targets.y_i)?;
+            let o = ops::channels_to_complex(t, out)?;
+            let phase = ops::complex_angle(t, &o)?;
+            let d = ops::sub(t, &phase, targets.y_phi)?;
+            let d = ops::wrap_angle(t, &d)?;
+            let d = ops::abs(t, &d)?;
+            let phase_term = ops::mean(t, &d)?;
+            ops::add(t, &amp_term, &phase_term)
+        }
+    }
+}

@@ -1,0 +1,326 @@
+//! Evaluation: stitch test patches into the object canvas, align, and score.
+//!
+//! Stitching (shared/REFERENCE.md section 3): the central s x s region of each test patch (s the
+//! test stride) is placed at its centre in the canvas of the split's first object. Amplitude is
+//! rescaled by mean(GT) / mean(pred); from each phase a least-squares plane a + b r + c c is removed
+//! and the result wrapped to [-pi, pi).
+//! Metrics: MAE; SSIM with skimage's defaults (7 x 7 uniform window, reflect mode, sample
+//! covariance, K1 0.01, K2 0.03, a 3-px border cropped before the mean; data range = the GT's
+//! range for amplitude, and 1 for phase mapped to [0, 1] by (phi + pi) / 2 pi); PSNR; FRC
+//! (Fourier ring correlation on integer rings) with its 0.5 and 1/7 crossings.
+
+use serde::Serialize;
+
+use crate::data::npz::NpzSplit;
+use crate::error::{Error, Result};
+
+/// A real image, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Canvas {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f64>,
+}
+
+impl Canvas {
+    pub fn new(rows: usize, cols: usize, data: Vec<f64>) -> Result<Canvas> {
+        if data.len() != rows * cols {
+            return Err(Error::invalid("canvas", format!("{} values for {rows} x {cols}", data.len())));
+        }
+        Ok(Canvas { rows, cols, data })
+    }
+    fn at(&self, r: usize, c: usize) -> f64 {
+        self.data[r * self.cols + c]
+    }
+    pub fn mean(&self) -> f64 {
+        self.data.iter().sum::<f64>() / self.data.len().max(1) as f64
+    }
+}
+
+pub fn mae(a: &Canvas, b: &Canvas) -> f64 {
+    a.data.iter().zip(&b.data).map(|(x, y)| (x - y).abs()).sum::<f64>() / a.data.len().max(1) as f64
+}
+
+/// 10 log10(range^2 / MSE).
+pub fn psnr(truth: &Canvas, test: &Canvas, data_range: f64) -> f64 {
+    let mse = truth.data.iter().zip(&test.data).map(|(x, y)| (x - y).powi(2)).sum::<f64>() / truth.data.len().max(1) as f64;
+    10.0 * (data_range * data_range / mse).log10()
+}
+
+/// scipy.ndimage.uniform_filter(size=7, mode='reflect'), separable.
+fn uniform7(img: &Canvas) -> Canvas {
+    let refl = |i: isize, n: usize| -> usize {
+        let n = n as isize;
+        let m = i.rem_euclid(2 * n);
+        (if m < n { m } else { 2 * n - m - 1 }) as usize
+    };
+    let (h, w) = (img.rows, img.cols);
+    let mut tmp = vec![0.0; h * w];
+    for r in 0..h {
+        for c in 0..w {
+            tmp[r * w + c] = (-3..=3).map(|d| img.at(r, refl(c as isize + d, w))).sum::<f64>() / 7.0;
+        }
+    }
+    let mut out = vec![0.0; h * w];
+    for r in 0..h {
+        for c in 0..w {
+            out[r * w + c] = (-3..=3).map(|d| tmp[refl(r as isize + d, h) * w + c]).sum::<f64>() / 7.0;
+        }
+    }
+    Canvas { rows: h, cols: w, data: out }
+}
+
+/// skimage.metrics.structural_similarity with its defaults and the given data range.
+pub fn ssim(a: &Canvas, b: &Canvas, data_range: f64) -> Result<f64> {
+    if a.rows != b.rows || a.cols != b.cols {
+        return Err(Error::invalid("ssim", "images differ in size"));
+    }
+    if a.rows < 7 || a.cols < 7 {
+        return Err(Error::invalid("ssim", "images must be at least 7 x 7"));
+    }
+    let prod = |x: &Canvas, y: &Canvas| Canvas {
+        rows: x.rows,
+        cols: x.cols,
+        data: x.data.iter().zip(&y.data).map(|(p, q)| p * q).collect(),
+    };
+    let (ux, uy) = (uniform7(a), uniform7(b));
+    let (uxx, uyy, uxy) = (uniform7(&prod(a, a)), uniform7(&prod(b, b)), uniform7(&prod(a, b)));
+    let cov_norm = 49.0 / 48.0;
+    let (c1, c2) = ((0.01 * data_range).powi(2), (0.03 * data_range).powi(2));
+    let mut total = 0.0;
+    let mut count = 0usize;
+    for r in 3..a.rows - 3 {
+        for c in 3..a.cols - 3 {
+            let k = r * a.cols + c;
+            let (mx, my) = (ux.data[k], uy.data[k]);
+            let vx = cov_norm * (uxx.data[k] - mx * mx);
+            let vy = cov_norm * (uyy.data[k] - my * my);
+            let vxy = cov_norm * (uxy.data[k] - mx * my);
+            total += (2.0 * mx * my + c1) * (2.0 * vxy + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2));
+            count += 1;
+        }
+    }
+    Ok(total / count as f64)
+}
+
+/// FRC per integer ring radius 0..=n/2 of two images (cropped to their common centred square).
+pub fn frc(a: &Canvas, b: &Canvas) -> Vec<f64> {
+    use rustfft::{num_complex::Complex, FftPlanner};
+    let n = a.rows.min(a.cols).min(b.rows).min(b.cols);
+    let spectrum = |img: &Canvas| -> Vec<Complex<f64>> {
+        let (r0, c0) = ((img.rows - n) / 2, (img.cols - n) / 2);
+        let mut f: Vec<Complex<f64>> = (0..n * n).map(|k| Complex::new(img.at(r0 + k / n, c0 + k % n), 0.0)).collect();
+        let fft = FftPlanner::<f64>::new().plan_fft_forward(n);
+        for row in f.chunks_mut(n) {
+            fft.process(row);
+        }
+        let mut col = vec![Complex::default(); n];
+        for c in 0..n {
+            for r in 0..n {
+                col[r] = f[r * n + c];
+            }
+            fft.process(&mut col);
+            for r in 0..n {
+                f[r * n + c] = col[r];
+            }
+        }
+        f
+    };
+    let (fa, fb) = (spectrum(a), spectrum(b));
+    let rings = n / 2 + 1;
+    let (mut num, mut da, mut db) = (vec![0.0; rings], vec![0.0; rings], vec![0.0; rings]);
+    for k in 0..n * n {
+        // Signed frequencies, so the ring is the distance from the zero frequency.
+        let f = |i: usize| if i <= n / 2 { i as f64 } else { i as f64 - n as f64 };
+        let radius = (f(k / n).powi(2) + f(k % n).powi(2)).sqrt().round() as usize;
+        if radius < rings {
+            num[radius] += (fa[k] * fb[k].conj()).re;
+            da[radius] += fa[k].norm_sqr();
+            db[radius] += fb[k].norm_sqr();
+        }
+    }
+    (0..rings)
+        .map(|r| {
+            let d = (da[r] * db[r]).sqrt();
+            if d > 0.0 {
+                num[r] / d
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+/// The first ring (> 0) where the FRC falls below `threshold`, in cycles per pixel (0.5 if never).
+pub fn frc_resolution(curve: &[f64], threshold: f64) -> f64 {
+    let n = 2 * (curve.len() - 1).max(1);
+    match curve.iter().enumerate().skip(1).find(|(_, &v)| v < threshold) {
+        Some((r, _)) => r as f64 / n as f64,
+        None => 0.5,
+    }
+}
+
+/// Subtracts the least-squares plane a + b r + c c.
+pub fn remove_plane(img: &Canvas) -> Canvas {
+    // Normal equations for the three coefficients, solved by Cramer's rule.
+    let mut m = [[0.0f64; 3]; 3];
+    let mut v = [0.0f64; 3];
+    for r in 0..img.rows {
+        for c in 0..img.cols {
+            let basis = [1.0, r as f64, c as f64];
+            for i in 0..3 {
+                for j in 0..3 {
+                    m[i][j] += basis[i] * basis[j];
+                }
+                v[i] += basis[i] * img.at(r, c);
+            }
+        }
+    }
+    let det3 = |a: [[f64; 3]; 3]| {
+        a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1]) - a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0])
+            + a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0])
+    };
+    let d = det3(m);
+    let coef: Vec<f64> = (0..3)
+        .map(|i| {
+            if d.abs() < 1e-300 {
+                return if i == 0 { img.mean() } else { 0.0 };
+            }
+            let mut mi = m;
+            for (row, vr) in mi.iter_mut().zip(v) {
+                row[i] = vr;
+            }
+            det3(mi) / d
+        })
+        .collect();
+    let data = (0..img.rows * img.cols)
+        .map(|k| img.data[k] - (coef[0] + coef[1] * (k / img.cols) as f64 + coef[2] * (k % img.cols) as f64))
+        .collect();
+    Canvas { rows: img.rows, cols: img.cols, data }
+}
+
+fn wrap(x: f64) -> f64 {
+    x - std::f64::consts::TAU * (x / std::f64::consts::TAU).round()
+}
+
+/// Stitched prediction and ground truth of a split's first object.
+pub struct Stitched {
+    pub pred_amp: Canvas,
+    pub pred_phase: Canvas,
+    pub gt_amp: Canvas,
+    pub gt_phase: Canvas,
+}
+
+/// Stitches predicted object patches (amplitude and phase, each [count * N * N], in the split's
+/// order) into the canvas of the split's first object.
+pub fn stitch(split: &NpzSplit, pred_amp: &[f64], pred_phase: &[f64]) -> Result<Stitched> {
+    let n = split.n;
+    let (Some(centres), Some((side, gt))) = (&split.centres, &split.ground_truth) else {
+        return Err(Error::invalid("stitch", "the test split has no patch coordinates or ground truth"));
+    };
+    let index = split.object_index.clone().unwrap_or_else(|| vec![0; split.len()]);
+    let mine: Vec<(usize, (f64, f64))> = centres.iter().copied().enumerate().filter(|(i, _)| index[*i] == 0).collect();
+    if mine.is_empty() || pred_amp.len() != split.len() * n * n || pred_phase.len() != pred_amp.len() {
+        return Err(Error::invalid("stitch", "predictions do not match the split"));
+    }
+    // The stride: the smallest non-zero gap between patch centres.
+    let mut rows: Vec<i64> = mine.iter().map(|(_, c)| c.0.round() as i64).collect();
+    rows.sort_unstable();
+    rows.dedup();
+    let stride = rows.windows(2).map(|w| (w[1] - w[0]) as usize).min().unwrap_or(n).clamp(1, n);
+    let half = stride / 2;
+    let (r_min, c_min) = mine.iter().fold((i64::MAX, i64::MAX), |(a, b), (_, c)| {
+        (a.min(c.0.round() as i64), b.min(c.1.round() as i64))
+    });
+    let (r_max, c_max) = mine.iter().fold((i64::MIN, i64::MIN), |(a, b), (_, c)| {
+        (a.max(c.0.round() as i64), b.max(c.1.round() as i64))
+    });
+    let (top, left) = (r_min - half as i64, c_min - half as i64);
+    let (h, w) = ((r_max - r_min) as usize + stride, (c_max - c_min) as usize + stride);
+    if top < 0 || left < 0 || (top as usize + h) > *side || (left as usize + w) > *side {
+        return Err(Error::invalid("stitch", "patch centres fall outside the ground-truth object"));
+    }
+    let mut pa = vec![0.0; h * w];
+    let mut pp = vec![0.0; h * w];
+    let n2 = n * n;
+    for (i, (cr, cc)) in &mine {
+        let (r0, c0) = ((cr.round() as i64 - top) as usize - half, (cc.round() as i64 - left) as usize - half);
+        for dr in 0..stride {
+            for dc in 0..stride {
+                let src = i * n2 + (n / 2 - half + dr) * n + (n / 2 - half + dc);
+                pa[(r0 + dr) * w + c0 + dc] = pred_amp[src];
+                pp[(r0 + dr) * w + c0 + dc] = pred_phase[src];
+            }
+        }
+    }
+    let (mut ga, mut gp) = (Vec::with_capacity(h * w), Vec::with_capacity(h * w));
+    for r in 0..h {
+        for c in 0..w {
+            let z = gt[(top as usize + r) * side + left as usize + c];
+            ga.push((z[0] as f64).hypot(z[1] as f64));
+            gp.push((z[1] as f64).atan2(z[0] as f64));
+        }
+    }
+    Ok(Stitched {
+        pred_amp: Canvas::new(h, w, pa)?,
+        pred_phase: Canvas::new(h, w, pp)?,
+        gt_amp: Canvas::new(h, w, ga)?,
+        gt_phase: Canvas::new(h, w, gp)?,
+    })
+}
+
+/// The scores of one reconstruction.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Metrics {
+    pub amp_mae: f64,
+    pub amp_ssim: f64,
+    pub amp_psnr: f64,
+    pub phase_mae: f64,
+    pub phase_ssim: f64,
+    pub phase_psnr: f64,
+    /// FRC crossings of the amplitude, in cycles per pixel.
+    pub amp_frc50: f64,
+    pub amp_frc17: f64,
+}
+
+/// Aligns (amplitude scale, phase planes) and scores a stitched reconstruction. Returns the
+/// aligned images too, for plots.
+pub fn score(s: &Stitched) -> Result<(Metrics, Stitched)> {
+    let pm = s.pred_amp.mean();
+    let k = if pm.abs() > 0.0 { s.gt_amp.mean() / pm } else { 1.0 };
+    let amp = Canvas {
+        data: s.pred_amp.data.iter().map(|v| v * k).collect(),
+        ..s.pred_amp.clone()
+    };
+    let wrap_all = |c: Canvas| Canvas {
+        data: c.data.iter().map(|&v| wrap(v)).collect(),
+        ..c
+    };
+    let phase = wrap_all(remove_plane(&s.pred_phase));
+    let gt_phase = wrap_all(remove_plane(&s.gt_phase));
+    let unit = |c: &Canvas| Canvas {
+        data: c.data.iter().map(|v| (v + std::f64::consts::PI) / std::f64::consts::TAU).collect(),
+        ..c.clone()
+    };
+    let range = s.gt_amp.data.iter().cloned().fold(f64::MIN, f64::max) - s.gt_amp.data.iter().cloned().fold(f64::MAX, f64::min);
+    let curve = frc(&s.gt_amp, &amp);
+    let m = Metrics {
+        amp_mae: mae(&amp, &s.gt_amp),
+        amp_ssim: ssim(&s.gt_amp, &amp, range)?,
+        amp_psnr: psnr(&s.gt_amp, &amp, range),
+        phase_mae: mae(&phase, &gt_phase),
+        phase_ssim: ssim(&unit(&gt_phase), &unit(&phase), 1.0)?,
+        phase_psnr: psnr(&unit(&gt_phase), &unit(&phase), 1.0),
+        amp_frc50: frc_resolution(&curve, 0.5),
+        amp_frc17: frc_resolution(&curve, 1.0 / 7.0),
+    };
+    Ok((
+        m,
+        Stitched {
+            pred_amp: amp,
+            pred_phase: phase,
+            gt_amp: s.gt_amp.clone(),
+            gt_phase,
+        },
+    ))
+}

@@ -1,0 +1,109 @@
+//! `fnokern grad`: the loss, the generator output and every parameter gradient of one batch, from
+//! safetensors in to safetensors out, so that another framework can check parity with fnokern.
+//!
+//! Batch file (safetensors): `diffraction` f32 [B, 1, N, N] (the input and the observed
+//! amplitudes), `probe` complex64 [N, N], and for the supervised loss `Y_I` and `Y_phi`
+//! f32 [B, 1, N, N]. Output file: `loss` f32 [], `output` f32 [B, 2, N, N] (real, imaginary
+//! channels), and `grad.<parameter name>` for every parameter, in the parameter's own layout
+//! (complex64 for spectral weights). Computed on the CPU in f32.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::weights::{self, Named};
+use super::Generator;
+use crate::autograd::Tape;
+use crate::config::{Config, LossKind};
+use crate::data::physics;
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Shape, Tensor};
+
+fn bad(path: &Path, why: impl Into<String>) -> Error {
+    Error::BadFile {
+        path: path.display().to_string(),
+        why: why.into(),
+    }
+}
+
+/// Runs one batch and writes the parity file; returns the loss.
+pub fn grad_to_file(cfg: &Config, weights_path: &Path, batch_path: &Path, out_path: &Path) -> Result<f64> {
+    let dev = Device::cpu();
+    let n = cfg.data.n;
+    let mut g = Generator::new(&cfg.model, n, 1, &dev, DType::F32)?;
+    weights::load_params(weights_path, &mut g.params)?;
+    let mut file = weights::load_tensors(batch_path)?;
+    let mut take = |key: &str, complex: bool| -> Result<Tensor> {
+        let l = file.remove(key).ok_or_else(|| bad(batch_path, format!("tensor `{key}` is missing")))?;
+        if l.complex != complex {
+            return Err(bad(batch_path, format!("`{key}` must be {}", if complex { "complex64" } else { "real" })));
+        }
+        l.to_tensor(DType::F32, &dev)
+    };
+    let diffraction = take("diffraction", false)?;
+    let d = diffraction.dims().to_vec();
+    if d.len() != 4 || d[1] != 1 || d[2] != n || d[3] != n || d[0] == 0 {
+        return Err(bad(batch_path, format!("`diffraction` has shape {} but must be [B, 1, {n}, {n}]", diffraction.shape())));
+    }
+    let probe = take("probe", true)?;
+    if probe.dims() != [n, n, 2] {
+        return Err(bad(batch_path, format!("`probe` must be complex64 [{n}, {n}]")));
+    }
+    let (y_i, y_phi) = if cfg.loss.kind == LossKind::SupervisedL1 {
+        let (a, b) = (take("Y_I", false)?, take("Y_phi", false)?);
+        for (k, t) in [("Y_I", &a), ("Y_phi", &b)] {
+            if t.shape() != diffraction.shape() {
+                return Err(bad(batch_path, format!("`{k}` has shape {} but `diffraction` {}", t.shape(), diffraction.shape())));
+            }
+        }
+        (a, b)
+    } else {
+        (diffraction.clone(), diffraction.clone())
+    };
+
+    let mut t = Tape::with_params(&g.params);
+    let x = t.constant(diffraction);
+    let yi = t.constant(y_i);
+    let yp = t.constant(y_phi);
+    let out = g.forward(&mut t, &x)?;
+    let sp = physics::scaled_probe(&probe, &cfg.loss)?;
+    let targets = physics::Targets {
+        diffraction: &x,
+        y_i: &yi,
+        y_phi: &yp,
+    };
+    let loss = physics::loss(&mut t, &cfg.loss, &out, &targets, &sp)?;
+    let loss_value = loss.value().reshape(Shape::scalar())?;
+    let output = out.value().clone();
+    let grads = t.backward(&loss)?;
+
+    let mut named = vec![
+        Named {
+            name: "loss".into(),
+            tensor: &loss_value,
+            complex: false,
+        },
+        Named {
+            name: "output".into(),
+            tensor: &output,
+            complex: false,
+        },
+    ];
+    let zeros: Vec<Tensor> = g
+        .params
+        .iter()
+        .map(|(_, _, v)| Tensor::zeros(v.shape().clone(), v.dtype(), v.device()))
+        .collect::<Result<_>>()?;
+    for (id, name, _) in g.params.iter() {
+        named.push(Named {
+            name: format!("grad.{name}"),
+            tensor: grads.param(id).unwrap_or(&zeros[id.0]),
+            complex: weights::is_complex_param(name),
+        });
+    }
+    let mut meta = BTreeMap::new();
+    meta.insert("loss_kind".to_string(), format!("{:?}", cfg.loss.kind));
+    meta.insert("config".to_string(), toml::to_string(cfg).unwrap_or_default());
+    weights::save_tensors(out_path, &named, Some(meta))?;
+    loss_value.scalar_value()
+}

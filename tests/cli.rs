@@ -1,0 +1,107 @@
+//! The binary as a user runs it: `model`, `grad` (parity file), `gradcheck`, and bad input.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use fnokern::model::weights::{self, Named};
+use fnokern::{DType, Device, Tensor};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_fnokern"))
+}
+
+fn tempdir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "fnokern-cli-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = bin().args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn model_depth_8_prints_its_table() {
+    let (ok, out, err) = run(&["model", "--depth", "8"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("depth 8") && out.contains("encoder.7") && out.contains("bottleneck") && out.contains("total"), "{out}");
+    assert!(out.contains("widths <= max_channels (512): true"), "{out}");
+}
+
+#[test]
+fn bad_input_is_a_one_line_error() {
+    for (args, want) in [
+        (vec!["model", "--depth", "0"], "depth must be at least 1"),
+        (vec!["model", "--config", "/nonexistent/x.toml"], "/nonexistent/x.toml"),
+        (vec!["model", "--set", "model.widht=3"], "unknown field `widht`"),
+        (vec!["model", "--set", "model.max_channels=8"], "max_channels (8) is below width (32)"),
+    ] {
+        let (ok, _, err) = run(&args);
+        assert!(!ok, "{args:?} succeeded");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("error: ") && err.contains(want), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn grad_writes_loss_output_and_every_gradient() {
+    let d = tempdir();
+    let w = d.join("w.safetensors");
+    let small = ["--set", "model.depth=2", "--set", "model.width=4", "--set", "model.modes=3", "--set", "data.n=16"];
+    let mut args = vec!["model"];
+    args.extend(small);
+    args.extend(["--save-weights", w.to_str().unwrap()]);
+    let (ok, _, err) = run(&args);
+    assert!(ok, "{err}");
+
+    let dev = Device::cpu();
+    let x = Tensor::rand_uniform([2, 1, 16, 16], 0.0, 1.0, 3, DType::F32, &dev).unwrap();
+    let probe = Tensor::randn([16, 16, 2], 1.0, 4, DType::F32, &dev).unwrap();
+    let batch = d.join("batch.safetensors");
+    weights::save_tensors(
+        &batch,
+        &[
+            Named { name: "diffraction".into(), tensor: &x, complex: false },
+            Named { name: "probe".into(), tensor: &probe, complex: true },
+        ],
+        None,
+    )
+    .unwrap();
+    let out = d.join("out.safetensors");
+    let mut args = vec!["grad"];
+    args.extend(small);
+    args.extend(["--weights", w.to_str().unwrap(), "--batch", batch.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let (ok, stdout, err) = run(&args);
+    assert!(ok, "{err}");
+    assert!(stdout.starts_with("loss "), "{stdout}");
+
+    let file = weights::load_tensors(&out).unwrap();
+    let loss = file["loss"].values[0];
+    assert!(loss.is_finite() && loss > 0.0);
+    assert_eq!(file["output"].shape.dims(), [2, 2, 16, 16]);
+    let params = weights::load_tensors(&w).unwrap();
+    for (name, p) in &params {
+        let g = file.get(&format!("grad.{name}")).unwrap_or_else(|| panic!("no gradient for {name}"));
+        assert_eq!(g.shape, p.shape, "{name}");
+        assert_eq!(g.complex, p.complex, "{name}");
+    }
+    assert_eq!(file.len(), params.len() + 2);
+    assert!(file["grad.lifter.0.weight"].values.iter().any(|v| *v != 0.0));
+
+    // A batch without the probe is refused by name.
+    weights::save_tensors(&batch, &[Named { name: "diffraction".into(), tensor: &x, complex: false }], None).unwrap();
+    let (ok, _, err) = run(&args);
+    assert!(!ok && err.contains("`probe` is missing"), "{err}");
+}
+
+#[test]
+fn gradcheck_command_passes_and_says_so() {
+    let (ok, out, err) = run(&["gradcheck", "--only", "conv"]);
+    assert!(ok, "{err}");
+    assert!(out.lines().last().unwrap_or("").ends_with("passed, 0 failed"), "{out}");
+}

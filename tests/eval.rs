@@ -1,0 +1,126 @@
+//! Metrics on small fixed arrays whose values come from the maths or from an independent tool
+//! (each test says which), plane removal, and stitching.
+
+use fnokern::data::npz::NpzSplit;
+use fnokern::eval::{frc, frc_resolution, mae, psnr, remove_plane, score, ssim, stitch, Canvas};
+
+fn canvas(rows: usize, cols: usize, f: impl Fn(f64, f64) -> f64) -> Canvas {
+    let data = (0..rows * cols).map(|k| f((k / cols) as f64, (k % cols) as f64)).collect();
+    Canvas::new(rows, cols, data).unwrap()
+}
+
+/// The 12 x 10 pair below, scored by scikit-image 0.25 (structural_similarity and
+/// peak_signal_noise_ratio with data_range = max(a) - min(a)):
+///   a = sin(0.7 r) + cos(0.4 c) + 0.05 r c;  b = a + 0.3 sin(1.3 r c + 0.5)
+///   ssim = 0.9407937882133854, psnr = 29.284366548854006, range = 6.039704593337607
+#[test]
+fn ssim_and_psnr_match_scikit_image() {
+    let a = canvas(12, 10, |r, c| (0.7 * r).sin() + (0.4 * c).cos() + 0.05 * r * c);
+    let b = canvas(12, 10, |r, c| (0.7 * r).sin() + (0.4 * c).cos() + 0.05 * r * c + 0.3 * (1.3 * r * c + 0.5).sin());
+    let range = a.data.iter().cloned().fold(f64::MIN, f64::max) - a.data.iter().cloned().fold(f64::MAX, f64::min);
+    assert!((range - 6.039704593337607).abs() < 1e-12);
+    assert!((ssim(&a, &b, range).unwrap() - 0.9407937882133854).abs() < 1e-12);
+    assert!((psnr(&a, &b, range) - 29.284366548854006).abs() < 1e-9);
+}
+
+/// On a 7 x 7 image only the centre survives skimage's 3-px crop, and its window is the whole
+/// image, so SSIM is the closed form on whole-image statistics. With x = 0..48 (row-major) and
+/// y = 2x + 1, range 48: means 24 and 49, sample variances v and 4v with v = 200 * 49/48,
+/// covariance 2v, C1 = 0.48^2, C2 = 1.44^2:
+///   (2*24*49 + C1)(4v + C2) / ((24^2 + 49^2 + C1)(5v + C2)) = 0.6323790027491488
+#[test]
+fn ssim_closed_form_on_a_7x7_image() {
+    let x = canvas(7, 7, |r, c| r * 7.0 + c);
+    let y = canvas(7, 7, |r, c| 2.0 * (r * 7.0 + c) + 1.0);
+    assert!((ssim(&x, &y, 48.0).unwrap() - 0.6323790027491488).abs() < 1e-12);
+    assert!((ssim(&x, &x, 48.0).unwrap() - 1.0).abs() < 1e-15);
+    assert!(ssim(&x, &canvas(6, 7, |_, _| 0.0), 1.0).is_err());
+}
+
+#[test]
+fn mae_and_psnr_by_hand() {
+    let a = canvas(4, 4, |_, _| 0.0);
+    let b = canvas(4, 4, |r, _| if r < 2.0 { 0.1 } else { -0.1 });
+    assert!((mae(&a, &b) - 0.1).abs() < 1e-15);
+    // MSE 0.01 with range 1: 10 log10(1 / 0.01) = 20 dB.
+    assert!((psnr(&a, &b, 1.0) - 20.0).abs() < 1e-12);
+}
+
+/// FRC is 1 on every ring for identical images and -1 against the negated image; an image
+/// against an unrelated one crosses 0.5 early.
+#[test]
+fn frc_of_identical_and_negated_images() {
+    let a = canvas(16, 16, |r, c| (0.9 * r).sin() * (1.7 * c).cos() + 0.1 * r);
+    let neg = Canvas::new(16, 16, a.data.iter().map(|v| -v).collect()).unwrap();
+    for v in frc(&a, &a) {
+        assert!((v - 1.0).abs() < 1e-12, "{v}");
+    }
+    for v in frc(&a, &neg) {
+        assert!((v + 1.0).abs() < 1e-12, "{v}");
+    }
+    assert_eq!(frc_resolution(&frc(&a, &a), 0.5), 0.5, "never crosses: Nyquist");
+    assert_eq!(frc_resolution(&frc(&a, &neg), 0.5), 1.0 / 16.0, "crosses at the first ring");
+}
+
+#[test]
+fn plane_removal_removes_planes_only() {
+    let plane = canvas(9, 11, |r, c| 0.3 - 0.2 * r + 0.05 * c);
+    assert!(remove_plane(&plane).data.iter().all(|v| v.abs() < 1e-12));
+    // Removal is linear: a plane added to any image comes off again.
+    let bumps = canvas(9, 11, |r, c| r * r - 2.0 * c * c);
+    let both = Canvas::new(9, 11, plane.data.iter().zip(&bumps.data).map(|(p, q)| p + q).collect()).unwrap();
+    let a = remove_plane(&both);
+    let b = remove_plane(&bumps);
+    for (x, y) in a.data.iter().zip(&b.data) {
+        assert!((x - y).abs() < 1e-9);
+    }
+}
+
+/// Patches cut from an object and stitched back give the object's central region; perfect
+/// predictions score SSIM 1 and MAE 0 after alignment, even with a scaled amplitude and a phase plane.
+#[test]
+fn stitching_perfect_patches_scores_perfectly() {
+    let (side, n, stride) = (40usize, 16usize, 4usize);
+    let amp = |r: usize, c: usize| 1.0 + 0.5 * ((r as f64) * 0.3).sin() * ((c as f64) * 0.2).cos();
+    let phase = |r: usize, c: usize| 0.8 * ((r as f64) * 0.15).cos() + 0.3 * ((c as f64) * 0.25).sin();
+    let gt: Vec<[f32; 2]> = (0..side * side)
+        .map(|k| {
+            let (r, c) = (k / side, k % side);
+            [(amp(r, c) * phase(r, c).cos()) as f32, (amp(r, c) * phase(r, c).sin()) as f32]
+        })
+        .collect();
+    let per = (side - n) / stride + 1;
+    let mut centres = Vec::new();
+    let (mut pa, mut pp) = (Vec::new(), Vec::new());
+    for i in 0..per {
+        for j in 0..per {
+            let (r0, c0) = (i * stride, j * stride);
+            centres.push(((r0 + n / 2) as f64, (c0 + n / 2) as f64));
+            for r in 0..n {
+                for c in 0..n {
+                    let z = gt[(r0 + r) * side + c0 + c];
+                    let (a, p) = ((z[0] as f64).hypot(z[1] as f64), (z[1] as f64).atan2(z[0] as f64));
+                    // A global scale and a phase plane, which scoring must remove.
+                    pa.push(3.0 * a);
+                    pp.push(p + 0.01 * (r0 + r) as f64 - 0.02 * (c0 + c) as f64 + 0.4);
+                }
+            }
+        }
+    }
+    let split = NpzSplit {
+        n,
+        diffraction: vec![0.0; per * per * n * n],
+        y_i: vec![0.0; per * per * n * n],
+        y_phi: vec![0.0; per * per * n * n],
+        probe: vec![[1.0, 0.0]; n * n],
+        ground_truth: Some((side, gt)),
+        centres: Some(centres),
+        object_index: None,
+    };
+    let s = stitch(&split, &pa, &pp).unwrap();
+    assert_eq!((s.gt_amp.rows, s.gt_amp.cols), ((per - 1) * stride + stride, (per - 1) * stride + stride));
+    let (m, _) = score(&s).unwrap();
+    assert!(m.amp_mae < 1e-6 && (m.amp_ssim - 1.0).abs() < 1e-9, "{m:?}");
+    assert!(m.phase_mae < 1e-6 && (m.phase_ssim - 1.0).abs() < 1e-9, "{m:?}");
+    assert_eq!(m.amp_frc50, 0.5);
+}
