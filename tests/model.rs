@@ -254,3 +254,10 @@ fn tempdir() -> std::path::PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// configs/default.toml documents every field; it must say exactly what the defaults are.
+#[test]
+fn the_documented_default_config_is_the_default() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/default.toml");
+    assert_eq!(Config::load(&path).unwrap(), Config::default());
+}
