@@ -57,8 +57,11 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     }
 }
 
+/// An array's shape and values, if the archive has it.
+type Array<T> = Option<(Vec<u64>, Vec<T>)>;
+
 /// Reads a real array as f32 (from f32 or f64), with its shape.
-fn read_real<R: Read + Seek>(arc: &mut NpzArchive<R>, path: &Path, key: &str) -> Result<Option<(Vec<u64>, Vec<f32>)>> {
+fn read_real<R: Read + Seek>(arc: &mut NpzArchive<R>, path: &Path, key: &str) -> Result<Array<f32>> {
     let Some(npy) = arc.by_name(key).map_err(io(path))? else {
         return Ok(None);
     };
@@ -77,7 +80,7 @@ fn read_real<R: Read + Seek>(arc: &mut NpzArchive<R>, path: &Path, key: &str) ->
     Ok(Some((shape, v)))
 }
 
-fn read_complex<R: Read + Seek>(arc: &mut NpzArchive<R>, path: &Path, key: &str) -> Result<Option<(Vec<u64>, Vec<[f32; 2]>)>> {
+fn read_complex<R: Read + Seek>(arc: &mut NpzArchive<R>, path: &Path, key: &str) -> Result<Array<[f32; 2]>> {
     let Some(npy) = arc.by_name(key).map_err(io(path))? else {
         return Ok(None);
     };
@@ -108,7 +111,7 @@ fn stack_dims(path: &Path, key: &str, shape: &[u64]) -> Result<(usize, usize)> {
 pub fn load(path: &Path) -> Result<NpzSplit> {
     let file = File::open(path).map_err(io(path))?;
     let mut arc = NpzArchive::new(BufReader::new(file)).map_err(|e| bad(path, format!("not an NPZ (zip) file: {e}")))?;
-    let need = |v: Option<(Vec<u64>, Vec<f32>)>, key: &str| v.ok_or_else(|| bad(path, format!("array `{key}` is missing")));
+    let need = |v: Array<f32>, key: &str| v.ok_or_else(|| bad(path, format!("array `{key}` is missing")));
     let (dshape, diffraction) = need(read_real(&mut arc, path, "diffraction")?, "diffraction")?;
     let (count, n) = stack_dims(path, "diffraction", &dshape)?;
     let (ishape, y_i) = need(read_real(&mut arc, path, "Y_I")?, "Y_I")?;

@@ -54,7 +54,7 @@ pub fn plan_levels(cfg: &ModelConfig, n: usize) -> Vec<LevelSpec> {
     let mut levels = Vec::with_capacity(cfg.depth);
     let (mut r, mut c) = (n, cfg.width);
     for i in 0..cfg.depth {
-        let next = (i + 1 < cfg.depth).then(|| {
+        let next = (i + 1 < cfg.depth).then_some({
             if r % 2 == 0 && r / 2 >= cfg.min_resolution {
                 Transition::Down
             } else {
