@@ -338,6 +338,234 @@ impl LossConfig {
     }
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    Adam,
+    Adamw,
+    Sgd,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClipKind {
+    None,
+    /// Scale all gradients so that their global norm is at most `clip_max_norm` (clip_grad_norm_).
+    GlobalNorm,
+    /// Clamp every gradient entry to [-clip_value, clip_value].
+    Value,
+    /// Scale each tensor's gradient to norm at most `clip_max_norm`.
+    PerParam,
+    /// AGC per whole tensor, every parameter (as the reference ran it).
+    AgcTensor,
+    /// Unit-wise AGC (NFNets): per output channel, biases, gains and the head excluded.
+    AgcUnit,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleKind {
+    Constant,
+    /// Linear warmup over warmup_frac of the updates, then cosine to min_lr_frac * lr.
+    WarmupCosine,
+    /// lr * step_gamma every step_size updates.
+    Step,
+    /// lr * exp_gamma^update.
+    Exponential,
+    /// ReduceLROnPlateau on the validation loss, per epoch.
+    Plateau,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpikeAction {
+    /// Count it and train on.
+    Log,
+    /// Count it and skip the batch.
+    Skip,
+    /// Restore the last good checkpoint and lower the learning rate.
+    Rollback,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuxLoss {
+    None,
+    /// Supervised L1 on amplitude and phase, added to the main loss with a curriculum weight.
+    SupervisedL1,
+}
+
+/// `[train]`: the optimisation and the stability toolkit.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Micro-batches summed into one optimiser update.
+    pub accumulate: usize,
+    /// Use this many training / test patterns (an evenly spaced subset); 0 means all.
+    pub train_patterns: usize,
+    pub test_patterns: usize,
+    pub optimizer: OptimizerKind,
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub adam_eps: f64,
+    pub weight_decay: f64,
+    pub momentum: f64,
+    pub nesterov: bool,
+    pub clip: ClipKind,
+    pub clip_max_norm: f64,
+    pub clip_value: f64,
+    /// AGC's lambda (both AGC kinds).
+    pub agc_factor: f64,
+    pub agc_eps: f64,
+    pub schedule: ScheduleKind,
+    pub warmup_frac: f64,
+    pub min_lr_frac: f64,
+    pub step_size: usize,
+    pub step_gamma: f64,
+    pub exp_gamma: f64,
+    pub plateau_factor: f64,
+    pub plateau_patience: usize,
+    pub min_lr: f64,
+    pub aux_loss: AuxLoss,
+    /// The auxiliary term's weight: 0 for aux_warmup_steps updates, then a linear ramp over
+    /// aux_ramp_steps, then aux_weight.
+    pub aux_weight: f64,
+    pub aux_warmup_steps: usize,
+    pub aux_ramp_steps: usize,
+    /// A loss above spike_factor times the mean of the last spike_window losses is a spike.
+    pub spike_factor: f64,
+    pub spike_window: usize,
+    pub spike_action: SpikeAction,
+    /// Learning-rate multiplier applied at each rollback.
+    pub rollback_lr_factor: f64,
+    /// This many failed steps in a row (skipped or rolled back) stop the run as crashed.
+    pub max_consecutive_failures: usize,
+    /// Keep a checkpoint every this many epochs (besides last and best); 0: only last and best.
+    pub checkpoint_every: usize,
+    /// Shuffling seed.
+    pub seed: u64,
+    /// `cpu` (the CUDA backend is not in this build).
+    pub device: String,
+    /// Final evaluation: stitch and score the test object.
+    pub evaluate: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            epochs: 50,
+            batch_size: 16,
+            accumulate: 1,
+            train_patterns: 0,
+            test_patterns: 0,
+            optimizer: OptimizerKind::Adam,
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            adam_eps: 1e-8,
+            weight_decay: 0.0,
+            momentum: 0.9,
+            nesterov: false,
+            clip: ClipKind::GlobalNorm,
+            clip_max_norm: 1.0,
+            clip_value: 1.0,
+            agc_factor: 0.1,
+            agc_eps: 1e-3,
+            schedule: ScheduleKind::Constant,
+            warmup_frac: 0.03,
+            min_lr_frac: 0.1,
+            step_size: 1000,
+            step_gamma: 0.5,
+            exp_gamma: 0.9999,
+            plateau_factor: 0.5,
+            plateau_patience: 2,
+            min_lr: 5e-5,
+            aux_loss: AuxLoss::None,
+            aux_weight: 0.1,
+            aux_warmup_steps: 0,
+            aux_ramp_steps: 0,
+            spike_factor: 3.0,
+            spike_window: 20,
+            spike_action: SpikeAction::Rollback,
+            rollback_lr_factor: 0.5,
+            max_consecutive_failures: 10,
+            checkpoint_every: 0,
+            seed: 0,
+            device: "cpu".into(),
+            evaluate: true,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |why: String| Err(Error::invalid("train config", why));
+        let pos = |v: f64| v.is_finite() && v > 0.0;
+        let nonneg = |v: f64| v.is_finite() && v >= 0.0;
+        if self.epochs == 0 || self.batch_size == 0 || self.accumulate == 0 {
+            return bad("epochs, batch_size and accumulate must be at least 1".into());
+        }
+        if !pos(self.lr) {
+            return bad(format!("lr must be a positive number, got {}", self.lr));
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) || !pos(self.adam_eps) {
+            return bad("beta1 and beta2 must be in [0, 1) and adam_eps > 0".into());
+        }
+        if !nonneg(self.weight_decay) || !(0.0..1.0).contains(&self.momentum) {
+            return bad("weight_decay must be >= 0 and momentum in [0, 1)".into());
+        }
+        if !pos(self.clip_max_norm) || !pos(self.clip_value) || !pos(self.agc_factor) || !pos(self.agc_eps) {
+            return bad("clip_max_norm, clip_value, agc_factor and agc_eps must be > 0".into());
+        }
+        if !(0.0..1.0).contains(&self.warmup_frac) || !(0.0..=1.0).contains(&self.min_lr_frac) {
+            return bad("warmup_frac must be in [0, 1) and min_lr_frac in [0, 1]".into());
+        }
+        if self.step_size == 0 || !pos(self.step_gamma) || !pos(self.exp_gamma) || !pos(self.plateau_factor) || self.plateau_factor >= 1.0 {
+            return bad("step_size >= 1; step_gamma, exp_gamma > 0; plateau_factor in (0, 1)".into());
+        }
+        if !nonneg(self.min_lr) || !nonneg(self.aux_weight) {
+            return bad("min_lr and aux_weight must be >= 0".into());
+        }
+        if !(self.spike_factor > 1.0 && self.spike_factor.is_finite()) || self.spike_window == 0 {
+            return bad("spike_factor must be > 1 and spike_window >= 1".into());
+        }
+        if !(self.rollback_lr_factor > 0.0 && self.rollback_lr_factor <= 1.0) || self.max_consecutive_failures == 0 {
+            return bad("rollback_lr_factor must be in (0, 1] and max_consecutive_failures >= 1".into());
+        }
+        if self.device != "cpu" {
+            return bad(format!(
+                "device `{}` is not available: this build has the CPU backend only (the CUDA backend is its own issue)",
+                self.device
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `[faults]`: deliberate faults, to test the guards. Steps count micro-batches from 0.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FaultConfig {
+    /// Fill these steps' input batches with NaN.
+    pub nan_input_steps: Vec<u64>,
+    /// Multiply these steps' losses by spike_scale.
+    pub spike_steps: Vec<u64>,
+    pub spike_scale: f64,
+}
+
+impl Default for FaultConfig {
+    fn default() -> Self {
+        FaultConfig {
+            nan_input_steps: Vec::new(),
+            spike_steps: Vec::new(),
+            spike_scale: 100.0,
+        }
+    }
+}
+
 /// A whole config file.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -345,6 +573,8 @@ pub struct Config {
     pub model: ModelConfig,
     pub data: DataConfig,
     pub loss: LossConfig,
+    pub train: TrainConfig,
+    pub faults: FaultConfig,
 }
 
 impl Config {
@@ -370,7 +600,8 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         self.data.validate()?;
         self.model.validate(self.data.n)?;
-        self.loss.validate()
+        self.loss.validate()?;
+        self.train.validate()
     }
 
     /// Applies one `section.key=value` override (the value in TOML syntax; bare words are strings).
@@ -391,7 +622,7 @@ impl Config {
         let sec = table
             .get_mut(section)
             .and_then(|s| s.as_table_mut())
-            .ok_or_else(|| Error::invalid("--set", format!("unknown section `{section}` (model, data, loss)")))?;
+            .ok_or_else(|| Error::invalid("--set", format!("unknown section `{section}` (model, data, loss, train, faults)")))?;
         sec.insert(field.to_string(), parsed);
         let cfg: Config = table.try_into().map_err(|e: toml::de::Error| Error::Config {
             origin: format!("--set {assignment}"),
@@ -399,5 +630,56 @@ impl Config {
         })?;
         *self = cfg;
         Ok(())
+    }
+}
+
+/// Named starting points for `fnokern train`.
+pub mod presets {
+    use super::*;
+
+    /// (name, one-line description) of every preset.
+    pub const ALL: &[(&str, &str)] = &[
+        (
+            "cpu",
+            "a depth-8 capped-width generator sized to train in about ten minutes on two CPU cores \
+             (N 32, width 8, max_channels 64, modes 6, 2048 training patterns from 2 objects, 16 epochs, warmup + cosine)",
+        ),
+        (
+            "study",
+            "the reference study (shared/REFERENCE.md section 3): N 64, width 32, modes 12, batch 16, \
+             Adam 1e-3, global-norm clipping 1.0, 50 epochs, no phase in the data",
+        ),
+    ];
+
+    pub fn get(name: &str) -> Result<Config> {
+        let mut c = Config::default();
+        match name {
+            "cpu" => {
+                c.model.depth = 8;
+                c.model.width = 8;
+                c.model.max_channels = 64;
+                c.model.modes = 6;
+                c.data.n = 32;
+                c.data.object_size = 160;
+                c.data.lines = 100;
+                c.data.train_stride = 4;
+                c.data.test_stride = 8;
+                c.data.train_objects = 2;
+                c.train.epochs = 16;
+                c.train.batch_size = 16;
+                c.train.train_patterns = 2048;
+                c.train.test_patterns = 128;
+                c.train.schedule = ScheduleKind::WarmupCosine;
+            }
+            "study" => {
+                c.data.phase = false;
+                c.train.epochs = 50;
+            }
+            other => {
+                let names: Vec<&str> = ALL.iter().map(|p| p.0).collect();
+                return Err(Error::invalid("preset", format!("no preset `{other}` (presets: {})", names.join(", "))));
+            }
+        }
+        Ok(c)
     }
 }

@@ -16,7 +16,9 @@ pub mod eval;
 pub mod gradcheck;
 pub mod model;
 pub mod ops;
+pub mod optim;
 pub mod tensor;
+pub mod train;
 
 pub use autograd::{Gradients, ParamId, ParamStore, Tape, Var};
 pub use backend::{Conv2dParams, ModeConvention, NormKind, SpectralModes};

@@ -14,12 +14,16 @@ struct Cli {
     command: Command,
 }
 
-/// Where the config comes from: a TOML file, then the shorthand flags, then `--set` overrides.
+/// Where the config comes from: a TOML file (or a preset), then the shorthand flags, then `--set`.
 #[derive(Args, Clone)]
 struct ConfigArgs {
-    /// TOML config file (sections [model], [data], [loss]); defaults apply to what it leaves out.
-    #[arg(long)]
+    /// TOML config file (sections [model], [data], [loss], [train], [faults]); defaults apply to
+    /// what it leaves out.
+    #[arg(long, conflicts_with = "preset")]
     config: Option<PathBuf>,
+    /// Start from a named preset instead of the defaults: cpu or study.
+    #[arg(long)]
+    preset: Option<String>,
     /// Shorthand for --set model.depth=D.
     #[arg(long)]
     depth: Option<usize>,
@@ -30,9 +34,10 @@ struct ConfigArgs {
 
 impl ConfigArgs {
     fn resolve(&self) -> fnokern::Result<Config> {
-        let mut cfg = match &self.config {
-            Some(p) => Config::load(p)?,
-            None => Config::default(),
+        let mut cfg = match (&self.config, &self.preset) {
+            (Some(p), _) => Config::load(p)?,
+            (None, Some(name)) => fnokern::config::presets::get(name)?,
+            (None, None) => Config::default(),
         };
         if let Some(d) = self.depth {
             cfg.set(&format!("model.depth={d}"))?;
@@ -47,6 +52,21 @@ impl ConfigArgs {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train the generator: simulate or load the data, train, evaluate, write the run directory.
+    /// Without --config or --preset it uses the `cpu` preset (this build has no GPU backend).
+    Train {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Run directory (default: runs/depth<D>-<preset or config name>, never overwritten).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Continue the run in --out from its last checkpoint, exactly where it stopped.
+        #[arg(long, requires = "out")]
+        resume: bool,
+        /// Stop after this many epochs of this invocation (resume later with --resume).
+        #[arg(long)]
+        stop_after_epochs: Option<usize>,
+    },
     /// Print the generator's levels (resolution, width, kept modes, parameters, bytes) and total.
     Model {
         #[command(flatten)]
@@ -97,6 +117,7 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Gradcheck { only } => gradcheck(only.as_deref()),
+        Command::Train { cfg, out, resume, stop_after_epochs } => train(cfg, out, resume, stop_after_epochs),
         Command::Model { cfg, save_weights } => model(&cfg, save_weights.as_deref()),
         Command::Grad { cfg, weights, batch, out } => grad(&cfg, &weights, &batch, &out),
         Command::Data { cfg, export } => data(&cfg, export.as_deref()),
@@ -108,6 +129,70 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: Option<usize>) -> fnokern::Result<()> {
+    use std::io::IsTerminal;
+    let preset_note = if args.config.is_none() && args.preset.is_none() {
+        args.preset = Some("cpu".into());
+        Some("cpu (no --config or --preset given, and this build has no GPU backend)")
+    } else {
+        None
+    };
+    let cfg = args.resolve()?;
+    let preset = args.preset.clone().or_else(|| {
+        args.config.as_ref().and_then(|p| p.file_stem()).map(|s| s.to_string_lossy().into_owned())
+    });
+    if let Some(name) = &args.preset {
+        let why = fnokern::config::presets::ALL.iter().find(|p| p.0 == name).map(|p| p.1).unwrap_or("");
+        println!("preset {}: {why}", preset_note.unwrap_or(name));
+    }
+    let out = match out {
+        Some(o) => o,
+        None => {
+            let base = format!("runs/depth{}-{}", cfg.model.depth, preset.clone().unwrap_or_else(|| "custom".into()));
+            let mut dir = PathBuf::from(&base);
+            let mut k = 2;
+            while dir.exists() {
+                dir = PathBuf::from(format!("{base}-{k}"));
+                k += 1;
+            }
+            dir
+        }
+    };
+    println!("run directory: {}", out.display());
+    let opts = fnokern::train::RunOptions {
+        out_dir: out.clone(),
+        resume,
+        stop_after_epochs: stop_after,
+        progress: std::io::stderr().is_terminal(),
+        preset,
+    };
+    let s = fnokern::train::train(&cfg, &opts, &mut |m| println!("{m}"))?;
+    let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.5}"));
+    println!(
+        "{}: {} epochs, {} steps; validation loss first {} best {} final {}",
+        if s.crashed { "CRASHED" } else if s.finished { "finished" } else { "stopped" },
+        s.epochs_done,
+        s.steps,
+        fmt(s.first_val_loss),
+        fmt(s.best_val_loss),
+        fmt(s.final_val_loss)
+    );
+    if let Some(r) = &s.reason {
+        println!("reason: {r}");
+    }
+    if let Some(m) = &s.metrics {
+        println!(
+            "test object: amplitude SSIM {:.3} MAE {:.4}, phase SSIM {:.3} MAE {:.4}",
+            m["amp_ssim"].as_f64().unwrap_or(f64::NAN),
+            m["amp_mae"].as_f64().unwrap_or(f64::NAN),
+            m["phase_ssim"].as_f64().unwrap_or(f64::NAN),
+            m["phase_mae"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    println!("wrote {}/summary.json, metrics.jsonl, loss.png, grad_norm.png, lr.png{}", out.display(), if s.metrics.is_some() { ", reconstruction.png" } else { "" });
+    Ok(())
 }
 
 fn data(args: &ConfigArgs, export: Option<&std::path::Path>) -> fnokern::Result<()> {

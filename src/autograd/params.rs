@@ -42,6 +42,11 @@ impl ParamStore {
         self.values.get(id.0)
     }
 
+    /// The stored tensor itself, for in-place updates (the optimiser).
+    pub(crate) fn get_mut(&mut self, id: ParamId) -> Option<&mut Tensor> {
+        self.values.get_mut(id.0)
+    }
+
     pub fn name(&self, id: ParamId) -> Option<&str> {
         self.names.get(id.0).map(String::as_str)
     }

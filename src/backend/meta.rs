@@ -2,7 +2,7 @@
 //! (shapes and byte counts only), so running a graph on the meta device counts exactly the bytes
 //! the CPU backend would hold, without touching any data.
 
-use super::{Backend, Binary, Conv2dParams, NormKind, Reduce, Unary};
+use super::{AdamStep, Backend, Binary, Conv2dParams, NormKind, Reduce, SgdStep, Unary};
 use crate::error::Result;
 use crate::tensor::Tensor;
 
@@ -133,6 +133,21 @@ impl Backend for MetaBackend {
         Ok(())
     }
     fn pack_complex(&self, _: &Tensor, _: bool, _: &mut Tensor) -> Result<()> {
+        Ok(())
+    }
+    fn adam_step(&self, _: &mut Tensor, _: &Tensor, _: &mut Tensor, _: &mut Tensor, _: &AdamStep) -> Result<()> {
+        Ok(())
+    }
+    fn sgd_step(&self, _: &mut Tensor, _: &Tensor, _: Option<&mut Tensor>, _: &SgdStep) -> Result<()> {
+        Ok(())
+    }
+    fn unit_sumsq(&self, _: &Tensor, _: usize, _: &mut Tensor) -> Result<()> {
+        Ok(())
+    }
+    fn scale_units(&self, _: &mut Tensor, _: usize, _: &Tensor) -> Result<()> {
+        Ok(())
+    }
+    fn clamp(&self, _: &mut Tensor, _: f64) -> Result<()> {
         Ok(())
     }
 }

@@ -126,6 +126,34 @@ impl NormKind {
     }
 }
 
+/// One Adam/AdamW update (PyTorch's formulas). `grad_scale` multiplies the gradient first (the
+/// clipping factor and 1/accumulation steps folded in).
+#[derive(Clone, Copy, Debug)]
+pub struct AdamStep {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// AdamW (p *= 1 - lr wd) rather than Adam's L2 term (g += wd p).
+    pub decoupled: bool,
+    /// The 1-based update count, for bias correction.
+    pub step: u64,
+    pub grad_scale: f64,
+}
+
+/// One SGD update (PyTorch's formulas, dampening 0).
+#[derive(Clone, Copy, Debug)]
+pub struct SgdStep {
+    pub lr: f64,
+    pub momentum: f64,
+    pub nesterov: bool,
+    pub weight_decay: f64,
+    /// The first update (the momentum buffer starts as the gradient).
+    pub first: bool,
+    pub grad_scale: f64,
+}
+
 /// The kernels of one device. Outputs are fresh tensors made by the dispatch functions below, of
 /// the right shape and dtype; inputs have been validated.
 pub trait Backend: Sync {
@@ -210,6 +238,16 @@ pub trait Backend: Sync {
     fn complex_angle_bwd(&self, z: &Tensor, dy: &Tensor, dz: &mut Tensor) -> Result<()>;
     /// [B, 2C, S] channels (real then imaginary) to [B, C, S, 2], or back when `unpack`.
     fn pack_complex(&self, x: &Tensor, unpack: bool, y: &mut Tensor) -> Result<()>;
+    /// In place: the Adam/AdamW update of p with gradient g and moments m, v.
+    fn adam_step(&self, p: &mut Tensor, g: &Tensor, m: &mut Tensor, v: &mut Tensor, h: &AdamStep) -> Result<()>;
+    /// In place: the SGD update of p, with its momentum buffer when momentum > 0.
+    fn sgd_step(&self, p: &mut Tensor, g: &Tensor, buf: Option<&mut Tensor>, h: &SgdStep) -> Result<()>;
+    /// x viewed as [pre, units, post] (units = dims[axis]): y[u] = sum of x^2 over pre and post.
+    fn unit_sumsq(&self, x: &Tensor, axis: usize, y: &mut Tensor) -> Result<()>;
+    /// In place: x[.., u, ..] *= s[u] along `axis`.
+    fn scale_units(&self, x: &mut Tensor, axis: usize, s: &Tensor) -> Result<()>;
+    /// In place: x = clamp(x, -c, c).
+    fn clamp(&self, x: &mut Tensor, c: f64) -> Result<()>;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -897,4 +935,69 @@ pub fn complex_to_channels(z: &Tensor) -> Result<Tensor> {
     let mut d = z.dims()[..z.rank() - 1].to_vec();
     d[1] *= 2;
     with_out(d, z, |y| z.device().backend().pack_complex(z, true, y))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Optimiser updates and gradient clipping (in place)
+
+/// Makes `t`'s storage its own (copying it if shared), so that it can be written in place.
+fn own(t: &mut Tensor) -> Result<()> {
+    if !t.is_unique() {
+        let mut copy = Tensor::zeros(t.shape().clone(), t.dtype(), t.device())?;
+        t.device().backend().affine(t, 1.0, 0.0, &mut copy)?;
+        *t = copy;
+    }
+    Ok(())
+}
+
+pub fn adam_step(p: &mut Tensor, g: &Tensor, m: &mut Tensor, v: &mut Tensor, h: &AdamStep) -> Result<()> {
+    check_same("adam_step", &[p, g, m, v])?;
+    for t in [g, &*m, &*v] {
+        check_eq("adam_step", p, t)?;
+    }
+    own(p)?;
+    own(m)?;
+    own(v)?;
+    p.device().backend().adam_step(p, g, m, v, h)
+}
+
+pub fn sgd_step(p: &mut Tensor, g: &Tensor, buf: Option<&mut Tensor>, h: &SgdStep) -> Result<()> {
+    check_same("sgd_step", &[p, g])?;
+    check_eq("sgd_step", p, g)?;
+    own(p)?;
+    let buf = match buf {
+        Some(b) => {
+            check_eq("sgd_step", p, b)?;
+            own(b)?;
+            Some(b)
+        }
+        None => None,
+    };
+    p.device().backend().sgd_step(p, g, buf, h)
+}
+
+/// Per-unit sums of squares along `axis` ([units]).
+pub fn unit_sumsq(x: &Tensor, axis: usize) -> Result<Tensor> {
+    check_compute("unit_sumsq", x)?;
+    if axis >= x.rank() {
+        return Err(Error::bad_shape("unit_sumsq", x.shape(), format!("no axis {axis}")));
+    }
+    with_out([x.dims()[axis]], x, |y| x.device().backend().unit_sumsq(x, axis, y))
+}
+
+/// In place: scales unit u of `x` along `axis` by s[u].
+pub fn scale_units(x: &mut Tensor, axis: usize, s: &Tensor) -> Result<()> {
+    check_same("scale_units", &[x, s])?;
+    if axis >= x.rank() || s.dims() != [x.dims()[axis]] {
+        return Err(Error::mismatch_because("scale_units", x.shape(), s.shape(), "one factor per unit"));
+    }
+    own(x)?;
+    x.device().backend().scale_units(x, axis, s)
+}
+
+/// In place: clamps every element to [-c, c].
+pub fn clamp(x: &mut Tensor, c: f64) -> Result<()> {
+    check_compute("clamp", x)?;
+    own(x)?;
+    x.device().backend().clamp(x, c)
 }

@@ -208,6 +208,19 @@ impl DecoderLevel {
     }
 }
 
+/// What a parameter is, for clipping rules (unit-wise AGC skips biases, gains and the head).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParamRole {
+    /// A weight whose output units lie along `unit_axis` (0 for conv, 1 for conv-transpose and
+    /// spectral weights).
+    Weight { unit_axis: usize },
+    Bias,
+    /// LayerScale and normalisation gains and shifts.
+    Gain,
+    /// The 1x1 head's weight and bias.
+    Head,
+}
+
 /// One row of the model table.
 #[derive(Clone, Debug)]
 pub struct TableRow {
@@ -233,6 +246,7 @@ pub struct Generator {
     decoder: Vec<DecoderLevel>,
     head: Conv,
     table: Vec<TableRow>,
+    roles: Vec<ParamRole>,
 }
 
 /// Builds parameters with PyTorch's default initialisation from one seeded stream.
@@ -243,6 +257,7 @@ struct Builder<'a> {
     seed: u64,
     /// Parameters of the part being built, for the table.
     counted: usize,
+    roles: Vec<ParamRole>,
 }
 
 impl Builder<'_> {
@@ -251,28 +266,34 @@ impl Builder<'_> {
         self.seed
     }
 
-    fn add(&mut self, name: String, t: Tensor) -> Result<ParamId> {
+    fn add(&mut self, name: String, t: Tensor, role: ParamRole) -> Result<ParamId> {
         self.counted += t.numel();
+        self.roles.push(role);
         self.store.add(name, t)
     }
 
-    fn uniform(&mut self, name: String, shape: Shape, bound: f64) -> Result<ParamId> {
+    fn uniform(&mut self, name: String, shape: Shape, bound: f64, role: ParamRole) -> Result<ParamId> {
         let seed = self.next_seed();
         let t = Tensor::rand_uniform(shape, -bound, bound, seed, self.dtype, self.dev)?;
-        self.add(name, t)
+        self.add(name, t, role)
     }
 
     fn constant(&mut self, name: String, shape: Shape, value: f64) -> Result<ParamId> {
         let t = Tensor::full(value, shape, self.dtype, self.dev)?;
-        self.add(name, t)
+        self.add(name, t, ParamRole::Gain)
     }
 
     /// conv weight [out, in, k, k] and bias, fan_in = in k k.
     fn conv(&mut self, prefix: &str, c_in: usize, c_out: usize, k: usize) -> Result<Conv> {
         let bound = 1.0 / ((c_in * k * k) as f64).sqrt();
+        let (wr, br) = if prefix == "head" {
+            (ParamRole::Head, ParamRole::Head)
+        } else {
+            (ParamRole::Weight { unit_axis: 0 }, ParamRole::Bias)
+        };
         Ok(Conv {
-            w: self.uniform(format!("{prefix}.weight"), Shape::new([c_out, c_in, k, k]), bound)?,
-            b: self.uniform(format!("{prefix}.bias"), Shape::new([c_out]), bound)?,
+            w: self.uniform(format!("{prefix}.weight"), Shape::new([c_out, c_in, k, k]), bound, wr)?,
+            b: self.uniform(format!("{prefix}.bias"), Shape::new([c_out]), bound, br)?,
         })
     }
 
@@ -280,8 +301,13 @@ impl Builder<'_> {
     fn conv_transpose(&mut self, prefix: &str, c_in: usize, c_out: usize, k: usize) -> Result<Conv> {
         let bound = 1.0 / ((c_out * k * k) as f64).sqrt();
         Ok(Conv {
-            w: self.uniform(format!("{prefix}.weight"), Shape::new([c_in, c_out, k, k]), bound)?,
-            b: self.uniform(format!("{prefix}.bias"), Shape::new([c_out]), bound)?,
+            w: self.uniform(
+                format!("{prefix}.weight"),
+                Shape::new([c_in, c_out, k, k]),
+                bound,
+                ParamRole::Weight { unit_axis: 1 },
+            )?,
+            b: self.uniform(format!("{prefix}.bias"), Shape::new([c_out]), bound, ParamRole::Bias)?,
         })
     }
 
@@ -293,6 +319,7 @@ impl Builder<'_> {
         let spectral = self.add(
             format!("{prefix}.spectral.weight"),
             Tensor::randn(ws, (0.5 / c as f64).sqrt(), seed, self.dtype, self.dev)?,
+            ParamRole::Weight { unit_axis: 1 },
         )?;
         let conv = self.conv(&format!("{prefix}.conv"), c, c, 3)?;
         let cs = Shape::new([c]);
@@ -349,6 +376,7 @@ impl Generator {
             dtype,
             seed: cfg.seed ^ 0x9e37_79b9_7f4a_7c15,
             counted: 0,
+            roles: Vec::new(),
         };
         let mut table = Vec::new();
         let w = cfg.width;
@@ -441,7 +469,13 @@ impl Generator {
             decoder,
             head,
             table,
+            roles: b.roles,
         })
+    }
+
+    /// The role of each parameter, indexed by parameter id.
+    pub fn roles(&self) -> &[ParamRole] {
+        &self.roles
     }
 
     pub fn levels(&self) -> &[LevelSpec] {

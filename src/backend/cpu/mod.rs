@@ -7,6 +7,7 @@
 mod complex;
 mod conv;
 mod norm;
+mod optim;
 mod spectral;
 
 #[allow(unused_imports)]
@@ -15,7 +16,7 @@ use num_traits::{Float as _, One as _, Zero as _};
 use crate::tensor::Element as _;
 use rayon::prelude::*;
 
-use super::{Backend, Binary, Conv2dParams, NormKind, Reduce, Unary};
+use super::{AdamStep, Backend, Binary, Conv2dParams, NormKind, Reduce, SgdStep, Unary};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Element, Tensor};
 
@@ -530,5 +531,24 @@ impl Backend for CpuBackend {
     }
     fn pack_complex(&self, x: &Tensor, unpack: bool, y: &mut Tensor) -> Result<()> {
         complex::pack(x, unpack, y)
+    }
+    fn adam_step(&self, p: &mut Tensor, g: &Tensor, m: &mut Tensor, v: &mut Tensor, h: &AdamStep) -> Result<()> {
+        optim::adam(p, g, m, v, h)
+    }
+    fn sgd_step(&self, p: &mut Tensor, g: &Tensor, buf: Option<&mut Tensor>, h: &SgdStep) -> Result<()> {
+        optim::sgd(p, g, buf, h)
+    }
+    fn unit_sumsq(&self, x: &Tensor, axis: usize, y: &mut Tensor) -> Result<()> {
+        optim::unit_sumsq(x, axis, y)
+    }
+    fn scale_units(&self, x: &mut Tensor, axis: usize, s: &Tensor) -> Result<()> {
+        optim::scale_units(x, axis, s)
+    }
+    fn clamp(&self, x: &mut Tensor, c: f64) -> Result<()> {
+        with_float!(x.dtype(), "clamp", |T| {
+            let c = T::of_f64(c);
+            x.as_mut_slice::<T>()?.par_chunks_mut(CHUNK).for_each(|ch| ch.iter_mut().for_each(|v| *v = v.max(-c).min(c)));
+            Ok(())
+        })
     }
 }

@@ -1,0 +1,274 @@
+//! Optimisers (Adam, AdamW, SGD with momentum and Nesterov), gradient clipping (global norm,
+//! value, per-parameter norm, AGC per tensor and unit-wise) and learning-rate schedules.
+//!
+//! Complex spectral weights are updated as pairs of reals, PyTorch's convention for complex
+//! parameters. Updates run in place through the backend, so they follow the parameters' device.
+
+use serde::{Deserialize, Serialize};
+
+use crate::autograd::{ParamId, ParamStore};
+use crate::backend::{self, AdamStep, Reduce, SgdStep};
+use crate::config::{ClipKind, OptimizerKind, ScheduleKind, TrainConfig};
+use crate::error::{Error, Result};
+use crate::model::ParamRole;
+use crate::tensor::Tensor;
+
+/// Optimiser state: moments (Adam) or momentum buffers (SGD), one slot per parameter.
+pub struct Optimizer {
+    kind: OptimizerKind,
+    /// Adam's first moment, or SGD's momentum buffer.
+    pub m: Vec<Option<Tensor>>,
+    /// Adam's second moment.
+    pub v: Vec<Option<Tensor>>,
+    /// Updates made so far.
+    pub updates: u64,
+}
+
+impl Optimizer {
+    pub fn new(kind: OptimizerKind, params: &ParamStore) -> Optimizer {
+        Optimizer {
+            kind,
+            m: vec![None; params.len()],
+            v: vec![None; params.len()],
+            updates: 0,
+        }
+    }
+
+    /// One update of every parameter that has a gradient; `grad_scale` multiplies each gradient.
+    pub fn step(&mut self, cfg: &TrainConfig, params: &mut ParamStore, grads: &[Option<Tensor>], lr: f64, grad_scale: f64) -> Result<()> {
+        self.updates += 1;
+        let ids: Vec<ParamId> = params.iter().map(|(id, _, _)| id).collect();
+        for id in ids {
+            let Some(g) = grads.get(id.0).and_then(|g| g.as_ref()) else { continue };
+            // Updated in place: the store's tensor is written directly when nobody else holds it.
+            let p = params.get_mut(id).ok_or_else(|| Error::invalid("optimizer", "parameter vanished"))?;
+            let (shape, dtype, dev) = (p.shape().clone(), p.dtype(), p.device().clone());
+            let zeros = || Tensor::zeros(shape.clone(), dtype, &dev);
+            match self.kind {
+                OptimizerKind::Adam | OptimizerKind::Adamw => {
+                    let mut m = match self.m[id.0].take() {
+                        Some(m) => m,
+                        None => zeros()?,
+                    };
+                    let mut v = match self.v[id.0].take() {
+                        Some(v) => v,
+                        None => zeros()?,
+                    };
+                    let h = AdamStep {
+                        lr,
+                        beta1: cfg.beta1,
+                        beta2: cfg.beta2,
+                        eps: cfg.adam_eps,
+                        weight_decay: cfg.weight_decay,
+                        decoupled: self.kind == OptimizerKind::Adamw,
+                        step: self.updates,
+                        grad_scale,
+                    };
+                    backend::adam_step(p, g, &mut m, &mut v, &h)?;
+                    self.m[id.0] = Some(m);
+                    self.v[id.0] = Some(v);
+                }
+                OptimizerKind::Sgd => {
+                    let h = SgdStep {
+                        lr,
+                        momentum: cfg.momentum,
+                        nesterov: cfg.nesterov,
+                        weight_decay: cfg.weight_decay,
+                        first: self.m[id.0].is_none(),
+                        grad_scale,
+                    };
+                    if cfg.momentum > 0.0 {
+                        let mut b = match self.m[id.0].take() {
+                            Some(b) => b,
+                            None => zeros()?,
+                        };
+                        backend::sgd_step(p, g, Some(&mut b), &h)?;
+                        self.m[id.0] = Some(b);
+                    } else {
+                        backend::sgd_step(p, g, None, &h)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Gradient norms before and after clipping.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ClipReport {
+    pub norm_before: f64,
+    pub norm_after: f64,
+}
+
+fn sumsq(t: &Tensor) -> Result<f64> {
+    backend::reduce(Reduce::SumSq, t)?.scalar_value()
+}
+
+/// sqrt of the sum of squares of every gradient (NaN or inf if any entry is).
+pub fn global_norm(grads: &[Option<Tensor>]) -> Result<f64> {
+    let mut total = 0.0;
+    for g in grads.iter().flatten() {
+        total += sumsq(g)?;
+    }
+    Ok(total.sqrt())
+}
+
+fn scale_all(grads: &mut [Option<Tensor>], k: f64) -> Result<()> {
+    for g in grads.iter_mut().flatten() {
+        *g = backend::affine(g, k, 0.0)?;
+    }
+    Ok(())
+}
+
+/// Clips `grads` in place as configured (after any accumulation scaling has been applied).
+pub fn clip(cfg: &TrainConfig, grads: &mut [Option<Tensor>], params: &ParamStore, roles: &[ParamRole]) -> Result<ClipReport> {
+    let before = global_norm(grads)?;
+    match cfg.clip {
+        ClipKind::None => {}
+        ClipKind::GlobalNorm => {
+            // torch.nn.utils.clip_grad_norm_: coefficient max / (norm + 1e-6), at most 1.
+            let coef = cfg.clip_max_norm / (before + 1e-6);
+            if coef < 1.0 {
+                scale_all(grads, coef)?;
+            }
+        }
+        ClipKind::Value => {
+            for g in grads.iter_mut().flatten() {
+                backend::clamp(g, cfg.clip_value)?;
+            }
+        }
+        ClipKind::PerParam => {
+            for g in grads.iter_mut().flatten() {
+                let n = sumsq(g)?.sqrt();
+                let coef = cfg.clip_max_norm / (n + 1e-6);
+                if coef < 1.0 {
+                    *g = backend::affine(g, coef, 0.0)?;
+                }
+            }
+        }
+        ClipKind::AgcTensor => {
+            for (id, _, p) in params.iter() {
+                let Some(g) = grads.get_mut(id.0).and_then(|g| g.as_mut()) else { continue };
+                let max = cfg.agc_factor * sumsq(p)?.sqrt().max(cfg.agc_eps);
+                let n = sumsq(g)?.sqrt();
+                if n > max {
+                    *g = backend::affine(g, max / n, 0.0)?;
+                }
+            }
+        }
+        ClipKind::AgcUnit => {
+            for (id, _, p) in params.iter() {
+                let Some(ParamRole::Weight { unit_axis }) = roles.get(id.0).copied() else { continue };
+                let Some(g) = grads.get_mut(id.0).and_then(|g| g.as_mut()) else { continue };
+                let wn = backend::unit_sumsq(p, unit_axis)?.to_f64_vec()?;
+                let gn = backend::unit_sumsq(g, unit_axis)?.to_f64_vec()?;
+                // Per unit: scale to lambda max(|W_i|, eps) / |G_i| when the gradient is larger.
+                let factors: Vec<f64> = wn
+                    .iter()
+                    .zip(&gn)
+                    .map(|(w, g)| {
+                        let max = cfg.agc_factor * w.sqrt().max(cfg.agc_eps);
+                        let n = g.sqrt();
+                        if n > max {
+                            max / n
+                        } else {
+                            1.0
+                        }
+                    })
+                    .collect();
+                if factors.iter().any(|&f| f < 1.0) {
+                    let s = Tensor::from_f64_vec(factors, [wn.len()], g.dtype(), g.device())?;
+                    backend::scale_units(g, unit_axis, &s)?;
+                }
+            }
+        }
+    }
+    let after = if cfg.clip == ClipKind::None { before } else { global_norm(grads)? };
+    Ok(ClipReport {
+        norm_before: before,
+        norm_after: after,
+    })
+}
+
+/// The learning rate over updates, with ReduceLROnPlateau's and rollbacks' state.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Schedule {
+    pub total_updates: u64,
+    /// Multiplies the scheduled rate: plateau reductions and rollbacks.
+    pub factor: f64,
+    pub best_val: Option<f64>,
+    pub bad_epochs: usize,
+}
+
+impl Schedule {
+    pub fn new(total_updates: u64) -> Self {
+        Schedule {
+            total_updates: total_updates.max(1),
+            factor: 1.0,
+            best_val: None,
+            bad_epochs: 0,
+        }
+    }
+
+    /// The rate of update number `u` (0-based).
+    pub fn lr(&self, cfg: &TrainConfig, u: u64) -> f64 {
+        let base = cfg.lr;
+        let scheduled = match cfg.schedule {
+            ScheduleKind::Constant | ScheduleKind::Plateau => base,
+            ScheduleKind::WarmupCosine => {
+                let warm = (cfg.warmup_frac * self.total_updates as f64).round() as u64;
+                let floor = cfg.min_lr_frac * base;
+                if u < warm {
+                    base * (u + 1) as f64 / warm as f64
+                } else {
+                    let span = (self.total_updates - warm).max(1) as f64;
+                    let t = ((u - warm) as f64 / span).min(1.0);
+                    floor + 0.5 * (base - floor) * (1.0 + (std::f64::consts::PI * t).cos())
+                }
+            }
+            ScheduleKind::Step => base * cfg.step_gamma.powi((u / cfg.step_size as u64) as i32),
+            ScheduleKind::Exponential => base * cfg.exp_gamma.powf(u as f64),
+        };
+        let lr = scheduled * self.factor;
+        if cfg.schedule == ScheduleKind::Plateau {
+            lr.max(cfg.min_lr)
+        } else {
+            lr
+        }
+    }
+
+    /// ReduceLROnPlateau (mode min, threshold 1e-4 relative, as PyTorch): after `patience`
+    /// epochs without improvement, multiply the rate by `plateau_factor` (not below min_lr).
+    pub fn on_epoch(&mut self, cfg: &TrainConfig, val: f64) {
+        if cfg.schedule != ScheduleKind::Plateau || !val.is_finite() {
+            return;
+        }
+        match self.best_val {
+            Some(b) if val >= b * (1.0 - 1e-4) => {
+                self.bad_epochs += 1;
+                if self.bad_epochs > cfg.plateau_patience {
+                    self.factor = (self.factor * cfg.plateau_factor).max(cfg.min_lr / cfg.lr);
+                    self.bad_epochs = 0;
+                }
+            }
+            _ => {
+                self.best_val = Some(val);
+                self.bad_epochs = 0;
+            }
+        }
+    }
+}
+
+/// The auxiliary loss weight at update `u`: 0, then a linear ramp, then capped.
+pub fn aux_weight(cfg: &TrainConfig, u: u64) -> f64 {
+    let u = u as f64;
+    let (w0, r) = (cfg.aux_warmup_steps as f64, cfg.aux_ramp_steps as f64);
+    if u < w0 {
+        0.0
+    } else if r == 0.0 || u >= w0 + r {
+        cfg.aux_weight
+    } else {
+        cfg.aux_weight * (u - w0) / r
+    }
+}

@@ -1,0 +1,256 @@
+//! The trainer: exact resume, determinism, the guards (NaN inputs, loss spikes, rollback, crash
+//! on repeated failure), the run directory, and bad input.
+
+use std::path::{Path, PathBuf};
+
+use fnokern::config::{Config, SpikeAction};
+use fnokern::train::{self, RunOptions, Summary};
+
+fn tempdir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "fnokern-train-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A generator and data small enough for a test: N 16, depth 2, 24 training patterns, batch 4.
+fn tiny(cache: &Path) -> Config {
+    let mut c = Config::default();
+    c.model.depth = 2;
+    c.model.width = 4;
+    c.model.modes = 3;
+    c.model.max_channels = 8;
+    c.data.n = 16;
+    c.data.object_size = 48;
+    c.data.lines = 30;
+    c.data.train_stride = 4;
+    c.data.test_stride = 8;
+    c.data.nphotons = 1e6;
+    c.data.cache_dir = cache.to_path_buf();
+    c.train.epochs = 4;
+    c.train.batch_size = 4;
+    c.train.train_patterns = 24;
+    c.train.test_patterns = 8;
+    c.train.evaluate = false;
+    c
+}
+
+fn opts(dir: &Path) -> RunOptions {
+    RunOptions {
+        out_dir: dir.to_path_buf(),
+        resume: false,
+        stop_after_epochs: None,
+        progress: false,
+        preset: None,
+    }
+}
+
+fn run(cfg: &Config, o: &RunOptions) -> Summary {
+    train::train(cfg, o, &mut |_| {}).unwrap()
+}
+
+fn weights_of(dir: &Path) -> Vec<(String, Vec<u64>)> {
+    train::load_final_weights(dir)
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| (k, v.values.iter().map(|x| x.to_bits()).collect()))
+        .collect()
+}
+
+fn step_records(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "step")
+        .collect()
+}
+
+#[test]
+fn resume_continues_bit_for_bit() {
+    let root = tempdir();
+    let cfg = tiny(&root.join("cache"));
+    let straight = root.join("straight");
+    let s = run(&cfg, &opts(&straight));
+    assert!(s.finished && !s.crashed);
+    assert_eq!(s.steps, 4 * 6);
+
+    let split = root.join("split");
+    let first = run(&cfg, &RunOptions { stop_after_epochs: Some(2), ..opts(&split) });
+    assert!(!first.finished && first.epochs_done == 2);
+    let second = run(&cfg, &RunOptions { resume: true, ..opts(&split) });
+    assert!(second.finished && second.epochs_done == 4);
+    assert_eq!(weights_of(&straight), weights_of(&split), "resumed weights differ from the straight run");
+    // The metrics of the two runs are the same lines.
+    let a = std::fs::read_to_string(straight.join("metrics.jsonl")).unwrap();
+    let b = std::fs::read_to_string(split.join("metrics.jsonl")).unwrap();
+    assert_eq!(a, b);
+    assert_eq!(s.final_val_loss.map(f64::to_bits), second.final_val_loss.map(f64::to_bits));
+}
+
+#[test]
+fn same_seed_same_run() {
+    let root = tempdir();
+    let cfg = tiny(&root.join("cache"));
+    run(&cfg, &opts(&root.join("a")));
+    run(&cfg, &opts(&root.join("b")));
+    assert_eq!(weights_of(&root.join("a")), weights_of(&root.join("b")));
+    assert_eq!(
+        std::fs::read(root.join("a/metrics.jsonl")).unwrap(),
+        std::fs::read(root.join("b/metrics.jsonl")).unwrap()
+    );
+    let mut other = cfg.clone();
+    other.train.seed = 1;
+    run(&other, &opts(&root.join("c")));
+    assert_ne!(weights_of(&root.join("a")), weights_of(&root.join("c")), "the shuffling seed must matter");
+}
+
+#[test]
+fn nan_inputs_and_a_spike_are_skipped_and_the_run_finishes() {
+    let root = tempdir();
+    let mut cfg = tiny(&root.join("cache"));
+    cfg.faults.nan_input_steps = vec![3, 4];
+    cfg.faults.spike_steps = vec![9];
+    cfg.train.spike_action = SpikeAction::Skip;
+    let dir = root.join("run");
+    let s = run(&cfg, &opts(&dir));
+    assert!(s.finished && !s.crashed, "{s:?}");
+    assert_eq!(s.outcomes.get("skipped_bad_input"), Some(&2));
+    assert_eq!(s.outcomes.get("spike_skipped"), Some(&1));
+    let recs = step_records(&dir);
+    assert_eq!(recs.len(), 24, "one record per step");
+    assert_eq!(recs[3]["outcome"], "skipped_bad_input");
+    assert_eq!(recs[9]["outcome"], "spike_skipped");
+    assert!(recs.iter().all(|r| r["outcome"].as_str().is_some()));
+    for (name, w) in train::load_final_weights(&dir).unwrap() {
+        assert!(w.values.iter().all(|v| v.is_finite()), "{name} is not finite");
+    }
+}
+
+#[test]
+fn a_spike_rolls_back_with_a_lower_learning_rate() {
+    let root = tempdir();
+    let mut cfg = tiny(&root.join("cache"));
+    cfg.faults.spike_steps = vec![14];
+    cfg.train.spike_action = SpikeAction::Rollback;
+    let dir = root.join("run");
+    let s = run(&cfg, &opts(&dir));
+    assert!(s.finished && !s.crashed, "{s:?}");
+    assert_eq!(s.outcomes.get("rolled_back"), Some(&1));
+    let recs = step_records(&dir);
+    assert_eq!(recs[14]["outcome"], "rolled_back");
+    let lr = |i: usize| recs[i]["lr"].as_f64().unwrap();
+    assert_eq!(lr(13), 1e-3);
+    assert_eq!(lr(15), 0.5e-3, "the rate after a rollback is halved");
+    for (name, w) in train::load_final_weights(&dir).unwrap() {
+        assert!(w.values.iter().all(|v| v.is_finite()), "{name} is not finite");
+    }
+}
+
+#[test]
+fn repeated_failures_stop_the_run_as_crashed() {
+    let root = tempdir();
+    let mut cfg = tiny(&root.join("cache"));
+    cfg.faults.nan_input_steps = (2..10).collect();
+    cfg.train.max_consecutive_failures = 3;
+    let dir = root.join("run");
+    let s = run(&cfg, &opts(&dir));
+    assert!(s.crashed && !s.finished);
+    assert_eq!(s.reason.as_deref(), Some("3 failed steps in a row (last: skipped_bad_input)"));
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["crashed"], true);
+    assert_eq!(step_records(&dir).len(), 5);
+}
+
+#[test]
+fn the_run_directory_has_its_files_and_the_loss_falls() {
+    let root = tempdir();
+    let mut cfg = tiny(&root.join("cache"));
+    cfg.train.evaluate = true;
+    cfg.train.epochs = 6;
+    cfg.train.checkpoint_every = 2;
+    let dir = root.join("run");
+    let s = run(&cfg, &opts(&dir));
+    for f in [
+        "config.toml",
+        "metrics.jsonl",
+        "summary.json",
+        "loss.png",
+        "grad_norm.png",
+        "lr.png",
+        "reconstruction.png",
+        "weights.safetensors",
+        "checkpoints/last.safetensors",
+        "checkpoints/best.safetensors",
+        "checkpoints/epoch_2.safetensors",
+        "checkpoints/epoch_4.safetensors",
+    ] {
+        assert!(dir.join(f).is_file(), "{f} is missing");
+    }
+    assert!(s.metrics.is_some());
+    assert!(s.best_val_loss.unwrap() < s.first_val_loss.unwrap(), "{s:?}");
+    // The resolved config reloads to the same config.
+    assert_eq!(Config::load(&dir.join("config.toml")).unwrap(), cfg);
+}
+
+#[test]
+fn bad_input_gives_clear_errors_and_overwrites_nothing() {
+    let root = tempdir();
+    let cfg = tiny(&root.join("cache"));
+    let mut neg = cfg.clone();
+    neg.train.lr = -1e-3;
+    let err = train::train(&neg, &opts(&root.join("neg")), &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("lr must be a positive number, got -0.001"), "{err}");
+
+    std::fs::write(root.join("a_file"), b"x").unwrap();
+    let err = train::train(&cfg, &opts(&root.join("a_file/run")), &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("cannot create the run directory"), "{err}");
+
+    let dir = root.join("run");
+    let mut short = cfg.clone();
+    short.train.epochs = 1;
+    run(&short, &opts(&dir));
+    let err = train::train(&short, &opts(&dir), &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("already holds a run"), "{err}");
+
+    let last = dir.join("checkpoints/last.safetensors");
+    std::fs::write(&last, b"garbage, not a checkpoint").unwrap();
+    let before = std::fs::read(dir.join("metrics.jsonl")).unwrap();
+    let err = train::train(&short, &RunOptions { resume: true, ..opts(&dir) }, &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("last.safetensors") && err.contains("not a checkpoint"), "{err}");
+    assert_eq!(std::fs::read(&last).unwrap(), b"garbage, not a checkpoint");
+    assert_eq!(std::fs::read(dir.join("metrics.jsonl")).unwrap(), before);
+
+    // A checkpoint of another model is refused too.
+    let other = root.join("other");
+    run(&short, &opts(&other));
+    let mut wider = short.clone();
+    wider.model.width = 6;
+    let err = train::train(&wider, &RunOptions { resume: true, ..opts(&other) }, &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("model needs"), "{err}");
+}
+
+#[test]
+fn accumulation_and_the_auxiliary_curriculum_run() {
+    let root = tempdir();
+    let mut cfg = tiny(&root.join("cache"));
+    cfg.train.accumulate = 2;
+    cfg.train.aux_loss = fnokern::config::AuxLoss::SupervisedL1;
+    cfg.train.aux_warmup_steps = 2;
+    cfg.train.aux_ramp_steps = 4;
+    cfg.train.schedule = fnokern::config::ScheduleKind::WarmupCosine;
+    cfg.train.clip = fnokern::config::ClipKind::AgcUnit;
+    cfg.train.optimizer = fnokern::config::OptimizerKind::Adamw;
+    let dir = root.join("run");
+    let s = run(&cfg, &opts(&dir));
+    assert!(s.finished && !s.crashed, "{s:?}");
+    // 6 micro-batches per epoch, 2 per update.
+    assert_eq!((s.steps, s.updates), (24, 12));
+    let recs = step_records(&dir);
+    assert_eq!(recs[0]["outcome"], "accumulated");
+    assert_eq!(recs[1]["outcome"], "ok");
+    assert!(recs[1]["grad_norm"].as_f64().is_some());
+}
