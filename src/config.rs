@@ -449,6 +449,9 @@ pub struct TrainConfig {
     pub seed: u64,
     /// `cpu` (the CUDA backend is not in this build).
     pub device: String,
+    /// Device memory budget (e.g. `24GiB`): an allocation that would exceed it stops the run as
+    /// out of memory, as a card of that size would. Unset: no budget.
+    pub memory_limit: Option<String>,
     /// Final evaluation: stitch and score the test object.
     pub evaluate: bool,
 }
@@ -495,12 +498,18 @@ impl Default for TrainConfig {
             checkpoint_every: 0,
             seed: 0,
             device: "cpu".into(),
+            memory_limit: None,
             evaluate: true,
         }
     }
 }
 
 impl TrainConfig {
+    /// The memory budget in bytes, if any.
+    pub fn memory_limit_bytes(&self) -> Result<Option<u64>> {
+        self.memory_limit.as_deref().map(crate::device::parse_bytes).transpose()
+    }
+
     pub fn validate(&self) -> Result<()> {
         let bad = |why: String| Err(Error::invalid("train config", why));
         let pos = |v: f64| v.is_finite() && v > 0.0;
@@ -534,6 +543,9 @@ impl TrainConfig {
         }
         if !(self.rollback_lr_factor > 0.0 && self.rollback_lr_factor <= 1.0) || self.max_consecutive_failures == 0 {
             return bad("rollback_lr_factor must be in (0, 1] and max_consecutive_failures >= 1".into());
+        }
+        if let Some(m) = &self.memory_limit {
+            crate::device::parse_bytes(m).map_err(|e| Error::invalid("train config", format!("memory_limit: {e}")))?;
         }
         if self.device != "cpu" {
             return bad(format!(
@@ -645,6 +657,11 @@ pub mod presets {
              (N 32, width 8, max_channels 64, modes 6, 2048 training patterns from 2 objects, 16 epochs, warmup + cosine)",
         ),
         (
+            "sweep",
+            "the crash hunt's and shootout's small scale: one run in one to three minutes on one CPU core \
+             (N 32, width 8, max_channels 64, modes 6, 512 training patterns from 1 object, 12 epochs, Adam 1e-3 constant)",
+        ),
+        (
             "study",
             "the reference study (shared/REFERENCE.md section 3): N 64, width 32, modes 12, batch 16, \
              Adam 1e-3, global-norm clipping 1.0, 50 epochs, no phase in the data",
@@ -670,6 +687,21 @@ pub mod presets {
                 c.train.train_patterns = 2048;
                 c.train.test_patterns = 128;
                 c.train.schedule = ScheduleKind::WarmupCosine;
+            }
+            "sweep" => {
+                c.model.depth = 6;
+                c.model.width = 8;
+                c.model.max_channels = 64;
+                c.model.modes = 6;
+                c.data.n = 32;
+                c.data.object_size = 160;
+                c.data.lines = 100;
+                c.data.train_stride = 4;
+                c.data.test_stride = 8;
+                c.train.epochs = 12;
+                c.train.batch_size = 16;
+                c.train.train_patterns = 512;
+                c.train.test_patterns = 64;
             }
             "study" => {
                 c.data.phase = false;

@@ -13,6 +13,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod eval;
+pub mod experiments;
 pub mod gradcheck;
 pub mod model;
 pub mod ops;

@@ -50,6 +50,26 @@ impl ConfigArgs {
     }
 }
 
+/// What every sweep takes besides its config.
+#[derive(Args, Clone)]
+struct SweepArgs {
+    /// Seeds per cell: 0, 1, ..., SEEDS-1 (each sets model.seed and train.seed).
+    #[arg(long, default_value_t = 3)]
+    seeds: u64,
+    /// Runs at once (default: one per CPU core; the cores are shared among them).
+    #[arg(long)]
+    jobs: Option<usize>,
+    /// Sweep directory (default: sweeps/<command>-<arm or depth>); an existing one is continued.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// A finished run whose final validation loss is above this has failed.
+    #[arg(long, default_value_t = 0.15)]
+    max_val_loss: f64,
+    /// A finished run whose test amplitude SSIM is below this has collapsed.
+    #[arg(long, default_value_t = 0.5)]
+    min_amp_ssim: f64,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Train the generator: simulate or load the data, train, evaluate, write the run directory.
@@ -99,6 +119,32 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Find the shallowest depth where training fails: the control arm (or --arm) at every depth
+    /// and seed. Resumable: run the same command again to continue a killed sweep.
+    /// Without --config or --preset it uses the `sweep` preset.
+    CrashHunt {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Depths to try.
+        #[arg(long, value_delimiter = ',', default_value = "4,6,8")]
+        depths: Vec<usize>,
+        /// Arm to train (a name in configs/arms/, a built-in arm, or a .toml overlay).
+        #[arg(long, default_value = "control")]
+        arm: String,
+        #[command(flatten)]
+        sweep: SweepArgs,
+    },
+    /// Every arm at every seed at one depth (--depth, default the config's): which fix makes deep
+    /// FNOs train? Resumable like crash-hunt. Without --config or --preset it uses `sweep`.
+    Shootout {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Arms (names in configs/arms/, built-in arms, or .toml overlays), comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "control,layerscale,agc")]
+        arms: Vec<String>,
+        #[command(flatten)]
+        sweep: SweepArgs,
+    },
     /// Print the build (CUDA kernels embedded or not, nvcc, targets) and the devices.
     Info,
     /// Check every differentiable op's gradient against central finite differences (f64, CPU).
@@ -121,6 +167,14 @@ fn main() -> ExitCode {
         Command::Model { cfg, save_weights } => model(&cfg, save_weights.as_deref()),
         Command::Grad { cfg, weights, batch, out } => grad(&cfg, &weights, &batch, &out),
         Command::Data { cfg, export } => data(&cfg, export.as_deref()),
+        Command::CrashHunt { cfg, depths, arm, sweep: sw } => {
+            if cfg.depth.is_some() {
+                Err(fnokern::Error::InvalidArgument { op: "crash-hunt", why: "give the depths with --depths, not --depth".into() })
+            } else {
+                sweep(fnokern::experiments::SweepKind::CrashHunt, cfg, depths, vec![arm], sw)
+            }
+        }
+        Command::Shootout { cfg, arms, sweep: sw } => sweep(fnokern::experiments::SweepKind::Shootout, cfg, Vec::new(), arms, sw),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -192,6 +246,50 @@ fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: O
         );
     }
     println!("wrote {}/summary.json, metrics.jsonl, loss.png, grad_norm.png, lr.png{}", out.display(), if s.metrics.is_some() { ", reconstruction.png" } else { "" });
+    Ok(())
+}
+
+fn sweep(kind: fnokern::experiments::SweepKind, mut args: ConfigArgs, depths: Vec<usize>, arms: Vec<String>, sw: SweepArgs) -> fnokern::Result<()> {
+    use fnokern::experiments::{self as ex, SweepKind};
+    if args.config.is_none() && args.preset.is_none() {
+        args.preset = Some("sweep".into());
+        println!("preset sweep (no --config or --preset given): {}", fnokern::config::presets::ALL.iter().find(|p| p.0 == "sweep").map_or("", |p| p.1));
+    }
+    let base = args.resolve()?;
+    let depths = if kind == SweepKind::Shootout { vec![base.model.depth] } else { depths };
+    let arms = arms.iter().map(|a| ex::Arm::load(a)).collect::<fnokern::Result<Vec<_>>>()?;
+    let bad = |why: String| fnokern::Error::InvalidArgument { op: "sweep", why };
+    if sw.seeds == 0 {
+        return Err(bad("--seeds must be at least 1".into()));
+    }
+    if !(sw.max_val_loss > 0.0) || !(0.0..=1.0).contains(&sw.min_amp_ssim) {
+        return Err(bad("--max-val-loss must be > 0 and --min-amp-ssim in [0, 1]".into()));
+    }
+    let out = sw.out.unwrap_or_else(|| match kind {
+        SweepKind::CrashHunt => PathBuf::from(format!("sweeps/crash-hunt-{}", arms[0].name)),
+        SweepKind::Shootout => PathBuf::from(format!("sweeps/shootout-d{}", depths[0])),
+    });
+    let plan = ex::Plan::new(kind, &base, arms, depths, (0..sw.seeds).collect())?;
+    let opts = ex::SweepOptions {
+        out_dir: out.clone(),
+        jobs: sw.jobs.unwrap_or_else(ex::cores).max(1),
+        threads: None,
+        max_runs: None,
+        criteria: ex::Criteria { max_val_loss: sw.max_val_loss, min_amp_ssim: sw.min_amp_ssim },
+        command: std::iter::once("fnokern".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" "),
+    };
+    println!("sweep directory: {}", out.display());
+    let o = ex::run_sweep(&plan, &opts, &|m| println!("{m}"))?;
+    for (arm, d) in plan.arms.iter().map(|a| (a.name.as_str(), ex::report::shallowest_failing_depth(&plan, &o.results, &a.name))) {
+        let failed = o.results.iter().filter(|r| r.arm == arm && r.failure.is_some()).count();
+        let runs = o.results.iter().filter(|r| r.arm == arm).count();
+        match (kind, d) {
+            (SweepKind::CrashHunt, Some(d)) => println!("{arm}: shallowest depth with a failing run: {d} ({failed}/{runs} runs failed)"),
+            (SweepKind::CrashHunt, None) => println!("{arm}: no run failed at depths {:?}", plan.depths),
+            (SweepKind::Shootout, _) => println!("{arm}: {failed}/{runs} runs failed"),
+        }
+    }
+    println!("wrote {}/report.md, results.json, p_crash.png, val_curves.png ({} runs this time, {} kept)", out.display(), o.ran, o.reused);
     Ok(())
 }
 

@@ -67,12 +67,26 @@ pub struct TrainState {
     pub config: String,
 }
 
+/// Why the trainer stopped a run.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Crash {
+    /// Non-finite inputs, losses, gradients, weights or validation loss.
+    Nonfinite,
+    /// Loss spikes that kept being skipped or rolled back.
+    Spike,
+    /// An allocation over the device's memory budget.
+    Oom,
+}
+
 /// What summary.json holds.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Summary {
     pub preset: Option<String>,
     pub finished: bool,
     pub crashed: bool,
+    /// What stopped a crashed run: `nonfinite`, `spike` or `oom` (see [`Crash`]).
+    pub crash_kind: Option<Crash>,
     pub reason: Option<String>,
     pub epochs_done: usize,
     pub steps: u64,
@@ -350,6 +364,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
     let config_toml = toml::to_string(cfg).map_err(|e| Error::invalid("train", e.to_string()))?;
 
     let dev = Device::cpu();
+    dev.set_memory_limit(cfg.train.memory_limit_bytes()?);
     let mut g = Generator::new(&cfg.model, cfg.data.n, 1, &dev, DType::F32)?;
     let mut opt = Optimizer::new(cfg.train.optimizer, &g.params);
     let ds = data::load_or_simulate(&cfg.data, &mut |m| say(m))?;
@@ -415,163 +430,177 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
     } else {
         None
     };
-    let mut crash: Option<String> = None;
     let mut ran_epochs = 0;
 
-    'epochs: while state.epochs_done < cfg.train.epochs {
-        let epoch = state.epochs_done;
-        let mut order = train_idx.clone();
-        order.shuffle(&mut ChaCha8Rng::seed_from_u64(cfg.train.seed ^ (epoch as u64).wrapping_mul(0x9e37_79b9)));
-        let mut acc: Vec<Option<Tensor>> = Vec::new();
-        let mut micro = 0usize;
-        let (mut loss_sum, mut loss_count) = (0.0, 0usize);
-        for (bi, chunk) in order.chunks(cfg.train.batch_size).enumerate() {
-            let step = state.steps;
-            state.steps += 1;
-            let lr = state.schedule.lr(&cfg.train, state.updates);
-            let aux_w = optim::aux_weight(&cfg.train, state.updates);
-            let mut b = data::batch(&ds.train, chunk, DType::F32, &dev)?;
-            if cfg.faults.nan_input_steps.contains(&step) {
-                b.diffraction = Tensor::full(f64::NAN, b.diffraction.shape().clone(), DType::F32, &dev)?;
-            }
-            let mut rec = json!({"kind": "step", "step": step, "epoch": epoch, "lr": lr});
-            let outcome: &str = 'step: {
-                if !is_finite_tensor(&b.diffraction)? {
-                    break 'step "skipped_bad_input";
+    // The epochs run in a closure so that an allocation over the memory budget, wherever it
+    // happens, ends the run as an `oom` crash with its summary written, like any other crash.
+    let mut run_epochs = || -> Result<Option<(Crash, String)>> {
+        let mut crash: Option<(Crash, String)> = None;
+        'epochs: while state.epochs_done < cfg.train.epochs {
+            let epoch = state.epochs_done;
+            let mut order = train_idx.clone();
+            order.shuffle(&mut ChaCha8Rng::seed_from_u64(cfg.train.seed ^ (epoch as u64).wrapping_mul(0x9e37_79b9)));
+            let mut acc: Vec<Option<Tensor>> = Vec::new();
+            let mut micro = 0usize;
+            let (mut loss_sum, mut loss_count) = (0.0, 0usize);
+            for (bi, chunk) in order.chunks(cfg.train.batch_size).enumerate() {
+                let step = state.steps;
+                state.steps += 1;
+                let lr = state.schedule.lr(&cfg.train, state.updates);
+                let aux_w = optim::aux_weight(&cfg.train, state.updates);
+                let mut b = data::batch(&ds.train, chunk, DType::F32, &dev)?;
+                if cfg.faults.nan_input_steps.contains(&step) {
+                    b.diffraction = Tensor::full(f64::NAN, b.diffraction.shape().clone(), DType::F32, &dev)?;
                 }
-                let mut t = Tape::with_params(&g.params);
-                let (mut loss, _) = batch_loss(&mut t, &g, cfg, &b, &sprobe, aux_w)?;
-                if cfg.faults.spike_steps.contains(&step) {
-                    loss = ops::scale(&mut t, &loss, cfg.faults.spike_scale)?;
-                }
-                let lv = loss.value().scalar_value()?;
-                rec["loss"] = json!(lv);
-                if !lv.is_finite() {
-                    break 'step "skipped_nonfinite_loss";
-                }
-                let w = &state.window;
-                let spike = w.len() >= 3.min(cfg.train.spike_window)
-                    && lv > cfg.train.spike_factor * w.iter().sum::<f64>() / w.len() as f64;
-                if spike {
-                    match cfg.train.spike_action {
-                        SpikeAction::Log => {}
-                        SpikeAction::Skip => break 'step "spike_skipped",
-                        SpikeAction::Rollback => {
-                            g.params = snapshot.0.clone();
-                            opt.m = snapshot.1.clone();
-                            opt.v = snapshot.2.clone();
-                            opt.updates = snapshot.3;
-                            state.schedule.factor *= cfg.train.rollback_lr_factor;
-                            acc.clear();
-                            micro = 0;
-                            break 'step "rolled_back";
+                let mut rec = json!({"kind": "step", "step": step, "epoch": epoch, "lr": lr});
+                let outcome: &str = 'step: {
+                    if !is_finite_tensor(&b.diffraction)? {
+                        break 'step "skipped_bad_input";
+                    }
+                    let mut t = Tape::with_params(&g.params);
+                    let (mut loss, _) = batch_loss(&mut t, &g, cfg, &b, &sprobe, aux_w)?;
+                    if cfg.faults.spike_steps.contains(&step) {
+                        loss = ops::scale(&mut t, &loss, cfg.faults.spike_scale)?;
+                    }
+                    let lv = loss.value().scalar_value()?;
+                    rec["loss"] = json!(lv);
+                    if !lv.is_finite() {
+                        break 'step "skipped_nonfinite_loss";
+                    }
+                    let w = &state.window;
+                    let spike = w.len() >= 3.min(cfg.train.spike_window)
+                        && lv > cfg.train.spike_factor * w.iter().sum::<f64>() / w.len() as f64;
+                    if spike {
+                        match cfg.train.spike_action {
+                            SpikeAction::Log => {}
+                            SpikeAction::Skip => break 'step "spike_skipped",
+                            SpikeAction::Rollback => {
+                                g.params = snapshot.0.clone();
+                                opt.m = snapshot.1.clone();
+                                opt.v = snapshot.2.clone();
+                                opt.updates = snapshot.3;
+                                state.schedule.factor *= cfg.train.rollback_lr_factor;
+                                acc.clear();
+                                micro = 0;
+                                break 'step "rolled_back";
+                            }
                         }
                     }
-                }
-                let grads = t.backward(&loss)?.into_params();
-                if acc.is_empty() {
-                    acc = grads;
-                } else {
-                    for (a, gr) in acc.iter_mut().zip(grads) {
-                        *a = match (a.take(), gr) {
-                            (Some(x), Some(y)) => Some(backend::add_into(x, y)?),
-                            (x, y) => x.or(y),
-                        };
+                    let grads = t.backward(&loss)?.into_params();
+                    if acc.is_empty() {
+                        acc = grads;
+                    } else {
+                        for (a, gr) in acc.iter_mut().zip(grads) {
+                            *a = match (a.take(), gr) {
+                                (Some(x), Some(y)) => Some(backend::add_into(x, y)?),
+                                (x, y) => x.or(y),
+                            };
+                        }
                     }
-                }
-                micro += 1;
-                state.window.push(lv);
-                if state.window.len() > cfg.train.spike_window {
-                    state.window.remove(0);
-                }
-                loss_sum += lv;
-                loss_count += 1;
-                let last_of_epoch = bi + 1 == batches_per_epoch;
-                if micro < cfg.train.accumulate && !last_of_epoch {
-                    break 'step if spike { "spike_logged" } else { "accumulated" };
-                }
-                let mut grads = std::mem::take(&mut acc);
-                if micro > 1 {
-                    for gr in grads.iter_mut().flatten() {
-                        *gr = backend::affine(gr, 1.0 / micro as f64, 0.0)?;
+                    micro += 1;
+                    state.window.push(lv);
+                    if state.window.len() > cfg.train.spike_window {
+                        state.window.remove(0);
                     }
+                    loss_sum += lv;
+                    loss_count += 1;
+                    let last_of_epoch = bi + 1 == batches_per_epoch;
+                    if micro < cfg.train.accumulate && !last_of_epoch {
+                        break 'step if spike { "spike_logged" } else { "accumulated" };
+                    }
+                    let mut grads = std::mem::take(&mut acc);
+                    if micro > 1 {
+                        for gr in grads.iter_mut().flatten() {
+                            *gr = backend::affine(gr, 1.0 / micro as f64, 0.0)?;
+                        }
+                    }
+                    micro = 0;
+                    let report = optim::clip(&cfg.train, &mut grads, &g.params, g.roles())?;
+                    rec["grad_norm"] = json!(report.norm_before);
+                    rec["grad_norm_clipped"] = json!(report.norm_after);
+                    if !report.norm_before.is_finite() {
+                        break 'step "skipped_nonfinite_grad";
+                    }
+                    opt.step(&cfg.train, &mut g.params, &grads, lr, 1.0)?;
+                    state.updates += 1;
+                    if spike {
+                        "spike_logged"
+                    } else {
+                        "ok"
+                    }
+                };
+                rec["outcome"] = json!(outcome);
+                *state.outcomes.entry(outcome.to_string()).or_default() += 1;
+                let failed = matches!(outcome, "skipped_bad_input" | "skipped_nonfinite_loss" | "skipped_nonfinite_grad" | "spike_skipped" | "rolled_back");
+                state.consecutive_failures = if failed { state.consecutive_failures + 1 } else { 0 };
+                log.write(&rec)?;
+                records.push(rec);
+                if let Some(pb) = &bar {
+                    pb.set_position(state.steps);
+                    pb.set_message(format!("epoch {} loss {:.4}", epoch + 1, if loss_count > 0 { loss_sum / loss_count as f64 } else { f64::NAN }));
                 }
-                micro = 0;
-                let report = optim::clip(&cfg.train, &mut grads, &g.params, g.roles())?;
-                rec["grad_norm"] = json!(report.norm_before);
-                rec["grad_norm_clipped"] = json!(report.norm_after);
-                if !report.norm_before.is_finite() {
-                    break 'step "skipped_nonfinite_grad";
+                if state.consecutive_failures >= cfg.train.max_consecutive_failures {
+                    let kind = if matches!(outcome, "spike_skipped" | "rolled_back") { Crash::Spike } else { Crash::Nonfinite };
+                    crash = Some((kind, format!("{} failed steps in a row (last: {outcome})", state.consecutive_failures)));
+                    break 'epochs;
                 }
-                opt.step(&cfg.train, &mut g.params, &grads, lr, 1.0)?;
-                state.updates += 1;
-                if spike {
-                    "spike_logged"
-                } else {
-                    "ok"
-                }
-            };
-            rec["outcome"] = json!(outcome);
-            *state.outcomes.entry(outcome.to_string()).or_default() += 1;
-            let failed = matches!(outcome, "skipped_bad_input" | "skipped_nonfinite_loss" | "skipped_nonfinite_grad" | "spike_skipped" | "rolled_back");
-            state.consecutive_failures = if failed { state.consecutive_failures + 1 } else { 0 };
+            }
+            // End of epoch: validation, schedule, checkpoints.
+            let finite_weights = g.params.values().iter().map(is_finite_tensor).collect::<Result<Vec<_>>>()?.into_iter().all(|b| b);
+            if !finite_weights {
+                crash = Some((Crash::Nonfinite, "non-finite weights".into()));
+                break;
+            }
+            let val = validate(&g, cfg, &ds.test, &val_idx, &sprobe, &dev)?;
+            if !val.is_finite() {
+                crash = Some((Crash::Nonfinite, "non-finite validation loss".into()));
+                break;
+            }
+            state.schedule.on_epoch(&cfg.train, val);
+            state.first_val.get_or_insert(val);
+            state.last_val = Some(val);
+            state.epochs_done += 1;
+            ran_epochs += 1;
+            let train_loss = if loss_count > 0 { loss_sum / loss_count as f64 } else { f64::NAN };
+            let rec = json!({
+                "kind": "epoch", "epoch": epoch, "steps_end": state.steps, "train_loss": train_loss,
+                "val_loss": val, "lr": state.schedule.lr(&cfg.train, state.updates), "outcomes": state.outcomes,
+            });
             log.write(&rec)?;
             records.push(rec);
-            if let Some(pb) = &bar {
-                pb.set_position(state.steps);
-                pb.set_message(format!("epoch {} loss {:.4}", epoch + 1, if loss_count > 0 { loss_sum / loss_count as f64 } else { f64::NAN }));
+            let line = format!(
+                "epoch {:>3}/{}: train loss {train_loss:.5}  val loss {val:.5}  lr {:.2e}  ({:.0} s)",
+                epoch + 1,
+                cfg.train.epochs,
+                state.schedule.lr(&cfg.train, state.updates),
+                started.elapsed().as_secs_f64()
+            );
+            match &bar {
+                Some(pb) if !pb.is_hidden() => pb.println(&line),
+                _ => say(&line),
             }
-            if state.consecutive_failures >= cfg.train.max_consecutive_failures {
-                crash = Some(format!("{} failed steps in a row (last: {outcome})", state.consecutive_failures));
-                break 'epochs;
+            if state.best_val.is_none_or(|b| val < b) {
+                state.best_val = Some(val);
+                save_checkpoint(&dir.join("checkpoints/best.safetensors"), &g.params, &opt, &state)?;
+            }
+            if cfg.train.checkpoint_every > 0 && state.epochs_done % cfg.train.checkpoint_every == 0 {
+                save_checkpoint(&dir.join(format!("checkpoints/epoch_{}.safetensors", state.epochs_done)), &g.params, &opt, &state)?;
+            }
+            save_checkpoint(&last_path, &g.params, &opt, &state)?;
+            snapshot = (g.params.clone(), opt.m.clone(), opt.v.clone(), opt.updates);
+            if opts.stop_after_epochs.is_some_and(|k| ran_epochs >= k) {
+                break;
             }
         }
-        // End of epoch: validation, schedule, checkpoints.
-        let finite_weights = g.params.values().iter().map(is_finite_tensor).collect::<Result<Vec<_>>>()?.into_iter().all(|b| b);
-        if !finite_weights {
-            crash = Some("non-finite weights".into());
-            break;
-        }
-        let val = validate(&g, cfg, &ds.test, &val_idx, &sprobe, &dev)?;
-        if !val.is_finite() {
-            crash = Some("non-finite validation loss".into());
-            break;
-        }
-        state.schedule.on_epoch(&cfg.train, val);
-        state.first_val.get_or_insert(val);
-        state.last_val = Some(val);
-        state.epochs_done += 1;
-        ran_epochs += 1;
-        let train_loss = if loss_count > 0 { loss_sum / loss_count as f64 } else { f64::NAN };
-        let rec = json!({
-            "kind": "epoch", "epoch": epoch, "steps_end": state.steps, "train_loss": train_loss,
-            "val_loss": val, "lr": state.schedule.lr(&cfg.train, state.updates), "outcomes": state.outcomes,
-        });
-        log.write(&rec)?;
-        records.push(rec);
-        let line = format!(
-            "epoch {:>3}/{}: train loss {train_loss:.5}  val loss {val:.5}  lr {:.2e}  ({:.0} s)",
-            epoch + 1,
-            cfg.train.epochs,
-            state.schedule.lr(&cfg.train, state.updates),
-            started.elapsed().as_secs_f64()
-        );
-        match &bar {
-            Some(pb) if !pb.is_hidden() => pb.println(&line),
-            _ => say(&line),
-        }
-        if state.best_val.is_none_or(|b| val < b) {
-            state.best_val = Some(val);
-            save_checkpoint(&dir.join("checkpoints/best.safetensors"), &g.params, &opt, &state)?;
-        }
-        if cfg.train.checkpoint_every > 0 && state.epochs_done % cfg.train.checkpoint_every == 0 {
-            save_checkpoint(&dir.join(format!("checkpoints/epoch_{}.safetensors", state.epochs_done)), &g.params, &opt, &state)?;
-        }
-        save_checkpoint(&last_path, &g.params, &opt, &state)?;
-        snapshot = (g.params.clone(), opt.m.clone(), opt.v.clone(), opt.updates);
-        if opts.stop_after_epochs.is_some_and(|k| ran_epochs >= k) {
-            break;
-        }
+        Ok(crash)
+    };
+    let crash = match run_epochs() {
+        Ok(c) => c,
+        Err(e @ Error::OutOfMemory { .. }) => Some((Crash::Oom, e.to_string())),
+        Err(e) => return Err(e),
+    };
+    if let Some((_, why)) = &crash {
+        say(&format!("run crashed: {why}"));
     }
     if let Some(pb) = &bar {
         pb.finish_and_clear();
@@ -591,7 +620,8 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
         preset: opts.preset.clone(),
         finished,
         crashed: crash.is_some(),
-        reason: crash,
+        crash_kind: crash.as_ref().map(|c| c.0),
+        reason: crash.map(|c| c.1),
         epochs_done: state.epochs_done,
         steps: state.steps,
         updates: state.updates,

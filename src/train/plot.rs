@@ -34,10 +34,24 @@ pub struct Series<'a> {
 
 /// A line plot with a logarithmic y axis when `log_y` (non-positive and non-finite points dropped).
 pub fn lines(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series], log_y: bool) -> Result<()> {
+    lines_marked(path, title, x_label, y_label, series, &[], log_y)
+}
+
+/// [`lines`] plus `marks`: a labelled red cross at each point (e.g. where a failed run stopped).
+pub fn lines_marked(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+    marks: &[(f64, f64)],
+    log_y: bool,
+) -> Result<()> {
     fonts();
     let e = plot_err(path);
     let keep = |p: &&(f64, f64)| p.0.is_finite() && p.1.is_finite() && (!log_y || p.1 > 0.0);
-    let pts: Vec<(f64, f64)> = series.iter().flat_map(|s| s.points.iter().filter(keep).copied()).collect();
+    let pts: Vec<(f64, f64)> =
+        series.iter().flat_map(|s| s.points.iter().filter(keep).copied()).chain(marks.iter().filter(keep).copied()).collect();
     let root = BitMapBackend::new(path, (900, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
     if pts.is_empty() {
@@ -76,6 +90,15 @@ pub fn lines(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[S
                     .label(s.name)
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
             }
+            let marked: Vec<(f64, f64)> = marks.iter().filter(keep).copied().collect();
+            if !marked.is_empty() {
+                let red = RGBColor(214, 39, 40);
+                chart
+                    .draw_series(marked.iter().map(|&p| Cross::new(p, 8, red.stroke_width(3))))
+                    .map_err(|x| e(x.to_string()))?
+                    .label("failed run (where it stopped)")
+                    .legend(move |(x, y)| Cross::new((x + 10, y), 6, red.stroke_width(3)));
+            }
             chart
                 .configure_series_labels()
                 .background_style(WHITE.mix(0.8))
@@ -90,6 +113,47 @@ pub fn lines(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[S
     } else {
         let pad = 0.05 * (y1 - y0);
         draw!(b.build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad)).map_err(|x| e(x.to_string()))?);
+    }
+    root.present().map_err(|x| e(x.to_string()))
+}
+
+/// A bar chart of named values in [0, 1] (e.g. a crash probability), each bar labelled with
+/// its name and `label` above it.
+pub fn bars(path: &Path, title: &str, y_label: &str, bars: &[(String, f64, String)]) -> Result<()> {
+    fonts();
+    let e = plot_err(path);
+    let root = BitMapBackend::new(path, (160 + 110 * bars.len().max(1) as u32, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+    let n = bars.len().max(1) as f64;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..n, 0.0..1.1)
+        .map_err(|x| e(x.to_string()))?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_label_formatter(&|_| String::new())
+        .y_desc(y_label)
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(|x| e(x.to_string()))?;
+    let blue = RGBColor(31, 119, 180);
+    let red = RGBColor(214, 39, 40);
+    for (i, (name, v, label)) in bars.iter().enumerate() {
+        let x = i as f64;
+        let color = if *v > 0.0 { red } else { blue };
+        chart
+            .draw_series(std::iter::once(Rectangle::new([(x + 0.2, 0.0), (x + 0.8, v.clamp(0.0, 1.0))], color.filled())))
+            .map_err(|x| e(x.to_string()))?;
+        chart
+            .draw_series([
+                Text::new(name.clone(), (x + 0.15, v.clamp(0.0, 1.0) + 0.09), ("sans-serif", 14)),
+                Text::new(label.clone(), (x + 0.15, v.clamp(0.0, 1.0) + 0.045), ("sans-serif", 14)),
+            ])
+            .map_err(|x| e(x.to_string()))?;
     }
     root.present().map_err(|x| e(x.to_string()))
 }

@@ -1,0 +1,208 @@
+//! The sweeps: a killed sweep resumes without redoing finished runs, each failure class is
+//! detected on a run built to fail that way, arms merge over the base, and the report is written.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use fnokern::config::Config;
+use fnokern::experiments::{self as ex, Arm, Criteria, Failure, Plan, SweepKind, SweepOptions};
+
+fn tempdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "fnokern-sweep-{tag}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// As in tests/train.rs: N 16, depth 2, 24 training patterns, batch 4, 3 epochs.
+fn tiny(cache: &Path) -> Config {
+    let mut c = Config::default();
+    c.model.depth = 2;
+    c.model.width = 4;
+    c.model.modes = 3;
+    c.model.max_channels = 8;
+    c.data.n = 16;
+    c.data.object_size = 48;
+    c.data.lines = 30;
+    c.data.train_stride = 4;
+    c.data.test_stride = 8;
+    c.data.nphotons = 1e6;
+    c.data.cache_dir = cache.to_path_buf();
+    c.train.epochs = 3;
+    c.train.batch_size = 4;
+    c.train.train_patterns = 24;
+    c.train.test_patterns = 8;
+    c.train.evaluate = false;
+    c
+}
+
+fn options(dir: &Path) -> SweepOptions {
+    SweepOptions {
+        out_dir: dir.to_path_buf(),
+        jobs: 2,
+        threads: Some(2),
+        max_runs: None,
+        // Loose enough that the tiny runs pass unless built to fail.
+        criteria: Criteria { max_val_loss: 10.0, min_amp_ssim: 0.0 },
+        command: "test".into(),
+    }
+}
+
+fn quiet() -> impl Fn(&str) + Sync {
+    |_| {}
+}
+
+fn mtime(p: &Path) -> std::time::SystemTime {
+    std::fs::metadata(p).unwrap().modified().unwrap()
+}
+
+#[test]
+fn a_killed_sweep_resumes_without_redoing_finished_runs() {
+    let dir = tempdir("resume");
+    let base = tiny(&dir.join("cache"));
+    let arms = vec![Arm::load("control").unwrap(), Arm::load("layerscale").unwrap()];
+    let plan = Plan::new(SweepKind::Shootout, &base, arms, vec![2], vec![0, 1]).unwrap();
+    let specs = plan.runs().unwrap();
+    assert_eq!(specs.len(), 4);
+
+    // "Killed" after two runs ended...
+    let mut o = options(&dir);
+    o.max_runs = Some(2);
+    let first = ex::run_sweep(&plan, &o, &quiet()).unwrap();
+    assert_eq!((first.ran, first.reused, first.results.len()), (2, 0, 2));
+    assert!(!first.complete());
+    let report = std::fs::read_to_string(dir.join("report.md")).unwrap();
+    assert!(report.contains("Incomplete"), "{report}");
+    let done: Vec<String> = first.results.iter().map(|r| r.name.clone()).collect();
+    let stamps: Vec<_> = done.iter().map(|n| mtime(&dir.join("runs").join(n).join("summary.json"))).collect();
+    // ... and while the third run was in its second epoch: it has a checkpoint after epoch 1.
+    let third = specs.iter().find(|s| !done.contains(&s.name)).unwrap();
+    let third_dir = dir.join("runs").join(&third.name);
+    let stop = fnokern::train::RunOptions {
+        out_dir: third_dir.clone(),
+        resume: false,
+        stop_after_epochs: Some(1),
+        progress: false,
+        preset: None,
+    };
+    fnokern::train::train(&third.config, &stop, &mut |_| {}).unwrap();
+
+    let messages = Mutex::new(Vec::new());
+    let second = ex::run_sweep(&plan, &options(&dir), &|m: &str| messages.lock().unwrap().push(m.to_string())).unwrap();
+    assert!(second.complete());
+    assert_eq!((second.ran, second.reused), (2, 2), "{:?}", messages.lock().unwrap());
+    for (n, t) in done.iter().zip(&stamps) {
+        assert_eq!(mtime(&dir.join("runs").join(n).join("summary.json")), *t, "{n} was run again");
+    }
+    let log = std::fs::read_to_string(third_dir.join("train.log")).unwrap();
+    assert!(log.contains("resumed from"), "the interrupted run was not resumed: {log}");
+    let third_result = second.results.iter().find(|r| r.name == third.name).unwrap();
+    assert_eq!(third_result.epochs_done, 3);
+    assert_eq!(third_result.val_curve.len(), 3);
+
+    // A resumed run equals one trained straight through (the trainer's exact resume).
+    let straight = tempdir("straight");
+    let s = fnokern::train::train(
+        &third.config,
+        &fnokern::train::RunOptions { out_dir: straight.clone(), resume: false, stop_after_epochs: None, progress: false, preset: None },
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(s.final_val_loss, third_result.final_val_loss);
+
+    // A third invocation runs nothing; a different plan in the same directory is refused.
+    let third_call = ex::run_sweep(&plan, &options(&dir), &quiet()).unwrap();
+    assert_eq!((third_call.ran, third_call.reused), (0, 4));
+    let other = Plan::new(SweepKind::Shootout, &base, vec![Arm::load("agc").unwrap()], vec![2], vec![0]).unwrap();
+    let err = ex::run_sweep(&other, &options(&dir), &quiet()).unwrap_err().to_string();
+    assert!(err.contains("different sweep"), "{err}");
+
+    for f in ["report.md", "results.json", "p_crash.png", "val_curves.png", "plan.json"] {
+        assert!(dir.join(f).is_file(), "{f} missing");
+    }
+    let results: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("results.json")).unwrap()).unwrap();
+    assert_eq!(results["runs"].as_array().unwrap().len(), 4);
+    assert_eq!(results["complete"], true);
+}
+
+/// One run of `cfg` through a one-run sweep; returns its classification.
+fn classify_run(tag: &str, cfg: &Config, criteria: Criteria) -> (Option<Failure>, Option<String>) {
+    let dir = tempdir(tag);
+    let arm = Arm { name: "as-is".into(), overlay: String::new() };
+    let plan = Plan::new(SweepKind::CrashHunt, cfg, vec![arm], vec![cfg.model.depth], vec![0]).unwrap();
+    let mut o = options(&dir);
+    o.criteria = criteria;
+    let out = ex::run_sweep(&plan, &o, &quiet()).unwrap();
+    let r = &out.results[0];
+    (r.failure, r.reason.clone())
+}
+
+#[test]
+fn each_failure_class_is_detected_on_a_run_built_to_fail_that_way() {
+    let cache = tempdir("cache");
+    let loose = Criteria { max_val_loss: 10.0, min_amp_ssim: 0.0 };
+
+    // A healthy run passes.
+    let (f, why) = classify_run("ok", &tiny(&cache), loose);
+    assert_eq!(f, None, "{why:?}");
+
+    // Non-finite: every input batch is NaN, so every step is skipped until the trainer gives up.
+    let mut c = tiny(&cache);
+    c.faults.nan_input_steps = (0..10).collect();
+    c.train.max_consecutive_failures = 3;
+    let (f, why) = classify_run("nan", &c, loose);
+    assert_eq!(f, Some(Failure::Nonfinite), "{why:?}");
+
+    // Loss spikes: every step from the 4th is a 100x spike, rolled back until the trainer gives up.
+    let mut c = tiny(&cache);
+    c.faults.spike_steps = (3..20).collect();
+    c.train.max_consecutive_failures = 3;
+    let (f, why) = classify_run("spike", &c, loose);
+    assert_eq!(f, Some(Failure::Spike), "{why:?}");
+
+    // Out of memory: a budget that holds the model but not a training step's activations.
+    let mut c = tiny(&cache);
+    c.train.memory_limit = Some("64KiB".into());
+    let (f, why) = classify_run("oom", &c, loose);
+    assert_eq!(f, Some(Failure::Oom), "{why:?}");
+    assert!(why.as_deref().unwrap_or("").contains("out of memory"), "{why:?}");
+    // ... and a budget too small for the model itself.
+    c.train.memory_limit = Some("1KiB".into());
+    let (f, _) = classify_run("oom-model", &c, loose);
+    assert_eq!(f, Some(Failure::Oom));
+
+    // Collapse: an (almost) untrained generator reconstructs nothing like the object.
+    let mut c = tiny(&cache);
+    c.train.lr = 1e-9;
+    c.train.epochs = 1;
+    c.train.evaluate = true;
+    let (f, why) = classify_run("collapse", &c, Criteria { max_val_loss: 10.0, min_amp_ssim: 0.5 });
+    assert_eq!(f, Some(Failure::Collapse), "{why:?}");
+
+    // Validation loss: the same untrained run misses a 0.15 threshold when collapse is not checked.
+    let (f, why) = classify_run("val", &c, Criteria { max_val_loss: 0.15, min_amp_ssim: 0.0 });
+    assert_eq!(f, Some(Failure::ValLoss), "{why:?}");
+}
+
+#[test]
+fn arms_merge_over_the_base_and_bad_arms_are_refused() {
+    let base = tiny(Path::new("cache"));
+    let agc = Arm::load("agc").unwrap().apply(&base).unwrap();
+    assert_eq!(agc.train.clip, fnokern::config::ClipKind::AgcUnit);
+    assert_eq!(agc.train.agc_factor, 0.1);
+    assert_eq!(agc.data, base.data, "an arm changes only what it names");
+    let ls = Arm::load("layerscale").unwrap().apply(&base).unwrap();
+    assert_eq!(ls.model.block, fnokern::config::BlockKind::Layerscale);
+    assert_eq!(ls.train.clip, fnokern::config::ClipKind::None);
+
+    let typo = Arm { name: "typo".into(), overlay: "[train]\nclipp = \"none\"\n".into() };
+    let err = typo.apply(&base).unwrap_err().to_string();
+    assert!(err.contains("typo") && err.contains("clipp"), "{err}");
+    let err = Arm::load("no-such-arm").unwrap_err().to_string();
+    assert!(err.contains("control"), "{err}");
+    let err = Plan::new(SweepKind::CrashHunt, &base, vec![Arm::load("control").unwrap()], vec![], vec![0]).unwrap_err();
+    assert!(err.to_string().contains("at least one"));
+}
