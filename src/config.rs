@@ -338,6 +338,40 @@ impl LossConfig {
     }
 }
 
+/// The precision of activations and GEMMs. Master weights, optimiser state, FFTs and the spectral
+/// multiply, norm statistics and the loss stay in fp32 whatever this says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Bf16,
+    /// With dynamic loss scaling (the `loss_scale_*` fields).
+    Fp16,
+}
+
+impl FromStr for Precision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "fp32" => Ok(Precision::Fp32),
+            "bf16" => Ok(Precision::Bf16),
+            "fp16" => Ok(Precision::Fp16),
+            _ => Err(Error::invalid("precision", format!("`{s}` is not a precision (fp32, bf16 or fp16)"))),
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+            Precision::Fp16 => "fp16",
+        })
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OptimizerKind {
@@ -400,6 +434,16 @@ pub enum AuxLoss {
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
     pub epochs: usize,
+    /// Activations and GEMMs in `fp32`, `bf16` or `fp16` (see [`Precision`]).
+    pub precision: Precision,
+    /// fp16's dynamic loss scaling: the first scale; x2 after `loss_scale_growth_interval` clean
+    /// updates in a row; x0.5 after `loss_scale_hysteresis` overflowing updates in a row (each
+    /// one skipped), never below `loss_scale_min`. A non-finite loss skips the batch and keeps
+    /// the scale.
+    pub loss_scale_init: f64,
+    pub loss_scale_growth_interval: u64,
+    pub loss_scale_hysteresis: u32,
+    pub loss_scale_min: f64,
     pub batch_size: usize,
     /// Micro-batches summed into one optimiser update.
     pub accumulate: usize,
@@ -460,6 +504,11 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             epochs: 50,
+            precision: Precision::Fp32,
+            loss_scale_init: 65536.0,
+            loss_scale_growth_interval: 2000,
+            loss_scale_hysteresis: 1,
+            loss_scale_min: 1.0,
             batch_size: 16,
             accumulate: 1,
             train_patterns: 0,
@@ -544,6 +593,12 @@ impl TrainConfig {
         if !(self.rollback_lr_factor > 0.0 && self.rollback_lr_factor <= 1.0) || self.max_consecutive_failures == 0 {
             return bad("rollback_lr_factor must be in (0, 1] and max_consecutive_failures >= 1".into());
         }
+        if !(pos(self.loss_scale_init) && pos(self.loss_scale_min) && self.loss_scale_min <= self.loss_scale_init)
+            || self.loss_scale_growth_interval == 0
+            || self.loss_scale_hysteresis == 0
+        {
+            return bad("loss_scale_init >= loss_scale_min > 0, loss_scale_growth_interval >= 1 and loss_scale_hysteresis >= 1".into());
+        }
         if let Some(m) = &self.memory_limit {
             crate::device::parse_bytes(m).map_err(|e| Error::invalid("train config", format!("memory_limit: {e}")))?;
         }
@@ -565,6 +620,8 @@ pub struct FaultConfig {
     pub nan_input_steps: Vec<u64>,
     /// Multiply these steps' losses by spike_scale.
     pub spike_steps: Vec<u64>,
+    /// Make these steps' generator outputs NaN (a non-finite forward pass).
+    pub nan_forward_steps: Vec<u64>,
     pub spike_scale: f64,
 }
 
@@ -573,6 +630,7 @@ impl Default for FaultConfig {
         FaultConfig {
             nan_input_steps: Vec::new(),
             spike_steps: Vec::new(),
+            nan_forward_steps: Vec::new(),
             spike_scale: 100.0,
         }
     }

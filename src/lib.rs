@@ -18,6 +18,7 @@ pub mod gradcheck;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod plan;
 pub mod tensor;
 pub mod train;
 

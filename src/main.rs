@@ -27,6 +27,13 @@ struct ConfigArgs {
     /// Shorthand for --set model.depth=D.
     #[arg(long)]
     depth: Option<usize>,
+    /// Shorthand for --set train.precision=P: fp32, bf16 or fp16 (activations and GEMMs).
+    #[arg(long)]
+    precision: Option<String>,
+    /// Shorthand for --set train.memory_limit=SIZE: a device memory budget such as 24GiB; a run
+    /// that needs more stops cleanly as out of memory, as a card of that size would.
+    #[arg(long, value_name = "SIZE")]
+    mem_limit: Option<String>,
     /// Override one field, e.g. --set model.width=16 --set data.n=32 (repeatable).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     set: Vec<String>,
@@ -41,6 +48,14 @@ impl ConfigArgs {
         };
         if let Some(d) = self.depth {
             cfg.set(&format!("model.depth={d}"))?;
+        }
+        if let Some(p) = &self.precision {
+            p.parse::<fnokern::config::Precision>()?;
+            cfg.set(&format!("train.precision=\"{p}\""))?;
+        }
+        if let Some(m) = &self.mem_limit {
+            fnokern::device::parse_bytes(m)?;
+            cfg.set(&format!("train.memory_limit=\"{m}\""))?;
         }
         for s in &self.set {
             cfg.set(s)?;
@@ -145,6 +160,22 @@ enum Command {
         #[command(flatten)]
         sweep: SweepArgs,
     },
+    /// Plan the memory of one training step on the meta device: per level, parameters,
+    /// gradients, optimizer state and the activations kept, and the peak with and without
+    /// activation checkpointing (--mem-limit adds a fits / exceeds verdict).
+    Plan {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Shorthand for --set train.batch_size=B.
+        #[arg(long)]
+        batch: Option<usize>,
+        /// Shorthand for --set data.n=N (the patch size).
+        #[arg(long)]
+        n: Option<usize>,
+        /// The checkpointing policy to compare with none: every_level (default) or every_K.
+        #[arg(long)]
+        checkpoint: Option<String>,
+    },
     /// Print the build (CUDA kernels embedded or not, nvcc, targets) and the devices.
     Info,
     /// Check every differentiable op's gradient against central finite differences (f64, CPU).
@@ -174,6 +205,7 @@ fn main() -> ExitCode {
                 sweep(fnokern::experiments::SweepKind::CrashHunt, cfg, depths, vec![arm], sw)
             }
         }
+        Command::Plan { cfg, batch, n, checkpoint } => plan(&cfg, batch, n, checkpoint),
         Command::Shootout { cfg, arms, sweep: sw } => sweep(fnokern::experiments::SweepKind::Shootout, cfg, Vec::new(), arms, sw),
     };
     match result {
@@ -290,6 +322,27 @@ fn sweep(kind: fnokern::experiments::SweepKind, mut args: ConfigArgs, depths: Ve
         }
     }
     println!("wrote {}/report.md, results.json, p_crash.png, val_curves.png ({} runs this time, {} kept)", out.display(), o.ran, o.reused);
+    Ok(())
+}
+
+fn plan(args: &ConfigArgs, batch: Option<usize>, n: Option<usize>, checkpoint: Option<String>) -> fnokern::Result<()> {
+    let mut cfg = args.resolve()?;
+    if let Some(b) = batch {
+        cfg.set(&format!("train.batch_size={b}"))?;
+    }
+    if let Some(n) = n {
+        cfg.set(&format!("data.n={n}"))?;
+    }
+    if let Some(c) = checkpoint {
+        cfg.model.checkpoint = c.parse()?;
+    }
+    cfg.validate()?;
+    println!(
+        "plan: depth {}, width {}, max_channels {}, modes {}, N {}, block {:?}, optimizer {:?}, spike action {:?}",
+        cfg.model.depth, cfg.model.width, cfg.model.max_channels, cfg.model.modes, cfg.data.n, cfg.model.block, cfg.train.optimizer, cfg.train.spike_action
+    );
+    let p = fnokern::plan::plan(&cfg)?;
+    print!("{}", p.render(cfg.train.memory_limit_bytes()?));
     Ok(())
 }
 

@@ -91,6 +91,11 @@ pub enum Unary {
     Log,
     /// The angle wrapped to [-pi, pi): x - 2 pi round(x / 2 pi); derivative 1.
     WrapAngle,
+    /// x rounded to the nearest IEEE half (f16; ties to even; beyond +-65504 it is +-inf), as a
+    /// GPU stores an fp16 activation. Used by `ops::round_to`, whose backward rounds the gradient.
+    RoundF16,
+    /// x rounded to the nearest bfloat16 (ties to even).
+    RoundBf16,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

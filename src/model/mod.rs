@@ -21,7 +21,7 @@ use std::fmt::Write as _;
 
 use crate::autograd::{ParamId, ParamStore, Tape, Var};
 use crate::backend::{Conv2dParams, NormKind, SpectralModes};
-use crate::config::{BlockKind, CheckpointPolicy, ModelConfig, PrenormKind};
+use crate::config::{BlockKind, CheckpointPolicy, ModelConfig, Precision, PrenormKind};
 use crate::device::Device;
 use crate::error::Result;
 use crate::ops;
@@ -81,13 +81,21 @@ struct Conv {
 }
 
 impl Conv {
-    fn run(self, t: &mut Tape, x: &Var, p: Conv2dParams) -> Result<Var> {
+    /// The weight and bias as the GEMM sees them (cast to the working precision).
+    fn wb(self, t: &mut Tape, lp: Precision) -> Result<(Var, Var)> {
         let (w, b) = (t.param(self.w)?, t.param(self.b)?);
-        ops::conv2d(t, x, &w, Some(&b), p)
+        Ok((ops::round_to(t, &w, lp)?, ops::round_to(t, &b, lp)?))
     }
-    fn run_transposed(self, t: &mut Tape, x: &Var, p: Conv2dParams) -> Result<Var> {
-        let (w, b) = (t.param(self.w)?, t.param(self.b)?);
-        ops::conv_transpose2d(t, x, &w, Some(&b), p)
+    /// conv2d in the working precision: inputs and output rounded through it (fp32 accumulation).
+    fn run(self, t: &mut Tape, x: &Var, p: Conv2dParams, lp: Precision) -> Result<Var> {
+        let (w, b) = self.wb(t, lp)?;
+        let y = ops::conv2d(t, x, &w, Some(&b), p)?;
+        ops::round_to(t, &y, lp)
+    }
+    fn run_transposed(self, t: &mut Tape, x: &Var, p: Conv2dParams, lp: Precision) -> Result<Var> {
+        let (w, b) = self.wb(t, lp)?;
+        let y = ops::conv_transpose2d(t, x, &w, Some(&b), p)?;
+        ops::round_to(t, &y, lp)
     }
 }
 
@@ -108,53 +116,61 @@ struct Block {
 }
 
 impl Block {
-    /// GELU(Spectral(x) + Conv3x3(x))
-    fn branch(&self, t: &mut Tape, x: &Var) -> Result<Var> {
+    /// GELU(Spectral(x) + Conv3x3(x)). The spectral convolution is promoted to fp32 (its FFTs
+    /// and mode multiply see the rounded input exactly); its result is rounded like any
+    /// activation. The sum and GELU run in the working precision.
+    fn branch(&self, t: &mut Tape, x: &Var, lp: Precision) -> Result<Var> {
         let w = t.param(self.spectral)?;
         let s = ops::spectral_conv(t, x, &w, self.modes)?;
-        let c = self.conv.run(t, x, PAD1)?;
+        let s = ops::round_to(t, &s, lp)?;
+        let c = self.conv.run(t, x, PAD1, lp)?;
         let sum = ops::add(t, &s, &c)?;
-        ops::gelu(t, &sum)
+        let sum = ops::round_to(t, &sum, lp)?;
+        let y = ops::gelu(t, &sum)?;
+        ops::round_to(t, &y, lp)
     }
 
-    fn norm(&self, t: &mut Tape, kind: NormKind, x: &Var) -> Result<Var> {
+    /// Norms keep fp32 statistics and affine parameters; the output is rounded.
+    fn norm(&self, t: &mut Tape, kind: NormKind, x: &Var, lp: Precision) -> Result<Var> {
         let g = self.norm_w.map(|p| t.param(p)).transpose()?;
         let b = self.norm_b.map(|p| t.param(p)).transpose()?;
-        ops::norm(t, kind, x, g.as_ref(), b.as_ref(), self.eps)
+        let y = ops::norm(t, kind, x, g.as_ref(), b.as_ref(), self.eps)?;
+        ops::round_to(t, &y, lp)
     }
 
-    fn forward(&self, t: &mut Tape, x: &Var) -> Result<Var> {
-        match self.kind {
+    fn forward(&self, t: &mut Tape, x: &Var, lp: Precision) -> Result<Var> {
+        let y = match self.kind {
             BlockKind::Ptycho => {
-                let br = self.branch(t, x)?;
-                ops::add(t, x, &br)
+                let br = self.branch(t, x, lp)?;
+                ops::add(t, x, &br)?
             }
             BlockKind::Layerscale => {
-                let br = self.branch(t, x)?;
+                let br = self.branch(t, x, lp)?;
                 let l = t.param(self.scale.ok_or_else(missing)?)?;
-                ops::layerscale(t, x, &br, &l)
+                ops::layerscale(t, x, &br, &l)?
             }
             BlockKind::LayerscaleNorm => {
-                let br = self.branch(t, x)?;
-                let n = self.norm(t, NormKind::InstanceNorm, &br)?;
+                let br = self.branch(t, x, lp)?;
+                let n = self.norm(t, NormKind::InstanceNorm, &br, lp)?;
                 let l = t.param(self.scale.ok_or_else(missing)?)?;
-                ops::layerscale(t, x, &n, &l)
+                ops::layerscale(t, x, &n, &l)?
             }
             BlockKind::Prenorm => {
                 let kind = match self.prenorm {
                     PrenormKind::Rms => NormKind::RmsNorm,
                     PrenormKind::Layer => NormKind::LayerNorm,
                 };
-                let n = self.norm(t, kind, x)?;
-                let br = self.branch(t, &n)?;
-                ops::add(t, x, &br)
+                let n = self.norm(t, kind, x, lp)?;
+                let br = self.branch(t, &n, lp)?;
+                ops::add(t, x, &br)?
             }
             BlockKind::ZeroGamma => {
-                let br = self.branch(t, x)?;
-                let n = self.norm(t, NormKind::InstanceNorm, &br)?;
-                ops::add(t, x, &n)
+                let br = self.branch(t, x, lp)?;
+                let n = self.norm(t, NormKind::InstanceNorm, &br, lp)?;
+                ops::add(t, x, &n)?
             }
-        }
+        };
+        ops::round_to(t, &y, lp)
     }
 }
 
@@ -170,16 +186,16 @@ struct EncoderLevel {
 
 impl EncoderLevel {
     /// [block output] or [block output (the skip), input of the next level].
-    fn forward(&self, t: &mut Tape, x: &Var) -> Result<Vec<Var>> {
-        let y = self.block.forward(t, x)?;
+    fn forward(&self, t: &mut Tape, x: &Var, lp: Precision) -> Result<Vec<Var>> {
+        let y = self.block.forward(t, x, lp)?;
         Ok(match self.next {
             None => vec![y],
             Some((Transition::Down, c)) => {
-                let d = c.run(t, &y, DOWN)?;
+                let d = c.run(t, &y, DOWN, lp)?;
                 vec![y, d]
             }
             Some((Transition::Same, c)) => {
-                let d = c.run(t, &y, PAD1)?;
+                let d = c.run(t, &y, PAD1, lp)?;
                 vec![y, d]
             }
         })
@@ -194,17 +210,18 @@ struct DecoderLevel {
 }
 
 impl DecoderLevel {
-    fn forward(&self, t: &mut Tape, x: &Var, skip: &Var) -> Result<Var> {
+    fn forward(&self, t: &mut Tape, x: &Var, skip: &Var, lp: Precision) -> Result<Var> {
         let up = match self.up {
-            (Transition::Down, c) => c.run_transposed(t, x, DOWN)?,
-            (Transition::Same, c) => c.run(t, x, PAD1)?,
+            (Transition::Down, c) => c.run_transposed(t, x, DOWN, lp)?,
+            (Transition::Same, c) => c.run(t, x, PAD1, lp)?,
         };
         let cat = ops::concat_channels(t, &[&up, skip])?;
         drop(up);
-        let h = self.conv1.run(t, &cat, PAD1)?;
+        let h = self.conv1.run(t, &cat, PAD1, lp)?;
         drop(cat);
         let h = ops::gelu(t, &h)?;
-        self.conv2.run(t, &h, PAD1)
+        let h = ops::round_to(t, &h, lp)?;
+        self.conv2.run(t, &h, PAD1, lp)
     }
 }
 
@@ -239,6 +256,8 @@ pub struct Generator {
     pub n: usize,
     pub in_channels: usize,
     pub params: ParamStore,
+    /// The working precision of activations and GEMMs (`train.precision`); fp32 by default.
+    pub precision: Precision,
     levels: Vec<LevelSpec>,
     lifter: (Conv, Conv),
     encoder: Vec<EncoderLevel>,
@@ -462,6 +481,7 @@ impl Generator {
             n,
             in_channels,
             params: b.store,
+            precision: Precision::Fp32,
             levels,
             lifter,
             encoder,
@@ -493,6 +513,13 @@ impl Generator {
 
     /// x [B, C, N, N] -> [B, 2C, N, N] (real channels, then imaginary channels).
     pub fn forward(&self, t: &mut Tape, x: &Var) -> Result<Var> {
+        self.forward_traced(t, x, &mut |_| {})
+    }
+
+    /// [`Generator::forward`], calling `trace(i)` after part `i` of [`Generator::table`] (lifter,
+    /// encoder levels, bottleneck, decoder levels, head) has run: `fnokern plan` reads the
+    /// device's ledger there to attribute the activations the tape keeps to each part.
+    pub fn forward_traced(&self, t: &mut Tape, x: &Var, trace: &mut dyn FnMut(usize)) -> Result<Var> {
         let d = x.dims();
         if d.len() != 4 || d[1] != self.in_channels || d[2] != self.n || d[3] != self.n {
             return Err(crate::error::Error::mismatch_because(
@@ -503,35 +530,51 @@ impl Generator {
             ));
         }
         let policy = self.config.checkpoint;
-        let h = self.lifter.0.run(t, x, PAD1)?;
+        let lp = self.precision;
+        let x = ops::round_to(t, x, lp)?;
+        let h = self.lifter.0.run(t, &x, PAD1, lp)?;
         let h = ops::gelu(t, &h)?;
-        let mut h = self.lifter.1.run(t, &h, PAD1)?;
+        let h = ops::round_to(t, &h, lp)?;
+        let mut h = self.lifter.1.run(t, &h, PAD1, lp)?;
+        let mut part = 0;
+        let mut traced = |p: &mut usize| {
+            trace(*p);
+            *p += 1;
+        };
+        traced(&mut part);
         let mut skips = Vec::with_capacity(self.encoder.len());
         for (i, level) in self.encoder.iter().enumerate() {
             let mut outs = segment(t, policy, i, &[&h], {
                 let level = *level;
-                move |t, v| level.forward(t, &v[0])
+                move |t, v| level.forward(t, &v[0], lp)
             })?;
             h = outs.pop().ok_or_else(missing)?;
             if let Some(skip) = outs.pop() {
                 skips.push(skip);
             }
+            traced(&mut part);
         }
         let bottleneck = self.bottleneck;
-        h = segment(t, policy, self.encoder.len(), &[&h], move |t, v| Ok(vec![bottleneck.forward(t, &v[0])?]))?
+        h = segment(t, policy, self.encoder.len(), &[&h], move |t, v| Ok(vec![bottleneck.forward(t, &v[0], lp)?]))?
             .pop()
             .ok_or_else(missing)?;
+        traced(&mut part);
         for level in &self.decoder {
             let skip = skips.pop().ok_or_else(missing)?;
             let j = skips.len();
             h = segment(t, policy, j, &[&h, &skip], {
                 let level = *level;
-                move |t, v| Ok(vec![level.forward(t, &v[0], &v[1])?])
+                move |t, v| Ok(vec![level.forward(t, &v[0], &v[1], lp)?])
             })?
             .pop()
             .ok_or_else(missing)?;
+            traced(&mut part);
         }
-        self.head.run(t, &h, POINT)
+        // The head's output is the last low-precision activation; the loss runs in fp32.
+        let y = self.head.run(t, &h, POINT, lp)?;
+        drop(h);
+        traced(&mut part);
+        Ok(y)
     }
 
     /// The per-level table `fnokern model` prints.

@@ -2,6 +2,7 @@
 
 use crate::autograd::{Tape, Var};
 use crate::backend::{self, Binary, Unary};
+use crate::config::Precision;
 use crate::error::Result;
 
 fn unary_op(tape: &mut Tape, x: &Var, op: Unary) -> Result<Var> {
@@ -42,6 +43,23 @@ pub fn log(tape: &mut Tape, x: &Var) -> Result<Var> {
 /// An angle wrapped to [-pi, pi); its gradient is 1 (the wrap is a shift by whole turns).
 pub fn wrap_angle(tape: &mut Tape, x: &Var) -> Result<Var> {
     unary_op(tape, x, Unary::WrapAngle)
+}
+
+/// Rounds x through the given precision, as a mixed-precision GPU stores an activation or casts
+/// a weight: y = round(x), and the gradient is rounded the same way (dx = round(dy)), as the
+/// backward of a low-precision op produces it. An fp16 gradient beyond +-65504 becomes inf: the
+/// overflow that dynamic loss scaling detects. fp32 is the identity and records nothing.
+pub fn round_to(tape: &mut Tape, x: &Var, precision: Precision) -> Result<Var> {
+    let op = match precision {
+        Precision::Fp32 => return Ok(x.clone()),
+        Precision::Fp16 => Unary::RoundF16,
+        Precision::Bf16 => Unary::RoundBf16,
+    };
+    let y = backend::unary(op, x.value())?;
+    tape.record1(&[x], y, move |ctx| {
+        let dx = backend::unary(op, ctx.grad(0))?;
+        ctx.add(0, dx)
+    })
 }
 
 pub fn add(tape: &mut Tape, a: &Var, b: &Var) -> Result<Var> {

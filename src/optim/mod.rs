@@ -272,3 +272,58 @@ pub fn aux_weight(cfg: &TrainConfig, u: u64) -> f64 {
         cfg.aux_weight * (u - w0) / r
     }
 }
+
+/// fp16's dynamic loss scaler (PyTorch GradScaler's defaults, plus a floor and hysteresis;
+/// shared/REFERENCE.md section 4). The loss is multiplied by `scale` before backward and the
+/// gradients divided by it before clipping. Only overflowing gradients (finite loss) move the
+/// scale down; a non-finite loss is the trainer's business and leaves the scale alone, which
+/// avoids the "death spiral" of halving on every broken forward.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LossScaler {
+    pub scale: f64,
+    /// Clean updates since the last change of scale.
+    pub clean: u64,
+    /// Overflowing updates in a row.
+    pub overflows: u32,
+}
+
+/// What one update did to the scale.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ScaleEvent {
+    /// Finite gradients; the scale is unchanged.
+    Clean,
+    /// Finite gradients, and the interval of clean updates is complete: the scale doubled.
+    Grew,
+    /// Overflow: the update is skipped; the scale was halved (or held by hysteresis or the floor).
+    Overflow { backed_off: bool, at_floor: bool },
+}
+
+impl LossScaler {
+    pub fn new(cfg: &TrainConfig) -> Self {
+        LossScaler { scale: cfg.loss_scale_init, clean: 0, overflows: 0 }
+    }
+
+    /// Records one update whose unscaled gradients were finite or not.
+    pub fn update(&mut self, cfg: &TrainConfig, finite: bool) -> ScaleEvent {
+        if finite {
+            self.overflows = 0;
+            self.clean += 1;
+            if self.clean >= cfg.loss_scale_growth_interval {
+                self.clean = 0;
+                // Doubling past f32's range would make every later step overflow.
+                self.scale = (self.scale * 2.0).min(f32::MAX as f64 / 2.0);
+                return ScaleEvent::Grew;
+            }
+            return ScaleEvent::Clean;
+        }
+        self.clean = 0;
+        self.overflows += 1;
+        let at_floor = self.scale <= cfg.loss_scale_min;
+        let backed_off = self.overflows >= cfg.loss_scale_hysteresis && !at_floor;
+        if backed_off {
+            self.overflows = 0;
+            self.scale = (self.scale * 0.5).max(cfg.loss_scale_min);
+        }
+        ScaleEvent::Overflow { backed_off, at_floor }
+    }
+}

@@ -25,7 +25,7 @@ use serde_json::json;
 
 use crate::autograd::{ParamStore, Tape};
 use crate::backend;
-use crate::config::{AuxLoss, Config, LossConfig, LossKind, SpikeAction};
+use crate::config::{AuxLoss, Config, LossConfig, LossKind, Precision, SpikeAction};
 use crate::data::{self, npz::NpzSplit, physics};
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -33,7 +33,7 @@ use crate::eval::{self, Metrics};
 use crate::model::weights::{self, Named};
 use crate::model::Generator;
 use crate::ops;
-use crate::optim::{self, Optimizer, Schedule};
+use crate::optim::{self, LossScaler, Optimizer, ScaleEvent, Schedule};
 use crate::tensor::{DType, Tensor};
 
 /// How a run is driven (not part of its identity).
@@ -63,6 +63,9 @@ pub struct TrainState {
     pub last_val: Option<f64>,
     pub consecutive_failures: usize,
     pub outcomes: BTreeMap<String, u64>,
+    /// fp16's dynamic loss scaler (None in fp32 and bf16).
+    #[serde(default)]
+    pub scaler: Option<LossScaler>,
     /// The config the run was started with (TOML), to refuse a resume under another.
     pub config: String,
 }
@@ -229,11 +232,15 @@ fn batch_loss(
     b: &data::Batch,
     sprobe: &Tensor,
     aux_w: f64,
+    nan_forward: bool,
 ) -> Result<(crate::autograd::Var, f64)> {
     let x = t.constant(b.diffraction.clone());
     let yi = t.constant(b.y_i.clone());
     let yp = t.constant(b.y_phi.clone());
-    let out = g.forward(t, &x)?;
+    let mut out = g.forward(t, &x)?;
+    if nan_forward {
+        out = ops::scale(t, &out, f64::NAN)?;
+    }
     let targets = physics::Targets { diffraction: &x, y_i: &yi, y_phi: &yp };
     let main = physics::loss(t, &cfg.loss, &out, &targets, sprobe)?;
     let main_value = main.value().scalar_value()?;
@@ -252,7 +259,7 @@ fn validate(g: &Generator, cfg: &Config, split: &NpzSplit, idx: &[usize], sprobe
     for chunk in idx.chunks(cfg.train.batch_size) {
         let b = data::batch(split, chunk, DType::F32, dev)?;
         let mut t = Tape::with_params(&g.params);
-        let (_, v) = batch_loss(&mut t, g, cfg, &b, sprobe, 0.0)?;
+        let (_, v) = batch_loss(&mut t, g, cfg, &b, sprobe, 0.0, false)?;
         total += v * chunk.len() as f64;
     }
     Ok(total / idx.len().max(1) as f64)
@@ -344,6 +351,16 @@ fn plots(dir: &Path, records: &[serde_json::Value]) -> Result<()> {
     )
 }
 
+/// Warns when the loss scale falls under 16384 or under 1024 (REFERENCE section 4): a scale that
+/// keeps falling means the gradients overflow fp16 even unscaled.
+fn warn_scale(before: f64, after: f64, say: &mut dyn FnMut(&str)) {
+    for limit in [16384.0, 1024.0] {
+        if before >= limit && after < limit {
+            say(&format!("warning: the fp16 loss scale fell to {after} (under {limit}): gradients keep overflowing"));
+        }
+    }
+}
+
 /// Trains as configured, writing the run directory; returns the summary (also in summary.json).
 pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Result<Summary> {
     let started = Instant::now();
@@ -366,6 +383,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
     let dev = Device::cpu();
     dev.set_memory_limit(cfg.train.memory_limit_bytes()?);
     let mut g = Generator::new(&cfg.model, cfg.data.n, 1, &dev, DType::F32)?;
+    g.precision = cfg.train.precision;
     let mut opt = Optimizer::new(cfg.train.optimizer, &g.params);
     let ds = data::load_or_simulate(&cfg.data, &mut |m| say(m))?;
     let train_idx = subset(ds.train.len(), cfg.train.train_patterns);
@@ -383,6 +401,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
         last_val: None,
         consecutive_failures: 0,
         outcomes: BTreeMap::new(),
+        scaler: (cfg.train.precision == Precision::Fp16).then(|| LossScaler::new(&cfg.train)),
         config: config_toml.clone(),
     };
     let mut records = Vec::new();
@@ -453,12 +472,16 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
                     b.diffraction = Tensor::full(f64::NAN, b.diffraction.shape().clone(), DType::F32, &dev)?;
                 }
                 let mut rec = json!({"kind": "step", "step": step, "epoch": epoch, "lr": lr});
+            if let Some(sc) = &state.scaler {
+                rec["loss_scale"] = json!(sc.scale);
+            }
                 let outcome: &str = 'step: {
                     if !is_finite_tensor(&b.diffraction)? {
                         break 'step "skipped_bad_input";
                     }
                     let mut t = Tape::with_params(&g.params);
-                    let (mut loss, _) = batch_loss(&mut t, &g, cfg, &b, &sprobe, aux_w)?;
+                    let nan_forward = cfg.faults.nan_forward_steps.contains(&step);
+                let (mut loss, _) = batch_loss(&mut t, &g, cfg, &b, &sprobe, aux_w, nan_forward)?;
                     if cfg.faults.spike_steps.contains(&step) {
                         loss = ops::scale(&mut t, &loss, cfg.faults.spike_scale)?;
                     }
@@ -486,7 +509,15 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
                             }
                         }
                     }
-                    let grads = t.backward(&loss)?.into_params();
+                    // fp16: back-propagate the scaled loss so that small gradients survive rounding.
+                let loss_scale = state.scaler.as_ref().map(|s| s.scale);
+                let grads = match loss_scale {
+                    Some(s) => {
+                        let scaled = ops::scale(&mut t, &loss, s)?;
+                        t.backward(&scaled)?.into_params()
+                    }
+                    None => t.backward(&loss)?.into_params(),
+                };
                     if acc.is_empty() {
                         acc = grads;
                     } else {
@@ -509,9 +540,11 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
                         break 'step if spike { "spike_logged" } else { "accumulated" };
                     }
                     let mut grads = std::mem::take(&mut acc);
-                    if micro > 1 {
+                    // Average the micro-batches and undo the loss scale (a power of two: exact).
+                    let unscale = 1.0 / (micro as f64 * loss_scale.unwrap_or(1.0));
+                    if unscale != 1.0 {
                         for gr in grads.iter_mut().flatten() {
-                            *gr = backend::affine(gr, 1.0 / micro as f64, 0.0)?;
+                            *gr = backend::affine(gr, unscale, 0.0)?;
                         }
                     }
                     micro = 0;
@@ -519,10 +552,22 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
                     rec["grad_norm"] = json!(report.norm_before);
                     rec["grad_norm_clipped"] = json!(report.norm_after);
                     if !report.norm_before.is_finite() {
+                        if let Some(sc) = state.scaler.as_mut() {
+                            let before = sc.scale;
+                            let event = sc.update(&cfg.train, false);
+                            warn_scale(before, sc.scale, &mut *say);
+                            if let ScaleEvent::Overflow { at_floor: true, .. } = event {
+                                break 'step "overflow_at_floor";
+                            }
+                            break 'step "overflow_skipped";
+                        }
                         break 'step "skipped_nonfinite_grad";
                     }
                     opt.step(&cfg.train, &mut g.params, &grads, lr, 1.0)?;
                     state.updates += 1;
+                    if let Some(sc) = state.scaler.as_mut() {
+                        sc.update(&cfg.train, true);
+                    }
                     if spike {
                         "spike_logged"
                     } else {
@@ -531,7 +576,11 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
                 };
                 rec["outcome"] = json!(outcome);
                 *state.outcomes.entry(outcome.to_string()).or_default() += 1;
-                let failed = matches!(outcome, "skipped_bad_input" | "skipped_nonfinite_loss" | "skipped_nonfinite_grad" | "spike_skipped" | "rolled_back");
+                // An overflow above the scale's floor is loss scaling working as meant, not a failure.
+            let failed = matches!(
+                outcome,
+                "skipped_bad_input" | "skipped_nonfinite_loss" | "skipped_nonfinite_grad" | "overflow_at_floor" | "spike_skipped" | "rolled_back"
+            );
                 state.consecutive_failures = if failed { state.consecutive_failures + 1 } else { 0 };
                 log.write(&rec)?;
                 records.push(rec);

@@ -197,6 +197,8 @@ fn unary_f(op: Unary, x: f64) -> f64 {
         Unary::Square => x * x,
         Unary::Log => x.ln(),
         Unary::WrapAngle => x - std::f64::consts::TAU * (x / std::f64::consts::TAU).round(),
+        Unary::RoundF16 => half::f16::from_f64(x).to_f64(),
+        Unary::RoundBf16 => half::bf16::from_f64(x).to_f64(),
     }
 }
 
@@ -216,7 +218,9 @@ fn unary_df(op: Unary, x: f64) -> f64 {
         Unary::Sqrt => 0.5 / x.sqrt(),
         Unary::Square => 2.0 * x,
         Unary::Log => 1.0 / x,
-        Unary::WrapAngle => 1.0,
+        // Rounding is treated as the identity by the chain rule (a straight-through cast);
+        // `ops::round_to` rounds the gradient itself.
+        Unary::WrapAngle | Unary::RoundF16 | Unary::RoundBf16 => 1.0,
     }
 }
 
