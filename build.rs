@@ -43,17 +43,16 @@ fn main() {
     };
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let fatbin = out.join("kernels.fatbin");
+    // One translation unit that includes every kernel file: one fatbin, no device linking.
+    let unit = out.join("all_kernels.cu");
+    let includes: String = sources.iter().map(|s| format!("#include \"{}\"\n", s.display())).collect();
+    std::fs::write(&unit, includes).unwrap_or_else(|e| panic!("cannot write {}: {e}", unit.display()));
     let mut cmd = Command::new(&nvcc);
     cmd.arg("--fatbin").arg("-O3").arg("-std=c++17").args(TARGETS);
     if let Some(cccl) = cccl_include(&nvcc) {
         cmd.arg("-I").arg(cccl);
     }
-    cmd.arg("-I").arg(manifest.join("kernels")).arg("-o").arg(&fatbin);
-    // One fatbin from several translation units needs relocatable device code.
-    if sources.len() > 1 {
-        cmd.arg("-rdc=true");
-    }
-    cmd.args(&sources);
+    cmd.arg("-I").arg(manifest.join("kernels")).arg("-o").arg(&fatbin).arg(&unit);
     let status = cmd.status().unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
     if !status.success() {
         panic!("nvcc failed compiling the kernels ({status})");
@@ -63,7 +62,7 @@ fn main() {
         .output()
         .ok()
         .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.lines().last().map(str::to_owned))
+        .and_then(|s| s.lines().find(|l| l.contains("release")).map(str::to_owned))
         .unwrap_or_else(|| "unknown".into());
     println!("cargo::rustc-cfg=fnokern_kernels");
     println!("cargo::rustc-env=FNOKERN_KERNELS=1");

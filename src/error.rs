@@ -67,6 +67,10 @@ pub enum Error {
     #[error("{op}: tensor on the meta device has no data")]
     NoData { op: &'static str },
 
+    /// The CUDA driver, the GPU or the embedded kernels: no GPU, no driver, a failed launch.
+    #[error("cuda: {op}: {why}")]
+    Cuda { op: String, why: String },
+
     #[error("FFT failed in {op}: {why}")]
     Fft { op: &'static str, why: String },
 

@@ -11,6 +11,7 @@
 //! spectral weights [C_in, C_out, R, M_y, 2] for the R kept rows and M_y kept columns.
 
 pub mod cpu;
+pub mod cuda;
 pub mod meta;
 
 use crate::error::{Error, Result};

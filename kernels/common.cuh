@@ -1,0 +1,47 @@
+// common.cuh: what every fnokern kernel shares.
+//
+// - Element types: f32 (float), f16 (__half), bf16 (__nv_bfloat16); arithmetic is always fp32
+//   (to_f32 / from_f32 round to nearest even).
+// - block_sum: a deterministic block-wide fp32 sum (warp shuffles, then one warp over the warp
+//   sums). The order of additions depends only on blockDim, never on timing, so a kernel that
+//   reduces with it gives the same bits on every run.
+// - Kernels take plain scalars and pointers; launchers (src/backend/cuda/) check every shape and
+//   pointer before launching, and kernels keep only a bounds guard.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#define FNO_WARP 32
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// Sum of v over the block; every thread gets the result. blockDim.x must be a multiple of 32 and
+// at most 1024. Uses 32 floats of shared memory.
+__device__ __forceinline__ float block_sum(float v) {
+    __shared__ float warp_sums[FNO_WARP];
+    for (int o = FNO_WARP / 2; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+    const int lane = threadIdx.x % FNO_WARP, warp = threadIdx.x / FNO_WARP;
+    __syncthreads();  // warp_sums may still be read by a previous call
+    if (lane == 0) warp_sums[warp] = v;
+    __syncthreads();
+    const int warps = blockDim.x / FNO_WARP;
+    float s = (threadIdx.x < warps) ? warp_sums[threadIdx.x] : 0.0f;
+    if (warp == 0) {
+        for (int o = FNO_WARP / 2; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
+        if (lane == 0) warp_sums[0] = s;
+    }
+    __syncthreads();
+    return warp_sums[0];
+}
+
+// Grid-stride loop over [0, n).
+#define FNO_FOR(i, n) for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (int64_t)(n); i += (int64_t)gridDim.x * blockDim.x)

@@ -1,0 +1,67 @@
+// spectral.cu: the spectral mode multiply of the Fourier layer, forward and both backward products.
+//
+//   forward:   Y[b, o, rows[r], c]  = sum_i  X[b, i, rows[r], c] * W[i, o, r, c]
+//   dX:        dX[b, i, rows[r], c] = sum_o  dY[b, o, rows[r], c] * conj(W[i, o, r, c])
+//   dW:        dW[i, o, r, c]       = sum_b  conj(X[b, i, rows[r], c]) * dY[b, o, rows[r], c]
+// for r < R kept rows (their indices in `rows`) and c < My kept columns; every other mode of Y and
+// dX is zero (the launcher clears the output first). Complex values are float2 (re, im).
+//
+// Shapes: X, dX [B, Ci, H, Wh] complex (the half spectrum of rfft2), Y, dY [B, Co, H, Wh],
+//         W, dW [Ci, Co, R, My], rows [R] int32.
+// Geometry: one thread per output mode, grid-stride; the innermost index is the column c, so a
+//         warp reads consecutive columns of X, W and dY (coalesced). The reduction over i, o or b
+//         runs in order inside the thread: results do not depend on the launch.
+// CPU reference: src/backend/cpu/spectral.rs (mix_fwd, mix_bwd_input, mix_bwd_weight).
+#include "common.cuh"
+
+__device__ __forceinline__ float2 cmul(float2 a, float2 b) { return make_float2(a.x * b.x - a.y * b.y, a.x * b.y + a.y * b.x); }
+__device__ __forceinline__ float2 cmul_conj_b(float2 a, float2 b) { return make_float2(a.x * b.x + a.y * b.y, a.y * b.x - a.x * b.y); }
+
+extern "C" __global__ void spectral_mix_fwd_f32(const float2* __restrict__ x, const float2* __restrict__ w, const int* __restrict__ rows,
+                                                float2* __restrict__ y, int B, int Ci, int Co, int H, int Wh, int R, int My) {
+    const int64_t n = (int64_t)B * Co * R * My;
+    FNO_FOR(t, n) {
+        const int c = t % My, r = (t / My) % R, o = (t / ((int64_t)My * R)) % Co, b = t / ((int64_t)My * R * Co);
+        const int64_t plane = (int64_t)H * Wh, at = (int64_t)rows[r] * Wh + c;
+        float2 acc = make_float2(0.f, 0.f);
+        for (int i = 0; i < Ci; ++i) {
+            const float2 p = cmul(x[((int64_t)b * Ci + i) * plane + at], w[(((int64_t)i * Co + o) * R + r) * My + c]);
+            acc.x += p.x;
+            acc.y += p.y;
+        }
+        y[((int64_t)b * Co + o) * plane + at] = acc;
+    }
+}
+
+extern "C" __global__ void spectral_mix_bwd_input_f32(const float2* __restrict__ dy, const float2* __restrict__ w, const int* __restrict__ rows,
+                                                      float2* __restrict__ dx, int B, int Ci, int Co, int H, int Wh, int R, int My) {
+    const int64_t n = (int64_t)B * Ci * R * My;
+    FNO_FOR(t, n) {
+        const int c = t % My, r = (t / My) % R, i = (t / ((int64_t)My * R)) % Ci, b = t / ((int64_t)My * R * Ci);
+        const int64_t plane = (int64_t)H * Wh, at = (int64_t)rows[r] * Wh + c;
+        float2 acc = make_float2(0.f, 0.f);
+        for (int o = 0; o < Co; ++o) {
+            const float2 p = cmul_conj_b(dy[((int64_t)b * Co + o) * plane + at], w[(((int64_t)i * Co + o) * R + r) * My + c]);
+            acc.x += p.x;
+            acc.y += p.y;
+        }
+        dx[((int64_t)b * Ci + i) * plane + at] = acc;
+    }
+}
+
+extern "C" __global__ void spectral_mix_bwd_weight_f32(const float2* __restrict__ x, const float2* __restrict__ dy, const int* __restrict__ rows,
+                                                       float2* __restrict__ dw, int B, int Ci, int Co, int H, int Wh, int R, int My) {
+    const int64_t n = (int64_t)Ci * Co * R * My;
+    FNO_FOR(t, n) {
+        const int c = t % My, r = (t / My) % R, o = (t / ((int64_t)My * R)) % Co, i = t / ((int64_t)My * R * Co);
+        const int64_t plane = (int64_t)H * Wh, at = (int64_t)rows[r] * Wh + c;
+        float2 acc = make_float2(0.f, 0.f);
+        for (int b = 0; b < B; ++b) {
+            // conj(X) dY = conj(X conj(dY)) -> (re, -im) of cmul_conj_b(X, dY)
+            const float2 p = cmul_conj_b(x[((int64_t)b * Ci + i) * plane + at], dy[((int64_t)b * Co + o) * plane + at]);
+            acc.x += p.x;
+            acc.y -= p.y;
+        }
+        dw[t] = acc;
+    }
+}

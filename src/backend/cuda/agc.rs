@@ -1,0 +1,64 @@
+//! Launchers of kernels/agc.cu: unit-wise (or per-tensor, units = 1) adaptive gradient clipping
+//! in one launch, and the unit norms and rescaling on their own.
+
+use cudarc::driver::{CudaSlice, PushKernelArg};
+
+use super::{check_len, elementwise_config, int, launched, per_block_config, Gpu};
+use crate::error::Result;
+
+/// A tensor viewed as [pre, units, post] (units along the output axis).
+pub type Units = (usize, usize, usize);
+
+impl Gpu {
+    /// g_u *= min(1, lambda max(|w_u|, eps) / |g_u|) per unit, in place; returns nothing, and
+    /// writes each unit's factor into `factors` when given.
+    pub fn agc_unit(&self, w: &CudaSlice<f32>, g: &mut CudaSlice<f32>, factors: Option<&mut CudaSlice<f32>>, u: Units, lambda: f32, eps: f32) -> Result<()> {
+        const OP: &str = "agc_unit_f32";
+        let (pre, units, post) = u;
+        check_len(OP, "w", w, pre * units * post)?;
+        check_len(OP, "g", g, pre * units * post)?;
+        let (p, n, q) = (int(OP, pre)?, int(OP, units)?, int(OP, post)?);
+        let f = self.function(OP)?;
+        let null = 0u64;
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(w).arg(g);
+        match factors {
+            Some(fs) => {
+                check_len(OP, "factors", fs, units)?;
+                l.arg(fs)
+            }
+            None => l.arg(&null),
+        };
+        l.arg(&p).arg(&n).arg(&q).arg(&lambda).arg(&eps);
+        // SAFETY: lengths checked above; one block per unit.
+        launched(OP, unsafe { l.launch(per_block_config(units)?) })
+    }
+
+    /// out[u] = sum of x_u^2.
+    pub fn unit_sumsq(&self, x: &CudaSlice<f32>, out: &mut CudaSlice<f32>, u: Units) -> Result<()> {
+        const OP: &str = "unit_sumsq_f32";
+        let (pre, units, post) = u;
+        check_len(OP, "x", x, pre * units * post)?;
+        check_len(OP, "out", out, units)?;
+        let (p, n, q) = (int(OP, pre)?, int(OP, units)?, int(OP, post)?);
+        let f = self.function(OP)?;
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(x).arg(out).arg(&p).arg(&n).arg(&q);
+        // SAFETY: lengths checked above; one block per unit.
+        launched(OP, unsafe { l.launch(per_block_config(units)?) })
+    }
+
+    /// x_u *= scale[u], in place.
+    pub fn scale_units(&self, x: &mut CudaSlice<f32>, scale: &CudaSlice<f32>, u: Units) -> Result<()> {
+        const OP: &str = "scale_units_f32";
+        let (pre, units, post) = u;
+        check_len(OP, "x", x, pre * units * post)?;
+        check_len(OP, "scale", scale, units)?;
+        let (p, n, q) = (int(OP, pre)?, int(OP, units)?, int(OP, post)?);
+        let f = self.function(OP)?;
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(x).arg(scale).arg(&p).arg(&n).arg(&q);
+        // SAFETY: lengths checked above.
+        launched(OP, unsafe { l.launch(elementwise_config(pre * units * post)) })
+    }
+}
