@@ -62,7 +62,8 @@ fn spectral(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default().sample_size(10).measurement_time(std::time::Duration::from_secs(3));
+    // No plots: criterion's plotting needs system fonts that a CI or GPU host may lack.
+    config = Criterion::default().sample_size(10).measurement_time(std::time::Duration::from_secs(3)).without_plots();
     targets = conv2d, spectral
 }
 criterion_main!(benches);

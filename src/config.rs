@@ -491,7 +491,8 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// Shuffling seed.
     pub seed: u64,
-    /// `cpu` (the CUDA backend is not in this build).
+    /// `cpu`: the only device the trainer runs on so far (the CUDA kernels exist and are tested,
+    /// but GPU tensors and the CUDA convolutions and FFTs are not wired in yet).
     pub device: String,
     /// Device memory budget (e.g. `24GiB`): an allocation that would exceed it stops the run as
     /// out of memory, as a card of that size would. Unset: no budget.
@@ -604,7 +605,8 @@ impl TrainConfig {
         }
         if self.device != "cpu" {
             return bad(format!(
-                "device `{}` is not available: this build has the CPU backend only (the CUDA backend is its own issue)",
+                "device `{}` is not available: the trainer runs on the CPU only so far (the CUDA kernels are built and tested, \
+                 see `fnokern info`, but GPU tensors, convolutions and FFTs are not wired into the trainer yet)",
                 self.device
             ));
         }

@@ -294,7 +294,7 @@ fn sweep(kind: fnokern::experiments::SweepKind, mut args: ConfigArgs, depths: Ve
     if sw.seeds == 0 {
         return Err(bad("--seeds must be at least 1".into()));
     }
-    if !(sw.max_val_loss > 0.0) || !(0.0..=1.0).contains(&sw.min_amp_ssim) {
+    if sw.max_val_loss.is_nan() || sw.max_val_loss <= 0.0 || !(0.0..=1.0).contains(&sw.min_amp_ssim) {
         return Err(bad("--max-val-loss must be > 0 and --min-amp-ssim in [0, 1]".into()));
     }
     let out = sw.out.unwrap_or_else(|| match kind {
@@ -410,7 +410,26 @@ fn info() {
     } else {
         println!("cuda kernels: not embedded (CPU-only build)");
     }
-    println!("cuda device: the CUDA backend is not part of this build yet");
+    match fnokern::backend::cuda::probe(0) {
+        Ok(g) => {
+            println!(
+                "gpu 0: {} (compute capability {}.{}), driver CUDA {}.{}, memory {:.2} GiB free of {:.2} GiB",
+                g.name,
+                g.compute_capability.0,
+                g.compute_capability.1,
+                g.driver_version / 1000,
+                (g.driver_version % 1000) / 10,
+                g.free_bytes as f64 / (1u64 << 30) as f64,
+                g.total_bytes as f64 / (1u64 << 30) as f64
+            );
+            match fnokern::backend::cuda::Gpu::open(0) {
+                Ok(_) => println!("gpu 0: the embedded kernels load"),
+                Err(e) => println!("gpu 0: {e}"),
+            }
+        }
+        Err(e) => println!("gpu: none usable ({e})"),
+    }
+    println!("training backend: cpu (the CUDA kernels are not yet wired into the trainer)");
 }
 
 fn gradcheck(only: Option<&str>) -> fnokern::Result<()> {

@@ -66,90 +66,163 @@ fn copy(t: &Tensor) -> Result<Tensor> {
     backend::affine(t, 1.0, 0.0)
 }
 
+/// One steady-state training step of a config on a device, set up once and run any number of
+/// times: what [`step_memory`] measures and what the step-time benchmark times.
+pub struct SyntheticStep {
+    cfg: Config,
+    g: Generator,
+    opt: Optimizer,
+    /// The rollback snapshot (parameters, moments), held only to be counted.
+    _snapshot: Option<Vec<Tensor>>,
+    diffraction: Tensor,
+    y_i: Tensor,
+    y_phi: Tensor,
+    probe: Tensor,
+    /// Bytes of each resident group: parameters, optimiser state, snapshot, batch and probe.
+    pub params: u64,
+    pub optimizer: u64,
+    pub snapshot: u64,
+    pub batch: u64,
+    slots: u64,
+}
+
+/// The ledger readings of one run of a [`SyntheticStep`].
+struct StepReadings {
+    /// Ledger after each part of the generator's forward pass (and before the first).
+    marks: Vec<u64>,
+    activations: u64,
+}
+
+impl SyntheticStep {
+    /// Builds the generator, the optimiser state (as after its first update: Adam's two moments,
+    /// SGD's momentum buffer), the rollback snapshot when `spike_action = rollback` (its own copy:
+    /// the trainer's update is copy-on-write, so after one update the copies are distinct), and a
+    /// batch of `cfg.train.batch_size` patterns on `dev`.
+    pub fn new(cfg: &Config, dev: &Device) -> Result<SyntheticStep> {
+        cfg.validate()?;
+        let at = || dev.memory().current;
+        let base = at();
+        let mut g = Generator::new(&cfg.model, cfg.data.n, 1, dev, DType::F32)?;
+        g.precision = cfg.train.precision;
+        let params = at() - base;
+        let mut opt = Optimizer::new(cfg.train.optimizer, &g.params);
+        let slots: u64 = match cfg.train.optimizer {
+            OptimizerKind::Adam | OptimizerKind::Adamw => 2,
+            OptimizerKind::Sgd if cfg.train.momentum > 0.0 => 1,
+            OptimizerKind::Sgd => 0,
+        };
+        for (id, _, p) in g.params.iter() {
+            if slots >= 1 {
+                opt.m[id.0] = Some(Tensor::zeros(p.shape().clone(), p.dtype(), dev)?);
+            }
+            if slots >= 2 {
+                opt.v[id.0] = Some(Tensor::zeros(p.shape().clone(), p.dtype(), dev)?);
+            }
+        }
+        let before = at();
+        let snapshot = if cfg.train.spike_action == SpikeAction::Rollback {
+            let all = g.params.values().iter().chain(opt.m.iter().flatten()).chain(opt.v.iter().flatten());
+            Some(all.map(copy).collect::<Result<Vec<_>>>()?)
+        } else {
+            None
+        };
+        let snapshot_bytes = at() - before;
+        let (b, n) = (cfg.train.batch_size, cfg.data.n);
+        let before = at();
+        let obs = Tensor::randn([b, 1, n, n], 1.0, 1, DType::F32, dev)?;
+        let diffraction = backend::unary(backend::Unary::Abs, &obs)?;
+        drop(obs);
+        let y_i = Tensor::zeros([b, 1, n, n], DType::F32, dev)?;
+        let y_phi = Tensor::zeros([b, 1, n, n], DType::F32, dev)?;
+        let probe = physics::scaled_probe(&Tensor::full(1.0, [n, n, 2], DType::F32, dev)?, &cfg.loss)?;
+        let batch = at() - before;
+        Ok(SyntheticStep {
+            cfg: cfg.clone(),
+            g,
+            opt,
+            _snapshot: snapshot,
+            diffraction,
+            y_i,
+            y_phi,
+            probe,
+            params,
+            optimizer: params * slots,
+            snapshot: snapshot_bytes,
+            batch,
+            slots,
+        })
+    }
+
+    /// Bytes held before a step.
+    pub fn resident(&self) -> u64 {
+        self.params + self.optimizer + self.snapshot + self.batch
+    }
+
+    /// Forward, loss (scaled in fp16), backward and the optimiser update.
+    pub fn run(&mut self) -> Result<()> {
+        self.run_reading(None).map(drop)
+    }
+
+    fn run_reading(&mut self, dev: Option<&Device>) -> Result<StepReadings> {
+        let cfg = &self.cfg;
+        let at = || dev.map_or(0, |d| d.memory().current);
+        let mut marks = Vec::new();
+        let (grads, activations) = {
+            let mut t = Tape::with_params(&self.g.params);
+            let x = t.constant(self.diffraction.clone());
+            let yi = t.constant(self.y_i.clone());
+            let yp = t.constant(self.y_phi.clone());
+            let start = at();
+            marks.push(start);
+            let out = self.g.forward_traced(&mut t, &x, &mut |_| marks.push(at()))?;
+            let targets = physics::Targets { diffraction: &x, y_i: &yi, y_phi: &yp };
+            let mut loss = physics::loss(&mut t, &cfg.loss, &out, &targets, &self.probe)?;
+            drop(out);
+            if cfg.train.precision == Precision::Fp16 {
+                loss = ops::scale(&mut t, &loss, cfg.train.loss_scale_init)?;
+            }
+            let activations = at() - start;
+            (t.backward(&loss)?.into_params(), activations)
+        };
+        self.opt.step(&cfg.train, &mut self.g.params, &grads, cfg.train.lr, 1.0)?;
+        Ok(StepReadings { marks, activations })
+    }
+}
+
 /// Runs one steady-state training step of `cfg` (batch `cfg.train.batch_size`, checkpointing
 /// `cfg.model.checkpoint`) on `dev` and reads its ledger.
 pub fn step_memory(cfg: &Config, dev: &Device) -> Result<StepMemory> {
-    cfg.validate()?;
     let base = dev.memory().current;
-    let mut g = Generator::new(&cfg.model, cfg.data.n, 1, dev, DType::F32)?;
-    g.precision = cfg.train.precision;
-    let params = dev.memory().current - base;
-    // The optimiser's state as after its first update: Adam's two moments, SGD's momentum buffer.
-    let mut opt = Optimizer::new(cfg.train.optimizer, &g.params);
-    let slots = match cfg.train.optimizer {
-        OptimizerKind::Adam | OptimizerKind::Adamw => 2,
-        OptimizerKind::Sgd if cfg.train.momentum > 0.0 => 1,
-        OptimizerKind::Sgd => 0,
-    };
-    for (id, _, p) in g.params.iter() {
-        if slots >= 1 {
-            opt.m[id.0] = Some(Tensor::zeros(p.shape().clone(), p.dtype(), dev)?);
-        }
-        if slots >= 2 {
-            opt.v[id.0] = Some(Tensor::zeros(p.shape().clone(), p.dtype(), dev)?);
-        }
-    }
-    let optimizer = params * slots;
-    // The rollback snapshot: its own copy of parameters and optimiser state (the trainer's
-    // update writes copy-on-write, so after the first update the two copies are distinct).
-    let snapshot_before = dev.memory().current;
-    let _snapshot = if cfg.train.spike_action == SpikeAction::Rollback {
-        let p: Vec<Tensor> = g.params.values().iter().map(copy).collect::<Result<_>>()?;
-        let m: Vec<Tensor> = opt.m.iter().flatten().map(copy).collect::<Result<_>>()?;
-        let v: Vec<Tensor> = opt.v.iter().flatten().map(copy).collect::<Result<_>>()?;
-        Some((p, m, v))
-    } else {
-        None
-    };
-    let snapshot = dev.memory().current - snapshot_before;
-    let (b, n) = (cfg.train.batch_size, cfg.data.n);
-    let batch_before = dev.memory().current;
-    let diffraction = Tensor::zeros([b, 1, n, n], DType::F32, dev)?;
-    let y_i = Tensor::zeros([b, 1, n, n], DType::F32, dev)?;
-    let y_phi = Tensor::zeros([b, 1, n, n], DType::F32, dev)?;
-    let probe = physics::scaled_probe(&Tensor::zeros([n, n, 2], DType::F32, dev)?, &cfg.loss)?;
-    let batch = dev.memory().current - batch_before;
-    let resident = dev.memory().current - base;
-
+    let mut step = SyntheticStep::new(cfg, dev)?;
     dev.reset_peak();
-    let table = g.table().to_vec();
-    let mut marks = Vec::with_capacity(table.len() + 1);
-    let (grads, activations) = {
-        let mut t = Tape::with_params(&g.params);
-        let x = t.constant(diffraction.clone());
-        let yi = t.constant(y_i.clone());
-        let yp = t.constant(y_phi.clone());
-        let start = dev.memory().current;
-        marks.push(start);
-        let out = g.forward_traced(&mut t, &x, &mut |_| marks.push(dev.memory().current))?;
-        let targets = physics::Targets { diffraction: &x, y_i: &yi, y_phi: &yp };
-        let mut loss = physics::loss(&mut t, &cfg.loss, &out, &targets, &probe)?;
-        drop(out);
-        if cfg.train.precision == Precision::Fp16 {
-            loss = ops::scale(&mut t, &loss, cfg.train.loss_scale_init)?;
-        }
-        let activations = dev.memory().current - start;
-        (t.backward(&loss)?.into_params(), activations)
-    };
-    opt.step(&cfg.train, &mut g.params, &grads, cfg.train.lr, 1.0)?;
-    drop(grads);
+    let r = step.run_reading(Some(dev))?;
     let peak = dev.memory().peak - base;
-
-    let ratio = |p: usize| (p * 4) as u64;
-    let parts = table
+    let bytes = |p: usize| (p * 4) as u64;
+    let parts = step
+        .g
+        .table()
         .iter()
         .enumerate()
         .map(|(i, row)| PartMemory {
             part: row.part.clone(),
             resolution: row.resolution,
             width: row.width,
-            params: ratio(row.params),
-            grads: ratio(row.params),
-            optimizer: ratio(row.params) * slots,
-            activations: marks.get(i + 1).zip(marks.get(i)).map_or(0, |(a, b)| a.saturating_sub(*b)),
+            params: bytes(row.params),
+            grads: bytes(row.params),
+            optimizer: bytes(row.params) * step.slots,
+            activations: r.marks.get(i + 1).zip(r.marks.get(i)).map_or(0, |(a, b)| a.saturating_sub(*b)),
         })
         .collect();
-    Ok(StepMemory { parts, resident, params, optimizer, snapshot, batch, activations, peak })
+    Ok(StepMemory {
+        parts,
+        resident: step.resident(),
+        params: step.params,
+        optimizer: step.optimizer,
+        snapshot: step.snapshot,
+        batch: step.batch,
+        activations: r.activations,
+        peak,
+    })
 }
 
 /// The plan of `cfg` on the meta device: without checkpointing, and with `policy` (the config's

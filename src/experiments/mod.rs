@@ -93,12 +93,13 @@ pub fn classify(s: &Summary, c: &Criteria) -> Option<(Failure, String)> {
     }
     let ssim = s.metrics.as_ref().and_then(|m| m["amp_ssim"].as_f64());
     if let Some(v) = ssim {
-        if !(v >= c.min_amp_ssim) {
+        // NaN counts as a collapse.
+        if v < c.min_amp_ssim || v.is_nan() {
             return Some((Failure::Collapse, format!("amplitude SSIM {v:.3} < {}", c.min_amp_ssim)));
         }
     }
     match s.final_val_loss {
-        Some(v) if !(v <= c.max_val_loss) => {
+        Some(v) if v > c.max_val_loss || v.is_nan() => {
             Some((Failure::ValLoss, format!("final validation loss {v:.4} > {}", c.max_val_loss)))
         }
         _ => None,
@@ -211,6 +212,18 @@ impl Plan {
         Ok(plan)
     }
 
+    /// Whether two plans are the same sweep: same kind, arms, depths and seeds, and base configs
+    /// that read the same (so fields added to the config since, at their defaults, do not count).
+    pub fn same_sweep(&self, other: &Plan) -> bool {
+        let parse = |p: &Plan| toml::from_str::<Config>(&p.base).ok();
+        self.kind == other.kind
+            && self.arms == other.arms
+            && self.depths == other.depths
+            && self.seeds == other.seeds
+            && parse(self).is_some()
+            && parse(self) == parse(other)
+    }
+
     /// Every run, depth-major, then arm, then seed. Each run's config is the base with the arm
     /// merged over it, then `model.depth`, `model.seed` and `train.seed` set.
     pub fn runs(&self) -> Result<Vec<RunSpec>> {
@@ -244,6 +257,10 @@ pub struct RunResult {
     pub reason: Option<String>,
     /// Whether training ran all its epochs (false for crashed runs).
     pub finished: bool,
+    /// Steps whose loss was a spike (rolled back, skipped or only logged).
+    pub spikes: u64,
+    /// Steps skipped for non-finite inputs, losses or gradients (fp16 overflows included).
+    pub nonfinite_steps: u64,
     pub epochs_done: usize,
     pub best_val_loss: Option<f64>,
     pub final_val_loss: Option<f64>,
@@ -269,6 +286,11 @@ impl RunResult {
             failure: failure.as_ref().map(|f| f.0),
             reason: failure.map(|f| f.1),
             finished: s.finished,
+            spikes: ["rolled_back", "spike_skipped", "spike_logged"].iter().filter_map(|k| s.outcomes.get(*k)).sum(),
+            nonfinite_steps: ["skipped_bad_input", "skipped_nonfinite_loss", "skipped_nonfinite_grad", "overflow_skipped", "overflow_at_floor"]
+                .iter()
+                .filter_map(|k| s.outcomes.get(*k))
+                .sum(),
             epochs_done: s.epochs_done,
             best_val_loss: s.best_val_loss,
             final_val_loss: s.final_val_loss,
@@ -404,7 +426,7 @@ pub fn run_sweep(plan: &Plan, opts: &SweepOptions, say: &(dyn Fn(&str) + Sync)) 
     if plan_path.is_file() {
         let old: Plan = serde_json::from_slice(&fs::read(&plan_path).map_err(io(&plan_path))?)
             .map_err(|e| Error::BadFile { path: plan_path.display().to_string(), why: format!("not a sweep plan: {e}") })?;
-        if &old != plan {
+        if !old.same_sweep(plan) {
             return Err(Error::invalid(
                 "sweep",
                 format!(

@@ -47,6 +47,11 @@ pub struct Group {
     pub runs: usize,
     pub failed: usize,
     pub p_crash: Option<f64>,
+    /// Runs with at least one loss spike, and spikes in all.
+    pub runs_with_spikes: usize,
+    pub spikes: u64,
+    /// Non-finite steps (skipped) in all.
+    pub nonfinite_steps: u64,
     /// (seed, failure, reason) of each failed run.
     pub failing: Vec<(u64, Failure, String)>,
     /// Over the runs that trained to the end (crashed runs have no final numbers).
@@ -72,6 +77,9 @@ pub fn groups(plan: &Plan, results: &[RunResult]) -> Vec<Group> {
                 runs: rs.len(),
                 failed: failing.len(),
                 p_crash: (!rs.is_empty()).then(|| failing.len() as f64 / rs.len() as f64),
+                runs_with_spikes: rs.iter().filter(|r| r.spikes > 0).count(),
+                spikes: rs.iter().map(|r| r.spikes).sum(),
+                nonfinite_steps: rs.iter().map(|r| r.nonfinite_steps).sum(),
                 failing,
                 best_val_loss: Stat::of(done.iter().map(|r| r.best_val_loss)),
                 final_val_loss: Stat::of(done.iter().map(|r| r.final_val_loss)),
@@ -230,20 +238,34 @@ pub fn write(plan: &Plan, opts: &SweepOptions, outcome: &SweepOutcome) -> Result
         };
         let _ = writeln!(md, "- {line}");
     }
-    let _ = writeln!(md, "\nMeans ± sample standard deviations over the runs of a cell that trained to the end (n given when some did not).\n");
-    let _ = writeln!(md, "| arm | depth | P_crash | failing seeds | best val loss | final val loss | amp SSIM | phase SSIM | amp MAE | time per run (s) |");
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        md,
+        "\nA spike (loss > {} x the recent mean) is handled by the trainer (`spike_action = {}`) and fails a run only when {} come in a row. \
+         Means ± sample standard deviations over the runs of a cell that trained to the end (n given when some did not).\n",
+        base.train.spike_factor,
+        word(&base.train.spike_action),
+        base.train.max_consecutive_failures
+    );
+    let _ = writeln!(
+        md,
+        "| arm | depth | P_crash | failing seeds | runs with spikes (spikes) | non-finite steps | best val loss | final val loss | amp SSIM | phase SSIM | amp MAE | time per run (s) |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     for g in &gs {
         let failing: Vec<String> = g.failing.iter().map(|(s, f, why)| format!("{s}: {} ({why})", f.name())).collect();
         let n = |s: &Stat| if s.n < g.runs { format!(" (n={})", s.n) } else { String::new() };
         let _ = writeln!(
             md,
-            "| {} | {} | {}/{} | {} | {}{} | {}{} | {} | {} | {} | {} |",
+            "| {} | {} | {}/{} | {} | {}/{} ({}) | {} | {}{} | {}{} | {} | {} | {} | {} |",
             g.arm,
             g.depth,
             g.failed,
             g.runs,
             if failing.is_empty() { "-".into() } else { failing.join("; ") },
+            g.runs_with_spikes,
+            g.runs,
+            g.spikes,
+            g.nonfinite_steps,
             g.best_val_loss.show(4),
             n(&g.best_val_loss),
             g.final_val_loss.show(4),
@@ -255,8 +277,8 @@ pub fn write(plan: &Plan, opts: &SweepOptions, outcome: &SweepOutcome) -> Result
         );
     }
     let _ = writeln!(md, "\n## Runs\n");
-    let _ = writeln!(md, "| run | outcome | epochs | best val loss | final val loss | amp SSIM | phase SSIM | amp MAE | parameters | time (s) |");
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(md, "| run | outcome | epochs | spikes | non-finite steps | best val loss | final val loss | amp SSIM | phase SSIM | amp MAE | parameters | time (s) |");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in results {
         let outcome = match (&r.failure, &r.reason) {
             (Some(f), Some(why)) => format!("FAILED: {} ({why})", f.name()),
@@ -264,10 +286,12 @@ pub fn write(plan: &Plan, opts: &SweepOptions, outcome: &SweepOutcome) -> Result
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |",
             r.name,
             outcome,
             r.epochs_done,
+            r.spikes,
+            r.nonfinite_steps,
             fmt(r.best_val_loss, 4),
             fmt(r.final_val_loss, 4),
             fmt(r.amp_ssim, 3),

@@ -407,7 +407,9 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
     let mut records = Vec::new();
     if opts.resume {
         let (params, o, s) = load_checkpoint(&last_path, &g.params, cfg.train.optimizer)?;
-        if s.config != config_toml {
+        // Compared as configs, not text: fields added to the config since, at their defaults, do
+        // not make a checkpoint unresumable.
+        if toml::from_str::<Config>(&s.config).ok().as_ref() != Some(cfg) {
             return Err(Error::invalid(
                 "resume",
                 format!("{} was written with a different config (see its config.toml); resume with the same one", last_path.display()),

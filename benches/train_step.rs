@@ -1,0 +1,36 @@
+//! One training step of the `cpu` preset's generator (depth 8, N 32, width 8, max_channels 64,
+//! batch 16, Adam, rollback snapshot) on the CPU: the cost of activation checkpointing
+//! (none vs every_level) and of emulated low precision (bf16/fp16 rounding on top of fp32).
+//! Throughput is in patterns per second.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use fnokern::config::{presets, CheckpointPolicy, Precision};
+use fnokern::plan::SyntheticStep;
+use fnokern::Device;
+
+fn step(c: &mut Criterion) {
+    let mut g = c.benchmark_group("train_step_cpu_preset");
+    g.sample_size(10);
+    for (policy, precision) in [
+        (CheckpointPolicy::None, Precision::Fp32),
+        (CheckpointPolicy::EveryLevel, Precision::Fp32),
+        (CheckpointPolicy::None, Precision::Bf16),
+        (CheckpointPolicy::None, Precision::Fp16),
+    ] {
+        let mut cfg = presets::get("cpu").expect("the cpu preset exists");
+        cfg.model.checkpoint = policy;
+        cfg.train.precision = precision;
+        g.throughput(Throughput::Elements(cfg.train.batch_size as u64));
+        let mut s = SyntheticStep::new(&cfg, &Device::cpu()).expect("the step builds");
+        g.bench_function(format!("{precision}/checkpoint_{policy}"), |b| b.iter(|| s.run().expect("the step runs")));
+    }
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    // No plots: criterion's plotting needs system fonts that a CI or GPU host may lack.
+    config = Criterion::default().without_plots();
+    targets = step
+}
+criterion_main!(benches);
