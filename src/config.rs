@@ -730,36 +730,32 @@ pub mod presets {
 
     pub fn get(name: &str) -> Result<Config> {
         let mut c = Config::default();
+        // What the two CPU presets share: a capped-width generator at N 32 on small objects.
+        let small = |c: &mut Config| {
+            c.model.width = 8;
+            c.model.max_channels = 64;
+            c.model.modes = 6;
+            c.data.n = 32;
+            c.data.object_size = 160;
+            c.data.lines = 100;
+            c.data.train_stride = 4;
+            c.data.test_stride = 8;
+            c.train.batch_size = 16;
+        };
         match name {
             "cpu" => {
+                small(&mut c);
                 c.model.depth = 8;
-                c.model.width = 8;
-                c.model.max_channels = 64;
-                c.model.modes = 6;
-                c.data.n = 32;
-                c.data.object_size = 160;
-                c.data.lines = 100;
-                c.data.train_stride = 4;
-                c.data.test_stride = 8;
                 c.data.train_objects = 2;
                 c.train.epochs = 16;
-                c.train.batch_size = 16;
                 c.train.train_patterns = 2048;
                 c.train.test_patterns = 128;
                 c.train.schedule = ScheduleKind::WarmupCosine;
             }
             "sweep" => {
+                small(&mut c);
                 c.model.depth = 6;
-                c.model.width = 8;
-                c.model.max_channels = 64;
-                c.model.modes = 6;
-                c.data.n = 32;
-                c.data.object_size = 160;
-                c.data.lines = 100;
-                c.data.train_stride = 4;
-                c.data.test_stride = 8;
                 c.train.epochs = 12;
-                c.train.batch_size = 16;
                 c.train.train_patterns = 512;
                 c.train.test_patterns = 64;
             }

@@ -1,41 +1,18 @@
 //! The sweeps: a killed sweep resumes without redoing finished runs, each failure class is
 //! detected on a run built to fail that way, arms merge over the base, and the report is written.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 
+mod common;
+use common::tempdir;
 use fnokern::config::Config;
 use fnokern::experiments::{self as ex, Arm, Criteria, Failure, Plan, SweepKind, SweepOptions};
 
-fn tempdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "fnokern-sweep-{tag}-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// As in tests/train.rs: N 16, depth 2, 24 training patterns, batch 4, 3 epochs.
+/// The shared tiny config with 3 epochs.
 fn tiny(cache: &Path) -> Config {
-    let mut c = Config::default();
-    c.model.depth = 2;
-    c.model.width = 4;
-    c.model.modes = 3;
-    c.model.max_channels = 8;
-    c.data.n = 16;
-    c.data.object_size = 48;
-    c.data.lines = 30;
-    c.data.train_stride = 4;
-    c.data.test_stride = 8;
-    c.data.nphotons = 1e6;
-    c.data.cache_dir = cache.to_path_buf();
+    let mut c = common::tiny(cache);
     c.train.epochs = 3;
-    c.train.batch_size = 4;
-    c.train.train_patterns = 24;
-    c.train.test_patterns = 8;
-    c.train.evaluate = false;
     c
 }
 

@@ -1,22 +1,14 @@
 //! Mixed precision (rounding through bf16/fp16, dynamic loss scaling) and the memory plan
 //! (configs/depth8-24gb.toml, the meta plan against the CPU's measured peak).
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::tempdir;
+use std::path::Path;
 
 use fnokern::config::{CheckpointPolicy, Config, Precision, TrainConfig};
 use fnokern::optim::{LossScaler, ScaleEvent};
 use fnokern::train::{self, RunOptions};
 use fnokern::{ops, plan, DType, Device, Tape, Tensor};
-
-fn tempdir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "fnokern-precision-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 #[test]
 fn round_to_rounds_values_and_gradients_like_the_half_types() {
@@ -77,32 +69,16 @@ fn the_loss_scaler_grows_backs_off_and_respects_floor_and_hysteresis() {
     assert_eq!(s.scale, 32.0);
 }
 
-/// tests/train.rs's tiny config in fp16.
+/// The shared tiny config in fp16.
 fn tiny_fp16(cache: &Path) -> Config {
-    let mut c = Config::default();
-    c.model.depth = 2;
-    c.model.width = 4;
-    c.model.modes = 3;
-    c.model.max_channels = 8;
-    c.data.n = 16;
-    c.data.object_size = 48;
-    c.data.lines = 30;
-    c.data.train_stride = 4;
-    c.data.test_stride = 8;
-    c.data.nphotons = 1e6;
-    c.data.cache_dir = cache.to_path_buf();
-    c.train.epochs = 4;
-    c.train.batch_size = 4;
-    c.train.train_patterns = 24;
-    c.train.test_patterns = 8;
-    c.train.evaluate = false;
+    let mut c = common::tiny(cache);
     c.train.precision = Precision::Fp16;
     c
 }
 
 #[test]
 fn fp16_overflow_backs_off_and_a_nonfinite_forward_skips_without_touching_the_scale() {
-    let root = tempdir();
+    let root = tempdir("precision");
     let mut cfg = tiny_fp16(&root.join("cache"));
     // 2^40: the scaled output gradient is far beyond fp16's 65504, so the first steps overflow
     // for real (rounded to inf in the emulated fp16 backward) until the scale has backed off.
@@ -145,7 +121,7 @@ fn fp16_overflow_backs_off_and_a_nonfinite_forward_skips_without_touching_the_sc
 
 #[test]
 fn bf16_training_rounds_and_still_learns() {
-    let root = tempdir();
+    let root = tempdir("precision");
     let mut cfg = tiny_fp16(&root.join("cache"));
     let run = |cfg: &Config, name: &str| {
         let o = RunOptions { out_dir: root.join(name), resume: false, stop_after_epochs: None, progress: false, preset: None };
@@ -211,7 +187,7 @@ fn the_plan_equals_the_cpu_measured_peak_of_a_scaled_down_depth8_24gb() {
 
 #[test]
 fn a_memory_budget_stops_training_cleanly_as_out_of_memory() {
-    let root = tempdir();
+    let root = tempdir("precision");
     let mut cfg = tiny_fp16(&root.join("cache"));
     cfg.train.precision = Precision::Fp32;
     let step = plan::step_memory(&cfg, &Device::meta()).unwrap();

@@ -1,42 +1,12 @@
 //! The trainer: exact resume, determinism, the guards (NaN inputs, loss spikes, rollback, crash
 //! on repeated failure), the run directory, and bad input.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+mod common;
+use common::{tempdir, tiny};
 use fnokern::config::{Config, SpikeAction};
 use fnokern::train::{self, RunOptions, Summary};
-
-fn tempdir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "fnokern-train-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// A generator and data small enough for a test: N 16, depth 2, 24 training patterns, batch 4.
-fn tiny(cache: &Path) -> Config {
-    let mut c = Config::default();
-    c.model.depth = 2;
-    c.model.width = 4;
-    c.model.modes = 3;
-    c.model.max_channels = 8;
-    c.data.n = 16;
-    c.data.object_size = 48;
-    c.data.lines = 30;
-    c.data.train_stride = 4;
-    c.data.test_stride = 8;
-    c.data.nphotons = 1e6;
-    c.data.cache_dir = cache.to_path_buf();
-    c.train.epochs = 4;
-    c.train.batch_size = 4;
-    c.train.train_patterns = 24;
-    c.train.test_patterns = 8;
-    c.train.evaluate = false;
-    c
-}
 
 fn opts(dir: &Path) -> RunOptions {
     RunOptions {
@@ -71,7 +41,7 @@ fn step_records(dir: &Path) -> Vec<serde_json::Value> {
 
 #[test]
 fn resume_continues_bit_for_bit() {
-    let root = tempdir();
+    let root = tempdir("train");
     let cfg = tiny(&root.join("cache"));
     let straight = root.join("straight");
     let s = run(&cfg, &opts(&straight));
@@ -93,7 +63,7 @@ fn resume_continues_bit_for_bit() {
 
 #[test]
 fn same_seed_same_run() {
-    let root = tempdir();
+    let root = tempdir("train");
     let cfg = tiny(&root.join("cache"));
     run(&cfg, &opts(&root.join("a")));
     run(&cfg, &opts(&root.join("b")));
@@ -110,7 +80,7 @@ fn same_seed_same_run() {
 
 #[test]
 fn nan_inputs_and_a_spike_are_skipped_and_the_run_finishes() {
-    let root = tempdir();
+    let root = tempdir("train");
     let mut cfg = tiny(&root.join("cache"));
     cfg.faults.nan_input_steps = vec![3, 4];
     cfg.faults.spike_steps = vec![9];
@@ -132,7 +102,7 @@ fn nan_inputs_and_a_spike_are_skipped_and_the_run_finishes() {
 
 #[test]
 fn a_spike_rolls_back_with_a_lower_learning_rate() {
-    let root = tempdir();
+    let root = tempdir("train");
     let mut cfg = tiny(&root.join("cache"));
     cfg.faults.spike_steps = vec![14];
     cfg.train.spike_action = SpikeAction::Rollback;
@@ -152,7 +122,7 @@ fn a_spike_rolls_back_with_a_lower_learning_rate() {
 
 #[test]
 fn repeated_failures_stop_the_run_as_crashed() {
-    let root = tempdir();
+    let root = tempdir("train");
     let mut cfg = tiny(&root.join("cache"));
     cfg.faults.nan_input_steps = (2..10).collect();
     cfg.train.max_consecutive_failures = 3;
@@ -167,7 +137,7 @@ fn repeated_failures_stop_the_run_as_crashed() {
 
 #[test]
 fn the_run_directory_has_its_files_and_the_loss_falls() {
-    let root = tempdir();
+    let root = tempdir("train");
     let mut cfg = tiny(&root.join("cache"));
     cfg.train.evaluate = true;
     cfg.train.epochs = 6;
@@ -198,7 +168,7 @@ fn the_run_directory_has_its_files_and_the_loss_falls() {
 
 #[test]
 fn bad_input_gives_clear_errors_and_overwrites_nothing() {
-    let root = tempdir();
+    let root = tempdir("train");
     let cfg = tiny(&root.join("cache"));
     let mut neg = cfg.clone();
     neg.train.lr = -1e-3;
@@ -235,7 +205,7 @@ fn bad_input_gives_clear_errors_and_overwrites_nothing() {
 
 #[test]
 fn accumulation_and_the_auxiliary_curriculum_run() {
-    let root = tempdir();
+    let root = tempdir("train");
     let mut cfg = tiny(&root.join("cache"));
     cfg.train.accumulate = 2;
     cfg.train.aux_loss = fnokern::config::AuxLoss::SupervisedL1;
