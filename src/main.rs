@@ -21,7 +21,7 @@ struct ConfigArgs {
     /// what it leaves out.
     #[arg(long, conflicts_with = "preset")]
     config: Option<PathBuf>,
-    /// Start from a named preset instead of the defaults: cpu or study.
+    /// Start from a named preset instead of the defaults: cpu, sweep or study.
     #[arg(long)]
     preset: Option<String>,
     /// Shorthand for --set model.depth=D.
@@ -88,7 +88,7 @@ struct SweepArgs {
 #[derive(Subcommand)]
 enum Command {
     /// Train the generator: simulate or load the data, train, evaluate, write the run directory.
-    /// Without --config or --preset it uses the `cpu` preset (this build has no GPU backend).
+    /// Without --config or --preset it uses the `cpu` preset (the trainer runs on the CPU so far).
     Train {
         #[command(flatten)]
         cfg: ConfigArgs,
@@ -221,7 +221,7 @@ fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: O
     use std::io::IsTerminal;
     let preset_note = if args.config.is_none() && args.preset.is_none() {
         args.preset = Some("cpu".into());
-        Some("cpu (no --config or --preset given, and this build has no GPU backend)")
+        Some("cpu (no --config or --preset given, and the trainer runs on the CPU so far)")
     } else {
         None
     };

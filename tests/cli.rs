@@ -106,3 +106,20 @@ fn gradcheck_command_passes_and_says_so() {
     assert!(ok, "{err}");
     assert!(out.lines().last().unwrap_or("").ends_with("passed, 0 failed"), "{out}");
 }
+
+#[test]
+fn plan_shows_depth8_24gb_needs_checkpointing_and_info_names_the_build() {
+    let root = std::env::var("FNOKERN_ROOT").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string());
+    let cfg = format!("{root}/configs/depth8-24gb.toml");
+    let (ok, out, err) = run(&["plan", "--config", &cfg, "--mem-limit", "24GiB"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("without checkpointing: 25.58 GiB") && out.contains("EXCEEDS 24.00 GiB"), "{out}");
+    assert!(out.contains("checkpoint = every_level: 17.71 GiB") && out.contains("fits in 24.00 GiB"), "{out}");
+    assert!(out.contains("decoder.0") && out.contains("head"), "{out}");
+    let (ok, _, err) = run(&["plan", "--checkpoint", "every_zero"]);
+    assert!(!ok && err.contains("every_K"), "{err}");
+
+    let (ok, out, err) = run(&["info"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("cuda kernels:") && (out.contains("gpu 0:") || out.contains("gpu: none usable")), "{out}");
+}
