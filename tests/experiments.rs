@@ -175,6 +175,13 @@ fn arms_merge_over_the_base_and_bad_arms_are_refused() {
     assert_eq!(ls.model.block, fnokern::config::BlockKind::Layerscale);
     assert_eq!(ls.train.clip, fnokern::config::ClipKind::None);
 
+    // Every shipped arm loads and merges.
+    for (name, _) in ex::BUILTIN_ARMS {
+        Arm::load(name).unwrap().apply(&base).unwrap();
+    }
+    let bf16 = Arm::load("bf16").unwrap().apply(&base).unwrap();
+    assert_eq!(bf16.train.precision, fnokern::config::Precision::Bf16);
+
     let typo = Arm { name: "typo".into(), overlay: "[train]\nclipp = \"none\"\n".into() };
     let err = typo.apply(&base).unwrap_err().to_string();
     assert!(err.contains("typo") && err.contains("clipp"), "{err}");

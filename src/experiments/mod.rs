@@ -33,6 +33,9 @@ pub const BUILTIN_ARMS: &[(&str, &str)] = &[
     ("layerscale", include_str!("../../configs/arms/layerscale.toml")),
     ("agc", include_str!("../../configs/arms/agc.toml")),
     ("prenorm", include_str!("../../configs/arms/prenorm.toml")),
+    ("bf16", include_str!("../../configs/arms/bf16.toml")),
+    ("warmup_cosine", include_str!("../../configs/arms/warmup_cosine.toml")),
+    ("sgd", include_str!("../../configs/arms/sgd.toml")),
 ];
 
 /// When a finished run still counts as failed.
