@@ -37,7 +37,8 @@ pub enum PrenormKind {
 }
 
 /// Which generator levels run as checkpointed segments: `none`, `every_level`, or `every_K`
-/// (levels 0, K, 2K, ... of the encoder and of the decoder; the bottleneck is encoder level `depth`).
+/// (levels 0, K, 2K, ... of the encoder and of the decoder; the bottleneck is encoder level `depth`;
+/// the lifter is a segment of its own whenever level 0 is one).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(try_from = "String", into = "String")]
 pub enum CheckpointPolicy {

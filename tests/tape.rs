@@ -250,3 +250,29 @@ fn a_checkpoint_body_cannot_capture_outer_values() {
         .to_string();
     assert!(err.contains("another tape"), "{err}");
 }
+
+/// A checkpointed segment whose only input is data (no gradient) still gives its parameters
+/// their gradients: the body's parameter reads make its outputs differentiable.
+#[test]
+fn a_checkpoint_on_data_alone_still_trains_its_parameters() {
+    let dev = Device::cpu();
+    let net = Net::new(&dev, DType::F64).unwrap();
+    let x = Tensor::randn([B, 1, H, W], 1.0, 5, DType::F64, &dev).unwrap();
+    let (lw, lb) = (net.lift_w, net.lift_b);
+    let grads = |checkpoint: bool| {
+        let mut t = Tape::with_params(&net.store);
+        let xv = t.constant(x.clone());
+        let body = move |t: &mut Tape, v: &[Var]| -> Result<Vec<Var>> {
+            let (w, b) = (t.param(lw)?, t.param(lb)?);
+            let y = ops::conv2d(t, &v[0], &w, Some(&b), Conv2dParams::new(1, 1))?;
+            Ok(vec![ops::gelu(t, &y)?])
+        };
+        let y = if checkpoint { t.checkpoint(&[&xv], body).unwrap().remove(0) } else { body(&mut t, &[xv]).unwrap().remove(0) };
+        let loss = ops::sum_sq(&mut t, &y).unwrap();
+        let g = t.backward(&loss).unwrap();
+        [lw, lb].map(|id| g.param(id).map(|g| g.to_f64_vec().unwrap()))
+    };
+    let plain = grads(false);
+    assert!(plain.iter().all(Option::is_some));
+    assert_eq!(grads(true), plain, "the checkpointed segment lost or changed its parameter gradients");
+}

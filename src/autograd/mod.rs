@@ -257,8 +257,20 @@ impl Tape {
         outputs: Vec<Tensor>,
         backward: impl FnOnce(&mut Ctx) -> Result<()> + 'static,
     ) -> Result<Vec<Var>> {
+        self.record_node(inputs, outputs, false, backward)
+    }
+
+    /// [`Tape::record`]; with `reads_params` the outputs need gradients even when no input does
+    /// (a checkpointed body that reads parameters the tape cannot see as inputs).
+    fn record_node(
+        &mut self,
+        inputs: &[&Var],
+        outputs: Vec<Tensor>,
+        reads_params: bool,
+        backward: impl FnOnce(&mut Ctx) -> Result<()> + 'static,
+    ) -> Result<Vec<Var>> {
         self.check_own(inputs)?;
-        let rg = self.recording && inputs.iter().any(|v| self.vars[v.id].requires_grad);
+        let rg = self.recording && (reads_params || inputs.iter().any(|v| self.vars[v.id].requires_grad));
         let out_meta: Vec<(Shape, DType)> = outputs.iter().map(|t| (t.shape().clone(), t.dtype())).collect();
         let outs: Vec<Var> = outputs.into_iter().map(|t| self.new_var(t, rg, None)).collect();
         if rg {
@@ -384,12 +396,15 @@ impl Tape {
         fwd.recording = false;
         let leaves: Vec<Var> = inputs.iter().map(|v| fwd.leaf(v.value.clone(), false)).collect();
         let out_values: Vec<Tensor> = body(&mut fwd, &leaves)?.into_iter().map(|v| v.value).collect();
+        // Parameters read inside the body make the outputs depend on them even when no input
+        // needs a gradient (e.g. the first segment, whose input is the data).
+        let reads_params = !fwd.param_vars.is_empty();
         drop((leaves, fwd));
 
         let saved: Vec<Tensor> = inputs.iter().map(|v| v.value.clone()).collect();
         let params = self.params.clone();
         let body = Rc::new(body);
-        self.record(inputs, out_values, move |ctx| {
+        self.record_node(inputs, out_values, reads_params, move |ctx| {
             let mut sub = Tape::with_param_values(params);
             let leaves: Vec<Var> = saved
                 .into_iter()

@@ -531,11 +531,18 @@ impl Generator {
         }
         let policy = self.config.checkpoint;
         let lp = self.precision;
-        let x = ops::round_to(t, x, lp)?;
-        let h = self.lifter.0.run(t, &x, PAD1, lp)?;
-        let h = ops::gelu(t, &h)?;
-        let h = ops::round_to(t, &h, lp)?;
-        let mut h = self.lifter.1.run(t, &h, PAD1, lp)?;
+        // The lifter is checkpointed with level 0: at full resolution its two inner activations
+        // are as large as any level's.
+        let lifter = self.lifter;
+        let mut h = segment(t, policy, 0, &[x], move |t, v| {
+            let x = ops::round_to(t, &v[0], lp)?;
+            let h = lifter.0.run(t, &x, PAD1, lp)?;
+            let h = ops::gelu(t, &h)?;
+            let h = ops::round_to(t, &h, lp)?;
+            Ok(vec![lifter.1.run(t, &h, PAD1, lp)?])
+        })?
+        .pop()
+        .ok_or_else(missing)?;
         let mut part = 0;
         let mut traced = |p: &mut usize| {
             trace(*p);
