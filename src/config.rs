@@ -351,18 +351,6 @@ pub enum Precision {
     Fp16,
 }
 
-impl FromStr for Precision {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "fp32" => Ok(Precision::Fp32),
-            "bf16" => Ok(Precision::Bf16),
-            "fp16" => Ok(Precision::Fp16),
-            _ => Err(Error::invalid("precision", format!("`{s}` is not a precision (fp32, bf16 or fp16)"))),
-        }
-    }
-}
-
 impl fmt::Display for Precision {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

@@ -49,12 +49,11 @@ impl ConfigArgs {
         if let Some(d) = self.depth {
             cfg.set(&format!("model.depth={d}"))?;
         }
+        // set() rejects an unknown precision and validate() a malformed size, naming the field.
         if let Some(p) = &self.precision {
-            p.parse::<fnokern::config::Precision>()?;
             cfg.set(&format!("train.precision=\"{p}\""))?;
         }
         if let Some(m) = &self.mem_limit {
-            fnokern::device::parse_bytes(m)?;
             cfg.set(&format!("train.memory_limit=\"{m}\""))?;
         }
         for s in &self.set {

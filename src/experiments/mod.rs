@@ -385,35 +385,7 @@ fn run_one(spec: &RunSpec, dir: &Path, threads: usize) -> Result<Summary> {
         .num_threads(threads)
         .build()
         .map_err(|e| Error::invalid("sweep", format!("cannot start a thread pool: {e}")))?;
-    let started = Instant::now();
-    let result = pool.install(|| train::train(&spec.config, &opts, &mut |m| drop(writeln!(log, "{m}"))));
-    match result {
-        Ok(s) => Ok(s),
-        // The model itself did not fit the budget: the run ends as an out-of-memory crash.
-        Err(e @ Error::OutOfMemory { .. }) => {
-            let s = Summary {
-                preset: Some(spec.name.clone()),
-                finished: false,
-                crashed: true,
-                crash_kind: Some(Crash::Oom),
-                reason: Some(e.to_string()),
-                epochs_done: 0,
-                steps: 0,
-                updates: 0,
-                first_val_loss: None,
-                best_val_loss: None,
-                final_val_loss: None,
-                outcomes: Default::default(),
-                metrics: None,
-                parameters: 0,
-                wall_seconds: started.elapsed().as_secs_f64(),
-            };
-            let text = serde_json::to_string_pretty(&s).map_err(|e| Error::invalid("sweep", e.to_string()))?;
-            crate::model::weights::write_atomic(&dir.join("summary.json"), text.as_bytes())?;
-            Ok(s)
-        }
-        Err(e) => Err(e),
-    }
+    pool.install(|| train::train(&spec.config, &opts, &mut |m| drop(writeln!(log, "{m}"))))
 }
 
 /// Runs (or continues) a sweep in `opts.out_dir` and writes its report.

@@ -83,7 +83,7 @@ pub enum Crash {
 }
 
 /// What summary.json holds.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
 pub struct Summary {
     pub preset: Option<String>,
     pub finished: bool,
@@ -382,7 +382,24 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
 
     let dev = Device::cpu();
     dev.set_memory_limit(cfg.train.memory_limit_bytes()?);
-    let mut g = Generator::new(&cfg.model, cfg.data.n, 1, &dev, DType::F32)?;
+    let mut g = match Generator::new(&cfg.model, cfg.data.n, 1, &dev, DType::F32) {
+        Ok(g) => g,
+        // Not even the model fits the budget: an `oom` crash before the first step.
+        Err(e @ Error::OutOfMemory { .. }) => {
+            say(&format!("run crashed: {e}"));
+            let summary = Summary {
+                preset: opts.preset.clone(),
+                crashed: true,
+                crash_kind: Some(Crash::Oom),
+                reason: Some(e.to_string()),
+                wall_seconds: started.elapsed().as_secs_f64(),
+                ..Summary::default()
+            };
+            write_summary(dir, &summary)?;
+            return Ok(summary);
+        }
+        Err(e) => return Err(e),
+    };
     g.precision = cfg.train.precision;
     let mut opt = Optimizer::new(cfg.train.optimizer, &g.params);
     let ds = data::load_or_simulate(&cfg.data, &mut |m| say(m))?;
@@ -684,9 +701,13 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
         parameters: g.num_params(),
         wall_seconds: started.elapsed().as_secs_f64(),
     };
-    let text = serde_json::to_string_pretty(&summary).map_err(|e| Error::invalid("summary", e.to_string()))?;
-    weights::write_atomic(&dir.join("summary.json"), text.as_bytes())?;
+    write_summary(dir, &summary)?;
     Ok(summary)
+}
+
+fn write_summary(dir: &Path, summary: &Summary) -> Result<()> {
+    let text = serde_json::to_string_pretty(summary).map_err(|e| Error::invalid("summary", e.to_string()))?;
+    weights::write_atomic(&dir.join("summary.json"), text.as_bytes())
 }
 
 /// The final parameters of a finished run (for tests and tools).

@@ -1,7 +1,7 @@
 //! Launchers of kernels/norm.cu: FP32-promoted LayerNorm, RMSNorm and InstanceNorm for f32, f16
 //! and bf16 inputs (statistics, gamma, beta and their gradients in fp32).
 
-use cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchArgs, PushKernelArg};
 
 use super::{check_len, int, launched, per_block_config, Gpu};
 use crate::backend::NormKind;
@@ -38,22 +38,11 @@ pub fn groups(kind: NormKind, (b, c, s): (usize, usize, usize)) -> usize {
     }
 }
 
-/// A device pointer argument that may be absent (a null pointer to the kernel).
-enum Opt<'a> {
-    Some(&'a CudaSlice<f32>),
-    None(u64),
-}
-
-fn opt(v: Option<&CudaSlice<f32>>) -> Opt<'_> {
-    v.map_or(Opt::None(0), Opt::Some)
-}
-
-macro_rules! push_opt {
-    ($l:expr, $o:expr) => {
-        match $o {
-            Opt::Some(s) => $l.arg(*s),
-            Opt::None(z) => $l.arg(z),
-        }
+/// Pushes an optional fp32 buffer: absent is a null pointer to the kernel.
+fn push_opt<'a>(l: &mut LaunchArgs<'a>, v: Option<&'a CudaSlice<f32>>, null: &'a u64) {
+    match v {
+        Some(s) => l.arg(s),
+        None => l.arg(null),
     };
 }
 
@@ -87,11 +76,11 @@ impl Gpu {
         let name = format!("norm_fwd_{}", T::SUFFIX);
         let f = self.function(&name)?;
         let (k, bi, ci, si) = (kind_code(kind), int(OP, b)?, int(OP, c)?, int(OP, s)?);
-        let (og, ob) = (opt(gamma), opt(beta));
+        let null = 0u64;
         let mut l = self.stream.launch_builder(&f);
         l.arg(x);
-        push_opt!(l, &og);
-        push_opt!(l, &ob);
+        push_opt(&mut l, gamma, &null);
+        push_opt(&mut l, beta, &null);
         l.arg(y).arg(mean).arg(rstd).arg(&k).arg(&bi).arg(&ci).arg(&si).arg(&eps);
         // SAFETY: lengths checked above; one block per group.
         launched(OP, unsafe { l.launch(per_block_config(g)?) })
@@ -127,10 +116,10 @@ impl Gpu {
         let (k, bi, ci, si) = (kind_code(kind), int(OP, b)?, int(OP, c)?, int(OP, s)?);
         let name = format!("norm_bwd_{}", T::SUFFIX);
         let f = self.function(&name)?;
-        let og = opt(gamma);
+        let null = 0u64;
         let mut l = self.stream.launch_builder(&f);
         l.arg(x).arg(dy);
-        push_opt!(l, &og);
+        push_opt(&mut l, gamma, &null);
         l.arg(mean).arg(rstd).arg(dx).arg(&k).arg(&bi).arg(&ci).arg(&si);
         // SAFETY: lengths checked above; one block per group.
         launched(OP, unsafe { l.launch(per_block_config(g)?) })?;
@@ -139,7 +128,6 @@ impl Gpu {
         }
         let name = format!("norm_affine_bwd_{}", T::SUFFIX);
         let f = self.function(&name)?;
-        let null = 0u64;
         let mut l = self.stream.launch_builder(&f);
         l.arg(x).arg(dy).arg(mean).arg(rstd);
         match dgamma {

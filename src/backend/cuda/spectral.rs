@@ -35,11 +35,13 @@ impl Gpu {
         let rows_i: Vec<i32> = rows.iter().map(|&r| int(name, r)).collect::<Result<_>>()?;
         let rows_d = self.upload(&rows_i)?;
         let f = self.function(name)?;
-        let [b, ci, co, h, wh, r, my] = [d.b, d.ci, d.co, d.h, d.wh, rows.len(), d.my].map(|v| int(name, v));
-        let (b, ci, co, h, wh, r, my) = (b?, ci?, co?, h?, wh?, r?, my?);
+        // The kernels' trailing ints, in their order: B, Ci, Co, H, Wh, R, My.
+        let dims: Vec<i32> = [d.b, d.ci, d.co, d.h, d.wh, rows.len(), d.my].into_iter().map(|v| int(name, v)).collect::<Result<_>>()?;
         let mut l = self.stream.launch_builder(&f);
         l.arg(inputs.0).arg(inputs.1).arg(&rows_d).arg(out);
-        l.arg(&b).arg(&ci).arg(&co).arg(&h).arg(&wh).arg(&r).arg(&my);
+        for v in &dims {
+            l.arg(v);
+        }
         // SAFETY: the launcher checked every buffer's length against the kernel's indexing.
         launched(name, unsafe { l.launch(elementwise_config(threads)) })
     }
