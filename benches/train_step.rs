@@ -1,6 +1,12 @@
-//! One training step of the `cpu` preset's generator (depth 8, N 32, width 8, max_channels 64,
-//! batch 16, Adam, rollback snapshot) on the CPU: the cost of activation checkpointing
-//! (none vs every_level) and of emulated low precision (bf16/fp16 rounding on top of fp32).
+//! One training step (forward, physics loss, backward, Adam, with the rollback snapshot held):
+//!
+//! - `train_step_cpu_preset`: the `cpu` preset's generator (depth 8, N 32, width 8,
+//!   max_channels 64, batch 16) on the CPU: the cost of activation checkpointing (none vs
+//!   every_level) and of emulated low precision (bf16/fp16 rounding on top of fp32);
+//! - `train_step_gpu_study`: DESIGN's GPU target, the `study` preset's generator at depth 8
+//!   (N 64, width 32, modes 12, batch 16) on GPU 0, each iteration synchronised; skipped without
+//!   a usable GPU.
+//!
 //! Throughput is in patterns per second.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -27,10 +33,41 @@ fn step(c: &mut Criterion) {
     g.finish();
 }
 
+fn step_gpu(c: &mut Criterion) {
+    let dev = match Device::cuda(0) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("train_step_gpu_study: skipped: {e}");
+            return;
+        }
+    };
+    let mut g = c.benchmark_group("train_step_gpu_study");
+    g.sample_size(10);
+    for (policy, precision) in [
+        (CheckpointPolicy::None, Precision::Fp32),
+        (CheckpointPolicy::EveryLevel, Precision::Fp32),
+        (CheckpointPolicy::None, Precision::Bf16),
+    ] {
+        let mut cfg = presets::get("study").expect("the study preset exists");
+        cfg.model.depth = 8;
+        cfg.model.checkpoint = policy;
+        cfg.train.precision = precision;
+        g.throughput(Throughput::Elements(cfg.train.batch_size as u64));
+        let mut s = SyntheticStep::new(&cfg, &dev).expect("the step builds");
+        g.bench_function(format!("{precision}/checkpoint_{policy}"), |b| {
+            b.iter(|| {
+                s.run().expect("the step runs");
+                dev.synchronize().expect("the GPU finishes the step")
+            })
+        });
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     // No plots: criterion's plotting needs system fonts that a CI or GPU host may lack.
     config = Criterion::default().without_plots();
-    targets = step
+    targets = step, step_gpu
 }
 criterion_main!(benches);

@@ -1,18 +1,19 @@
 // reduce.cu: deterministic full reductions in two launches.
 //
-//   op 0: sum x;  op 1: sum x^2 (the squared norm behind global-norm clipping and the guards)
+//   op 0: sum x;  op 1: sum x^2 (the squared norm behind global-norm clipping and the guards);
+//   op 2: sum x y (the dot product; y is read only by this op)
 // reduce_partial_f32: grid of P blocks (P fixed by the launcher, e.g. 256), block k reduces the
 //   elements i = k * blockDim + t, stepping by P * blockDim, into partial[k] with block_sum.
 // reduce_final_f32: one block sums partial[0..P] the same way into out[0].
 // The order of additions depends only on P and blockDim, so the result is bitwise repeatable.
-// Shapes: x [n], partial [P], out [1]. CPU reference: reduce in src/backend/cpu/mod.rs (f64 there).
+// Shapes: x, y [n], partial [P], out [1]. CPU reference: reduce in src/backend/cpu/mod.rs (f64 there).
 #include "common.cuh"
 
-extern "C" __global__ void reduce_partial_f32(const float* __restrict__ x, float* __restrict__ partial, int64_t n, int op) {
+extern "C" __global__ void reduce_partial_f32(const float* __restrict__ x, const float* __restrict__ y, float* __restrict__ partial, int64_t n, int op) {
     float s = 0.f;
     FNO_FOR(i, n) {
         const float v = x[i];
-        s += op == 1 ? v * v : v;
+        s += op == 0 ? v : (op == 1 ? v * v : v * y[i]);
     }
     s = block_sum(s);
     if (threadIdx.x == 0) partial[blockIdx.x] = s;

@@ -480,8 +480,7 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// Shuffling seed.
     pub seed: u64,
-    /// `cpu`: the only device the trainer runs on so far (the CUDA kernels exist and are tested,
-    /// but GPU tensors and the CUDA convolutions and FFTs are not wired in yet).
+    /// `cpu`, or `cuda` / `cuda:N` for a GPU (f32 storage; low precision emulated by rounding).
     pub device: String,
     /// Device memory budget (e.g. `24GiB`): an allocation that would exceed it stops the run as
     /// out of memory, as a card of that size would. Unset: no budget.
@@ -592,12 +591,10 @@ impl TrainConfig {
         if let Some(m) = &self.memory_limit {
             crate::device::parse_bytes(m).map_err(|e| Error::invalid("train config", format!("memory_limit: {e}")))?;
         }
-        if self.device != "cpu" {
-            return bad(format!(
-                "device `{}` is not available: the trainer runs on the CPU only so far (the CUDA kernels are built and tested, \
-                 see `fnokern info`, but GPU tensors, convolutions and FFTs are not wired into the trainer yet)",
-                self.device
-            ));
+        match crate::device::DeviceKind::parse(&self.device) {
+            Ok(crate::device::DeviceKind::Meta) => return bad("device `meta` has no data to train on (use cpu or cuda)".into()),
+            Ok(_) => {}
+            Err(_) => return bad(format!("device `{}`: use cpu, cuda or cuda:N", self.device)),
         }
         Ok(())
     }

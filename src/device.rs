@@ -9,11 +9,18 @@
 //! The meta device runs the same code with shapes only: it allocates nothing but counts exactly the
 //! bytes the CPU would, so its peak is a prediction of the CPU's (and, with the same kernels'
 //! outputs, a GPU's) to the byte.
+//!
+//! A CUDA device ([`Device::cuda`]) accounts its tensors in the same ledger. Its buffers come from
+//! the driver's stream-ordered memory pool, kept as a caching allocator (freed blocks stay in the
+//! pool for the next request instead of going back to the driver); the pool's own high-water mark
+//! is [`Device::gpu_pool_peak`]. Scratch that a kernel needs for itself (cuFFT work areas, im2col
+//! columns, reduction partials) is not a tensor and is not in the ledger, as on the CPU.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::backend::cuda::{CudaBackend, Gpu};
 use crate::backend::{cpu::CpuBackend, meta::MetaBackend, Backend};
 use crate::error::{Error, Result};
 
@@ -21,14 +28,33 @@ use crate::error::{Error, Result};
 pub enum DeviceKind {
     Cpu,
     Meta,
+    /// The GPU of this ordinal.
+    Cuda(usize),
 }
 
 impl fmt::Display for DeviceKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            DeviceKind::Cpu => "cpu",
-            DeviceKind::Meta => "meta",
-        })
+        match self {
+            DeviceKind::Cpu => f.write_str("cpu"),
+            DeviceKind::Meta => f.write_str("meta"),
+            DeviceKind::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+impl DeviceKind {
+    /// Parses `cpu`, `meta`, `cuda` (GPU 0) or `cuda:N`.
+    pub fn parse(s: &str) -> Result<DeviceKind> {
+        match s.trim() {
+            "cpu" => Ok(DeviceKind::Cpu),
+            "meta" => Ok(DeviceKind::Meta),
+            "cuda" | "gpu" => Ok(DeviceKind::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceKind::Cuda)
+                .ok_or_else(|| Error::invalid("device", format!("unknown device `{s}` (use cpu, cuda or cuda:N)"))),
+        }
     }
 }
 
@@ -51,11 +77,12 @@ struct Ledger {
     allocations: AtomicU64,
 }
 
-/// A device handle: its kind and its memory ledger.
+/// A device handle: its kind, its memory ledger and, on a GPU, the opened GPU.
 #[derive(Clone)]
 pub struct Device {
     kind: DeviceKind,
     ledger: Arc<Ledger>,
+    gpu: Option<Arc<Gpu>>,
 }
 
 impl fmt::Display for Device {
@@ -83,6 +110,7 @@ impl Device {
         Device {
             kind: DeviceKind::Cpu,
             ledger: Arc::default(),
+            gpu: None,
         }
     }
 
@@ -91,7 +119,55 @@ impl Device {
         Device {
             kind: DeviceKind::Meta,
             ledger: Arc::default(),
+            gpu: None,
         }
+    }
+
+    /// GPU `ordinal` with a fresh ledger, or why there is none (no driver, no such GPU, no
+    /// embedded kernels, no cuBLAS/cuFFT library). The GPU itself (context, kernels, library
+    /// handles, memory pool) is opened once per process and shared by every handle.
+    pub fn cuda(ordinal: usize) -> Result<Device> {
+        Ok(Device {
+            kind: DeviceKind::Cuda(ordinal),
+            ledger: Arc::default(),
+            gpu: Some(Gpu::shared(ordinal)?),
+        })
+    }
+
+    /// The device a kind names (a fresh ledger).
+    pub fn of_kind(kind: DeviceKind) -> Result<Device> {
+        match kind {
+            DeviceKind::Cpu => Ok(Device::cpu()),
+            DeviceKind::Meta => Ok(Device::meta()),
+            DeviceKind::Cuda(i) => Device::cuda(i),
+        }
+    }
+
+    pub(crate) fn gpu_opt(&self) -> Option<&Arc<Gpu>> {
+        self.gpu.as_ref()
+    }
+
+    /// The opened GPU of a CUDA device.
+    pub(crate) fn gpu(&self) -> Result<&Arc<Gpu>> {
+        self.gpu
+            .as_ref()
+            .ok_or_else(|| Error::invalid("device", format!("{} is not a GPU", self.kind)))
+    }
+
+    /// Waits until everything queued on the device has run (a no-op off the GPU, where every
+    /// kernel has finished when it returns). Timings of GPU work call this.
+    pub fn synchronize(&self) -> Result<()> {
+        match &self.gpu {
+            Some(g) => g.sync(),
+            None => Ok(()),
+        }
+    }
+
+    /// The high-water mark in bytes of the GPU's memory pool since the last
+    /// [`Device::reset_peak`] (every live buffer of the process on that GPU, scratch included):
+    /// what the GPU really held, beside the ledger's count of tensors. `None` off the GPU.
+    pub fn gpu_pool_peak(&self) -> Result<Option<u64>> {
+        self.gpu.as_ref().map(|g| g.pool_peak()).transpose()
     }
 
     pub fn kind(&self) -> DeviceKind {
@@ -107,6 +183,7 @@ impl Device {
         match self.kind {
             DeviceKind::Cpu => &CpuBackend,
             DeviceKind::Meta => &MetaBackend,
+            DeviceKind::Cuda(_) => &CudaBackend,
         }
     }
 
@@ -127,9 +204,14 @@ impl Device {
     }
 
     /// Starts a new peak measurement from the bytes in use now.
+    /// On a GPU the memory pool's high-water mark is reset too (best effort: a driver error there
+    /// leaves the pool's mark as it was).
     pub fn reset_peak(&self) {
         let cur = self.ledger.current.load(Ordering::SeqCst);
         self.ledger.peak.store(cur, Ordering::SeqCst);
+        if let Some(g) = &self.gpu {
+            let _ = g.reset_pool_peak();
+        }
     }
 
     /// Accounts `bytes` for a buffer about to be made; `what` describes it for the error message.

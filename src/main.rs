@@ -34,6 +34,10 @@ struct ConfigArgs {
     /// that needs more stops cleanly as out of memory, as a card of that size would.
     #[arg(long, value_name = "SIZE")]
     mem_limit: Option<String>,
+    /// Shorthand for --set train.device=DEV: cpu, cuda or cuda:N (a GPU needs the CUDA kernels
+    /// built in and the driver, cuBLAS and cuFFT at run time; `fnokern info` says what is there).
+    #[arg(long, value_name = "DEV")]
+    device: Option<String>,
     /// Override one field, e.g. --set model.width=16 --set data.n=32 (repeatable).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     set: Vec<String>,
@@ -55,6 +59,9 @@ impl ConfigArgs {
         }
         if let Some(m) = &self.mem_limit {
             cfg.set(&format!("train.memory_limit=\"{m}\""))?;
+        }
+        if let Some(d) = &self.device {
+            cfg.set(&format!("train.device=\"{d}\""))?;
         }
         for s in &self.set {
             cfg.set(s)?;
@@ -218,9 +225,11 @@ fn main() -> ExitCode {
 
 fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: Option<usize>) -> fnokern::Result<()> {
     use std::io::IsTerminal;
+    // Without a config or preset: the reference study on a GPU, the CPU-sized preset elsewhere.
+    let on_gpu = args.device.as_deref().is_some_and(|d| d != "cpu");
     let preset_note = if args.config.is_none() && args.preset.is_none() {
-        args.preset = Some("cpu".into());
-        Some("cpu (no --config or --preset given, and the trainer runs on the CPU so far)")
+        args.preset = Some(if on_gpu { "study" } else { "cpu" }.into());
+        Some(if on_gpu { "study (no --config or --preset given; on a GPU)" } else { "cpu (no --config or --preset given; on the CPU)" })
     } else {
         None
     };
@@ -342,6 +351,28 @@ fn plan(args: &ConfigArgs, batch: Option<usize>, n: Option<usize>, checkpoint: O
     );
     let p = fnokern::plan::plan(&cfg)?;
     print!("{}", p.render(cfg.train.memory_limit_bytes()?));
+    let kind = fnokern::DeviceKind::parse(&cfg.train.device)?;
+    if matches!(kind, fnokern::DeviceKind::Cuda(_)) {
+        // The same step, really run on the GPU: its ledger (the tensors) and the memory pool's
+        // high-water mark (the tensors plus cuFFT work areas, im2col columns and reduction
+        // partials, and the pool's rounding) against the plan.
+        for (policy, planned) in [(fnokern::config::CheckpointPolicy::None, &p.plain), (p.policy, &p.checkpointed)] {
+            let mut c = cfg.clone();
+            c.model.checkpoint = policy;
+            c.train.memory_limit = None;
+            let dev = fnokern::Device::of_kind(kind)?;
+            let m = fnokern::plan::step_memory(&c, &dev)?;
+            let pool = dev.gpu_pool_peak()?.unwrap_or(0);
+            let pct = |v: u64| 100.0 * (v as f64 - planned.peak as f64) / planned.peak.max(1) as f64;
+            println!(
+                "measured on {kind}, checkpoint {policy}: ledger peak {} B ({:+.2}% of the plan), memory pool peak {} B ({:+.2}%)",
+                m.peak,
+                pct(m.peak),
+                pool,
+                pct(pool)
+            );
+        }
+    }
     Ok(())
 }
 
@@ -421,14 +452,14 @@ fn info() {
                 g.free_bytes as f64 / (1u64 << 30) as f64,
                 g.total_bytes as f64 / (1u64 << 30) as f64
             );
-            match fnokern::backend::cuda::Gpu::open(0) {
-                Ok(_) => println!("gpu 0: the embedded kernels load"),
-                Err(e) => println!("gpu 0: {e}"),
+            match fnokern::Device::cuda(0) {
+                Ok(_) => println!("gpu 0: the embedded kernels load, cuBLAS and cuFFT found: `--device cuda` trains on it"),
+                Err(e) => println!("gpu 0: not usable for training: {e}"),
             }
         }
         Err(e) => println!("gpu: none usable ({e})"),
     }
-    println!("training backend: cpu (the CUDA kernels are not yet wired into the trainer)");
+    println!("training devices: cpu (default), cuda[:N] with --device");
 }
 
 fn gradcheck(only: Option<&str>) -> fnokern::Result<()> {

@@ -4,6 +4,10 @@
 //! accounted on its device when it is created and released when its last handle drops, so the
 //! device's current and peak byte counts follow the program exactly (see `device.rs`).
 //! Complex tensors are real tensors whose last dimension is 2 (re, im), interleaved as cuFFT does.
+//!
+//! On a GPU a tensor's storage is a device buffer of f32 (low precision is emulated by rounding,
+//! as on the CPU); its elements are reached by copying ([`Tensor::to_f64_vec`],
+//! [`Tensor::to_device`]), never by a host slice.
 
 use std::fmt;
 use std::sync::Arc;
@@ -12,6 +16,8 @@ use half::{bf16, f16};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal, Uniform};
+
+use cudarc::driver::CudaSlice;
 
 use crate::device::{Allocation, Device};
 use crate::error::{Error, Result};
@@ -109,12 +115,31 @@ pub enum Data {
     F32(Vec<f32>),
     F64(Vec<f64>),
     Meta,
+    /// f32 elements in GPU memory.
+    Cuda(CudaSlice<f32>),
+}
+
+/// GPU tensors hold f32 only.
+fn check_gpu_dtype(op: &'static str, dtype: DType) -> Result<()> {
+    if dtype == DType::F32 {
+        Ok(())
+    } else {
+        Err(Error::UnsupportedDType {
+            op,
+            dtype,
+            why: "GPU tensors are f32 (f16/bf16 activations are emulated by rounding, as on the CPU)",
+        })
+    }
 }
 
 pub(crate) struct Storage {
     data: Data,
     // Dropped with the storage: returns the bytes to the device's accounting.
     _alloc: Allocation,
+}
+
+fn on_gpu(op: &'static str, device: &Device) -> Error {
+    Error::invalid(op, format!("the tensor is on {device}; copy it to the CPU first (Tensor::to_device)"))
 }
 
 /// A Rust element type that a tensor can hold.
@@ -185,6 +210,9 @@ impl Tensor {
         })?;
         let data = if device.is_meta() {
             Data::Meta
+        } else if let Some(gpu) = device.gpu_opt() {
+            check_gpu_dtype("Tensor::zeros", dtype)?;
+            Data::Cuda(gpu.alloc_zeros(n)?)
         } else {
             match dtype {
                 DType::F16 => Data::F16(vec![f16::ZERO; n]),
@@ -217,7 +245,15 @@ impl Tensor {
         let alloc = device.allocate((data.len() * std::mem::size_of::<T>()) as u64, || {
             format!("a {:?} tensor of shape {shape}", T::DTYPE)
         })?;
-        let data = if device.is_meta() { Data::Meta } else { T::wrap(data) };
+        let data = if device.is_meta() {
+            Data::Meta
+        } else if let Some(gpu) = device.gpu_opt() {
+            check_gpu_dtype("Tensor::from_vec", T::DTYPE)?;
+            let host: &[f32] = bytemuck::cast_slice(&data);
+            Data::Cuda(gpu.upload(host)?)
+        } else {
+            T::wrap(data)
+        };
         Ok(Tensor {
             shape,
             dtype: T::DTYPE,
@@ -309,8 +345,10 @@ impl Tensor {
 
     /// The elements, if this tensor holds `T` and has data.
     pub fn as_slice<T: Element>(&self) -> Result<&[T]> {
-        if matches!(self.storage.data, Data::Meta) {
-            return Err(Error::NoData { op: "Tensor::as_slice" });
+        match self.storage.data {
+            Data::Meta => return Err(Error::NoData { op: "Tensor::as_slice" }),
+            Data::Cuda(_) => return Err(on_gpu("Tensor::as_slice", &self.device)),
+            _ => {}
         }
         T::slice(&self.storage.data).ok_or(Error::DTypeMismatch {
             op: "Tensor::as_slice",
@@ -324,14 +362,35 @@ impl Tensor {
         let dtype = self.dtype;
         let storage = Arc::get_mut(&mut self.storage)
             .ok_or_else(|| Error::invalid("Tensor::as_mut_slice", "storage is shared; write into a fresh tensor"))?;
-        if matches!(storage.data, Data::Meta) {
-            return Err(Error::NoData { op: "Tensor::as_mut_slice" });
+        match storage.data {
+            Data::Meta => return Err(Error::NoData { op: "Tensor::as_mut_slice" }),
+            Data::Cuda(_) => return Err(on_gpu("Tensor::as_mut_slice", &self.device)),
+            _ => {}
         }
         T::slice_mut(&mut storage.data).ok_or(Error::DTypeMismatch {
             op: "Tensor::as_mut_slice",
             lhs: dtype,
             rhs: T::DTYPE,
         })
+    }
+
+    /// The GPU buffer of a tensor on a GPU.
+    pub(crate) fn cuda(&self) -> Result<&CudaSlice<f32>> {
+        match &self.storage.data {
+            Data::Cuda(d) => Ok(d),
+            _ => Err(Error::invalid("Tensor::cuda", format!("the tensor is on {}, not a GPU", self.device))),
+        }
+    }
+
+    /// The GPU buffer of a tensor whose storage nobody else holds (a freshly made output).
+    pub(crate) fn cuda_mut(&mut self) -> Result<&mut CudaSlice<f32>> {
+        let device = self.device.to_string();
+        let storage = Arc::get_mut(&mut self.storage)
+            .ok_or_else(|| Error::invalid("Tensor::cuda_mut", "storage is shared; write into a fresh tensor"))?;
+        match &mut storage.data {
+            Data::Cuda(d) => Ok(d),
+            _ => Err(Error::invalid("Tensor::cuda_mut", format!("the tensor is on {device}, not a GPU"))),
+        }
     }
 
     /// Whether this handle is the only one on its storage (so it may be written in place).
@@ -347,6 +406,7 @@ impl Tensor {
             Data::F32(v) => v.iter().map(|&x| x as f64).collect(),
             Data::F64(v) => v.clone(),
             Data::Meta => return Err(Error::NoData { op: "Tensor::to_f64_vec" }),
+            Data::Cuda(d) => self.device.gpu()?.download(d)?.into_iter().map(f64::from).collect(),
         })
     }
 
@@ -381,6 +441,25 @@ impl Tensor {
             return Tensor::zeros(self.shape.clone(), dtype, &self.device);
         }
         Tensor::from_f64_vec(self.to_f64_vec()?, self.shape.clone(), dtype, &self.device)
+    }
+
+    /// This tensor on another device (a copy; the same handle when it is already there). A copy to
+    /// the meta device keeps the shape only; a copy from it is an error (it has no elements).
+    pub fn to_device(&self, device: &Device) -> Result<Tensor> {
+        if *device == self.device {
+            return Ok(self.clone());
+        }
+        if device.is_meta() {
+            return Tensor::zeros(self.shape.clone(), self.dtype, device);
+        }
+        match &self.storage.data {
+            Data::F16(v) => Tensor::from_vec(v.clone(), self.shape.clone(), device),
+            Data::BF16(v) => Tensor::from_vec(v.clone(), self.shape.clone(), device),
+            Data::F32(v) => Tensor::from_vec(v.clone(), self.shape.clone(), device),
+            Data::F64(v) => Tensor::from_vec(v.clone(), self.shape.clone(), device),
+            Data::Meta => Err(Error::NoData { op: "Tensor::to_device" }),
+            Data::Cuda(d) => Tensor::from_vec(self.device.gpu()?.download(d)?, self.shape.clone(), device),
+        }
     }
 
     /// Whether every element is finite (an error on the meta device, which has no elements).

@@ -9,7 +9,7 @@
 //! Sweeps resume: a run whose summary says finished or crashed is never run again, a run killed
 //! mid-way continues from its last checkpoint, and `plan.json` refuses to mix two different
 //! sweeps in one directory. Runs go in parallel on the CPU (`jobs` threads, each with its own
-//! rayon pool); the backend is deterministic in the thread count, so parallelism does not change
+//! rayon pool) and one after another on a GPU; the backend is deterministic in the thread count, so parallelism does not change
 //! a result. [`report`] writes report.md, results.json and the plots.
 
 pub mod report;
@@ -429,12 +429,16 @@ pub fn run_sweep(plan: &Plan, opts: &SweepOptions, say: &(dyn Fn(&str) + Sync)) 
             None => pending.push_back(i),
         }
     }
+    // Runs on a GPU go one after another: they would share its memory and its one stream.
+    let on_gpu = specs.iter().any(|s| s.config.train.device != "cpu");
+    let jobs = if on_gpu { 1 } else { opts.jobs.max(1).min(pending.len().max(1)) };
     say(&format!(
-        "{} runs planned: {} already ended (kept), {} to run, {} at a time",
+        "{} runs planned: {} already ended (kept), {} to run, {} at a time{}",
         specs.len(),
         reused,
         pending.len(),
-        opts.jobs.min(pending.len()).max(1)
+        jobs.min(pending.len()).max(1),
+        if on_gpu { " (on the GPU)" } else { "" }
     ));
 
     // Simulate each distinct data set once before the runs share its cache.
@@ -449,7 +453,7 @@ pub fn run_sweep(plan: &Plan, opts: &SweepOptions, say: &(dyn Fn(&str) + Sync)) 
 
     let limit = opts.max_runs.unwrap_or(usize::MAX).min(pending.len());
     let pending: VecDeque<usize> = pending.into_iter().take(limit).collect();
-    let jobs = opts.jobs.max(1).min(pending.len().max(1));
+    let jobs = jobs.min(pending.len().max(1));
     let threads = (opts.threads.unwrap_or_else(cores) / jobs).max(1);
     let queue = Mutex::new(pending);
     let (tx, rx) = mpsc::channel::<(usize, Result<Summary>, f64)>();

@@ -68,7 +68,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 pub fn to_bytes(tensors: &[Named], metadata: Option<BTreeMap<String, String>>) -> Result<Vec<u8>> {
     let mut raw: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
     for n in tensors {
-        let t = n.tensor;
+        // A GPU tensor is copied to the host first.
+        let host;
+        let t = if n.tensor.device().kind() == crate::device::DeviceKind::Cpu {
+            n.tensor
+        } else {
+            host = n.tensor.to_device(&crate::device::Device::cpu())?;
+            &host
+        };
         let mut shape = t.dims().to_vec();
         let (dtype, bytes): (Dtype, Vec<u8>) = match t.dtype() {
             DType::F32 => (Dtype::F32, bytemuck::cast_slice(t.as_slice::<f32>()?).to_vec()),

@@ -27,7 +27,7 @@ use crate::autograd::{ParamStore, Tape};
 use crate::backend;
 use crate::config::{AuxLoss, Config, LossConfig, LossKind, Precision, SpikeAction};
 use crate::data::{self, npz::NpzSplit, physics};
-use crate::device::Device;
+use crate::device::{Device, DeviceKind};
 use crate::error::{Error, Result};
 use crate::eval::{self, Metrics};
 use crate::model::weights::{self, Named};
@@ -365,6 +365,8 @@ fn warn_scale(before: f64, after: f64, say: &mut dyn FnMut(&str)) {
 pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Result<Summary> {
     let started = Instant::now();
     cfg.validate()?;
+    // The device first: a GPU that is not there fails before anything is written.
+    let dev = Device::of_kind(DeviceKind::parse(&cfg.train.device)?)?;
     let dir = &opts.out_dir;
     fs::create_dir_all(dir.join("checkpoints")).map_err(|source| Error::Io {
         path: format!("cannot create the run directory {}", dir.display()),
@@ -380,7 +382,6 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
     }
     let config_toml = toml::to_string(cfg).map_err(|e| Error::invalid("train", e.to_string()))?;
 
-    let dev = Device::cpu();
     dev.set_memory_limit(cfg.train.memory_limit_bytes()?);
     let mut g = match Generator::new(&cfg.model, cfg.data.n, 1, &dev, DType::F32) {
         Ok(g) => g,

@@ -1,9 +1,9 @@
-//! Launcher of kernels/adam.cu: the fused Adam / AdamW update, in place.
+//! Launchers of kernels/adam.cu: the fused Adam / AdamW and SGD updates, in place.
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use super::{check_len, elementwise_config, launched, Gpu};
-use crate::backend::AdamStep;
+use crate::backend::{AdamStep, SgdStep};
 use crate::error::Result;
 
 impl Gpu {
@@ -22,6 +22,28 @@ impl Gpu {
         let mut l = self.stream.launch_builder(&f);
         l.arg(p).arg(g).arg(m).arg(v).arg(&n64);
         l.arg(&lr).arg(&b1).arg(&b2).arg(&eps).arg(&wd).arg(&bc1).arg(&bc2).arg(&s).arg(&decoupled);
+        // SAFETY: lengths checked above.
+        launched(OP, unsafe { l.launch(elementwise_config(n)) })
+    }
+
+    /// One SGD update of p (and its momentum buffer, when given) from g.
+    pub fn sgd_step(&self, p: &mut CudaSlice<f32>, g: &CudaSlice<f32>, buf: Option<&mut CudaSlice<f32>>, h: &SgdStep) -> Result<()> {
+        const OP: &str = "sgd_step_f32";
+        let n = p.len();
+        check_len(OP, "g", g, n)?;
+        let (lr, mu, wd, s) = (h.lr as f32, h.momentum as f32, h.weight_decay as f32, h.grad_scale as f32);
+        let (n64, nesterov, first, null) = (n as i64, h.nesterov as i32, h.first as i32, 0u64);
+        let f = self.function(OP)?;
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(p).arg(g);
+        match buf {
+            Some(b) => {
+                check_len(OP, "buf", b, n)?;
+                l.arg(b)
+            }
+            None => l.arg(&null),
+        };
+        l.arg(&n64).arg(&lr).arg(&mu).arg(&wd).arg(&s).arg(&nesterov).arg(&first);
         // SAFETY: lengths checked above.
         launched(OP, unsafe { l.launch(elementwise_config(n)) })
     }

@@ -9,21 +9,32 @@
 //! launch on the context's stream; a driver error carries the kernel's name. Kernels and their
 //! formulas, shapes and launch geometry are described at the top of each `kernels/*.cu`.
 //!
-//! Not here yet: GPU tensor storage behind [`crate::device::Device`] and the rest of the
-//! [`crate::backend::Backend`] surface on CUDA (convolutions through cuBLAS GEMMs, FFTs through
-//! cuFFT), so the trainer and `--device cuda` do not run on the GPU yet.
+//! The rest of the [`crate::backend::Backend`] surface: [`fft`] (cuFFT plans cached by shape, and
+//! the spectrum glue that makes cuFFT's transforms equal the CPU's), [`conv`] (im2col / col2im
+//! kernels around cuBLAS GEMMs), [`layout`] and [`complex`] (glue kernels); [`backend`] maps
+//! tensors to buffers and calls them. A [`crate::device::Device::cuda`] tensor holds an f32
+//! buffer from the driver's stream-ordered memory pool (kept as a cache; see [`Gpu::shared`]).
 
 pub mod adam;
 pub mod agc;
+pub mod backend;
+pub mod complex;
+pub mod conv;
 pub mod elementwise;
+pub mod fft;
 pub mod layerscale;
+pub mod layout;
 pub mod norm;
 pub mod reduce;
 pub mod spectral;
 
-use std::sync::Arc;
+pub use backend::CudaBackend;
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, ValidAsZeroBits};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, ValidAsZeroBits};
 
 use crate::build_info;
 use crate::error::{Error, Result};
@@ -33,6 +44,19 @@ pub const BLOCK: u32 = 256;
 
 fn cuda_err(op: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
     move |e| Error::Cuda { op: op.to_string(), why: e.to_string() }
+}
+
+/// Whether a CUDA library can be loaded; `present` is its cudarc `is_culib_present`.
+fn library_present(name: &str, present: unsafe fn() -> bool) -> Result<()> {
+    // SAFETY: only tries to dlopen the library; nothing in it is called.
+    if unsafe { present() } {
+        Ok(())
+    } else {
+        Err(Error::Cuda {
+            op: name.into(),
+            why: format!("the {name} library cannot be loaded (add CUDA's lib64, or the nvidia/*/lib folders of a PyTorch install, to LD_LIBRARY_PATH)"),
+        })
+    }
 }
 
 /// What `fnokern info` prints about a GPU.
@@ -83,15 +107,105 @@ pub fn probe(ordinal: usize) -> Result<GpuInfo> {
     })
 }
 
-/// A GPU with the embedded kernels loaded, and its stream.
+/// The driver's memory pool of a device (a driver handle, valid for the process).
+struct Pool(sys::CUmemoryPool);
+// SAFETY: a CUmemoryPool handle may be used from any thread; the driver synchronises it.
+unsafe impl Send for Pool {}
+unsafe impl Sync for Pool {}
+
+/// A GPU with the embedded kernels loaded, and its stream. Everything runs on that one stream, in
+/// order, so buffers need no cross-stream events.
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
     module: Arc<CudaModule>,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+    blas: OnceLock<CudaBlas>,
+    pub(crate) ffts: Mutex<HashMap<fft::PlanKey, fft::FftPlan>>,
+    pool: Option<Pool>,
 }
 
 impl Gpu {
-    /// Opens GPU `ordinal` and loads the embedded fatbin.
+    /// The process's one opened GPU `ordinal` (opened on first use): kernels loaded, cuBLAS and
+    /// cuFFT found, event tracking off (one stream), and the memory pool kept as a cache (its
+    /// release threshold raised to the maximum, so freed blocks serve the next allocations
+    /// instead of returning to the driver at each synchronisation).
+    pub fn shared(ordinal: usize) -> Result<Arc<Gpu>> {
+        static OPENED: OnceLock<Mutex<HashMap<usize, Arc<Gpu>>>> = OnceLock::new();
+        let mut opened = OPENED
+            .get_or_init(Mutex::default)
+            .lock()
+            .map_err(|_| Error::invalid("cuda", "a thread panicked while opening a GPU"))?;
+        if let Some(g) = opened.get(&ordinal) {
+            return Ok(g.clone());
+        }
+        let mut gpu = Gpu::open(ordinal)?;
+        library_present("cuBLAS", cudarc::cublas::sys::is_culib_present)?;
+        library_present("cuFFT", cudarc::cufft::sys::is_culib_present)?;
+        // SAFETY: every buffer of this GPU lives on its one stream, so no cross-stream event is
+        // ever needed.
+        unsafe { gpu.ctx.disable_event_tracking() };
+        gpu.pool = gpu.caching_pool()?;
+        let gpu = Arc::new(gpu);
+        opened.insert(ordinal, gpu.clone());
+        Ok(gpu)
+    }
+
+    /// The device's default memory pool with its release threshold at the maximum, or `None` when
+    /// the device has no stream-ordered allocator (cudarc then allocates synchronously).
+    fn caching_pool(&self) -> Result<Option<Pool>> {
+        if !self.ctx.has_async_alloc() {
+            return Ok(None);
+        }
+        let mut pool = std::ptr::null_mut();
+        // SAFETY: the context is bound; the out-pointers point at live locals.
+        unsafe {
+            sys::cuDeviceGetDefaultMemPool(&mut pool, self.ctx.cu_device()).result().map_err(cuda_err("memory pool"))?;
+            let mut threshold = u64::MAX;
+            sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &mut threshold as *mut u64 as *mut _)
+                .result()
+                .map_err(cuda_err("memory pool release threshold"))?;
+        }
+        Ok(Some(Pool(pool)))
+    }
+
+    /// Bytes the memory pool has had in use at most since the last reset (0 without a pool).
+    pub fn pool_peak(&self) -> Result<u64> {
+        let Some(pool) = &self.pool else { return Ok(0) };
+        let mut v = 0u64;
+        // SAFETY: a live pool handle and a live u64.
+        unsafe {
+            sys::cuMemPoolGetAttribute(pool.0, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, &mut v as *mut u64 as *mut _)
+                .result()
+                .map_err(cuda_err("memory pool peak"))?;
+        }
+        Ok(v)
+    }
+
+    /// Starts the pool's high-water mark again from what is in use now.
+    pub fn reset_pool_peak(&self) -> Result<()> {
+        let Some(pool) = &self.pool else { return Ok(()) };
+        let mut zero = 0u64;
+        // SAFETY: a live pool handle; USED_MEM_HIGH may only be set to 0, which resets it.
+        unsafe {
+            sys::cuMemPoolSetAttribute(pool.0, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, &mut zero as *mut u64 as *mut _)
+                .result()
+                .map_err(cuda_err("memory pool peak reset"))
+        }
+    }
+
+    /// cuBLAS on this GPU's stream (created on first use).
+    pub(crate) fn blas(&self) -> Result<&CudaBlas> {
+        if let Some(b) = self.blas.get() {
+            return Ok(b);
+        }
+        library_present("cuBLAS", cudarc::cublas::sys::is_culib_present)?;
+        let b = CudaBlas::new(self.stream.clone()).map_err(|e| Error::Cuda { op: "cuBLAS handle".into(), why: e.to_string() })?;
+        Ok(self.blas.get_or_init(|| b))
+    }
+
+    /// Opens GPU `ordinal` and loads the embedded fatbin (a handle of its own; the trainer's
+    /// devices share [`Gpu::shared`]).
     pub fn open(ordinal: usize) -> Result<Gpu> {
         if !build_info::KERNELS_EMBEDDED {
             return Err(Error::Cuda {
@@ -104,16 +218,65 @@ impl Gpu {
             .load_module(cudarc::nvrtc::Ptx::from_binary(build_info::FATBIN.to_vec()))
             .map_err(cuda_err("loading the embedded fatbin (is the driver older than CUDA 13.0?)"))?;
         let stream = ctx.default_stream();
-        Ok(Gpu { ctx, stream, module })
+        Ok(Gpu {
+            ctx,
+            stream,
+            module,
+            functions: Mutex::default(),
+            blas: OnceLock::new(),
+            ffts: Mutex::default(),
+            pool: None,
+        })
     }
 
-    /// A kernel of the embedded fatbin by name.
+    /// A kernel of the embedded fatbin by name (looked up once, then cached).
     pub fn function(&self, name: &str) -> Result<CudaFunction> {
-        self.module.load_function(name).map_err(cuda_err(name))
+        let mut cache = self.functions.lock().map_err(|_| Error::invalid("cuda", "a thread panicked while loading a kernel"))?;
+        if let Some(f) = cache.get(name) {
+            return Ok(f.clone());
+        }
+        let f = self.module.load_function(name).map_err(cuda_err(name))?;
+        cache.insert(name.to_string(), f.clone());
+        Ok(f)
+    }
+
+    /// An allocation failure as the trainer's out-of-memory error (so a run ends as an `oom`
+    /// crash), any other driver error as itself.
+    fn alloc_err(&self, bytes: usize) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
+        move |e| {
+            if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                let (free, total) = self.ctx.mem_get_info().unwrap_or((0, 0));
+                Error::OutOfMemory {
+                    device: format!("cuda:{}", self.ctx.ordinal()),
+                    what: "a GPU buffer".into(),
+                    requested: bytes as u64,
+                    in_use: total.saturating_sub(free) as u64,
+                    limit: total as u64,
+                }
+            } else {
+                cuda_err("allocation")(e)
+            }
+        }
+    }
+
+    /// A zero-filled f32 buffer of `n` elements; running out of GPU memory is `Error::OutOfMemory`.
+    pub(crate) fn alloc_zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
+        self.stream.alloc_zeros(n).map_err(self.alloc_err(n * 4))
     }
 
     pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
-        self.stream.clone_htod(host).map_err(cuda_err("copy to the GPU"))
+        self.stream.clone_htod(host).map_err(self.alloc_err(std::mem::size_of_val(host)))
+    }
+
+    /// A copy of a buffer on the GPU.
+    pub fn copy(&self, src: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+        self.stream.clone_dtod(src).map_err(self.alloc_err(src.num_bytes()))
+    }
+
+    /// dst = src (same lengths).
+    pub fn copy_into(&self, src: &CudaSlice<f32>, dst: &mut CudaSlice<f32>) -> Result<()> {
+        check_len("copy", "dst", dst, src.len())?;
+        self.stream.memcpy_dtod(src, dst).map_err(cuda_err("copy on the GPU"))
     }
 
     pub fn download<T: DeviceRepr + Default + Clone>(&self, dev: &CudaSlice<T>) -> Result<Vec<T>> {

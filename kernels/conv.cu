@@ -1,0 +1,60 @@
+// conv.cu: the layout halves of a 2-D convolution as im2col + GEMM (the GEMMs are cuBLAS's).
+//
+//   im2col_f32: cols[n, (c kh + i) kw + j, oh Wo + ow] = x[n, c, oh s + i - pad, ow s + j - pad]
+//               (0 outside the map), for a chunk of N samples
+//   col2im_f32: dx[n, c, ih, iw] = sum over taps (i, j), in order, of
+//               dcols[n, (c kh + i) kw + j, oh Wo + ow] where oh s + i - pad = ih and
+//               ow s + j - pad = iw (a gather, so no atomics and a fixed order of additions)
+// Shapes: x, dx [N, C, H, W]; cols, dcols [N, C kh kw, Ho Wo].
+// Geometry: one thread per output element (grid-stride).
+// CPU reference: im2col / col2im in src/backend/cpu/conv.rs.
+#include "common.cuh"
+
+struct ConvGeom {
+    int c, h, w, kh, kw, ho, wo, stride, pad;
+};
+
+extern "C" __global__ void im2col_f32(const float* __restrict__ x, float* __restrict__ cols, int nb, ConvGeom g) {
+    const int64_t hw = (int64_t)g.ho * g.wo;
+    const int64_t k = (int64_t)g.c * g.kh * g.kw;
+    const int64_t n = nb * k * hw;
+    FNO_FOR(e, n) {
+        const int64_t o = e % hw, t = e / hw;
+        const int r = t % k;
+        const int64_t s = t / k;
+        const int c = r / (g.kh * g.kw), tap = r % (g.kh * g.kw);
+        const int i = tap / g.kw, j = tap % g.kw;
+        const int oh = o / g.wo, ow = o % g.wo;
+        const int ih = oh * g.stride + i - g.pad, iw = ow * g.stride + j - g.pad;
+        cols[e] = (ih >= 0 && ih < g.h && iw >= 0 && iw < g.w) ? x[((s * g.c + c) * g.h + ih) * g.w + iw] : 0.f;
+    }
+}
+
+extern "C" __global__ void col2im_f32(const float* __restrict__ dcols, float* __restrict__ dx, int nb, ConvGeom g) {
+    const int64_t hw = (int64_t)g.ho * g.wo;
+    const int64_t k = (int64_t)g.c * g.kh * g.kw;
+    const int64_t n = (int64_t)nb * g.c * g.h * g.w;
+    FNO_FOR(e, n) {
+        const int iw = e % g.w;
+        const int64_t t = e / g.w;
+        const int ih = t % g.h;
+        const int64_t t2 = t / g.h;
+        const int c = t2 % g.c;
+        const int64_t s = t2 / g.c;
+        float acc = 0.f;
+        for (int i = 0; i < g.kh; ++i) {
+            const int ohs = ih + g.pad - i;
+            if (ohs < 0 || ohs % g.stride != 0) continue;
+            const int oh = ohs / g.stride;
+            if (oh >= g.ho) continue;
+            for (int j = 0; j < g.kw; ++j) {
+                const int ows = iw + g.pad - j;
+                if (ows < 0 || ows % g.stride != 0) continue;
+                const int ow = ows / g.stride;
+                if (ow >= g.wo) continue;
+                acc += dcols[(s * k + (c * g.kh + i) * g.kw + j) * hw + (int64_t)oh * g.wo + ow];
+            }
+        }
+        dx[e] = acc;
+    }
+}

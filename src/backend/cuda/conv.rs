@@ -1,0 +1,238 @@
+//! 2-D convolutions on the GPU: im2col / col2im (kernels/conv.cu) around cuBLAS SGEMMs, the same
+//! decomposition as the CPU's (src/backend/cpu/conv.rs):
+//!
+//! - forward: y_n [C_out, Ho Wo] = W [C_out, K] cols(x_n) [K, Ho Wo], K = C_in kh kw, as one
+//!   strided-batched GEMM per chunk of samples (W's stride 0);
+//! - dX: col2im(W^T dy_n), batched the same way;
+//! - dW: sum over n, in order, of dy_n cols(x_n)^T, one GEMM per sample accumulating (beta 1), so
+//!   the order of the sum is the CPU's.
+//!
+//! A 1x1 kernel with stride 1 and no padding uses x_n itself as its columns. The columns of a
+//! chunk of samples are scratch from the memory pool, at most [`COLS_BUDGET`] floats.
+//! cuBLAS is column-major; [`Gpu::gemm_rm`] maps a row-major product onto it.
+
+use cudarc::cublas::{sys as bsys, Gemm, GemmConfig, StridedBatchedConfig};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, PushKernelArg};
+
+use super::{check_len, elementwise_config, int, launched, Gpu};
+use crate::backend::Conv2dParams;
+use crate::error::{Error, Result};
+
+/// Floats of im2col columns per chunk of samples (256 MiB).
+pub const COLS_BUDGET: usize = 64 << 20;
+
+/// The geometry of one convolution, mirrored by `struct ConvGeom` in kernels/conv.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeom {
+    pub c: i32,
+    pub h: i32,
+    pub w: i32,
+    pub kh: i32,
+    pub kw: i32,
+    pub ho: i32,
+    pub wo: i32,
+    pub stride: i32,
+    pub pad: i32,
+}
+
+// The kernel reads nine ints in this order.
+const _: () = assert!(std::mem::size_of::<ConvGeom>() == 9 * 4);
+// SAFETY: plain old data of i32 fields with C layout, as the kernel expects.
+unsafe impl DeviceRepr for ConvGeom {}
+
+impl ConvGeom {
+    /// From x [B, C, H, W], a weight [.., .., kh, kw] and an output [B, .., Ho, Wo].
+    pub fn new(x: &[usize], w: &[usize], y: &[usize], p: Conv2dParams) -> Result<ConvGeom> {
+        const OP: &str = "conv2d";
+        Ok(ConvGeom {
+            c: int(OP, x[1])?,
+            h: int(OP, x[2])?,
+            w: int(OP, x[3])?,
+            kh: int(OP, w[2])?,
+            kw: int(OP, w[3])?,
+            ho: int(OP, y[2])?,
+            wo: int(OP, y[3])?,
+            stride: int(OP, p.stride)?,
+            pad: int(OP, p.padding)?,
+        })
+    }
+    fn k(&self) -> usize {
+        (self.c * self.kh * self.kw) as usize
+    }
+    fn hw_out(&self) -> usize {
+        (self.ho * self.wo) as usize
+    }
+    fn plane_in(&self) -> usize {
+        (self.c * self.h * self.w) as usize
+    }
+    fn is_pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
+    }
+    /// Samples per chunk so that a chunk's columns stay within the budget.
+    fn chunk(&self, batch: usize) -> usize {
+        (COLS_BUDGET / (self.k() * self.hw_out()).max(1)).clamp(1, batch.max(1))
+    }
+}
+
+/// A row-major operand: its buffer, whether it is used transposed, and the stride between the
+/// matrices of a batch (0: the same matrix for every item).
+pub struct Operand<'a> {
+    pub data: CudaView<'a, f32>,
+    pub transposed: bool,
+    pub stride: usize,
+}
+
+impl<'a> Operand<'a> {
+    pub fn new(data: CudaView<'a, f32>, transposed: bool, stride: usize) -> Self {
+        Operand { data, transposed, stride }
+    }
+}
+
+fn blas_err(op: &'static str) -> impl Fn(cudarc::cublas::result::CublasError) -> Error {
+    move |e| Error::Cuda { op: op.into(), why: format!("cuBLAS: {e:?}") }
+}
+
+impl Gpu {
+    /// For each of `batch` items: C [m, n] = op(A) [m, k] op(B) [k, n] + beta C, all row-major,
+    /// C's items `m n` apart. cuBLAS sees the column-major C^T = op(B)^T op(A)^T.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_rm(&self, a: &Operand, b: &Operand, c: &mut CudaViewMut<f32>, m: usize, n: usize, k: usize, beta: f32, batch: usize) -> Result<()> {
+        const OP: &str = "gemm";
+        let need = |o: &Operand, rows: usize, cols: usize| o.stride * batch.saturating_sub(1) + rows * cols;
+        if a.data.len() < need(a, m, k) || b.data.len() < need(b, k, n) || c.len() < m * n * batch {
+            return Err(Error::invalid(OP, format!("operands do not fit {batch} x [{m}x{k}] x [{k}x{n}]")));
+        }
+        if m == 0 || n == 0 || batch == 0 {
+            return Ok(());
+        }
+        let op = |t: bool| if t { bsys::cublasOperation_t::CUBLAS_OP_T } else { bsys::cublasOperation_t::CUBLAS_OP_N };
+        let gemm = GemmConfig {
+            transa: op(b.transposed),
+            transb: op(a.transposed),
+            m: int(OP, n)?,
+            n: int(OP, m)?,
+            k: int(OP, k)?,
+            alpha: 1.0f32,
+            lda: int(OP, if b.transposed { k } else { n })?,
+            ldb: int(OP, if a.transposed { m } else { k })?,
+            beta,
+            ldc: int(OP, n)?,
+        };
+        let blas = self.blas()?;
+        self.ctx.bind_to_thread().map_err(|e| Error::Cuda { op: OP.into(), why: e.to_string() })?;
+        // SAFETY: the lengths checked above cover every element the strides and leading dimensions
+        // reach; all buffers are on this GPU's stream.
+        unsafe {
+            if batch == 1 {
+                blas.gemm(gemm, &b.data, &a.data, c).map_err(blas_err(OP))
+            } else {
+                let cfg = StridedBatchedConfig {
+                    gemm,
+                    batch_size: int(OP, batch)?,
+                    stride_a: b.stride as i64,
+                    stride_b: a.stride as i64,
+                    stride_c: (m * n) as i64,
+                };
+                blas.gemm_strided_batched(cfg, &b.data, &a.data, c).map_err(blas_err(OP))
+            }
+        }
+    }
+
+    /// cols [nb, K, Ho Wo] of the nb samples in x (im2col) or dx from dcols (col2im).
+    fn cols_launch(&self, name: &'static str, src: &CudaView<f32>, dst: &mut CudaViewMut<f32>, nb: usize, g: ConvGeom) -> Result<()> {
+        let n = dst.len();
+        let nbi = int(name, nb)?;
+        let f = self.function(name)?;
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(src).arg(dst).arg(&nbi).arg(&g);
+        // SAFETY: the callers size src and dst for nb samples of this geometry.
+        launched(name, unsafe { l.launch(elementwise_config(n)) })
+    }
+
+    /// y [B, C_out, Ho, Wo] = conv(x [B, C_in, H, W], w [C_out, C_in, kh, kw]) (no bias).
+    pub fn conv2d_fwd(&self, x: &CudaSlice<f32>, w: &CudaSlice<f32>, y: &mut CudaSlice<f32>, batch: usize, c_out: usize, g: ConvGeom) -> Result<()> {
+        let (k, hw) = (g.k(), g.hw_out());
+        check_len("conv2d_fwd", "x", x, batch * g.plane_in())?;
+        check_len("conv2d_fwd", "w", w, c_out * k)?;
+        check_len("conv2d_fwd", "y", y, batch * c_out * hw)?;
+        let chunk = g.chunk(batch);
+        let mut cols = if g.is_pointwise() { None } else { Some(self.scratch(chunk * k * hw)?) };
+        for n0 in (0..batch).step_by(chunk) {
+            let nb = chunk.min(batch - n0);
+            let xs = x.slice(n0 * g.plane_in()..(n0 + nb) * g.plane_in());
+            let b = match &mut cols {
+                None => Operand::new(xs, false, k * hw),
+                Some(cols) => {
+                    let mut cv = cols.slice_mut(..nb * k * hw);
+                    self.cols_launch("im2col_f32", &xs, &mut cv, nb, g)?;
+                    Operand::new(cols.slice(..nb * k * hw), false, k * hw)
+                }
+            };
+            let mut ys = y.slice_mut(n0 * c_out * hw..(n0 + nb) * c_out * hw);
+            self.gemm_rm(&Operand::new(w.slice(..), false, 0), &b, &mut ys, c_out, hw, k, 0.0, nb)?;
+        }
+        Ok(())
+    }
+
+    /// dx [B, C_in, H, W] from dy [B, C_out, Ho, Wo] and w [C_out, C_in, kh, kw].
+    pub fn conv2d_bwd_input(&self, dy: &CudaSlice<f32>, w: &CudaSlice<f32>, dx: &mut CudaSlice<f32>, batch: usize, c_out: usize, g: ConvGeom) -> Result<()> {
+        let (k, hw) = (g.k(), g.hw_out());
+        check_len("conv2d_bwd_input", "dy", dy, batch * c_out * hw)?;
+        check_len("conv2d_bwd_input", "w", w, c_out * k)?;
+        check_len("conv2d_bwd_input", "dx", dx, batch * g.plane_in())?;
+        let wt = || Operand::new(w.slice(..), true, 0);
+        if g.is_pointwise() {
+            let dys = Operand::new(dy.slice(..), false, c_out * hw);
+            return self.gemm_rm(&wt(), &dys, &mut dx.slice_mut(..), k, hw, c_out, 0.0, batch);
+        }
+        let chunk = g.chunk(batch);
+        let mut dcols = self.scratch(chunk * k * hw)?;
+        for n0 in (0..batch).step_by(chunk) {
+            let nb = chunk.min(batch - n0);
+            let dys = Operand::new(dy.slice(n0 * c_out * hw..(n0 + nb) * c_out * hw), false, c_out * hw);
+            self.gemm_rm(&wt(), &dys, &mut dcols.slice_mut(..nb * k * hw), k, hw, c_out, 0.0, nb)?;
+            let mut dxs = dx.slice_mut(n0 * g.plane_in()..(n0 + nb) * g.plane_in());
+            self.cols_launch("col2im_f32", &dcols.slice(..nb * k * hw), &mut dxs, nb, g)?;
+        }
+        Ok(())
+    }
+
+    /// dw [C_out, C_in, kh, kw] = sum over samples, in order, of dy_n cols(x_n)^T.
+    pub fn conv2d_bwd_weight(&self, x: &CudaSlice<f32>, dy: &CudaSlice<f32>, dw: &mut CudaSlice<f32>, batch: usize, c_out: usize, g: ConvGeom) -> Result<()> {
+        let (k, hw) = (g.k(), g.hw_out());
+        check_len("conv2d_bwd_weight", "x", x, batch * g.plane_in())?;
+        check_len("conv2d_bwd_weight", "dy", dy, batch * c_out * hw)?;
+        check_len("conv2d_bwd_weight", "dw", dw, c_out * k)?;
+        if batch == 0 {
+            return self.clear(dw);
+        }
+        let chunk = g.chunk(batch);
+        let mut cols = if g.is_pointwise() { None } else { Some(self.scratch(chunk * k * hw)?) };
+        for n0 in (0..batch).step_by(chunk) {
+            let nb = chunk.min(batch - n0);
+            if let Some(cols) = &mut cols {
+                let xs = x.slice(n0 * g.plane_in()..(n0 + nb) * g.plane_in());
+                self.cols_launch("im2col_f32", &xs, &mut cols.slice_mut(..nb * k * hw), nb, g)?;
+            }
+            for j in 0..nb {
+                let n = n0 + j;
+                let cols_n = match &cols {
+                    None => x.slice(n * g.plane_in()..(n + 1) * g.plane_in()),
+                    Some(cols) => cols.slice(j * k * hw..(j + 1) * k * hw),
+                };
+                let dyn_ = Operand::new(dy.slice(n * c_out * hw..(n + 1) * c_out * hw), false, 0);
+                let beta = if n == 0 { 0.0 } else { 1.0 };
+                self.gemm_rm(&dyn_, &Operand::new(cols_n, true, 0), &mut dw.slice_mut(..), c_out, k, hw, beta, 1)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// An uninitialised f32 scratch buffer from the pool (every element is written before it is
+    /// read by the callers).
+    fn scratch(&self, n: usize) -> Result<CudaSlice<f32>> {
+        // SAFETY: f32 has no invalid bit patterns; callers write before they read.
+        unsafe { self.stream.alloc::<f32>(n.max(1)) }.map_err(self.alloc_err(n * 4))
+    }
+}

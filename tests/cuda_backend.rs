@@ -1,0 +1,400 @@
+//! The CUDA backend behind `Device::cuda`: every op of the backend surface, run through the same
+//! dispatch functions on the CPU (the specification) and on the GPU with the same inputs, on odd
+//! shapes, forward and backward; then one whole training step of a small generator, a short
+//! training run with exact resume, and the memory ledger against the meta plan.
+//!
+//! One test body serves both devices: each case is a closure from a device to named outputs.
+//! |got - ref| <= atol + rtol |ref|, printing the first mismatches. Without a GPU (or driver,
+//! kernels, cuBLAS, cuFFT) every test prints that it skipped and passes.
+//! The tolerances are for f32 arithmetic on the GPU against the CPU's f32 storage with f64
+//! accumulation: 1e-5 for element-wise maps, 1e-4 for sums over up to a few hundred terms
+//! (convolutions, FFTs, norms), looser where a whole step compounds them (stated there).
+
+use std::path::Path;
+
+mod common;
+use common::{tempdir, tiny};
+use fnokern::backend::{self, AdamStep, Binary, NormKind, Reduce, SgdStep, Unary};
+use fnokern::config::{Config, LossConfig};
+use fnokern::data::physics;
+use fnokern::model::Generator;
+use fnokern::optim::Optimizer;
+use fnokern::train::{self, RunOptions};
+use fnokern::{Conv2dParams, DType, Device, DeviceKind, ModeConvention, SpectralModes, Tape, Tensor};
+
+fn cuda(test: &str) -> Option<Device> {
+    match Device::cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("{test}: skipped: {e}");
+            None
+        }
+    }
+}
+
+fn randn(dev: &Device, shape: &[usize], seed: u64) -> Tensor {
+    Tensor::randn(shape.to_vec(), 1.0, seed, DType::F32, dev).unwrap()
+}
+
+/// Uniform in [0.5, 2): inputs for sqrt and ln.
+fn positive(dev: &Device, shape: &[usize], seed: u64) -> Tensor {
+    Tensor::rand_uniform(shape.to_vec(), 0.5, 2.0, seed, DType::F32, dev).unwrap()
+}
+
+fn close(what: &str, got: &Tensor, want: &Tensor, atol: f64, rtol: f64) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shape");
+    let (got, want) = (got.to_f64_vec().unwrap(), want.to_f64_vec().unwrap());
+    let bad: Vec<String> = got
+        .iter()
+        .zip(&want)
+        .enumerate()
+        // A NaN on either side is a mismatch.
+        .filter(|(_, (&g, &w))| {
+            let err = (g - w).abs();
+            err.is_nan() || err > atol + rtol * w.abs()
+        })
+        .map(|(i, (g, w))| format!("[{i}] got {g} want {w}"))
+        .collect();
+    assert!(bad.is_empty(), "{what}: {} of {} mismatch, first: {}", bad.len(), got.len(), bad[..bad.len().min(5)].join(", "));
+}
+
+type Outputs = Vec<(String, Tensor)>;
+
+/// Runs `case` on the CPU and on the GPU and compares every named output; checks that the GPU's
+/// outputs really live on the GPU. Without a GPU the case still runs on the CPU, so that the
+/// case itself is exercised on every machine.
+fn on_both(test: &str, atol: f64, rtol: f64, case: impl Fn(&Device) -> Outputs) {
+    let want = case(&Device::cpu());
+    assert!(!want.is_empty());
+    let Some(gpu) = cuda(test) else { return };
+    let got = case(&gpu);
+    assert_eq!(want.len(), got.len());
+    for ((name, w), (_, g)) in want.iter().zip(&got) {
+        assert_eq!(g.device().kind(), DeviceKind::Cuda(0), "{name} was not computed on the GPU");
+        close(&format!("{test}: {name}"), g, w, atol, rtol);
+    }
+    eprintln!("{test}: {} outputs match", got.len());
+}
+
+fn out(name: impl Into<String>, t: Tensor) -> (String, Tensor) {
+    (name.into(), t)
+}
+
+const UNARY: [Unary; 8] = [
+    Unary::Gelu,
+    Unary::Abs,
+    Unary::Sqrt,
+    Unary::Square,
+    Unary::Log,
+    Unary::WrapAngle,
+    Unary::RoundF16,
+    Unary::RoundBf16,
+];
+
+#[test]
+fn element_wise_ops_and_reductions_match_the_cpu() {
+    on_both("element-wise", 1e-5, 1e-5, |dev| {
+        let shape = [3, 5, 7, 9];
+        let (a, b) = (randn(dev, &shape, 1), randn(dev, &shape, 2));
+        let pos = positive(dev, &shape, 3);
+        let mut o = Outputs::new();
+        for op in UNARY {
+            let x = if matches!(op, Unary::Sqrt | Unary::Log) { &pos } else { &a };
+            o.push(out(format!("{op:?}"), backend::unary(op, x).unwrap()));
+            o.push(out(format!("{op:?}'"), backend::unary_bwd(op, x, &b).unwrap()));
+        }
+        for op in [Binary::Add, Binary::Sub, Binary::Mul] {
+            o.push(out(format!("{op:?}"), backend::binary(op, &a, &b).unwrap()));
+        }
+        // add_into writes into a uniquely held operand.
+        o.push(out("add_into", backend::add_into(randn(dev, &shape, 1), randn(dev, &shape, 4)).unwrap()));
+        o.push(out("affine", backend::affine(&a, -1.5, 0.25).unwrap()));
+        let s = Tensor::full(1.75, [1], DType::F32, dev).unwrap();
+        o.push(out("scale_by", backend::scale_by(&a, &s, false).unwrap()));
+        o.push(out("divide_by", backend::scale_by(&a, &s, true).unwrap()));
+        o.push(out("broadcast", backend::broadcast_scalar(&s, &a).unwrap()));
+        o
+    });
+    // Sums over 945 terms: the GPU's f32 tree against the CPU's f64.
+    on_both("reductions", 1e-4, 1e-5, |dev| {
+        let (a, b) = (randn(dev, &[3, 5, 7, 9], 1), randn(dev, &[3, 5, 7, 9], 2));
+        vec![
+            out("sum", backend::reduce(Reduce::Sum, &a).unwrap()),
+            out("sumsq", backend::reduce(Reduce::SumSq, &a).unwrap()),
+            out("dot", backend::dot(&a, &b).unwrap()),
+            // More elements than 256 blocks of 256 threads: the grid-stride loop.
+            out("sum of 70001", backend::reduce(Reduce::Sum, &randn(dev, &[70_001], 5)).unwrap()),
+        ]
+    });
+}
+
+#[test]
+fn channel_ops_match_the_cpu() {
+    on_both("channels", 1e-4, 1e-5, |dev| {
+        let x = randn(dev, &[3, 5, 7, 9], 1);
+        let br = randn(dev, &[3, 5, 7, 9], 2);
+        let l = randn(dev, &[5], 3);
+        let other = randn(dev, &[3, 2, 7, 9], 4);
+        let cat = backend::concat_channels(&[&x, &other, &br]).unwrap();
+        vec![
+            out("channel_scale", backend::channel_scale(&x, &l).unwrap()),
+            out("channel_dot", backend::channel_dot(&x, Some(&br)).unwrap()),
+            out("channel_sum", backend::channel_dot(&x, None).unwrap()),
+            out("layerscale", backend::layerscale(&x, &br, &l).unwrap()),
+            out("slice", backend::slice_channels(&cat, 4, 5).unwrap()),
+            out("concat", cat),
+            out("to_complex", backend::channels_to_complex(&randn(dev, &[3, 6, 7, 9], 5)).unwrap()),
+            out("to_channels", backend::complex_to_channels(&randn(dev, &[3, 3, 7, 9, 2], 6)).unwrap()),
+        ]
+    });
+}
+
+#[test]
+fn convolutions_match_the_cpu_in_every_geometry() {
+    // (kernel, stride, padding): the U-Net's 3x3 convs, pointwise (no im2col), the stride-2 down
+    // convs, and odd cases.
+    for (k, stride, pad) in [(3, 1, 1), (1, 1, 0), (3, 2, 1), (2, 2, 0), (1, 2, 0), (5, 1, 2)] {
+        on_both(&format!("conv k{k} s{stride} p{pad}"), 1e-4, 1e-4, |dev| {
+            let p = Conv2dParams::new(stride, pad);
+            let x = randn(dev, &[3, 5, 11, 9], 1);
+            let w = randn(dev, &[7, 5, k, k], 2);
+            let b = randn(dev, &[7], 3);
+            let y = backend::conv2d(&x, &w, Some(&b), p).unwrap();
+            let dy = randn(dev, y.dims(), 4);
+            let wt = randn(dev, &[5, 7, k, k], 5);
+            let bt = randn(dev, &[7], 6);
+            vec![
+                out("dx", backend::conv2d_bwd_input(&dy, &w, x.shape(), p).unwrap()),
+                out("dw", backend::conv2d_bwd_weight(&x, &dy, w.shape(), p).unwrap()),
+                out("transposed", backend::conv_transpose2d(&x, &wt, Some(&bt), p).unwrap()),
+                out("y", y),
+            ]
+        });
+    }
+}
+
+#[test]
+fn ffts_and_complex_ops_match_the_cpu() {
+    // Odd and even widths (with and without a Nyquist column), odd heights. The spectra fed to the
+    // inverse transforms are random, so not Hermitian: this checks the DC/Nyquist convention.
+    for (h, w) in [(9, 10), (8, 7), (6, 6), (5, 3)] {
+        on_both(&format!("fft {h}x{w}"), 1e-4, 1e-4, |dev| {
+            let x = randn(dev, &[3, 2, h, w], 1);
+            let z = randn(dev, &[3, 2, h, w / 2 + 1, 2], 2);
+            vec![
+                out("rfft2", backend::rfft2(&x).unwrap()),
+                out("irfft2", backend::irfft2(&z, w).unwrap()),
+                out("rfft2_bwd", backend::rfft2_bwd(&z, w).unwrap()),
+                out("irfft2_bwd", backend::irfft2_bwd(&x).unwrap()),
+            ]
+        });
+    }
+    on_both("complex", 1e-4, 1e-4, |dev| {
+        let z = randn(dev, &[3, 2, 9, 10, 2], 1);
+        let p = randn(dev, &[9, 10, 2], 2);
+        let dy = randn(dev, &[3, 2, 9, 10], 3);
+        let real = randn(dev, &[3, 2, 9, 10], 4);
+        vec![
+            out("fft2", backend::fft2(&z, false, 1.0).unwrap()),
+            out("ifft2", backend::fft2(&z, true, 1.0 / 90.0).unwrap()),
+            out("z p", backend::complex_mul(&z, &p, false).unwrap()),
+            out("z conj p", backend::complex_mul(&z, &p, true).unwrap()),
+            out("roll complex", backend::roll2d(&z, 4, 7, true).unwrap()),
+            out("roll real", backend::roll2d(&real, 8, 3, false).unwrap()),
+            out("abs", backend::complex_abs(&z).unwrap()),
+            out("abs'", backend::complex_abs_bwd(&z, &dy).unwrap()),
+            out("angle", backend::complex_angle(&z).unwrap()),
+            out("angle'", backend::complex_angle_bwd(&z, &dy).unwrap()),
+        ]
+    });
+}
+
+#[test]
+fn spectral_mix_and_norms_match_the_cpu_through_the_dispatch() {
+    on_both("spectral", 1e-4, 1e-4, |dev| {
+        let modes = SpectralModes::new(4, ModeConvention::Corners);
+        let (b, ci, co, h, w) = (3, 5, 7, 9, 10);
+        let xh = randn(dev, &[b, ci, h, w / 2 + 1, 2], 1);
+        let wt = randn(dev, modes.weight_shape(ci, co, h, w).dims(), 2);
+        let dyh = randn(dev, &[b, co, h, w / 2 + 1, 2], 3);
+        vec![
+            out("mix", backend::spectral_mix(&xh, &wt, modes).unwrap()),
+            out("dx", backend::spectral_mix_bwd_input(&dyh, &wt, modes).unwrap()),
+            out("dw", backend::spectral_mix_bwd_weight(&xh, &dyh, wt.shape(), modes).unwrap()),
+        ]
+    });
+    on_both("norms", 1e-4, 1e-4, |dev| {
+        let x = randn(dev, &[3, 5, 7, 9], 1);
+        let dy = randn(dev, &[3, 5, 7, 9], 2);
+        let (gamma, beta) = (randn(dev, &[5], 3), randn(dev, &[5], 4));
+        let mut o = Outputs::new();
+        for kind in [NormKind::LayerNorm, NormKind::RmsNorm, NormKind::InstanceNorm] {
+            let n = backend::norm(kind, &x, Some(&gamma), Some(&beta), 1e-5).unwrap();
+            let (dx, dg, db) = backend::norm_bwd(kind, &x, &dy, Some(&gamma), &n.mean, &n.rstd, true, true).unwrap();
+            o.push(out(format!("{kind:?} y"), n.y));
+            o.push(out(format!("{kind:?} mean"), n.mean));
+            o.push(out(format!("{kind:?} rstd"), n.rstd));
+            o.push(out(format!("{kind:?} dx"), dx));
+            o.push(out(format!("{kind:?} dgamma"), dg.unwrap()));
+            o.push(out(format!("{kind:?} dbeta"), db.unwrap()));
+        }
+        o
+    });
+}
+
+#[test]
+fn optimiser_updates_and_clipping_match_the_cpu() {
+    on_both("optimisers", 1e-5, 1e-5, |dev| {
+        let g = randn(dev, &[7, 5, 3, 3], 2);
+        let mut o = Outputs::new();
+        for (name, decoupled) in [("adam", false), ("adamw", true)] {
+            let mut p = randn(dev, &[7, 5, 3, 3], 1);
+            let mut m = randn(dev, &[7, 5, 3, 3], 3);
+            let mut v = backend::unary(Unary::Square, &randn(dev, &[7, 5, 3, 3], 4)).unwrap();
+            let h = AdamStep { lr: 1e-2, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1, decoupled, step: 3, grad_scale: 0.5 };
+            backend::adam_step(&mut p, &g, &mut m, &mut v, &h).unwrap();
+            o.extend([out(format!("{name} p"), p), out(format!("{name} m"), m), out(format!("{name} v"), v)]);
+        }
+        for (name, momentum, nesterov, first) in [("sgd", 0.0, false, false), ("momentum first", 0.9, false, true), ("nesterov", 0.9, true, false)] {
+            let mut p = randn(dev, &[7, 5, 3, 3], 1);
+            let mut buf = randn(dev, &[7, 5, 3, 3], 5);
+            let h = SgdStep { lr: 1e-2, momentum, nesterov, weight_decay: 0.01, first, grad_scale: 2.0 };
+            backend::sgd_step(&mut p, &g, (momentum > 0.0).then_some(&mut buf), &h).unwrap();
+            o.extend([out(format!("{name} p"), p), out(format!("{name} buf"), buf)]);
+        }
+        let mut x = randn(dev, &[7, 5, 3, 3], 6);
+        for axis in [0, 1, 3] {
+            o.push(out(format!("unit_sumsq axis {axis}"), backend::unit_sumsq(&x, axis).unwrap()));
+        }
+        backend::scale_units(&mut x, 1, &randn(dev, &[5], 7)).unwrap();
+        o.push(out("scale_units", x.clone()));
+        backend::clamp(&mut x, 0.5).unwrap();
+        o.push(out("clamp", x));
+        o
+    });
+}
+
+/// The config of the whole-step test: the tiny generator with LayerScale, LayerNorm, AGC-free
+/// Adam, and the physics loss.
+fn step_config() -> Config {
+    let mut c = tiny(Path::new("unused"));
+    c.model.depth = 3;
+    c
+}
+
+/// One training step on `dev`: (loss, every parameter's gradient, every parameter after Adam).
+fn one_step(cfg: &Config, dev: &Device) -> Outputs {
+    let n = cfg.data.n;
+    let mut g = Generator::new(&cfg.model, n, 1, dev, DType::F32).unwrap();
+    let mut opt = Optimizer::new(cfg.train.optimizer, &g.params);
+    let diffraction = backend::unary(Unary::Abs, &randn(dev, &[2, 1, n, n], 11)).unwrap();
+    let y_i = randn(dev, &[2, 1, n, n], 12);
+    let y_phi = randn(dev, &[2, 1, n, n], 13);
+    let probe = physics::scaled_probe(&randn(dev, &[n, n, 2], 14), &LossConfig::default()).unwrap();
+    let mut t = Tape::with_params(&g.params);
+    let x = t.constant(diffraction);
+    let (yi, yp) = (t.constant(y_i), t.constant(y_phi));
+    let pred = g.forward(&mut t, &x).unwrap();
+    let targets = physics::Targets { diffraction: &x, y_i: &yi, y_phi: &yp };
+    let loss = physics::loss(&mut t, &cfg.loss, &pred, &targets, &probe).unwrap();
+    let mut o = vec![out("loss", loss.value().clone())];
+    let grads = t.backward(&loss).unwrap().into_params();
+    for ((_, name, _), grad) in g.params.iter().zip(&grads) {
+        o.push(out(format!("d{name}"), grad.clone().expect("every parameter gets a gradient")));
+    }
+    opt.step(&cfg.train, &mut g.params, &grads, cfg.train.lr, 1.0).unwrap();
+    for (_, name, p) in g.params.iter() {
+        o.push(out(name.to_string(), p.clone()));
+    }
+    o
+}
+
+#[test]
+fn one_training_step_of_a_small_generator_matches_the_cpu() {
+    // Forward, physics loss, backward and an Adam update through every op of the generator.
+    // Gradients pass through ~40 ops, so they get 1e-3 relative (plus 1e-5 absolute for those
+    // near zero); Adam's first update is lr * sign(g) where g is not tiny, so the parameters
+    // agree to 1e-4.
+    let cfg = step_config();
+    on_both("whole step", 1e-5, 1e-3, |dev| one_step(&cfg, dev));
+}
+
+fn run_opts(dir: &Path) -> RunOptions {
+    RunOptions { out_dir: dir.to_path_buf(), resume: false, stop_after_epochs: None, progress: false, preset: None }
+}
+
+#[test]
+fn training_on_the_gpu_finishes_resumes_exactly_and_follows_the_cpu() {
+    let Some(_gpu) = cuda("gpu training") else { return };
+    let root = tempdir("cuda-train");
+    let mut cfg = tiny(&root.join("cache"));
+    let cpu = train::train(&cfg, &run_opts(&root.join("cpu")), &mut |_| {}).unwrap();
+    cfg.train.device = "cuda".into();
+    let straight = train::train(&cfg, &run_opts(&root.join("straight")), &mut |_| {}).unwrap();
+    assert!(straight.finished && !straight.crashed, "{straight:?}");
+    // Every GPU kernel is deterministic (fixed reduction orders, no atomics), so a resumed run
+    // repeats the straight one bit for bit, as on the CPU.
+    let split = root.join("split");
+    train::train(&cfg, &RunOptions { stop_after_epochs: Some(2), ..run_opts(&split) }, &mut |_| {}).unwrap();
+    let resumed = train::train(&cfg, &RunOptions { resume: true, ..run_opts(&split) }, &mut |_| {}).unwrap();
+    assert_eq!(straight.final_val_loss.map(f64::to_bits), resumed.final_val_loss.map(f64::to_bits));
+    assert_eq!(
+        std::fs::read_to_string(root.join("straight/metrics.jsonl")).unwrap(),
+        std::fs::read_to_string(split.join("metrics.jsonl")).unwrap()
+    );
+    // 24 Adam steps let f32 rounding differences grow; the losses still agree to a few percent.
+    let (c, g) = (cpu.final_val_loss.unwrap(), straight.final_val_loss.unwrap());
+    assert!((c - g).abs() <= 0.05 * c, "final validation loss: cpu {c}, gpu {g}");
+}
+
+#[test]
+fn the_gpu_ledger_equals_the_meta_plan_and_the_pool_holds_at_least_that() {
+    let Some(gpu) = cuda("gpu memory") else { return };
+    let mut cfg = step_config();
+    cfg.train.batch_size = 4;
+    let meta = fnokern::plan::step_memory(&cfg, &Device::meta()).unwrap();
+    let got = fnokern::plan::step_memory(&cfg, &gpu).unwrap();
+    // The same ops allocate the same tensors: the ledgers agree to the byte.
+    assert_eq!(got.peak, meta.peak);
+    assert_eq!(got.resident, meta.resident);
+    let pool = gpu.gpu_pool_peak().unwrap().expect("a GPU device has a pool");
+    eprintln!("gpu memory: ledger peak {} B, pool peak {pool} B", got.peak);
+    assert!(pool >= got.peak, "the pool ({pool} B) must hold at least the ledger's tensors ({} B)", got.peak);
+}
+
+#[test]
+fn gpu_tensors_copy_both_ways_and_refuse_host_slices() {
+    let Some(gpu) = cuda("gpu tensors") else { return };
+    let cpu = Device::cpu();
+    let x = randn(&cpu, &[3, 4], 1);
+    let g = x.to_device(&gpu).unwrap();
+    assert_eq!(g.device().kind(), DeviceKind::Cuda(0));
+    assert_eq!(g.to_f64_vec().unwrap(), x.to_f64_vec().unwrap());
+    assert_eq!(g.to_device(&cpu).unwrap().to_f64_vec().unwrap(), x.to_f64_vec().unwrap());
+    let err = g.as_slice::<f32>().unwrap_err().to_string();
+    assert!(err.contains("cuda:0") && err.contains("to_device"), "{err}");
+    let err = Tensor::zeros([2], DType::F64, &gpu).unwrap_err().to_string();
+    assert!(err.contains("f32"), "{err}");
+    // The ledger counts GPU tensors like CPU ones.
+    assert_eq!(gpu.memory().current, 0);
+    let t = Tensor::zeros([1000], DType::F32, &gpu).unwrap();
+    assert_eq!(gpu.memory().current, 4000);
+    drop(t);
+    assert_eq!(gpu.memory().current, 0);
+}
+
+#[test]
+fn without_a_gpu_training_on_cuda_is_a_clear_error() {
+    if Device::cuda(0).is_ok() {
+        eprintln!("without a gpu: skipped: this machine has one");
+        return;
+    }
+    let root = tempdir("no-gpu");
+    let mut cfg = tiny(&root.join("cache"));
+    cfg.train.device = "cuda".into();
+    let err = train::train(&cfg, &run_opts(&root.join("run")), &mut |_| {}).unwrap_err().to_string();
+    assert!(err.starts_with("cuda"), "{err}");
+    assert!(!root.join("run").exists(), "nothing is written before the device opens");
+    cfg.train.device = "cuda:x".into();
+    assert!(cfg.validate().unwrap_err().to_string().contains("cuda:N"));
+}
