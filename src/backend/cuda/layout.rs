@@ -3,7 +3,7 @@
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
-use super::{check_len, elementwise_config, int, launched, per_block_config, Gpu};
+use super::{check_len, elementwise_config, int, launched, per_block_config, push_opt, Gpu};
 use crate::error::Result;
 
 /// [B, C, S] sizes of an activation.
@@ -41,19 +41,13 @@ impl Gpu {
     pub fn channel_dot(&self, a: &CudaSlice<f32>, y: Option<&CudaSlice<f32>>, out: &mut CudaSlice<f32>, (b, c, s): Bcs) -> Result<()> {
         const OP: &str = "channel_dot_partials_f32";
         check_len(OP, "a", a, b * c * s)?;
-        if let Some(y) = y {
-            check_len(OP, "b", y, b * c * s)?;
-        }
         check_len(OP, "out", out, c)?;
         let mut partial = self.zeros::<f32>(b * c)?;
         let (planes, s64, null) = (int(OP, b * c)?, s as i64, 0u64);
         let f = self.function(OP)?;
         let mut l = self.stream.launch_builder(&f);
         l.arg(a);
-        match y {
-            Some(y) => l.arg(y),
-            None => l.arg(&null),
-        };
+        push_opt(&mut l, OP, "b", y, b * c * s, &null)?;
         l.arg(&mut partial).arg(&planes).arg(&s64);
         // SAFETY: lengths checked above; one block per (b, c) plane.
         launched(OP, unsafe { l.launch(per_block_config(b * c)?) })?;

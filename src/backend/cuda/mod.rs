@@ -34,7 +34,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, ValidAsZeroBits};
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg, ValidAsZeroBits};
 
 use crate::build_info;
 use crate::error::{Error, Result};
@@ -321,6 +321,31 @@ pub(crate) fn check_len<T>(op: &'static str, what: &str, buf: &CudaSlice<T>, wan
     if buf.len() != want {
         return Err(Error::invalid(op, format!("{what} holds {} elements, the shape needs {want}", buf.len())));
     }
+    Ok(())
+}
+
+/// Pushes an optional buffer, after checking that it holds `want` elements; absent, a null
+/// pointer (the kernels test for it).
+pub(crate) fn push_opt<'a>(l: &mut LaunchArgs<'a>, op: &'static str, what: &str, v: Option<&'a CudaSlice<f32>>, want: usize, null: &'a u64) -> Result<()> {
+    match v {
+        Some(s) => {
+            check_len(op, what, s, want)?;
+            l.arg(s)
+        }
+        None => l.arg(null),
+    };
+    Ok(())
+}
+
+/// [`push_opt`] for a buffer the kernel writes.
+pub(crate) fn push_opt_mut<'a>(l: &mut LaunchArgs<'a>, op: &'static str, what: &str, v: Option<&'a mut CudaSlice<f32>>, want: usize, null: &'a u64) -> Result<()> {
+    match v {
+        Some(s) => {
+            check_len(op, what, s, want)?;
+            l.arg(s)
+        }
+        None => l.arg(null),
+    };
     Ok(())
 }
 

@@ -1,9 +1,9 @@
 //! Launchers of kernels/norm.cu: FP32-promoted LayerNorm, RMSNorm and InstanceNorm for f32, f16
 //! and bf16 inputs (statistics, gamma, beta and their gradients in fp32).
 
-use cudarc::driver::{CudaSlice, DeviceRepr, LaunchArgs, PushKernelArg};
+use cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
 
-use super::{check_len, int, launched, per_block_config, Gpu};
+use super::{check_len, int, launched, per_block_config, push_opt, push_opt_mut, Gpu};
 use crate::backend::NormKind;
 use crate::error::Result;
 
@@ -38,14 +38,6 @@ pub fn groups(kind: NormKind, (b, c, s): (usize, usize, usize)) -> usize {
     }
 }
 
-/// Pushes an optional fp32 buffer: absent is a null pointer to the kernel.
-fn push_opt<'a>(l: &mut LaunchArgs<'a>, v: Option<&'a CudaSlice<f32>>, null: &'a u64) {
-    match v {
-        Some(s) => l.arg(s),
-        None => l.arg(null),
-    };
-}
-
 impl Gpu {
     /// y = xhat gamma + beta; mean and rstd per group (fp32).
     #[allow(clippy::too_many_arguments)]
@@ -68,19 +60,14 @@ impl Gpu {
         check_len(OP, "y", y, b * c * s)?;
         check_len(OP, "mean", mean, g)?;
         check_len(OP, "rstd", rstd, g)?;
-        for (name, p) in [("gamma", gamma), ("beta", beta)] {
-            if let Some(p) = p {
-                check_len(OP, name, p, c)?;
-            }
-        }
         let name = format!("norm_fwd_{}", T::SUFFIX);
         let f = self.function(&name)?;
         let (k, bi, ci, si) = (kind_code(kind), int(OP, b)?, int(OP, c)?, int(OP, s)?);
         let null = 0u64;
         let mut l = self.stream.launch_builder(&f);
         l.arg(x);
-        push_opt(&mut l, gamma, &null);
-        push_opt(&mut l, beta, &null);
+        push_opt(&mut l, OP, "gamma", gamma, c, &null)?;
+        push_opt(&mut l, OP, "beta", beta, c, &null)?;
         l.arg(y).arg(mean).arg(rstd).arg(&k).arg(&bi).arg(&ci).arg(&si).arg(&eps);
         // SAFETY: lengths checked above; one block per group.
         launched(OP, unsafe { l.launch(per_block_config(g)?) })
@@ -110,16 +97,13 @@ impl Gpu {
         check_len(OP, "dx", dx, b * c * s)?;
         check_len(OP, "mean", mean, g)?;
         check_len(OP, "rstd", rstd, g)?;
-        if let Some(p) = gamma {
-            check_len(OP, "gamma", p, c)?;
-        }
         let (k, bi, ci, si) = (kind_code(kind), int(OP, b)?, int(OP, c)?, int(OP, s)?);
         let name = format!("norm_bwd_{}", T::SUFFIX);
         let f = self.function(&name)?;
         let null = 0u64;
         let mut l = self.stream.launch_builder(&f);
         l.arg(x).arg(dy);
-        push_opt(&mut l, gamma, &null);
+        push_opt(&mut l, OP, "gamma", gamma, c, &null)?;
         l.arg(mean).arg(rstd).arg(dx).arg(&k).arg(&bi).arg(&ci).arg(&si);
         // SAFETY: lengths checked above; one block per group.
         launched(OP, unsafe { l.launch(per_block_config(g)?) })?;
@@ -130,20 +114,8 @@ impl Gpu {
         let f = self.function(&name)?;
         let mut l = self.stream.launch_builder(&f);
         l.arg(x).arg(dy).arg(mean).arg(rstd);
-        match dgamma {
-            Some(d) => {
-                check_len(OP, "dgamma", d, c)?;
-                l.arg(d)
-            }
-            None => l.arg(&null),
-        };
-        match dbeta {
-            Some(d) => {
-                check_len(OP, "dbeta", d, c)?;
-                l.arg(d)
-            }
-            None => l.arg(&null),
-        };
+        push_opt_mut(&mut l, OP, "dgamma", dgamma, c, &null)?;
+        push_opt_mut(&mut l, OP, "dbeta", dbeta, c, &null)?;
         l.arg(&k).arg(&bi).arg(&ci).arg(&si);
         // SAFETY: lengths checked above; one block per channel.
         launched(OP, unsafe { l.launch(per_block_config(c)?) })

@@ -3,7 +3,7 @@
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::{check_len, int, launched, Gpu, BLOCK};
+use super::{check_len, int, launched, push_opt, Gpu, BLOCK};
 use crate::backend::Reduce;
 use crate::error::Result;
 
@@ -15,10 +15,7 @@ impl Gpu {
     pub fn reduce_into(&self, op: Reduce, x: &CudaSlice<f32>, y: Option<&CudaSlice<f32>>, out: &mut CudaSlice<f32>) -> Result<()> {
         const OP: &str = "reduce_partial_f32";
         let code: i32 = match (op, y) {
-            (_, Some(y)) => {
-                check_len(OP, "y", y, x.len())?;
-                2
-            }
+            (_, Some(_)) => 2,
             (Reduce::Sum, None) => 0,
             (Reduce::SumSq, None) => 1,
         };
@@ -30,10 +27,7 @@ impl Gpu {
         let cfg = LaunchConfig { grid_dim: (PARTIALS as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
         let mut l = self.stream.launch_builder(&f);
         l.arg(x);
-        match y {
-            Some(y) => l.arg(y),
-            None => l.arg(&null),
-        };
+        push_opt(&mut l, OP, "y", y, x.len(), &null)?;
         l.arg(&mut partial).arg(&n64).arg(&code);
         // SAFETY: partial holds one slot per block; the kernel bounds-checks x (and y) by n.
         launched(OP, unsafe { l.launch(cfg) })?;
