@@ -103,7 +103,11 @@ fn close(what: &str, got: &[f32], want: &[f32], tol: f32) {
         .iter()
         .zip(want)
         .enumerate()
-        .filter(|(_, (g, w))| !((*g - *w).abs() <= tol * (1.0 + w.abs())))
+        // A NaN on either side is a mismatch.
+        .filter(|(_, (g, w))| {
+            let err = (*g - *w).abs();
+            err.is_nan() || err > tol * (1.0 + w.abs())
+        })
         .map(|(i, (g, w))| format!("[{i}] got {g} want {w}"))
         .collect();
     assert!(bad.is_empty(), "{what}: {} of {} mismatch, first: {}", bad.len(), got.len(), bad[..bad.len().min(5)].join(", "));
