@@ -13,7 +13,7 @@
 use std::path::Path;
 
 mod common;
-use common::{tempdir, tiny};
+use common::{tempdir, tiny, UNARY};
 use fnokern::backend::{self, AdamStep, Binary, NormKind, Reduce, SgdStep, Unary};
 use fnokern::config::{Config, LossConfig};
 use fnokern::data::physics;
@@ -80,16 +80,6 @@ fn out(name: impl Into<String>, t: Tensor) -> (String, Tensor) {
     (name.into(), t)
 }
 
-const UNARY: [Unary; 8] = [
-    Unary::Gelu,
-    Unary::Abs,
-    Unary::Sqrt,
-    Unary::Square,
-    Unary::Log,
-    Unary::WrapAngle,
-    Unary::RoundF16,
-    Unary::RoundBf16,
-];
 
 #[test]
 fn element_wise_ops_and_reductions_match_the_cpu() {

@@ -14,6 +14,9 @@ use fnokern::backend::{self, Binary, NormKind, Reduce, SgdStep, Unary};
 use fnokern::{Conv2dParams, DType, Device, ModeConvention, SpectralModes, Tensor};
 use libloading::Library;
 
+mod common;
+use common::UNARY;
+
 /// The kernels built once per test process as a shared library, or why not.
 fn library() -> &'static Result<Library, String> {
     static LIB: OnceLock<Result<Library, String>> = OnceLock::new();
@@ -113,16 +116,6 @@ fn close(what: &str, got: &[f32], want: &[f32], tol: f32) {
     assert!(bad.is_empty(), "{what}: {} of {} mismatch, first: {}", bad.len(), got.len(), bad[..bad.len().min(5)].join(", "));
 }
 
-const UNARY: [Unary; 8] = [
-    Unary::Gelu,
-    Unary::Abs,
-    Unary::Sqrt,
-    Unary::Square,
-    Unary::Log,
-    Unary::WrapAngle,
-    Unary::RoundF16,
-    Unary::RoundBf16,
-];
 
 #[test]
 fn element_wise_kernels_match_the_cpu() {

@@ -39,3 +39,9 @@ pub fn tiny(cache: &Path) -> Config {
     c.train.evaluate = false;
     c
 }
+
+/// Every element-wise op of the backend, in the kernels' code order.
+pub const UNARY: [fnokern::backend::Unary; 8] = {
+    use fnokern::backend::Unary::*;
+    [Gelu, Abs, Sqrt, Square, Log, WrapAngle, RoundF16, RoundBf16]
+};

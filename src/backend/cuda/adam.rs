@@ -2,7 +2,7 @@
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
-use super::{check_len, elementwise_config, launched, push_opt_mut, Gpu};
+use super::{check_len, elementwise_config, launched, push_opt, Gpu};
 use crate::backend::{AdamStep, SgdStep};
 use crate::error::Result;
 
@@ -36,7 +36,7 @@ impl Gpu {
         let f = self.function(OP)?;
         let mut l = self.stream.launch_builder(&f);
         l.arg(p).arg(g);
-        push_opt_mut(&mut l, OP, "buf", buf, n, &null)?;
+        push_opt(&mut l, OP, "buf", buf, n, &null)?;
         l.arg(&n64).arg(&lr).arg(&mu).arg(&wd).arg(&s).arg(&nesterov).arg(&first);
         // SAFETY: lengths checked above.
         launched(OP, unsafe { l.launch(elementwise_config(n)) })

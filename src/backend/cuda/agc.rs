@@ -3,7 +3,7 @@
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
-use super::{check_len, elementwise_config, int, launched, per_block_config, push_opt_mut, Gpu};
+use super::{check_len, elementwise_config, int, launched, per_block_config, push_opt, Gpu};
 use crate::error::Result;
 
 /// A tensor viewed as [pre, units, post] (units along the output axis).
@@ -22,7 +22,7 @@ impl Gpu {
         let null = 0u64;
         let mut l = self.stream.launch_builder(&f);
         l.arg(w).arg(g);
-        push_opt_mut(&mut l, OP, "factors", factors, units, &null)?;
+        push_opt(&mut l, OP, "factors", factors, units, &null)?;
         l.arg(&p).arg(&n).arg(&q).arg(&lambda).arg(&eps);
         // SAFETY: lengths checked above; one block per unit.
         launched(OP, unsafe { l.launch(per_block_config(units)?) })

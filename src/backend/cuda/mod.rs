@@ -324,28 +324,22 @@ pub(crate) fn check_len<T>(op: &'static str, what: &str, buf: &CudaSlice<T>, wan
     Ok(())
 }
 
-/// Pushes an optional buffer, after checking that it holds `want` elements; absent, a null
-/// pointer (the kernels test for it).
-pub(crate) fn push_opt<'a>(l: &mut LaunchArgs<'a>, op: &'static str, what: &str, v: Option<&'a CudaSlice<f32>>, want: usize, null: &'a u64) -> Result<()> {
+/// Pushes an optional buffer (read, `&CudaSlice`, or written, `&mut CudaSlice`), after checking
+/// that it holds `want` elements; absent, a null pointer (the kernels test for it).
+pub(crate) fn push_opt<'a, S>(l: &mut LaunchArgs<'a>, op: &'static str, what: &str, v: Option<S>, want: usize, null: &'a u64) -> Result<()>
+where
+    S: std::ops::Deref<Target = CudaSlice<f32>>,
+    LaunchArgs<'a>: PushKernelArg<S> + PushKernelArg<&'a u64>,
+{
     match v {
         Some(s) => {
-            check_len(op, what, s, want)?;
-            l.arg(s)
+            check_len(op, what, &s, want)?;
+            <LaunchArgs<'a> as PushKernelArg<S>>::arg(l, s);
         }
-        None => l.arg(null),
-    };
-    Ok(())
-}
-
-/// [`push_opt`] for a buffer the kernel writes.
-pub(crate) fn push_opt_mut<'a>(l: &mut LaunchArgs<'a>, op: &'static str, what: &str, v: Option<&'a mut CudaSlice<f32>>, want: usize, null: &'a u64) -> Result<()> {
-    match v {
-        Some(s) => {
-            check_len(op, what, s, want)?;
-            l.arg(s)
+        None => {
+            <LaunchArgs<'a> as PushKernelArg<&'a u64>>::arg(l, null);
         }
-        None => l.arg(null),
-    };
+    }
     Ok(())
 }
 

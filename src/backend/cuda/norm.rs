@@ -3,7 +3,7 @@
 
 use cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
 
-use super::{check_len, int, launched, per_block_config, push_opt, push_opt_mut, Gpu};
+use super::{check_len, int, launched, per_block_config, push_opt, Gpu};
 use crate::backend::NormKind;
 use crate::error::Result;
 
@@ -114,8 +114,8 @@ impl Gpu {
         let f = self.function(&name)?;
         let mut l = self.stream.launch_builder(&f);
         l.arg(x).arg(dy).arg(mean).arg(rstd);
-        push_opt_mut(&mut l, OP, "dgamma", dgamma, c, &null)?;
-        push_opt_mut(&mut l, OP, "dbeta", dbeta, c, &null)?;
+        push_opt(&mut l, OP, "dgamma", dgamma, c, &null)?;
+        push_opt(&mut l, OP, "dbeta", dbeta, c, &null)?;
         l.arg(&k).arg(&bi).arg(&ci).arg(&si);
         // SAFETY: lengths checked above; one block per channel.
         launched(OP, unsafe { l.launch(per_block_config(c)?) })
