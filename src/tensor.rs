@@ -212,7 +212,7 @@ impl Tensor {
             Data::Meta
         } else if let Some(gpu) = device.gpu_opt() {
             check_gpu_dtype("Tensor::zeros", dtype)?;
-            Data::Cuda(gpu.alloc_zeros(n)?)
+            Data::Cuda(gpu.zeros::<f32>(n)?)
         } else {
             match dtype {
                 DType::F16 => Data::F16(vec![f16::ZERO; n]),

@@ -143,7 +143,7 @@ impl Gpu {
         if planes == 0 {
             return Ok(());
         }
-        let mut prep = self.alloc_zeros(planes * h * wh * 2)?;
+        let mut prep = self.zeros::<f32>(planes * h * wh * 2)?;
         let norm: f32 = if adjoint_of_forward { 1.0 } else { 1.0 / (h * w) as f32 };
         let (p64, hi, whi, wi, adj) = (planes as i64, int(OP, h)?, int(OP, wh)?, int(OP, w)?, adjoint_of_forward as i32);
         let f = self.function(OP)?;

@@ -259,18 +259,8 @@ impl Gpu {
         }
     }
 
-    /// A zero-filled f32 buffer of `n` elements; running out of GPU memory is `Error::OutOfMemory`.
-    pub(crate) fn alloc_zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
-        self.stream.alloc_zeros(n).map_err(self.alloc_err(n * 4))
-    }
-
     pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
         self.stream.clone_htod(host).map_err(self.alloc_err(std::mem::size_of_val(host)))
-    }
-
-    /// A copy of a buffer on the GPU.
-    pub fn copy(&self, src: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
-        self.stream.clone_dtod(src).map_err(self.alloc_err(src.num_bytes()))
     }
 
     /// dst = src (same lengths).
@@ -283,8 +273,9 @@ impl Gpu {
         self.stream.clone_dtoh(dev).map_err(cuda_err("copy from the GPU"))
     }
 
+    /// A zero-filled buffer of `len` elements; running out of GPU memory is `Error::OutOfMemory`.
     pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
-        self.stream.alloc_zeros(len).map_err(cuda_err("allocation"))
+        self.stream.alloc_zeros(len).map_err(self.alloc_err(len * std::mem::size_of::<T>()))
     }
 
     pub fn clear<T: DeviceRepr + ValidAsZeroBits>(&self, dev: &mut CudaSlice<T>) -> Result<()> {
