@@ -543,6 +543,11 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// The device `device` names.
+    pub fn device_kind(&self) -> Result<crate::device::DeviceKind> {
+        crate::device::DeviceKind::parse(&self.device)
+    }
+
     /// The memory budget in bytes, if any.
     pub fn memory_limit_bytes(&self) -> Result<Option<u64>> {
         self.memory_limit.as_deref().map(crate::device::parse_bytes).transpose()
@@ -591,7 +596,7 @@ impl TrainConfig {
         if let Some(m) = &self.memory_limit {
             crate::device::parse_bytes(m).map_err(|e| Error::invalid("train config", format!("memory_limit: {e}")))?;
         }
-        match crate::device::DeviceKind::parse(&self.device) {
+        match self.device_kind() {
             Ok(crate::device::DeviceKind::Meta) => return bad("device `meta` has no data to train on (use cpu or cuda)".into()),
             Ok(_) => {}
             Err(_) => return bad(format!("device `{}`: use cpu, cuda or cuda:N", self.device)),

@@ -43,6 +43,10 @@ impl fmt::Display for DeviceKind {
 }
 
 impl DeviceKind {
+    pub fn is_gpu(self) -> bool {
+        matches!(self, DeviceKind::Cuda(_))
+    }
+
     /// Parses `cpu`, `meta`, `cuda` (GPU 0) or `cuda:N`.
     pub fn parse(s: &str) -> Result<DeviceKind> {
         match s.trim() {

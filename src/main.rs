@@ -226,7 +226,7 @@ fn main() -> ExitCode {
 fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: Option<usize>) -> fnokern::Result<()> {
     use std::io::IsTerminal;
     // Without a config or preset: the reference study on a GPU, the CPU-sized preset elsewhere.
-    let on_gpu = args.device.as_deref().is_some_and(|d| d != "cpu");
+    let on_gpu = args.device.as_deref().is_some_and(|d| fnokern::DeviceKind::parse(d).is_ok_and(|k| k.is_gpu()));
     let preset_note = if args.config.is_none() && args.preset.is_none() {
         args.preset = Some(if on_gpu { "study" } else { "cpu" }.into());
         Some(if on_gpu { "study (no --config or --preset given; on a GPU)" } else { "cpu (no --config or --preset given; on the CPU)" })
@@ -351,8 +351,8 @@ fn plan(args: &ConfigArgs, batch: Option<usize>, n: Option<usize>, checkpoint: O
     );
     let p = fnokern::plan::plan(&cfg)?;
     print!("{}", p.render(cfg.train.memory_limit_bytes()?));
-    let kind = fnokern::DeviceKind::parse(&cfg.train.device)?;
-    if matches!(kind, fnokern::DeviceKind::Cuda(_)) {
+    let kind = cfg.train.device_kind()?;
+    if kind.is_gpu() {
         // The same step, really run on the GPU: its ledger (the tensors) and the memory pool's
         // high-water mark (the tensors plus cuFFT work areas, im2col columns and reduction
         // partials, and the pool's rounding) against the plan.

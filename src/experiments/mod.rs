@@ -430,7 +430,7 @@ pub fn run_sweep(plan: &Plan, opts: &SweepOptions, say: &(dyn Fn(&str) + Sync)) 
         }
     }
     // Runs on a GPU go one after another: they would share its memory and its one stream.
-    let on_gpu = specs.iter().any(|s| s.config.train.device != "cpu");
+    let on_gpu = specs.iter().any(|s| s.config.train.device_kind().is_ok_and(|k| k.is_gpu()));
     let jobs = if on_gpu { 1 } else { opts.jobs.max(1).min(pending.len().max(1)) };
     say(&format!(
         "{} runs planned: {} already ended (kept), {} to run, {} at a time{}",

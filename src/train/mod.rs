@@ -27,7 +27,7 @@ use crate::autograd::{ParamStore, Tape};
 use crate::backend;
 use crate::config::{AuxLoss, Config, LossConfig, LossKind, Precision, SpikeAction};
 use crate::data::{self, npz::NpzSplit, physics};
-use crate::device::{Device, DeviceKind};
+use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::eval::{self, Metrics};
 use crate::model::weights::{self, Named};
@@ -366,7 +366,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
     let started = Instant::now();
     cfg.validate()?;
     // The device first: a GPU that is not there fails before anything is written.
-    let dev = Device::of_kind(DeviceKind::parse(&cfg.train.device)?)?;
+    let dev = Device::of_kind(cfg.train.device_kind()?)?;
     let dir = &opts.out_dir;
     fs::create_dir_all(dir.join("checkpoints")).map_err(|source| Error::Io {
         path: format!("cannot create the run directory {}", dir.display()),
