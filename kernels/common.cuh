@@ -5,8 +5,8 @@
 // - block_sum: a deterministic block-wide fp32 sum (warp shuffles, then one warp over the warp
 //   sums). The order of additions depends only on blockDim, never on timing, so a kernel that
 //   reduces with it gives the same bits on every run.
-// - FNO_HOST: tests/host/ compiles these files with a C++ host compiler, one thread per block, to
-//   check their index arithmetic against the CPU backend on machines without a GPU.
+// - tests/host/ compiles these files with a C++ host compiler and runs each block as host threads
+//   (barriers and warp shuffles emulated), to check them against the CPU backend without a GPU.
 // - Kernels take plain scalars and pointers; launchers (src/backend/cuda/) check every shape and
 //   pointer before launching, and kernels keep only a bounds guard.
 #pragma once
@@ -26,10 +26,6 @@ template <> __device__ __forceinline__ float from_f32<float>(float x) { return x
 template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
-#ifdef FNO_HOST
-// The host emulation (tests/host/) runs every block with one thread: the block's sum is its value.
-__device__ __forceinline__ float block_sum(float v) { return v; }
-#else
 // Sum of v over the block; every thread gets the result. blockDim.x must be a multiple of 32 and
 // at most 1024. Uses 32 floats of shared memory.
 __device__ __forceinline__ float block_sum(float v) {
@@ -48,7 +44,6 @@ __device__ __forceinline__ float block_sum(float v) {
     __syncthreads();
     return warp_sums[0];
 }
-#endif
 
 // Grid-stride loop over [0, n).
 #define FNO_FOR(i, n) for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (int64_t)(n); i += (int64_t)gridDim.x * blockDim.x)
