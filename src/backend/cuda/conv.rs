@@ -75,6 +75,30 @@ impl ConvGeom {
     }
 }
 
+/// cuBLAS's column-major GEMM arguments for the row-major C [m, n] = op(A) [m, k] op(B) [k, n]:
+/// a row-major matrix is its transpose in column-major order, so cuBLAS computes
+/// C^T [n, m] = op(B)^T op(A)^T with B as its first operand and A as its second.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ColMajorGemm {
+    /// Whether cuBLAS's first operand (the row-major B) is used transposed.
+    pub transa: bool,
+    /// Whether cuBLAS's second operand (the row-major A) is used transposed.
+    pub transb: bool,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub lda: usize,
+    pub ldb: usize,
+    pub ldc: usize,
+}
+
+impl ColMajorGemm {
+    /// `a_t`: A is stored as [k, m] (used transposed); `b_t`: B is stored as [n, k].
+    pub fn of_row_major(m: usize, n: usize, k: usize, a_t: bool, b_t: bool) -> ColMajorGemm {
+        ColMajorGemm { transa: b_t, transb: a_t, m: n, n: m, k, lda: if b_t { k } else { n }, ldb: if a_t { m } else { k }, ldc: n }
+    }
+}
+
 /// A row-major operand: its buffer, whether it is used transposed, and the stride between the
 /// matrices of a batch (0: the same matrix for every item).
 pub struct Operand<'a> {
@@ -106,18 +130,19 @@ impl Gpu {
         if m == 0 || n == 0 || batch == 0 {
             return Ok(());
         }
+        let cm = ColMajorGemm::of_row_major(m, n, k, a.transposed, b.transposed);
         let op = |t: bool| if t { bsys::cublasOperation_t::CUBLAS_OP_T } else { bsys::cublasOperation_t::CUBLAS_OP_N };
         let gemm = GemmConfig {
-            transa: op(b.transposed),
-            transb: op(a.transposed),
-            m: int(OP, n)?,
-            n: int(OP, m)?,
-            k: int(OP, k)?,
+            transa: op(cm.transa),
+            transb: op(cm.transb),
+            m: int(OP, cm.m)?,
+            n: int(OP, cm.n)?,
+            k: int(OP, cm.k)?,
             alpha: 1.0f32,
-            lda: int(OP, if b.transposed { k } else { n })?,
-            ldb: int(OP, if a.transposed { m } else { k })?,
+            lda: int(OP, cm.lda)?,
+            ldb: int(OP, cm.ldb)?,
             beta,
-            ldc: int(OP, n)?,
+            ldc: int(OP, cm.ldc)?,
         };
         let blas = self.blas()?;
         self.ctx.bind_to_thread().map_err(|e| Error::Cuda { op: OP.into(), why: e.to_string() })?;
@@ -234,5 +259,50 @@ impl Gpu {
     fn scratch(&self, n: usize) -> Result<CudaSlice<f32>> {
         // SAFETY: f32 has no invalid bit patterns; callers write before they read.
         unsafe { self.stream.alloc::<f32>(n.max(1)) }.map_err(self.alloc_err(n * 4))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ColMajorGemm;
+
+    /// BLAS's column-major SGEMM by its definition: C = op(A) op(B) + beta C, where element
+    /// (i, j) of a column-major matrix with leading dimension ld is at i + j ld.
+    fn sgemm(g: ColMajorGemm, a: &[f32], b: &[f32], c: &mut [f32], beta: f32) {
+        let at = |i: usize, p: usize| if g.transa { a[p + i * g.lda] } else { a[i + p * g.lda] };
+        let bt = |p: usize, j: usize| if g.transb { b[j + p * g.ldb] } else { b[p + j * g.ldb] };
+        for i in 0..g.m {
+            for j in 0..g.n {
+                let s: f32 = (0..g.k).map(|p| at(i, p) * bt(p, j)).sum();
+                c[i + j * g.ldc] = s + beta * c[i + j * g.ldc];
+            }
+        }
+    }
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n).map(|i| ((i * 7 + seed * 13) % 11) as f32 - 5.0).collect()
+    }
+
+    /// The arguments gemm_rm hands to cuBLAS compute the row-major product, for every
+    /// combination of transposed operands, on shapes where m, n and k differ (swapping two of
+    /// them, or a wrong leading dimension, reads the wrong elements or leaves the buffers).
+    #[test]
+    fn the_column_major_mapping_computes_the_row_major_product() {
+        let (m, n, k) = (3usize, 5usize, 4usize);
+        for (a_t, b_t) in [(false, false), (true, false), (false, true), (true, true)] {
+            let (a, b) = (values(m * k, 1), values(k * n, 2));
+            let a_at = |i: usize, p: usize| if a_t { a[p * m + i] } else { a[i * k + p] };
+            let b_at = |p: usize, j: usize| if b_t { b[j * k + p] } else { b[p * n + j] };
+            let mut c = values(m * n, 3);
+            let mut want = c.clone();
+            for i in 0..m {
+                for j in 0..n {
+                    want[i * n + j] = (0..k).map(|p| a_at(i, p) * b_at(p, j)).sum::<f32>() + 0.5 * want[i * n + j];
+                }
+            }
+            // cuBLAS's first operand is the row-major B, its second the row-major A.
+            sgemm(ColMajorGemm::of_row_major(m, n, k, a_t, b_t), &b, &a, &mut c, 0.5);
+            assert_eq!(c, want, "a transposed {a_t}, b transposed {b_t}");
+        }
     }
 }
