@@ -122,6 +122,8 @@ pub struct Gpu {
     functions: Mutex<HashMap<String, CudaFunction>>,
     blas: OnceLock<CudaBlas>,
     pub(crate) ffts: Mutex<HashMap<fft::PlanKey, fft::FftPlan>>,
+    /// The kept-row indices of the spectral layers, on the GPU (see `spectral_launch`).
+    pub(crate) spectral_rows: Mutex<HashMap<Vec<i32>, CudaSlice<i32>>>,
     pool: Option<Pool>,
 }
 
@@ -225,6 +227,7 @@ impl Gpu {
             functions: Mutex::default(),
             blas: OnceLock::new(),
             ffts: Mutex::default(),
+            spectral_rows: Mutex::default(),
             pool: None,
         })
     }
