@@ -15,14 +15,31 @@
 #include "common.cuh"
 
 __device__ __forceinline__ float2 cmul(float2 a, float2 b) { return make_float2(a.x * b.x - a.y * b.y, a.x * b.y + a.y * b.x); }
+// Output mode t of a grid [outer, mid, R, My]: its column c, kept row r, the indices along the mid
+// and outer axes, and `at`, the mode's offset inside an H x Wh plane.
+struct Mode {
+    int c, r, mid, outer;
+    int64_t at;
+};
+__device__ __forceinline__ Mode mode_of(int64_t t, int mid_n, int R, int My, const int* rows, int Wh) {
+    Mode m;
+    m.c = t % My;
+    m.r = (t / My) % R;
+    m.mid = (t / ((int64_t)My * R)) % mid_n;
+    m.outer = t / ((int64_t)My * R * mid_n);
+    m.at = (int64_t)rows[m.r] * Wh + m.c;
+    return m;
+}
+
 __device__ __forceinline__ float2 cmul_conj_b(float2 a, float2 b) { return make_float2(a.x * b.x + a.y * b.y, a.y * b.x - a.x * b.y); }
 
 extern "C" __global__ void spectral_mix_fwd_f32(const float2* __restrict__ x, const float2* __restrict__ w, const int* __restrict__ rows,
                                                 float2* __restrict__ y, int B, int Ci, int Co, int H, int Wh, int R, int My) {
     const int64_t n = (int64_t)B * Co * R * My;
     FNO_FOR(t, n) {
-        const int c = t % My, r = (t / My) % R, o = (t / ((int64_t)My * R)) % Co, b = t / ((int64_t)My * R * Co);
-        const int64_t plane = (int64_t)H * Wh, at = (int64_t)rows[r] * Wh + c;
+        const Mode m = mode_of(t, Co, R, My, rows, Wh);
+        const int c = m.c, r = m.r, o = m.mid, b = m.outer;
+        const int64_t plane = (int64_t)H * Wh, at = m.at;
         float2 acc = make_float2(0.f, 0.f);
         for (int i = 0; i < Ci; ++i) {
             const float2 p = cmul(x[((int64_t)b * Ci + i) * plane + at], w[(((int64_t)i * Co + o) * R + r) * My + c]);
@@ -37,8 +54,9 @@ extern "C" __global__ void spectral_mix_bwd_input_f32(const float2* __restrict__
                                                       float2* __restrict__ dx, int B, int Ci, int Co, int H, int Wh, int R, int My) {
     const int64_t n = (int64_t)B * Ci * R * My;
     FNO_FOR(t, n) {
-        const int c = t % My, r = (t / My) % R, i = (t / ((int64_t)My * R)) % Ci, b = t / ((int64_t)My * R * Ci);
-        const int64_t plane = (int64_t)H * Wh, at = (int64_t)rows[r] * Wh + c;
+        const Mode m = mode_of(t, Ci, R, My, rows, Wh);
+        const int c = m.c, r = m.r, i = m.mid, b = m.outer;
+        const int64_t plane = (int64_t)H * Wh, at = m.at;
         float2 acc = make_float2(0.f, 0.f);
         for (int o = 0; o < Co; ++o) {
             const float2 p = cmul_conj_b(dy[((int64_t)b * Co + o) * plane + at], w[(((int64_t)i * Co + o) * R + r) * My + c]);
@@ -53,8 +71,9 @@ extern "C" __global__ void spectral_mix_bwd_weight_f32(const float2* __restrict_
                                                        float2* __restrict__ dw, int B, int Ci, int Co, int H, int Wh, int R, int My) {
     const int64_t n = (int64_t)Ci * Co * R * My;
     FNO_FOR(t, n) {
-        const int c = t % My, r = (t / My) % R, o = (t / ((int64_t)My * R)) % Co, i = t / ((int64_t)My * R * Co);
-        const int64_t plane = (int64_t)H * Wh, at = (int64_t)rows[r] * Wh + c;
+        const Mode m = mode_of(t, Co, R, My, rows, Wh);
+        const int o = m.mid, i = m.outer;
+        const int64_t plane = (int64_t)H * Wh, at = m.at;
         float2 acc = make_float2(0.f, 0.f);
         for (int b = 0; b < B; ++b) {
             // conj(X) dY = conj(X conj(dY)) -> (re, -im) of cmul_conj_b(X, dY)

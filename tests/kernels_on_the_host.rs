@@ -570,8 +570,8 @@ fn spectral_layerscale_and_optimiser_kernels_match_the_cpu() {
         backend::adam_step(&mut p, &g, &mut m, &mut vv, &h).unwrap();
         let (mut pv, mut mv, mut vvv, gs) = (xs.clone(), v(&m0), v(&v0), v(&g));
         let bc = |b: f64| (1.0 - b.powi(step as i32)) as f32;
-        let args = (pv.as_mut_ptr(), gs.as_ptr(), mv.as_mut_ptr(), vvv.as_mut_ptr(), pv.len() as i64);
-        unsafe { once(lib, adam, (args.0, args.1, args.2, args.3, args.4, 1e-3, 0.9, 0.999, 1e-8, 0.05, bc(0.9), bc(0.999), 0.5, decoupled as i32)) };
+        let n = pv.len() as i64;
+        unsafe { once(lib, adam, (pv.as_mut_ptr(), gs.as_ptr(), mv.as_mut_ptr(), vvv.as_mut_ptr(), n, 1e-3, 0.9, 0.999, 1e-8, 0.05, bc(0.9), bc(0.999), 0.5, decoupled as i32)) };
         close(&format!("adam p (decoupled {decoupled})"), &pv, &v(&p), 1e-6);
         close("adam m", &mv, &v(&m), 1e-6);
         close("adam v", &vvv, &v(&vv), 1e-6);

@@ -79,6 +79,8 @@ class FnoWarpBarrier {
     std::atomic<unsigned> gen_{0};
 };
 
+inline FnoWarpBarrier fno_warp_barriers[FNO_HOST_MAX_WARPS];
+
 // The blocks of a launch, one after another, and the warps of a block taking turns between its
 // __syncthreads (see the top of this file).
 class FnoScheduler {
@@ -120,7 +122,7 @@ class FnoScheduler {
         running_ = 32 * warps_;
         for (unsigned w = 0; w < warps_; w++) {
             lanes_[w] = 32;
-            fno_warp_barrier_reset(w);
+            fno_warp_barriers[w].reset(32);
         }
         open_phase();
     }
@@ -159,7 +161,6 @@ class FnoScheduler {
             for (unsigned v = 0; v < warps_; v++) cv_[v].notify_all();
         }
     }
-    static void fno_warp_barrier_reset(unsigned w);
     std::mutex m_;
     std::condition_variable cv_[FNO_HOST_MAX_WARPS];
     unsigned lanes_[FNO_HOST_MAX_WARPS] = {}, parked_[FNO_HOST_MAX_WARPS] = {};
@@ -168,9 +169,7 @@ class FnoScheduler {
 };
 
 inline FnoScheduler fno_scheduler;
-inline FnoWarpBarrier fno_warp_barriers[FNO_HOST_MAX_WARPS];
 inline float fno_shfl_slots[FNO_HOST_MAX_BLOCK];
-inline void FnoScheduler::fno_warp_barrier_reset(unsigned w) { fno_warp_barriers[w].reset(32); }
 
 inline void __syncthreads() { fno_scheduler.sync(threadIdx.x / 32); }
 
