@@ -1,5 +1,5 @@
-//! Compiles every `kernels/*.cu` with nvcc into one fatbin embedded in the binary
-//! (SASS for sm_80 and sm_90, PTX for compute_80).
+//! Compiles every `kernels/*.cu` and `kernels/dev/*.cu` with nvcc into one fatbin embedded in the
+//! binary (SASS for sm_80 and sm_90, PTX for compute_80).
 //!
 //! nvcc is looked for in `NVCC`, `CUDA_HOME`/`CUDA_PATH`, `PATH`, then the project-local toolchain
 //! under `.cuda/` (installed by `scripts/install-nvcc.sh`). Without nvcc the build is CPU-only and
@@ -23,9 +23,12 @@ fn main() {
     }
     let require = env::var("FNOKERN_REQUIRE_KERNELS").is_ok_and(|v| v == "1");
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
-    let mut sources: Vec<PathBuf> = std::fs::read_dir(manifest.join("kernels"))
-        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
-        .unwrap_or_default();
+    // kernels/*.cu are the ones training launches; kernels/dev/*.cu are variants and kernels that
+    // wait for their caller (benchmarked and tested beside the others). All go into one fatbin.
+    let mut sources: Vec<PathBuf> = ["kernels", "kernels/dev"]
+        .iter()
+        .flat_map(|dir| std::fs::read_dir(manifest.join(dir)).map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect::<Vec<_>>()).unwrap_or_default())
+        .collect();
     sources.retain(|p| p.extension().is_some_and(|e| e == "cu"));
     sources.sort();
     if sources.is_empty() {

@@ -6,7 +6,7 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use fnokern::backend::cuda::spectral::SpectralDims;
 use fnokern::backend::cuda::Gpu;
-use fnokern::backend::{AdamStep, NormKind, Reduce};
+use fnokern::backend::{AdamStep, NormKind, Reduce, Unary};
 
 fn kernels(c: &mut Criterion) {
     let gpu = match Gpu::open(0) {
@@ -50,9 +50,9 @@ fn kernels(c: &mut Criterion) {
         })
     });
     g.throughput(Throughput::Bytes(2 * f4 * n as u64));
-    g.bench_function("gelu_fwd", |bch| {
+    g.bench_function("unary_f32 gelu", |bch| {
         bch.iter(|| {
-            gpu.gelu_fwd(&x, &mut y).expect("launch");
+            gpu.unary(Unary::Gelu, &x, &mut y).expect("launch");
             sync(&gpu)
         })
     });
@@ -75,6 +75,16 @@ fn kernels(c: &mut Criterion) {
         g.bench_function(format!("norm_bwd_f32 {kind:?}"), |bch| {
             bch.iter(|| {
                 gpu.norm_bwd(kind, &x, &br, None, &mean, &rstd, &mut y2, None, None, (b, ch, s)).expect("launch");
+                sync(&gpu)
+            })
+        });
+        // The 2-byte variants of kernels/dev/norm_lowp.cu beside the f32 kernel: half the bytes.
+        let xb = gpu.upload(&vec![half::bf16::from_f32(0.5); n]).expect("upload");
+        let mut yb = gpu.zeros::<half::bf16>(n).expect("alloc");
+        g.throughput(Throughput::Bytes(4 * 2 * n as u64));
+        g.bench_function(format!("norm_fwd_bf16 {kind:?} (dev)"), |bch| {
+            bch.iter(|| {
+                gpu.norm_fwd(kind, &xb, None, None, 1e-5, &mut yb, &mut mean, &mut rstd, (b, ch, s)).expect("launch");
                 sync(&gpu)
             })
         });

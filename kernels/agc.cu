@@ -4,13 +4,13 @@
 // pre = 1; axis 1 of conv-transpose and spectral weights: pre = C_in). Per unit u:
 //   |W_u| = sqrt(sum W_u^2),  |G_u| = sqrt(sum G_u^2)   (a complex weight is its (re, im) pairs)
 //   G_u  *= min(1, lambda max(|W_u|, eps) / |G_u|)       (unchanged when |G_u| = 0)
-// Per-tensor AGC is units = 1. unit_sumsq_f32 and scale_units_f32 are the two halves for callers
-// that need the norms themselves (global-norm and per-parameter clipping).
-// Shapes: w, g [pre * units * post]; norms, scale [units].
-// Geometry: agc_unit_f32 and unit_sumsq_f32: one block per unit, threads stride over the unit's
-//   pre * post elements, one block_sum each (deterministic); agc_unit_f32 then rescales the unit's
-//   gradient in place from the same block. scale_units_f32: one thread per element.
-// CPU reference: unit_sumsq and scale_units in src/backend/cpu/optim.rs, clip in src/optim/mod.rs.
+// Per-tensor AGC is units = 1 (pre = 1, post = the tensor's size). The trainer's clipping
+// (src/optim/mod.rs) runs this one launch per clipped weight: no norm leaves the GPU.
+// Shapes: w, g [pre * units * post]; factor_out [units] (optional: null skips it).
+// Geometry: one block per unit, threads stride over the unit's pre * post elements, one block_sum
+//   for |W_u|^2 and one for |G_u|^2 (deterministic); the same block then rescales the unit's
+//   gradient in place.
+// CPU reference: agc in src/backend/cpu/optim.rs.
 #include "common.cuh"
 
 __device__ __forceinline__ int64_t unit_at(int64_t k, int u, int units, int post) {
@@ -38,20 +38,3 @@ extern "C" __global__ void agc_unit_f32(const float* __restrict__ w, float* __re
     if (threadIdx.x == 0 && factor_out) factor_out[u] = f;
 }
 
-extern "C" __global__ void unit_sumsq_f32(const float* __restrict__ x, float* __restrict__ out, int pre, int units, int post) {
-    const int u = blockIdx.x;
-    if (u >= units) return;
-    const int64_t n = (int64_t)pre * post;
-    float s = 0.f;
-    for (int64_t k = threadIdx.x; k < n; k += blockDim.x) {
-        const float v = x[unit_at(k, u, units, post)];
-        s += v * v;
-    }
-    s = block_sum(s);
-    if (threadIdx.x == 0) out[u] = s;
-}
-
-extern "C" __global__ void scale_units_f32(float* __restrict__ x, const float* __restrict__ scale, int pre, int units, int post) {
-    const int64_t n = (int64_t)pre * units * post;
-    FNO_FOR(i, n) x[i] *= scale[(i / post) % units];
-}

@@ -5,14 +5,12 @@
 //                      5 wrap to [-pi, pi), 6 round to f16, 7 round to bf16. GELU is the exact
 //                      form x Phi(x) = 0.5 x (1 + erf(x / sqrt 2)), GELU' = Phi(x) + x phi(x);
 //                      |x|' = sign(x) with 0 at 0; rounding and wrapping pass gradients through.
-//   gelu_fwd_f32 / gelu_bwd_f32: op 0 on its own (benchmarked by itself)
-//   round_f16_f32 / round_bf16_f32: y = x rounded to the nearest f16 / bf16 (ties to even; beyond
-//                   f16's 65504 it is inf), stored as f32 (the CPU's emulation of low precision)
-//   binary_f32(op):  y = a + b, a - b, a * b (op 0, 1, 2);   add_f32: y = a + b
+//                      Rounding goes to the nearest f16 / bf16 (ties to even; beyond f16's 65504
+//                      it is inf), stored as f32 (the emulation of low precision, as on the CPU).
+//   binary_f32(op):  y = a + b, a - b, a * b (op 0, 1, 2)
 //   add_assign_f32:  acc += x;   affine_f32: y = alpha x + beta;   scale_inplace_f32: x *= s
 //   scale_by_f32:    y = x * s[0] (or x / s[0]), s a one-element device buffer
 //   fill_scalar_f32: y = g[0] everywhere;   clamp_f32: x = min(max(x, -c), c) in place
-//   cast_*:          f32 <-> f16 / bf16 storage conversions (round to nearest even)
 // Shapes: all operands [n]. CPU reference: unary_f / unary_df, map1 / map2 and the Backend impl
 //   in src/backend/cpu/mod.rs.
 #include "common.cuh"
@@ -59,26 +57,6 @@ extern "C" __global__ void unary_bwd_f32(const float* __restrict__ x, const floa
     FNO_FOR(i, n) dx[i] = dy[i] * unary_grad(op, x[i]);
 }
 
-extern "C" __global__ void gelu_fwd_f32(const float* __restrict__ x, float* __restrict__ y, int64_t n) {
-    FNO_FOR(i, n) y[i] = gelu(x[i]);
-}
-
-extern "C" __global__ void gelu_bwd_f32(const float* __restrict__ x, const float* __restrict__ dy, float* __restrict__ dx, int64_t n) {
-    FNO_FOR(i, n) dx[i] = dy[i] * gelu_grad(x[i]);
-}
-
-extern "C" __global__ void round_f16_f32(const float* __restrict__ x, float* __restrict__ y, int64_t n) {
-    FNO_FOR(i, n) y[i] = __half2float(__float2half_rn(x[i]));
-}
-
-extern "C" __global__ void round_bf16_f32(const float* __restrict__ x, float* __restrict__ y, int64_t n) {
-    FNO_FOR(i, n) y[i] = __bfloat162float(__float2bfloat16_rn(x[i]));
-}
-
-extern "C" __global__ void add_f32(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ y, int64_t n) {
-    FNO_FOR(i, n) y[i] = a[i] + b[i];
-}
-
 extern "C" __global__ void binary_f32(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ y, int64_t n, int op) {
     FNO_FOR(i, n) y[i] = op == 0 ? a[i] + b[i] : (op == 1 ? a[i] - b[i] : a[i] * b[i]);
 }
@@ -109,18 +87,3 @@ extern "C" __global__ void clamp_f32(float* __restrict__ x, int64_t n, float c) 
     FNO_FOR(i, n) x[i] = fminf(fmaxf(x[i], -c), c);
 }
 
-extern "C" __global__ void cast_f32_f16(const float* __restrict__ x, __half* __restrict__ y, int64_t n) {
-    FNO_FOR(i, n) y[i] = __float2half_rn(x[i]);
-}
-
-extern "C" __global__ void cast_f16_f32(const __half* __restrict__ x, float* __restrict__ y, int64_t n) {
-    FNO_FOR(i, n) y[i] = __half2float(x[i]);
-}
-
-extern "C" __global__ void cast_f32_bf16(const float* __restrict__ x, __nv_bfloat16* __restrict__ y, int64_t n) {
-    FNO_FOR(i, n) y[i] = __float2bfloat16_rn(x[i]);
-}
-
-extern "C" __global__ void cast_bf16_f32(const __nv_bfloat16* __restrict__ x, float* __restrict__ y, int64_t n) {
-    FNO_FOR(i, n) y[i] = __bfloat162float(x[i]);
-}

@@ -2,7 +2,7 @@
 //! (shapes and byte counts only), so running a graph on the meta device counts exactly the bytes
 //! the CPU backend would hold, without touching any data.
 
-use super::{AdamStep, Backend, Binary, Conv2dParams, NormKind, Reduce, SgdStep, Unary};
+use super::{AdamStep, Backend, Binary, Conv2dParams, NormKind, Reduce, SgdStep, Unary, Units};
 use crate::error::Result;
 use crate::tensor::Tensor;
 
@@ -33,6 +33,9 @@ impl Backend for MetaBackend {
     fn reduce(&self, _: Reduce, _: &Tensor, _: &mut Tensor) -> Result<()> {
         Ok(())
     }
+    fn reduce_each(&self, _: Reduce, _: &[&Tensor], _: &mut Tensor) -> Result<()> {
+        Ok(())
+    }
     fn dot(&self, _: &Tensor, _: &Tensor, _: &mut Tensor) -> Result<()> {
         Ok(())
     }
@@ -46,6 +49,9 @@ impl Backend for MetaBackend {
         Ok(())
     }
     fn layerscale_fwd(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: &mut Tensor) -> Result<()> {
+        Ok(())
+    }
+    fn layerscale_bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: &mut Tensor, _: &mut Tensor) -> Result<()> {
         Ok(())
     }
     fn copy_channels(&self, _: &Tensor, _: &mut Tensor, _: usize) -> Result<()> {
@@ -141,10 +147,7 @@ impl Backend for MetaBackend {
     fn sgd_step(&self, _: &mut Tensor, _: &Tensor, _: Option<&mut Tensor>, _: &SgdStep) -> Result<()> {
         Ok(())
     }
-    fn unit_sumsq(&self, _: &Tensor, _: usize, _: &mut Tensor) -> Result<()> {
-        Ok(())
-    }
-    fn scale_units(&self, _: &mut Tensor, _: usize, _: &Tensor) -> Result<()> {
+    fn agc(&self, _: &Tensor, _: &mut Tensor, _: Units, _: f64, _: f64) -> Result<()> {
         Ok(())
     }
     fn clamp(&self, _: &mut Tensor, _: f64) -> Result<()> {

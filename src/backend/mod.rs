@@ -132,6 +132,9 @@ impl NormKind {
     }
 }
 
+/// A tensor viewed as [pre, units, post]: the units of adaptive gradient clipping along one axis.
+pub type Units = (usize, usize, usize);
+
 /// One Adam/AdamW update (PyTorch's formulas). `grad_scale` multiplies the gradient first (the
 /// clipping factor and 1/accumulation steps folded in).
 #[derive(Clone, Copy, Debug)]
@@ -176,6 +179,8 @@ pub trait Backend: Sync {
     fn scale_by(&self, x: &Tensor, s: &Tensor, divide: bool, y: &mut Tensor) -> Result<()>;
     /// y (one element) = sum x or sum x^2.
     fn reduce(&self, op: Reduce, x: &Tensor, y: &mut Tensor) -> Result<()>;
+    /// y[t] = sum xs[t] or sum xs[t]^2 for each tensor (y [T]): each entry is what `reduce` gives.
+    fn reduce_each(&self, op: Reduce, xs: &[&Tensor], y: &mut Tensor) -> Result<()>;
     /// y (one element) = sum a * b.
     fn dot(&self, a: &Tensor, b: &Tensor, y: &mut Tensor) -> Result<()>;
     /// y = g * x with g broadcast from one element.
@@ -186,6 +191,9 @@ pub trait Backend: Sync {
     fn channel_dot(&self, a: &Tensor, b: Option<&Tensor>, y: &mut Tensor) -> Result<()>;
     /// The LayerScale residual y = x + l[c] * branch.
     fn layerscale_fwd(&self, x: &Tensor, branch: &Tensor, l: &Tensor, y: &mut Tensor) -> Result<()>;
+    /// Its backward for the branch and the gains: dbranch = l[c] dy, dl[c] = sum over b, s of
+    /// dy * branch (dx = dy needs no kernel).
+    fn layerscale_bwd(&self, dy: &Tensor, branch: &Tensor, l: &Tensor, dbranch: &mut Tensor, dl: &mut Tensor) -> Result<()>;
     /// dst[:, offset .. offset + C_src] = src (both [B, C, S]).
     fn copy_channels(&self, src: &Tensor, dst: &mut Tensor, offset: usize) -> Result<()>;
     /// dst = src[:, offset .. offset + C_dst].
@@ -248,10 +256,9 @@ pub trait Backend: Sync {
     fn adam_step(&self, p: &mut Tensor, g: &Tensor, m: &mut Tensor, v: &mut Tensor, h: &AdamStep) -> Result<()>;
     /// In place: the SGD update of p, with its momentum buffer when momentum > 0.
     fn sgd_step(&self, p: &mut Tensor, g: &Tensor, buf: Option<&mut Tensor>, h: &SgdStep) -> Result<()>;
-    /// x viewed as [pre, units, post] (units = dims[axis]): y[u] = sum of x^2 over pre and post.
-    fn unit_sumsq(&self, x: &Tensor, axis: usize, y: &mut Tensor) -> Result<()>;
-    /// In place: x[.., u, ..] *= s[u] along `axis`.
-    fn scale_units(&self, x: &mut Tensor, axis: usize, s: &Tensor) -> Result<()>;
+    /// Adaptive gradient clipping in place, w and g viewed as [pre, units, post]: per unit u,
+    /// g_u *= min(1, lambda max(|w_u|, eps) / |g_u|) (unchanged when |g_u| = 0).
+    fn agc(&self, w: &Tensor, g: &mut Tensor, units: Units, lambda: f64, eps: f64) -> Result<()>;
     /// In place: x = clamp(x, -c, c).
     fn clamp(&self, x: &mut Tensor, c: f64) -> Result<()>;
 }
@@ -403,6 +410,14 @@ pub fn reduce(op: Reduce, x: &Tensor) -> Result<Tensor> {
     with_out(Shape::scalar(), x, |y| x.device().backend().reduce(op, x, y))
 }
 
+/// One reduction per tensor, [T]: what `reduce` gives for each, computed on the device in one go
+/// (so that the gradient norms of every parameter come back to the host in one copy).
+pub fn reduce_each(op: Reduce, xs: &[&Tensor]) -> Result<Tensor> {
+    let first = *xs.first().ok_or_else(|| Error::invalid("reduce_each", "no tensors"))?;
+    check_same("reduce_each", xs)?;
+    with_out([xs.len()], first, |y| first.device().backend().reduce_each(op, xs, y))
+}
+
 pub fn dot(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     check_same("dot", &[a, b])?;
     check_eq("dot", a, b)?;
@@ -450,6 +465,17 @@ pub fn layerscale(x: &Tensor, branch: &Tensor, l: &Tensor) -> Result<Tensor> {
     check_eq("layerscale", x, branch)?;
     check_channel_vec("layerscale", x, l)?;
     with_out(x.shape().clone(), x, |y| x.device().backend().layerscale_fwd(x, branch, l, y))
+}
+
+/// The LayerScale residual's backward for the branch and the gains: (l[c] dy, sum_{b,s} dy branch).
+pub fn layerscale_bwd(dy: &Tensor, branch: &Tensor, l: &Tensor) -> Result<(Tensor, Tensor)> {
+    check_same("layerscale_bwd", &[dy, branch, l])?;
+    check_eq("layerscale_bwd", dy, branch)?;
+    check_channel_vec("layerscale_bwd", dy, l)?;
+    let mut dbranch = Tensor::zeros(dy.shape().clone(), dy.dtype(), dy.device())?;
+    let mut dl = Tensor::zeros(l.shape().clone(), l.dtype(), l.device())?;
+    dy.device().backend().layerscale_bwd(dy, branch, l, &mut dbranch, &mut dl)?;
+    Ok((dbranch, dl))
 }
 
 /// Concatenation of [B, C_i, S...] tensors along channels.
@@ -982,23 +1008,22 @@ pub fn sgd_step(p: &mut Tensor, g: &Tensor, buf: Option<&mut Tensor>, h: &SgdSte
     p.device().backend().sgd_step(p, g, buf, h)
 }
 
-/// Per-unit sums of squares along `axis` ([units]).
-pub fn unit_sumsq(x: &Tensor, axis: usize) -> Result<Tensor> {
-    check_compute("unit_sumsq", x)?;
-    if axis >= x.rank() {
-        return Err(Error::bad_shape("unit_sumsq", x.shape(), format!("no axis {axis}")));
+/// Adaptive gradient clipping of `g` in place against its weight `w` (same shape): unit-wise
+/// along `axis` (the output units), or per tensor when `axis` is None.
+pub fn agc(w: &Tensor, g: &mut Tensor, axis: Option<usize>, lambda: f64, eps: f64) -> Result<()> {
+    check_same("agc", &[w, g])?;
+    check_eq("agc", w, g)?;
+    let d = g.dims();
+    let units = match axis {
+        None => (1, 1, g.numel()),
+        Some(a) if a < d.len() => (d[..a].iter().product(), d[a], d[a + 1..].iter().product()),
+        Some(a) => return Err(Error::bad_shape("agc", g.shape(), format!("no axis {a}"))),
+    };
+    if !(lambda > 0.0 && lambda.is_finite() && eps >= 0.0 && eps.is_finite()) {
+        return Err(Error::invalid("agc", format!("lambda must be finite and > 0 and eps finite and >= 0, got {lambda} and {eps}")));
     }
-    with_out([x.dims()[axis]], x, |y| x.device().backend().unit_sumsq(x, axis, y))
-}
-
-/// In place: scales unit u of `x` along `axis` by s[u].
-pub fn scale_units(x: &mut Tensor, axis: usize, s: &Tensor) -> Result<()> {
-    check_same("scale_units", &[x, s])?;
-    if axis >= x.rank() || s.dims() != [x.dims()[axis]] {
-        return Err(Error::mismatch_because("scale_units", x.shape(), s.shape(), "one factor per unit"));
-    }
-    own(x)?;
-    x.device().backend().scale_units(x, axis, s)
+    own(g)?;
+    g.device().backend().agc(w, g, units, lambda, eps)
 }
 
 /// In place: clamps every element to [-c, c].

@@ -175,18 +175,23 @@ pub fn channel_scale(tape: &mut Tape, x: &Var, l: &Var) -> Result<Var> {
     })
 }
 
-/// The LayerScale residual y = x + l[c] * branch (one fused kernel forward).
+/// The LayerScale residual y = x + l[c] * branch: one fused kernel forward, and one fused
+/// backward (dbranch = l dy and dl = sum dy branch together) when both need a gradient.
 pub fn layerscale(tape: &mut Tape, x: &Var, branch: &Var, l: &Var) -> Result<Var> {
     let y = backend::layerscale(x.value(), branch.value(), l.value())?;
     let sb = tape.requires_grad(l).then(|| branch.value().clone());
     let sl = tape.requires_grad(branch).then(|| l.value().clone());
     tape.record1(&[x, branch, l], y, move |ctx| {
         let g = ctx.grad(0).clone();
-        if let Some(l) = sl {
-            ctx.add(1, backend::channel_scale(&g, &l)?)?;
-        }
-        if let Some(b) = sb {
-            ctx.add(2, backend::channel_dot(&g, Some(&b))?)?;
+        match (sl, sb) {
+            (Some(l), Some(b)) => {
+                let (db, dl) = backend::layerscale_bwd(&g, &b, &l)?;
+                ctx.add(1, db)?;
+                ctx.add(2, dl)?;
+            }
+            (Some(l), None) => ctx.add(1, backend::channel_scale(&g, &l)?)?,
+            (None, Some(b)) => ctx.add(2, backend::channel_dot(&g, Some(&b))?)?,
+            (None, None) => {}
         }
         ctx.add(0, g)
     })

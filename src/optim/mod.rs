@@ -101,17 +101,18 @@ pub struct ClipReport {
     pub norm_after: f64,
 }
 
-fn sumsq(t: &Tensor) -> Result<f64> {
-    backend::reduce(Reduce::SumSq, t)?.scalar_value()
+/// The sum of squares of each tensor, computed on their device and read back in one copy.
+pub fn sumsq_each(ts: &[&Tensor]) -> Result<Vec<f64>> {
+    if ts.is_empty() {
+        return Ok(Vec::new());
+    }
+    backend::reduce_each(Reduce::SumSq, ts)?.to_f64_vec()
 }
 
 /// sqrt of the sum of squares of every gradient (NaN or inf if any entry is).
 pub fn global_norm(grads: &[Option<Tensor>]) -> Result<f64> {
-    let mut total = 0.0;
-    for g in grads.iter().flatten() {
-        total += sumsq(g)?;
-    }
-    Ok(total.sqrt())
+    let present: Vec<&Tensor> = grads.iter().flatten().collect();
+    Ok(sumsq_each(&present)?.iter().sum::<f64>().sqrt())
 }
 
 fn scale_all(grads: &mut [Option<Tensor>], k: f64) -> Result<()> {
@@ -122,73 +123,61 @@ fn scale_all(grads: &mut [Option<Tensor>], k: f64) -> Result<()> {
 }
 
 /// Clips `grads` in place as configured (after any accumulation scaling has been applied).
+///
+/// The norms never leave the device one tensor at a time: one reduction over every gradient and
+/// one copy back give the norm before clipping (and each tensor's for per-parameter clipping);
+/// global-norm clipping then only scales, so its norm after is the norm before times the factor.
+/// AGC runs one launch per weight that computes its unit norms and rescales in place. The other
+/// kinds measure the norm after clipping with one more reduction.
 pub fn clip(cfg: &TrainConfig, grads: &mut [Option<Tensor>], params: &ParamStore, roles: &[ParamRole]) -> Result<ClipReport> {
-    let before = global_norm(grads)?;
-    match cfg.clip {
-        ClipKind::None => {}
+    let sq = sumsq_each(&grads.iter().flatten().collect::<Vec<_>>())?;
+    let before = sq.iter().sum::<f64>().sqrt();
+    let after = match cfg.clip {
+        ClipKind::None => return Ok(ClipReport { norm_before: before, norm_after: before }),
         ClipKind::GlobalNorm => {
             // torch.nn.utils.clip_grad_norm_: coefficient max / (norm + 1e-6), at most 1.
             let coef = cfg.clip_max_norm / (before + 1e-6);
             if coef < 1.0 {
                 scale_all(grads, coef)?;
+                Some(before * coef)
+            } else {
+                Some(before)
             }
         }
         ClipKind::Value => {
             for g in grads.iter_mut().flatten() {
                 backend::clamp(g, cfg.clip_value)?;
             }
+            None
         }
         ClipKind::PerParam => {
-            for g in grads.iter_mut().flatten() {
-                let n = sumsq(g)?.sqrt();
-                let coef = cfg.clip_max_norm / (n + 1e-6);
+            for (g, &s) in grads.iter_mut().flatten().zip(&sq) {
+                let coef = cfg.clip_max_norm / (s.sqrt() + 1e-6);
                 if coef < 1.0 {
                     *g = backend::affine(g, coef, 0.0)?;
                 }
             }
+            None
         }
-        ClipKind::AgcTensor => {
+        ClipKind::AgcTensor | ClipKind::AgcUnit => {
             for (id, _, p) in params.iter() {
+                let axis = match (cfg.clip, roles.get(id.0).copied()) {
+                    (ClipKind::AgcTensor, _) => None,
+                    (_, Some(ParamRole::Weight { unit_axis })) => Some(unit_axis),
+                    // Unit-wise AGC leaves biases, gains and the head alone.
+                    _ => continue,
+                };
                 let Some(g) = grads.get_mut(id.0).and_then(|g| g.as_mut()) else { continue };
-                let max = cfg.agc_factor * sumsq(p)?.sqrt().max(cfg.agc_eps);
-                let n = sumsq(g)?.sqrt();
-                if n > max {
-                    *g = backend::affine(g, max / n, 0.0)?;
-                }
+                backend::agc(p, g, axis, cfg.agc_factor, cfg.agc_eps)?;
             }
+            None
         }
-        ClipKind::AgcUnit => {
-            for (id, _, p) in params.iter() {
-                let Some(ParamRole::Weight { unit_axis }) = roles.get(id.0).copied() else { continue };
-                let Some(g) = grads.get_mut(id.0).and_then(|g| g.as_mut()) else { continue };
-                let wn = backend::unit_sumsq(p, unit_axis)?.to_f64_vec()?;
-                let gn = backend::unit_sumsq(g, unit_axis)?.to_f64_vec()?;
-                // Per unit: scale to lambda max(|W_i|, eps) / |G_i| when the gradient is larger.
-                let factors: Vec<f64> = wn
-                    .iter()
-                    .zip(&gn)
-                    .map(|(w, g)| {
-                        let max = cfg.agc_factor * w.sqrt().max(cfg.agc_eps);
-                        let n = g.sqrt();
-                        if n > max {
-                            max / n
-                        } else {
-                            1.0
-                        }
-                    })
-                    .collect();
-                if factors.iter().any(|&f| f < 1.0) {
-                    let s = Tensor::from_f64_vec(factors, [wn.len()], g.dtype(), g.device())?;
-                    backend::scale_units(g, unit_axis, &s)?;
-                }
-            }
-        }
-    }
-    let after = if cfg.clip == ClipKind::None { before } else { global_norm(grads)? };
-    Ok(ClipReport {
-        norm_before: before,
-        norm_after: after,
-    })
+    };
+    let after = match after {
+        Some(a) => a,
+        None => global_norm(grads)?,
+    };
+    Ok(ClipReport { norm_before: before, norm_after: after })
 }
 
 /// The learning rate over updates, with ReduceLROnPlateau's and rollbacks' state.

@@ -615,7 +615,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
                 }
             }
             // End of epoch: validation, schedule, checkpoints.
-            let finite_weights = g.params.values().iter().map(is_finite_tensor).collect::<Result<Vec<_>>>()?.into_iter().all(|b| b);
+            let finite_weights = optim::sumsq_each(&g.params.values().iter().collect::<Vec<_>>())?.iter().all(|s| s.is_finite());
             if !finite_weights {
                 crash = Some((Crash::Nonfinite, "non-finite weights".into()));
                 break;

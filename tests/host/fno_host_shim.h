@@ -1,30 +1,36 @@
 // fno_host_shim.h: just enough of CUDA for a C++ host compiler to build kernels/*.cu as plain
-// functions (tests/kernels_on_the_host.rs), and to run them as real thread blocks.
+// functions, and to run them as real thread blocks. Used by the CUDA driver stand-in
+// (tests/host/fakecuda/), which runs the kernels behind cuLaunchKernel.
 //
-// fno_host_launch runs a launch of `grid` blocks of `block` threads, the blocks one after
-// another, each CUDA thread a host thread (threadIdx / blockIdx / blockDim / gridDim are
-// thread-local). Within a block the warps take turns: one warp runs until each of its threads
-// has reached the next __syncthreads or returned, then the next warp runs, and the barrier opens
-// when every warp has had its turn. Even blocks run their warps in ascending order, odd blocks in
-// descending order. That is a schedule a GPU may choose, and the one that exposes a missing
-// barrier every time: a warp that reads what another warp writes (or overwrites what another
-// still has to read) without a __syncthreads between them gets the wrong value, deterministically.
-// The 32 lanes of a warp run together; __shfl_down_sync exchanges values through a slot per
-// thread between two barriers of the warp. A thread that returns no longer counts at either
-// barrier, as an exited GPU thread.
+// fno_host_run runs a launch of `grid` blocks of `block` threads, the blocks one after
+// another. Every CUDA thread is a fiber (a user-level context with its own stack) on the calling
+// host thread, so a launch is deterministic and costs a few nanoseconds per thread switch.
+// Within a block the warps take turns: one warp runs until each of its threads has reached the
+// next __syncthreads or returned, then the next warp runs, and the barrier opens when every warp
+// has had its turn. Even blocks run their warps in ascending order, odd blocks in descending
+// order. That is a schedule a GPU may choose, and the one that exposes a missing barrier every
+// time: a warp that reads what another warp writes (or overwrites what another still has to
+// read) without a __syncthreads between them gets the wrong value, deterministically.
+// The lanes of a warp run in lane order up to the next warp-level exchange (__shfl_down_sync),
+// which waits for every running lane of the warp, as a converged warp does on a GPU. A thread
+// that returns no longer counts at either barrier, as an exited GPU thread.
+// A warp whose lanes wait at different barriers (some at __syncthreads, some at a shuffle) is
+// reported and the process aborts: on a GPU that is undefined behaviour.
 // f16 is GCC's _Float16 (round to nearest even); bf16 rounds to nearest even by its bits, as
 // __float2bfloat16_rn does.
 #pragma once
 #include <math.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
-#include <atomic>
-#include <condition_variable>
-#include <mutex>
-#include <thread>
 #include <vector>
+
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
 
 #define __global__
 #define __device__
@@ -36,178 +42,252 @@
 struct fno_dim3 {
     unsigned x, y, z;
 };
-inline thread_local fno_dim3 threadIdx = {0, 0, 0}, blockIdx = {0, 0, 0}, blockDim = {1, 1, 1}, gridDim = {1, 1, 1};
+// The running fiber's coordinates: one fiber runs at a time, and the scheduler sets these before
+// it resumes one. (Every resume is an opaque call, so the compiler reloads them after it.)
+inline fno_dim3 threadIdx = {0, 0, 0}, blockIdx = {0, 0, 0}, blockDim = {1, 1, 1}, gridDim = {1, 1, 1};
 
 #define FNO_HOST_MAX_BLOCK 1024
-#define FNO_HOST_MAX_WARPS (FNO_HOST_MAX_BLOCK / 32)
+#define FNO_HOST_WARP 32
+#define FNO_HOST_STACK (256 * 1024)
 
-// A barrier of the lanes of one warp that are still running. Only the warp whose turn it is
-// runs, so its waiting lanes spin (yielding) instead of sleeping: a warp shuffle costs a few
-// yields rather than 32 wake-ups.
-class FnoWarpBarrier {
-  public:
-    void reset(unsigned lanes) {
-        std::lock_guard<std::mutex> g(m_);
-        active_ = lanes;
-        arrived_ = 0;
-    }
-    void sync() {
-        unsigned gen;
-        {
-            std::lock_guard<std::mutex> g(m_);
-            gen = gen_.load();
-            if (++arrived_ == active_) {
-                release();
-                return;
-            }
-        }
-        while (gen_.load() == gen) std::this_thread::yield();
-    }
-    void leave() {
-        std::lock_guard<std::mutex> g(m_);
-        --active_;
-        if (arrived_ > 0 && arrived_ == active_) release();
-    }
+// ---------------------------------------------------------------------------------------------
+// Context switching. On x86-64 a hand-written switch of the callee-saved registers (the SSE and
+// x87 control words are the same in every fiber: kernels never change them); elsewhere ucontext.
 
-  private:
-    void release() {  // with m_ held
-        arrived_ = 0;
-        gen_.fetch_add(1);
-    }
-    std::mutex m_;
-    unsigned active_ = 0, arrived_ = 0;
-    std::atomic<unsigned> gen_{0};
+#if defined(__x86_64__)
+// fno_fiber_switch(&save_sp, load_sp): saves the caller's registers on its stack and its stack
+// pointer in *save_sp, then continues the context whose stack pointer is load_sp.
+// fno_fiber_start: where a new fiber's first switch returns to; calls r13(r12) and never returns.
+__asm__(R"(
+    .pushsection .text
+    .weak fno_fiber_switch
+    .type fno_fiber_switch,@function
+fno_fiber_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size fno_fiber_switch,.-fno_fiber_switch
+    .weak fno_fiber_start
+    .type fno_fiber_start,@function
+fno_fiber_start:
+    movq %r12, %rdi
+    callq *%r13
+    ud2
+    .size fno_fiber_start,.-fno_fiber_start
+    .popsection
+)");
+extern "C" void fno_fiber_switch(void** save_sp, void* load_sp);
+extern "C" void fno_fiber_start();
+
+struct FnoContext {
+    void* sp = nullptr;
 };
+// Prepares `c` so that switching to it calls entry(arg) on the stack [stack, stack + size).
+inline void fno_context_make(FnoContext& c, char* stack, size_t size, void (*entry)(void*), void* arg) {
+    // The first switch pops six registers and returns into fno_fiber_start with the stack
+    // 16-byte aligned, so that its call gives the entry the alignment the ABI promises.
+    uint64_t* top = (uint64_t*)(((uintptr_t)(stack + size)) & ~(uintptr_t)15);
+    uint64_t* sp = top - 8;
+    sp[0] = 0;                           // unused (keeps the alignment)
+    sp[1] = 0;                           // r15
+    sp[2] = 0;                           // r14
+    sp[3] = (uint64_t)entry;             // r13
+    sp[4] = (uint64_t)arg;               // r12
+    sp[5] = 0;                           // rbx
+    sp[6] = 0;                           // rbp
+    sp[7] = (uint64_t)&fno_fiber_start;  // return address
+    c.sp = sp + 1;
+}
+inline void fno_context_switch(FnoContext& from, FnoContext& to) { fno_fiber_switch(&from.sp, to.sp); }
+#else
+struct FnoContext {
+    ucontext_t uc;
+};
+inline void fno_context_make(FnoContext& c, char* stack, size_t size, void (*entry)(void*), void* arg) {
+    getcontext(&c.uc);
+    c.uc.uc_stack.ss_sp = stack;
+    c.uc.uc_stack.ss_size = size;
+    c.uc.uc_link = nullptr;
+    makecontext(&c.uc, (void (*)())entry, 1, arg);  // one pointer argument: fine on LP64 glibc
+}
+inline void fno_context_switch(FnoContext& from, FnoContext& to) { swapcontext(&from.uc, &to.uc); }
+#endif
 
-inline FnoWarpBarrier fno_warp_barriers[FNO_HOST_MAX_WARPS];
+// ---------------------------------------------------------------------------------------------
+// The scheduler of one launch.
 
-// The blocks of a launch, one after another, and the warps of a block taking turns between its
-// __syncthreads (see the top of this file).
 class FnoScheduler {
   public:
-    // A launch of `grid` blocks of `warps` warps: block 0 starts.
-    void launch(unsigned grid, unsigned warps) {
-        std::lock_guard<std::mutex> g(m_);
-        grid_ = grid;
-        warps_ = warps;
-        block_ = 0;
-        start_block();
-    }
-    // Warp w's thread waits for block b and its warp's first turn there (false: the launch is
-    // over).
-    bool enter(unsigned w, unsigned b) {
-        std::unique_lock<std::mutex> l(m_);
-        cv_[w].wait(l, [&] { return block_ >= grid_ || (block_ == b && current_ == (int)w); });
-        return block_ < grid_;
-    }
-    // __syncthreads: warp w's thread parks until the barrier opens and its warp's turn comes.
-    void sync(unsigned w) {
-        std::unique_lock<std::mutex> l(m_);
-        const unsigned phase = phase_;
-        parked_[w]++;
-        settle(w);
-        cv_[w].wait(l, [&] { return phase_ != phase && current_ == (int)w; });
-    }
-    // Warp w's thread has returned from the kernel.
-    void leave(unsigned w) {
-        std::lock_guard<std::mutex> g(m_);
-        lanes_[w]--;
-        running_--;
-        settle(w);
+    enum State : uint8_t { Ready, AtWarp, AtBlock, Done };
+
+    void launch(unsigned grid, unsigned block, void (*thread)(const void*), const void* ctx) {
+        thread_ = thread;
+        ctx_ = ctx;
+        block_ = block;
+        warps_ = block / FNO_HOST_WARP;
+        gridDim = {grid, 1, 1};
+        blockDim = {block, 1, 1};
+        for (unsigned b = 0; b < grid; b++) run_block(b);
     }
 
-  private:
-    unsigned warp_at(unsigned pos) const { return block_ % 2 == 1 ? warps_ - 1 - pos : pos; }
-    void start_block() {
-        running_ = 32 * warps_;
-        for (unsigned w = 0; w < warps_; w++) {
-            lanes_[w] = 32;
-            fno_warp_barriers[w].reset(32);
+    // Forgets a launch left in the middle (a fault jumped out of it): every stack goes back.
+    void abandon() {
+        for (unsigned t = 0; t < FNO_HOST_MAX_BLOCK; t++) {
+            if (fibers_[t].stack) release_stack(t);
+            fibers_[t].state = Done;
         }
-        open_phase();
     }
-    // Every warp parked at the barrier (or gone): open it and give the first warp its turn.
-    void open_phase() {
-        phase_++;
-        for (unsigned w = 0; w < warps_; w++) parked_[w] = 0;
-        pos_ = 0;
-        next_turn();
+
+    // Called by the running fiber.
+    void park(State s) {
+        Fiber& f = fibers_[current_];
+        f.state = s;
+        fno_context_switch(f.ctx, main_);
     }
-    // The turn goes to the next warp in order with threads still running, if any.
-    void next_turn() {
-        current_ = -1;
-        for (; pos_ < warps_; pos_++) {
-            const unsigned w = warp_at(pos_);
-            if (lanes_[w] > 0) {
-                current_ = (int)w;
-                cv_[w].notify_all();
-                return;
+    unsigned current() const { return current_; }
+
+  private:
+    struct Fiber {
+        FnoContext ctx;
+        char* stack = nullptr;
+        State state = Done;
+    };
+
+    static void entry(void* self) {
+        FnoScheduler* s = (FnoScheduler*)self;
+        s->thread_(s->ctx_);
+        s->release_stack(s->current_);
+        s->park(Done);
+        abort();  // a finished fiber is never resumed
+    }
+
+    // Stacks are lent to threads when they first run and taken back when they return, so a
+    // launch whose threads never wait needs only one.
+    char* take_stack() {
+        if (!free_.empty()) {
+            char* s = free_.back();
+            free_.pop_back();
+            return s;
+        }
+        // A guard page below each stack turns an overflow into a crash, not a silent overwrite.
+        const size_t page = 4096;
+        char* m = (char*)mmap(nullptr, FNO_HOST_STACK + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) {
+            fprintf(stderr, "fno_host_shim: cannot map a fiber stack\n");
+            abort();
+        }
+        mprotect(m, page, PROT_NONE);
+        return m + page;
+    }
+    void release_stack(unsigned t) {
+        free_.push_back(fibers_[t].stack);
+        fibers_[t].stack = nullptr;
+    }
+
+    void resume(unsigned t) {
+        Fiber& f = fibers_[t];
+        current_ = t;
+        threadIdx = {t, 0, 0};
+        fno_context_switch(main_, f.ctx);
+    }
+
+    unsigned warp_at(unsigned b, unsigned pos) const { return b % 2 == 1 ? warps_ - 1 - pos : pos; }
+
+    void run_block(unsigned b) {
+        blockIdx = {b, 0, 0};
+        for (unsigned t = 0; t < block_; t++) {
+            Fiber& f = fibers_[t];
+            f.state = Ready;
+            f.stack = nullptr;
+        }
+        for (;;) {
+            for (unsigned pos = 0; pos < warps_; pos++) run_warp(warp_at(b, pos));
+            // Every thread has returned or waits at __syncthreads: open the barrier.
+            bool any = false;
+            for (unsigned t = 0; t < block_; t++) {
+                if (fibers_[t].state == AtBlock) {
+                    fibers_[t].state = Ready;
+                    any = true;
+                }
+            }
+            if (!any) return;
+        }
+    }
+
+    // One warp's turn: its lanes run in order until each waits at __syncthreads or has returned;
+    // a warp-level exchange releases the lanes once every running one has reached it.
+    void run_warp(unsigned w) {
+        for (;;) {
+            for (unsigned t = w * FNO_HOST_WARP; t < (w + 1) * FNO_HOST_WARP; t++) {
+                Fiber& f = fibers_[t];
+                if (f.state != Ready) continue;
+                if (f.stack == nullptr) {
+                    f.stack = take_stack();
+                    fno_context_make(f.ctx, f.stack, FNO_HOST_STACK, &FnoScheduler::entry, this);
+                }
+                resume(t);
+            }
+            unsigned at_warp = 0, at_block = 0;
+            for (unsigned t = w * FNO_HOST_WARP; t < (w + 1) * FNO_HOST_WARP; t++) {
+                at_warp += fibers_[t].state == AtWarp;
+                at_block += fibers_[t].state == AtBlock;
+            }
+            if (at_warp == 0) return;
+            if (at_block > 0) {
+                fprintf(stderr, "fno_host_shim: block %u warp %u: %u lanes wait at __syncthreads and %u at a warp shuffle (divergent barriers)\n",
+                        blockIdx.x, w, at_block, at_warp);
+                abort();
+            }
+            for (unsigned t = w * FNO_HOST_WARP; t < (w + 1) * FNO_HOST_WARP; t++) {
+                if (fibers_[t].state == AtWarp) fibers_[t].state = Ready;
             }
         }
     }
-    // After a thread of warp w parked or returned: when all of w's running threads are parked,
-    // w's turn ends; after the last warp's turn the barrier opens, or, when every thread has
-    // returned, the next block starts.
-    void settle(unsigned w) {
-        if (current_ != (int)w || parked_[w] < lanes_[w]) return;
-        pos_++;
-        next_turn();
-        if (current_ >= 0) return;
-        if (running_ > 0) {
-            open_phase();
-        } else if (++block_ < grid_) {
-            start_block();
-        } else {
-            for (unsigned v = 0; v < warps_; v++) cv_[v].notify_all();
-        }
-    }
-    std::mutex m_;
-    std::condition_variable cv_[FNO_HOST_MAX_WARPS];
-    unsigned lanes_[FNO_HOST_MAX_WARPS] = {}, parked_[FNO_HOST_MAX_WARPS] = {};
-    unsigned grid_ = 0, warps_ = 0, block_ = 0, running_ = 0, pos_ = 0, phase_ = 0;
-    int current_ = -1;
+
+    void (*thread_)(const void*) = nullptr;
+    const void* ctx_ = nullptr;
+    unsigned block_ = 0, warps_ = 0, current_ = 0;
+    FnoContext main_;
+    Fiber fibers_[FNO_HOST_MAX_BLOCK];
+    std::vector<char*> free_;
 };
 
 inline FnoScheduler fno_scheduler;
 inline float fno_shfl_slots[FNO_HOST_MAX_BLOCK];
 
-inline void __syncthreads() { fno_scheduler.sync(threadIdx.x / 32); }
+inline void __syncthreads() { fno_scheduler.park(FnoScheduler::AtBlock); }
 
 // Lane l gets lane l + o's value, or its own where l + o is past the warp, as on a GPU.
 inline float __shfl_down_sync(unsigned, float v, int o) {
-    const unsigned t = threadIdx.x, lane = t % 32;
-    FnoWarpBarrier& warp = fno_warp_barriers[t / 32];
+    const unsigned t = fno_scheduler.current(), lane = t % FNO_HOST_WARP;
     fno_shfl_slots[t] = v;
-    warp.sync();
-    const float r = lane + o < 32 ? fno_shfl_slots[t + o] : v;
-    warp.sync();  // every lane has read before the slots are written again
+    fno_scheduler.park(FnoScheduler::AtWarp);
+    const float r = lane + o < FNO_HOST_WARP ? fno_shfl_slots[t + o] : v;
+    fno_scheduler.park(FnoScheduler::AtWarp);  // every lane has read before the slots are written again
     return r;
 }
 
 // Runs `thread(ctx)` as every thread of `grid` blocks of `block` threads (block a multiple of 32,
-// at most 1024), block after block. Launches run one at a time, as on one stream (the scheduler,
-// the barriers and shared memory are global).
-extern "C" void fno_host_launch(unsigned grid, unsigned block, void (*thread)(const void*), const void* ctx) {
-    if (grid == 0 || block == 0 || block % 32 != 0 || block > FNO_HOST_MAX_BLOCK) abort();
-    static std::mutex one_launch;
-    std::lock_guard<std::mutex> serial(one_launch);
-    fno_scheduler.launch(grid, block / 32);
-    std::vector<std::thread> threads;
-    for (unsigned t = 0; t < block; t++) {
-        threads.emplace_back([=] {
-            const unsigned warp = t / 32;
-            threadIdx = {t, 0, 0};
-            blockDim = {block, 1, 1};
-            gridDim = {grid, 1, 1};
-            for (unsigned b = 0; fno_scheduler.enter(warp, b); b++) {
-                blockIdx = {b, 0, 0};
-                thread(ctx);
-                fno_warp_barriers[warp].leave();
-                fno_scheduler.leave(warp);
-            }
-        });
+// at most 1024), block after block, on the calling thread. One launch at a time: the scheduler
+// and shared memory are global, so the caller serialises launches (the stand-in's device lock).
+inline void fno_host_run(unsigned grid, unsigned block, void (*thread)(const void*), const void* ctx) {
+    if (grid == 0 || block == 0 || block % FNO_HOST_WARP != 0 || block > FNO_HOST_MAX_BLOCK) {
+        fprintf(stderr, "fno_host_run: bad launch geometry: %u blocks of %u threads\n", grid, block);
+        abort();
     }
-    for (auto& th : threads) th.join();
+    fno_scheduler.launch(grid, block, thread, ctx);
 }
 
 struct float2 {

@@ -16,7 +16,7 @@ use num_traits::{Float as _, One as _, Zero as _};
 use crate::tensor::Element as _;
 use rayon::prelude::*;
 
-use super::{AdamStep, Backend, Binary, Conv2dParams, NormKind, Reduce, SgdStep, Unary};
+use super::{AdamStep, Backend, Binary, Conv2dParams, NormKind, Reduce, SgdStep, Unary, Units};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Element, Tensor};
 
@@ -338,13 +338,20 @@ impl Backend for CpuBackend {
     }
 
     fn reduce(&self, op: Reduce, x: &Tensor, y: &mut Tensor) -> Result<()> {
-        with_float!(x.dtype(), "reduce", |T| {
-            let xs = x.as_slice::<T>()?;
-            let total = match op {
-                Reduce::Sum => sum_pairs(xs, xs, |a, _| a),
-                Reduce::SumSq => sum_pairs(xs, xs, |a, _| a * a),
-            };
-            y.as_mut_slice::<T>()?[0] = T::of_f64(total);
+        self.reduce_each(op, &[x], y)
+    }
+
+    fn reduce_each(&self, op: Reduce, xs: &[&Tensor], y: &mut Tensor) -> Result<()> {
+        with_float!(y.dtype(), "reduce", |T| {
+            let ys = y.as_mut_slice::<T>()?;
+            for (out, x) in ys.iter_mut().zip(xs) {
+                let v = x.as_slice::<T>()?;
+                let total = match op {
+                    Reduce::Sum => sum_pairs(v, v, |a, _| a),
+                    Reduce::SumSq => sum_pairs(v, v, |a, _| a * a),
+                };
+                *out = T::of_f64(total);
+            }
             Ok(())
         })
     }
@@ -405,6 +412,11 @@ impl Backend for CpuBackend {
             }
             Ok(())
         })
+    }
+
+    fn layerscale_bwd(&self, dy: &Tensor, branch: &Tensor, l: &Tensor, dbranch: &mut Tensor, dl: &mut Tensor) -> Result<()> {
+        self.channel_scale(dy, l, dbranch)?;
+        self.channel_dot(dy, Some(branch), dl)
     }
 
     fn layerscale_fwd(&self, x: &Tensor, branch: &Tensor, l: &Tensor, y: &mut Tensor) -> Result<()> {
@@ -542,11 +554,8 @@ impl Backend for CpuBackend {
     fn sgd_step(&self, p: &mut Tensor, g: &Tensor, buf: Option<&mut Tensor>, h: &SgdStep) -> Result<()> {
         optim::sgd(p, g, buf, h)
     }
-    fn unit_sumsq(&self, x: &Tensor, axis: usize, y: &mut Tensor) -> Result<()> {
-        optim::unit_sumsq(x, axis, y)
-    }
-    fn scale_units(&self, x: &mut Tensor, axis: usize, s: &Tensor) -> Result<()> {
-        optim::scale_units(x, axis, s)
+    fn agc(&self, w: &Tensor, g: &mut Tensor, units: Units, lambda: f64, eps: f64) -> Result<()> {
+        optim::agc(w, g, units, lambda, eps)
     }
     fn clamp(&self, x: &mut Tensor, c: f64) -> Result<()> {
         with_float!(x.dtype(), "clamp", |T| {

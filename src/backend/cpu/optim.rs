@@ -11,7 +11,7 @@ use rayon::prelude::*;
 #[allow(unused_imports)]
 use crate::tensor::Element as _;
 use super::{with_float, CHUNK};
-use crate::backend::{AdamStep, SgdStep};
+use crate::backend::{AdamStep, SgdStep, Units};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
 
@@ -92,42 +92,48 @@ pub(super) fn sgd(p: &mut Tensor, g: &Tensor, buf: Option<&mut Tensor>, h: &SgdS
     })
 }
 
-/// (pre, units, post) of x along `axis`.
-fn split(x: &Tensor, axis: usize) -> (usize, usize, usize) {
-    let d = x.dims();
-    (d[..axis].iter().product(), d[axis], d[axis + 1..].iter().product())
-}
-
-pub(super) fn unit_sumsq(x: &Tensor, axis: usize, y: &mut Tensor) -> Result<()> {
-    let (pre, units, post) = split(x, axis);
-    with_float!(x.dtype(), "unit_sumsq", |T| {
-        let xs = x.as_slice::<T>()?;
-        let out: Vec<f64> = (0..units)
-            .into_par_iter()
-            .map(|u| {
-                (0..pre)
-                    .map(|a| xs[(a * units + u) * post..(a * units + u + 1) * post].iter().map(|v| v.as_f64().powi(2)).sum::<f64>())
-                    .sum()
+/// Adaptive gradient clipping in place (kernels/agc.cu's formula): each unit's sums of squares
+/// in f64, kept as the tensor type keeps them (as `reduce` would return them), its factor in f64
+/// rounded to the tensor type, and the unit's gradient multiplied by it.
+pub(super) fn agc(w: &Tensor, g: &mut Tensor, units: Units, lambda: f64, eps: f64) -> Result<()> {
+    let (pre, n_units, post) = units;
+    if post == 0 || n_units == 0 {
+        return Ok(());
+    }
+    with_float!(g.dtype(), "agc", |T| {
+        let unit_sumsq = |xs: &[T]| -> Vec<f64> {
+            (0..n_units)
+                .into_par_iter()
+                .map(|u| {
+                    (0..pre)
+                        .map(|a| xs[(a * n_units + u) * post..(a * n_units + u + 1) * post].iter().map(|v| v.as_f64().powi(2)).sum::<f64>())
+                        .sum::<f64>()
+                })
+                .map(|v| T::of_f64(v).as_f64())
+                .collect()
+        };
+        let (wn, gn) = (unit_sumsq(w.as_slice::<T>()?), unit_sumsq(g.as_slice::<T>()?));
+        let factors: Vec<f64> = wn
+            .iter()
+            .zip(&gn)
+            .map(|(w2, g2)| {
+                let max = lambda * w2.sqrt().max(eps);
+                let n = g2.sqrt();
+                if n > max {
+                    max / n
+                } else {
+                    1.0
+                }
             })
             .collect();
-        for (o, v) in y.as_mut_slice::<T>()?.iter_mut().zip(out) {
-            *o = T::of_f64(v);
-        }
-        Ok(())
-    })
-}
-
-pub(super) fn scale_units(x: &mut Tensor, axis: usize, s: &Tensor) -> Result<()> {
-    let (_, units, post) = split(x, axis);
-    with_float!(x.dtype(), "scale_units", |T| {
-        let s = s.as_slice::<T>()?.to_vec();
-        if post == 0 {
+        if factors.iter().all(|&f| f >= 1.0) {
             return Ok(());
         }
-        x.as_mut_slice::<T>()?
+        let factors: Vec<T> = factors.into_iter().map(T::of_f64).collect();
+        g.as_mut_slice::<T>()?
             .par_chunks_mut(post)
             .enumerate()
-            .for_each(|(k, c)| c.iter_mut().for_each(|v| *v *= s[k % units]));
+            .for_each(|(k, c)| c.iter_mut().for_each(|v| *v *= factors[k % n_units]));
         Ok(())
     })
 }

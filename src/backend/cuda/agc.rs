@@ -1,13 +1,12 @@
-//! Launchers of kernels/agc.cu: unit-wise (or per-tensor, units = 1) adaptive gradient clipping
-//! in one launch, and the unit norms and rescaling on their own.
+//! Launcher of kernels/agc.cu: unit-wise (or per-tensor, units = 1) adaptive gradient clipping in
+//! one launch, norms and rescaling together, nothing read back.
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
-use super::{check_len, elementwise_config, int, launched, per_block_config, push_opt, Gpu};
+use super::{check_len, int, launched, per_block_config, push_opt, Gpu};
 use crate::error::Result;
 
-/// A tensor viewed as [pre, units, post] (units along the output axis).
-pub type Units = (usize, usize, usize);
+pub use crate::backend::Units;
 
 impl Gpu {
     /// g_u *= min(1, lambda max(|w_u|, eps) / |g_u|) per unit, in place; returns nothing, and
@@ -26,33 +25,5 @@ impl Gpu {
         l.arg(&p).arg(&n).arg(&q).arg(&lambda).arg(&eps);
         // SAFETY: lengths checked above; one block per unit.
         launched(OP, unsafe { l.launch(per_block_config(units)?) })
-    }
-
-    /// out[u] = sum of x_u^2.
-    pub fn unit_sumsq(&self, x: &CudaSlice<f32>, out: &mut CudaSlice<f32>, u: Units) -> Result<()> {
-        const OP: &str = "unit_sumsq_f32";
-        let (pre, units, post) = u;
-        check_len(OP, "x", x, pre * units * post)?;
-        check_len(OP, "out", out, units)?;
-        let (p, n, q) = (int(OP, pre)?, int(OP, units)?, int(OP, post)?);
-        let f = self.function(OP)?;
-        let mut l = self.stream.launch_builder(&f);
-        l.arg(x).arg(out).arg(&p).arg(&n).arg(&q);
-        // SAFETY: lengths checked above; one block per unit.
-        launched(OP, unsafe { l.launch(per_block_config(units)?) })
-    }
-
-    /// x_u *= scale[u], in place.
-    pub fn scale_units(&self, x: &mut CudaSlice<f32>, scale: &CudaSlice<f32>, u: Units) -> Result<()> {
-        const OP: &str = "scale_units_f32";
-        let (pre, units, post) = u;
-        check_len(OP, "x", x, pre * units * post)?;
-        check_len(OP, "scale", scale, units)?;
-        let (p, n, q) = (int(OP, pre)?, int(OP, units)?, int(OP, post)?);
-        let f = self.function(OP)?;
-        let mut l = self.stream.launch_builder(&f);
-        l.arg(x).arg(scale).arg(&p).arg(&n).arg(&q);
-        // SAFETY: lengths checked above.
-        launched(OP, unsafe { l.launch(elementwise_config(pre * units * post)) })
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::conv::ConvGeom;
 use super::spectral::SpectralDims;
 use super::Gpu;
-use crate::backend::{AdamStep, Backend, Binary, Conv2dParams, NormKind, Reduce, SgdStep, Unary};
+use crate::backend::{AdamStep, Backend, Binary, Conv2dParams, NormKind, Reduce, SgdStep, Unary, Units};
 use crate::error::Result;
 use crate::tensor::Tensor;
 
@@ -29,12 +29,6 @@ fn planes_hw(t: &Tensor) -> (usize, usize, usize) {
     let d = t.dims();
     let (h, w) = (d[d.len() - 2], d[d.len() - 1]);
     (t.numel() / (h * w).max(1), h, w)
-}
-
-/// (pre, units, post) of x seen along `axis`.
-fn units(x: &Tensor, axis: usize) -> (usize, usize, usize) {
-    let d = x.dims();
-    (d[..axis].iter().product(), d[axis], d[axis + 1..].iter().product())
 }
 
 fn spectral_dims(spec_in: &Tensor, w: &Tensor) -> SpectralDims {
@@ -68,6 +62,10 @@ impl Backend for CudaBackend {
     fn reduce(&self, op: Reduce, x: &Tensor, y: &mut Tensor) -> Result<()> {
         gpu(y)?.reduce_into(op, x.cuda()?, None, y.cuda_mut()?)
     }
+    fn reduce_each(&self, op: Reduce, xs: &[&Tensor], y: &mut Tensor) -> Result<()> {
+        let bufs = xs.iter().map(|x| x.cuda()).collect::<Result<Vec<_>>>()?;
+        gpu(y)?.reduce_each(op, &bufs, y.cuda_mut()?)
+    }
     fn dot(&self, a: &Tensor, b: &Tensor, y: &mut Tensor) -> Result<()> {
         gpu(y)?.reduce_into(Reduce::Sum, a.cuda()?, Some(b.cuda()?), y.cuda_mut()?)
     }
@@ -83,6 +81,10 @@ impl Backend for CudaBackend {
     }
     fn layerscale_fwd(&self, x: &Tensor, branch: &Tensor, l: &Tensor, y: &mut Tensor) -> Result<()> {
         gpu(y)?.layerscale_fwd(x.cuda()?, branch.cuda()?, l.cuda()?, y.cuda_mut()?, bcs(x))
+    }
+    fn layerscale_bwd(&self, dy: &Tensor, branch: &Tensor, l: &Tensor, dbranch: &mut Tensor, dl: &mut Tensor) -> Result<()> {
+        let d = bcs(dy);
+        gpu(dl)?.layerscale_bwd(dy.cuda()?, branch.cuda()?, l.cuda()?, dbranch.cuda_mut()?, dl.cuda_mut()?, d)
     }
     fn copy_channels(&self, src: &Tensor, dst: &mut Tensor, offset: usize) -> Result<()> {
         let ((b, cs, s), cd) = (bcs(src), dst.dims()[1]);
@@ -212,12 +214,8 @@ impl Backend for CudaBackend {
         let buf = buf.map(Tensor::cuda_mut).transpose()?;
         gpu(p)?.sgd_step(p.cuda_mut()?, g.cuda()?, buf, h)
     }
-    fn unit_sumsq(&self, x: &Tensor, axis: usize, y: &mut Tensor) -> Result<()> {
-        gpu(y)?.unit_sumsq(x.cuda()?, y.cuda_mut()?, units(x, axis))
-    }
-    fn scale_units(&self, x: &mut Tensor, axis: usize, s: &Tensor) -> Result<()> {
-        let u = units(x, axis);
-        gpu(x)?.scale_units(x.cuda_mut()?, s.cuda()?, u)
+    fn agc(&self, w: &Tensor, g: &mut Tensor, units: Units, lambda: f64, eps: f64) -> Result<()> {
+        gpu(g)?.agc_unit(w.cuda()?, g.cuda_mut()?, None, units, lambda as f32, eps as f32)
     }
     fn clamp(&self, x: &mut Tensor, c: f64) -> Result<()> {
         gpu(x)?.clamp(x.cuda_mut()?, c as f32)

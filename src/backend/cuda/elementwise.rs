@@ -6,7 +6,6 @@ use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use super::{check_len, elementwise_config, launched, Gpu};
 use crate::backend::{Binary, Unary};
-use crate::config::Precision;
 use crate::error::Result;
 
 /// The kernels' code of a unary op (the order of `unary_value` in elementwise.cu).
@@ -44,15 +43,7 @@ impl Gpu {
         launched(name, unsafe { l.launch(elementwise_config(n)) })
     }
 
-    /// y = x Phi(x).
-    pub fn gelu_fwd(&self, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<()> {
-        self.map("gelu_fwd_f32", &[x], y, None)
-    }
 
-    /// dx = dy GELU'(x).
-    pub fn gelu_bwd(&self, x: &CudaSlice<f32>, dy: &CudaSlice<f32>, dx: &mut CudaSlice<f32>) -> Result<()> {
-        self.map("gelu_bwd_f32", &[x, dy], dx, None)
-    }
 
     /// y = f(x) for any unary op.
     pub fn unary(&self, op: Unary, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<()> {
@@ -64,18 +55,7 @@ impl Gpu {
         self.map("unary_bwd_f32", &[x, dy], dx, Some(unary_code(op)))
     }
 
-    /// y = x rounded through `p` (a copy for fp32).
-    pub fn round_to(&self, x: &CudaSlice<f32>, p: Precision, y: &mut CudaSlice<f32>) -> Result<()> {
-        match p {
-            Precision::Fp32 => self.affine(x, 1.0, 0.0, y),
-            Precision::Fp16 => self.map("round_f16_f32", &[x], y, None),
-            Precision::Bf16 => self.map("round_bf16_f32", &[x], y, None),
-        }
-    }
 
-    pub fn add(&self, a: &CudaSlice<f32>, b: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<()> {
-        self.map("add_f32", &[a, b], y, None)
-    }
 
     pub fn binary(&self, op: Binary, a: &CudaSlice<f32>, b: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<()> {
         let code = match op {

@@ -120,7 +120,9 @@ pub struct Gpu {
     pub stream: Arc<CudaStream>,
     module: Arc<CudaModule>,
     functions: Mutex<HashMap<String, CudaFunction>>,
-    blas: OnceLock<CudaBlas>,
+    /// cuBLAS on the stream; one call at a time (a handle is not to be shared between threads
+    /// that call concurrently, and tests and sweeps drive one GPU from several threads).
+    blas: OnceLock<Mutex<CudaBlas>>,
     pub(crate) ffts: Mutex<HashMap<fft::PlanKey, fft::FftPlan>>,
     /// The kept-row indices of the spectral layers, on the GPU (see `spectral_launch`).
     pub(crate) spectral_rows: Mutex<HashMap<Vec<i32>, CudaSlice<i32>>>,
@@ -196,14 +198,18 @@ impl Gpu {
         }
     }
 
-    /// cuBLAS on this GPU's stream (created on first use).
-    pub(crate) fn blas(&self) -> Result<&CudaBlas> {
+    /// cuBLAS on this GPU's stream (created on first use), locked for the caller's calls.
+    pub(crate) fn blas(&self) -> Result<std::sync::MutexGuard<'_, CudaBlas>> {
+        fn lock(m: &Mutex<CudaBlas>) -> Result<std::sync::MutexGuard<'_, CudaBlas>> {
+            m.lock().map_err(|_| Error::invalid("cuBLAS", "a thread panicked during a GEMM"))
+        }
         if let Some(b) = self.blas.get() {
-            return Ok(b);
+            return lock(b);
         }
         library_present("cuBLAS", cudarc::cublas::sys::is_culib_present)?;
+        self.ctx.bind_to_thread().map_err(cuda_err("cuBLAS handle"))?;
         let b = CudaBlas::new(self.stream.clone()).map_err(|e| Error::Cuda { op: "cuBLAS handle".into(), why: e.to_string() })?;
-        Ok(self.blas.get_or_init(|| b))
+        lock(self.blas.get_or_init(|| Mutex::new(b)))
     }
 
     /// Opens GPU `ordinal` and loads the embedded fatbin (a handle of its own; the trainer's
@@ -272,8 +278,12 @@ impl Gpu {
         self.stream.memcpy_dtod(src, dst).map_err(cuda_err("copy on the GPU"))
     }
 
+    /// The buffer's elements on the host. The stream is synchronised after the copy: a copy to
+    /// pageable memory is not guaranteed to have finished when the call returns.
     pub fn download<T: DeviceRepr + Default + Clone>(&self, dev: &CudaSlice<T>) -> Result<Vec<T>> {
-        self.stream.clone_dtoh(dev).map_err(cuda_err("copy from the GPU"))
+        let v = self.stream.clone_dtoh(dev).map_err(cuda_err("copy from the GPU"))?;
+        self.sync()?;
+        Ok(v)
     }
 
     /// A zero-filled buffer of `len` elements; running out of GPU memory is `Error::OutOfMemory`.
@@ -340,4 +350,30 @@ where
 /// Maps a launch's driver error to one that names the kernel.
 pub(crate) fn launched(name: &'static str, r: std::result::Result<Option<(cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>, cudarc::driver::DriverError>) -> Result<()> {
     r.map(drop).map_err(cuda_err(name))
+}
+
+/// The first check of a GPU (`fnokern info`): an allocation, a copy each way, one kernel, one
+/// cuBLAS GEMM (a convolution) and one cuFFT transform, each compared with the CPU's result.
+pub fn self_test(gpu: &crate::device::Device) -> Result<()> {
+    use crate::backend::{self as b, Conv2dParams};
+    use crate::tensor::{DType, Tensor};
+    let cpu = crate::device::Device::cpu();
+    let x = Tensor::randn([2, 3, 9, 6], 1.0, 1, DType::F32, &cpu)?;
+    let w = Tensor::randn([4, 3, 3, 3], 1.0, 2, DType::F32, &cpu)?;
+    let (xg, wg) = (x.to_device(gpu)?, w.to_device(gpu)?);
+    let p = Conv2dParams::new(1, 1);
+    let checks = [
+        ("a copy there and back", xg.clone(), x.clone()),
+        ("a kernel (affine_f32)", b::affine(&xg, 2.0, 1.0)?, b::affine(&x, 2.0, 1.0)?),
+        ("cuBLAS (a 3x3 convolution)", b::conv2d(&xg, &wg, None, p)?, b::conv2d(&x, &w, None, p)?),
+        ("cuFFT (rfft2)", b::rfft2(&xg)?, b::rfft2(&x)?),
+    ];
+    for (what, got, want) in checks {
+        let (got, want) = (got.to_f64_vec()?, want.to_f64_vec()?);
+        let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs() / (1.0 + w.abs())).fold(0.0, f64::max);
+        if worst.is_nan() || worst > 1e-4 {
+            return Err(Error::Cuda { op: what.into(), why: format!("differs from the CPU by {worst:.2e} (relative)") });
+        }
+    }
+    Ok(())
 }

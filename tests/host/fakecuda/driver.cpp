@@ -1,0 +1,806 @@
+// driver.cpp: the CUDA driver API calls cudarc 0.19.10 makes for fnokern, on the host (part of
+// the stand-in libcuda.so; see README.md here).
+//
+// One device (ordinal 0, "compute capability 9.0") with a primary context, the default stream,
+// events that need no waiting (everything runs when it is called), a memory table, modules made
+// from the embedded fatbin, and cuLaunchKernel running the real kernels (kernels.cpp). Strict
+// where a GPU is unforgiving: a current context on the calling thread for every call; fresh
+// allocations filled with NaN bytes; a guard page right after every buffer, so that a kernel
+// reading or writing one element past it faults (reported as CUDA_ERROR_ILLEGAL_ADDRESS, sticky,
+// as on a GPU); freed buffers kept unmapped for a while, so a use after free faults too; every
+// pointer given to a copy, a memset or a kernel inside a live allocation; launch geometry
+// within the limits. Each refusal prints why on stderr ("fakecuda: <call>: ...").
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <deque>
+#include <map>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "fakecuda.h"
+#include "kernels.h"
+
+namespace {
+
+constexpr uint64_t kPage = 4096;
+constexpr unsigned kMagic = 0xfa4ec0de;
+
+std::recursive_mutex g_lock;
+bool g_init = false;
+
+int env_int(const char* name, int fallback) {
+    const char* v = getenv(name);
+    return v && *v ? atoi(v) : fallback;
+}
+// FAKECUDA_DEVICES=0 makes a driver that sees no GPU; FAKECUDA_MEMORY_MIB sets the card's size.
+int device_count() { return env_int("FAKECUDA_DEVICES", 1); }
+uint64_t total_memory() { return (uint64_t)env_int("FAKECUDA_MEMORY_MIB", 16384) << 20; }
+bool trace() {
+    static const bool t = env_int("FAKECUDA_TRACE", 0) != 0;
+    return t;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory
+
+struct Alloc {
+    uint64_t base, size;
+    char* map;
+    size_t map_len;
+    bool pool;
+};
+std::map<uint64_t, Alloc> g_live;
+std::deque<Alloc> g_freed;
+uint64_t g_freed_bytes = 0, g_used = 0, g_pool_used = 0, g_pool_high = 0, g_release_threshold = 0;
+
+uint64_t round_up(uint64_t v, uint64_t m) { return (v + m - 1) / m * m; }
+
+const Alloc* live_at(uint64_t p) {
+    auto it = g_live.upper_bound(p);
+    if (it == g_live.begin()) return nullptr;
+    --it;
+    const Alloc& a = it->second;
+    return p >= a.base && p <= a.base + a.size ? &a : nullptr;
+}
+const Alloc* freed_at(uint64_t p) {
+    for (auto it = g_freed.rbegin(); it != g_freed.rend(); ++it) {
+        if (p >= it->base && p < it->base + it->size + kPage) return &*it;
+    }
+    return nullptr;
+}
+
+// Why p is not a pointer into live memory, for a diagnostic.
+std::string describe(uint64_t p) {
+    char buf[256];
+    if (const Alloc* a = freed_at(p)) {
+        snprintf(buf, sizeof buf, "0x%llx is %lld bytes into a %llu-byte allocation that was freed", (unsigned long long)p,
+                 (long long)(p - a->base), (unsigned long long)a->size);
+        return buf;
+    }
+    auto it = g_live.upper_bound(p);
+    if (it != g_live.begin()) {
+        --it;
+        const Alloc& a = it->second;
+        if (p >= a.base + a.size && p < a.base + a.size + kPage) {
+            snprintf(buf, sizeof buf, "0x%llx is %llu bytes past the end of a %llu-byte allocation", (unsigned long long)p,
+                     (unsigned long long)(p - a.base - a.size), (unsigned long long)a.size);
+            return buf;
+        }
+    }
+    snprintf(buf, sizeof buf, "0x%llx is not in any allocation", (unsigned long long)p);
+    return buf;
+}
+
+CUresult do_alloc(const char* api, CUdeviceptr* out, uint64_t bytes, bool pool) {
+    if (!out) return CUDA_ERROR_INVALID_VALUE;
+    if (bytes == 0) {
+        fakecuda_say(api, "a 0-byte allocation (the driver returns CUDA_ERROR_INVALID_VALUE)");
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    if (g_used + bytes > total_memory()) return CUDA_ERROR_OUT_OF_MEMORY;
+    const uint64_t data = round_up(bytes, kPage);
+    char* m = (char*)mmap(nullptr, data + kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
+    mprotect(m + data, kPage, PROT_NONE);  // the guard page right after the buffer
+    const uint64_t base = (uint64_t)(m + data - bytes);
+    memset((void*)base, 0xff, bytes);  // uninitialised device memory: NaN in every float format
+    g_live[base] = Alloc{base, bytes, m, (size_t)(data + kPage), pool};
+    g_used += bytes;
+    if (pool) {
+        g_pool_used += bytes;
+        if (g_pool_used > g_pool_high) g_pool_high = g_pool_used;
+    }
+    *out = base;
+    return CUDA_SUCCESS;
+}
+
+CUresult do_free(const char* api, CUdeviceptr p, bool pool) {
+    auto it = g_live.find(p);
+    if (it == g_live.end()) {
+        fakecuda_say(api, "%s: not the start of a live allocation", describe(p).c_str());
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    Alloc a = it->second;
+    if (a.pool != pool) {
+        fakecuda_say(api, "0x%llx was allocated with %s", p, a.pool ? "cuMemAllocAsync" : "cuMemAlloc");
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    g_live.erase(it);
+    g_used -= a.size;
+    if (a.pool) g_pool_used -= a.size;
+    // Unmapped (but kept reserved) for a while, so that a later use faults.
+    mprotect(a.map, a.map_len, PROT_NONE);
+    g_freed.push_back(a);
+    g_freed_bytes += a.map_len;
+    while (g_freed.size() > 4096 || g_freed_bytes > (1ull << 30)) {
+        munmap(g_freed.front().map, g_freed.front().map_len);
+        g_freed_bytes -= g_freed.front().map_len;
+        g_freed.pop_front();
+    }
+    return CUDA_SUCCESS;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Contexts, streams, events, modules
+
+}  // namespace
+
+struct FakeContext {
+    unsigned magic = kMagic;
+    int refs = 0;
+    CUresult sticky = CUDA_SUCCESS;
+};
+struct FakeEvent {
+    unsigned magic = kMagic;
+};
+struct FakeModule {
+    unsigned magic = kMagic;
+    std::vector<char> image;
+};
+struct FakeFunction {
+    unsigned magic = kMagic;
+    FakeModule* module;
+    const FakeKernel* kernel;
+};
+struct FakePool {
+    unsigned magic = kMagic;
+};
+
+namespace {
+FakeContext g_primary;
+FakePool g_pool;
+thread_local CUcontext t_current = nullptr;
+std::unordered_map<std::string, uint64_t> g_calls;
+
+#define LOCK std::lock_guard<std::recursive_mutex> lock_(g_lock)
+#define NEED_INIT \
+    if (!g_init) return CUDA_ERROR_NOT_INITIALIZED
+#define NEED_CONTEXT(api)                                     \
+    do {                                                      \
+        if (!g_init) return CUDA_ERROR_NOT_INITIALIZED;       \
+        if (!fakecuda_context_ok(api)) {                      \
+            if (t_current == &g_primary && g_primary.sticky) return g_primary.sticky; \
+            return CUDA_ERROR_INVALID_CONTEXT;                \
+        }                                                     \
+    } while (0)
+#define NEED_STREAM(api, s) \
+    if (!fakecuda_stream_ok(api, s)) return CUDA_ERROR_INVALID_HANDLE
+
+CUresult check_device(CUdevice d) { return d >= 0 && d < device_count() ? CUDA_SUCCESS : CUDA_ERROR_INVALID_DEVICE; }
+
+// ---------------------------------------------------------------------------------------------
+// Faults inside kernels: the guard pages turn an out-of-bounds access into SIGSEGV, which ends
+// the launch (CUDA_ERROR_ILLEGAL_ADDRESS) instead of the process.
+
+sigjmp_buf g_fault_jmp;
+volatile sig_atomic_t g_in_kernel = 0;
+pthread_t g_kernel_thread;
+const char* g_kernel_name = "";
+volatile uint64_t g_fault_addr = 0;
+struct sigaction g_old_segv, g_old_bus;
+
+void on_fault(int sig, siginfo_t* info, void* uc) {
+    if (g_in_kernel && pthread_equal(pthread_self(), g_kernel_thread)) {
+        g_fault_addr = (uint64_t)info->si_addr;
+        g_in_kernel = 0;
+        siglongjmp(g_fault_jmp, 1);
+    }
+    // Not ours: the previous handler (Rust's stack-overflow report, or the default).
+    struct sigaction* old = sig == SIGSEGV ? &g_old_segv : &g_old_bus;
+    if (old->sa_flags & SA_SIGINFO) {
+        old->sa_sigaction(sig, info, uc);
+    } else if (old->sa_handler == SIG_DFL || old->sa_handler == SIG_IGN) {
+        sigaction(sig, old, nullptr);  // re-raised when the faulting instruction runs again
+    } else {
+        old->sa_handler(sig);
+    }
+}
+
+__attribute__((constructor)) void install_fault_handler() {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_fault;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &g_old_segv);
+    sigaction(SIGBUS, &sa, &g_old_bus);
+}
+
+// A fault handler needs an alternate stack on the launching thread (a fiber may have overflowed
+// its own); Rust's threads have one, others get one here.
+void ensure_alt_stack() {
+    stack_t cur;
+    if (sigaltstack(nullptr, &cur) == 0 && !(cur.ss_flags & SS_DISABLE)) return;
+    static thread_local std::vector<char> alt(1 << 16);
+    stack_t st;
+    st.ss_sp = alt.data();
+    st.ss_size = alt.size();
+    st.ss_flags = 0;
+    sigaltstack(&st, nullptr);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Services for libcublas.so and libcufft.so
+
+FAKE_API void fakecuda_lock() { g_lock.lock(); }
+FAKE_API void fakecuda_unlock() { g_lock.unlock(); }
+
+FAKE_API void fakecuda_say(const char* api, const char* fmt, ...) {
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "fakecuda: %s: %s\n", api, msg);
+}
+
+FAKE_API int fakecuda_context_ok(const char* api) {
+    LOCK;
+    if (t_current == nullptr) {
+        fakecuda_say(api, "no current context on this thread (bind the context to the calling thread first)");
+        return 0;
+    }
+    if (t_current != &g_primary || g_primary.refs <= 0) {
+        fakecuda_say(api, "the current context has been released");
+        return 0;
+    }
+    if (g_primary.sticky) {
+        static bool said = false;  // once: every later call fails the same way
+        if (!said) fakecuda_say(api, "the context is unusable after an earlier error (%d); so is every later call", g_primary.sticky);
+        said = true;
+        return 0;
+    }
+    return 1;
+}
+
+FAKE_API int fakecuda_stream_ok(const char* api, const void* stream) {
+    if (stream == nullptr || stream == (const void*)0x2) return 1;
+    fakecuda_say(api, "unknown stream %p (the stand-in has only the default stream)", stream);
+    return 0;
+}
+
+FAKE_API int fakecuda_range_ok(const char* api, const char* what, uint64_t ptr, uint64_t bytes, uint64_t align) {
+    LOCK;
+    const Alloc* a = live_at(ptr);
+    if (!a) {
+        fakecuda_say(api, "%s: %s", what, describe(ptr).c_str());
+        return 0;
+    }
+    if (ptr + bytes > a->base + a->size) {
+        fakecuda_say(api, "%s: %llu bytes from 0x%llx run %llu bytes past the end of its %llu-byte allocation", what, (unsigned long long)bytes,
+                     (unsigned long long)ptr, (unsigned long long)(ptr + bytes - a->base - a->size), (unsigned long long)a->size);
+        return 0;
+    }
+    if (align > 1 && ptr % align != 0) {
+        fakecuda_say(api, "%s: 0x%llx is not aligned to %llu bytes", what, (unsigned long long)ptr, (unsigned long long)align);
+        return 0;
+    }
+    return 1;
+}
+
+FAKE_API uint64_t fakecuda_bytes_after(uint64_t ptr) {
+    LOCK;
+    const Alloc* a = live_at(ptr);
+    return a ? a->base + a->size - ptr : 0;
+}
+
+FAKE_API void fakecuda_poison(uint64_t ptr, uint64_t bytes) { memset((void*)ptr, 0xff, bytes); }
+
+FAKE_API void fakecuda_count(const char* name) {
+    LOCK;
+    g_calls[name]++;
+    if (trace()) fprintf(stderr, "fakecuda: run %s\n", name);
+}
+
+FAKE_API uint64_t fakecuda_calls(const char* name) {
+    LOCK;
+    auto it = g_calls.find(name);
+    return it == g_calls.end() ? 0 : it->second;
+}
+
+FAKE_API void fakecuda_reset_calls() {
+    LOCK;
+    g_calls.clear();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Initialisation, devices
+
+FAKE_API CUresult cuInit(unsigned flags) {
+    LOCK;
+    if (flags != 0) return CUDA_ERROR_INVALID_VALUE;
+    g_init = true;
+    return CUDA_SUCCESS;
+}
+
+FAKE_API CUresult cuDriverGetVersion(int* v) {
+    if (!v) return CUDA_ERROR_INVALID_VALUE;
+    *v = 13000;
+    return CUDA_SUCCESS;
+}
+
+FAKE_API CUresult cuDeviceGetCount(int* n) {
+    NEED_INIT;
+    if (!n) return CUDA_ERROR_INVALID_VALUE;
+    *n = device_count();
+    return CUDA_SUCCESS;
+}
+
+FAKE_API CUresult cuDeviceGet(CUdevice* d, int ordinal) {
+    NEED_INIT;
+    if (!d) return CUDA_ERROR_INVALID_VALUE;
+    if (check_device(ordinal)) return CUDA_ERROR_INVALID_DEVICE;
+    *d = ordinal;
+    return CUDA_SUCCESS;
+}
+
+FAKE_API CUresult cuDeviceGetName(char* name, int len, CUdevice d) {
+    NEED_INIT;
+    if (!name || len <= 0) return CUDA_ERROR_INVALID_VALUE;
+    if (check_device(d)) return CUDA_ERROR_INVALID_DEVICE;
+    snprintf(name, (size_t)len, "fnokern CUDA stand-in (kernels on the host)");
+    return CUDA_SUCCESS;
+}
+
+FAKE_API CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice d) {
+    NEED_INIT;
+    if (!bytes) return CUDA_ERROR_INVALID_VALUE;
+    if (check_device(d)) return CUDA_ERROR_INVALID_DEVICE;
+    *bytes = total_memory();
+    return CUDA_SUCCESS;
+}
+
+FAKE_API CUresult cuDeviceGetAttribute(int* v, int attrib, CUdevice d) {
+    NEED_INIT;
+    if (!v) return CUDA_ERROR_INVALID_VALUE;
+    if (check_device(d)) return CUDA_ERROR_INVALID_DEVICE;
+    // An H100-like device: the limits the stand-in enforces at launch.
+    switch (attrib) {
+        case 1: *v = 1024; break;        // MAX_THREADS_PER_BLOCK
+        case 2: *v = 1024; break;        // MAX_BLOCK_DIM_X
+        case 3: *v = 1024; break;        // MAX_BLOCK_DIM_Y
+        case 4: *v = 64; break;          // MAX_BLOCK_DIM_Z
+        case 5: *v = 2147483647; break;  // MAX_GRID_DIM_X
+        case 6: *v = 65535; break;       // MAX_GRID_DIM_Y
+        case 7: *v = 65535; break;       // MAX_GRID_DIM_Z
+        case 8: *v = 49152; break;       // MAX_SHARED_MEMORY_PER_BLOCK
+        case 9: *v = 65536; break;       // TOTAL_CONSTANT_MEMORY
+        case 10: *v = 32; break;         // WARP_SIZE
+        case 12: *v = 65536; break;      // MAX_REGISTERS_PER_BLOCK
+        case 13: *v = 1755000; break;    // CLOCK_RATE (kHz)
+        case 16: *v = 132; break;        // MULTIPROCESSOR_COUNT
+        case 41: *v = 1; break;          // UNIFIED_ADDRESSING
+        case 75: *v = 9; break;          // COMPUTE_CAPABILITY_MAJOR
+        case 76: *v = 0; break;          // COMPUTE_CAPABILITY_MINOR
+        case 115: *v = 1; break;         // MEMORY_POOLS_SUPPORTED
+        default:
+            fakecuda_say("cuDeviceGetAttribute", "attribute %d is not modelled by the stand-in", attrib);
+            return CUDA_ERROR_INVALID_VALUE;
+    }
+    return CUDA_SUCCESS;
+}
+
+FAKE_API CUresult cuDevicePrimaryCtxRetain(CUcontext* ctx, CUdevice d) {
+    LOCK;
+    NEED_INIT;
+    if (!ctx) return CUDA_ERROR_INVALID_VALUE;
+    if (check_device(d)) return CUDA_ERROR_INVALID_DEVICE;
+    if (g_primary.refs == 0) g_primary.sticky = CUDA_SUCCESS;  // a new primary context
+    g_primary.refs++;
+    *ctx = &g_primary;
+    return CUDA_SUCCESS;
+}
+
+FAKE_API CUresult cuDevicePrimaryCtxRelease_v2(CUdevice d) {
+    LOCK;
+    NEED_INIT;
+    if (check_device(d)) return CUDA_ERROR_INVALID_DEVICE;
+    if (g_primary.refs <= 0) {
+        fakecuda_say("cuDevicePrimaryCtxRelease_v2", "the primary context is not retained");
+        return CUDA_ERROR_INVALID_CONTEXT;
+    }
+    g_primary.refs--;
+    return CUDA_SUCCESS;
+}
+
+FAKE_API CUresult cuCtxGetCurrent(CUcontext* ctx) {
+    NEED_INIT;
+    if (!ctx) return CUDA_ERROR_INVALID_VALUE;
+    *ctx = t_current;
+    return CUDA_SUCCESS;
+}
+
+FAKE_API CUresult cuCtxSetCurrent(CUcontext ctx) {
+    LOCK;
+    NEED_INIT;
+    if (ctx != nullptr && (ctx != &g_primary || g_primary.refs <= 0)) {
+        fakecuda_say("cuCtxSetCurrent", "%p is not a live context", (void*)ctx);
+        return CUDA_ERROR_INVALID_CONTEXT;
+    }
+    t_current = ctx;
+    return CUDA_SUCCESS;
+}
+
+FAKE_API CUresult cuCtxSynchronize() {
+    LOCK;
+    NEED_CONTEXT("cuCtxSynchronize");
+    return CUDA_SUCCESS;
+}
+
+FAKE_API CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
+    LOCK;
+    NEED_CONTEXT("cuMemGetInfo_v2");
+    if (!free_bytes || !total) return CUDA_ERROR_INVALID_VALUE;
+    *total = total_memory();
+    *free_bytes = total_memory() - g_used;
+    return CUDA_SUCCESS;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streams and events: work runs when it is called, so waiting is only checking the handles.
+
+FAKE_API CUresult cuStreamSynchronize(CUstream s) {
+    LOCK;
+    NEED_CONTEXT("cuStreamSynchronize");
+    NEED_STREAM("cuStreamSynchronize", s);
+    return CUDA_SUCCESS;
+}
+
+static bool event_ok(const char* api, CUevent e) {
+    if (e && e->magic == kMagic) return true;
+    fakecuda_say(api, "%p is not a live event", (void*)e);
+    return false;
+}
+
+FAKE_API CUresult cuEventCreate(CUevent* e, unsigned flags) {
+    LOCK;
+    NEED_CONTEXT("cuEventCreate");
+    if (!e) return CUDA_ERROR_INVALID_VALUE;
+    (void)flags;
+    *e = new FakeEvent;
+    return CUDA_SUCCESS;
+}
+
+FAKE_API CUresult cuEventDestroy_v2(CUevent e) {
+    LOCK;
+    NEED_CONTEXT("cuEventDestroy_v2");
+    if (!event_ok("cuEventDestroy_v2", e)) return CUDA_ERROR_INVALID_HANDLE;
+    e->magic = 0;
+    delete e;
+    return CUDA_SUCCESS;
+}
+
+FAKE_API CUresult cuEventRecord(CUevent e, CUstream s) {
+    LOCK;
+    NEED_CONTEXT("cuEventRecord");
+    NEED_STREAM("cuEventRecord", s);
+    return event_ok("cuEventRecord", e) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+}
+
+FAKE_API CUresult cuEventSynchronize(CUevent e) {
+    LOCK;
+    NEED_CONTEXT("cuEventSynchronize");
+    return event_ok("cuEventSynchronize", e) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+}
+
+FAKE_API CUresult cuEventQuery(CUevent e) {
+    LOCK;
+    NEED_CONTEXT("cuEventQuery");
+    return event_ok("cuEventQuery", e) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+}
+
+FAKE_API CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned flags) {
+    LOCK;
+    NEED_CONTEXT("cuStreamWaitEvent");
+    NEED_STREAM("cuStreamWaitEvent", s);
+    (void)flags;
+    return event_ok("cuStreamWaitEvent", e) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory: allocation, the pool's counters, copies and memset
+
+FAKE_API CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
+    LOCK;
+    NEED_CONTEXT("cuMemAlloc_v2");
+    return do_alloc("cuMemAlloc_v2", p, bytes, false);
+}
+
+FAKE_API CUresult cuMemFree_v2(CUdeviceptr p) {
+    LOCK;
+    NEED_CONTEXT("cuMemFree_v2");
+    return do_free("cuMemFree_v2", p, false);
+}
+
+FAKE_API CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream s) {
+    LOCK;
+    NEED_CONTEXT("cuMemAllocAsync");
+    NEED_STREAM("cuMemAllocAsync", s);
+    return do_alloc("cuMemAllocAsync", p, bytes, true);
+}
+
+FAKE_API CUresult cuMemFreeAsync(CUdeviceptr p, CUstream s) {
+    LOCK;
+    NEED_CONTEXT("cuMemFreeAsync");
+    NEED_STREAM("cuMemFreeAsync", s);
+    return do_free("cuMemFreeAsync", p, true);
+}
+
+FAKE_API CUresult cuDeviceGetDefaultMemPool(CUmemoryPool* pool, CUdevice d) {
+    NEED_INIT;
+    if (!pool) return CUDA_ERROR_INVALID_VALUE;
+    if (check_device(d)) return CUDA_ERROR_INVALID_DEVICE;
+    *pool = &g_pool;
+    return CUDA_SUCCESS;
+}
+
+// Attributes: 4 RELEASE_THRESHOLD, 5 RESERVED_MEM_CURRENT, 6 RESERVED_MEM_HIGH, 7 USED_MEM_CURRENT,
+// 8 USED_MEM_HIGH (the stand-in reserves exactly what is in use).
+FAKE_API CUresult cuMemPoolSetAttribute(CUmemoryPool pool, int attr, void* value) {
+    LOCK;
+    NEED_INIT;
+    if (pool != &g_pool || !value) return CUDA_ERROR_INVALID_VALUE;
+    const uint64_t v = *(const uint64_t*)value;
+    switch (attr) {
+        case 4: g_release_threshold = v; return CUDA_SUCCESS;
+        case 6:
+        case 8:
+            if (v != 0) {
+                fakecuda_say("cuMemPoolSetAttribute", "a high-water mark may only be set to 0 (a reset)");
+                return CUDA_ERROR_INVALID_VALUE;
+            }
+            g_pool_high = g_pool_used;
+            return CUDA_SUCCESS;
+        default:
+            fakecuda_say("cuMemPoolSetAttribute", "attribute %d is not settable in the stand-in", attr);
+            return CUDA_ERROR_INVALID_VALUE;
+    }
+}
+
+FAKE_API CUresult cuMemPoolGetAttribute(CUmemoryPool pool, int attr, void* value) {
+    LOCK;
+    NEED_INIT;
+    if (pool != &g_pool || !value) return CUDA_ERROR_INVALID_VALUE;
+    uint64_t* out = (uint64_t*)value;
+    switch (attr) {
+        case 4: *out = g_release_threshold; return CUDA_SUCCESS;
+        case 5:
+        case 7: *out = g_pool_used; return CUDA_SUCCESS;
+        case 6:
+        case 8: *out = g_pool_high; return CUDA_SUCCESS;
+        default:
+            fakecuda_say("cuMemPoolGetAttribute", "attribute %d is not modelled by the stand-in", attr);
+            return CUDA_ERROR_INVALID_VALUE;
+    }
+}
+
+FAKE_API CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t bytes, CUstream s) {
+    LOCK;
+    NEED_CONTEXT("cuMemcpyHtoDAsync_v2");
+    NEED_STREAM("cuMemcpyHtoDAsync_v2", s);
+    if (bytes == 0) return CUDA_SUCCESS;
+    if (!src || !fakecuda_range_ok("cuMemcpyHtoDAsync_v2", "destination", dst, bytes, 1)) return CUDA_ERROR_INVALID_VALUE;
+    memcpy((void*)dst, src, bytes);
+    fakecuda_count("cuMemcpyHtoDAsync_v2");
+    return CUDA_SUCCESS;
+}
+
+FAKE_API CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t bytes, CUstream s) {
+    LOCK;
+    NEED_CONTEXT("cuMemcpyDtoHAsync_v2");
+    NEED_STREAM("cuMemcpyDtoHAsync_v2", s);
+    if (bytes == 0) return CUDA_SUCCESS;
+    if (!dst || !fakecuda_range_ok("cuMemcpyDtoHAsync_v2", "source", src, bytes, 1)) return CUDA_ERROR_INVALID_VALUE;
+    memcpy(dst, (const void*)src, bytes);
+    fakecuda_count("cuMemcpyDtoHAsync_v2");
+    return CUDA_SUCCESS;
+}
+
+FAKE_API CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes, CUstream s) {
+    LOCK;
+    NEED_CONTEXT("cuMemcpyDtoDAsync_v2");
+    NEED_STREAM("cuMemcpyDtoDAsync_v2", s);
+    if (bytes == 0) return CUDA_SUCCESS;
+    if (!fakecuda_range_ok("cuMemcpyDtoDAsync_v2", "source", src, bytes, 1) || !fakecuda_range_ok("cuMemcpyDtoDAsync_v2", "destination", dst, bytes, 1))
+        return CUDA_ERROR_INVALID_VALUE;
+    memmove((void*)dst, (const void*)src, bytes);
+    fakecuda_count("cuMemcpyDtoDAsync_v2");
+    return CUDA_SUCCESS;
+}
+
+FAKE_API CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream s) {
+    LOCK;
+    NEED_CONTEXT("cuMemsetD8Async");
+    NEED_STREAM("cuMemsetD8Async", s);
+    if (n == 0) return CUDA_SUCCESS;
+    if (!fakecuda_range_ok("cuMemsetD8Async", "destination", dst, n, 1)) return CUDA_ERROR_INVALID_VALUE;
+    memset((void*)dst, v, n);
+    return CUDA_SUCCESS;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Modules and launches
+
+// A fatbin starts with magic 0xba55ed50, a 16-bit version, a 16-bit header size and a 64-bit
+// payload size; anything else is refused (the stand-in loads what nvcc built, nothing else).
+FAKE_API CUresult cuModuleLoadData(CUmodule* m, const void* image) {
+    LOCK;
+    NEED_CONTEXT("cuModuleLoadData");
+    if (!m || !image) return CUDA_ERROR_INVALID_VALUE;
+    const unsigned char* p = (const unsigned char*)image;
+    uint32_t magic;
+    uint16_t header;
+    uint64_t payload;
+    memcpy(&magic, p, 4);
+    memcpy(&header, p + 6, 2);
+    memcpy(&payload, p + 8, 8);
+    if (magic != 0xba55ed50u || header < 16 || payload == 0 || payload > (1ull << 31)) {
+        fakecuda_say("cuModuleLoadData", "the image is not a fatbin (magic 0x%08x)", magic);
+        return CUDA_ERROR_INVALID_IMAGE;
+    }
+    FakeModule* mod = new FakeModule;
+    mod->image.assign(p, p + header + payload);
+    *m = mod;
+    return CUDA_SUCCESS;
+}
+
+FAKE_API CUresult cuModuleUnload(CUmodule m) {
+    LOCK;
+    NEED_CONTEXT("cuModuleUnload");
+    if (!m || m->magic != kMagic) return CUDA_ERROR_INVALID_HANDLE;
+    m->magic = 0;  // its functions are invalid from now on; the object is kept so they can say so
+    return CUDA_SUCCESS;
+}
+
+FAKE_API CUresult cuModuleGetFunction(CUfunction* f, CUmodule m, const char* name) {
+    LOCK;
+    NEED_CONTEXT("cuModuleGetFunction");
+    if (!f || !name) return CUDA_ERROR_INVALID_VALUE;
+    if (!m || m->magic != kMagic) return CUDA_ERROR_INVALID_HANDLE;
+    // The kernel must be in the fatbin nvcc built (its code section is named .text.<name>)...
+    const std::string section = std::string(".text.") + name;
+    const char* img = m->image.data();
+    if (!memmem(img, m->image.size(), section.c_str(), section.size() + 1)) {
+        fakecuda_say("cuModuleGetFunction", "no kernel `%s` in the module", name);
+        return CUDA_ERROR_NOT_FOUND;
+    }
+    // ...and among the kernels the stand-in compiled for the host.
+    const FakeKernel* k = fakecuda_kernel(name);
+    if (!k) {
+        fakecuda_say("cuModuleGetFunction", "`%s` is in the fatbin but the stand-in was not built with it (rebuild the stand-in)", name);
+        return CUDA_ERROR_NOT_FOUND;
+    }
+    *f = new FakeFunction{kMagic, m, k};
+    return CUDA_SUCCESS;
+}
+
+FAKE_API CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, unsigned shared, CUstream s,
+                                 void** params, void** extra) {
+    LOCK;
+    NEED_CONTEXT("cuLaunchKernel");
+    NEED_STREAM("cuLaunchKernel", s);
+    if (!f || f->magic != kMagic || !f->module || f->module->magic != kMagic) {
+        fakecuda_say("cuLaunchKernel", "not a function of a loaded module");
+        return CUDA_ERROR_INVALID_HANDLE;
+    }
+    const char* name = f->kernel->name;
+    const unsigned long long threads = (unsigned long long)bx * by * bz;
+    if (gx == 0 || gy == 0 || gz == 0 || bx == 0 || by == 0 || bz == 0 || gy > 65535 || gz > 65535 || gx > 2147483647u) {
+        fakecuda_say(name, "grid (%u, %u, %u) of blocks (%u, %u, %u): a zero or too large dimension", gx, gy, gz, bx, by, bz);
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    if (threads > 1024 || bx > 1024 || by > 1024 || bz > 64) {
+        fakecuda_say(name, "blocks of (%u, %u, %u) threads exceed the limit of 1024", bx, by, bz);
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    if (bx % 32 != 0) {
+        fakecuda_say(name, "a block of %u threads: the kernels' block_sum needs a multiple of 32", bx);
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    if (gy != 1 || gz != 1 || by != 1 || bz != 1) {
+        fakecuda_say(name, "a %s-dimensional launch: the stand-in runs one-dimensional grids only", gy != 1 || gz != 1 ? "multi" : "block-multi");
+        return CUDA_ERROR_NOT_SUPPORTED;
+    }
+    if (shared > 49152) {
+        fakecuda_say(name, "%u bytes of dynamic shared memory exceed 48 KiB", shared);
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    if (shared != 0) {
+        fakecuda_say(name, "dynamic shared memory is not modelled by the stand-in");
+        return CUDA_ERROR_NOT_SUPPORTED;
+    }
+    if (extra != nullptr || params == nullptr) {
+        fakecuda_say(name, "arguments must come as kernelParams (extra is not supported)");
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    if (trace()) fprintf(stderr, "fakecuda: launch %s <<<%u, %u>>>\n", name, gx, bx);
+    ensure_alt_stack();
+    g_kernel_thread = pthread_self();
+    g_kernel_name = name;
+    if (sigsetjmp(g_fault_jmp, 1) != 0) {
+        fakecuda_abandon_launch();
+        LOCK;
+        const uint64_t addr = g_fault_addr;
+        fakecuda_say(name, "illegal memory access: %s", describe(addr).c_str());
+        g_primary.sticky = CUDA_ERROR_ILLEGAL_ADDRESS;
+        return CUDA_ERROR_ILLEGAL_ADDRESS;
+    }
+    g_in_kernel = 1;
+    const CUresult r = f->kernel->launch(f->kernel, params, gx, bx);
+    g_in_kernel = 0;
+    if (r == CUDA_SUCCESS) fakecuda_count(name);
+    if (r == CUDA_ERROR_ILLEGAL_ADDRESS) g_primary.sticky = r;
+    return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+
+static const char* error_name(CUresult e) {
+    switch (e) {
+        case CUDA_SUCCESS: return "CUDA_SUCCESS";
+        case CUDA_ERROR_INVALID_VALUE: return "CUDA_ERROR_INVALID_VALUE";
+        case CUDA_ERROR_OUT_OF_MEMORY: return "CUDA_ERROR_OUT_OF_MEMORY";
+        case CUDA_ERROR_NOT_INITIALIZED: return "CUDA_ERROR_NOT_INITIALIZED";
+        case CUDA_ERROR_NO_DEVICE: return "CUDA_ERROR_NO_DEVICE";
+        case CUDA_ERROR_INVALID_DEVICE: return "CUDA_ERROR_INVALID_DEVICE";
+        case CUDA_ERROR_INVALID_IMAGE: return "CUDA_ERROR_INVALID_IMAGE";
+        case CUDA_ERROR_INVALID_CONTEXT: return "CUDA_ERROR_INVALID_CONTEXT";
+        case CUDA_ERROR_INVALID_HANDLE: return "CUDA_ERROR_INVALID_HANDLE";
+        case CUDA_ERROR_NOT_FOUND: return "CUDA_ERROR_NOT_FOUND";
+        case CUDA_ERROR_ILLEGAL_ADDRESS: return "CUDA_ERROR_ILLEGAL_ADDRESS";
+        case CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES: return "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES";
+        case CUDA_ERROR_LAUNCH_FAILED: return "CUDA_ERROR_LAUNCH_FAILED";
+        case CUDA_ERROR_NOT_SUPPORTED: return "CUDA_ERROR_NOT_SUPPORTED";
+        default: return nullptr;
+    }
+}
+
+FAKE_API CUresult cuGetErrorName(CUresult e, const char** s) {
+    if (!s) return CUDA_ERROR_INVALID_VALUE;
+    *s = error_name(e);
+    return *s ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+}
+
+FAKE_API CUresult cuGetErrorString(CUresult e, const char** s) {
+    if (!s) return CUDA_ERROR_INVALID_VALUE;
+    switch (e) {
+        case CUDA_ERROR_OUT_OF_MEMORY: *s = "out of memory"; return CUDA_SUCCESS;
+        case CUDA_ERROR_ILLEGAL_ADDRESS: *s = "an illegal memory access was encountered"; return CUDA_SUCCESS;
+        case CUDA_ERROR_INVALID_CONTEXT: *s = "invalid device context"; return CUDA_SUCCESS;
+        case CUDA_ERROR_INVALID_VALUE: *s = "invalid argument"; return CUDA_SUCCESS;
+        default: return cuGetErrorName(e, s);
+    }
+}

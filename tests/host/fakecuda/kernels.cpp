@@ -1,0 +1,84 @@
+// kernels.cpp: every kernel of kernels/*.cu compiled for the host (through tests/host/
+// fno_host_shim.h), and the table cuLaunchKernel looks them up in.
+//
+// The harness that builds the stand-in (tests/common/standin.rs) writes two files next to the
+// build: all_kernels.inc, which includes every kernels/*.cu, and registry.inc, one
+// FAKECUDA_KERNEL(name) per `extern "C" __global__` function it found there. A kernel's arguments
+// are read from kernelParams with the types of its own C signature (decltype of the function), so
+// a launcher that pushes an argument of another size or in another place reads as garbage, and
+// every pointer argument must be null or point into a live allocation, aligned for its type.
+#include <stdio.h>
+#include <string.h>
+
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+#include "fno_host_shim.h"
+#include "kernels.h"
+
+#include "all_kernels.inc"
+
+namespace {
+
+// "float*", "const __half*": the C type as the compiler spells it.
+template <typename T>
+const char* type_name() {
+    static const std::string name = [](const std::string f) {
+        const size_t at = f.find("T = ") + 4;
+        return f.substr(at, f.find_first_of(";]", at) - at);
+    }(__PRETTY_FUNCTION__);
+    return name.c_str();
+}
+
+template <typename T>
+bool arg_ok(const char*, int, const T&) {
+    return true;
+}
+template <typename T>
+bool arg_ok(const char* kernel, int i, T* const& p) {
+    if (p == nullptr) return true;  // optional buffers are passed as null; the kernels test for it
+    char what[160];
+    snprintf(what, sizeof what, "argument %d (%s)", i, type_name<T*>());
+    return fakecuda_range_ok(kernel, what, (uint64_t)(uintptr_t)p, 0, alignof(T)) != 0;
+}
+
+template <typename F>
+struct Launcher;
+template <typename... A>
+struct Launcher<void (*)(A...)> {
+    using Args = std::tuple<std::decay_t<A>...>;
+
+    template <void (*K)(A...)>
+    static CUresult launch(const FakeKernel* k, void** params, unsigned grid, unsigned block) {
+        return run<K>(k, params, grid, block, std::index_sequence_for<A...>{});
+    }
+
+    template <void (*K)(A...), size_t... I>
+    static CUresult run(const FakeKernel* k, void** params, unsigned grid, unsigned block, std::index_sequence<I...>) {
+        Args args{*static_cast<const std::decay_t<A>*>(params[I])...};
+        bool ok = true;
+        ((ok = arg_ok(k->name, (int)I, std::get<I>(args)) && ok), ...);
+        // On a GPU such a launch faults when the pointer is used.
+        if (!ok) return CUDA_ERROR_ILLEGAL_ADDRESS;
+        fno_host_run(grid, block, [](const void* c) { std::apply(K, *static_cast<const Args*>(c)); }, &args);
+        return CUDA_SUCCESS;
+    }
+};
+
+#define FAKECUDA_KERNEL(name) {#name, &Launcher<decltype(&name)>::template launch<&name>},
+const FakeKernel g_kernels[] = {
+#include "registry.inc"
+};
+
+}  // namespace
+
+const FakeKernel* fakecuda_kernel(const char* name) {
+    for (const FakeKernel& k : g_kernels) {
+        if (strcmp(k.name, name) == 0) return &k;
+    }
+    return nullptr;
+}
+
+void fakecuda_abandon_launch() { fno_scheduler.abandon(); }
