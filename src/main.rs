@@ -452,8 +452,10 @@ fn info() {
                 g.free_bytes as f64 / (1u64 << 30) as f64,
                 g.total_bytes as f64 / (1u64 << 30) as f64
             );
-            match fnokern::Device::cuda(0) {
-                Ok(_) => println!("gpu 0: the embedded kernels load, cuBLAS and cuFFT found: `--device cuda` trains on it"),
+            match fnokern::Device::cuda(0).and_then(|d| fnokern::backend::cuda::self_test(&d)) {
+                Ok(()) => println!(
+                    "gpu 0: the embedded kernels load; an allocation, copies, a kernel, cuBLAS and cuFFT agree with the CPU: `--device cuda` trains on it"
+                ),
                 Err(e) => println!("gpu 0: not usable for training: {e}"),
             }
         }

@@ -6,6 +6,8 @@ use std::process::Command;
 use fnokern::model::weights::{self, Named};
 use fnokern::{DType, Device, Tensor};
 
+mod common;
+
 fn bin() -> Command {
     // FNOKERN_BIN: the binary when the test runs from a bundle copied to another host.
     Command::new(std::env::var("FNOKERN_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_fnokern").to_string()))
@@ -122,4 +124,44 @@ fn plan_shows_depth8_24gb_needs_checkpointing_and_info_names_the_build() {
     let (ok, out, err) = run(&["info"]);
     assert!(ok, "{err}");
     assert!(out.contains("cuda kernels:") && (out.contains("gpu 0:") || out.contains("gpu: none usable")), "{out}");
+}
+
+/// `--device cuda` where there is no GPU: a one-line error before anything is written, whether the
+/// driver library is missing or sees no device (the stand-in with FAKECUDA_DEVICES=0). Only on
+/// machines without a GPU.
+#[test]
+fn without_a_gpu_cuda_is_a_clear_error_and_writes_nothing() {
+    if common::standin::real_gpu_present() {
+        eprintln!("without a gpu: skipped: this machine has one");
+        return;
+    }
+    let d = tempdir();
+    let run_dir = d.join("run");
+    let args = ["train", "--device", "cuda", "--out", run_dir.to_str().unwrap()];
+    let check = |out: std::process::Output, want: &str| {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        let last = err.trim().lines().last().unwrap_or_default();
+        assert!(last.starts_with("error: cuda") && last.contains(want), "{err}");
+        assert!(!run_dir.exists(), "nothing is written before the device opens");
+    };
+    // No driver library at all (LD_LIBRARY_PATH cleared).
+    check(bin().args(args).env_remove("LD_LIBRARY_PATH").output().unwrap(), "libcuda");
+    // A driver that sees no GPU.
+    if let Some(dir) = common::standin::built("without a gpu") {
+        check(bin().args(args).env("LD_LIBRARY_PATH", &dir).env("FAKECUDA_DEVICES", "0").output().unwrap(), "driver sees 0");
+        let (ok, _, err) = run(&["train", "--device", "cuda:x"]);
+        assert!(!ok && err.contains("cuda:N"), "{err}");
+    }
+}
+
+/// `fnokern info` on the stand-in opens GPU 0 and checks an allocation, copies, a kernel, cuBLAS
+/// and cuFFT against the CPU.
+#[test]
+fn info_checks_a_gpu_it_finds() {
+    let Some(dir) = common::standin::built("info") else { return };
+    let out = bin().arg("info").env("LD_LIBRARY_PATH", &dir).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("stand-in") && text.contains("agree with the CPU"), "{text}");
 }
