@@ -22,16 +22,10 @@ fn conv2d(c: &mut Criterion) {
         let flops = 2 * b * ch * n * n * ch * 9;
         g.throughput(Throughput::Elements(flops as u64));
         let id = format!("b{b}_c{ch}_n{n}");
-        g.bench_with_input(BenchmarkId::new("fwd", &id), &(), |bch, _| {
-            bch.iter(|| backend::conv2d(&x, &w, Some(&bias), p).unwrap())
-        });
+        g.bench_with_input(BenchmarkId::new("fwd", &id), &(), |bch, _| bch.iter(|| backend::conv2d(&x, &w, Some(&bias), p).unwrap()));
         let dy = Tensor::randn([b, ch, n, n], 1.0, 4, DType::F32, &dev).unwrap();
-        g.bench_with_input(BenchmarkId::new("bwd_input", &id), &(), |bch, _| {
-            bch.iter(|| backend::conv2d_bwd_input(&dy, &w, x.shape(), p).unwrap())
-        });
-        g.bench_with_input(BenchmarkId::new("bwd_weight", &id), &(), |bch, _| {
-            bch.iter(|| backend::conv2d_bwd_weight(&x, &dy, w.shape(), p).unwrap())
-        });
+        g.bench_with_input(BenchmarkId::new("bwd_input", &id), &(), |bch, _| bch.iter(|| backend::conv2d_bwd_input(&dy, &w, x.shape(), p).unwrap()));
+        g.bench_with_input(BenchmarkId::new("bwd_weight", &id), &(), |bch, _| bch.iter(|| backend::conv2d_bwd_weight(&x, &dy, w.shape(), p).unwrap()));
     }
     g.finish();
 }

@@ -43,11 +43,9 @@ fn step_gpu(c: &mut Criterion) {
     };
     let mut g = c.benchmark_group("train_step_gpu_study");
     g.sample_size(10);
-    for (policy, precision) in [
-        (CheckpointPolicy::None, Precision::Fp32),
-        (CheckpointPolicy::EveryLevel, Precision::Fp32),
-        (CheckpointPolicy::None, Precision::Bf16),
-    ] {
+    for (policy, precision) in
+        [(CheckpointPolicy::None, Precision::Fp32), (CheckpointPolicy::EveryLevel, Precision::Fp32), (CheckpointPolicy::None, Precision::Bf16)]
+    {
         let mut cfg = presets::get("study").expect("the study preset exists");
         cfg.model.depth = 8;
         cfg.model.checkpoint = policy;

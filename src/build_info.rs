@@ -1,7 +1,7 @@
 //! What this binary was built with: whether CUDA kernels are embedded, and by which nvcc.
 
 /// True when build.rs compiled `kernels/*.cu` into an embedded fatbin.
-pub const KERNELS_EMBEDDED: bool = option_env!("FNOKERN_KERNELS") .is_some();
+pub const KERNELS_EMBEDDED: bool = option_env!("FNOKERN_KERNELS").is_some();
 
 /// The nvcc version line used for the kernels, or why none was used.
 pub const NVCC: &str = match option_env!("FNOKERN_NVCC_VERSION") {

@@ -67,10 +67,7 @@ impl FromStr for CheckpointPolicy {
             "every_level" => Ok(CheckpointPolicy::EveryLevel),
             _ => match s.strip_prefix("every_").and_then(|k| k.parse::<usize>().ok()) {
                 Some(k) if k >= 1 => Ok(CheckpointPolicy::EveryK(k)),
-                _ => Err(Error::invalid(
-                    "checkpoint",
-                    format!("`{s}` is not a policy (use none, every_level or every_K with K >= 1)"),
-                )),
+                _ => Err(Error::invalid("checkpoint", format!("`{s}` is not a policy (use none, every_level or every_K with K >= 1)"))),
             },
         }
     }
@@ -183,16 +180,10 @@ impl ModelConfig {
             return bad(format!("width ({}) and modes ({}) must be at least 1", self.width, self.modes));
         }
         if self.max_channels < self.width {
-            return bad(format!(
-                "max_channels ({}) is below width ({}): no level could have a legal width",
-                self.max_channels, self.width
-            ));
+            return bad(format!("max_channels ({}) is below width ({}): no level could have a legal width", self.max_channels, self.width));
         }
         if self.min_resolution == 0 || n < self.min_resolution {
-            return bad(format!(
-                "min_resolution ({}) must be at least 1 and at most the patch size N = {n}",
-                self.min_resolution
-            ));
+            return bad(format!("min_resolution ({}) must be at least 1 and at most the patch size N = {n}", self.min_resolution));
         }
         let g = self.layerscale_gain();
         if !(g.is_finite() && g > 0.0) {
@@ -319,11 +310,7 @@ pub struct LossConfig {
 
 impl Default for LossConfig {
     fn default() -> Self {
-        LossConfig {
-            kind: LossKind::NormalizedAmplitudeMae,
-            probe_scale: 0.25,
-            eps: 1e-8,
-        }
+        LossConfig { kind: LossKind::NormalizedAmplitudeMae, probe_scale: 0.25, eps: 1e-8 }
     }
 }
 
@@ -620,12 +607,7 @@ pub struct FaultConfig {
 
 impl Default for FaultConfig {
     fn default() -> Self {
-        FaultConfig {
-            nan_input_steps: Vec::new(),
-            spike_steps: Vec::new(),
-            nan_forward_steps: Vec::new(),
-            spike_scale: 100.0,
-        }
+        FaultConfig { nan_input_steps: Vec::new(), spike_steps: Vec::new(), nan_forward_steps: Vec::new(), spike_scale: 100.0 }
     }
 }
 
@@ -643,19 +625,13 @@ pub struct Config {
 impl Config {
     /// Reads and validates a TOML config.
     pub fn load(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.display().to_string(), source })?;
         Config::parse(&text, &path.display().to_string())
     }
 
     /// Parses and validates TOML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config> {
-        let cfg: Config = toml::from_str(text).map_err(|e| Error::Config {
-            origin: origin.to_string(),
-            why: e.message().to_string(),
-        })?;
+        let cfg: Config = toml::from_str(text).map_err(|e| Error::Config { origin: origin.to_string(), why: e.message().to_string() })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -669,13 +645,8 @@ impl Config {
 
     /// Applies one `section.key=value` override (the value in TOML syntax; bare words are strings).
     pub fn set(&mut self, assignment: &str) -> Result<()> {
-        let (key, value) = assignment
-            .split_once('=')
-            .ok_or_else(|| Error::invalid("--set", format!("`{assignment}` is not key=value")))?;
-        let (section, field) = key
-            .trim()
-            .split_once('.')
-            .ok_or_else(|| Error::invalid("--set", format!("`{key}` is not section.field (e.g. model.depth)")))?;
+        let (key, value) = assignment.split_once('=').ok_or_else(|| Error::invalid("--set", format!("`{assignment}` is not key=value")))?;
+        let (section, field) = key.trim().split_once('.').ok_or_else(|| Error::invalid("--set", format!("`{key}` is not section.field (e.g. model.depth)")))?;
         let value = value.trim();
         let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
             .ok()
@@ -687,10 +658,8 @@ impl Config {
             .and_then(|s| s.as_table_mut())
             .ok_or_else(|| Error::invalid("--set", format!("unknown section `{section}` (model, data, loss, train, faults)")))?;
         sec.insert(field.to_string(), parsed);
-        let cfg: Config = table.try_into().map_err(|e: toml::de::Error| Error::Config {
-            origin: format!("--set {assignment}"),
-            why: e.message().to_string(),
-        })?;
+        let cfg: Config =
+            table.try_into().map_err(|e: toml::de::Error| Error::Config { origin: format!("--set {assignment}"), why: e.message().to_string() })?;
         *self = cfg;
         Ok(())
     }

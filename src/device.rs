@@ -111,31 +111,19 @@ impl PartialEq for Device {
 impl Device {
     /// A CPU device with a fresh ledger.
     pub fn cpu() -> Device {
-        Device {
-            kind: DeviceKind::Cpu,
-            ledger: Arc::default(),
-            gpu: None,
-        }
+        Device { kind: DeviceKind::Cpu, ledger: Arc::default(), gpu: None }
     }
 
     /// A meta device (shapes and byte counts, no data) with a fresh ledger.
     pub fn meta() -> Device {
-        Device {
-            kind: DeviceKind::Meta,
-            ledger: Arc::default(),
-            gpu: None,
-        }
+        Device { kind: DeviceKind::Meta, ledger: Arc::default(), gpu: None }
     }
 
     /// GPU `ordinal` with a fresh ledger, or why there is none (no driver, no such GPU, no
     /// embedded kernels, no cuBLAS/cuFFT library). The GPU itself (context, kernels, library
     /// handles, memory pool) is opened once per process and shared by every handle.
     pub fn cuda(ordinal: usize) -> Result<Device> {
-        Ok(Device {
-            kind: DeviceKind::Cuda(ordinal),
-            ledger: Arc::default(),
-            gpu: Some(Gpu::shared(ordinal)?),
-        })
+        Ok(Device { kind: DeviceKind::Cuda(ordinal), ledger: Arc::default(), gpu: Some(Gpu::shared(ordinal)?) })
     }
 
     /// The device a kind names (a fresh ledger).
@@ -153,9 +141,7 @@ impl Device {
 
     /// The opened GPU of a CUDA device.
     pub(crate) fn gpu(&self) -> Result<&Arc<Gpu>> {
-        self.gpu
-            .as_ref()
-            .ok_or_else(|| Error::invalid("device", format!("{} is not a GPU", self.kind)))
+        self.gpu.as_ref().ok_or_else(|| Error::invalid("device", format!("{} is not a GPU", self.kind)))
     }
 
     /// Waits until everything queued on the device has run (a no-op off the GPU, where every
@@ -227,22 +213,13 @@ impl Device {
         loop {
             let next = cur + bytes;
             if limit > 0 && next > limit {
-                return Err(Error::OutOfMemory {
-                    device: self.kind.to_string(),
-                    what: what(),
-                    requested: bytes,
-                    in_use: cur,
-                    limit,
-                });
+                return Err(Error::OutOfMemory { device: self.kind.to_string(), what: what(), requested: bytes, in_use: cur, limit });
             }
             match l.current.compare_exchange(cur, next, Ordering::SeqCst, Ordering::SeqCst) {
                 Ok(_) => {
                     l.peak.fetch_max(next, Ordering::SeqCst);
                     l.allocations.fetch_add(1, Ordering::SeqCst);
-                    return Ok(Allocation {
-                        ledger: self.ledger.clone(),
-                        bytes,
-                    });
+                    return Ok(Allocation { ledger: self.ledger.clone(), bytes });
                 }
                 Err(actual) => cur = actual,
             }
@@ -265,13 +242,9 @@ impl Drop for Allocation {
 /// Parses a byte size such as `24GiB`, `512 MiB`, `1.5GB` or `1000000`.
 pub fn parse_bytes(s: &str) -> Result<u64> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| Error::invalid("parse_bytes", format!("`{s}` does not start with a number")))?;
+    let value: f64 = num.parse().map_err(|_| Error::invalid("parse_bytes", format!("`{s}` does not start with a number")))?;
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "kb" => 1e3,
@@ -280,12 +253,7 @@ pub fn parse_bytes(s: &str) -> Result<u64> {
         "kib" | "k" => 1024.0,
         "mib" | "m" => 1024.0 * 1024.0,
         "gib" | "g" => 1024.0 * 1024.0 * 1024.0,
-        other => {
-            return Err(Error::invalid(
-                "parse_bytes",
-                format!("unknown unit `{other}` in `{s}` (use B, KiB, MiB, GiB, KB, MB or GB)"),
-            ))
-        }
+        other => return Err(Error::invalid("parse_bytes", format!("unknown unit `{other}` in `{s}` (use B, KiB, MiB, GiB, KB, MB or GB)"))),
     };
     if !(value.is_finite() && value >= 0.0) {
         return Err(Error::invalid("parse_bytes", format!("`{s}` is not a size")));

@@ -7,53 +7,24 @@ use crate::tensor::{DType, Shape};
 pub enum Error {
     /// Two operands (or an operand and what the op needs) do not fit together.
     #[error("{op}: shape mismatch: {lhs} vs {rhs}{}", detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default())]
-    ShapeMismatch {
-        op: &'static str,
-        lhs: Shape,
-        rhs: Shape,
-        detail: Option<String>,
-    },
+    ShapeMismatch { op: &'static str, lhs: Shape, rhs: Shape, detail: Option<String> },
 
     /// An operand has the wrong number of dimensions or an impossible shape.
     #[error("{op}: bad shape {shape}: {why}")]
-    BadShape {
-        op: &'static str,
-        shape: Shape,
-        why: String,
-    },
+    BadShape { op: &'static str, shape: Shape, why: String },
 
     #[error("{op}: dtype mismatch: {lhs:?} vs {rhs:?}")]
-    DTypeMismatch {
-        op: &'static str,
-        lhs: DType,
-        rhs: DType,
-    },
+    DTypeMismatch { op: &'static str, lhs: DType, rhs: DType },
 
     #[error("{op}: dtype {dtype:?} is not supported here ({why})")]
-    UnsupportedDType {
-        op: &'static str,
-        dtype: DType,
-        why: &'static str,
-    },
+    UnsupportedDType { op: &'static str, dtype: DType, why: &'static str },
 
     #[error("{op}: operands live on different devices ({lhs} vs {rhs})")]
-    DeviceMismatch {
-        op: &'static str,
-        lhs: String,
-        rhs: String,
-    },
+    DeviceMismatch { op: &'static str, lhs: String, rhs: String },
 
     /// An allocation would take the device over its memory limit, as a real card would refuse it.
-    #[error(
-        "out of memory on {device}: requested {requested} bytes for {what} with {in_use} bytes in use, limit {limit} bytes"
-    )]
-    OutOfMemory {
-        device: String,
-        what: String,
-        requested: u64,
-        in_use: u64,
-        limit: u64,
-    },
+    #[error("out of memory on {device}: requested {requested} bytes for {what} with {in_use} bytes in use, limit {limit} bytes")]
+    OutOfMemory { device: String, what: String, requested: u64, in_use: u64, limit: u64 },
 
     /// A value given by the caller (a hyper-parameter, a stride, a mode count) cannot work.
     #[error("{op}: invalid argument: {why}")]
@@ -94,40 +65,18 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub(crate) fn invalid(op: &'static str, why: impl Into<String>) -> Self {
-        Error::InvalidArgument {
-            op,
-            why: why.into(),
-        }
+        Error::InvalidArgument { op, why: why.into() }
     }
 
     pub(crate) fn bad_shape(op: &'static str, shape: &Shape, why: impl Into<String>) -> Self {
-        Error::BadShape {
-            op,
-            shape: shape.clone(),
-            why: why.into(),
-        }
+        Error::BadShape { op, shape: shape.clone(), why: why.into() }
     }
 
     pub(crate) fn mismatch(op: &'static str, lhs: &Shape, rhs: &Shape) -> Self {
-        Error::ShapeMismatch {
-            op,
-            lhs: lhs.clone(),
-            rhs: rhs.clone(),
-            detail: None,
-        }
+        Error::ShapeMismatch { op, lhs: lhs.clone(), rhs: rhs.clone(), detail: None }
     }
 
-    pub(crate) fn mismatch_because(
-        op: &'static str,
-        lhs: &Shape,
-        rhs: &Shape,
-        detail: impl Into<String>,
-    ) -> Self {
-        Error::ShapeMismatch {
-            op,
-            lhs: lhs.clone(),
-            rhs: rhs.clone(),
-            detail: Some(detail.into()),
-        }
+    pub(crate) fn mismatch_because(op: &'static str, lhs: &Shape, rhs: &Shape, detail: impl Into<String>) -> Self {
+        Error::ShapeMismatch { op, lhs: lhs.clone(), rhs: rhs.clone(), detail: Some(detail.into()) }
     }
 }

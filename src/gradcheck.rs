@@ -26,11 +26,7 @@ impl Default for Tolerance {
     /// h = 1e-6 leaves a truncation error near h^2 = 1e-12 and a rounding error near
     /// 1e-16 / h = 1e-10 relative to L; the tolerances sit well above both.
     fn default() -> Self {
-        Tolerance {
-            step: 1e-6,
-            atol: 1e-7,
-            rtol: 1e-5,
-        }
+        Tolerance { step: 1e-6, atol: 1e-7, rtol: 1e-5 }
     }
 }
 
@@ -90,14 +86,7 @@ fn entries(n: usize, limit: usize) -> Vec<usize> {
 
 /// Checks the gradients of `f` with respect to its checked inputs and every parameter of `params`
 /// (which `f` reads with `tape.param`), at most `limit` entries per tensor (spread over it).
-pub fn check_with_params(
-    params: &ParamStore,
-    inputs: Vec<Input>,
-    f: &Graph,
-    tol: Tolerance,
-    seed: u64,
-    limit: usize,
-) -> Result<Report> {
+pub fn check_with_params(params: &ParamStore, inputs: Vec<Input>, f: &Graph, tol: Tolerance, seed: u64, limit: usize) -> Result<Report> {
     // All values of one check live on one device (one ledger).
     let dev = match params.values().first() {
         Some(t) => t.device().clone(),
@@ -126,9 +115,7 @@ pub fn check_with_params(
         // Negated so that a NaN error counts as a failure.
         #[allow(clippy::neg_cmp_op_on_partial_ord)]
         if !(err <= tol.atol + tol.rtol * numeric.abs()) {
-            report
-                .mismatches
-                .push(format!("{what}: analytic {analytic:.9e} numeric {numeric:.9e}"));
+            report.mismatches.push(format!("{what}: analytic {analytic:.9e} numeric {numeric:.9e}"));
         }
     };
     let central = |at: &dyn Fn(f64) -> Result<f64>| -> Result<f64> { Ok((at(tol.step)? - at(-tol.step)?) / (2.0 * tol.step)) };
@@ -293,9 +280,7 @@ pub fn all_cases() -> Vec<Case> {
         case!("channel_scale", go(vars(vec![randn([2, 3, 5, 3], 1)?, randn([3], 2)?]), &|t, v| ops::channel_scale(t, &v[0], &v[1]))),
         case!(
             "layerscale_residual",
-            go(vars(vec![randn([2, 3, 5, 3], 1)?, randn([2, 3, 5, 3], 2)?, randn([3], 3)?]), &|t, v| ops::layerscale(
-                t, &v[0], &v[1], &v[2]
-            ))
+            go(vars(vec![randn([2, 3, 5, 3], 1)?, randn([2, 3, 5, 3], 2)?, randn([3], 3)?]), &|t, v| ops::layerscale(t, &v[0], &v[1], &v[2]))
         ),
         case!(
             "concat_channels",
@@ -328,10 +313,7 @@ pub fn all_cases() -> Vec<Case> {
         case!("sum", go(vars(vec![randn([3, 5], 1)?]), &|t, v| ops::sum(t, &v[0]))),
         case!("sum_sq", go(vars(vec![randn([3, 5], 1)?]), &|t, v| ops::sum_sq(t, &v[0]))),
         case!("mean", go(vars(vec![randn([3, 5], 1)?]), &|t, v| ops::mean(t, &v[0]))),
-        case!(
-            "global_norm",
-            go(vars(vec![randn([3, 5], 1)?, randn([7], 2)?]), &|t, v| ops::global_norm(t, &[&v[0], &v[1]]))
-        ),
+        case!("global_norm", go(vars(vec![randn([3, 5], 1)?, randn([7], 2)?]), &|t, v| ops::global_norm(t, &[&v[0], &v[1]]))),
         case!("mae", loss_case(ops::mae)),
         case!("mse", loss_case(ops::mse)),
         case!("rel_l2", loss_case(ops::rel_l2)),

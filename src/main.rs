@@ -234,9 +234,7 @@ fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: O
         None
     };
     let cfg = args.resolve()?;
-    let preset = args.preset.clone().or_else(|| {
-        args.config.as_ref().and_then(|p| p.file_stem()).map(|s| s.to_string_lossy().into_owned())
-    });
+    let preset = args.preset.clone().or_else(|| args.config.as_ref().and_then(|p| p.file_stem()).map(|s| s.to_string_lossy().into_owned()));
     if let Some(name) = &args.preset {
         let why = fnokern::config::presets::ALL.iter().find(|p| p.0 == name).map(|p| p.1).unwrap_or("");
         println!("preset {}: {why}", preset_note.unwrap_or(name));
@@ -255,18 +253,18 @@ fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: O
         }
     };
     println!("run directory: {}", out.display());
-    let opts = fnokern::train::RunOptions {
-        out_dir: out.clone(),
-        resume,
-        stop_after_epochs: stop_after,
-        progress: std::io::stderr().is_terminal(),
-        preset,
-    };
+    let opts = fnokern::train::RunOptions { out_dir: out.clone(), resume, stop_after_epochs: stop_after, progress: std::io::stderr().is_terminal(), preset };
     let s = fnokern::train::train(&cfg, &opts, &mut |m| println!("{m}"))?;
     let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.5}"));
     println!(
         "{}: {} epochs, {} steps; validation loss first {} best {} final {}",
-        if s.crashed { "CRASHED" } else if s.finished { "finished" } else { "stopped" },
+        if s.crashed {
+            "CRASHED"
+        } else if s.finished {
+            "finished"
+        } else {
+            "stopped"
+        },
         s.epochs_done,
         s.steps,
         fmt(s.first_val_loss),
@@ -285,7 +283,11 @@ fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: O
             m["phase_mae"].as_f64().unwrap_or(f64::NAN)
         );
     }
-    println!("wrote {}/summary.json, metrics.jsonl, loss.png, grad_norm.png, lr.png{}", out.display(), if s.metrics.is_some() { ", reconstruction.png" } else { "" });
+    println!(
+        "wrote {}/summary.json, metrics.jsonl, loss.png, grad_norm.png, lr.png{}",
+        out.display(),
+        if s.metrics.is_some() { ", reconstruction.png" } else { "" }
+    );
     Ok(())
 }
 
@@ -415,13 +417,7 @@ fn model(args: &ConfigArgs, save_weights: Option<&std::path::Path>) -> fnokern::
     let g = fnokern::model::Generator::new(&cfg.model, cfg.data.n, 1, &dev, fnokern::DType::F32)?;
     println!(
         "hybrid U-FNO generator: depth {}, width {}, modes {} ({:?}), max_channels {}, block {:?}, N {}",
-        cfg.model.depth,
-        cfg.model.width,
-        cfg.model.modes,
-        cfg.model.mode_convention,
-        cfg.model.max_channels,
-        cfg.model.block,
-        cfg.data.n
+        cfg.model.depth, cfg.model.width, cfg.model.modes, cfg.model.mode_convention, cfg.model.max_channels, cfg.model.block, cfg.data.n
     );
     print!("{}", g.describe());
     if let Some(path) = save_weights {
@@ -472,10 +468,7 @@ fn gradcheck(only: Option<&str>) -> fnokern::Result<()> {
         ran += 1;
         let report = (case.run)()?;
         let status = if report.passed() { "ok  " } else { "FAIL" };
-        println!(
-            "{status} {:<34} {:>5} entries  max abs err {:.2e}  max rel err {:.2e}",
-            case.name, report.checked, report.max_abs_err, report.max_rel_err
-        );
+        println!("{status} {:<34} {:>5} entries  max abs err {:.2e}  max rel err {:.2e}", case.name, report.checked, report.max_abs_err, report.max_rel_err);
         if !report.passed() {
             failed += 1;
             for m in report.mismatches.iter().take(5) {

@@ -261,7 +261,14 @@ impl Plan {
         let _ = writeln!(
             s,
             "{:<26} {:>9} {:>6} {:>11} {:>11} {:>11} {:>13} {:>13}",
-            "part (MiB)", "resolution", "width", "parameters", "gradients", "optimizer", "activations", format!("act. {}", self.policy)
+            "part (MiB)",
+            "resolution",
+            "width",
+            "parameters",
+            "gradients",
+            "optimizer",
+            "activations",
+            format!("act. {}", self.policy)
         );
         for (a, b) in self.plain.parts.iter().zip(&self.checkpointed.parts) {
             let _ = writeln!(

@@ -124,11 +124,7 @@ fn check_gpu_dtype(op: &'static str, dtype: DType) -> Result<()> {
     if dtype == DType::F32 {
         Ok(())
     } else {
-        Err(Error::UnsupportedDType {
-            op,
-            dtype,
-            why: "GPU tensors are f32 (f16/bf16 activations are emulated by rounding, as on the CPU)",
-        })
+        Err(Error::UnsupportedDType { op, dtype, why: "GPU tensors are f32 (f16/bf16 activations are emulated by rounding, as on the CPU)" })
     }
 }
 
@@ -205,9 +201,7 @@ impl Tensor {
     pub fn zeros(shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
         let shape = shape.into();
         let n = shape.numel();
-        let alloc = device.allocate((n * dtype.size_in_bytes()) as u64, || {
-            format!("a {dtype:?} tensor of shape {shape}")
-        })?;
+        let alloc = device.allocate((n * dtype.size_in_bytes()) as u64, || format!("a {dtype:?} tensor of shape {shape}"))?;
         let data = if device.is_meta() {
             Data::Meta
         } else if let Some(gpu) = device.gpu_opt() {
@@ -221,30 +215,16 @@ impl Tensor {
                 DType::F64 => Data::F64(vec![0.0; n]),
             }
         };
-        Ok(Tensor {
-            shape,
-            dtype,
-            device: device.clone(),
-            storage: Arc::new(Storage {
-                data,
-                _alloc: alloc,
-            }),
-        })
+        Ok(Tensor { shape, dtype, device: device.clone(), storage: Arc::new(Storage { data, _alloc: alloc }) })
     }
 
     /// Wraps host data. On the meta device only the shape and byte count are kept.
     pub fn from_vec<T: Element>(data: Vec<T>, shape: impl Into<Shape>, device: &Device) -> Result<Tensor> {
         let shape = shape.into();
         if data.len() != shape.numel() {
-            return Err(Error::bad_shape(
-                "Tensor::from_vec",
-                &shape,
-                format!("{} elements given for {} places", data.len(), shape.numel()),
-            ));
+            return Err(Error::bad_shape("Tensor::from_vec", &shape, format!("{} elements given for {} places", data.len(), shape.numel())));
         }
-        let alloc = device.allocate((data.len() * std::mem::size_of::<T>()) as u64, || {
-            format!("a {:?} tensor of shape {shape}", T::DTYPE)
-        })?;
+        let alloc = device.allocate((data.len() * std::mem::size_of::<T>()) as u64, || format!("a {:?} tensor of shape {shape}", T::DTYPE))?;
         let data = if device.is_meta() {
             Data::Meta
         } else if let Some(gpu) = device.gpu_opt() {
@@ -254,15 +234,7 @@ impl Tensor {
         } else {
             T::wrap(data)
         };
-        Ok(Tensor {
-            shape,
-            dtype: T::DTYPE,
-            device: device.clone(),
-            storage: Arc::new(Storage {
-                data,
-                _alloc: alloc,
-            }),
-        })
+        Ok(Tensor { shape, dtype: T::DTYPE, device: device.clone(), storage: Arc::new(Storage { data, _alloc: alloc }) })
     }
 
     /// A tensor filled with one value.
@@ -295,17 +267,9 @@ impl Tensor {
     }
 
     /// Uniform samples in [lo, hi) from a seeded ChaCha8 stream.
-    pub fn rand_uniform(
-        shape: impl Into<Shape>,
-        lo: f64,
-        hi: f64,
-        seed: u64,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Tensor> {
+    pub fn rand_uniform(shape: impl Into<Shape>, lo: f64, hi: f64, seed: u64, dtype: DType, device: &Device) -> Result<Tensor> {
         let shape = shape.into();
-        let dist = Uniform::new(lo, hi)
-            .map_err(|e| Error::invalid("Tensor::rand_uniform", format!("bounds [{lo}, {hi}): {e}")))?;
+        let dist = Uniform::new(lo, hi).map_err(|e| Error::invalid("Tensor::rand_uniform", format!("bounds [{lo}, {hi}): {e}")))?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let v: Vec<f64> = (0..shape.numel()).map(|_| dist.sample(&mut rng)).collect();
         Tensor::from_f64_vec(v, shape, dtype, device)
@@ -350,28 +314,19 @@ impl Tensor {
             Data::Cuda(_) => return Err(on_gpu("Tensor::as_slice", &self.device)),
             _ => {}
         }
-        T::slice(&self.storage.data).ok_or(Error::DTypeMismatch {
-            op: "Tensor::as_slice",
-            lhs: self.dtype,
-            rhs: T::DTYPE,
-        })
+        T::slice(&self.storage.data).ok_or(Error::DTypeMismatch { op: "Tensor::as_slice", lhs: self.dtype, rhs: T::DTYPE })
     }
 
     /// Mutable elements of a tensor whose storage nobody else holds (a freshly made output).
     pub(crate) fn as_mut_slice<T: Element>(&mut self) -> Result<&mut [T]> {
         let dtype = self.dtype;
-        let storage = Arc::get_mut(&mut self.storage)
-            .ok_or_else(|| Error::invalid("Tensor::as_mut_slice", "storage is shared; write into a fresh tensor"))?;
+        let storage = Arc::get_mut(&mut self.storage).ok_or_else(|| Error::invalid("Tensor::as_mut_slice", "storage is shared; write into a fresh tensor"))?;
         match storage.data {
             Data::Meta => return Err(Error::NoData { op: "Tensor::as_mut_slice" }),
             Data::Cuda(_) => return Err(on_gpu("Tensor::as_mut_slice", &self.device)),
             _ => {}
         }
-        T::slice_mut(&mut storage.data).ok_or(Error::DTypeMismatch {
-            op: "Tensor::as_mut_slice",
-            lhs: dtype,
-            rhs: T::DTYPE,
-        })
+        T::slice_mut(&mut storage.data).ok_or(Error::DTypeMismatch { op: "Tensor::as_mut_slice", lhs: dtype, rhs: T::DTYPE })
     }
 
     /// The GPU buffer of a tensor on a GPU.
@@ -385,8 +340,7 @@ impl Tensor {
     /// The GPU buffer of a tensor whose storage nobody else holds (a freshly made output).
     pub(crate) fn cuda_mut(&mut self) -> Result<&mut CudaSlice<f32>> {
         let device = self.device.to_string();
-        let storage = Arc::get_mut(&mut self.storage)
-            .ok_or_else(|| Error::invalid("Tensor::cuda_mut", "storage is shared; write into a fresh tensor"))?;
+        let storage = Arc::get_mut(&mut self.storage).ok_or_else(|| Error::invalid("Tensor::cuda_mut", "storage is shared; write into a fresh tensor"))?;
         match &mut storage.data {
             Data::Cuda(d) => Ok(d),
             _ => Err(Error::invalid("Tensor::cuda_mut", format!("the tensor is on {device}, not a GPU"))),
@@ -424,12 +378,7 @@ impl Tensor {
         if shape.numel() != self.numel() {
             return Err(Error::mismatch_because("reshape", &self.shape, &shape, "element counts differ"));
         }
-        Ok(Tensor {
-            shape,
-            dtype: self.dtype,
-            device: self.device.clone(),
-            storage: self.storage.clone(),
-        })
+        Ok(Tensor { shape, dtype: self.dtype, device: self.device.clone(), storage: self.storage.clone() })
     }
 
     /// A rounded copy in another dtype (f16/bf16 round to nearest even, as `half` does).

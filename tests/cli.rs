@@ -68,10 +68,7 @@ fn grad_writes_loss_output_and_every_gradient() {
     let batch = d.join("batch.safetensors");
     weights::save_tensors(
         &batch,
-        &[
-            Named { name: "diffraction".into(), tensor: &x, complex: false },
-            Named { name: "probe".into(), tensor: &probe, complex: true },
-        ],
+        &[Named { name: "diffraction".into(), tensor: &x, complex: false }, Named { name: "probe".into(), tensor: &probe, complex: true }],
         None,
     )
     .unwrap();

@@ -74,7 +74,6 @@ fn out(name: impl Into<String>, t: Tensor) -> (String, Tensor) {
     (name.into(), t)
 }
 
-
 #[test]
 fn element_wise_ops_and_reductions_match_the_cpu() {
     on_both("element-wise", 1e-5, 1e-5, |dev| {
@@ -346,10 +345,7 @@ fn training_on_the_gpu_finishes_resumes_exactly_and_follows_the_cpu() {
     train::train(&cfg, &RunOptions { stop_after_epochs: Some(2), ..run_opts(&split) }, &mut |_| {}).unwrap();
     let resumed = train::train(&cfg, &RunOptions { resume: true, ..run_opts(&split) }, &mut |_| {}).unwrap();
     assert_eq!(straight.final_val_loss.map(f64::to_bits), resumed.final_val_loss.map(f64::to_bits));
-    assert_eq!(
-        std::fs::read_to_string(root.join("straight/metrics.jsonl")).unwrap(),
-        std::fs::read_to_string(split.join("metrics.jsonl")).unwrap()
-    );
+    assert_eq!(std::fs::read_to_string(root.join("straight/metrics.jsonl")).unwrap(), std::fs::read_to_string(split.join("metrics.jsonl")).unwrap());
     // 24 Adam steps let f32 rounding differences grow; the losses still agree to a few percent.
     let (c, g) = (cpu.final_val_loss.unwrap(), straight.final_val_loss.unwrap());
     assert!((c - g).abs() <= 0.05 * c, "final validation loss: cpu {c}, gpu {g}");

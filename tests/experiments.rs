@@ -58,13 +58,7 @@ fn a_killed_sweep_resumes_without_redoing_finished_runs() {
     // ... and while the third run was in its second epoch: it has a checkpoint after epoch 1.
     let third = specs.iter().find(|s| !done.contains(&s.name)).unwrap();
     let third_dir = dir.join("runs").join(&third.name);
-    let stop = fnokern::train::RunOptions {
-        out_dir: third_dir.clone(),
-        resume: false,
-        stop_after_epochs: Some(1),
-        progress: false,
-        preset: None,
-    };
+    let stop = fnokern::train::RunOptions { out_dir: third_dir.clone(), resume: false, stop_after_epochs: Some(1), progress: false, preset: None };
     fnokern::train::train(&third.config, &stop, &mut |_| {}).unwrap();
 
     let messages = Mutex::new(Vec::new());

@@ -8,10 +8,7 @@ use fnokern::{backend, DType, Device, Tensor};
 
 fn run(name: &str) {
     let cases = all_cases();
-    let case = cases
-        .iter()
-        .find(|c| c.name == name)
-        .unwrap_or_else(|| panic!("no gradient check named {name}"));
+    let case = cases.iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no gradient check named {name}"));
     let report = (case.run)().unwrap_or_else(|e| panic!("{name}: {e}"));
     assert!(
         report.passed(),

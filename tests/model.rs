@@ -8,22 +8,12 @@ use fnokern::model::{plan_levels, weights, Generator, Transition};
 use fnokern::{ops, DType, Device, Tensor};
 
 fn small(block: BlockKind) -> ModelConfig {
-    ModelConfig {
-        depth: 3,
-        width: 4,
-        modes: 3,
-        max_channels: 8,
-        block,
-        ..ModelConfig::default()
-    }
+    ModelConfig { depth: 3, width: 4, modes: 3, max_channels: 8, block, ..ModelConfig::default() }
 }
 
 #[test]
 fn depth_8_at_n_64_builds_with_capped_widths() {
-    let cfg = ModelConfig {
-        depth: 8,
-        ..ModelConfig::default()
-    };
+    let cfg = ModelConfig { depth: 8, ..ModelConfig::default() };
     let meta = Device::meta();
     let g = Generator::new(&cfg, 64, 1, &meta, DType::F32).unwrap();
     let levels = g.levels();
@@ -53,13 +43,7 @@ fn depth_8_at_n_64_builds_with_capped_widths() {
 ///   total 188 + 860 + 2120 + 840 + 572 + 10 = 4590
 #[test]
 fn parameter_count_matches_the_hand_derivation() {
-    let cfg = ModelConfig {
-        depth: 2,
-        width: 4,
-        modes: 3,
-        max_channels: 8,
-        ..ModelConfig::default()
-    };
+    let cfg = ModelConfig { depth: 2, width: 4, modes: 3, max_channels: 8, ..ModelConfig::default() };
     let g = Generator::new(&cfg, 8, 1, &Device::meta(), DType::F32).unwrap();
     assert_eq!(g.num_params(), 4590);
     let per_part: Vec<usize> = g.table().iter().map(|r| r.params).collect();
@@ -68,11 +52,7 @@ fn parameter_count_matches_the_hand_derivation() {
 
 #[test]
 fn levels_keep_resolution_when_the_map_is_too_small() {
-    let cfg = ModelConfig {
-        depth: 4,
-        min_resolution: 8,
-        ..ModelConfig::default()
-    };
+    let cfg = ModelConfig { depth: 4, min_resolution: 8, ..ModelConfig::default() };
     let res: Vec<usize> = plan_levels(&cfg, 16).iter().map(|l| l.resolution).collect();
     assert_eq!(res, [16, 8, 8, 8]);
     // An odd map never halves (the transposed conv could not restore it).
@@ -89,7 +69,8 @@ fn whole_generator_check(block: BlockKind, prenorm: PrenormKind) {
     // Non-trivial gains, so that every branch carries gradient (zero_gamma starts at 0, which is
     // its point, but then its branch parameters would get exactly 0 and test nothing).
     let mut g = Generator::new(&cfg, 16, 1, &dev, DType::F64).unwrap();
-    let ids: Vec<_> = g.params.iter().filter(|(_, n, _)| n.ends_with("norm.weight") || n.ends_with(".scale")).map(|(id, _, v)| (id, v.shape().clone())).collect();
+    let ids: Vec<_> =
+        g.params.iter().filter(|(_, n, _)| n.ends_with("norm.weight") || n.ends_with(".scale")).map(|(id, _, v)| (id, v.shape().clone())).collect();
     for (k, (id, shape)) in ids.into_iter().enumerate() {
         g.params.set(id, Tensor::rand_uniform(shape, 0.5, 1.5, 50 + k as u64, DType::F64, &dev).unwrap()).unwrap();
     }

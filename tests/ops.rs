@@ -191,8 +191,7 @@ fn naive_conv2d(x: &[f64], xd: [usize; 4], w: &[f64], wd: [usize; 4], b: &[f64],
                             for e in 0..kw {
                                 let (r, q) = ((i * s + a) as isize - p as isize, (j * s + e) as isize - p as isize);
                                 if r >= 0 && q >= 0 && (r as usize) < h && (q as usize) < wi {
-                                    acc += x[((n * ci + c) * h + r as usize) * wi + q as usize]
-                                        * w[((o * ci + c) * kh + a) * kw + e];
+                                    acc += x[((n * ci + c) * h + r as usize) * wi + q as usize] * w[((o * ci + c) * kh + a) * kw + e];
                                 }
                             }
                         }
@@ -208,23 +207,12 @@ fn naive_conv2d(x: &[f64], xd: [usize; 4], w: &[f64], wd: [usize; 4], b: &[f64],
 #[test]
 fn conv2d_matches_the_definition() {
     let dev = Device::cpu();
-    for (xd, wd, s, p) in [
-        ([2, 3, 5, 7], [4, 3, 3, 3], 1, 1),
-        ([2, 3, 6, 5], [5, 3, 2, 2], 2, 0),
-        ([1, 4, 3, 3], [2, 4, 1, 1], 1, 0),
-        ([1, 2, 7, 6], [3, 2, 3, 3], 2, 1),
-    ] {
+    for (xd, wd, s, p) in
+        [([2, 3, 5, 7], [4, 3, 3, 3], 1, 1), ([2, 3, 6, 5], [5, 3, 2, 2], 2, 0), ([1, 4, 3, 3], [2, 4, 1, 1], 1, 0), ([1, 2, 7, 6], [3, 2, 3, 3], 2, 1)]
+    {
         let (x, w, b) = (t64(&xd, 1, &dev), t64(&wd, 2, &dev), t64(&[wd[0]], 3, &dev));
         let y = backend::conv2d(&x, &w, Some(&b), Conv2dParams::new(s, p)).unwrap();
-        let want = naive_conv2d(
-            &x.to_f64_vec().unwrap(),
-            xd,
-            &w.to_f64_vec().unwrap(),
-            wd,
-            &b.to_f64_vec().unwrap(),
-            s,
-            p,
-        );
+        let want = naive_conv2d(&x.to_f64_vec().unwrap(), xd, &w.to_f64_vec().unwrap(), wd, &b.to_f64_vec().unwrap(), s, p);
         close(&y.to_f64_vec().unwrap(), &want, 1e-12);
     }
 }
@@ -249,8 +237,7 @@ fn conv_transpose2d_matches_the_definition() {
                     for j in 0..4 {
                         for a in 0..2 {
                             for e in 0..2 {
-                                want[((n * 5 + o) * 6 + i * s + a) * 8 + j * s + e] +=
-                                    xv[((n * 3 + c) * 3 + i) * 4 + j] * wv[((c * 5 + o) * 2 + a) * 2 + e];
+                                want[((n * 5 + o) * 6 + i * s + a) * 8 + j * s + e] += xv[((n * 3 + c) * 3 + i) * 4 + j] * wv[((c * 5 + o) * 2 + a) * 2 + e];
                             }
                         }
                     }
@@ -293,11 +280,7 @@ fn norms_normalise_their_groups() {
     for kind in [fnokern::NormKind::LayerNorm, fnokern::NormKind::InstanceNorm, fnokern::NormKind::RmsNorm] {
         let y = backend::norm(kind, &x, None, None, 0.0).unwrap().y.to_f64_vec().unwrap();
         // Group (b=1, s=4) over channels, or (b=1, c=2) over positions.
-        let idx: Vec<usize> = if kind.over_channels() {
-            (0..6).map(|c| (6 + c) * 15 + 4).collect()
-        } else {
-            (0..15).map(|s| (6 + 2) * 15 + s).collect()
-        };
+        let idx: Vec<usize> = if kind.over_channels() { (0..6).map(|c| (6 + c) * 15 + 4).collect() } else { (0..15).map(|s| (6 + 2) * 15 + s).collect() };
         let n = idx.len() as f64;
         let mean = idx.iter().map(|&i| y[i]).sum::<f64>() / n;
         let ms = idx.iter().map(|&i| y[i] * y[i]).sum::<f64>() / n;

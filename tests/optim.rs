@@ -44,10 +44,7 @@ fn adam_matches_the_formula() {
 #[test]
 fn adamw_decouples_weight_decay() {
     let dev = Device::cpu();
-    let cfg = TrainConfig {
-        weight_decay: 0.5,
-        ..TrainConfig::default()
-    };
+    let cfg = TrainConfig { weight_decay: 0.5, ..TrainConfig::default() };
     let mut p = store(&[("w", vec![2.0], vec![1])], &dev);
     let mut opt = Optimizer::new(OptimizerKind::Adamw, &p);
     opt.step(&cfg, &mut p, &[Some(Tensor::from_vec(vec![3.0], [1], &dev).unwrap())], 0.1, 1.0).unwrap();
@@ -60,11 +57,7 @@ fn adamw_decouples_weight_decay() {
 #[test]
 fn sgd_nesterov_matches_the_formula() {
     let dev = Device::cpu();
-    let cfg = TrainConfig {
-        momentum: 0.9,
-        nesterov: true,
-        ..TrainConfig::default()
-    };
+    let cfg = TrainConfig { momentum: 0.9, nesterov: true, ..TrainConfig::default() };
     let mut p = store(&[("w", vec![1.0], vec![1])], &dev);
     let mut opt = Optimizer::new(OptimizerKind::Sgd, &p);
     let g = |v: f64| vec![Some(Tensor::from_vec(vec![v], [1], &dev).unwrap())];
@@ -102,10 +95,7 @@ fn global_norm_value_and_per_param_clipping() {
 #[test]
 fn agc_clips_per_unit_and_per_tensor() {
     let dev = Device::cpu();
-    let p = store(
-        &[("w", vec![3.0, 4.0, 0.0, 0.0], vec![2, 2]), ("b", vec![0.0, 0.0], vec![2]), ("head.weight", vec![1.0], vec![1])],
-        &dev,
-    );
+    let p = store(&[("w", vec![3.0, 4.0, 0.0, 0.0], vec![2, 2]), ("b", vec![0.0, 0.0], vec![2]), ("head.weight", vec![1.0], vec![1])], &dev);
     let roles = [ParamRole::Weight { unit_axis: 0 }, ParamRole::Bias, ParamRole::Head];
     let grads = || {
         vec![

@@ -85,8 +85,8 @@ fn fp16_overflow_backs_off_and_a_nonfinite_forward_skips_without_touching_the_sc
     cfg.train.loss_scale_init = 2f64.powi(40);
     cfg.faults.nan_forward_steps = vec![20];
     let dir = root.join("run");
-    let s = train::train(&cfg, &RunOptions { out_dir: dir.clone(), resume: false, stop_after_epochs: None, progress: false, preset: None }, &mut |_| {})
-        .unwrap();
+    let s =
+        train::train(&cfg, &RunOptions { out_dir: dir.clone(), resume: false, stop_after_epochs: None, progress: false, preset: None }, &mut |_| {}).unwrap();
     assert!(s.finished && !s.crashed, "{s:?}");
     let recs: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("metrics.jsonl"))
         .unwrap()
@@ -113,10 +113,7 @@ fn fp16_overflow_backs_off_and_a_nonfinite_forward_skips_without_touching_the_sc
     let o = RunOptions { out_dir: split.clone(), resume: false, stop_after_epochs: Some(2), progress: false, preset: None };
     train::train(&cfg, &o, &mut |_| {}).unwrap();
     train::train(&cfg, &RunOptions { resume: true, stop_after_epochs: None, ..o }, &mut |_| {}).unwrap();
-    assert_eq!(
-        std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap(),
-        std::fs::read_to_string(split.join("metrics.jsonl")).unwrap()
-    );
+    assert_eq!(std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap(), std::fs::read_to_string(split.join("metrics.jsonl")).unwrap());
 }
 
 #[test]
@@ -194,8 +191,8 @@ fn a_memory_budget_stops_training_cleanly_as_out_of_memory() {
     // A budget between what the model holds and what a step needs.
     cfg.train.memory_limit = Some(format!("{}", (step.resident + step.peak) / 2));
     let dir = root.join("run");
-    let s = train::train(&cfg, &RunOptions { out_dir: dir.clone(), resume: false, stop_after_epochs: None, progress: false, preset: None }, &mut |_| {})
-        .unwrap();
+    let s =
+        train::train(&cfg, &RunOptions { out_dir: dir.clone(), resume: false, stop_after_epochs: None, progress: false, preset: None }, &mut |_| {}).unwrap();
     assert!(s.crashed && s.crash_kind == Some(train::Crash::Oom), "{s:?}");
     assert!(s.reason.as_deref().unwrap().contains("out of memory"), "{s:?}");
     assert!(dir.join("summary.json").is_file());

@@ -10,10 +10,7 @@ const B: usize = 2;
 const C: usize = 4;
 const H: usize = 9;
 const W: usize = 7;
-const MODES: SpectralModes = SpectralModes {
-    modes: 3,
-    convention: ModeConvention::Corners,
-};
+const MODES: SpectralModes = SpectralModes { modes: 3, convention: ModeConvention::Corners };
 
 struct Net {
     store: ParamStore,
@@ -106,20 +103,13 @@ fn step(net: &Net, x: &Tensor, target: &Tensor, checkpoint: bool) -> Result<(Opt
     let tv = t.constant(target.clone());
     let loss = ops::mae(&mut t, &y, &tv)?;
     drop((y, tv, xv, lw, lb, hw, hb));
-    let value = if loss.value().device().is_meta() {
-        None
-    } else {
-        Some(loss.value().scalar_value()?)
-    };
+    let value = if loss.value().device().is_meta() { None } else { Some(loss.value().scalar_value()?) };
     let grads = t.backward(&loss)?;
     Ok((value, grads.into_params()))
 }
 
 fn inputs(dev: &Device, dtype: DType) -> (Tensor, Tensor) {
-    (
-        Tensor::randn([B, 1, H, W], 1.0, 1, dtype, dev).unwrap(),
-        Tensor::randn([B, 2, H, W], 1.0, 2, dtype, dev).unwrap(),
-    )
+    (Tensor::randn([B, 1, H, W], 1.0, 1, dtype, dev).unwrap(), Tensor::randn([B, 2, H, W], 1.0, 2, dtype, dev).unwrap())
 }
 
 /// Peak bytes of one step, measured from the state after parameters and data exist.
@@ -244,10 +234,7 @@ fn a_checkpoint_body_cannot_capture_outer_values() {
     let mut t = Tape::new();
     let a = t.leaf(Tensor::zeros([1, 2, 3, 3], DType::F32, &dev).unwrap(), true);
     let outer = a.clone();
-    let err = t
-        .checkpoint(&[&a], move |t, v| Ok(vec![ops::add(t, &v[0], &outer)?]))
-        .unwrap_err()
-        .to_string();
+    let err = t.checkpoint(&[&a], move |t, v| Ok(vec![ops::add(t, &v[0], &outer)?])).unwrap_err().to_string();
     assert!(err.contains("another tape"), "{err}");
 }
 

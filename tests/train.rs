@@ -9,13 +9,7 @@ use fnokern::config::{Config, SpikeAction};
 use fnokern::train::{self, RunOptions, Summary};
 
 fn opts(dir: &Path) -> RunOptions {
-    RunOptions {
-        out_dir: dir.to_path_buf(),
-        resume: false,
-        stop_after_epochs: None,
-        progress: false,
-        preset: None,
-    }
+    RunOptions { out_dir: dir.to_path_buf(), resume: false, stop_after_epochs: None, progress: false, preset: None }
 }
 
 fn run(cfg: &Config, o: &RunOptions) -> Summary {
@@ -23,11 +17,7 @@ fn run(cfg: &Config, o: &RunOptions) -> Summary {
 }
 
 fn weights_of(dir: &Path) -> Vec<(String, Vec<u64>)> {
-    train::load_final_weights(dir)
-        .unwrap()
-        .into_iter()
-        .map(|(k, v)| (k, v.values.iter().map(|x| x.to_bits()).collect()))
-        .collect()
+    train::load_final_weights(dir).unwrap().into_iter().map(|(k, v)| (k, v.values.iter().map(|x| x.to_bits()).collect())).collect()
 }
 
 fn step_records(dir: &Path) -> Vec<serde_json::Value> {
@@ -68,10 +58,7 @@ fn same_seed_same_run() {
     run(&cfg, &opts(&root.join("a")));
     run(&cfg, &opts(&root.join("b")));
     assert_eq!(weights_of(&root.join("a")), weights_of(&root.join("b")));
-    assert_eq!(
-        std::fs::read(root.join("a/metrics.jsonl")).unwrap(),
-        std::fs::read(root.join("b/metrics.jsonl")).unwrap()
-    );
+    assert_eq!(std::fs::read(root.join("a/metrics.jsonl")).unwrap(), std::fs::read(root.join("b/metrics.jsonl")).unwrap());
     let mut other = cfg.clone();
     other.train.seed = 1;
     run(&other, &opts(&root.join("c")));

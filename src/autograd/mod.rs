@@ -176,23 +176,12 @@ impl Tape {
     }
 
     fn with_param_values(params: Rc<Vec<Tensor>>) -> Tape {
-        Tape {
-            id: NEXT_TAPE.fetch_add(1, Ordering::Relaxed),
-            vars: Vec::new(),
-            nodes: Vec::new(),
-            recording: true,
-            params,
-            param_vars: HashMap::new(),
-        }
+        Tape { id: NEXT_TAPE.fetch_add(1, Ordering::Relaxed), vars: Vec::new(), nodes: Vec::new(), recording: true, params, param_vars: HashMap::new() }
     }
 
     fn new_var(&mut self, value: Tensor, requires_grad: bool, param: Option<ParamId>) -> Var {
         self.vars.push(VarInfo { requires_grad, param });
-        Var {
-            id: self.vars.len() - 1,
-            tape: self.id,
-            value,
-        }
+        Var { id: self.vars.len() - 1, tape: self.id, value }
     }
 
     /// A leaf value: an input, or a constant when `requires_grad` is false.
@@ -215,11 +204,7 @@ impl Tape {
         if let Some(v) = self.param_vars.get(&id) {
             return Ok(v.clone());
         }
-        let value = self
-            .params
-            .get(id.0)
-            .cloned()
-            .ok_or_else(|| Error::Autograd(format!("parameter #{} is not in this tape's store", id.0)))?;
+        let value = self.params.get(id.0).cloned().ok_or_else(|| Error::Autograd(format!("parameter #{} is not in this tape's store", id.0)))?;
         let v = self.new_var(value, true, Some(id));
         self.param_vars.insert(id, v.clone());
         Ok(v)
@@ -251,12 +236,7 @@ impl Tape {
 
     /// Records an op with the given inputs and output values. `backward` runs only if some input
     /// needs a gradient and the tape is recording; otherwise it is dropped at once, with what it saved.
-    pub fn record(
-        &mut self,
-        inputs: &[&Var],
-        outputs: Vec<Tensor>,
-        backward: impl FnOnce(&mut Ctx) -> Result<()> + 'static,
-    ) -> Result<Vec<Var>> {
+    pub fn record(&mut self, inputs: &[&Var], outputs: Vec<Tensor>, backward: impl FnOnce(&mut Ctx) -> Result<()> + 'static) -> Result<Vec<Var>> {
         self.record_node(inputs, outputs, false, backward)
     }
 
@@ -285,12 +265,7 @@ impl Tape {
     }
 
     /// [`Tape::record`] for an op with one output.
-    pub fn record1(
-        &mut self,
-        inputs: &[&Var],
-        output: Tensor,
-        backward: impl FnOnce(&mut Ctx) -> Result<()> + 'static,
-    ) -> Result<Var> {
+    pub fn record1(&mut self, inputs: &[&Var], output: Tensor, backward: impl FnOnce(&mut Ctx) -> Result<()> + 'static) -> Result<Var> {
         let mut outs = self.record(inputs, vec![output], backward)?;
         outs.pop().ok_or_else(|| Error::Autograd("record1 made no output".into()))
     }
@@ -298,10 +273,7 @@ impl Tape {
     /// Back-propagates from a one-element `loss` (seed 1).
     pub fn backward(self, loss: &Var) -> Result<Gradients> {
         if loss.value.numel() != 1 {
-            return Err(Error::Autograd(format!(
-                "backward needs a one-element loss, got shape {} (use backward_with for other seeds)",
-                loss.shape()
-            )));
+            return Err(Error::Autograd(format!("backward needs a one-element loss, got shape {} (use backward_with for other seeds)", loss.shape())));
         }
         let seed = Tensor::full(1.0, loss.shape().clone(), loss.value.dtype(), loss.value.device())?;
         self.backward_with(vec![(loss.clone(), seed)])
@@ -312,27 +284,15 @@ impl Tape {
         let mut params = vec![None; self.params.len()];
         // Node outputs' gradients are consumed during the walk: what remains belongs to leaves.
         let grads = self.run(seeds, HashMap::new(), &mut params)?;
-        let leaves = grads
-            .into_iter()
-            .enumerate()
-            .filter_map(|(i, g)| g.map(|g| (i, g)))
-            .collect();
+        let leaves = grads.into_iter().enumerate().filter_map(|(i, g)| g.map(|g| (i, g))).collect();
         Ok(Gradients { params, leaves })
     }
 
     /// The reverse walk. `initial` pre-loads gradients of some vars (a checkpoint's inputs);
     /// parameter gradients accumulate into `params`. Returns the remaining per-var gradients.
-    fn run(
-        mut self,
-        seeds: Vec<(Var, Tensor)>,
-        initial: HashMap<usize, Tensor>,
-        params: &mut Vec<Option<Tensor>>,
-    ) -> Result<Vec<Option<Tensor>>> {
+    fn run(mut self, seeds: Vec<(Var, Tensor)>, initial: HashMap<usize, Tensor>, params: &mut Vec<Option<Tensor>>) -> Result<Vec<Option<Tensor>>> {
         let info = std::mem::take(&mut self.vars);
-        let mut store = GradStore {
-            vars: vec![None; info.len()],
-            params,
-        };
+        let mut store = GradStore { vars: vec![None; info.len()], params };
         for (v, g) in initial {
             store.vars[v] = Some(g);
         }
@@ -360,13 +320,7 @@ impl Tape {
                 });
             }
             let needs = node.inputs.iter().map(|&i| info[i].requires_grad).collect();
-            let mut ctx = Ctx {
-                grads_out,
-                needs,
-                inputs: &node.inputs,
-                info: &info,
-                store: &mut store,
-            };
+            let mut ctx = Ctx { grads_out, needs, inputs: &node.inputs, info: &info, store: &mut store };
             (node.backward)(&mut ctx)?;
         }
         Ok(store.vars)
@@ -385,9 +339,7 @@ impl Tape {
                 return Err(Error::Autograd("a checkpoint input is given twice".into()));
             }
             if self.vars[v.id].param.is_some() {
-                return Err(Error::Autograd(
-                    "a parameter is given as a checkpoint input; read it inside the body with tape.param".into(),
-                ));
+                return Err(Error::Autograd("a parameter is given as a checkpoint input; read it inside the body with tape.param".into()));
             }
         }
         // Forward on a tape of its own that records nothing, so the body's internals are freed as
@@ -406,18 +358,10 @@ impl Tape {
         let body = Rc::new(body);
         self.record_node(inputs, out_values, reads_params, move |ctx| {
             let mut sub = Tape::with_param_values(params);
-            let leaves: Vec<Var> = saved
-                .into_iter()
-                .enumerate()
-                .map(|(i, t)| sub.leaf(t, ctx.needs(i)))
-                .collect();
+            let leaves: Vec<Var> = saved.into_iter().enumerate().map(|(i, t)| sub.leaf(t, ctx.needs(i))).collect();
             let outs = body(&mut sub, &leaves)?;
             if outs.len() != ctx.grads_out.len() {
-                return Err(Error::Autograd(format!(
-                    "checkpoint body gave {} outputs on recomputation and {} before",
-                    outs.len(),
-                    ctx.grads_out.len()
-                )));
+                return Err(Error::Autograd(format!("checkpoint body gave {} outputs on recomputation and {} before", outs.len(), ctx.grads_out.len())));
             }
             let seeds: Vec<(Var, Tensor)> = outs.into_iter().zip(std::mem::take(&mut ctx.grads_out)).collect();
             let mut initial = HashMap::new();

@@ -53,10 +53,7 @@ impl ParamStore {
 
     /// Replaces a parameter's value with one of the same shape and dtype.
     pub fn set(&mut self, id: ParamId, value: Tensor) -> Result<()> {
-        let old = self
-            .values
-            .get(id.0)
-            .ok_or_else(|| Error::invalid("ParamStore::set", format!("no parameter #{}", id.0)))?;
+        let old = self.values.get(id.0).ok_or_else(|| Error::invalid("ParamStore::set", format!("no parameter #{}", id.0)))?;
         if old.shape() != value.shape() || old.dtype() != value.dtype() {
             return Err(Error::mismatch_because(
                 "ParamStore::set",
@@ -83,11 +80,7 @@ impl ParamStore {
 
     /// (id, name, value) in insertion order.
     pub fn iter(&self) -> impl Iterator<Item = (ParamId, &str, &Tensor)> {
-        self.names
-            .iter()
-            .zip(&self.values)
-            .enumerate()
-            .map(|(i, (n, v))| (ParamId(i), n.as_str(), v))
+        self.names.iter().zip(&self.values).enumerate().map(|(i, (n, v))| (ParamId(i), n.as_str(), v))
     }
 
     /// Total number of scalar elements (a complex weight counts its real and imaginary parts).

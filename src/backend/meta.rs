@@ -90,17 +90,7 @@ impl Backend for MetaBackend {
     fn spectral_mix_bwd_weight(&self, _: &Tensor, _: &Tensor, _: &[usize], _: &mut Tensor) -> Result<()> {
         Ok(())
     }
-    fn norm_fwd(
-        &self,
-        _: NormKind,
-        _: &Tensor,
-        _: Option<&Tensor>,
-        _: Option<&Tensor>,
-        _: f64,
-        _: &mut Tensor,
-        _: &mut Tensor,
-        _: &mut Tensor,
-    ) -> Result<()> {
+    fn norm_fwd(&self, _: NormKind, _: &Tensor, _: Option<&Tensor>, _: Option<&Tensor>, _: f64, _: &mut Tensor, _: &mut Tensor, _: &mut Tensor) -> Result<()> {
         Ok(())
     }
     fn norm_bwd(

@@ -270,11 +270,7 @@ fn check_compute(op: &'static str, t: &Tensor) -> Result<()> {
     if t.dtype().is_compute() {
         Ok(())
     } else {
-        Err(Error::UnsupportedDType {
-            op,
-            dtype: t.dtype(),
-            why: "kernels compute in f32 or f64; cast f16/bf16 storage first",
-        })
+        Err(Error::UnsupportedDType { op, dtype: t.dtype(), why: "kernels compute in f32 or f64; cast f16/bf16 storage first" })
     }
 }
 
@@ -284,18 +280,10 @@ fn check_same(op: &'static str, ts: &[&Tensor]) -> Result<()> {
     check_compute(op, first)?;
     for t in &ts[1..] {
         if t.device() != first.device() {
-            return Err(Error::DeviceMismatch {
-                op,
-                lhs: first.device().to_string(),
-                rhs: t.device().to_string(),
-            });
+            return Err(Error::DeviceMismatch { op, lhs: first.device().to_string(), rhs: t.device().to_string() });
         }
         if t.dtype() != first.dtype() {
-            return Err(Error::DTypeMismatch {
-                op,
-                lhs: first.dtype(),
-                rhs: t.dtype(),
-            });
+            return Err(Error::DTypeMismatch { op, lhs: first.dtype(), rhs: t.dtype() });
         }
     }
     Ok(())
@@ -321,11 +309,7 @@ fn check_complex(op: &'static str, t: &Tensor, min_rank: usize) -> Result<()> {
     if t.rank() >= min_rank && t.dims()[t.rank() - 1] == 2 {
         Ok(())
     } else {
-        Err(Error::bad_shape(
-            op,
-            t.shape(),
-            format!("expected a complex tensor: at least {min_rank} dimensions, the last of size 2"),
-        ))
+        Err(Error::bad_shape(op, t.shape(), format!("expected a complex tensor: at least {min_rank} dimensions, the last of size 2")))
     }
 }
 
@@ -480,9 +464,7 @@ pub fn layerscale_bwd(dy: &Tensor, branch: &Tensor, l: &Tensor) -> Result<(Tenso
 
 /// Concatenation of [B, C_i, S...] tensors along channels.
 pub fn concat_channels(parts: &[&Tensor]) -> Result<Tensor> {
-    let first = *parts
-        .first()
-        .ok_or_else(|| Error::invalid("concat_channels", "nothing to concatenate"))?;
+    let first = *parts.first().ok_or_else(|| Error::invalid("concat_channels", "nothing to concatenate"))?;
     check_same("concat_channels", parts)?;
     if first.rank() < 2 {
         return Err(Error::bad_shape("concat_channels", first.shape(), "expected [B, C, ...]"));
@@ -490,12 +472,7 @@ pub fn concat_channels(parts: &[&Tensor]) -> Result<Tensor> {
     let mut c_total = 0;
     for p in parts {
         if p.rank() != first.rank() || p.dims()[0] != first.dims()[0] || p.dims()[2..] != first.dims()[2..] {
-            return Err(Error::mismatch_because(
-                "concat_channels",
-                first.shape(),
-                p.shape(),
-                "all but the channel dimension must agree",
-            ));
+            return Err(Error::mismatch_because("concat_channels", first.shape(), p.shape(), "all but the channel dimension must agree"));
         }
         c_total += p.dims()[1];
     }
@@ -514,11 +491,7 @@ pub fn concat_channels(parts: &[&Tensor]) -> Result<Tensor> {
 pub fn slice_channels(x: &Tensor, offset: usize, len: usize) -> Result<Tensor> {
     check_compute("slice_channels", x)?;
     if x.rank() < 2 || offset + len > x.dims()[1] {
-        return Err(Error::bad_shape(
-            "slice_channels",
-            x.shape(),
-            format!("channels {offset}..{} out of range", offset + len),
-        ));
+        return Err(Error::bad_shape("slice_channels", x.shape(), format!("channels {offset}..{} out of range", offset + len)));
     }
     let mut dims = x.dims().to_vec();
     dims[1] = len;
@@ -534,11 +507,7 @@ fn conv_out(op: &'static str, x: &Shape, k: usize, p: Conv2dParams, size: usize)
     }
     let padded = size + 2 * p.padding;
     if k == 0 || padded < k {
-        return Err(Error::bad_shape(
-            op,
-            x,
-            format!("a {k}-wide kernel does not fit a map of {size} with padding {}", p.padding),
-        ));
+        return Err(Error::bad_shape(op, x, format!("a {k}-wide kernel does not fit a map of {size} with padding {}", p.padding)));
     }
     Ok((padded - k) / p.stride + 1)
 }
@@ -578,19 +547,9 @@ pub fn conv2d_bwd_input(dy: &Tensor, w: &Tensor, x_shape: &Shape, p: Conv2dParam
         return Err(Error::bad_shape("conv2d_bwd_input", x_shape, "input must have 4 dimensions"));
     }
     let wd = w.dims();
-    let expect = [
-        xd[0],
-        wd[0],
-        conv_out("conv2d_bwd_input", x_shape, wd[2], p, xd[2])?,
-        conv_out("conv2d_bwd_input", x_shape, wd[3], p, xd[3])?,
-    ];
+    let expect = [xd[0], wd[0], conv_out("conv2d_bwd_input", x_shape, wd[2], p, xd[2])?, conv_out("conv2d_bwd_input", x_shape, wd[3], p, xd[3])?];
     if dy.dims() != expect || wd[1] != xd[1] {
-        return Err(Error::mismatch_because(
-            "conv2d_bwd_input",
-            dy.shape(),
-            &Shape::new(expect),
-            "output gradient does not match the forward's output",
-        ));
+        return Err(Error::mismatch_because("conv2d_bwd_input", dy.shape(), &Shape::new(expect), "output gradient does not match the forward's output"));
     }
     with_out(x_shape.clone(), dy, |dx| dy.device().backend().conv2d_bwd_input(dy, w, p, dx))
 }
@@ -611,12 +570,7 @@ pub fn conv2d_bwd_weight(x: &Tensor, dy: &Tensor, w_shape: &Shape, p: Conv2dPara
     let (xd, dyd) = (x.dims(), dy.dims());
     let expect = [xd[0], wd[0], conv_out(op, x.shape(), wd[2], p, xd[2])?, conv_out(op, x.shape(), wd[3], p, xd[3])?];
     if dyd != expect {
-        return Err(Error::mismatch_because(
-            op,
-            dy.shape(),
-            &Shape::new(expect),
-            "output gradient does not match the forward's output",
-        ));
+        return Err(Error::mismatch_because(op, dy.shape(), &Shape::new(expect), "output gradient does not match the forward's output"));
     }
     with_out(w_shape.clone(), x, |dw| x.device().backend().conv2d_bwd_weight(x, dy, p, dw))
 }
@@ -734,14 +688,7 @@ fn spectral_rows(op: &'static str, xh: &Tensor, w: &Tensor, modes: SpectralModes
             op,
             xh.shape(),
             w.shape(),
-            format!(
-                "weight must be [C_in={}, C_out, kept rows={}, kept cols={}, 2] for {} modes ({:?})",
-                xd[1],
-                rows.len(),
-                my,
-                modes.modes,
-                modes.convention
-            ),
+            format!("weight must be [C_in={}, C_out, kept rows={}, kept cols={}, 2] for {} modes ({:?})", xd[1], rows.len(), my, modes.modes, modes.convention),
         ));
     }
     Ok(rows)
@@ -765,12 +712,7 @@ pub fn spectral_mix_bwd_input(dyh: &Tensor, w: &Tensor, modes: SpectralModes) ->
     let shape = Shape::new([d[0], w.dims()[0], d[2], d[3], 2]);
     let rows = modes.kept_rows(d[2]);
     if w.dims()[1] != d[1] || w.dims()[2] != rows.len() || w.dims()[3] != modes.modes.min(d[3]) {
-        return Err(Error::mismatch_because(
-            "spectral_mix_bwd_input",
-            dyh.shape(),
-            w.shape(),
-            "output gradient does not fit the weight",
-        ));
+        return Err(Error::mismatch_because("spectral_mix_bwd_input", dyh.shape(), w.shape(), "output gradient does not fit the weight"));
     }
     with_out(shape, dyh, |dx| dyh.device().backend().spectral_mix_bwd_input(dyh, w, &rows, dx))
 }
@@ -789,12 +731,7 @@ pub fn spectral_mix_bwd_weight(xh: &Tensor, dyh: &Tensor, w_shape: &Shape, modes
         || xh.dims()[0] != dyh.dims()[0]
         || xh.dims()[2..] != dyh.dims()[2..]
     {
-        return Err(Error::mismatch_because(
-            "spectral_mix_bwd_weight",
-            xh.shape(),
-            dyh.shape(),
-            format!("spectra do not fit a weight of shape {w_shape}"),
-        ));
+        return Err(Error::mismatch_because("spectral_mix_bwd_weight", xh.shape(), dyh.shape(), format!("spectra do not fit a weight of shape {w_shape}")));
     }
     with_out(w_shape.clone(), xh, |dw| xh.device().backend().spectral_mix_bwd_weight(xh, dyh, &rows, dw))
 }
@@ -838,9 +775,7 @@ pub fn norm(kind: NormKind, x: &Tensor, gamma: Option<&Tensor>, beta: Option<&Te
     let mut y = Tensor::zeros(x.shape().clone(), x.dtype(), x.device())?;
     let mut mean = Tensor::zeros(norm_stat_shape(kind, x), x.dtype(), x.device())?;
     let mut rstd = Tensor::zeros(norm_stat_shape(kind, x), x.dtype(), x.device())?;
-    x.device()
-        .backend()
-        .norm_fwd(kind, x, gamma, beta, eps, &mut y, &mut mean, &mut rstd)?;
+    x.device().backend().norm_fwd(kind, x, gamma, beta, eps, &mut y, &mut mean, &mut rstd)?;
     Ok(NormOut { y, mean, rstd })
 }
 
@@ -867,17 +802,7 @@ pub fn norm_bwd(
     let mut dx = Tensor::zeros(x.shape().clone(), x.dtype(), x.device())?;
     let mut dgamma = want_dgamma.then(|| Tensor::zeros([c], x.dtype(), x.device())).transpose()?;
     let mut dbeta = want_dbeta.then(|| Tensor::zeros([c], x.dtype(), x.device())).transpose()?;
-    x.device().backend().norm_bwd(
-        kind,
-        x,
-        dy,
-        gamma,
-        mean,
-        rstd,
-        &mut dx,
-        dgamma.as_mut(),
-        dbeta.as_mut(),
-    )?;
+    x.device().backend().norm_bwd(kind, x, dy, gamma, mean, rstd, &mut dx, dgamma.as_mut(), dbeta.as_mut())?;
     Ok((dx, dgamma, dbeta))
 }
 
@@ -890,12 +815,7 @@ pub fn complex_mul(z: &Tensor, p: &Tensor, conj: bool) -> Result<Tensor> {
     check_rank("complex_mul", p, 3, "probe")?;
     let zd = z.dims();
     if p.dims() != &zd[zd.len() - 3..] {
-        return Err(Error::mismatch_because(
-            "complex_mul",
-            z.shape(),
-            p.shape(),
-            "probe must be [H, W, 2] matching the field's last dimensions",
-        ));
+        return Err(Error::mismatch_because("complex_mul", z.shape(), p.shape(), "probe must be [H, W, 2] matching the field's last dimensions"));
     }
     with_out(z.shape().clone(), z, |y| z.device().backend().complex_mul(z, p, conj, y))
 }

@@ -55,12 +55,7 @@ fn to_split(sim: &simulate::SimSplit, probe: &[[f64; 2]], n: usize) -> NpzSplit 
         // The first object of the split; stitching uses object_index to pick its patches.
         ground_truth: Some((
             obj.amplitude.size,
-            obj.amplitude
-                .data
-                .iter()
-                .zip(&obj.phase.data)
-                .map(|(&a, &ph)| [(a * ph.cos()) as f32, (a * ph.sin()) as f32])
-                .collect(),
+            obj.amplitude.data.iter().zip(&obj.phase.data).map(|(&a, &ph)| [(a * ph.cos()) as f32, (a * ph.sin()) as f32]).collect(),
         )),
         centres: Some(sim.origin.iter().map(|&(_, r, c)| (r as f64 + half, c as f64 + half)).collect()),
         object_index: Some(sim.origin.iter().map(|&(i, _, _)| i as i64).collect()),
@@ -71,15 +66,8 @@ fn to_split(sim: &simulate::SimSplit, probe: &[[f64; 2]], n: usize) -> NpzSplit 
 pub fn load_or_simulate(cfg: &DataConfig, progress: &mut dyn FnMut(&str)) -> Result<Dataset> {
     cfg.validate()?;
     if let Some(train) = &cfg.npz {
-        let test = cfg.npz_test.as_ref().ok_or_else(|| {
-            Error::invalid("data config", "npz is set but npz_test is not: both splits are needed")
-        })?;
-        let ds = Dataset {
-            train: npz::load(train)?,
-            test: npz::load(test)?,
-            source: format!("{} + {}", train.display(), test.display()),
-            from_cache: false,
-        };
+        let test = cfg.npz_test.as_ref().ok_or_else(|| Error::invalid("data config", "npz is set but npz_test is not: both splits are needed"))?;
+        let ds = Dataset { train: npz::load(train)?, test: npz::load(test)?, source: format!("{} + {}", train.display(), test.display()), from_cache: false };
         if ds.train.n != cfg.n || ds.test.n != cfg.n {
             return Err(Error::invalid(
                 "data config",
@@ -92,24 +80,14 @@ pub fn load_or_simulate(cfg: &DataConfig, progress: &mut dyn FnMut(&str)) -> Res
     let (train_p, test_p, done) = (dir.join("train.npz"), dir.join("test.npz"), dir.join("params.json"));
     if done.is_file() {
         progress(&format!("reading the cached dataset {}", dir.display()));
-        return Ok(Dataset {
-            train: npz::load(&train_p)?,
-            test: npz::load(&test_p)?,
-            source: dir.display().to_string(),
-            from_cache: true,
-        });
+        return Ok(Dataset { train: npz::load(&train_p)?, test: npz::load(&test_p)?, source: dir.display().to_string(), from_cache: true });
     }
     progress(&format!(
         "simulating grid-lines data: {} + {} objects of {} px, N = {}, strides {}/{}",
         cfg.train_objects, cfg.test_objects, cfg.object_size, cfg.n, cfg.train_stride, cfg.test_stride
     ));
     let (train, test, probe, s) = simulate::simulate(cfg);
-    let ds = Dataset {
-        train: to_split(&train, &probe, cfg.n),
-        test: to_split(&test, &probe, cfg.n),
-        source: dir.display().to_string(),
-        from_cache: false,
-    };
+    let ds = Dataset { train: to_split(&train, &probe, cfg.n), test: to_split(&test, &probe, cfg.n), source: dir.display().to_string(), from_cache: false };
     write_cache(&dir, cfg, &ds, s)?;
     progress(&format!("cached at {}", dir.display()));
     Ok(ds)
@@ -153,9 +131,7 @@ pub fn batch(split: &NpzSplit, idx: &[usize], dtype: DType, dev: &Device) -> Res
     if let Some(&bad) = idx.iter().find(|&&i| i >= count) {
         return Err(Error::invalid("batch", format!("pattern {bad} of a split of {count}")));
     }
-    let gather = |v: &[f32]| -> Vec<f64> {
-        idx.iter().flat_map(|&i| v[i * n2..(i + 1) * n2].iter().map(|&x| x as f64)).collect()
-    };
+    let gather = |v: &[f32]| -> Vec<f64> { idx.iter().flat_map(|&i| v[i * n2..(i + 1) * n2].iter().map(|&x| x as f64)).collect() };
     let shape = [idx.len(), 1, split.n, split.n];
     Ok(Batch {
         diffraction: Tensor::from_f64_vec(gather(&split.diffraction), shape, dtype, dev)?,

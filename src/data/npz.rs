@@ -44,17 +44,11 @@ impl NpzSplit {
 }
 
 fn bad(path: &Path, why: impl Into<String>) -> Error {
-    Error::BadFile {
-        path: path.display().to_string(),
-        why: why.into(),
-    }
+    Error::BadFile { path: path.display().to_string(), why: why.into() }
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.display().to_string(),
-        source,
-    }
+    move |source| Error::Io { path: path.display().to_string(), source }
 }
 
 /// An array's shape and values, if the archive has it.
@@ -70,11 +64,7 @@ fn read_real<R: Read + Seek>(arc: &mut NpzArchive<R>, path: &Path, key: &str) ->
         Ok(v) => v,
         Err(_) => {
             let npy = arc.by_name(key).map_err(io(path))?.ok_or_else(|| bad(path, format!("`{key}` vanished")))?;
-            npy.into_vec::<f64>()
-                .map_err(|e| bad(path, format!("`{key}` is not a float32 or float64 array: {e}")))?
-                .into_iter()
-                .map(|x| x as f32)
-                .collect()
+            npy.into_vec::<f64>().map_err(|e| bad(path, format!("`{key}` is not a float32 or float64 array: {e}")))?.into_iter().map(|x| x as f32).collect()
         }
     };
     Ok(Some((shape, v)))
@@ -121,8 +111,7 @@ pub fn load(path: &Path) -> Result<NpzSplit> {
             return Err(bad(path, format!("`{key}` has shape {shape:?} but `diffraction` has {dshape:?}")));
         }
     }
-    let (prshape, probe) = read_complex(&mut arc, path, "probeGuess")?
-        .ok_or_else(|| bad(path, "array `probeGuess` is missing"))?;
+    let (prshape, probe) = read_complex(&mut arc, path, "probeGuess")?.ok_or_else(|| bad(path, "array `probeGuess` is missing"))?;
     if prshape != [n as u64, n as u64] {
         return Err(bad(path, format!("`probeGuess` has shape {prshape:?}; expected ({n}, {n})")));
     }
@@ -136,9 +125,7 @@ pub fn load(path: &Path) -> Result<NpzSplit> {
     let xs = read_real(&mut arc, path, "xcoords")?;
     let ys = read_real(&mut arc, path, "ycoords")?;
     let centres = match (xs, ys) {
-        (Some((_, x)), Some((_, y))) if x.len() == count && y.len() == count => {
-            Some(y.iter().zip(&x).map(|(&r, &c)| (r as f64, c as f64)).collect())
-        }
+        (Some((_, x)), Some((_, y))) if x.len() == count && y.len() == count => Some(y.iter().zip(&x).map(|(&r, &c)| (r as f64, c as f64)).collect()),
         (Some(_), Some(_)) => return Err(bad(path, "`xcoords`/`ycoords` do not have one entry per pattern")),
         _ => None,
     };
@@ -156,16 +143,7 @@ pub fn load(path: &Path) -> Result<NpzSplit> {
     check(&diffraction, "diffraction")?;
     check(&y_i, "Y_I")?;
     check(&y_phi, "Y_phi")?;
-    Ok(NpzSplit {
-        n,
-        diffraction,
-        y_i,
-        y_phi,
-        probe,
-        ground_truth,
-        centres,
-        object_index,
-    })
+    Ok(NpzSplit { n, diffraction, y_i, y_phi, probe, ground_truth, centres, object_index })
 }
 
 /// np.savez's choice: no compression (deflating 300 MB of noisy floats costs far more than it saves).
@@ -175,10 +153,7 @@ fn stored() -> zip::write::FileOptions {
 
 /// Writes one split in the reference layout (plus coordinates) to `path`, and syncs it.
 pub fn save(path: &Path, s: &NpzSplit) -> Result<()> {
-    let werr = |e: std::io::Error| Error::Io {
-        path: path.display().to_string(),
-        source: e,
-    };
+    let werr = |e: std::io::Error| Error::Io { path: path.display().to_string(), source: e };
     let mut w = NpzWriter::create(path).map_err(werr)?;
     let (count, n) = (s.len() as u64, s.n as u64);
     let real = |w: &mut NpzWriter<_>, key: &str, shape: &[u64], v: &[f32]| -> std::io::Result<()> {

@@ -118,16 +118,11 @@ pub fn lines_object(size: usize, lines: usize, with_phase: bool, seed: u64) -> O
     let phase = if with_phase {
         let max = amp.iter().cloned().fold(f64::MIN, f64::max);
         let mean = amp.iter().sum::<f64>() / amp.len() as f64;
-        amp.iter()
-            .map(|&a| std::f64::consts::PI * ((a - max / 2.0) / (3.0 * mean)).tanh())
-            .collect()
+        amp.iter().map(|&a| std::f64::consts::PI * ((a - max / 2.0) / (3.0 * mean)).tanh()).collect()
     } else {
         vec![0.0; size * size]
     };
-    Object {
-        amplitude: Image { size, data: amp },
-        phase: Image { size, data: phase },
-    }
+    Object { amplitude: Image { size, data: amp }, phase: Image { size, data: phase } }
 }
 
 /// The synthetic probe [N, N] as (re, im) pairs.
@@ -154,9 +149,7 @@ pub fn probe(n: usize, radius_frac: f64, edge: f64, defocus: f64) -> Vec<[f64; 2
 /// Top-left corners of the N x N patches of an S x S object at a stride, row-major.
 pub fn patch_corners(size: usize, n: usize, stride: usize) -> Vec<(usize, usize)> {
     let per_axis = (size - n) / stride + 1;
-    (0..per_axis * per_axis)
-        .map(|k| ((k / per_axis) * stride, (k % per_axis) * stride))
-        .collect()
+    (0..per_axis * per_axis).map(|k| ((k / per_axis) * stride, (k % per_axis) * stride)).collect()
 }
 
 /// Patches of one object: (amplitude, phase) each [N * N].
@@ -178,10 +171,7 @@ pub fn cut(obj: &Object, corners: &[(usize, usize)], n: usize) -> (Vec<f64>, Vec
 pub fn intensity_scale(amp: &[f64], probe: &[[f64; 2]], nphotons: f64) -> f64 {
     let n2 = probe.len();
     let count = amp.len() / n2;
-    let total: f64 = amp
-        .chunks(n2)
-        .map(|y| y.iter().zip(probe).map(|(a, p)| a * a * (p[0] * p[0] + p[1] * p[1])).sum::<f64>())
-        .sum();
+    let total: f64 = amp.chunks(n2).map(|y| y.iter().zip(probe).map(|(a, p)| a * a * (p[0] * p[0] + p[1] * p[1])).sum::<f64>()).sum();
     let photons = if nphotons > 0.0 { nphotons } else { 1.0 };
     (photons / (total / count as f64)).sqrt()
 }
@@ -208,11 +198,7 @@ pub fn diffract(amp: &[f64], phase: &[f64], probe: &[[f64; 2]], n: usize, s: f64
                 // fftshift: the zero frequency lands at (N/2, N/2).
                 let z = field[r * n + c] / n as f64;
                 let intensity = z.norm_sqr();
-                let counted = if noisy && intensity > 0.0 {
-                    Poisson::new(intensity).map(|p| p.sample(&mut rng)).unwrap_or(intensity)
-                } else {
-                    intensity
-                };
+                let counted = if noisy && intensity > 0.0 { Poisson::new(intensity).map(|p| p.sample(&mut rng)).unwrap_or(intensity) } else { intensity };
                 o[((r + half) % n) * n + (c + half) % n] = counted.sqrt() / s;
             }
         }
@@ -251,9 +237,7 @@ pub fn simulate(cfg: &DataConfig) -> (SimSplit, SimSplit, Vec<[f64; 2]>, f64) {
     let n = cfg.n;
     let p = probe(n, cfg.probe_radius, cfg.probe_edge, cfg.probe_defocus);
     let make = |count: usize, stride: usize, tag: u64| {
-        let objects: Vec<Object> = (0..count)
-            .map(|i| lines_object(cfg.object_size, cfg.lines, cfg.phase, cfg.seed ^ (tag << 32) ^ i as u64))
-            .collect();
+        let objects: Vec<Object> = (0..count).map(|i| lines_object(cfg.object_size, cfg.lines, cfg.phase, cfg.seed ^ (tag << 32) ^ i as u64)).collect();
         let corners = patch_corners(cfg.object_size, n, stride);
         let mut amp = Vec::new();
         let mut ph = Vec::new();
@@ -273,18 +257,8 @@ pub fn simulate(cfg: &DataConfig) -> (SimSplit, SimSplit, Vec<[f64; 2]>, f64) {
     let split = |amp: Vec<f64>, ph: Vec<f64>, origin, objects, tag: u64| {
         let diffraction = diffract(&amp, &ph, &p, n, s, noisy, cfg.seed ^ (tag << 40));
         let n2 = n * n;
-        let y_i = amp
-            .iter()
-            .enumerate()
-            .map(|(k, a)| a * (p[k % n2][0].powi(2) + p[k % n2][1].powi(2)).sqrt())
-            .collect();
-        SimSplit {
-            diffraction,
-            y_i,
-            y_phi: ph,
-            origin,
-            objects,
-        }
+        let y_i = amp.iter().enumerate().map(|(k, a)| a * (p[k % n2][0].powi(2) + p[k % n2][1].powi(2)).sqrt()).collect();
+        SimSplit { diffraction, y_i, y_phi: ph, origin, objects }
     };
     let train = split(tr_amp, tr_ph, tr_org, tr_obj, 3);
     let test = split(te_amp, te_ph, te_org, te_obj, 4);
@@ -337,9 +311,7 @@ mod tests {
         let d = diffract(&amp, &ph, &p, n, s, false, 0);
         for k in 0..corners.len() {
             let e_d: f64 = d[k * n * n..(k + 1) * n * n].iter().map(|v| v * v).sum();
-            let e_o: f64 = (0..n * n)
-                .map(|px| amp[k * n * n + px].powi(2) * (p[px][0].powi(2) + p[px][1].powi(2)))
-                .sum();
+            let e_o: f64 = (0..n * n).map(|px| amp[k * n * n + px].powi(2) * (p[px][0].powi(2) + p[px][1].powi(2))).sum();
             assert!((e_d - e_o).abs() < 1e-9 * e_o.max(1.0), "{e_d} vs {e_o}");
         }
     }

@@ -78,11 +78,7 @@ pub fn ssim(a: &Canvas, b: &Canvas, data_range: f64) -> Result<f64> {
     if a.rows < 7 || a.cols < 7 {
         return Err(Error::invalid("ssim", "images must be at least 7 x 7"));
     }
-    let prod = |x: &Canvas, y: &Canvas| Canvas {
-        rows: x.rows,
-        cols: x.cols,
-        data: x.data.iter().zip(&y.data).map(|(p, q)| p * q).collect(),
-    };
+    let prod = |x: &Canvas, y: &Canvas| Canvas { rows: x.rows, cols: x.cols, data: x.data.iter().zip(&y.data).map(|(p, q)| p * q).collect() };
     let (ux, uy) = (uniform7(a), uniform7(b));
     let (uxx, uyy, uxy) = (uniform7(&prod(a, a)), uniform7(&prod(b, b)), uniform7(&prod(a, b)));
     let cov_norm = 49.0 / 48.0;
@@ -193,9 +189,7 @@ pub fn remove_plane(img: &Canvas) -> Canvas {
             det3(mi) / d
         })
         .collect();
-    let data = (0..img.rows * img.cols)
-        .map(|k| img.data[k] - (coef[0] + coef[1] * (k / img.cols) as f64 + coef[2] * (k % img.cols) as f64))
-        .collect();
+    let data = (0..img.rows * img.cols).map(|k| img.data[k] - (coef[0] + coef[1] * (k / img.cols) as f64 + coef[2] * (k % img.cols) as f64)).collect();
     Canvas { rows: img.rows, cols: img.cols, data }
 }
 
@@ -229,12 +223,8 @@ pub fn stitch(split: &NpzSplit, pred_amp: &[f64], pred_phase: &[f64]) -> Result<
     rows.dedup();
     let stride = rows.windows(2).map(|w| (w[1] - w[0]) as usize).min().unwrap_or(n).clamp(1, n);
     let half = stride / 2;
-    let (r_min, c_min) = mine.iter().fold((i64::MAX, i64::MAX), |(a, b), (_, c)| {
-        (a.min(c.0.round() as i64), b.min(c.1.round() as i64))
-    });
-    let (r_max, c_max) = mine.iter().fold((i64::MIN, i64::MIN), |(a, b), (_, c)| {
-        (a.max(c.0.round() as i64), b.max(c.1.round() as i64))
-    });
+    let (r_min, c_min) = mine.iter().fold((i64::MAX, i64::MAX), |(a, b), (_, c)| (a.min(c.0.round() as i64), b.min(c.1.round() as i64)));
+    let (r_max, c_max) = mine.iter().fold((i64::MIN, i64::MIN), |(a, b), (_, c)| (a.max(c.0.round() as i64), b.max(c.1.round() as i64)));
     let (top, left) = (r_min - half as i64, c_min - half as i64);
     let (h, w) = ((r_max - r_min) as usize + stride, (c_max - c_min) as usize + stride);
     if top < 0 || left < 0 || (top as usize + h) > *side || (left as usize + w) > *side {
@@ -261,12 +251,7 @@ pub fn stitch(split: &NpzSplit, pred_amp: &[f64], pred_phase: &[f64]) -> Result<
             gp.push((z[1] as f64).atan2(z[0] as f64));
         }
     }
-    Ok(Stitched {
-        pred_amp: Canvas::new(h, w, pa)?,
-        pred_phase: Canvas::new(h, w, pp)?,
-        gt_amp: Canvas::new(h, w, ga)?,
-        gt_phase: Canvas::new(h, w, gp)?,
-    })
+    Ok(Stitched { pred_amp: Canvas::new(h, w, pa)?, pred_phase: Canvas::new(h, w, pp)?, gt_amp: Canvas::new(h, w, ga)?, gt_phase: Canvas::new(h, w, gp)? })
 }
 
 /// The scores of one reconstruction.
@@ -288,20 +273,11 @@ pub struct Metrics {
 pub fn score(s: &Stitched) -> Result<(Metrics, Stitched)> {
     let pm = s.pred_amp.mean();
     let k = if pm.abs() > 0.0 { s.gt_amp.mean() / pm } else { 1.0 };
-    let amp = Canvas {
-        data: s.pred_amp.data.iter().map(|v| v * k).collect(),
-        ..s.pred_amp.clone()
-    };
-    let wrap_all = |c: Canvas| Canvas {
-        data: c.data.iter().map(|&v| wrap(v)).collect(),
-        ..c
-    };
+    let amp = Canvas { data: s.pred_amp.data.iter().map(|v| v * k).collect(), ..s.pred_amp.clone() };
+    let wrap_all = |c: Canvas| Canvas { data: c.data.iter().map(|&v| wrap(v)).collect(), ..c };
     let phase = wrap_all(remove_plane(&s.pred_phase));
     let gt_phase = wrap_all(remove_plane(&s.gt_phase));
-    let unit = |c: &Canvas| Canvas {
-        data: c.data.iter().map(|v| (v + std::f64::consts::PI) / std::f64::consts::TAU).collect(),
-        ..c.clone()
-    };
+    let unit = |c: &Canvas| Canvas { data: c.data.iter().map(|v| (v + std::f64::consts::PI) / std::f64::consts::TAU).collect(), ..c.clone() };
     let range = s.gt_amp.data.iter().cloned().fold(f64::MIN, f64::max) - s.gt_amp.data.iter().cloned().fold(f64::MAX, f64::min);
     let curve = frc(&s.gt_amp, &amp);
     let m = Metrics {
@@ -314,13 +290,5 @@ pub fn score(s: &Stitched) -> Result<(Metrics, Stitched)> {
         amp_frc50: frc_resolution(&curve, 0.5),
         amp_frc17: frc_resolution(&curve, 1.0 / 7.0),
     };
-    Ok((
-        m,
-        Stitched {
-            pred_amp: amp,
-            pred_phase: phase,
-            gt_amp: s.gt_amp.clone(),
-            gt_phase,
-        },
-    ))
+    Ok((m, Stitched { pred_amp: amp, pred_phase: phase, gt_amp: s.gt_amp.clone(), gt_phase }))
 }

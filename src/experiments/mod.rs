@@ -102,9 +102,7 @@ pub fn classify(s: &Summary, c: &Criteria) -> Option<(Failure, String)> {
         }
     }
     match s.final_val_loss {
-        Some(v) if v > c.max_val_loss || v.is_nan() => {
-            Some((Failure::ValLoss, format!("final validation loss {v:.4} > {}", c.max_val_loss)))
-        }
+        Some(v) if v > c.max_val_loss || v.is_nan() => Some((Failure::ValLoss, format!("final validation loss {v:.4} > {}", c.max_val_loss))),
         _ => None,
     }
 }
@@ -132,10 +130,7 @@ impl Arm {
                 Some((n, text)) => Arm { name: n.to_string(), overlay: text.to_string() },
                 None => {
                     let names: Vec<&str> = BUILTIN_ARMS.iter().map(|a| a.0).collect();
-                    return Err(Error::invalid(
-                        "arm",
-                        format!("no arm `{name}`: not a .toml file, not in configs/arms/, not built in ({})", names.join(", ")),
-                    ));
+                    return Err(Error::invalid("arm", format!("no arm `{name}`: not a .toml file, not in configs/arms/, not built in ({})", names.join(", "))));
                 }
             },
         };
@@ -375,16 +370,10 @@ fn run_one(spec: &RunSpec, dir: &Path, threads: usize) -> Result<Summary> {
     }
     fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.display().to_string(), source })?;
     let log_path = dir.join("train.log");
-    let mut log = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(|source| Error::Io { path: log_path.display().to_string(), source })?;
+    let mut log =
+        fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(|source| Error::Io { path: log_path.display().to_string(), source })?;
     let opts = RunOptions { out_dir: dir.to_path_buf(), resume, stop_after_epochs: None, progress: false, preset: Some(spec.name.clone()) };
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .map_err(|e| Error::invalid("sweep", format!("cannot start a thread pool: {e}")))?;
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(|e| Error::invalid("sweep", format!("cannot start a thread pool: {e}")))?;
     pool.install(|| train::train(&spec.config, &opts, &mut |m| drop(writeln!(log, "{m}"))))
 }
 

@@ -69,8 +69,7 @@ pub fn groups(plan: &Plan, results: &[RunResult]) -> Vec<Group> {
         for arm in &plan.arms {
             let rs: Vec<&RunResult> = results.iter().filter(|r| r.arm == arm.name && r.depth == depth).collect();
             let done: Vec<&&RunResult> = rs.iter().filter(|r| r.finished).collect();
-            let failing: Vec<(u64, Failure, String)> =
-                rs.iter().filter_map(|r| Some((r.seed, r.failure?, r.reason.clone().unwrap_or_default()))).collect();
+            let failing: Vec<(u64, Failure, String)> = rs.iter().filter_map(|r| Some((r.seed, r.failure?, r.reason.clone().unwrap_or_default()))).collect();
             out.push(Group {
                 arm: arm.name.clone(),
                 depth,
@@ -190,19 +189,10 @@ pub fn write(plan: &Plan, opts: &SweepOptions, outcome: &SweepOutcome) -> Result
         let _ = writeln!(md, "**Incomplete:** {} of {} runs have ended; run the same command again to continue.\n", results.len(), outcome.planned);
     }
     let _ = writeln!(md, "- Scale (base config): {}.", scale_line(&base));
-    let _ = writeln!(
-        md,
-        "- Depths {:?}, seeds {:?} (each seed sets model.seed and train.seed; the data is the same for all).",
-        plan.depths, plan.seeds
-    );
+    let _ = writeln!(md, "- Depths {:?}, seeds {:?} (each seed sets model.seed and train.seed; the data is the same for all).", plan.depths, plan.seeds);
     for a in &plan.arms {
-        let fields: Vec<String> = a
-            .overlay
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with('['))
-            .map(String::from)
-            .collect();
+        let fields: Vec<String> =
+            a.overlay.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with('[')).map(String::from).collect();
         let _ = writeln!(md, "- Arm `{}`: {}.", a.name, fields.join(", "));
     }
     let _ = writeln!(
@@ -277,7 +267,10 @@ pub fn write(plan: &Plan, opts: &SweepOptions, outcome: &SweepOutcome) -> Result
         );
     }
     let _ = writeln!(md, "\n## Runs\n");
-    let _ = writeln!(md, "| run | outcome | epochs | spikes | non-finite steps | best val loss | final val loss | amp SSIM | phase SSIM | amp MAE | parameters | time (s) |");
+    let _ = writeln!(
+        md,
+        "| run | outcome | epochs | spikes | non-finite steps | best val loss | final val loss | amp SSIM | phase SSIM | amp MAE | parameters | time (s) |"
+    );
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in results {
         let outcome = match (&r.failure, &r.reason) {

@@ -61,11 +61,7 @@ pub fn plan_levels(cfg: &ModelConfig, n: usize) -> Vec<LevelSpec> {
                 Transition::Same
             }
         });
-        levels.push(LevelSpec {
-            resolution: r,
-            width: c,
-            next,
-        });
+        levels.push(LevelSpec { resolution: r, width: c, next });
         if next == Some(Transition::Down) {
             r /= 2;
             c = (2 * c).min(cfg.max_channels);
@@ -230,7 +226,9 @@ impl DecoderLevel {
 pub enum ParamRole {
     /// A weight whose output units lie along `unit_axis` (0 for conv, 1 for conv-transpose and
     /// spectral weights).
-    Weight { unit_axis: usize },
+    Weight {
+        unit_axis: usize,
+    },
     Bias,
     /// LayerScale and normalisation gains and shifts.
     Gain,
@@ -305,11 +303,7 @@ impl Builder<'_> {
     /// conv weight [out, in, k, k] and bias, fan_in = in k k.
     fn conv(&mut self, prefix: &str, c_in: usize, c_out: usize, k: usize) -> Result<Conv> {
         let bound = 1.0 / ((c_in * k * k) as f64).sqrt();
-        let (wr, br) = if prefix == "head" {
-            (ParamRole::Head, ParamRole::Head)
-        } else {
-            (ParamRole::Weight { unit_axis: 0 }, ParamRole::Bias)
-        };
+        let (wr, br) = if prefix == "head" { (ParamRole::Head, ParamRole::Head) } else { (ParamRole::Weight { unit_axis: 0 }, ParamRole::Bias) };
         Ok(Conv {
             w: self.uniform(format!("{prefix}.weight"), Shape::new([c_out, c_in, k, k]), bound, wr)?,
             b: self.uniform(format!("{prefix}.bias"), Shape::new([c_out]), bound, br)?,
@@ -320,12 +314,7 @@ impl Builder<'_> {
     fn conv_transpose(&mut self, prefix: &str, c_in: usize, c_out: usize, k: usize) -> Result<Conv> {
         let bound = 1.0 / ((c_out * k * k) as f64).sqrt();
         Ok(Conv {
-            w: self.uniform(
-                format!("{prefix}.weight"),
-                Shape::new([c_in, c_out, k, k]),
-                bound,
-                ParamRole::Weight { unit_axis: 1 },
-            )?,
+            w: self.uniform(format!("{prefix}.weight"), Shape::new([c_in, c_out, k, k]), bound, ParamRole::Weight { unit_axis: 1 })?,
             b: self.uniform(format!("{prefix}.bias"), Shape::new([c_out]), bound, ParamRole::Bias)?,
         })
     }
@@ -363,17 +352,7 @@ impl Builder<'_> {
                 norm_b = Some(self.constant(format!("{prefix}.norm.bias"), cs, 0.0)?);
             }
         }
-        Ok(Block {
-            kind: cfg.block,
-            prenorm: cfg.prenorm,
-            eps: cfg.norm_eps,
-            modes,
-            spectral,
-            conv,
-            scale,
-            norm_w,
-            norm_b,
-        })
+        Ok(Block { kind: cfg.block, prenorm: cfg.prenorm, eps: cfg.norm_eps, modes, spectral, conv, scale, norm_w, norm_b })
     }
 
     fn take_count(&mut self) -> usize {
@@ -389,24 +368,11 @@ impl Generator {
             return Err(crate::error::Error::invalid("model", "in_channels must be at least 1"));
         }
         let levels = plan_levels(cfg, n);
-        let mut b = Builder {
-            store: ParamStore::new(),
-            dev,
-            dtype,
-            seed: cfg.seed ^ 0x9e37_79b9_7f4a_7c15,
-            counted: 0,
-            roles: Vec::new(),
-        };
+        let mut b = Builder { store: ParamStore::new(), dev, dtype, seed: cfg.seed ^ 0x9e37_79b9_7f4a_7c15, counted: 0, roles: Vec::new() };
         let mut table = Vec::new();
         let w = cfg.width;
         let lifter = (b.conv("lifter.0", in_channels, w, 3)?, b.conv("lifter.2", w, w, 3)?);
-        table.push(TableRow {
-            part: "lifter".into(),
-            resolution: n,
-            width: w,
-            modes: None,
-            params: b.take_count(),
-        });
+        table.push(TableRow { part: "lifter".into(), resolution: n, width: w, modes: None, params: b.take_count() });
         let kept = |modes: usize, r: usize| {
             let m = SpectralModes::new(modes, cfg.mode_convention.into());
             (m.kept_rows(r).len(), m.kept_cols(r))
@@ -424,11 +390,14 @@ impl Generator {
             };
             encoder.push(EncoderLevel { block, next });
             table.push(TableRow {
-                part: format!("encoder.{i}{}", match l.next {
-                    Some(Transition::Down) => " + down 2x2/2",
-                    Some(Transition::Same) => " + same 3x3",
-                    None => "",
-                }),
+                part: format!(
+                    "encoder.{i}{}",
+                    match l.next {
+                        Some(Transition::Down) => " + down 2x2/2",
+                        Some(Transition::Same) => " + same 3x3",
+                        None => "",
+                    }
+                ),
                 resolution: l.resolution,
                 width: l.width,
                 modes: Some(kept(cfg.modes, l.resolution)),
@@ -455,27 +424,11 @@ impl Generator {
             };
             let conv1 = b.conv(&format!("decoder.{j}.conv1"), 2 * l.width, l.width, 3)?;
             let conv2 = b.conv(&format!("decoder.{j}.conv2"), l.width, l.width, 3)?;
-            decoder.push(DecoderLevel {
-                up: (tr, up),
-                conv1,
-                conv2,
-            });
-            table.push(TableRow {
-                part: format!("decoder.{j}"),
-                resolution: l.resolution,
-                width: l.width,
-                modes: None,
-                params: b.take_count(),
-            });
+            decoder.push(DecoderLevel { up: (tr, up), conv1, conv2 });
+            table.push(TableRow { part: format!("decoder.{j}"), resolution: l.resolution, width: l.width, modes: None, params: b.take_count() });
         }
         let head = b.conv("head", w, 2 * in_channels, 1)?;
-        table.push(TableRow {
-            part: "head".into(),
-            resolution: n,
-            width: 2 * in_channels,
-            modes: None,
-            params: b.take_count(),
-        });
+        table.push(TableRow { part: "head".into(), resolution: n, width: 2 * in_channels, modes: None, params: b.take_count() });
         Ok(Generator {
             config: cfg.clone(),
             n,
@@ -562,9 +515,7 @@ impl Generator {
             traced(&mut part);
         }
         let bottleneck = self.bottleneck;
-        h = segment(t, policy, self.encoder.len(), &[&h], move |t, v| Ok(vec![bottleneck.forward(t, &v[0], lp)?]))?
-            .pop()
-            .ok_or_else(missing)?;
+        h = segment(t, policy, self.encoder.len(), &[&h], move |t, v| Ok(vec![bottleneck.forward(t, &v[0], lp)?]))?.pop().ok_or_else(missing)?;
         traced(&mut part);
         for level in &self.decoder {
             let skip = skips.pop().ok_or_else(missing)?;
@@ -588,30 +539,14 @@ impl Generator {
     pub fn describe(&self) -> String {
         let mut s = String::new();
         let bytes = |p: usize| p * 4;
-        let _ = writeln!(
-            s,
-            "{:<28} {:>10} {:>7} {:>12} {:>12} {:>12}",
-            "part", "resolution", "width", "kept modes", "parameters", "bytes (f32)"
-        );
+        let _ = writeln!(s, "{:<28} {:>10} {:>7} {:>12} {:>12} {:>12}", "part", "resolution", "width", "kept modes", "parameters", "bytes (f32)");
         for r in &self.table {
             let modes = r.modes.map_or("-".to_string(), |(a, b)| format!("{a} x {b}"));
-            let _ = writeln!(
-                s,
-                "{:<28} {:>10} {:>7} {:>12} {:>12} {:>12}",
-                r.part,
-                format!("{0}x{0}", r.resolution),
-                r.width,
-                modes,
-                r.params,
-                bytes(r.params)
-            );
+            let _ =
+                writeln!(s, "{:<28} {:>10} {:>7} {:>12} {:>12} {:>12}", r.part, format!("{0}x{0}", r.resolution), r.width, modes, r.params, bytes(r.params));
         }
         let total = self.num_params();
-        let _ = writeln!(
-            s,
-            "{:<28} {:>10} {:>7} {:>12} {:>12} {:>12}",
-            "total", "", "", "", total, bytes(total)
-        );
+        let _ = writeln!(s, "{:<28} {:>10} {:>7} {:>12} {:>12} {:>12}", "total", "", "", "", total, bytes(total));
         let _ = writeln!(
             s,
             "widths <= max_channels ({}): {}; parameters count real scalars (a complex spectral weight counts 2)",

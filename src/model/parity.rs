@@ -20,10 +20,7 @@ use crate::error::{Error, Result};
 use crate::tensor::{DType, Shape, Tensor};
 
 fn bad(path: &Path, why: impl Into<String>) -> Error {
-    Error::BadFile {
-        path: path.display().to_string(),
-        why: why.into(),
-    }
+    Error::BadFile { path: path.display().to_string(), why: why.into() }
 }
 
 /// Runs one batch and writes the parity file; returns the loss.
@@ -67,39 +64,16 @@ pub fn grad_to_file(cfg: &Config, weights_path: &Path, batch_path: &Path, out_pa
     let yp = t.constant(y_phi);
     let out = g.forward(&mut t, &x)?;
     let sp = physics::scaled_probe(&probe, &cfg.loss)?;
-    let targets = physics::Targets {
-        diffraction: &x,
-        y_i: &yi,
-        y_phi: &yp,
-    };
+    let targets = physics::Targets { diffraction: &x, y_i: &yi, y_phi: &yp };
     let loss = physics::loss(&mut t, &cfg.loss, &out, &targets, &sp)?;
     let loss_value = loss.value().reshape(Shape::scalar())?;
     let output = out.value().clone();
     let grads = t.backward(&loss)?;
 
-    let mut named = vec![
-        Named {
-            name: "loss".into(),
-            tensor: &loss_value,
-            complex: false,
-        },
-        Named {
-            name: "output".into(),
-            tensor: &output,
-            complex: false,
-        },
-    ];
-    let zeros: Vec<Tensor> = g
-        .params
-        .iter()
-        .map(|(_, _, v)| Tensor::zeros(v.shape().clone(), v.dtype(), v.device()))
-        .collect::<Result<_>>()?;
+    let mut named = vec![Named { name: "loss".into(), tensor: &loss_value, complex: false }, Named { name: "output".into(), tensor: &output, complex: false }];
+    let zeros: Vec<Tensor> = g.params.iter().map(|(_, _, v)| Tensor::zeros(v.shape().clone(), v.dtype(), v.device())).collect::<Result<_>>()?;
     for (id, name, _) in g.params.iter() {
-        named.push(Named {
-            name: format!("grad.{name}"),
-            tensor: grads.param(id).unwrap_or(&zeros[id.0]),
-            complex: weights::is_complex_param(name),
-        });
+        named.push(Named { name: format!("grad.{name}"), tensor: grads.param(id).unwrap_or(&zeros[id.0]), complex: weights::is_complex_param(name) });
     }
     let mut meta = BTreeMap::new();
     meta.insert("loss_kind".to_string(), format!("{:?}", cfg.loss.kind));

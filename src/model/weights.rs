@@ -24,17 +24,11 @@ pub struct Named<'a> {
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.display().to_string(),
-        source,
-    }
+    move |source| Error::Io { path: path.display().to_string(), source }
 }
 
 fn bad(path: &Path, why: impl Into<String>) -> Error {
-    Error::BadFile {
-        path: path.display().to_string(),
-        why: why.into(),
-    }
+    Error::BadFile { path: path.display().to_string(), why: why.into() }
 }
 
 /// Whether a parameter is a complex spectral weight.
@@ -90,12 +84,7 @@ pub fn to_bytes(tensors: &[Named], metadata: Option<BTreeMap<String, String>>) -
             shape.pop();
             match dtype {
                 Dtype::F32 => Dtype::C64,
-                other => {
-                    return Err(Error::invalid(
-                        "safetensors",
-                        format!("complex `{}` must be f32 (complex64), not {other:?}", n.name),
-                    ))
-                }
+                other => return Err(Error::invalid("safetensors", format!("complex `{}` must be f32 (complex64), not {other:?}", n.name))),
             }
         } else {
             dtype
@@ -105,9 +94,7 @@ pub fn to_bytes(tensors: &[Named], metadata: Option<BTreeMap<String, String>>) -
     let views = raw
         .iter()
         .map(|(name, dt, shape, bytes)| {
-            TensorView::new(*dt, shape.clone(), bytes)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| Error::invalid("safetensors", e.to_string()))
+            TensorView::new(*dt, shape.clone(), bytes).map(|v| (name.clone(), v)).map_err(|e| Error::invalid("safetensors", e.to_string()))
         })
         .collect::<Result<Vec<_>>>()?;
     safetensors::serialize(views, metadata.map(|m| m.into_iter().collect())).map_err(|e| Error::invalid("safetensors", e.to_string()))
@@ -146,24 +133,11 @@ pub fn load_tensors(path: &Path) -> Result<BTreeMap<String, Loaded>> {
                 (f32s(data).collect(), true)
             }
             Dtype::F64 => (data.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect(), false),
-            Dtype::F16 => (
-                data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64()).collect(),
-                false,
-            ),
-            Dtype::BF16 => (
-                data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64()).collect(),
-                false,
-            ),
+            Dtype::F16 => (data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64()).collect(), false),
+            Dtype::BF16 => (data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64()).collect(), false),
             other => return Err(bad(path, format!("tensor `{name}` has unsupported dtype {other:?}"))),
         };
-        out.insert(
-            name,
-            Loaded {
-                values,
-                shape: Shape::new(shape),
-                complex,
-            },
-        );
+        out.insert(name, Loaded { values, shape: Shape::new(shape), complex });
     }
     Ok(out)
 }
@@ -174,14 +148,7 @@ fn f32s(data: &[u8]) -> impl Iterator<Item = f64> + '_ {
 
 /// Saves a parameter store under its names (spectral weights as complex64).
 pub fn save_params(path: &Path, store: &ParamStore, metadata: Option<BTreeMap<String, String>>) -> Result<()> {
-    let named: Vec<Named> = store
-        .iter()
-        .map(|(_, name, t)| Named {
-            name: name.to_string(),
-            tensor: t,
-            complex: is_complex_param(name),
-        })
-        .collect();
+    let named: Vec<Named> = store.iter().map(|(_, name, t)| Named { name: name.to_string(), tensor: t, complex: is_complex_param(name) }).collect();
     save_tensors(path, &named, metadata)
 }
 
@@ -192,14 +159,9 @@ pub fn load_params(path: &Path, store: &mut ParamStore) -> Result<()> {
     let mut file = load_tensors(path)?;
     let mut updates = Vec::with_capacity(store.len());
     for (id, name, t) in store.iter() {
-        let l = file
-            .remove(name)
-            .ok_or_else(|| bad(path, format!("parameter `{name}` is missing")))?;
+        let l = file.remove(name).ok_or_else(|| bad(path, format!("parameter `{name}` is missing")))?;
         if l.complex != is_complex_param(name) {
-            return Err(bad(
-                path,
-                format!("`{name}` must be {}", if is_complex_param(name) { "complex64" } else { "real" }),
-            ));
+            return Err(bad(path, format!("`{name}` must be {}", if is_complex_param(name) { "complex64" } else { "real" })));
         }
         if &l.shape != t.shape() {
             return Err(bad(path, format!("`{name}` has shape {} but the model needs {}", l.shape, t.shape())));

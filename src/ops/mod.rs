@@ -10,8 +10,7 @@ mod spectral_conv;
 
 pub use conv::{conv2d, conv_transpose2d};
 pub use elementwise::{
-    abs, add, add_scalar, channel_scale, concat_channels, div_scalar, gelu, layerscale, log, mul, mul_scalar, scale,
-    round_to, sqrt, square, sub, wrap_angle,
+    abs, add, add_scalar, channel_scale, concat_channels, div_scalar, gelu, layerscale, log, mul, mul_scalar, round_to, scale, sqrt, square, sub, wrap_angle,
 };
 pub use loss::{global_norm, mae, mae_over_detached_mean, mean, mse, rel_l2, sum, sum_sq};
 pub use norm::{instance_norm, layer_norm, norm, rms_norm};

@@ -49,11 +49,7 @@ pub fn spectral_mix(tape: &mut Tape, xh: &Var, w: &Var, modes: SpectralModes) ->
 /// irfft2(mix(rfft2(x))) to [B, C_out, H, W]. No bias.
 pub fn spectral_conv(tape: &mut Tape, x: &Var, w: &Var, modes: SpectralModes) -> Result<Var> {
     if x.value().rank() != 4 {
-        return Err(crate::error::Error::bad_shape(
-            "spectral_conv",
-            x.shape(),
-            "input must be [B, C, H, W]",
-        ));
+        return Err(crate::error::Error::bad_shape("spectral_conv", x.shape(), "input must be [B, C, H, W]"));
     }
     let width = x.dims()[3];
     let xh = rfft2(tape, x)?;

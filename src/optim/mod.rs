@@ -26,12 +26,7 @@ pub struct Optimizer {
 
 impl Optimizer {
     pub fn new(kind: OptimizerKind, params: &ParamStore) -> Optimizer {
-        Optimizer {
-            kind,
-            m: vec![None; params.len()],
-            v: vec![None; params.len()],
-            updates: 0,
-        }
+        Optimizer { kind, m: vec![None; params.len()], v: vec![None; params.len()], updates: 0 }
     }
 
     /// One update of every parameter that has a gradient; `grad_scale` multiplies each gradient.
@@ -192,12 +187,7 @@ pub struct Schedule {
 
 impl Schedule {
     pub fn new(total_updates: u64) -> Self {
-        Schedule {
-            total_updates: total_updates.max(1),
-            factor: 1.0,
-            best_val: None,
-            bad_epochs: 0,
-        }
+        Schedule { total_updates: total_updates.max(1), factor: 1.0, best_val: None, bad_epochs: 0 }
     }
 
     /// The rate of update number `u` (0-based).

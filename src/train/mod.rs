@@ -104,10 +104,7 @@ pub struct Summary {
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.display().to_string(),
-        source,
-    }
+    move |source| Error::Io { path: path.display().to_string(), source }
 }
 
 /// An evenly spaced subset of 0..n of size k (all when k is 0 or at least n).
@@ -140,19 +137,13 @@ fn checkpoint_tensors<'a>(params: &'a ParamStore, opt: &'a Optimizer) -> Vec<Nam
 
 fn save_checkpoint(path: &Path, params: &ParamStore, opt: &Optimizer, state: &TrainState) -> Result<()> {
     let mut meta = BTreeMap::new();
-    meta.insert(
-        "fnokern_state".to_string(),
-        serde_json::to_string(state).map_err(|e| Error::invalid("checkpoint", e.to_string()))?,
-    );
+    meta.insert("fnokern_state".to_string(), serde_json::to_string(state).map_err(|e| Error::invalid("checkpoint", e.to_string()))?);
     weights::save_tensors(path, &checkpoint_tensors(params, opt), Some(meta))
 }
 
 /// Reads a checkpoint into fresh parameter and optimiser values; nothing is changed on error.
 fn load_checkpoint(path: &Path, params: &ParamStore, opt_kind: crate::config::OptimizerKind) -> Result<(ParamStore, Optimizer, TrainState)> {
-    let bad = |why: String| Error::BadFile {
-        path: path.display().to_string(),
-        why,
-    };
+    let bad = |why: String| Error::BadFile { path: path.display().to_string(), why };
     let bytes = fs::read(path).map_err(io_err(path))?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a checkpoint (corrupt or truncated): {e}")))?;
     let state: TrainState = header
@@ -306,19 +297,12 @@ fn evaluate(g: &Generator, cfg: &Config, split: &NpzSplit, dev: &Device, dir: &P
 
 fn plots(dir: &Path, records: &[serde_json::Value]) -> Result<()> {
     let pts = |kind: &str, x: &str, y: &str| -> Vec<(f64, f64)> {
-        records
-            .iter()
-            .filter(|r| r["kind"] == kind)
-            .filter_map(|r| Some((r[x].as_f64()?, r[y].as_f64()?)))
-            .collect()
+        records.iter().filter(|r| r["kind"] == kind).filter_map(|r| Some((r[x].as_f64()?, r[y].as_f64()?))).collect()
     };
     use plotters::style::RGBColor;
     let (blue, red, green) = (RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44));
-    let val: Vec<(f64, f64)> = records
-        .iter()
-        .filter(|r| r["kind"] == "epoch")
-        .filter_map(|r| Some((r["steps_end"].as_f64()?, r["val_loss"].as_f64()?)))
-        .collect();
+    let val: Vec<(f64, f64)> =
+        records.iter().filter(|r| r["kind"] == "epoch").filter_map(|r| Some((r["steps_end"].as_f64()?, r["val_loss"].as_f64()?))).collect();
     plot::lines(
         &dir.join("loss.png"),
         "loss",
@@ -368,17 +352,11 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
     // The device first: a GPU that is not there fails before anything is written.
     let dev = Device::of_kind(cfg.train.device_kind()?)?;
     let dir = &opts.out_dir;
-    fs::create_dir_all(dir.join("checkpoints")).map_err(|source| Error::Io {
-        path: format!("cannot create the run directory {}", dir.display()),
-        source,
-    })?;
+    fs::create_dir_all(dir.join("checkpoints")).map_err(|source| Error::Io { path: format!("cannot create the run directory {}", dir.display()), source })?;
     let metrics_path = dir.join("metrics.jsonl");
     let last_path = dir.join("checkpoints/last.safetensors");
     if !opts.resume && (metrics_path.exists() || last_path.exists()) {
-        return Err(Error::invalid(
-            "train",
-            format!("{} already holds a run: continue it with --resume, or choose another --out", dir.display()),
-        ));
+        return Err(Error::invalid("train", format!("{} already holds a run: continue it with --resume, or choose another --out", dir.display())));
     }
     let config_toml = toml::to_string(cfg).map_err(|e| Error::invalid("train", e.to_string()))?;
 
@@ -440,10 +418,8 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
         say(&format!("resumed from {} after epoch {} (step {})", last_path.display(), state.epochs_done, state.steps));
     }
     weights::write_atomic(&dir.join("config.toml"), config_toml.as_bytes())?;
-    let mut log = MetricsLog {
-        file: OpenOptions::new().create(true).append(true).open(&metrics_path).map_err(io_err(&metrics_path))?,
-        path: metrics_path.clone(),
-    };
+    let mut log =
+        MetricsLog { file: OpenOptions::new().create(true).append(true).open(&metrics_path).map_err(io_err(&metrics_path))?, path: metrics_path.clone() };
     say(&format!(
         "training: {} parameters, {} train / {} validation patterns, batch {}, {} epochs, {} micro-batches per epoch",
         g.num_params(),
@@ -461,8 +437,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
     let bar = if opts.progress {
         let pb = indicatif::ProgressBar::new(total_steps);
         pb.set_style(
-            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps  {msg}  eta {eta}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps  {msg}  eta {eta}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         pb.set_position(state.steps);
         Some(pb)
@@ -492,16 +467,16 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
                     b.diffraction = Tensor::full(f64::NAN, b.diffraction.shape().clone(), DType::F32, &dev)?;
                 }
                 let mut rec = json!({"kind": "step", "step": step, "epoch": epoch, "lr": lr});
-            if let Some(sc) = &state.scaler {
-                rec["loss_scale"] = json!(sc.scale);
-            }
+                if let Some(sc) = &state.scaler {
+                    rec["loss_scale"] = json!(sc.scale);
+                }
                 let outcome: &str = 'step: {
                     if !is_finite_tensor(&b.diffraction)? {
                         break 'step "skipped_bad_input";
                     }
                     let mut t = Tape::with_params(&g.params);
                     let nan_forward = cfg.faults.nan_forward_steps.contains(&step);
-                let (mut loss, _) = batch_loss(&mut t, &g, cfg, &b, &sprobe, aux_w, nan_forward)?;
+                    let (mut loss, _) = batch_loss(&mut t, &g, cfg, &b, &sprobe, aux_w, nan_forward)?;
                     if cfg.faults.spike_steps.contains(&step) {
                         loss = ops::scale(&mut t, &loss, cfg.faults.spike_scale)?;
                     }
@@ -511,8 +486,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
                         break 'step "skipped_nonfinite_loss";
                     }
                     let w = &state.window;
-                    let spike = w.len() >= 3.min(cfg.train.spike_window)
-                        && lv > cfg.train.spike_factor * w.iter().sum::<f64>() / w.len() as f64;
+                    let spike = w.len() >= 3.min(cfg.train.spike_window) && lv > cfg.train.spike_factor * w.iter().sum::<f64>() / w.len() as f64;
                     if spike {
                         match cfg.train.spike_action {
                             SpikeAction::Log => {}
@@ -530,14 +504,14 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
                         }
                     }
                     // fp16: back-propagate the scaled loss so that small gradients survive rounding.
-                let loss_scale = state.scaler.as_ref().map(|s| s.scale);
-                let grads = match loss_scale {
-                    Some(s) => {
-                        let scaled = ops::scale(&mut t, &loss, s)?;
-                        t.backward(&scaled)?.into_params()
-                    }
-                    None => t.backward(&loss)?.into_params(),
-                };
+                    let loss_scale = state.scaler.as_ref().map(|s| s.scale);
+                    let grads = match loss_scale {
+                        Some(s) => {
+                            let scaled = ops::scale(&mut t, &loss, s)?;
+                            t.backward(&scaled)?.into_params()
+                        }
+                        None => t.backward(&loss)?.into_params(),
+                    };
                     if acc.is_empty() {
                         acc = grads;
                     } else {
@@ -597,10 +571,10 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
                 rec["outcome"] = json!(outcome);
                 *state.outcomes.entry(outcome.to_string()).or_default() += 1;
                 // An overflow above the scale's floor is loss scaling working as meant, not a failure.
-            let failed = matches!(
-                outcome,
-                "skipped_bad_input" | "skipped_nonfinite_loss" | "skipped_nonfinite_grad" | "overflow_at_floor" | "spike_skipped" | "rolled_back"
-            );
+                let failed = matches!(
+                    outcome,
+                    "skipped_bad_input" | "skipped_nonfinite_loss" | "skipped_nonfinite_grad" | "overflow_at_floor" | "spike_skipped" | "rolled_back"
+                );
                 state.consecutive_failures = if failed { state.consecutive_failures + 1 } else { 0 };
                 log.write(&rec)?;
                 records.push(rec);

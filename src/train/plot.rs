@@ -19,10 +19,7 @@ fn fonts() {
 }
 
 fn plot_err(path: &Path) -> impl Fn(String) -> Error + '_ {
-    move |why| Error::BadFile {
-        path: path.display().to_string(),
-        why: format!("cannot draw the plot: {why}"),
-    }
+    move |why| Error::BadFile { path: path.display().to_string(), why: format!("cannot draw the plot: {why}") }
 }
 
 /// One named series of (x, y) points.
@@ -38,20 +35,11 @@ pub fn lines(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[S
 }
 
 /// [`lines`] plus `marks`: a labelled red cross at each point (e.g. where a failed run stopped).
-pub fn lines_marked(
-    path: &Path,
-    title: &str,
-    x_label: &str,
-    y_label: &str,
-    series: &[Series],
-    marks: &[(f64, f64)],
-    log_y: bool,
-) -> Result<()> {
+pub fn lines_marked(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series], marks: &[(f64, f64)], log_y: bool) -> Result<()> {
     fonts();
     let e = plot_err(path);
     let keep = |p: &&(f64, f64)| p.0.is_finite() && p.1.is_finite() && (!log_y || p.1 > 0.0);
-    let pts: Vec<(f64, f64)> =
-        series.iter().flat_map(|s| s.points.iter().filter(keep).copied()).chain(marks.iter().filter(keep).copied()).collect();
+    let pts: Vec<(f64, f64)> = series.iter().flat_map(|s| s.points.iter().filter(keep).copied()).chain(marks.iter().filter(keep).copied()).collect();
     let root = BitMapBackend::new(path, (900, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
     if pts.is_empty() {
@@ -80,9 +68,7 @@ pub fn lines_marked(
                 let data: Vec<(f64, f64)> = s.points.iter().filter(keep).copied().collect();
                 let color = s.color;
                 if data.len() < 40 {
-                    chart
-                        .draw_series(data.iter().map(|&p| Circle::new(p, 3, color.filled())))
-                        .map_err(|x| e(x.to_string()))?;
+                    chart.draw_series(data.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(|x| e(x.to_string()))?;
                 }
                 chart
                     .draw_series(LineSeries::new(data, color.stroke_width(2)))
@@ -145,9 +131,7 @@ pub fn bars(path: &Path, title: &str, y_label: &str, bars: &[(String, f64, Strin
     for (i, (name, v, label)) in bars.iter().enumerate() {
         let x = i as f64;
         let color = if *v > 0.0 { red } else { blue };
-        chart
-            .draw_series(std::iter::once(Rectangle::new([(x + 0.2, 0.0), (x + 0.8, v.clamp(0.0, 1.0))], color.filled())))
-            .map_err(|x| e(x.to_string()))?;
+        chart.draw_series(std::iter::once(Rectangle::new([(x + 0.2, 0.0), (x + 0.8, v.clamp(0.0, 1.0))], color.filled()))).map_err(|x| e(x.to_string()))?;
         chart
             .draw_series([
                 Text::new(name.clone(), (x + 0.15, v.clamp(0.0, 1.0) + 0.09), ("sans-serif", 14)),
@@ -172,12 +156,7 @@ pub fn images(path: &Path, title: &str, panels: &[(&str, &Canvas)]) -> Result<()
     for (name, c) in panels {
         let (lo, hi) = c.data.iter().filter(|v| v.is_finite()).fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
         let span = if hi > lo { hi - lo } else { 1.0 };
-        root.draw(&Text::new(
-            format!("{name} [{lo:.3}, {hi:.3}]"),
-            (x0, 40),
-            ("sans-serif", 14),
-        ))
-        .map_err(|x| e(x.to_string()))?;
+        root.draw(&Text::new(format!("{name} [{lo:.3}, {hi:.3}]"), (x0, 40), ("sans-serif", 14))).map_err(|x| e(x.to_string()))?;
         for r in 0..c.rows {
             for col in 0..c.cols {
                 let v = c.data[r * c.cols + col];
@@ -185,8 +164,7 @@ pub fn images(path: &Path, title: &str, panels: &[(&str, &Canvas)]) -> Result<()
                 let px = RGBColor(g, g, g);
                 for dy in 0..scale {
                     for dx in 0..scale {
-                        root.draw_pixel((x0 + (col as u32 * scale + dx) as i32, 65 + (r as u32 * scale + dy) as i32), &px)
-                            .map_err(|x| e(x.to_string()))?;
+                        root.draw_pixel((x0 + (col as u32 * scale + dx) as i32, 65 + (r as u32 * scale + dy) as i32), &px).map_err(|x| e(x.to_string()))?;
                     }
                 }
             }

@@ -8,9 +8,9 @@
 //! pack:  [B, 2C, S] (real channels, then imaginary) <-> [B, C, S, 2].
 
 #[allow(unused_imports)]
-use num_traits::{Float as _, One as _, Zero as _};
-#[allow(unused_imports)]
 use crate::tensor::Element as _;
+#[allow(unused_imports)]
+use num_traits::{Float as _, One as _, Zero as _};
 use rayon::prelude::*;
 use rustfft::{num_complex::Complex, FftPlanner};
 
@@ -33,17 +33,14 @@ pub(super) fn mul(z: &Tensor, p: &Tensor, conj: bool, y: &mut Tensor) -> Result<
         if plane == 0 {
             return Ok(());
         }
-        y.as_mut_slice::<T>()?
-            .par_chunks_mut(plane)
-            .zip(zs.par_chunks(plane))
-            .for_each(|(yp, zp)| {
-                for k in 0..h * w {
-                    let (a, b) = (zp[2 * k], zp[2 * k + 1]);
-                    let (c, d) = (ps[2 * k], sign * ps[2 * k + 1]);
-                    yp[2 * k] = a * c - b * d;
-                    yp[2 * k + 1] = a * d + b * c;
-                }
-            });
+        y.as_mut_slice::<T>()?.par_chunks_mut(plane).zip(zs.par_chunks(plane)).for_each(|(yp, zp)| {
+            for k in 0..h * w {
+                let (a, b) = (zp[2 * k], zp[2 * k + 1]);
+                let (c, d) = (ps[2 * k], sign * ps[2 * k + 1]);
+                yp[2 * k] = a * c - b * d;
+                yp[2 * k + 1] = a * d + b * c;
+            }
+        });
         Ok(())
     })
 }
@@ -53,46 +50,40 @@ pub(super) fn fft2(z: &Tensor, inverse: bool, scale: f64, y: &mut Tensor) -> Res
     let plane = 2 * h * w;
     with_float!(z.dtype(), "fft2", |T| {
         let mut planner = FftPlanner::<T>::new();
-        let (row, col) = if inverse {
-            (planner.plan_fft_inverse(w), planner.plan_fft_inverse(h))
-        } else {
-            (planner.plan_fft_forward(w), planner.plan_fft_forward(h))
-        };
+        let (row, col) =
+            if inverse { (planner.plan_fft_inverse(w), planner.plan_fft_inverse(h)) } else { (planner.plan_fft_forward(w), planner.plan_fft_forward(h)) };
         let zs = z.as_slice::<T>()?;
         let s = T::of_f64(scale);
         if plane == 0 {
             return Ok(());
         }
-        y.as_mut_slice::<T>()?
-            .par_chunks_mut(plane)
-            .zip(zs.par_chunks(plane))
-            .for_each_init(
-                || {
-                    let n = row.get_inplace_scratch_len().max(col.get_inplace_scratch_len());
-                    (vec![Complex::<T>::default(); h * w], vec![Complex::<T>::default(); h], vec![Complex::<T>::default(); n])
-                },
-                |(buf, colbuf, scratch), (yp, zp)| {
-                    for (k, v) in buf.iter_mut().enumerate() {
-                        *v = Complex::new(zp[2 * k], zp[2 * k + 1]);
-                    }
+        y.as_mut_slice::<T>()?.par_chunks_mut(plane).zip(zs.par_chunks(plane)).for_each_init(
+            || {
+                let n = row.get_inplace_scratch_len().max(col.get_inplace_scratch_len());
+                (vec![Complex::<T>::default(); h * w], vec![Complex::<T>::default(); h], vec![Complex::<T>::default(); n])
+            },
+            |(buf, colbuf, scratch), (yp, zp)| {
+                for (k, v) in buf.iter_mut().enumerate() {
+                    *v = Complex::new(zp[2 * k], zp[2 * k + 1]);
+                }
+                for r in 0..h {
+                    row.process_with_scratch(&mut buf[r * w..(r + 1) * w], scratch);
+                }
+                for c in 0..w {
                     for r in 0..h {
-                        row.process_with_scratch(&mut buf[r * w..(r + 1) * w], scratch);
+                        colbuf[r] = buf[r * w + c];
                     }
-                    for c in 0..w {
-                        for r in 0..h {
-                            colbuf[r] = buf[r * w + c];
-                        }
-                        col.process_with_scratch(colbuf, scratch);
-                        for r in 0..h {
-                            buf[r * w + c] = colbuf[r];
-                        }
+                    col.process_with_scratch(colbuf, scratch);
+                    for r in 0..h {
+                        buf[r * w + c] = colbuf[r];
                     }
-                    for (k, v) in buf.iter().enumerate() {
-                        yp[2 * k] = v.re * s;
-                        yp[2 * k + 1] = v.im * s;
-                    }
-                },
-            );
+                }
+                for (k, v) in buf.iter().enumerate() {
+                    yp[2 * k] = v.re * s;
+                    yp[2 * k + 1] = v.im * s;
+                }
+            },
+        );
         Ok(())
     })
 }
@@ -108,19 +99,16 @@ pub(super) fn roll2d(x: &Tensor, sh: usize, sw: usize, complex: bool, y: &mut Te
         if plane == 0 {
             return Ok(());
         }
-        y.as_mut_slice::<T>()?
-            .par_chunks_mut(plane)
-            .zip(xs.par_chunks(plane))
-            .for_each(|(yp, xp)| {
-                for i in 0..h {
-                    let oi = (i + sh) % h;
-                    for j in 0..w {
-                        let oj = (j + sw) % w;
-                        let (src, dst) = ((i * w + j) * inner, (oi * w + oj) * inner);
-                        yp[dst..dst + inner].copy_from_slice(&xp[src..src + inner]);
-                    }
+        y.as_mut_slice::<T>()?.par_chunks_mut(plane).zip(xs.par_chunks(plane)).for_each(|(yp, xp)| {
+            for i in 0..h {
+                let oi = (i + sh) % h;
+                for j in 0..w {
+                    let oj = (j + sw) % w;
+                    let (src, dst) = ((i * w + j) * inner, (oi * w + oj) * inner);
+                    yp[dst..dst + inner].copy_from_slice(&xp[src..src + inner]);
                 }
-            });
+            }
+        });
         Ok(())
     })
 }
@@ -128,14 +116,11 @@ pub(super) fn roll2d(x: &Tensor, sh: usize, sw: usize, complex: bool, y: &mut Te
 pub(super) fn abs(z: &Tensor, y: &mut Tensor) -> Result<()> {
     with_float!(z.dtype(), "complex_abs", |T| {
         let zs = z.as_slice::<T>()?;
-        y.as_mut_slice::<T>()?
-            .par_chunks_mut(CHUNK)
-            .zip(zs.par_chunks(2 * CHUNK))
-            .for_each(|(yc, zc)| {
-                for (k, v) in yc.iter_mut().enumerate() {
-                    *v = zc[2 * k].hypot(zc[2 * k + 1]);
-                }
-            });
+        y.as_mut_slice::<T>()?.par_chunks_mut(CHUNK).zip(zs.par_chunks(2 * CHUNK)).for_each(|(yc, zc)| {
+            for (k, v) in yc.iter_mut().enumerate() {
+                *v = zc[2 * k].hypot(zc[2 * k + 1]);
+            }
+        });
         Ok(())
     })
 }
@@ -143,22 +128,19 @@ pub(super) fn abs(z: &Tensor, y: &mut Tensor) -> Result<()> {
 pub(super) fn abs_bwd(z: &Tensor, dy: &Tensor, dz: &mut Tensor) -> Result<()> {
     with_float!(z.dtype(), "complex_abs_bwd", |T| {
         let (zs, dys) = (z.as_slice::<T>()?, dy.as_slice::<T>()?);
-        dz.as_mut_slice::<T>()?
-            .par_chunks_mut(2 * CHUNK)
-            .zip(zs.par_chunks(2 * CHUNK).zip(dys.par_chunks(CHUNK)))
-            .for_each(|(dzc, (zc, dyc))| {
-                for (k, &g) in dyc.iter().enumerate() {
-                    let (re, im) = (zc[2 * k], zc[2 * k + 1]);
-                    let m = re.hypot(im);
-                    if m > T::zero() {
-                        dzc[2 * k] = g * re / m;
-                        dzc[2 * k + 1] = g * im / m;
-                    } else {
-                        dzc[2 * k] = T::zero();
-                        dzc[2 * k + 1] = T::zero();
-                    }
+        dz.as_mut_slice::<T>()?.par_chunks_mut(2 * CHUNK).zip(zs.par_chunks(2 * CHUNK).zip(dys.par_chunks(CHUNK))).for_each(|(dzc, (zc, dyc))| {
+            for (k, &g) in dyc.iter().enumerate() {
+                let (re, im) = (zc[2 * k], zc[2 * k + 1]);
+                let m = re.hypot(im);
+                if m > T::zero() {
+                    dzc[2 * k] = g * re / m;
+                    dzc[2 * k + 1] = g * im / m;
+                } else {
+                    dzc[2 * k] = T::zero();
+                    dzc[2 * k + 1] = T::zero();
                 }
-            });
+            }
+        });
         Ok(())
     })
 }
@@ -166,14 +148,11 @@ pub(super) fn abs_bwd(z: &Tensor, dy: &Tensor, dz: &mut Tensor) -> Result<()> {
 pub(super) fn angle(z: &Tensor, y: &mut Tensor) -> Result<()> {
     with_float!(z.dtype(), "complex_angle", |T| {
         let zs = z.as_slice::<T>()?;
-        y.as_mut_slice::<T>()?
-            .par_chunks_mut(CHUNK)
-            .zip(zs.par_chunks(2 * CHUNK))
-            .for_each(|(yc, zc)| {
-                for (k, v) in yc.iter_mut().enumerate() {
-                    *v = zc[2 * k + 1].atan2(zc[2 * k]);
-                }
-            });
+        y.as_mut_slice::<T>()?.par_chunks_mut(CHUNK).zip(zs.par_chunks(2 * CHUNK)).for_each(|(yc, zc)| {
+            for (k, v) in yc.iter_mut().enumerate() {
+                *v = zc[2 * k + 1].atan2(zc[2 * k]);
+            }
+        });
         Ok(())
     })
 }
@@ -181,22 +160,19 @@ pub(super) fn angle(z: &Tensor, y: &mut Tensor) -> Result<()> {
 pub(super) fn angle_bwd(z: &Tensor, dy: &Tensor, dz: &mut Tensor) -> Result<()> {
     with_float!(z.dtype(), "complex_angle_bwd", |T| {
         let (zs, dys) = (z.as_slice::<T>()?, dy.as_slice::<T>()?);
-        dz.as_mut_slice::<T>()?
-            .par_chunks_mut(2 * CHUNK)
-            .zip(zs.par_chunks(2 * CHUNK).zip(dys.par_chunks(CHUNK)))
-            .for_each(|(dzc, (zc, dyc))| {
-                for (k, &g) in dyc.iter().enumerate() {
-                    let (re, im) = (zc[2 * k], zc[2 * k + 1]);
-                    let m2 = re * re + im * im;
-                    if m2 > T::zero() {
-                        dzc[2 * k] = -g * im / m2;
-                        dzc[2 * k + 1] = g * re / m2;
-                    } else {
-                        dzc[2 * k] = T::zero();
-                        dzc[2 * k + 1] = T::zero();
-                    }
+        dz.as_mut_slice::<T>()?.par_chunks_mut(2 * CHUNK).zip(zs.par_chunks(2 * CHUNK).zip(dys.par_chunks(CHUNK))).for_each(|(dzc, (zc, dyc))| {
+            for (k, &g) in dyc.iter().enumerate() {
+                let (re, im) = (zc[2 * k], zc[2 * k + 1]);
+                let m2 = re * re + im * im;
+                if m2 > T::zero() {
+                    dzc[2 * k] = -g * im / m2;
+                    dzc[2 * k + 1] = g * re / m2;
+                } else {
+                    dzc[2 * k] = T::zero();
+                    dzc[2 * k + 1] = T::zero();
                 }
-            });
+            }
+        });
         Ok(())
     })
 }

@@ -6,9 +6,9 @@
 //! A 1x1 kernel with stride 1 and no padding uses x_b itself as its columns.
 
 #[allow(unused_imports)]
-use num_traits::{Float as _, One as _, Zero as _};
-#[allow(unused_imports)]
 use crate::tensor::Element as _;
+#[allow(unused_imports)]
+use num_traits::{Float as _, One as _, Zero as _};
 use rayon::prelude::*;
 
 use super::{gemm, with_float, Float, Mat};
@@ -32,17 +32,7 @@ struct Geom {
 
 impl Geom {
     fn new(x_dims: &[usize], w_dims: &[usize], out_dims: &[usize], p: Conv2dParams) -> Geom {
-        Geom {
-            c: x_dims[1],
-            h: x_dims[2],
-            w: x_dims[3],
-            kh: w_dims[2],
-            kw: w_dims[3],
-            ho: out_dims[2],
-            wo: out_dims[3],
-            stride: p.stride,
-            pad: p.padding,
-        }
+        Geom { c: x_dims[1], h: x_dims[2], w: x_dims[3], kh: w_dims[2], kw: w_dims[3], ho: out_dims[2], wo: out_dims[3], stride: p.stride, pad: p.padding }
     }
     fn k(&self) -> usize {
         self.c * self.kh * self.kw
@@ -126,9 +116,7 @@ pub(super) fn conv2d_fwd(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: Conv2dPa
             };
             gemm(Mat::new(ws, c_out, g.k()), Mat::new(cols_b, g.k(), hw), yb, T::zero())?;
             if let Some(bias) = bias {
-                yb.par_chunks_mut(hw.max(1))
-                    .zip(bias.par_iter())
-                    .for_each(|(plane, &bv)| plane.iter_mut().for_each(|v| *v += bv));
+                yb.par_chunks_mut(hw.max(1)).zip(bias.par_iter()).for_each(|(plane, &bv)| plane.iter_mut().for_each(|v| *v += bv));
             }
         }
         Ok(())

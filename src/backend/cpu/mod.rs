@@ -11,9 +11,9 @@ mod optim;
 mod spectral;
 
 #[allow(unused_imports)]
-use num_traits::{Float as _, One as _, Zero as _};
-#[allow(unused_imports)]
 use crate::tensor::Element as _;
+#[allow(unused_imports)]
+use num_traits::{Float as _, One as _, Zero as _};
 use rayon::prelude::*;
 
 use super::{AdamStep, Backend, Binary, Conv2dParams, NormKind, Reduce, SgdStep, Unary, Units};
@@ -101,18 +101,10 @@ pub(crate) struct Mat<'a, T> {
 
 impl<'a, T> Mat<'a, T> {
     pub fn new(data: &'a [T], rows: usize, cols: usize) -> Self {
-        Mat {
-            data,
-            rows,
-            cols,
-            transposed: false,
-        }
+        Mat { data, rows, cols, transposed: false }
     }
     pub fn t(self) -> Self {
-        Mat {
-            transposed: !self.transposed,
-            ..self
-        }
+        Mat { transposed: !self.transposed, ..self }
     }
     /// (rows, cols, row stride, column stride) of the operand as used.
     fn view(&self) -> (usize, usize, isize, isize) {
@@ -129,33 +121,13 @@ pub(crate) fn gemm<T: Float>(a: Mat<T>, b: Mat<T>, c: &mut [T], beta: T) -> Resu
     let (m, k, rsa, csa) = a.view();
     let (k2, n, rsb, csb) = b.view();
     if k != k2 || a.data.len() < a.rows * a.cols || b.data.len() < b.rows * b.cols || c.len() < m * n {
-        return Err(Error::invalid(
-            "gemm",
-            format!("operands do not fit: [{m}x{k}] x [{k2}x{n}] into {} places", c.len()),
-        ));
+        return Err(Error::invalid("gemm", format!("operands do not fit: [{m}x{k}] x [{k2}x{n}] into {} places", c.len())));
     }
     if m == 0 || n == 0 {
         return Ok(());
     }
     // SAFETY: the checks above bound every index the strides can reach.
-    unsafe {
-        T::gemm_raw(
-            m,
-            k,
-            n,
-            T::one(),
-            a.data.as_ptr(),
-            rsa,
-            csa,
-            b.data.as_ptr(),
-            rsb,
-            csb,
-            beta,
-            c.as_mut_ptr(),
-            n as isize,
-            1,
-        )
-    }
+    unsafe { T::gemm_raw(m, k, n, T::one(), a.data.as_ptr(), rsa, csa, b.data.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), n as isize, 1) }
     Ok(())
 }
 
@@ -171,11 +143,7 @@ macro_rules! with_float {
                 type $T = f64;
                 $body
             }
-            other => Err(Error::UnsupportedDType {
-                op: $op,
-                dtype: other,
-                why: "the CPU computes in f32 or f64",
-            }),
+            other => Err(Error::UnsupportedDType { op: $op, dtype: other, why: "the CPU computes in f32 or f64" }),
         }
     };
 }
@@ -226,28 +194,21 @@ fn unary_df(op: Unary, x: f64) -> f64 {
 
 /// y[i] = f(i-th elements) in parallel pieces.
 fn map1<T: Float>(x: &[T], y: &mut [T], f: impl Fn(T) -> T + Sync) {
-    y.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(yc, xc)| yc.iter_mut().zip(xc).for_each(|(y, &x)| *y = f(x)));
+    y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(yc, xc)| yc.iter_mut().zip(xc).for_each(|(y, &x)| *y = f(x)));
 }
 
 fn map2<T: Float>(a: &[T], b: &[T], y: &mut [T], f: impl Fn(T, T) -> T + Sync) {
-    y.par_chunks_mut(CHUNK)
-        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-        .for_each(|(yc, (ac, bc))| {
-            for ((y, &a), &b) in yc.iter_mut().zip(ac).zip(bc) {
-                *y = f(a, b)
-            }
-        });
+    y.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(|(yc, (ac, bc))| {
+        for ((y, &a), &b) in yc.iter_mut().zip(ac).zip(bc) {
+            *y = f(a, b)
+        }
+    });
 }
 
 /// sum_i f(a_i, b_i) in f64: fixed pieces summed in order, so the result does not depend on threads.
 pub(crate) fn sum_pairs<T: Float>(a: &[T], b: &[T], f: impl Fn(f64, f64) -> f64 + Sync) -> f64 {
-    let parts: Vec<f64> = a
-        .par_chunks(CHUNK)
-        .zip(b.par_chunks(CHUNK))
-        .map(|(ac, bc)| ac.iter().zip(bc).map(|(&a, &b)| f(a.as_f64(), b.as_f64())).sum())
-        .collect();
+    let parts: Vec<f64> =
+        a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)).map(|(ac, bc)| ac.iter().zip(bc).map(|(&a, &b)| f(a.as_f64(), b.as_f64())).sum()).collect();
     parts.iter().sum()
 }
 
@@ -273,9 +234,7 @@ impl Backend for CpuBackend {
 
     fn unary_bwd(&self, op: Unary, x: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
         with_float!(x.dtype(), "unary_bwd", |T| {
-            map2(x.as_slice::<T>()?, dy.as_slice::<T>()?, dx.as_mut_slice::<T>()?, |x, g| {
-                T::of_f64(g.as_f64() * unary_df(op, x.as_f64()))
-            });
+            map2(x.as_slice::<T>()?, dy.as_slice::<T>()?, dx.as_mut_slice::<T>()?, |x, g| T::of_f64(g.as_f64() * unary_df(op, x.as_f64())));
             Ok(())
         })
     }
@@ -295,10 +254,7 @@ impl Backend for CpuBackend {
     fn add_assign(&self, acc: &mut Tensor, other: &Tensor) -> Result<()> {
         with_float!(acc.dtype(), "add_assign", |T| {
             let o = other.as_slice::<T>()?;
-            acc.as_mut_slice::<T>()?
-                .par_chunks_mut(CHUNK)
-                .zip(o.par_chunks(CHUNK))
-                .for_each(|(ac, oc)| ac.iter_mut().zip(oc).for_each(|(a, &o)| *a += o));
+            acc.as_mut_slice::<T>()?.par_chunks_mut(CHUNK).zip(o.par_chunks(CHUNK)).for_each(|(ac, oc)| ac.iter_mut().zip(oc).for_each(|(a, &o)| *a += o));
             Ok(())
         })
     }
@@ -308,10 +264,7 @@ impl Backend for CpuBackend {
         with_float!(y.dtype(), "add_channel_bias", |T| {
             let bias = bias.as_slice::<T>()?;
             if s > 0 {
-                y.as_mut_slice::<T>()?
-                    .par_chunks_mut(s)
-                    .enumerate()
-                    .for_each(|(i, plane)| plane.iter_mut().for_each(|v| *v += bias[i % c]));
+                y.as_mut_slice::<T>()?.par_chunks_mut(s).enumerate().for_each(|(i, plane)| plane.iter_mut().for_each(|v| *v += bias[i % c]));
             }
             Ok(())
         })
@@ -377,14 +330,10 @@ impl Backend for CpuBackend {
         with_float!(x.dtype(), "channel_scale", |T| {
             let (xs, l) = (x.as_slice::<T>()?, l.as_slice::<T>()?);
             if s > 0 {
-                y.as_mut_slice::<T>()?
-                    .par_chunks_mut(s)
-                    .zip(xs.par_chunks(s))
-                    .enumerate()
-                    .for_each(|(i, (yp, xp))| {
-                        let g = l[i % c];
-                        yp.iter_mut().zip(xp).for_each(|(y, &x)| *y = x * g);
-                    });
+                y.as_mut_slice::<T>()?.par_chunks_mut(s).zip(xs.par_chunks(s)).enumerate().for_each(|(i, (yp, xp))| {
+                    let g = l[i % c];
+                    yp.iter_mut().zip(xp).for_each(|(y, &x)| *y = x * g);
+                });
             }
             Ok(())
         })
@@ -424,16 +373,12 @@ impl Backend for CpuBackend {
         with_float!(x.dtype(), "layerscale_fwd", |T| {
             let (xs, bs, l) = (x.as_slice::<T>()?, branch.as_slice::<T>()?, l.as_slice::<T>()?);
             if s > 0 {
-                y.as_mut_slice::<T>()?
-                    .par_chunks_mut(s)
-                    .zip(xs.par_chunks(s).zip(bs.par_chunks(s)))
-                    .enumerate()
-                    .for_each(|(i, (yp, (xp, bp)))| {
-                        let g = l[i % c];
-                        for ((y, &x), &b) in yp.iter_mut().zip(xp).zip(bp) {
-                            *y = x + g * b;
-                        }
-                    });
+                y.as_mut_slice::<T>()?.par_chunks_mut(s).zip(xs.par_chunks(s).zip(bs.par_chunks(s))).enumerate().for_each(|(i, (yp, (xp, bp)))| {
+                    let g = l[i % c];
+                    for ((y, &x), &b) in yp.iter_mut().zip(xp).zip(bp) {
+                        *y = x + g * b;
+                    }
+                });
             }
             Ok(())
         })

@@ -8,9 +8,9 @@
 //!   dgamma[c] = sum dy xhat,  dbeta[c] = sum dy  (per-sample partials summed in sample order).
 
 #[allow(unused_imports)]
-use num_traits::{Float as _, One as _, Zero as _};
-#[allow(unused_imports)]
 use crate::tensor::Element as _;
+#[allow(unused_imports)]
+use num_traits::{Float as _, One as _, Zero as _};
 use rayon::prelude::*;
 
 use super::{bcs, with_float};
@@ -64,11 +64,7 @@ pub(super) fn fwd(
     rstd: &mut Tensor,
 ) -> Result<()> {
     let (_, c, s) = bcs(x);
-    let gr = Groups {
-        over_channels: kind.over_channels(),
-        c,
-        s,
-    };
+    let gr = Groups { over_channels: kind.over_channels(), c, s };
     let (ng, n) = (gr.count(), gr.len());
     with_float!(x.dtype(), "norm_fwd", |T| {
         let xs = x.as_slice::<T>()?;
@@ -80,17 +76,10 @@ pub(super) fn fwd(
         if block == 0 || ng == 0 {
             return Ok(());
         }
-        y.as_mut_slice::<T>()?
-            .par_chunks_mut(block)
-            .zip(xs.par_chunks(block))
-            .zip(ms.par_chunks_mut(ng).zip(rs.par_chunks_mut(ng)))
-            .for_each(|((yb, xb), (mb, rb))| {
+        y.as_mut_slice::<T>()?.par_chunks_mut(block).zip(xs.par_chunks(block)).zip(ms.par_chunks_mut(ng).zip(rs.par_chunks_mut(ng))).for_each(
+            |((yb, xb), (mb, rb))| {
                 for g in 0..ng {
-                    let mu = if kind.centres() {
-                        (0..n).map(|j| xb[gr.at(g, j).0].as_f64()).sum::<f64>() / n as f64
-                    } else {
-                        0.0
-                    };
+                    let mu = if kind.centres() { (0..n).map(|j| xb[gr.at(g, j).0].as_f64()).sum::<f64>() / n as f64 } else { 0.0 };
                     let var = (0..n)
                         .map(|j| {
                             let d = xb[gr.at(g, j).0].as_f64() - mu;
@@ -113,7 +102,8 @@ pub(super) fn fwd(
                         yb[k] = T::of_f64(v);
                     }
                 }
-            });
+            },
+        );
         Ok(())
     })
 }
@@ -131,11 +121,7 @@ pub(super) fn bwd(
     dbeta: Option<&mut Tensor>,
 ) -> Result<()> {
     let (_, c, s) = bcs(x);
-    let gr = Groups {
-        over_channels: kind.over_channels(),
-        c,
-        s,
-    };
+    let gr = Groups { over_channels: kind.over_channels(), c, s };
     let (ng, n) = (gr.count(), gr.len());
     let block = c * s;
     if block == 0 || ng == 0 {
@@ -182,9 +168,7 @@ pub(super) fn bwd(
                 part
             })
             .collect();
-        let total = |off: usize| -> Vec<f64> {
-            (0..c).map(|ch| partials.iter().map(|p| p[off + ch]).sum()).collect()
-        };
+        let total = |off: usize| -> Vec<f64> { (0..c).map(|ch| partials.iter().map(|p| p[off + ch]).sum()).collect() };
         if let Some(dg) = dgamma {
             for (o, v) in dg.as_mut_slice::<T>()?.iter_mut().zip(total(0)) {
                 *o = T::of_f64(v);

@@ -8,11 +8,11 @@
 use num_traits::{Float as _, One as _, Zero as _};
 use rayon::prelude::*;
 
-#[allow(unused_imports)]
-use crate::tensor::Element as _;
 use super::{with_float, CHUNK};
 use crate::backend::{AdamStep, SgdStep, Units};
 use crate::error::{Error, Result};
+#[allow(unused_imports)]
+use crate::tensor::Element as _;
 use crate::tensor::{DType, Tensor};
 
 pub(super) fn adam(p: &mut Tensor, g: &Tensor, m: &mut Tensor, v: &mut Tensor, h: &AdamStep) -> Result<()> {
@@ -22,11 +22,8 @@ pub(super) fn adam(p: &mut Tensor, g: &Tensor, m: &mut Tensor, v: &mut Tensor, h
         let gs = g.as_slice::<T>()?;
         let ms = m.as_mut_slice::<T>()?;
         let vs = v.as_mut_slice::<T>()?;
-        p.as_mut_slice::<T>()?
-            .par_chunks_mut(CHUNK)
-            .zip(gs.par_chunks(CHUNK))
-            .zip(ms.par_chunks_mut(CHUNK).zip(vs.par_chunks_mut(CHUNK)))
-            .for_each(|((pc, gc), (mc, vc))| {
+        p.as_mut_slice::<T>()?.par_chunks_mut(CHUNK).zip(gs.par_chunks(CHUNK)).zip(ms.par_chunks_mut(CHUNK).zip(vs.par_chunks_mut(CHUNK))).for_each(
+            |((pc, gc), (mc, vc))| {
                 for i in 0..pc.len() {
                     let mut pv = pc[i].as_f64();
                     let mut gv = h.grad_scale * gc[i].as_f64();
@@ -42,7 +39,8 @@ pub(super) fn adam(p: &mut Tensor, g: &Tensor, m: &mut Tensor, v: &mut Tensor, h
                     pv -= h.lr * (mv / bc1) / ((vv / bc2).sqrt() + h.eps);
                     pc[i] = T::of_f64(pv);
                 }
-            });
+            },
+        );
         Ok(())
     })
 }
@@ -74,14 +72,11 @@ pub(super) fn sgd(p: &mut Tensor, g: &Tensor, buf: Option<&mut Tensor>, h: &SgdS
             *pv = T::of_f64(x - h.lr * step);
         };
         match bs {
-            Some(bs) => ps
-                .par_chunks_mut(CHUNK)
-                .zip(gs.par_chunks(CHUNK).zip(bs.par_chunks_mut(CHUNK)))
-                .for_each(|(pc, (gc, bc))| {
-                    for i in 0..pc.len() {
-                        update(&mut pc[i], gc[i], Some(&mut bc[i]));
-                    }
-                }),
+            Some(bs) => ps.par_chunks_mut(CHUNK).zip(gs.par_chunks(CHUNK).zip(bs.par_chunks_mut(CHUNK))).for_each(|(pc, (gc, bc))| {
+                for i in 0..pc.len() {
+                    update(&mut pc[i], gc[i], Some(&mut bc[i]));
+                }
+            }),
             None => ps.par_chunks_mut(CHUNK).zip(gs.par_chunks(CHUNK)).for_each(|(pc, gc)| {
                 for i in 0..pc.len() {
                     update(&mut pc[i], gc[i], None);
@@ -105,9 +100,7 @@ pub(super) fn agc(w: &Tensor, g: &mut Tensor, units: Units, lambda: f64, eps: f6
             (0..n_units)
                 .into_par_iter()
                 .map(|u| {
-                    (0..pre)
-                        .map(|a| xs[(a * n_units + u) * post..(a * n_units + u + 1) * post].iter().map(|v| v.as_f64().powi(2)).sum::<f64>())
-                        .sum::<f64>()
+                    (0..pre).map(|a| xs[(a * n_units + u) * post..(a * n_units + u + 1) * post].iter().map(|v| v.as_f64().powi(2)).sum::<f64>()).sum::<f64>()
                 })
                 .map(|v| T::of_f64(v).as_f64())
                 .collect()
@@ -130,10 +123,7 @@ pub(super) fn agc(w: &Tensor, g: &mut Tensor, units: Units, lambda: f64, eps: f6
             return Ok(());
         }
         let factors: Vec<T> = factors.into_iter().map(T::of_f64).collect();
-        g.as_mut_slice::<T>()?
-            .par_chunks_mut(post)
-            .enumerate()
-            .for_each(|(k, c)| c.iter_mut().for_each(|v| *v *= factors[k % n_units]));
+        g.as_mut_slice::<T>()?.par_chunks_mut(post).enumerate().for_each(|(k, c)| c.iter_mut().for_each(|v| *v *= factors[k % n_units]));
         Ok(())
     })
 }

@@ -14,9 +14,9 @@
 //!         columns, zero elsewhere; dX = sum_o dY conj(W); dW = sum_b conj(X) dY (in batch order).
 
 #[allow(unused_imports)]
-use num_traits::{Float as _, One as _, Zero as _};
-#[allow(unused_imports)]
 use crate::tensor::Element as _;
+#[allow(unused_imports)]
+use num_traits::{Float as _, One as _, Zero as _};
 use std::sync::Arc;
 
 use rayon::prelude::*;
@@ -51,12 +51,7 @@ impl<T: Float> Plans<T> {
     fn new(h: usize, w: usize) -> Self {
         let mut rp = RealFftPlanner::<T>::new();
         let mut cp = FftPlanner::<T>::new();
-        Plans {
-            r2c: rp.plan_fft_forward(w),
-            c2r: rp.plan_fft_inverse(w),
-            col_fwd: cp.plan_fft_forward(h),
-            col_inv: cp.plan_fft_inverse(h),
-        }
+        Plans { r2c: rp.plan_fft_forward(w), c2r: rp.plan_fft_inverse(w), col_fwd: cp.plan_fft_forward(h), col_inv: cp.plan_fft_inverse(h) }
     }
 }
 
@@ -77,12 +72,7 @@ impl<T: Float> Work<T> {
             .max(plans.c2r.get_scratch_len())
             .max(plans.col_fwd.get_inplace_scratch_len())
             .max(plans.col_inv.get_inplace_scratch_len());
-        Work {
-            spec: vec![Complex::default(); h * wh],
-            row: vec![T::zero(); w],
-            col: vec![Complex::default(); h],
-            scratch: vec![Complex::default(); s],
-        }
+        Work { spec: vec![Complex::default(); h * wh], row: vec![T::zero(); w], col: vec![Complex::default(); h], scratch: vec![Complex::default(); s] }
     }
 }
 
@@ -109,31 +99,22 @@ pub(super) fn rfft2(x: &Tensor, y: &mut Tensor, adjoint_of_inverse: bool) -> Res
         let plans = Plans::<T>::new(h, w);
         let xs = x.as_slice::<T>()?;
         let ys = y.as_mut_slice::<T>()?;
-        ys.par_chunks_mut(h * wh * 2)
-            .zip(xs.par_chunks(h * w))
-            .try_for_each_init(
-                || Work::new(h, w, &plans),
-                |work, (yp, xp)| -> Result<()> {
-                    for r in 0..h {
-                        work.row.copy_from_slice(&xp[r * w..(r + 1) * w]);
-                        plans
-                            .r2c
-                            .process_with_scratch(&mut work.row, &mut work.spec[r * wh..(r + 1) * wh], &mut work.scratch)
-                            .map_err(fft_err("rfft2"))?;
-                    }
-                    columns(plans.col_fwd.as_ref(), work, h, wh);
-                    for (i, z) in work.spec.iter().enumerate() {
-                        let s = if adjoint_of_inverse {
-                            T::of_f64(hermitian_weight(i % wh, w) / (h * w) as f64)
-                        } else {
-                            T::one()
-                        };
-                        yp[2 * i] = z.re * s;
-                        yp[2 * i + 1] = z.im * s;
-                    }
-                    Ok(())
-                },
-            )
+        ys.par_chunks_mut(h * wh * 2).zip(xs.par_chunks(h * w)).try_for_each_init(
+            || Work::new(h, w, &plans),
+            |work, (yp, xp)| -> Result<()> {
+                for r in 0..h {
+                    work.row.copy_from_slice(&xp[r * w..(r + 1) * w]);
+                    plans.r2c.process_with_scratch(&mut work.row, &mut work.spec[r * wh..(r + 1) * wh], &mut work.scratch).map_err(fft_err("rfft2"))?;
+                }
+                columns(plans.col_fwd.as_ref(), work, h, wh);
+                for (i, z) in work.spec.iter().enumerate() {
+                    let s = if adjoint_of_inverse { T::of_f64(hermitian_weight(i % wh, w) / (h * w) as f64) } else { T::one() };
+                    yp[2 * i] = z.re * s;
+                    yp[2 * i + 1] = z.im * s;
+                }
+                Ok(())
+            },
+        )
     })
 }
 
@@ -148,32 +129,27 @@ pub(super) fn irfft2(z: &Tensor, y: &mut Tensor, adjoint_of_forward: bool) -> Re
         let zs = z.as_slice::<T>()?;
         let ys = y.as_mut_slice::<T>()?;
         let norm = if adjoint_of_forward { 1.0 } else { 1.0 / (h * w) as f64 };
-        ys.par_chunks_mut(h * w)
-            .zip(zs.par_chunks(h * wh * 2))
-            .try_for_each_init(
-                || Work::new(h, w, &plans),
-                |work, (yp, zp)| -> Result<()> {
-                    for (i, s) in work.spec.iter_mut().enumerate() {
-                        let k = if adjoint_of_forward { 1.0 / hermitian_weight(i % wh, w) } else { 1.0 };
-                        let k = T::of_f64(k * norm);
-                        *s = Complex::new(zp[2 * i] * k, zp[2 * i + 1] * k);
+        ys.par_chunks_mut(h * w).zip(zs.par_chunks(h * wh * 2)).try_for_each_init(
+            || Work::new(h, w, &plans),
+            |work, (yp, zp)| -> Result<()> {
+                for (i, s) in work.spec.iter_mut().enumerate() {
+                    let k = if adjoint_of_forward { 1.0 / hermitian_weight(i % wh, w) } else { 1.0 };
+                    let k = T::of_f64(k * norm);
+                    *s = Complex::new(zp[2 * i] * k, zp[2 * i + 1] * k);
+                }
+                columns(plans.col_inv.as_ref(), work, h, wh);
+                for r in 0..h {
+                    let row = &mut work.spec[r * wh..(r + 1) * wh];
+                    // c2r reads only the real part of the DC and Nyquist bins.
+                    row[0].im = T::zero();
+                    if w % 2 == 0 {
+                        row[wh - 1].im = T::zero();
                     }
-                    columns(plans.col_inv.as_ref(), work, h, wh);
-                    for r in 0..h {
-                        let row = &mut work.spec[r * wh..(r + 1) * wh];
-                        // c2r reads only the real part of the DC and Nyquist bins.
-                        row[0].im = T::zero();
-                        if w % 2 == 0 {
-                            row[wh - 1].im = T::zero();
-                        }
-                        plans
-                            .c2r
-                            .process_with_scratch(row, &mut yp[r * w..(r + 1) * w], &mut work.scratch)
-                            .map_err(fft_err("irfft2"))?;
-                    }
-                    Ok(())
-                },
-            )
+                    plans.c2r.process_with_scratch(row, &mut yp[r * w..(r + 1) * w], &mut work.scratch).map_err(fft_err("irfft2"))?;
+                }
+                Ok(())
+            },
+        )
     })
 }
 
@@ -194,14 +170,7 @@ struct MixDims {
 
 impl MixDims {
     fn new(spec: &[usize], w: &[usize]) -> Self {
-        MixDims {
-            h: spec[2],
-            wh: spec[3],
-            ci: w[0],
-            co: w[1],
-            r: w[2],
-            my: w[3],
-        }
+        MixDims { h: spec[2], wh: spec[3], ci: w[0], co: w[1], r: w[2], my: w[3] }
     }
     fn plane(&self) -> usize {
         self.h * self.wh * 2

@@ -152,13 +152,8 @@ impl Gpu {
             if batch == 1 {
                 blas.gemm(gemm, &b.data, &a.data, c).map_err(blas_err(OP))
             } else {
-                let cfg = StridedBatchedConfig {
-                    gemm,
-                    batch_size: int(OP, batch)?,
-                    stride_a: b.stride as i64,
-                    stride_b: a.stride as i64,
-                    stride_c: (m * n) as i64,
-                };
+                let cfg =
+                    StridedBatchedConfig { gemm, batch_size: int(OP, batch)?, stride_a: b.stride as i64, stride_b: a.stride as i64, stride_c: (m * n) as i64 };
                 blas.gemm_strided_batched(cfg, &b.data, &a.data, c).map_err(blas_err(OP))
             }
         }

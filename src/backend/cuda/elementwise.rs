@@ -43,8 +43,6 @@ impl Gpu {
         launched(name, unsafe { l.launch(elementwise_config(n)) })
     }
 
-
-
     /// y = f(x) for any unary op.
     pub fn unary(&self, op: Unary, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<()> {
         self.map("unary_f32", &[x], y, Some(unary_code(op)))
@@ -54,8 +52,6 @@ impl Gpu {
     pub fn unary_bwd(&self, op: Unary, x: &CudaSlice<f32>, dy: &CudaSlice<f32>, dx: &mut CudaSlice<f32>) -> Result<()> {
         self.map("unary_bwd_f32", &[x, dy], dx, Some(unary_code(op)))
     }
-
-
 
     pub fn binary(&self, op: Binary, a: &CudaSlice<f32>, b: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<()> {
         let code = match op {

@@ -7,7 +7,14 @@ use crate::error::Result;
 
 impl Gpu {
     /// x, br, y [B, C, S]; l [C].
-    pub fn layerscale_fwd(&self, x: &CudaSlice<f32>, br: &CudaSlice<f32>, l: &CudaSlice<f32>, y: &mut CudaSlice<f32>, bcs: (usize, usize, usize)) -> Result<()> {
+    pub fn layerscale_fwd(
+        &self,
+        x: &CudaSlice<f32>,
+        br: &CudaSlice<f32>,
+        l: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        bcs: (usize, usize, usize),
+    ) -> Result<()> {
         const OP: &str = "layerscale_fwd_f32";
         let (b, c, s) = bcs;
         for (name, buf) in [("x", x), ("br", br)] {

@@ -57,7 +57,17 @@ impl Gpu {
     /// Concat (`slice` false): dst[:, off .. off + Cs] = src; slice: dst = src[:, off .. off + Cd].
     /// src is [B, Cs, S] and dst [B, Cd, S].
     #[allow(clippy::too_many_arguments)]
-    pub fn copy_channels(&self, src: &CudaSlice<f32>, dst: &mut CudaSlice<f32>, b: usize, cs: usize, cd: usize, s: usize, off: usize, slice: bool) -> Result<()> {
+    pub fn copy_channels(
+        &self,
+        src: &CudaSlice<f32>,
+        dst: &mut CudaSlice<f32>,
+        b: usize,
+        cs: usize,
+        cd: usize,
+        s: usize,
+        off: usize,
+        slice: bool,
+    ) -> Result<()> {
         const OP: &str = "copy_channels_f32";
         check_len(OP, "src", src, b * cs * s)?;
         check_len(OP, "dst", dst, b * cd * s)?;

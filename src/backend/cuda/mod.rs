@@ -93,9 +93,7 @@ pub fn probe(ordinal: usize) -> Result<GpuInfo> {
     let ctx = context(ordinal)?;
     let mut driver_version = 0;
     // SAFETY: the driver is loaded (context() succeeded); the pointer is to a live i32.
-    unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver_version) }
-        .result()
-        .map_err(cuda_err("driver version"))?;
+    unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver_version) }.result().map_err(cuda_err("driver version"))?;
     let (free_bytes, total_bytes) = ctx.mem_get_info().map_err(cuda_err("memory info"))?;
     Ok(GpuInfo {
         ordinal,
@@ -136,10 +134,7 @@ impl Gpu {
     /// instead of returning to the driver at each synchronisation).
     pub fn shared(ordinal: usize) -> Result<Arc<Gpu>> {
         static OPENED: OnceLock<Mutex<HashMap<usize, Arc<Gpu>>>> = OnceLock::new();
-        let mut opened = OPENED
-            .get_or_init(Mutex::default)
-            .lock()
-            .map_err(|_| Error::invalid("cuda", "a thread panicked while opening a GPU"))?;
+        let mut opened = OPENED.get_or_init(Mutex::default).lock().map_err(|_| Error::invalid("cuda", "a thread panicked while opening a GPU"))?;
         if let Some(g) = opened.get(&ordinal) {
             return Ok(g.clone());
         }
@@ -226,16 +221,7 @@ impl Gpu {
             .load_module(cudarc::nvrtc::Ptx::from_binary(build_info::FATBIN.to_vec()))
             .map_err(cuda_err("loading the embedded fatbin (is the driver older than CUDA 13.0?)"))?;
         let stream = ctx.default_stream();
-        Ok(Gpu {
-            ctx,
-            stream,
-            module,
-            functions: Mutex::default(),
-            blas: OnceLock::new(),
-            ffts: Mutex::default(),
-            spectral_rows: Mutex::default(),
-            pool: None,
-        })
+        Ok(Gpu { ctx, stream, module, functions: Mutex::default(), blas: OnceLock::new(), ffts: Mutex::default(), spectral_rows: Mutex::default(), pool: None })
     }
 
     /// A kernel of the embedded fatbin by name (looked up once, then cached).
@@ -348,7 +334,10 @@ where
 }
 
 /// Maps a launch's driver error to one that names the kernel.
-pub(crate) fn launched(name: &'static str, r: std::result::Result<Option<(cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>, cudarc::driver::DriverError>) -> Result<()> {
+pub(crate) fn launched(
+    name: &'static str,
+    r: std::result::Result<Option<(cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>, cudarc::driver::DriverError>,
+) -> Result<()> {
     r.map(drop).map_err(cuda_err(name))
 }
 
