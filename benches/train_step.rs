@@ -10,9 +10,10 @@
 //! Throughput is in patterns per second.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use fnokern::config::{presets, CheckpointPolicy, Precision};
+use fnokern::config::{presets, CheckpointPolicy};
 use fnokern::plan::SyntheticStep;
 use fnokern::Device;
+use fnokern::Precision;
 
 fn step(c: &mut Criterion) {
     let mut g = c.benchmark_group("train_step_cpu_preset");

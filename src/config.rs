@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::ModeConvention;
 use crate::error::{Error, Result};
+use crate::tensor::Precision;
 
 /// The generator's residual block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,23 +97,6 @@ impl fmt::Display for CheckpointPolicy {
     }
 }
 
-/// Spectral mode convention as written in a config: `corners` or `positive`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Modes {
-    Corners,
-    Positive,
-}
-
-impl From<Modes> for ModeConvention {
-    fn from(m: Modes) -> Self {
-        match m {
-            Modes::Corners => ModeConvention::Corners,
-            Modes::Positive => ModeConvention::Positive,
-        }
-    }
-}
-
 /// `[model]`: the hybrid U-FNO generator.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -128,7 +112,7 @@ pub struct ModelConfig {
     /// A level halves the map only while the result stays at least this large.
     pub min_resolution: usize,
     /// Which spectral rows are kept: `corners` (both signs of kx) or `positive` (rows 0..m).
-    pub mode_convention: Modes,
+    pub mode_convention: ModeConvention,
     /// Residual block variant.
     pub block: BlockKind,
     /// Normalisation of `prenorm` blocks: `rms` or `layer`.
@@ -151,7 +135,7 @@ impl Default for ModelConfig {
             modes: 12,
             max_channels: 512,
             min_resolution: 4,
-            mode_convention: Modes::Corners,
+            mode_convention: ModeConvention::Corners,
             block: BlockKind::Ptycho,
             prenorm: PrenormKind::Rms,
             layerscale_init: None,
@@ -323,28 +307,6 @@ impl LossConfig {
             return Err(Error::invalid("loss config", format!("eps must be >= 0, got {}", self.eps)));
         }
         Ok(())
-    }
-}
-
-/// The precision of activations and GEMMs. Master weights, optimiser state, FFTs and the spectral
-/// multiply, norm statistics and the loss stay in fp32 whatever this says.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Precision {
-    #[default]
-    Fp32,
-    Bf16,
-    /// With dynamic loss scaling (the `loss_scale_*` fields).
-    Fp16,
-}
-
-impl fmt::Display for Precision {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Precision::Fp32 => "fp32",
-            Precision::Bf16 => "bf16",
-            Precision::Fp16 => "fp16",
-        })
     }
 }
 

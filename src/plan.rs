@@ -13,13 +13,14 @@
 
 use crate::autograd::Tape;
 use crate::backend;
-use crate::config::{CheckpointPolicy, Config, OptimizerKind, Precision, SpikeAction};
-use crate::data::physics;
+use crate::config::{CheckpointPolicy, Config, OptimizerKind, SpikeAction};
 use crate::device::Device;
 use crate::error::Result;
+use crate::loss;
 use crate::model::Generator;
 use crate::ops;
 use crate::optim::Optimizer;
+use crate::tensor::Precision;
 use crate::tensor::{DType, Tensor};
 
 /// One generator part's bytes.
@@ -134,7 +135,7 @@ impl SyntheticStep {
         drop(obs);
         let y_i = Tensor::zeros([b, 1, n, n], DType::F32, dev)?;
         let y_phi = Tensor::zeros([b, 1, n, n], DType::F32, dev)?;
-        let probe = physics::scaled_probe(&Tensor::full(1.0, [n, n, 2], DType::F32, dev)?, &cfg.loss)?;
+        let probe = loss::scaled_probe(&Tensor::full(1.0, [n, n, 2], DType::F32, dev)?, &cfg.loss)?;
         let batch = at() - before;
         Ok(SyntheticStep {
             cfg: cfg.clone(),
@@ -175,8 +176,8 @@ impl SyntheticStep {
             let start = at();
             marks.push(start);
             let out = self.g.forward_traced(&mut t, &x, &mut |_| marks.push(at()))?;
-            let targets = physics::Targets { diffraction: &x, y_i: &yi, y_phi: &yp };
-            let mut loss = physics::loss(&mut t, &cfg.loss, &out, &targets, &self.probe)?;
+            let targets = loss::Targets { diffraction: &x, y_i: &yi, y_phi: &yp };
+            let mut loss = loss::objective(&mut t, &cfg.loss, &out, &targets, &self.probe)?;
             drop(out);
             if cfg.train.precision == Precision::Fp16 {
                 loss = ops::scale(&mut t, &loss, cfg.train.loss_scale_init)?;

@@ -16,6 +16,7 @@ use half::{bf16, f16};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal, Uniform};
+use serde::{Deserialize, Serialize};
 
 use cudarc::driver::CudaSlice;
 
@@ -81,6 +82,27 @@ impl<const N: usize> From<[usize; N]> for Shape {
 impl From<Vec<usize>> for Shape {
     fn from(d: Vec<usize>) -> Self {
         Shape(d)
+    }
+}
+/// The precision of activations and GEMMs. Master weights, optimiser state, FFTs and the spectral
+/// multiply, norm statistics and the loss stay in fp32 whatever this says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Bf16,
+    /// With dynamic loss scaling (the `loss_scale_*` fields).
+    Fp16,
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+            Precision::Fp16 => "fp16",
+        })
     }
 }
 

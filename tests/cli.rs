@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use fnokern::model::weights::{self, Named};
+use fnokern::io::Named;
 use fnokern::{DType, Device, Tensor};
 
 mod common;
@@ -66,7 +66,7 @@ fn grad_writes_loss_output_and_every_gradient() {
     let x = Tensor::rand_uniform([2, 1, 16, 16], 0.0, 1.0, 3, DType::F32, &dev).unwrap();
     let probe = Tensor::randn([16, 16, 2], 1.0, 4, DType::F32, &dev).unwrap();
     let batch = d.join("batch.safetensors");
-    weights::save_tensors(
+    fnokern::io::save_tensors(
         &batch,
         &[Named { name: "diffraction".into(), tensor: &x, complex: false }, Named { name: "probe".into(), tensor: &probe, complex: true }],
         None,
@@ -80,11 +80,11 @@ fn grad_writes_loss_output_and_every_gradient() {
     assert!(ok, "{err}");
     assert!(stdout.starts_with("loss "), "{stdout}");
 
-    let file = weights::load_tensors(&out).unwrap();
+    let file = fnokern::io::load_tensors(&out).unwrap();
     let loss = file["loss"].values[0];
     assert!(loss.is_finite() && loss > 0.0);
     assert_eq!(file["output"].shape.dims(), [2, 2, 16, 16]);
-    let params = weights::load_tensors(&w).unwrap();
+    let params = fnokern::io::load_tensors(&w).unwrap();
     for (name, p) in &params {
         let g = file.get(&format!("grad.{name}")).unwrap_or_else(|| panic!("no gradient for {name}"));
         assert_eq!(g.shape, p.shape, "{name}");
@@ -94,7 +94,7 @@ fn grad_writes_loss_output_and_every_gradient() {
     assert!(file["grad.lifter.0.weight"].values.iter().any(|v| *v != 0.0));
 
     // A batch without the probe is refused by name.
-    weights::save_tensors(&batch, &[Named { name: "diffraction".into(), tensor: &x, complex: false }], None).unwrap();
+    fnokern::io::save_tensors(&batch, &[Named { name: "diffraction".into(), tensor: &x, complex: false }], None).unwrap();
     let (ok, _, err) = run(&args);
     assert!(!ok && err.contains("`probe` is missing"), "{err}");
 }

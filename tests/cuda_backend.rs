@@ -16,7 +16,7 @@ mod common;
 use common::{tempdir, tiny, UNARY};
 use fnokern::backend::{self, AdamStep, Binary, NormKind, Reduce, SgdStep, Unary};
 use fnokern::config::{Config, LossConfig};
-use fnokern::data::physics;
+use fnokern::loss;
 use fnokern::model::Generator;
 use fnokern::optim::Optimizer;
 use fnokern::train::{self, RunOptions};
@@ -279,13 +279,13 @@ fn one_step(cfg: &Config, dev: &Device) -> (Outputs, Outputs) {
     let diffraction = backend::unary(Unary::Abs, &randn(dev, &[2, 1, n, n], 11)).unwrap();
     let y_i = randn(dev, &[2, 1, n, n], 12);
     let y_phi = randn(dev, &[2, 1, n, n], 13);
-    let probe = physics::scaled_probe(&randn(dev, &[n, n, 2], 14), &LossConfig::default()).unwrap();
+    let probe = loss::scaled_probe(&randn(dev, &[n, n, 2], 14), &LossConfig::default()).unwrap();
     let mut t = Tape::with_params(&g.params);
     let x = t.constant(diffraction);
     let (yi, yp) = (t.constant(y_i), t.constant(y_phi));
     let pred = g.forward(&mut t, &x).unwrap();
-    let targets = physics::Targets { diffraction: &x, y_i: &yi, y_phi: &yp };
-    let loss = physics::loss(&mut t, &cfg.loss, &pred, &targets, &probe).unwrap();
+    let targets = loss::Targets { diffraction: &x, y_i: &yi, y_phi: &yp };
+    let loss = loss::objective(&mut t, &cfg.loss, &pred, &targets, &probe).unwrap();
     let mut o = vec![out("loss", loss.value().clone())];
     let grads = t.backward(&loss).unwrap().into_params();
     for ((_, name, _), grad) in g.params.iter().zip(&grads) {

@@ -3,9 +3,10 @@
 //! kernel launch and every copy. One test in its own binary, so nothing else moves the counters.
 //! On a real GPU there are no counters and the test says so.
 
+use fnokern::autograd::ParamRole;
 use fnokern::backend;
 use fnokern::config::{BlockKind, ClipKind};
-use fnokern::model::{Generator, ParamRole};
+use fnokern::model::Generator;
 use fnokern::optim;
 use fnokern::train::{self, RunOptions};
 use fnokern::{DType, Tensor};
@@ -31,7 +32,7 @@ fn the_step_clips_in_one_reduction_and_launches_the_fused_kernels() {
             .map(|(i, (_, _, p))| Some(backend::affine(&Tensor::randn(p.shape().clone(), 1.0, i as u64, DType::F32, &dev).unwrap(), 10.0, 0.0).unwrap()))
             .collect()
     };
-    let weights = g.roles().iter().filter(|r| matches!(r, ParamRole::Weight { .. })).count();
+    let weights = g.params.roles().iter().filter(|r| matches!(r, ParamRole::Weight { .. })).count();
     assert!(weights > 0 && weights < g.params.len());
 
     // Global-norm clipping: one reduction over every gradient and one copy back, whatever the
@@ -39,7 +40,7 @@ fn the_step_clips_in_one_reduction_and_launches_the_fused_kernels() {
     cfg.train.clip = ClipKind::GlobalNorm;
     let mut grads = fake_grads();
     standin.reset_calls();
-    let r = optim::clip(&cfg.train, &mut grads, &g.params, g.roles()).unwrap();
+    let r = optim::clip(&cfg.train, &mut grads, &g.params).unwrap();
     assert!(r.norm_before > cfg.train.clip_max_norm && (r.norm_after - cfg.train.clip_max_norm).abs() < 1e-5, "{r:?}");
     assert_eq!(standin.calls("cuMemcpyDtoHAsync_v2"), 1, "copies back for global-norm clipping");
     assert_eq!(standin.calls("reduce_final_f32"), 1);
@@ -52,7 +53,7 @@ fn the_step_clips_in_one_reduction_and_launches_the_fused_kernels() {
         cfg.train.clip = clip;
         let mut grads = fake_grads();
         standin.reset_calls();
-        optim::clip(&cfg.train, &mut grads, &g.params, g.roles()).unwrap();
+        optim::clip(&cfg.train, &mut grads, &g.params).unwrap();
         assert_eq!(standin.calls("agc_unit_f32"), launches as u64, "{clip:?}");
         assert_eq!(standin.calls("cuMemcpyDtoHAsync_v2"), 2, "{clip:?}: copies back");
     }

@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 
 use fnokern::autograd::Tape;
 use fnokern::config::{DataConfig, LossConfig, LossKind};
-use fnokern::data::{self, npz, physics, simulate};
+use fnokern::data::{self, npz, simulate};
+use fnokern::loss;
 use fnokern::{DType, Device, Error, Tensor};
 
 fn tempdir() -> PathBuf {
@@ -127,10 +128,10 @@ fn physics_forward_model_matches_the_simulator() {
     }
     let out = Tensor::from_vec(out, [count, 2, n, n], &dev).unwrap();
     let p = Tensor::from_vec(probe.iter().flat_map(|z| [z[0], z[1]]).collect::<Vec<_>>(), [n, n, 2], &dev).unwrap();
-    let sp = physics::scaled_probe(&p, &cfg).unwrap();
+    let sp = loss::scaled_probe(&p, &cfg).unwrap();
     let mut t = Tape::new();
     let o = t.constant(out);
-    let pred = physics::predicted_amplitude(&mut t, &o, &sp).unwrap().value().to_f64_vec().unwrap();
+    let pred = loss::predicted_amplitude(&mut t, &o, &sp).unwrap().value().to_f64_vec().unwrap();
     for (i, (a, b)) in pred.iter().zip(&diff).enumerate() {
         assert!((a - b).abs() < 1e-9 * (1.0 + b.abs()), "pixel {i}: {a} vs {b}");
     }
@@ -139,15 +140,15 @@ fn physics_forward_model_matches_the_simulator() {
     let yi: Vec<f64> = (0..count * n * n).map(|k| amp[k] * (probe[k % (n * n)][0].hypot(probe[k % (n * n)][1]))).collect();
     let yi = t.constant(Tensor::from_vec(yi, [count, 1, n, n], &dev).unwrap());
     let yp = t.constant(Tensor::from_vec(ph.clone(), [count, 1, n, n], &dev).unwrap());
-    let targets = physics::Targets { diffraction: &obs, y_i: &yi, y_phi: &yp };
+    let targets = loss::Targets { diffraction: &obs, y_i: &yi, y_phi: &yp };
     for kind in [LossKind::NormalizedAmplitudeMae, LossKind::SupervisedL1] {
         let c = LossConfig { kind, ..LossConfig::default() };
-        let l = physics::loss(&mut t, &c, &o, &targets, &sp).unwrap().value().scalar_value().unwrap();
+        let l = loss::objective(&mut t, &c, &o, &targets, &sp).unwrap().value().scalar_value().unwrap();
         assert!(l.abs() < 1e-9, "{kind:?}: {l}");
     }
     let zero = t.constant(Tensor::zeros([count, 2, n, n], DType::F64, &dev).unwrap());
     let c = LossConfig::default();
-    let l = physics::loss(&mut t, &c, &zero, &targets, &sp).unwrap().value().scalar_value().unwrap();
+    let l = loss::objective(&mut t, &c, &zero, &targets, &sp).unwrap().value().scalar_value().unwrap();
     assert!((l - 1.0).abs() < 1e-6, "a zero object misses everything: {l}");
 }
 

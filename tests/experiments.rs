@@ -174,7 +174,7 @@ fn arms_merge_over_the_base_and_bad_arms_are_refused() {
         Arm::load(name).unwrap().apply(&base).unwrap();
     }
     let bf16 = Arm::load("bf16").unwrap().apply(&base).unwrap();
-    assert_eq!(bf16.train.precision, fnokern::config::Precision::Bf16);
+    assert_eq!(bf16.train.precision, fnokern::Precision::Bf16);
 
     let typo = Arm { name: "typo".into(), overlay: "[train]\nclipp = \"none\"\n".into() };
     let err = typo.apply(&base).unwrap_err().to_string();

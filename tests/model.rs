@@ -172,7 +172,7 @@ fn weights_round_trip_gives_identical_outputs() {
     weights::load_params(&path, &mut b.params).unwrap();
     assert_eq!(step(&a, &x), step(&b, &x));
     // Spectral weights are stored as complex64 [in, out, kx, ky].
-    let file = weights::load_tensors(&path).unwrap();
+    let file = fnokern::io::load_tensors(&path).unwrap();
     let s = &file["encoder.0.spectral.weight"];
     assert!(s.complex);
     assert_eq!(s.shape.dims(), [4, 4, 6, 3, 2]);

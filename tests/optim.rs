@@ -1,17 +1,21 @@
 //! Optimisers, clipping and schedules against values worked out by hand from PyTorch's formulas.
 
-use fnokern::autograd::ParamStore;
+use fnokern::autograd::{ParamRole, ParamStore};
 use fnokern::config::{ClipKind, OptimizerKind, ScheduleKind, TrainConfig};
-use fnokern::model::ParamRole;
 use fnokern::optim::{self, Optimizer, Schedule};
 use fnokern::{Device, Tensor};
 
-fn store(vals: &[(&str, Vec<f64>, Vec<usize>)], dev: &Device) -> ParamStore {
+/// A store of parameters with the roles given (biases when none are).
+fn store_with(vals: &[(&str, Vec<f64>, Vec<usize>)], roles: &[ParamRole], dev: &Device) -> ParamStore {
     let mut s = ParamStore::new();
-    for (n, v, shape) in vals {
-        s.add(*n, Tensor::from_vec(v.clone(), shape.clone(), dev).unwrap()).unwrap();
+    for (i, (n, v, shape)) in vals.iter().enumerate() {
+        s.add(*n, Tensor::from_vec(v.clone(), shape.clone(), dev).unwrap(), roles.get(i).copied().unwrap_or(ParamRole::Bias)).unwrap();
     }
     s
+}
+
+fn store(vals: &[(&str, Vec<f64>, Vec<usize>)], dev: &Device) -> ParamStore {
+    store_with(vals, &[], dev)
 }
 
 fn vals(s: &ParamStore, i: usize) -> Vec<f64> {
@@ -73,18 +77,17 @@ fn global_norm_value_and_per_param_clipping() {
     let dev = Device::cpu();
     let p = store(&[("a", vec![0.0, 0.0], vec![2]), ("b", vec![0.0], vec![1])], &dev);
     let grads = || vec![Some(Tensor::from_vec(vec![3.0, 0.0], [2], &dev).unwrap()), Some(Tensor::from_vec(vec![4.0], [1], &dev).unwrap())];
-    let roles = [ParamRole::Bias, ParamRole::Bias];
     // Global norm 5 clipped to 1: coefficient 1 / (5 + 1e-6).
     let mut g = grads();
     let cfg = TrainConfig::default();
-    let r = optim::clip(&cfg, &mut g, &p, &roles).unwrap();
+    let r = optim::clip(&cfg, &mut g, &p).unwrap();
     assert!((r.norm_before - 5.0).abs() < 1e-12 && (r.norm_after - 5.0 / (5.0 + 1e-6)).abs() < 1e-12);
     let mut g = grads();
-    let r = optim::clip(&TrainConfig { clip: ClipKind::Value, clip_value: 2.0, ..cfg.clone() }, &mut g, &p, &roles).unwrap();
+    let r = optim::clip(&TrainConfig { clip: ClipKind::Value, clip_value: 2.0, ..cfg.clone() }, &mut g, &p).unwrap();
     assert_eq!(g[0].as_ref().unwrap().to_f64_vec().unwrap(), [2.0, 0.0]);
     assert!((r.norm_after - 8f64.sqrt()).abs() < 1e-12);
     let mut g = grads();
-    optim::clip(&TrainConfig { clip: ClipKind::PerParam, clip_max_norm: 3.5, ..cfg }, &mut g, &p, &roles).unwrap();
+    optim::clip(&TrainConfig { clip: ClipKind::PerParam, clip_max_norm: 3.5, ..cfg }, &mut g, &p).unwrap();
     assert_eq!(g[0].as_ref().unwrap().to_f64_vec().unwrap(), [3.0, 0.0], "norm 3 is under 3.5");
     assert!((g[1].as_ref().unwrap().to_f64_vec().unwrap()[0] - 4.0 * 3.5 / (4.0 + 1e-6)).abs() < 1e-12);
 }
@@ -95,8 +98,8 @@ fn global_norm_value_and_per_param_clipping() {
 #[test]
 fn agc_clips_per_unit_and_per_tensor() {
     let dev = Device::cpu();
-    let p = store(&[("w", vec![3.0, 4.0, 0.0, 0.0], vec![2, 2]), ("b", vec![0.0, 0.0], vec![2]), ("head.weight", vec![1.0], vec![1])], &dev);
     let roles = [ParamRole::Weight { unit_axis: 0 }, ParamRole::Bias, ParamRole::Head];
+    let p = store_with(&[("w", vec![3.0, 4.0, 0.0, 0.0], vec![2, 2]), ("b", vec![0.0, 0.0], vec![2]), ("head.weight", vec![1.0], vec![1])], &roles, &dev);
     let grads = || {
         vec![
             Some(Tensor::from_vec(vec![0.6, 0.8, 2.0, 0.0], [2, 2], &dev).unwrap()),
@@ -106,7 +109,7 @@ fn agc_clips_per_unit_and_per_tensor() {
     };
     let cfg = TrainConfig { clip: ClipKind::AgcUnit, ..TrainConfig::default() };
     let mut g = grads();
-    optim::clip(&cfg, &mut g, &p, &roles).unwrap();
+    optim::clip(&cfg, &mut g, &p).unwrap();
     let w = g[0].as_ref().unwrap().to_f64_vec().unwrap();
     for (got, want) in w.iter().zip([0.3, 0.4, 2.0 * 5e-5, 0.0]) {
         assert!((got - want).abs() < 1e-12, "{w:?}");
@@ -114,7 +117,7 @@ fn agc_clips_per_unit_and_per_tensor() {
     assert_eq!(g[1].as_ref().unwrap().to_f64_vec().unwrap(), [100.0, 0.0]);
     assert_eq!(g[2].as_ref().unwrap().to_f64_vec().unwrap(), [100.0]);
     let mut g = grads();
-    optim::clip(&TrainConfig { clip: ClipKind::AgcTensor, ..cfg }, &mut g, &p, &roles).unwrap();
+    optim::clip(&TrainConfig { clip: ClipKind::AgcTensor, ..cfg }, &mut g, &p).unwrap();
     let k = 0.5 / 5f64.sqrt();
     let w = g[0].as_ref().unwrap().to_f64_vec().unwrap();
     assert!((w[2] - 2.0 * k).abs() < 1e-12, "{w:?}");

@@ -5,9 +5,10 @@ mod common;
 use common::tempdir;
 use std::path::Path;
 
-use fnokern::config::{CheckpointPolicy, Config, Precision, TrainConfig};
+use fnokern::config::{CheckpointPolicy, Config, TrainConfig};
 use fnokern::optim::{LossScaler, ScaleEvent};
 use fnokern::train::{self, RunOptions};
+use fnokern::Precision;
 use fnokern::{ops, plan, DType, Device, Tape, Tensor};
 
 #[test]

@@ -2,7 +2,7 @@
 //! checkpointed and plain backward agree bit for bit, checkpointing lowers the measured peak, the
 //! meta device predicts the CPU's peak to the byte, and memory comes back after the step.
 
-use fnokern::autograd::{ParamId, ParamStore, Tape, Var};
+use fnokern::autograd::{ParamId, ParamRole, ParamStore, Tape, Var};
 use fnokern::backend::Conv2dParams;
 use fnokern::{ops, DType, Device, ModeConvention, NormKind, Result, SpectralModes, Tensor};
 
@@ -34,7 +34,7 @@ impl Net {
         let mut seed = 100;
         let mut p = |s: &mut ParamStore, name: &str, shape: fnokern::Shape, std: f64| {
             seed += 1;
-            s.add(name, Tensor::randn(shape, std, seed, dtype, dev)?)
+            s.add(name, Tensor::randn(shape, std, seed, dtype, dev)?, ParamRole::Weight { unit_axis: 0 })
         };
         let sw = MODES.weight_shape(C, C, H, W);
         Ok(Net {

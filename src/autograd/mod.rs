@@ -19,7 +19,7 @@ use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-pub use params::{ParamId, ParamStore};
+pub use params::{ParamId, ParamRole, ParamStore};
 
 use crate::backend;
 use crate::error::{Error, Result};

@@ -1,4 +1,5 @@
-//! The parameter store: named tensors with stable ids (the checkpoint and export names).
+//! The parameter store: named tensors with stable ids (the checkpoint and export names), each with
+//! its role (what clipping does with it).
 
 use std::collections::HashMap;
 
@@ -9,10 +10,26 @@ use crate::tensor::Tensor;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ParamId(pub usize);
 
+/// What a parameter is, for clipping rules (unit-wise AGC skips biases, gains and the head).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParamRole {
+    /// A weight whose output units lie along `unit_axis` (0 for conv, 1 for conv-transpose and
+    /// spectral weights).
+    Weight {
+        unit_axis: usize,
+    },
+    Bias,
+    /// LayerScale and normalisation gains and shifts.
+    Gain,
+    /// The 1x1 head's weight and bias.
+    Head,
+}
+
 #[derive(Default, Clone)]
 pub struct ParamStore {
     names: Vec<String>,
     values: Vec<Tensor>,
+    roles: Vec<ParamRole>,
     index: HashMap<String, ParamId>,
 }
 
@@ -22,7 +39,7 @@ impl ParamStore {
     }
 
     /// Adds a parameter under a name not used before.
-    pub fn add(&mut self, name: impl Into<String>, value: Tensor) -> Result<ParamId> {
+    pub fn add(&mut self, name: impl Into<String>, value: Tensor, role: ParamRole) -> Result<ParamId> {
         let name = name.into();
         if self.index.contains_key(&name) {
             return Err(Error::invalid("ParamStore::add", format!("parameter `{name}` already exists")));
@@ -31,6 +48,7 @@ impl ParamStore {
         self.index.insert(name.clone(), id);
         self.names.push(name);
         self.values.push(value);
+        self.roles.push(role);
         Ok(id)
     }
 
@@ -45,6 +63,10 @@ impl ParamStore {
     /// The stored tensor itself, for in-place updates (the optimiser).
     pub(crate) fn get_mut(&mut self, id: ParamId) -> Option<&mut Tensor> {
         self.values.get_mut(id.0)
+    }
+
+    pub fn role(&self, id: ParamId) -> Option<ParamRole> {
+        self.roles.get(id.0).copied()
     }
 
     pub fn name(&self, id: ParamId) -> Option<&str> {
@@ -72,6 +94,11 @@ impl ParamStore {
 
     pub fn is_empty(&self) -> bool {
         self.values.is_empty()
+    }
+
+    /// The role of each parameter, indexed by id.
+    pub fn roles(&self) -> &[ParamRole] {
+        &self.roles
     }
 
     pub fn values(&self) -> &[Tensor] {

@@ -30,8 +30,10 @@ impl Conv2dParams {
     }
 }
 
-/// Which rows (kx) of the half spectrum a spectral convolution keeps.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+/// Which rows (kx) of the half spectrum a spectral convolution keeps (`corners` or `positive` in
+/// a config).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ModeConvention {
     /// Rows 0..m and H-m..H: both signs of kx (the standard FNO).
     #[default]

@@ -2,7 +2,6 @@
 //! and the physics forward model with the losses.
 
 pub mod npz;
-pub mod physics;
 pub mod simulate;
 
 use std::path::{Path, PathBuf};
@@ -113,7 +112,7 @@ fn write_cache(dir: &Path, cfg: &DataConfig, ds: &Dataset, s: f64) -> Result<()>
         "train_patterns": ds.train.len(),
         "test_patterns": ds.test.len(),
     });
-    crate::model::weights::write_atomic(&dir.join("params.json"), params.to_string().as_bytes())
+    crate::io::write_atomic(&dir.join("params.json"), params.to_string().as_bytes())
 }
 
 /// A batch: the generator input and what the losses compare against, all [B, 1, N, N] except the

@@ -401,7 +401,7 @@ pub fn run_sweep(plan: &Plan, opts: &SweepOptions, say: &(dyn Fn(&str) + Sync)) 
             ));
         }
     } else {
-        crate::model::weights::write_atomic(&plan_path, plan_text.as_bytes())?;
+        crate::io::write_atomic(&plan_path, plan_text.as_bytes())?;
     }
 
     let specs = plan.runs()?;

@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::{Failure, Plan, RunResult, SweepKind, SweepOptions, SweepOutcome};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::model::weights::write_atomic;
+use crate::io::write_atomic;
 use crate::train::plot;
 
 /// Mean, sample standard deviation and count of the values present.

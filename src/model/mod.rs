@@ -19,12 +19,13 @@ pub mod weights;
 
 use std::fmt::Write as _;
 
-use crate::autograd::{ParamId, ParamStore, Tape, Var};
+use crate::autograd::{ParamId, ParamRole, ParamStore, Tape, Var};
 use crate::backend::{Conv2dParams, NormKind, SpectralModes};
-use crate::config::{BlockKind, CheckpointPolicy, ModelConfig, Precision, PrenormKind};
+use crate::config::{BlockKind, CheckpointPolicy, ModelConfig, PrenormKind};
 use crate::device::Device;
 use crate::error::Result;
 use crate::ops;
+use crate::tensor::Precision;
 use crate::tensor::{DType, Shape, Tensor};
 
 const PAD1: Conv2dParams = Conv2dParams::new(1, 1);
@@ -221,21 +222,6 @@ impl DecoderLevel {
     }
 }
 
-/// What a parameter is, for clipping rules (unit-wise AGC skips biases, gains and the head).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ParamRole {
-    /// A weight whose output units lie along `unit_axis` (0 for conv, 1 for conv-transpose and
-    /// spectral weights).
-    Weight {
-        unit_axis: usize,
-    },
-    Bias,
-    /// LayerScale and normalisation gains and shifts.
-    Gain,
-    /// The 1x1 head's weight and bias.
-    Head,
-}
-
 /// One row of the model table.
 #[derive(Clone, Debug)]
 pub struct TableRow {
@@ -263,7 +249,6 @@ pub struct Generator {
     decoder: Vec<DecoderLevel>,
     head: Conv,
     table: Vec<TableRow>,
-    roles: Vec<ParamRole>,
 }
 
 /// Builds parameters with PyTorch's default initialisation from one seeded stream.
@@ -274,7 +259,6 @@ struct Builder<'a> {
     seed: u64,
     /// Parameters of the part being built, for the table.
     counted: usize,
-    roles: Vec<ParamRole>,
 }
 
 impl Builder<'_> {
@@ -285,8 +269,7 @@ impl Builder<'_> {
 
     fn add(&mut self, name: String, t: Tensor, role: ParamRole) -> Result<ParamId> {
         self.counted += t.numel();
-        self.roles.push(role);
-        self.store.add(name, t)
+        self.store.add(name, t, role)
     }
 
     fn uniform(&mut self, name: String, shape: Shape, bound: f64, role: ParamRole) -> Result<ParamId> {
@@ -320,7 +303,7 @@ impl Builder<'_> {
     }
 
     fn block(&mut self, prefix: &str, cfg: &ModelConfig, c: usize, r: usize, modes: usize) -> Result<Block> {
-        let modes = SpectralModes::new(modes, cfg.mode_convention.into());
+        let modes = SpectralModes::new(modes, cfg.mode_convention);
         let ws = modes.weight_shape(c, c, r, r);
         // CN(0, 1) / sqrt(C_in): real and imaginary parts N(0, 1/2) each.
         let seed = self.next_seed();
@@ -368,13 +351,13 @@ impl Generator {
             return Err(crate::error::Error::invalid("model", "in_channels must be at least 1"));
         }
         let levels = plan_levels(cfg, n);
-        let mut b = Builder { store: ParamStore::new(), dev, dtype, seed: cfg.seed ^ 0x9e37_79b9_7f4a_7c15, counted: 0, roles: Vec::new() };
+        let mut b = Builder { store: ParamStore::new(), dev, dtype, seed: cfg.seed ^ 0x9e37_79b9_7f4a_7c15, counted: 0 };
         let mut table = Vec::new();
         let w = cfg.width;
         let lifter = (b.conv("lifter.0", in_channels, w, 3)?, b.conv("lifter.2", w, w, 3)?);
         table.push(TableRow { part: "lifter".into(), resolution: n, width: w, modes: None, params: b.take_count() });
         let kept = |modes: usize, r: usize| {
-            let m = SpectralModes::new(modes, cfg.mode_convention.into());
+            let m = SpectralModes::new(modes, cfg.mode_convention);
             (m.kept_rows(r).len(), m.kept_cols(r))
         };
         let mut encoder = Vec::with_capacity(cfg.depth);
@@ -442,13 +425,7 @@ impl Generator {
             decoder,
             head,
             table,
-            roles: b.roles,
         })
-    }
-
-    /// The role of each parameter, indexed by parameter id.
-    pub fn roles(&self) -> &[ParamRole] {
-        &self.roles
     }
 
     pub fn levels(&self) -> &[LevelSpec] {

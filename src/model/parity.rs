@@ -10,13 +10,14 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::weights::{self, Named};
+use super::weights;
 use super::Generator;
 use crate::autograd::Tape;
 use crate::config::{Config, LossKind};
-use crate::data::physics;
 use crate::device::Device;
 use crate::error::{Error, Result};
+use crate::io::Named;
+use crate::loss;
 use crate::tensor::{DType, Shape, Tensor};
 
 fn bad(path: &Path, why: impl Into<String>) -> Error {
@@ -29,7 +30,7 @@ pub fn grad_to_file(cfg: &Config, weights_path: &Path, batch_path: &Path, out_pa
     let n = cfg.data.n;
     let mut g = Generator::new(&cfg.model, n, 1, &dev, DType::F32)?;
     weights::load_params(weights_path, &mut g.params)?;
-    let mut file = weights::load_tensors(batch_path)?;
+    let mut file = crate::io::load_tensors(batch_path)?;
     let mut take = |key: &str, complex: bool| -> Result<Tensor> {
         let l = file.remove(key).ok_or_else(|| bad(batch_path, format!("tensor `{key}` is missing")))?;
         if l.complex != complex {
@@ -63,9 +64,9 @@ pub fn grad_to_file(cfg: &Config, weights_path: &Path, batch_path: &Path, out_pa
     let yi = t.constant(y_i);
     let yp = t.constant(y_phi);
     let out = g.forward(&mut t, &x)?;
-    let sp = physics::scaled_probe(&probe, &cfg.loss)?;
-    let targets = physics::Targets { diffraction: &x, y_i: &yi, y_phi: &yp };
-    let loss = physics::loss(&mut t, &cfg.loss, &out, &targets, &sp)?;
+    let sp = loss::scaled_probe(&probe, &cfg.loss)?;
+    let targets = loss::Targets { diffraction: &x, y_i: &yi, y_phi: &yp };
+    let loss = loss::objective(&mut t, &cfg.loss, &out, &targets, &sp)?;
     let loss_value = loss.value().reshape(Shape::scalar())?;
     let output = out.value().clone();
     let grads = t.backward(&loss)?;
@@ -78,6 +79,6 @@ pub fn grad_to_file(cfg: &Config, weights_path: &Path, batch_path: &Path, out_pa
     let mut meta = BTreeMap::new();
     meta.insert("loss_kind".to_string(), format!("{:?}", cfg.loss.kind));
     meta.insert("config".to_string(), toml::to_string(cfg).unwrap_or_default());
-    weights::save_tensors(out_path, &named, Some(meta))?;
+    crate::io::save_tensors(out_path, &named, Some(meta))?;
     loss_value.scalar_value()
 }

@@ -1,149 +1,18 @@
 //! Weights and tensors in safetensors files, with PyTorch's names and layouts:
 //! conv `[out, in, kh, kw]`, conv-transpose `[in, out, kh, kw]`, spectral `complex64 [in, out, kx, ky]`
 //! (kx the kept rows in order: 0..m then H-m..H for `corners`). Everything else is f32 (or f64 when
-//! the store is f64). Files are written atomically: a temporary file, fsync, rename, fsync of the
-//! directory.
+//! the store is f64). Files are written atomically (`crate::io`).
 
 use std::collections::BTreeMap;
-use std::fs::{self, File};
-use std::io::Write;
 use std::path::Path;
 
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
-
 use crate::autograd::ParamStore;
-use crate::device::Device;
-use crate::error::{Error, Result};
-use crate::tensor::{DType, Shape, Tensor};
-
-/// A tensor to write: its values and whether the trailing 2 is a complex pair.
-pub struct Named<'a> {
-    pub name: String,
-    pub tensor: &'a Tensor,
-    pub complex: bool,
-}
-
-fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
-    move |source| Error::Io { path: path.display().to_string(), source }
-}
-
-fn bad(path: &Path, why: impl Into<String>) -> Error {
-    Error::BadFile { path: path.display().to_string(), why: why.into() }
-}
+use crate::error::Result;
+use crate::io::{bad, load_tensors, save_tensors, Named};
 
 /// Whether a parameter is a complex spectral weight.
 pub fn is_complex_param(name: &str) -> bool {
     name.ends_with("spectral.weight")
-}
-
-/// Writes `bytes` to `path` atomically (temp file, fsync, rename, fsync the directory).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().ok_or_else(|| bad(path, "not a file path"))?;
-    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
-    let result = (|| {
-        let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-        f.write_all(bytes).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
-        fs::rename(&tmp, path).map_err(io_err(path))?;
-        // Make the rename itself durable.
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
-}
-
-/// Serialises named tensors to safetensors bytes.
-pub fn to_bytes(tensors: &[Named], metadata: Option<BTreeMap<String, String>>) -> Result<Vec<u8>> {
-    let mut raw: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
-    for n in tensors {
-        // A GPU tensor is copied to the host first.
-        let host;
-        let t = if n.tensor.device().kind() == crate::device::DeviceKind::Cpu {
-            n.tensor
-        } else {
-            host = n.tensor.to_device(&crate::device::Device::cpu())?;
-            &host
-        };
-        let mut shape = t.dims().to_vec();
-        let (dtype, bytes): (Dtype, Vec<u8>) = match t.dtype() {
-            DType::F32 => (Dtype::F32, bytemuck::cast_slice(t.as_slice::<f32>()?).to_vec()),
-            DType::F64 => (Dtype::F64, bytemuck::cast_slice(t.as_slice::<f64>()?).to_vec()),
-            DType::F16 => (Dtype::F16, bytemuck::cast_slice(t.as_slice::<half::f16>()?).to_vec()),
-            DType::BF16 => (Dtype::BF16, bytemuck::cast_slice(t.as_slice::<half::bf16>()?).to_vec()),
-        };
-        let dtype = if n.complex {
-            if shape.last() != Some(&2) {
-                return Err(Error::bad_shape("safetensors", t.shape(), format!("`{}` is not complex", n.name)));
-            }
-            shape.pop();
-            match dtype {
-                Dtype::F32 => Dtype::C64,
-                other => return Err(Error::invalid("safetensors", format!("complex `{}` must be f32 (complex64), not {other:?}", n.name))),
-            }
-        } else {
-            dtype
-        };
-        raw.push((n.name.clone(), dtype, shape, bytes));
-    }
-    let views = raw
-        .iter()
-        .map(|(name, dt, shape, bytes)| {
-            TensorView::new(*dt, shape.clone(), bytes).map(|v| (name.clone(), v)).map_err(|e| Error::invalid("safetensors", e.to_string()))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize(views, metadata.map(|m| m.into_iter().collect())).map_err(|e| Error::invalid("safetensors", e.to_string()))
-}
-
-/// Writes named tensors to a safetensors file, atomically.
-pub fn save_tensors(path: &Path, tensors: &[Named], metadata: Option<BTreeMap<String, String>>) -> Result<()> {
-    write_atomic(path, &to_bytes(tensors, metadata)?)
-}
-
-/// A tensor read from a file: its values in f64, shape (complex: with the trailing 2) and dtype.
-pub struct Loaded {
-    pub values: Vec<f64>,
-    pub shape: Shape,
-    pub complex: bool,
-}
-
-impl Loaded {
-    pub fn to_tensor(&self, dtype: DType, dev: &Device) -> Result<Tensor> {
-        Tensor::from_f64_vec(self.values.clone(), self.shape.clone(), dtype, dev)
-    }
-}
-
-/// Reads every tensor of a safetensors file.
-pub fn load_tensors(path: &Path) -> Result<BTreeMap<String, Loaded>> {
-    let bytes = fs::read(path).map_err(io_err(path))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(path, format!("not a safetensors file: {e}")))?;
-    let mut out = BTreeMap::new();
-    for (name, view) in st.tensors() {
-        let data = view.data();
-        let mut shape = view.shape().to_vec();
-        let (values, complex): (Vec<f64>, bool) = match view.dtype() {
-            Dtype::F32 => (f32s(data).collect(), false),
-            Dtype::C64 => {
-                shape.push(2);
-                (f32s(data).collect(), true)
-            }
-            Dtype::F64 => (data.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect(), false),
-            Dtype::F16 => (data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64()).collect(), false),
-            Dtype::BF16 => (data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64()).collect(), false),
-            other => return Err(bad(path, format!("tensor `{name}` has unsupported dtype {other:?}"))),
-        };
-        out.insert(name, Loaded { values, shape: Shape::new(shape), complex });
-    }
-    Ok(out)
-}
-
-fn f32s(data: &[u8]) -> impl Iterator<Item = f64> + '_ {
-    data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
 }
 
 /// Saves a parameter store under its names (spectral weights as complex64).

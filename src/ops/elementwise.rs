@@ -2,8 +2,8 @@
 
 use crate::autograd::{Tape, Var};
 use crate::backend::{self, Binary, Unary};
-use crate::config::Precision;
 use crate::error::Result;
+use crate::tensor::Precision;
 
 fn unary_op(tape: &mut Tape, x: &Var, op: Unary) -> Result<Var> {
     let y = backend::unary(op, x.value())?;

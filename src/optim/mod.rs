@@ -6,11 +6,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::autograd::{ParamId, ParamStore};
+use crate::autograd::{ParamId, ParamRole, ParamStore};
 use crate::backend::{self, AdamStep, Reduce, SgdStep};
 use crate::config::{ClipKind, OptimizerKind, ScheduleKind, TrainConfig};
 use crate::error::{Error, Result};
-use crate::model::ParamRole;
 use crate::tensor::Tensor;
 
 /// Optimiser state: moments (Adam) or momentum buffers (SGD), one slot per parameter.
@@ -124,7 +123,7 @@ fn scale_all(grads: &mut [Option<Tensor>], k: f64) -> Result<()> {
 /// global-norm clipping then only scales, so its norm after is the norm before times the factor.
 /// AGC runs one launch per weight that computes its unit norms and rescales in place. The other
 /// kinds measure the norm after clipping with one more reduction.
-pub fn clip(cfg: &TrainConfig, grads: &mut [Option<Tensor>], params: &ParamStore, roles: &[ParamRole]) -> Result<ClipReport> {
+pub fn clip(cfg: &TrainConfig, grads: &mut [Option<Tensor>], params: &ParamStore) -> Result<ClipReport> {
     let sq = sumsq_each(&grads.iter().flatten().collect::<Vec<_>>())?;
     let before = sq.iter().sum::<f64>().sqrt();
     let after = match cfg.clip {
@@ -156,7 +155,7 @@ pub fn clip(cfg: &TrainConfig, grads: &mut [Option<Tensor>], params: &ParamStore
         }
         ClipKind::AgcTensor | ClipKind::AgcUnit => {
             for (id, _, p) in params.iter() {
-                let axis = match (cfg.clip, roles.get(id.0).copied()) {
+                let axis = match (cfg.clip, params.role(id)) {
                     (ClipKind::AgcTensor, _) => None,
                     (_, Some(ParamRole::Weight { unit_axis })) => Some(unit_axis),
                     // Unit-wise AGC leaves biases, gains and the head alone.

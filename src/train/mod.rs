@@ -25,15 +25,18 @@ use serde_json::json;
 
 use crate::autograd::{ParamStore, Tape};
 use crate::backend;
-use crate::config::{AuxLoss, Config, LossConfig, LossKind, Precision, SpikeAction};
-use crate::data::{self, npz::NpzSplit, physics};
+use crate::config::{AuxLoss, Config, LossConfig, LossKind, SpikeAction};
+use crate::data::{self, npz::NpzSplit};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::eval::{self, Metrics};
-use crate::model::weights::{self, Named};
+use crate::io::Named;
+use crate::loss;
+use crate::model::weights;
 use crate::model::Generator;
 use crate::ops;
 use crate::optim::{self, LossScaler, Optimizer, ScaleEvent, Schedule};
+use crate::tensor::Precision;
 use crate::tensor::{DType, Tensor};
 
 /// How a run is driven (not part of its identity).
@@ -138,7 +141,7 @@ fn checkpoint_tensors<'a>(params: &'a ParamStore, opt: &'a Optimizer) -> Vec<Nam
 fn save_checkpoint(path: &Path, params: &ParamStore, opt: &Optimizer, state: &TrainState) -> Result<()> {
     let mut meta = BTreeMap::new();
     meta.insert("fnokern_state".to_string(), serde_json::to_string(state).map_err(|e| Error::invalid("checkpoint", e.to_string()))?);
-    weights::save_tensors(path, &checkpoint_tensors(params, opt), Some(meta))
+    crate::io::save_tensors(path, &checkpoint_tensors(params, opt), Some(meta))
 }
 
 /// Reads a checkpoint into fresh parameter and optimiser values; nothing is changed on error.
@@ -152,12 +155,12 @@ fn load_checkpoint(path: &Path, params: &ParamStore, opt_kind: crate::config::Op
         .and_then(|m| m.get("fnokern_state"))
         .ok_or_else(|| bad("no trainer state in this file: not an fnokern checkpoint".into()))
         .and_then(|s| serde_json::from_str(s).map_err(|e| bad(format!("trainer state unreadable: {e}"))))?;
-    let mut file = weights::load_tensors(path)?;
+    let mut file = crate::io::load_tensors(path)?;
     let mut out = params.clone();
     let mut opt = Optimizer::new(opt_kind, params);
     opt.updates = state.updates;
     for (id, name, t) in params.iter() {
-        let take = |file: &mut BTreeMap<String, weights::Loaded>, key: String, required: bool| -> Result<Option<Tensor>> {
+        let take = |file: &mut BTreeMap<String, crate::io::Loaded>, key: String, required: bool| -> Result<Option<Tensor>> {
             match file.remove(&key) {
                 Some(l) if l.shape == *t.shape() => Ok(Some(l.to_tensor(t.dtype(), t.device())?)),
                 Some(l) => Err(bad(format!("`{key}` has shape {} but the model needs {}", l.shape, t.shape()))),
@@ -211,7 +214,7 @@ fn truncate_metrics(path: &Path, steps: u64, epochs: usize) -> Result<Vec<serde_
             }
         }
     }
-    weights::write_atomic(path, text.as_bytes())?;
+    crate::io::write_atomic(path, text.as_bytes())?;
     Ok(kept)
 }
 
@@ -232,12 +235,12 @@ fn batch_loss(
     if nan_forward {
         out = ops::scale(t, &out, f64::NAN)?;
     }
-    let targets = physics::Targets { diffraction: &x, y_i: &yi, y_phi: &yp };
-    let main = physics::loss(t, &cfg.loss, &out, &targets, sprobe)?;
+    let targets = loss::Targets { diffraction: &x, y_i: &yi, y_phi: &yp };
+    let main = loss::objective(t, &cfg.loss, &out, &targets, sprobe)?;
     let main_value = main.value().scalar_value()?;
     if cfg.train.aux_loss == AuxLoss::SupervisedL1 && aux_w > 0.0 {
         let aux_cfg = LossConfig { kind: LossKind::SupervisedL1, ..cfg.loss.clone() };
-        let aux = physics::loss(t, &aux_cfg, &out, &targets, sprobe)?;
+        let aux = loss::objective(t, &aux_cfg, &out, &targets, sprobe)?;
         let aux = ops::scale(t, &aux, aux_w)?;
         return Ok((ops::add(t, &main, &aux)?, main_value));
     }
@@ -417,7 +420,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
         records = truncate_metrics(&metrics_path, state.steps, state.epochs_done)?;
         say(&format!("resumed from {} after epoch {} (step {})", last_path.display(), state.epochs_done, state.steps));
     }
-    weights::write_atomic(&dir.join("config.toml"), config_toml.as_bytes())?;
+    crate::io::write_atomic(&dir.join("config.toml"), config_toml.as_bytes())?;
     let mut log =
         MetricsLog { file: OpenOptions::new().create(true).append(true).open(&metrics_path).map_err(io_err(&metrics_path))?, path: metrics_path.clone() };
     say(&format!(
@@ -431,7 +434,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
     ));
 
     let probe = data::probe_tensor(&ds.train, DType::F32, &dev)?;
-    let sprobe = physics::scaled_probe(&probe, &cfg.loss)?;
+    let sprobe = loss::scaled_probe(&probe, &cfg.loss)?;
     let mut snapshot = (g.params.clone(), opt.m.clone(), opt.v.clone(), opt.updates);
     let total_steps = (cfg.train.epochs * batches_per_epoch) as u64;
     let bar = if opts.progress {
@@ -542,7 +545,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
                         }
                     }
                     micro = 0;
-                    let report = optim::clip(&cfg.train, &mut grads, &g.params, g.roles())?;
+                    let report = optim::clip(&cfg.train, &mut grads, &g.params)?;
                     rec["grad_norm"] = json!(report.norm_before);
                     rec["grad_norm_clipped"] = json!(report.norm_after);
                     if !report.norm_before.is_finite() {
@@ -682,10 +685,10 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
 
 fn write_summary(dir: &Path, summary: &Summary) -> Result<()> {
     let text = serde_json::to_string_pretty(summary).map_err(|e| Error::invalid("summary", e.to_string()))?;
-    weights::write_atomic(&dir.join("summary.json"), text.as_bytes())
+    crate::io::write_atomic(&dir.join("summary.json"), text.as_bytes())
 }
 
 /// The final parameters of a finished run (for tests and tools).
-pub fn load_final_weights(dir: &Path) -> Result<BTreeMap<String, weights::Loaded>> {
-    weights::load_tensors(&dir.join("weights.safetensors"))
+pub fn load_final_weights(dir: &Path) -> Result<BTreeMap<String, crate::io::Loaded>> {
+    crate::io::load_tensors(&dir.join("weights.safetensors"))
 }

@@ -1,4 +1,5 @@
-//! The physics forward model and the training losses.
+//! The physics forward model and the training losses: between the differentiable ops (below) and
+//! the model and trainer (above).
 //!
 //! The generator's output [B, 2C, N, N] holds the object O (real channels, then imaginary). The
 //! forward model illuminates it with the probe times `probe_scale` and propagates to the detector:
@@ -45,7 +46,7 @@ pub struct Targets<'a> {
 }
 
 /// The configured loss of a generator output.
-pub fn loss(t: &mut Tape, cfg: &LossConfig, out: &Var, targets: &Targets, scaled_probe: &Tensor) -> Result<Var> {
+pub fn objective(t: &mut Tape, cfg: &LossConfig, out: &Var, targets: &Targets, scaled_probe: &Tensor) -> Result<Var> {
     match cfg.kind {
         LossKind::NormalizedAmplitudeMae => {
             let amp = predicted_amplitude(t, out, scaled_probe)?;
