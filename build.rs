@@ -9,11 +9,15 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+#[path = "build/kernel_api.rs"]
+mod kernel_api;
+
 const TARGETS: &[&str] = &["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_80,code=compute_80"];
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(fnokern_kernels)");
     println!("cargo::rerun-if-changed=kernels");
+    println!("cargo::rerun-if-changed=build");
     for v in ["NVCC", "CUDA_HOME", "CUDA_PATH", "FNOKERN_REQUIRE_KERNELS", "PATH"] {
         println!("cargo::rerun-if-env-changed={v}");
     }
@@ -27,6 +31,11 @@ fn main() {
         .collect();
     sources.retain(|p| p.extension().is_some_and(|e| e == "cu"));
     sources.sort();
+    // The typed launchers and parameter structs, from the sources themselves (with or without nvcc).
+    let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    if let Err(e) = generate_api(&manifest, &sources, &out.join("kernels.rs")) {
+        panic!("the kernels' Rust API cannot be generated: {e}");
+    }
     if sources.is_empty() {
         if require {
             panic!("FNOKERN_REQUIRE_KERNELS=1 but kernels/ holds no .cu file");
@@ -40,7 +49,6 @@ fn main() {
         println!("cargo::warning=nvcc not found: building fnokern CPU-only (set NVCC or run scripts/install-nvcc.sh for the CUDA kernels)");
         return;
     };
-    let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let fatbin = out.join("kernels.fatbin");
     // One translation unit that includes every kernel file: one fatbin, no device linking.
     let unit = out.join("all_kernels.cu");
@@ -67,6 +75,43 @@ fn main() {
     println!("cargo::rustc-env=FNOKERN_KERNELS=1");
     println!("cargo::rustc-env=FNOKERN_NVCC_VERSION={version}");
     println!("cargo::rustc-env=FNOKERN_CUDA_TARGETS=sm_80 sm_90 (SASS), compute_80 (PTX)");
+}
+
+/// The text of `file` with its local includes (`#include "..."`, resolved next to it) before it:
+/// the macros a kernel file uses may be defined in a header.
+fn with_includes(file: &Path, seen: &mut Vec<PathBuf>) -> Result<String, String> {
+    let src = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let mut text = String::new();
+    for line in src.lines() {
+        if let Some(rest) = line.trim_start().strip_prefix("#include \"") {
+            let name = rest.split('"').next().unwrap_or_default();
+            let inc = file.parent().unwrap_or(Path::new(".")).join(name);
+            let canon = inc.canonicalize().unwrap_or(inc.clone());
+            if !seen.contains(&canon) {
+                seen.push(canon);
+                text.push_str(&with_includes(&inc, seen)?);
+            }
+        }
+    }
+    text.push_str(&src);
+    Ok(text)
+}
+
+fn generate_api(manifest: &Path, sources: &[PathBuf], out: &Path) -> Result<(), String> {
+    let params = manifest.join("kernels/params.cuh");
+    let params_src = std::fs::read_to_string(&params).map_err(|e| format!("{}: {e}", params.display()))?;
+    let structs = kernel_api::structs_of(&params_src)?;
+    kernel_api::check_size_asserts(&params_src, &structs)?;
+    let mut kernels = Vec::new();
+    for s in sources {
+        let rel = s.strip_prefix(manifest).unwrap_or(s).display().to_string();
+        kernels.extend(kernel_api::kernels_of(&rel, &with_includes(s, &mut Vec::new())?)?);
+    }
+    kernels.sort_by(|a, b| a.name.cmp(&b.name));
+    if let Some(w) = kernels.windows(2).find(|w| w[0].name == w[1].name) {
+        return Err(format!("kernel `{}` is defined twice ({} and {})", w[0].name, w[0].file, w[1].file));
+    }
+    std::fs::write(out, kernel_api::generate(&structs, &kernels)?).map_err(|e| format!("{}: {e}", out.display()))
 }
 
 fn find_nvcc(manifest: &Path) -> Option<PathBuf> {

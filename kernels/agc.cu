@@ -10,7 +10,7 @@
 // Geometry: one block per unit, threads stride over the unit's pre * post elements, one block_sum
 //   for |W_u|^2 and one for |G_u|^2 (deterministic); the same block then rescales the unit's
 //   gradient in place.
-// CPU reference: agc in src/backend/cpu/optim.rs.
+// Shapes: AgcParams a of params.cuh. CPU reference: src/backend/agc/cpu.rs.
 #include "common.cuh"
 
 __device__ __forceinline__ int64_t unit_at(int64_t k, int u, int units, int post) {
@@ -18,8 +18,9 @@ __device__ __forceinline__ int64_t unit_at(int64_t k, int u, int units, int post
     return (a * units + u) * post + j;
 }
 
-extern "C" __global__ void agc_unit_f32(const float* __restrict__ w, float* __restrict__ g, float* __restrict__ factor_out, int pre, int units,
-                                        int post, float lambda, float eps) {
+extern "C" __global__ void agc_unit_f32(const float* __restrict__ w, float* __restrict__ g, float* __restrict__ factor_out, AgcParams a) {
+    const int pre = a.pre, units = a.units, post = a.post;
+    const float lambda = a.lambda, eps = a.eps;
     const int u = blockIdx.x;
     if (u >= units) return;
     const int64_t n = (int64_t)pre * post;

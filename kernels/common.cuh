@@ -7,13 +7,16 @@
 //   reduces with it gives the same bits on every run.
 // - tests/host/ compiles these files with a C++ host compiler and runs each block as host threads
 //   (barriers and warp shuffles emulated), to check them against the CPU backend without a GPU.
-// - Kernels take plain scalars and pointers; launchers (src/backend/cuda/) check every shape and
-//   pointer before launching, and kernels keep only a bounds guard.
+// - Kernels take pointers and either plain scalars or one struct of params.cuh by value;
+//   launchers (src/backend/<family>/cuda.rs) check every shape and pointer before launching, and
+//   kernels keep only a bounds guard.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+
+#include "params.cuh"
 
 #define FNO_WARP 32
 

@@ -7,12 +7,8 @@
 //               ow s + j - pad = iw (a gather, so no atomics and a fixed order of additions)
 // Shapes: x, dx [N, C, H, W]; cols, dcols [N, C kh kw, Ho Wo].
 // Geometry: one thread per output element (grid-stride).
-// CPU reference: im2col / col2im in src/backend/cpu/conv.rs.
+// CPU reference: im2col / col2im in src/backend/conv/cpu.rs. ConvGeom is in params.cuh.
 #include "common.cuh"
-
-struct ConvGeom {
-    int c, h, w, kh, kw, ho, wo, stride, pad;
-};
 
 extern "C" __global__ void im2col_f32(const float* __restrict__ x, float* __restrict__ cols, int nb, ConvGeom g) {
     const int64_t hw = (int64_t)g.ho * g.wo;

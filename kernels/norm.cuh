@@ -15,7 +15,7 @@
 // Geometry: one block per group (grid = groups), threads stride over the group's N elements;
 //   the variance is a second pass over the centred values (no E[x^2] - E[x]^2 cancellation).
 //   norm_affine_bwd has one block per channel, reducing over B and S in a fixed order.
-// CPU reference: src/backend/cpu/norm.rs (statistics in f64 there).
+// CPU reference: src/backend/norm/cpu.rs (statistics in f64 there).
 #pragma once
 #include "common.cuh"
 
@@ -116,16 +116,18 @@ __device__ void norm_affine_bwd(const T* __restrict__ x, const T* __restrict__ d
     }
 }
 
-#define FNO_NORM_KERNELS(SUFFIX, T)                                                                                                       \
-    extern "C" __global__ void norm_fwd_##SUFFIX(const T* x, const float* gamma, const float* beta, T* y, float* mean, float* rstd, int kind, \
-                                                 int B, int C, int S, float eps) {                                                        \
-        norm_fwd<T>(x, gamma, beta, y, mean, rstd, kind, B, C, S, eps);                                                                   \
-    }                                                                                                                                     \
-    extern "C" __global__ void norm_bwd_##SUFFIX(const T* x, const T* dy, const float* gamma, const float* mean, const float* rstd, T* dx,  \
-                                                 int kind, int B, int C, int S) {                                                         \
-        norm_bwd<T>(x, dy, gamma, mean, rstd, dx, kind, B, C, S);                                                                         \
-    }                                                                                                                                     \
-    extern "C" __global__ void norm_affine_bwd_##SUFFIX(const T* x, const T* dy, const float* mean, const float* rstd, float* dgamma,       \
-                                                        float* dbeta, int kind, int B, int C, int S) {                                    \
-        norm_affine_bwd<T>(x, dy, mean, rstd, dgamma, dbeta, kind, B, C, S);                                                              \
+// The extern "C" kernels of one element type: norm_fwd_<SUFFIX>, norm_bwd_<SUFFIX>,
+// norm_affine_bwd_<SUFFIX>, each taking its NormGeom (params.cuh) by value.
+#define FNO_NORM_KERNELS(SUFFIX, T)                                                                                                  \
+    extern "C" __global__ void norm_fwd_##SUFFIX(const T* x, const float* gamma, const float* beta, T* y, float* mean, float* rstd,   \
+                                                 NormGeom g) {                                                                       \
+        norm_fwd<T>(x, gamma, beta, y, mean, rstd, g.kind, g.b, g.c, g.s, g.eps);                                                  \
+    }                                                                                                                                \
+    extern "C" __global__ void norm_bwd_##SUFFIX(const T* x, const T* dy, const float* gamma, const float* mean, const float* rstd,   \
+                                                 T* dx, NormGeom g) {                                                                \
+        norm_bwd<T>(x, dy, gamma, mean, rstd, dx, g.kind, g.b, g.c, g.s);                                                          \
+    }                                                                                                                                \
+    extern "C" __global__ void norm_affine_bwd_##SUFFIX(const T* x, const T* dy, const float* mean, const float* rstd, float* dgamma,  \
+                                                        float* dbeta, NormGeom g) {                                                  \
+        norm_affine_bwd<T>(x, dy, mean, rstd, dgamma, dbeta, g.kind, g.b, g.c, g.s);                                               \
     }

@@ -3,15 +3,16 @@
 //   forward:   Y[b, o, rows[r], c]  = sum_i  X[b, i, rows[r], c] * W[i, o, r, c]
 //   dX:        dX[b, i, rows[r], c] = sum_o  dY[b, o, rows[r], c] * conj(W[i, o, r, c])
 //   dW:        dW[i, o, r, c]       = sum_b  conj(X[b, i, rows[r], c]) * dY[b, o, rows[r], c]
-// for r < R kept rows (their indices in `rows`) and c < My kept columns; every other mode of Y and
-// dX is zero (the launcher clears the output first). Complex values are float2 (re, im).
+// for r < R kept rows and c < My kept columns; kept row r is rows[r] = r for r < pos, else
+// H - R + r (the non-negative frequencies, then the negative ones). Every other mode of Y and dX is
+// zero (the launcher clears the output first). Complex values are float2 (re, im).
 //
-// Shapes: X, dX [B, Ci, H, Wh] complex (the half spectrum of rfft2), Y, dY [B, Co, H, Wh],
-//         W, dW [Ci, Co, R, My], rows [R] int32.
+// Shapes (SpectralGeom g of params.cuh): X, dX [B, Ci, H, Wh] complex (the half spectrum of
+//         rfft2), Y, dY [B, Co, H, Wh], W, dW [Ci, Co, R, My].
 // Geometry: one thread per output mode, grid-stride; the innermost index is the column c, so a
 //         warp reads consecutive columns of X, W and dY (coalesced). The reduction over i, o or b
 //         runs in order inside the thread: results do not depend on the launch.
-// CPU reference: src/backend/cpu/spectral.rs (mix_fwd, mix_bwd_input, mix_bwd_weight).
+// CPU reference: src/backend/spectral/cpu.rs.
 #include "common.cuh"
 
 __device__ __forceinline__ float2 cmul(float2 a, float2 b) { return make_float2(a.x * b.x - a.y * b.y, a.x * b.y + a.y * b.x); }
@@ -21,63 +22,61 @@ struct Mode {
     int c, r, mid, outer;
     int64_t at;
 };
-__device__ __forceinline__ Mode mode_of(int64_t t, int mid_n, int R, int My, const int* rows, int Wh) {
+__device__ __forceinline__ Mode mode_of(int64_t t, int mid_n, const SpectralGeom& g) {
     Mode m;
-    m.c = t % My;
-    m.r = (t / My) % R;
-    m.mid = (t / ((int64_t)My * R)) % mid_n;
-    m.outer = t / ((int64_t)My * R * mid_n);
-    m.at = (int64_t)rows[m.r] * Wh + m.c;
+    m.c = t % g.my;
+    m.r = (t / g.my) % g.r;
+    m.mid = (t / ((int64_t)g.my * g.r)) % mid_n;
+    m.outer = t / ((int64_t)g.my * g.r * mid_n);
+    const int row = m.r < g.pos ? m.r : g.h - g.r + m.r;
+    m.at = (int64_t)row * g.wh + m.c;
     return m;
 }
 
 __device__ __forceinline__ float2 cmul_conj_b(float2 a, float2 b) { return make_float2(a.x * b.x + a.y * b.y, a.y * b.x - a.x * b.y); }
 
-extern "C" __global__ void spectral_mix_fwd_f32(const float2* __restrict__ x, const float2* __restrict__ w, const int* __restrict__ rows,
-                                                float2* __restrict__ y, int B, int Ci, int Co, int H, int Wh, int R, int My) {
-    const int64_t n = (int64_t)B * Co * R * My;
+extern "C" __global__ void spectral_mix_fwd_f32(const float2* __restrict__ x, const float2* __restrict__ w, float2* __restrict__ y, SpectralGeom g) {
+    const int64_t n = (int64_t)g.b * g.co * g.r * g.my;
     FNO_FOR(t, n) {
-        const Mode m = mode_of(t, Co, R, My, rows, Wh);
+        const Mode m = mode_of(t, g.co, g);
         const int c = m.c, r = m.r, o = m.mid, b = m.outer;
-        const int64_t plane = (int64_t)H * Wh, at = m.at;
+        const int64_t plane = (int64_t)g.h * g.wh, at = m.at;
         float2 acc = make_float2(0.f, 0.f);
-        for (int i = 0; i < Ci; ++i) {
-            const float2 p = cmul(x[((int64_t)b * Ci + i) * plane + at], w[(((int64_t)i * Co + o) * R + r) * My + c]);
+        for (int i = 0; i < g.ci; ++i) {
+            const float2 p = cmul(x[((int64_t)b * g.ci + i) * plane + at], w[(((int64_t)i * g.co + o) * g.r + r) * g.my + c]);
             acc.x += p.x;
             acc.y += p.y;
         }
-        y[((int64_t)b * Co + o) * plane + at] = acc;
+        y[((int64_t)b * g.co + o) * plane + at] = acc;
     }
 }
 
-extern "C" __global__ void spectral_mix_bwd_input_f32(const float2* __restrict__ dy, const float2* __restrict__ w, const int* __restrict__ rows,
-                                                      float2* __restrict__ dx, int B, int Ci, int Co, int H, int Wh, int R, int My) {
-    const int64_t n = (int64_t)B * Ci * R * My;
+extern "C" __global__ void spectral_mix_bwd_input_f32(const float2* __restrict__ dy, const float2* __restrict__ w, float2* __restrict__ dx, SpectralGeom g) {
+    const int64_t n = (int64_t)g.b * g.ci * g.r * g.my;
     FNO_FOR(t, n) {
-        const Mode m = mode_of(t, Ci, R, My, rows, Wh);
+        const Mode m = mode_of(t, g.ci, g);
         const int c = m.c, r = m.r, i = m.mid, b = m.outer;
-        const int64_t plane = (int64_t)H * Wh, at = m.at;
+        const int64_t plane = (int64_t)g.h * g.wh, at = m.at;
         float2 acc = make_float2(0.f, 0.f);
-        for (int o = 0; o < Co; ++o) {
-            const float2 p = cmul_conj_b(dy[((int64_t)b * Co + o) * plane + at], w[(((int64_t)i * Co + o) * R + r) * My + c]);
+        for (int o = 0; o < g.co; ++o) {
+            const float2 p = cmul_conj_b(dy[((int64_t)b * g.co + o) * plane + at], w[(((int64_t)i * g.co + o) * g.r + r) * g.my + c]);
             acc.x += p.x;
             acc.y += p.y;
         }
-        dx[((int64_t)b * Ci + i) * plane + at] = acc;
+        dx[((int64_t)b * g.ci + i) * plane + at] = acc;
     }
 }
 
-extern "C" __global__ void spectral_mix_bwd_weight_f32(const float2* __restrict__ x, const float2* __restrict__ dy, const int* __restrict__ rows,
-                                                       float2* __restrict__ dw, int B, int Ci, int Co, int H, int Wh, int R, int My) {
-    const int64_t n = (int64_t)Ci * Co * R * My;
+extern "C" __global__ void spectral_mix_bwd_weight_f32(const float2* __restrict__ x, const float2* __restrict__ dy, float2* __restrict__ dw, SpectralGeom g) {
+    const int64_t n = (int64_t)g.ci * g.co * g.r * g.my;
     FNO_FOR(t, n) {
-        const Mode m = mode_of(t, Co, R, My, rows, Wh);
+        const Mode m = mode_of(t, g.co, g);
         const int o = m.mid, i = m.outer;
-        const int64_t plane = (int64_t)H * Wh, at = m.at;
+        const int64_t plane = (int64_t)g.h * g.wh, at = m.at;
         float2 acc = make_float2(0.f, 0.f);
-        for (int b = 0; b < B; ++b) {
+        for (int b = 0; b < g.b; ++b) {
             // conj(X) dY = conj(X conj(dY)) -> (re, -im) of cmul_conj_b(X, dY)
-            const float2 p = cmul_conj_b(x[((int64_t)b * Ci + i) * plane + at], dy[((int64_t)b * Co + o) * plane + at]);
+            const float2 p = cmul_conj_b(x[((int64_t)b * g.ci + i) * plane + at], dy[((int64_t)b * g.co + o) * plane + at]);
             acc.x += p.x;
             acc.y -= p.y;
         }

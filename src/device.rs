@@ -20,8 +20,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::backend::cuda::{CudaBackend, Gpu};
-use crate::backend::{cpu::CpuBackend, meta::MetaBackend, Backend};
+use crate::backend::gpu::Gpu;
 use crate::error::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -166,15 +165,6 @@ impl Device {
 
     pub fn is_meta(&self) -> bool {
         self.kind == DeviceKind::Meta
-    }
-
-    /// The kernels that compute on this device.
-    pub(crate) fn backend(&self) -> &'static dyn Backend {
-        match self.kind {
-            DeviceKind::Cpu => &CpuBackend,
-            DeviceKind::Meta => &MetaBackend,
-            DeviceKind::Cuda(_) => &CudaBackend,
-        }
     }
 
     /// Sets (or with `None` clears) the memory limit in bytes. Allocations that would take the

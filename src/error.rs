@@ -38,9 +38,15 @@ pub enum Error {
     #[error("{op}: tensor on the meta device has no data")]
     NoData { op: &'static str },
 
-    /// The CUDA driver, the GPU or the embedded kernels: no GPU, no driver, a failed launch.
+    /// The CUDA driver, the GPU or the embedded kernels: no GPU, no driver, a failed launch. A
+    /// failed driver, cuBLAS or cuFFT call keeps that library's error as the source.
     #[error("cuda: {op}: {why}")]
-    Cuda { op: String, why: String },
+    Cuda {
+        op: String,
+        why: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
 
     #[error("FFT failed in {op}: {why}")]
     Fft { op: &'static str, why: String },
@@ -64,6 +70,16 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// A CUDA error without a library error behind it (no GPU, no kernels, a refused shape).
+    pub fn cuda(op: impl Into<String>, why: impl Into<String>) -> Error {
+        Error::Cuda { op: op.into(), why: why.into(), source: None }
+    }
+
+    /// A failed call into the driver, cuBLAS or cuFFT, kept as the source.
+    pub fn cuda_call<E: std::error::Error + Send + Sync + 'static>(op: impl Into<String>, e: E) -> Error {
+        Error::Cuda { op: op.into(), why: e.to_string(), source: Some(Box::new(e)) }
+    }
+
     pub(crate) fn invalid(op: &'static str, why: impl Into<String>) -> Self {
         Error::InvalidArgument { op, why: why.into() }
     }

@@ -436,7 +436,7 @@ fn info() {
     } else {
         println!("cuda kernels: not embedded (CPU-only build)");
     }
-    match fnokern::backend::cuda::probe(0) {
+    match fnokern::backend::gpu::probe(0) {
         Ok(g) => {
             println!(
                 "gpu 0: {} (compute capability {}.{}), driver CUDA {}.{}, memory {:.2} GiB free of {:.2} GiB",
@@ -448,7 +448,7 @@ fn info() {
                 g.free_bytes as f64 / (1u64 << 30) as f64,
                 g.total_bytes as f64 / (1u64 << 30) as f64
             );
-            match fnokern::Device::cuda(0).and_then(|d| fnokern::backend::cuda::self_test(&d)) {
+            match fnokern::Device::cuda(0).and_then(|d| fnokern::backend::gpu::self_test(&d)) {
                 Ok(()) => println!(
                     "gpu 0: the embedded kernels load; an allocation, copies, a kernel, cuBLAS and cuFFT agree with the CPU: `--device cuda` trains on it"
                 ),

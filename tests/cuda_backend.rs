@@ -13,7 +13,7 @@
 use std::path::Path;
 
 mod common;
-use common::{tempdir, tiny, UNARY};
+use common::{assert_close as close, randn, tempdir, tiny, UNARY};
 use fnokern::backend::{self, AdamStep, Binary, NormKind, Reduce, SgdStep, Unary};
 use fnokern::config::{Config, LossConfig};
 use fnokern::loss;
@@ -26,30 +26,9 @@ fn cuda(test: &str) -> Option<Device> {
     common::standin::cuda_device(test)
 }
 
-fn randn(dev: &Device, shape: &[usize], seed: u64) -> Tensor {
-    Tensor::randn(shape.to_vec(), 1.0, seed, DType::F32, dev).unwrap()
-}
-
 /// Uniform in [0.5, 2): inputs for sqrt and ln.
 fn positive(dev: &Device, shape: &[usize], seed: u64) -> Tensor {
     Tensor::rand_uniform(shape.to_vec(), 0.5, 2.0, seed, DType::F32, dev).unwrap()
-}
-
-fn close(what: &str, got: &Tensor, want: &Tensor, atol: f64, rtol: f64) {
-    assert_eq!(got.dims(), want.dims(), "{what}: shape");
-    let (got, want) = (got.to_f64_vec().unwrap(), want.to_f64_vec().unwrap());
-    let bad: Vec<String> = got
-        .iter()
-        .zip(&want)
-        .enumerate()
-        // A NaN on either side is a mismatch.
-        .filter(|(_, (&g, &w))| {
-            let err = (g - w).abs();
-            err.is_nan() || err > atol + rtol * w.abs()
-        })
-        .map(|(i, (g, w))| format!("[{i}] got {g} want {w}"))
-        .collect();
-    assert!(bad.is_empty(), "{what}: {} of {} mismatch, first: {}", bad.len(), got.len(), bad[..bad.len().min(5)].join(", "));
 }
 
 type Outputs = Vec<(String, Tensor)>;

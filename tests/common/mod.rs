@@ -47,3 +47,56 @@ pub const UNARY: [fnokern::backend::Unary; 8] = {
 };
 
 pub mod standin;
+
+/// A seeded N(0, 1) f32 tensor on `dev` (the same values on every device for the same seed).
+pub fn randn(dev: &fnokern::Device, shape: &[usize], seed: u64) -> fnokern::Tensor {
+    fnokern::Tensor::randn(shape.to_vec(), 1.0, seed, fnokern::DType::F32, dev).unwrap()
+}
+
+/// |got - want| <= atol + rtol |want| everywhere (a NaN on either side is a mismatch), with the
+/// first mismatches in the message. The tensors may live on different devices.
+#[track_caller]
+pub fn assert_close(what: &str, got: &fnokern::Tensor, want: &fnokern::Tensor, atol: f64, rtol: f64) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shape");
+    let (got, want) = (got.to_f64_vec().unwrap(), want.to_f64_vec().unwrap());
+    let bad: Vec<String> = got
+        .iter()
+        .zip(&want)
+        .enumerate()
+        .filter(|(_, (&g, &w))| {
+            let err = (g - w).abs();
+            err.is_nan() || err > atol + rtol * w.abs()
+        })
+        .map(|(i, (g, w))| format!("[{i}] got {g} want {w}"))
+        .collect();
+    assert!(bad.is_empty(), "{what}: {} of {} mismatch, first: {}", bad.len(), got.len(), bad[..bad.len().min(5)].join(", "));
+}
+
+/// One test body for every device: `test_device!(fn name(dev) { ... })` makes the module `name`
+/// with the tests `name::cpu` and `name::cuda`, each calling the body with its `&Device`. The
+/// CUDA one runs on a GPU where there is one, else on the driver stand-in
+/// (`standin::cuda_device`); only a build without kernels skips it.
+#[macro_export]
+macro_rules! test_device {
+    ($(#[$meta:meta])* fn $name:ident($dev:ident) $body:block) => {
+        $(#[$meta])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            fn body($dev: &fnokern::Device) $body
+
+            #[test]
+            fn cpu() {
+                body(&fnokern::Device::cpu())
+            }
+
+            #[test]
+            fn cuda() {
+                if let Some(d) = $crate::common::standin::cuda_device(stringify!($name)) {
+                    body(&d)
+                }
+            }
+        }
+    };
+}

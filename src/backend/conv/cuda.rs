@@ -1,0 +1,256 @@
+//! 2-D convolutions on the GPU: im2col / col2im (kernels/conv.cu) around cuBLAS SGEMMs, the same
+//! decomposition as the CPU's (conv/cpu.rs):
+//!
+//! - forward: y_n [C_out, Ho Wo] = W [C_out, K] cols(x_n) [K, Ho Wo], K = C_in kh kw, as one
+//!   strided-batched GEMM per chunk of samples (W's stride 0);
+//! - dX: col2im(W^T dy_n), batched the same way;
+//! - dW: sum over n, in order, of dy_n cols(x_n)^T, one GEMM per sample accumulating (beta 1), so
+//!   the order of the sum is the CPU's.
+//!
+//! A 1x1 kernel with stride 1 and no padding uses x_n itself as its columns. The columns of a
+//! chunk of samples are scratch from the memory pool, at most `COLS_BUDGET` floats.
+//! cuBLAS is column-major; [`gemm_rm`] maps a row-major product onto it.
+
+use cudarc::cublas::{sys as bsys, Gemm, GemmConfig, StridedBatchedConfig};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
+
+use super::ConvGeom;
+use crate::backend::gpu::{check_len, elementwise_config, Gpu};
+use crate::backend::{int, kernels};
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// cuBLAS's column-major GEMM arguments for the row-major C [m, n] = op(A) [m, k] op(B) [k, n]:
+/// a row-major matrix is its transpose in column-major order, so cuBLAS computes
+/// C^T [n, m] = op(B)^T op(A)^T with B as its first operand and A as its second.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ColMajorGemm {
+    /// Whether cuBLAS's first operand (the row-major B) is used transposed.
+    pub transa: bool,
+    /// Whether cuBLAS's second operand (the row-major A) is used transposed.
+    pub transb: bool,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub lda: usize,
+    pub ldb: usize,
+    pub ldc: usize,
+}
+
+impl ColMajorGemm {
+    /// `a_t`: A is stored as [k, m] (used transposed); `b_t`: B is stored as [n, k].
+    pub fn of_row_major(m: usize, n: usize, k: usize, a_t: bool, b_t: bool) -> ColMajorGemm {
+        ColMajorGemm { transa: b_t, transb: a_t, m: n, n: m, k, lda: if b_t { k } else { n }, ldb: if a_t { m } else { k }, ldc: n }
+    }
+}
+
+/// A row-major operand: its buffer, whether it is used transposed, and the stride between the
+/// matrices of a batch (0: the same matrix for every item).
+pub struct Operand<'a> {
+    pub data: CudaView<'a, f32>,
+    pub transposed: bool,
+    pub stride: usize,
+}
+
+impl<'a> Operand<'a> {
+    pub fn new(data: CudaView<'a, f32>, transposed: bool, stride: usize) -> Self {
+        Operand { data, transposed, stride }
+    }
+}
+
+fn blas_err(op: &'static str) -> impl Fn(cudarc::cublas::result::CublasError) -> Error {
+    move |e| Error::cuda_call(op, e)
+}
+
+/// For each of `batch` items: C [m, n] = op(A) [m, k] op(B) [k, n] + beta C, all row-major,
+/// C's items `m n` apart. cuBLAS sees the column-major C^T = op(B)^T op(A)^T.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_rm(gpu: &Gpu, a: &Operand, b: &Operand, c: &mut CudaViewMut<f32>, m: usize, n: usize, k: usize, beta: f32, batch: usize) -> Result<()> {
+    const OP: &str = "gemm";
+    let need = |o: &Operand, rows: usize, cols: usize| o.stride * batch.saturating_sub(1) + rows * cols;
+    if a.data.len() < need(a, m, k) || b.data.len() < need(b, k, n) || c.len() < m * n * batch {
+        return Err(Error::invalid(OP, format!("operands do not fit {batch} x [{m}x{k}] x [{k}x{n}]")));
+    }
+    if m == 0 || n == 0 || batch == 0 {
+        return Ok(());
+    }
+    let cm = ColMajorGemm::of_row_major(m, n, k, a.transposed, b.transposed);
+    let op = |t: bool| if t { bsys::cublasOperation_t::CUBLAS_OP_T } else { bsys::cublasOperation_t::CUBLAS_OP_N };
+    let gemm = GemmConfig {
+        transa: op(cm.transa),
+        transb: op(cm.transb),
+        m: int(OP, cm.m)?,
+        n: int(OP, cm.n)?,
+        k: int(OP, cm.k)?,
+        alpha: 1.0f32,
+        lda: int(OP, cm.lda)?,
+        ldb: int(OP, cm.ldb)?,
+        beta,
+        ldc: int(OP, cm.ldc)?,
+    };
+    let blas = gpu.blas()?;
+    gpu.ctx.bind_to_thread().map_err(|e| Error::cuda_call(OP, e))?;
+    // SAFETY: the lengths checked above cover every element the strides and leading dimensions
+    // reach; all buffers are on this GPU's stream.
+    unsafe {
+        if batch == 1 {
+            blas.gemm(gemm, &b.data, &a.data, c).map_err(blas_err(OP))
+        } else {
+            let cfg =
+                StridedBatchedConfig { gemm, batch_size: int(OP, batch)?, stride_a: b.stride as i64, stride_b: a.stride as i64, stride_c: (m * n) as i64 };
+            blas.gemm_strided_batched(cfg, &b.data, &a.data, c).map_err(blas_err(OP))
+        }
+    }
+}
+
+/// cols [nb, K, Ho Wo] of the nb samples in x.
+fn im2col(gpu: &Gpu, x: &CudaView<f32>, cols: &mut CudaViewMut<f32>, nb: usize, g: ConvGeom) -> Result<()> {
+    let cfg = elementwise_config(cols.len());
+    let nb = int("im2col_f32", nb)?;
+    // SAFETY: the callers size x and cols for nb samples of this geometry.
+    unsafe { kernels::im2col_f32(gpu, cfg, x, cols, nb, g) }
+}
+
+/// dx of the nb samples from their dcols [nb, K, Ho Wo].
+fn col2im(gpu: &Gpu, dcols: &CudaView<f32>, dx: &mut CudaViewMut<f32>, nb: usize, g: ConvGeom) -> Result<()> {
+    let cfg = elementwise_config(dx.len());
+    let nb = int("col2im_f32", nb)?;
+    // SAFETY: the callers size dcols and dx for nb samples of this geometry.
+    unsafe { kernels::col2im_f32(gpu, cfg, dcols, dx, nb, g) }
+}
+
+/// An uninitialised f32 scratch buffer from the pool (every element is written before it is read
+/// by the callers).
+fn scratch(gpu: &Gpu, n: usize) -> Result<CudaSlice<f32>> {
+    // SAFETY: f32 has no invalid bit patterns; callers write before they read.
+    unsafe { gpu.stream.alloc::<f32>(n.max(1)) }.map_err(gpu.alloc_err(n * 4))
+}
+
+/// y [B, C_out, Ho, Wo] = conv(x [B, C_in, H, W], w [C_out, C_in, kh, kw]) (no bias).
+pub(super) fn conv2d_fwd(gpu: &Gpu, g: ConvGeom, x: &Tensor, w: &Tensor, y: &mut Tensor) -> Result<()> {
+    let (batch, c_out) = (x.dims()[0], w.dims()[0]);
+    let (x, w, y) = (x.cuda()?, w.cuda()?, y.cuda_mut()?);
+    let (k, hw) = (g.k(), g.hw_out());
+    check_len("conv2d_fwd", "x", x, batch * g.plane_in())?;
+    check_len("conv2d_fwd", "w", w, c_out * k)?;
+    check_len("conv2d_fwd", "y", y, batch * c_out * hw)?;
+    let chunk = g.chunk(batch);
+    let mut cols = if g.is_pointwise() { None } else { Some(scratch(gpu, chunk * k * hw)?) };
+    for n0 in (0..batch).step_by(chunk) {
+        let nb = chunk.min(batch - n0);
+        let xs = x.slice(n0 * g.plane_in()..(n0 + nb) * g.plane_in());
+        let b = match &mut cols {
+            None => Operand::new(xs, false, k * hw),
+            Some(cols) => {
+                im2col(gpu, &xs, &mut cols.slice_mut(..nb * k * hw), nb, g)?;
+                Operand::new(cols.slice(..nb * k * hw), false, k * hw)
+            }
+        };
+        let mut ys = y.slice_mut(n0 * c_out * hw..(n0 + nb) * c_out * hw);
+        gemm_rm(gpu, &Operand::new(w.slice(..), false, 0), &b, &mut ys, c_out, hw, k, 0.0, nb)?;
+    }
+    Ok(())
+}
+
+/// dx [B, C_in, H, W] from dy [B, C_out, Ho, Wo] and w [C_out, C_in, kh, kw].
+pub(super) fn conv2d_bwd_input(gpu: &Gpu, g: ConvGeom, dy: &Tensor, w: &Tensor, dx: &mut Tensor) -> Result<()> {
+    let (batch, c_out) = (dy.dims()[0], w.dims()[0]);
+    let (dy, w, dx) = (dy.cuda()?, w.cuda()?, dx.cuda_mut()?);
+    let (k, hw) = (g.k(), g.hw_out());
+    check_len("conv2d_bwd_input", "dy", dy, batch * c_out * hw)?;
+    check_len("conv2d_bwd_input", "w", w, c_out * k)?;
+    check_len("conv2d_bwd_input", "dx", dx, batch * g.plane_in())?;
+    let wt = || Operand::new(w.slice(..), true, 0);
+    if g.is_pointwise() {
+        let dys = Operand::new(dy.slice(..), false, c_out * hw);
+        return gemm_rm(gpu, &wt(), &dys, &mut dx.slice_mut(..), k, hw, c_out, 0.0, batch);
+    }
+    let chunk = g.chunk(batch);
+    let mut dcols = scratch(gpu, chunk * k * hw)?;
+    for n0 in (0..batch).step_by(chunk) {
+        let nb = chunk.min(batch - n0);
+        let dys = Operand::new(dy.slice(n0 * c_out * hw..(n0 + nb) * c_out * hw), false, c_out * hw);
+        gemm_rm(gpu, &wt(), &dys, &mut dcols.slice_mut(..nb * k * hw), k, hw, c_out, 0.0, nb)?;
+        let mut dxs = dx.slice_mut(n0 * g.plane_in()..(n0 + nb) * g.plane_in());
+        col2im(gpu, &dcols.slice(..nb * k * hw), &mut dxs, nb, g)?;
+    }
+    Ok(())
+}
+
+/// dw [C_out, C_in, kh, kw] = sum over samples, in order, of dy_n cols(x_n)^T.
+pub(super) fn conv2d_bwd_weight(gpu: &Gpu, g: ConvGeom, x: &Tensor, dy: &Tensor, dw: &mut Tensor) -> Result<()> {
+    let (batch, c_out) = (x.dims()[0], dw.dims()[0]);
+    let (x, dy, dw) = (x.cuda()?, dy.cuda()?, dw.cuda_mut()?);
+    let (k, hw) = (g.k(), g.hw_out());
+    check_len("conv2d_bwd_weight", "x", x, batch * g.plane_in())?;
+    check_len("conv2d_bwd_weight", "dy", dy, batch * c_out * hw)?;
+    check_len("conv2d_bwd_weight", "dw", dw, c_out * k)?;
+    if batch == 0 {
+        return gpu.clear(dw);
+    }
+    let chunk = g.chunk(batch);
+    let mut cols = if g.is_pointwise() { None } else { Some(scratch(gpu, chunk * k * hw)?) };
+    for n0 in (0..batch).step_by(chunk) {
+        let nb = chunk.min(batch - n0);
+        if let Some(cols) = &mut cols {
+            let xs = x.slice(n0 * g.plane_in()..(n0 + nb) * g.plane_in());
+            im2col(gpu, &xs, &mut cols.slice_mut(..nb * k * hw), nb, g)?;
+        }
+        for j in 0..nb {
+            let n = n0 + j;
+            let cols_n = match &cols {
+                None => x.slice(n * g.plane_in()..(n + 1) * g.plane_in()),
+                Some(cols) => cols.slice(j * k * hw..(j + 1) * k * hw),
+            };
+            let dyn_ = Operand::new(dy.slice(n * c_out * hw..(n + 1) * c_out * hw), false, 0);
+            let beta = if n == 0 { 0.0 } else { 1.0 };
+            gemm_rm(gpu, &dyn_, &Operand::new(cols_n, true, 0), &mut dw.slice_mut(..), c_out, k, hw, beta, 1)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ColMajorGemm;
+
+    /// BLAS's column-major SGEMM by its definition: C = op(A) op(B) + beta C, where element
+    /// (i, j) of a column-major matrix with leading dimension ld is at i + j ld.
+    fn sgemm(g: ColMajorGemm, a: &[f32], b: &[f32], c: &mut [f32], beta: f32) {
+        let at = |i: usize, p: usize| if g.transa { a[p + i * g.lda] } else { a[i + p * g.lda] };
+        let bt = |p: usize, j: usize| if g.transb { b[j + p * g.ldb] } else { b[p + j * g.ldb] };
+        for i in 0..g.m {
+            for j in 0..g.n {
+                let s: f32 = (0..g.k).map(|p| at(i, p) * bt(p, j)).sum();
+                c[i + j * g.ldc] = s + beta * c[i + j * g.ldc];
+            }
+        }
+    }
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n).map(|i| ((i * 7 + seed * 13) % 11) as f32 - 5.0).collect()
+    }
+
+    /// The arguments gemm_rm hands to cuBLAS compute the row-major product, for every
+    /// combination of transposed operands, on shapes where m, n and k differ (swapping two of
+    /// them, or a wrong leading dimension, reads the wrong elements or leaves the buffers).
+    #[test]
+    fn the_column_major_mapping_computes_the_row_major_product() {
+        let (m, n, k) = (3usize, 5usize, 4usize);
+        for (a_t, b_t) in [(false, false), (true, false), (false, true), (true, true)] {
+            let (a, b) = (values(m * k, 1), values(k * n, 2));
+            let a_at = |i: usize, p: usize| if a_t { a[p * m + i] } else { a[i * k + p] };
+            let b_at = |p: usize, j: usize| if b_t { b[j * k + p] } else { b[p * n + j] };
+            let mut c = values(m * n, 3);
+            let mut want = c.clone();
+            for i in 0..m {
+                for j in 0..n {
+                    want[i * n + j] = (0..k).map(|p| a_at(i, p) * b_at(p, j)).sum::<f32>() + 0.5 * want[i * n + j];
+                }
+            }
+            // cuBLAS's first operand is the row-major B, its second the row-major A.
+            sgemm(ColMajorGemm::of_row_major(m, n, k, a_t, b_t), &b, &a, &mut c, 0.5);
+            assert_eq!(c, want, "a transposed {a_t}, b transposed {b_t}");
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! What the CPU kernels of every family share: the float types they compute in, the GEMM, and
+//! parallel maps and sums.
+//!
+//! Kernels are generic over f32 and f64 (`Float`). Parallel work is split in fixed-size pieces
+//! whose results are combined in a fixed order, so every result is bit-for-bit the same whatever
+//! the thread count. Reductions accumulate in f64.
+
+#[allow(unused_imports)]
+use crate::tensor::Element as _;
+#[allow(unused_imports)]
+use num_traits::{Float as _, One as _, Zero as _};
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::tensor::{Element, Tensor};
+
+/// Elements per parallel piece of an element-wise kernel or a reduction.
+pub(crate) const CHUNK: usize = 1 << 14;
+
+/// A floating-point type the CPU computes in.
+pub trait Float: Element + num_traits::Float + rustfft::FftNum + Default + std::iter::Sum + std::ops::AddAssign {
+    /// C = alpha * A B + beta * C with explicit row and column strides (matrixmultiply).
+    ///
+    /// # Safety
+    /// The strides and sizes must describe memory inside the pointed-to buffers.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm_raw(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: Self,
+        a: *const Self,
+        rsa: isize,
+        csa: isize,
+        b: *const Self,
+        rsb: isize,
+        csb: isize,
+        beta: Self,
+        c: *mut Self,
+        rsc: isize,
+        csc: isize,
+    );
+}
+
+impl Float for f32 {
+    unsafe fn gemm_raw(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: f32,
+        a: *const f32,
+        rsa: isize,
+        csa: isize,
+        b: *const f32,
+        rsb: isize,
+        csb: isize,
+        beta: f32,
+        c: *mut f32,
+        rsc: isize,
+        csc: isize,
+    ) {
+        matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
+    }
+}
+
+impl Float for f64 {
+    unsafe fn gemm_raw(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: f64,
+        a: *const f64,
+        rsa: isize,
+        csa: isize,
+        b: *const f64,
+        rsb: isize,
+        csb: isize,
+        beta: f64,
+        c: *mut f64,
+        rsc: isize,
+        csc: isize,
+    ) {
+        matrixmultiply::dgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
+    }
+}
+
+/// A row-major matrix operand of `gemm`: its data, and whether to use it transposed.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a, T> {
+    pub data: &'a [T],
+    pub rows: usize,
+    pub cols: usize,
+    pub transposed: bool,
+}
+
+impl<'a, T> Mat<'a, T> {
+    pub fn new(data: &'a [T], rows: usize, cols: usize) -> Self {
+        Mat { data, rows, cols, transposed: false }
+    }
+    pub fn t(self) -> Self {
+        Mat { transposed: !self.transposed, ..self }
+    }
+    /// (rows, cols, row stride, column stride) of the operand as used.
+    fn view(&self) -> (usize, usize, isize, isize) {
+        if self.transposed {
+            (self.cols, self.rows, 1, self.cols as isize)
+        } else {
+            (self.rows, self.cols, self.cols as isize, 1)
+        }
+    }
+}
+
+/// c [m, n] (row-major) = a b + beta c. Sizes are checked, so the unsafe call stays in bounds.
+pub(crate) fn gemm<T: Float>(a: Mat<T>, b: Mat<T>, c: &mut [T], beta: T) -> Result<()> {
+    let (m, k, rsa, csa) = a.view();
+    let (k2, n, rsb, csb) = b.view();
+    if k != k2 || a.data.len() < a.rows * a.cols || b.data.len() < b.rows * b.cols || c.len() < m * n {
+        return Err(Error::invalid("gemm", format!("operands do not fit: [{m}x{k}] x [{k2}x{n}] into {} places", c.len())));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    // SAFETY: the checks above bound every index the strides can reach.
+    unsafe { T::gemm_raw(m, k, n, T::one(), a.data.as_ptr(), rsa, csa, b.data.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), n as isize, 1) }
+    Ok(())
+}
+
+/// Runs `$body` with `$T` bound to the Rust type of `$dtype` (f32 or f64).
+macro_rules! with_float {
+    ($dtype:expr, $op:literal, |$T:ident| $body:expr) => {
+        match $dtype {
+            $crate::tensor::DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            $crate::tensor::DType::F64 => {
+                type $T = f64;
+                $body
+            }
+            other => Err($crate::error::Error::UnsupportedDType { op: $op, dtype: other, why: "the CPU computes in f32 or f64" }),
+        }
+    };
+}
+pub(crate) use with_float;
+
+/// y[i] = f(i-th elements) in parallel pieces.
+pub(crate) fn map1<T: Float>(x: &[T], y: &mut [T], f: impl Fn(T) -> T + Sync) {
+    y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(yc, xc)| yc.iter_mut().zip(xc).for_each(|(y, &x)| *y = f(x)));
+}
+
+pub(crate) fn map2<T: Float>(a: &[T], b: &[T], y: &mut [T], f: impl Fn(T, T) -> T + Sync) {
+    y.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(|(yc, (ac, bc))| {
+        for ((y, &a), &b) in yc.iter_mut().zip(ac).zip(bc) {
+            *y = f(a, b)
+        }
+    });
+}
+
+/// sum_i f(a_i, b_i) in f64: fixed pieces summed in order, so the result does not depend on threads.
+pub(crate) fn sum_pairs<T: Float>(a: &[T], b: &[T], f: impl Fn(f64, f64) -> f64 + Sync) -> f64 {
+    let parts: Vec<f64> =
+        a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)).map(|(ac, bc)| ac.iter().zip(bc).map(|(&a, &b)| f(a.as_f64(), b.as_f64())).sum()).collect();
+    parts.iter().sum()
+}
+
+pub(crate) fn scalar<T: Float>(t: &Tensor) -> Result<T> {
+    Ok(t.as_slice::<T>()?[0])
+}

@@ -1,0 +1,131 @@
+//! Element-wise maps (kernels/elementwise.cu): every unary function with its derivative, binary
+//! arithmetic, in-place accumulation, affine maps, scaling by a one-element tensor, broadcasting a
+//! scalar, clamping. Their geometry is the operands' common shape ([`Map`]).
+
+mod cpu;
+pub(crate) mod cuda;
+
+use super::{check_compute, check_eq, check_one, check_same, compute, on_device, own};
+use crate::error::Result;
+use crate::tensor::{Shape, Tensor};
+
+/// Element-wise functions with a derivative.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unary {
+    /// x * Phi(x), the exact (erf) form.
+    Gelu,
+    /// |x|, derivative sign(x) with 0 at 0.
+    Abs,
+    /// sqrt(x), derivative 1 / (2 sqrt(x)).
+    Sqrt,
+    /// x^2.
+    Square,
+    /// ln x.
+    Log,
+    /// The angle wrapped to [-pi, pi): x - 2 pi round(x / 2 pi); derivative 1.
+    WrapAngle,
+    /// x rounded to the nearest IEEE half (f16; ties to even; beyond +-65504 it is +-inf), as a
+    /// GPU stores an fp16 activation. Used by `ops::round_to`, whose backward rounds the gradient.
+    RoundF16,
+    /// x rounded to the nearest bfloat16 (ties to even).
+    RoundBf16,
+}
+
+impl Unary {
+    /// The kernels' code of the op (the order of `unary_value` in elementwise.cu).
+    pub(crate) fn code(self) -> i32 {
+        self as i32
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Binary {
+    Add,
+    Sub,
+    Mul,
+}
+
+impl Binary {
+    fn name(self) -> &'static str {
+        match self {
+            Binary::Add => "add",
+            Binary::Sub => "sub",
+            Binary::Mul => "mul",
+        }
+    }
+}
+
+/// The geometry of an element-wise op: operands on one device, of one compute dtype and one
+/// shape, the output's.
+pub(crate) struct Map {
+    pub shape: Shape,
+}
+
+impl Map {
+    pub(crate) fn of(op: &'static str, ts: &[&Tensor]) -> Result<Map> {
+        check_same(op, ts)?;
+        for t in &ts[1..] {
+            check_eq(op, ts[0], t)?;
+        }
+        Ok(Map { shape: ts[0].shape().clone() })
+    }
+}
+
+pub fn unary(op: Unary, x: &Tensor) -> Result<Tensor> {
+    let m = Map::of("unary", &[x])?;
+    compute(m.shape, x, |y| cpu::unary(op, x, y), |gpu, y| cuda::unary(gpu, op, x, y))
+}
+
+pub fn unary_bwd(op: Unary, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let m = Map::of("unary_bwd", &[x, dy])?;
+    compute(m.shape, x, |dx| cpu::unary_bwd(op, x, dy, dx), |gpu, dx| cuda::unary_bwd(gpu, op, x, dy, dx))
+}
+
+pub fn binary(op: Binary, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let m = Map::of(op.name(), &[a, b])?;
+    compute(m.shape, a, |y| cpu::binary(op, a, b, y), |gpu, y| cuda::binary(gpu, op, a, b, y))
+}
+
+/// a + b, written into a's or b's storage when nobody else holds it (gradient accumulation).
+/// IEEE addition commutes, so the result is the same whichever buffer receives it.
+pub fn add_into(mut a: Tensor, mut b: Tensor) -> Result<Tensor> {
+    Map::of("add", &[&a, &b])?;
+    let (acc, other) = if a.is_unique() {
+        (&mut a, &b)
+    } else if b.is_unique() {
+        (&mut b, &a)
+    } else {
+        return binary(Binary::Add, &a, &b);
+    };
+    let dev = acc.device().clone();
+    on_device(&dev, acc, |acc| cpu::add_assign(acc, other), |gpu, acc| cuda::add_assign(gpu, acc, other))?;
+    Ok(if a.is_unique() { a } else { b })
+}
+
+/// y = alpha x + beta.
+pub fn affine(x: &Tensor, alpha: f64, beta: f64) -> Result<Tensor> {
+    check_compute("affine", x)?;
+    compute(x.shape().clone(), x, |y| cpu::affine(x, alpha, beta, y), |gpu, y| cuda::affine(gpu, x, alpha, beta, y))
+}
+
+/// y = x * s, or x / s when `divide`; s has one element (it stays on the device).
+pub fn scale_by(x: &Tensor, s: &Tensor, divide: bool) -> Result<Tensor> {
+    check_same("scale_by", &[x, s])?;
+    check_one("scale_by", s)?;
+    compute(x.shape().clone(), x, |y| cpu::scale_by(x, s, divide, y), |gpu, y| cuda::scale_by(gpu, x, s, divide, y))
+}
+
+/// A tensor shaped like `like` filled with the one value of `g` (the backward of a reduction).
+pub fn broadcast_scalar(g: &Tensor, like: &Tensor) -> Result<Tensor> {
+    check_same("broadcast_scalar", &[g, like])?;
+    check_one("broadcast_scalar", g)?;
+    compute(like.shape().clone(), like, |y| cpu::fill(g, y), |gpu, y| cuda::fill(gpu, g, y))
+}
+
+/// In place: clamps every element to [-c, c].
+pub fn clamp(x: &mut Tensor, c: f64) -> Result<()> {
+    check_compute("clamp", x)?;
+    own(x)?;
+    let dev = x.device().clone();
+    on_device(&dev, x, |x| cpu::clamp(x, c), |gpu, x| cuda::clamp(gpu, x, c))
+}

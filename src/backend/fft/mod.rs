@@ -1,0 +1,94 @@
+//! The FFTs (kernels/fft.cu holds the spectrum glue around cuFFT on the GPU; rustfft/realfft on the
+//! CPU):
+//!
+//! - rfft2:  X[kx, ky] = sum_{n,m} x[n, m] e^{-2 pi i (kx n / H + ky m / W)},  ky in 0..W/2+1
+//!   (unnormalised), over the last two dimensions;
+//! - irfft2: x[n, m] = 1/(HW) sum_{kx, ky} c_ky Re(X[kx, ky] e^{+2 pi i (...)}), c = 1 on the DC
+//!   column (and the Nyquist column when W is even), 2 elsewhere: a DC or Nyquist column that is
+//!   not Hermitian is taken by its Hermitian part (the same as symmetrising it first, as JAX does),
+//!   a linear map of the real and imaginary parts, so its adjoint is exact;
+//! - the adjoints rfft2_bwd (HW irfft2 with interior columns halved) and irfft2_bwd (rfft2 with
+//!   each column times c_ky / (HW));
+//! - fft2: the complex 2-D FFT of [.., H, W, 2] times a scale (unnormalised inverse).
+//!
+//! Geometry: the image and half-spectrum shapes ([`Spectrum`]), and on the GPU `SpectrumGeom`.
+
+mod cpu;
+pub(crate) mod cuda;
+
+pub use super::kernels::SpectrumGeom;
+use super::{check_complex, check_compute, check_spatial, compute};
+use crate::error::{Error, Result};
+use crate::tensor::{Shape, Tensor};
+
+/// An image [.., H, W] and its half spectrum [.., H, W/2+1, 2].
+pub(crate) struct Spectrum {
+    pub planes: usize,
+    pub h: usize,
+    pub w: usize,
+    pub image: Shape,
+    pub half: Shape,
+}
+
+impl Spectrum {
+    /// From an image [.., H, W].
+    fn of_image(op: &'static str, x: &Tensor) -> Result<Spectrum> {
+        check_compute(op, x)?;
+        check_spatial(op, x)?;
+        let d = x.dims();
+        let (h, w) = (d[d.len() - 2], d[d.len() - 1]);
+        let mut half = d[..d.len() - 1].to_vec();
+        half.extend([w / 2 + 1, 2]);
+        Ok(Spectrum { planes: x.numel() / (h * w), h, w, image: x.shape().clone(), half: Shape::new(half) })
+    }
+
+    /// From a half spectrum [.., H, w/2+1, 2] of width-w images.
+    fn of_half(op: &'static str, z: &Tensor, w: usize) -> Result<Spectrum> {
+        check_compute(op, z)?;
+        check_complex(op, z, 3)?;
+        let d = z.dims();
+        let wh = d[d.len() - 2];
+        if w == 0 || wh != w / 2 + 1 {
+            return Err(Error::bad_shape(op, z.shape(), format!("half spectrum of width {wh} cannot give width {w}")));
+        }
+        let h = d[d.len() - 3];
+        let mut image = d[..d.len() - 2].to_vec();
+        image.push(w);
+        Ok(Spectrum { planes: z.numel() / (2 * h * wh).max(1), h, w, image: Shape::new(image), half: z.shape().clone() })
+    }
+}
+
+/// Real image [.., H, W] -> half spectrum [.., H, W/2+1, 2], unnormalised.
+pub fn rfft2(x: &Tensor) -> Result<Tensor> {
+    let s = Spectrum::of_image("rfft2", x)?;
+    compute(s.half.clone(), x, |y| cpu::rfft2(x, y, false), |gpu, y| cuda::rfft2(gpu, &s, x, y, false))
+}
+
+/// The adjoint of irfft2.
+pub fn irfft2_bwd(dy: &Tensor) -> Result<Tensor> {
+    let s = Spectrum::of_image("irfft2_bwd", dy)?;
+    compute(s.half.clone(), dy, |dz| cpu::rfft2(dy, dz, true), |gpu, dz| cuda::rfft2(gpu, &s, dy, dz, true))
+}
+
+/// Half spectrum [.., H, w/2+1, 2] -> real image [.., H, w], scaled by 1/(H w).
+pub fn irfft2(z: &Tensor, w: usize) -> Result<Tensor> {
+    let s = Spectrum::of_half("irfft2", z, w)?;
+    compute(s.image.clone(), z, |y| cpu::irfft2(z, y, false), |gpu, y| cuda::irfft2(gpu, &s, z, y, false))
+}
+
+/// The adjoint of rfft2.
+pub fn rfft2_bwd(dy: &Tensor, w: usize) -> Result<Tensor> {
+    let s = Spectrum::of_half("rfft2_bwd", dy, w)?;
+    compute(s.image.clone(), dy, |dx| cpu::irfft2(dy, dx, true), |gpu, dx| cuda::irfft2(gpu, &s, dy, dx, true))
+}
+
+/// Complex 2-D FFT over dimensions (H, W) of [.., H, W, 2], times `scale` (`inverse`: the
+/// unnormalised inverse).
+pub fn fft2(z: &Tensor, inverse: bool, scale: f64) -> Result<Tensor> {
+    check_compute("fft2", z)?;
+    check_complex("fft2", z, 3)?;
+    let d = z.dims();
+    let (h, w) = (d[d.len() - 3], d[d.len() - 2]);
+    let planes = z.numel() / (2 * h * w).max(1);
+    compute(z.shape().clone(), z, |y| cpu::fft2(z, inverse, scale, y), |gpu, y| cuda::fft2(gpu, z, y, planes, h, w, inverse, scale as f32))
+}

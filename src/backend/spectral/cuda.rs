@@ -1,0 +1,47 @@
+//! Launchers of kernels/spectral.cu. Complex buffers are interleaved (re, im) f32: spectra
+//! [B, C, H, Wh, 2], weights [Ci, Co, R, My, 2]. The kernels derive the kept rows from the
+//! geometry (rows 0..pos, then the last R - pos rows), so nothing but the tensors is uploaded.
+
+use super::SpectralGeom;
+use crate::backend::gpu::{check_len, elementwise_config, Gpu};
+use crate::backend::kernels;
+use crate::error::Result;
+use crate::tensor::Tensor;
+
+/// y = mix(x, w) on the kept modes, zero elsewhere.
+pub(super) fn spectral_mix_fwd(gpu: &Gpu, g: SpectralGeom, x: &Tensor, w: &Tensor, y: &mut Tensor) -> Result<()> {
+    const OP: &str = "spectral_mix_fwd_f32";
+    let (x, w, y) = (x.cuda()?, w.cuda()?, y.cuda_mut()?);
+    check_len(OP, "x", x, g.spectrum(g.ci))?;
+    check_len(OP, "w", w, g.weight())?;
+    check_len(OP, "y", y, g.spectrum(g.co))?;
+    gpu.clear(y)?;
+    let cfg = elementwise_config(g.b as usize * g.co as usize * g.r as usize * g.my as usize);
+    // SAFETY: lengths checked against the geometry.
+    unsafe { kernels::spectral_mix_fwd_f32(gpu, cfg, x, w, y, g) }
+}
+
+/// dx = sum_o dy conj(w) on the kept modes, zero elsewhere.
+pub(super) fn spectral_mix_bwd_input(gpu: &Gpu, g: SpectralGeom, dy: &Tensor, w: &Tensor, dx: &mut Tensor) -> Result<()> {
+    const OP: &str = "spectral_mix_bwd_input_f32";
+    let (dy, w, dx) = (dy.cuda()?, w.cuda()?, dx.cuda_mut()?);
+    check_len(OP, "dy", dy, g.spectrum(g.co))?;
+    check_len(OP, "w", w, g.weight())?;
+    check_len(OP, "dx", dx, g.spectrum(g.ci))?;
+    gpu.clear(dx)?;
+    let cfg = elementwise_config(g.b as usize * g.ci as usize * g.r as usize * g.my as usize);
+    // SAFETY: lengths checked against the geometry.
+    unsafe { kernels::spectral_mix_bwd_input_f32(gpu, cfg, dy, w, dx, g) }
+}
+
+/// dw = sum_b conj(x) dy.
+pub(super) fn spectral_mix_bwd_weight(gpu: &Gpu, g: SpectralGeom, x: &Tensor, dy: &Tensor, dw: &mut Tensor) -> Result<()> {
+    const OP: &str = "spectral_mix_bwd_weight_f32";
+    let (x, dy, dw) = (x.cuda()?, dy.cuda()?, dw.cuda_mut()?);
+    check_len(OP, "x", x, g.spectrum(g.ci))?;
+    check_len(OP, "dy", dy, g.spectrum(g.co))?;
+    check_len(OP, "dw", dw, g.weight())?;
+    let cfg = elementwise_config(g.weight() / 2);
+    // SAFETY: lengths checked against the geometry.
+    unsafe { kernels::spectral_mix_bwd_weight_f32(gpu, cfg, x, dy, dw, g) }
+}
