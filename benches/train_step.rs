@@ -1,4 +1,6 @@
-//! One training step (forward, physics loss, backward, Adam, with the rollback snapshot held):
+//! The trainer's own step, `Trainer::step` (input check, forward, physics loss, spike guard,
+//! backward, clipping, Adam, with the rollback snapshot held), timed in its steady state
+//! (`plan::SteadyState`: after warm-up updates, as `fnokern plan` measures it):
 //!
 //! - `train_step_cpu_preset`: the `cpu` preset's generator (depth 8, N 32, width 8,
 //!   max_channels 64, batch 16) on the CPU: the cost of activation checkpointing (none vs
@@ -11,7 +13,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use fnokern::config::{presets, CheckpointPolicy};
-use fnokern::plan::SyntheticStep;
+use fnokern::plan::SteadyState;
 use fnokern::Device;
 use fnokern::Precision;
 
@@ -28,8 +30,8 @@ fn step(c: &mut Criterion) {
         cfg.model.checkpoint = policy;
         cfg.train.precision = precision;
         g.throughput(Throughput::Elements(cfg.train.batch_size as u64));
-        let mut s = SyntheticStep::new(&cfg, &Device::cpu()).expect("the step builds");
-        g.bench_function(format!("{precision}/checkpoint_{policy}"), |b| b.iter(|| s.run().expect("the step runs")));
+        let mut s = SteadyState::new(&cfg, &Device::cpu()).expect("the step builds");
+        g.bench_function(format!("{precision}/checkpoint_{policy}"), |b| b.iter(|| s.trainer.step(s.batch.clone(), true).expect("the step runs")));
     }
     g.finish();
 }
@@ -52,10 +54,10 @@ fn step_gpu(c: &mut Criterion) {
         cfg.model.checkpoint = policy;
         cfg.train.precision = precision;
         g.throughput(Throughput::Elements(cfg.train.batch_size as u64));
-        let mut s = SyntheticStep::new(&cfg, &dev).expect("the step builds");
+        let mut s = SteadyState::new(&cfg, &dev).expect("the step builds");
         g.bench_function(format!("{precision}/checkpoint_{policy}"), |b| {
             b.iter(|| {
-                s.run().expect("the step runs");
+                s.trainer.step(s.batch.clone(), true).expect("the step runs");
                 dev.synchronize().expect("the GPU finishes the step")
             })
         });

@@ -8,7 +8,7 @@
 //                      Rounding goes to the nearest f16 / bf16 (ties to even; beyond f16's 65504
 //                      it is inf), stored as f32 (the emulation of low precision, as on the CPU).
 //   binary_f32(op):  y = a + b, a - b, a * b (op 0, 1, 2)
-//   add_assign_f32:  acc += x;   affine_f32: y = alpha x + beta;   scale_inplace_f32: x *= s
+//   add_assign_f32:  acc += x;   affine_f32: y = alpha x + beta;   scale_in_place_f32: x *= s
 //   scale_by_f32:    y = x * s[0] (or x / s[0]), s a one-element device buffer
 //   fill_scalar_f32: y = g[0] everywhere;   clamp_f32: x = min(max(x, -c), c) in place
 // Shapes: all operands [n]. CPU reference: unary_f / unary_df, map1 / map2 and the Backend impl
@@ -69,7 +69,7 @@ extern "C" __global__ void affine_f32(const float* __restrict__ x, float* __rest
     FNO_FOR(i, n) y[i] = alpha * x[i] + beta;
 }
 
-extern "C" __global__ void scale_inplace_f32(float* __restrict__ x, int64_t n, float s) {
+extern "C" __global__ void scale_in_place_f32(float* __restrict__ x, int64_t n, float s) {
     FNO_FOR(i, n) x[i] *= s;
 }
 

@@ -405,7 +405,7 @@ fn data(args: &ConfigArgs, export: Option<&std::path::Path>) -> fnokern::Result<
 
 fn grad(args: &ConfigArgs, weights: &std::path::Path, batch: &std::path::Path, out: &std::path::Path) -> fnokern::Result<()> {
     let cfg = args.resolve()?;
-    let loss = fnokern::model::parity::grad_to_file(&cfg, weights, batch, out)?;
+    let loss = fnokern::train::parity::grad_to_file(&cfg, weights, batch, out)?;
     println!("loss {loss:.8e}; wrote loss, output and parameter gradients to {}", out.display());
     Ok(())
 }

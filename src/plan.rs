@@ -1,27 +1,28 @@
-//! Memory plans: one training step run on the meta device (shapes and byte counts, no data),
-//! whose ledger gives, per generator part, the activations the tape keeps, and the step's peak,
-//! with and without activation checkpointing.
+//! Memory plans: the trainer's own step ([`Trainer::step`]) run on the meta device (shapes and
+//! byte counts, no data), whose ledger gives, per generator part, the activations the tape keeps,
+//! and the step's peak, with and without activation checkpointing.
 //!
-//! The step is the trainer's steady state: parameters, the optimiser's state, the rollback
-//! snapshot (when `spike_action = rollback`: a second copy of parameters and optimiser state),
-//! one batch (diffraction, Y_I, Y_phi) and the scaled probe, then forward, the loss, backward,
-//! the fp16 loss scale when on, and the optimiser update. Every tensor goes through the same
-//! dispatch on the meta and the CPU device, so the plan's figures are the CPU's measured ones to
-//! the byte ([`step_memory`] runs on either); kernel scratch (im2col, FFT buffers) is not counted
-//! on either. Low precision is emulated in fp32 storage (values rounded through bf16/fp16), so
-//! bf16/fp16 plans give fp32 byte counts: an upper bound for a GPU storing 2-byte activations.
+//! The step is measured in the trainer's steady state: after warm-up updates, so that the
+//! optimiser's state exists and, with `spike_action = rollback`, the rollback snapshot has been
+//! written apart from the parameters. Resident are the parameters, the optimiser's state, the
+//! snapshot, one batch (diffraction, Y_I, Y_phi) and the scaled probe; then one group of
+//! `accumulate` micro-batches runs (forward, loss, guards, backward, accumulation, unscaling,
+//! clipping, update) and the peak is read. Every tensor goes through the same dispatch on the
+//! meta and the CPU device, and a meta tensor reads as zeros, so the trainer's guards run
+//! unchanged and the plan's figures are the CPU's measured ones to the byte ([`step_memory`]
+//! runs on either); kernel scratch (im2col, FFT buffers) is not counted on either. Low precision
+//! is emulated in fp32 storage (values rounded through bf16/fp16), so bf16/fp16 plans give fp32
+//! byte counts: an upper bound for a GPU storing 2-byte activations.
 
-use crate::autograd::Tape;
 use crate::backend;
-use crate::config::{CheckpointPolicy, Config, OptimizerKind, SpikeAction};
+use crate::config::{CheckpointPolicy, Config};
+use crate::data::Batch;
 use crate::device::Device;
-use crate::error::Result;
-use crate::loss;
+use crate::error::{Error, Result};
 use crate::model::Generator;
-use crate::ops;
-use crate::optim::Optimizer;
 use crate::tensor::Precision;
 use crate::tensor::{DType, Tensor};
+use crate::train::{StepOutcome, StepPoint, StepReport, Trainer};
 
 /// One generator part's bytes.
 #[derive(Clone, Debug, PartialEq)]
@@ -63,144 +64,112 @@ pub struct Plan {
     pub parameters: usize,
 }
 
-fn copy(t: &Tensor) -> Result<Tensor> {
-    backend::affine(t, 1.0, 0.0)
-}
-
-/// One steady-state training step of a config on a device, set up once and run any number of
-/// times: what [`step_memory`] measures and what the step-time benchmark times.
-pub struct SyntheticStep {
-    cfg: Config,
-    g: Generator,
-    opt: Optimizer,
-    /// The rollback snapshot (parameters, moments), held only to be counted.
-    _snapshot: Option<Vec<Tensor>>,
-    diffraction: Tensor,
-    y_i: Tensor,
-    y_phi: Tensor,
-    probe: Tensor,
-    /// Bytes of each resident group: parameters, optimiser state, snapshot, batch and probe.
+/// A trainer of a config in its steady state, with the batch it trains on: what
+/// [`step_memory`] measures and the step-time benchmark times (`trainer.step(batch.clone(),
+/// true)`).
+pub struct SteadyState {
+    pub trainer: Trainer,
+    /// One batch of `train.batch_size` patterns (|N(0, 1)| diffraction, zero targets).
+    pub batch: Batch,
+    /// Bytes held by each resident group: parameters, optimiser state, rollback snapshot, and
+    /// batch with scaled probe.
     pub params: u64,
     pub optimizer: u64,
     pub snapshot: u64,
-    pub batch: u64,
-    slots: u64,
+    pub batch_bytes: u64,
 }
 
-/// The ledger readings of one run of a [`SyntheticStep`].
-struct StepReadings {
-    /// Ledger after each part of the generator's forward pass (and before the first).
-    marks: Vec<u64>,
-    activations: u64,
-}
+/// Warm-up groups after which a step that never updates is an error (fp16 halves its scale on
+/// every overflow, so a few dozen groups reach any scale the gradients fit).
+const WARMUP_GROUPS: usize = 64;
 
-impl SyntheticStep {
-    /// Builds the generator, the optimiser state (as after its first update: Adam's two moments,
-    /// SGD's momentum buffer), the rollback snapshot when `spike_action = rollback` (its own copy:
-    /// the trainer's update is copy-on-write, so after one update the copies are distinct), and a
-    /// batch of `cfg.train.batch_size` patterns on `dev`.
-    pub fn new(cfg: &Config, dev: &Device) -> Result<SyntheticStep> {
+impl SteadyState {
+    /// Builds the generator and trainer of `cfg` on `dev` and runs update groups until the
+    /// optimiser has updated twice with the rollback point marked between: its state exists, and
+    /// the snapshot's copy has been written apart.
+    pub fn new(cfg: &Config, dev: &Device) -> Result<SteadyState> {
         cfg.validate()?;
         let at = || dev.memory().current;
         let base = at();
-        let mut g = Generator::new(&cfg.model, cfg.data.n, 1, dev, DType::F32)?;
-        g.precision = cfg.train.precision;
+        let g = Generator::for_run(cfg, dev)?;
         let params = at() - base;
-        let mut opt = Optimizer::new(cfg.train.optimizer, &g.params);
-        let slots: u64 = match cfg.train.optimizer {
-            OptimizerKind::Adam | OptimizerKind::Adamw => 2,
-            OptimizerKind::Sgd if cfg.train.momentum > 0.0 => 1,
-            OptimizerKind::Sgd => 0,
-        };
-        for (id, _, p) in g.params.iter() {
-            if slots >= 1 {
-                opt.m[id.0] = Some(Tensor::zeros(p.shape().clone(), p.dtype(), dev)?);
-            }
-            if slots >= 2 {
-                opt.v[id.0] = Some(Tensor::zeros(p.shape().clone(), p.dtype(), dev)?);
-            }
-        }
-        let before = at();
-        let snapshot = if cfg.train.spike_action == SpikeAction::Rollback {
-            let all = g.params.values().iter().chain(opt.m.iter().flatten()).chain(opt.v.iter().flatten());
-            Some(all.map(copy).collect::<Result<Vec<_>>>()?)
-        } else {
-            None
-        };
-        let snapshot_bytes = at() - before;
         let (b, n) = (cfg.train.batch_size, cfg.data.n);
         let before = at();
         let obs = Tensor::randn([b, 1, n, n], 1.0, 1, DType::F32, dev)?;
-        let diffraction = backend::unary(backend::Unary::Abs, &obs)?;
+        let batch = Batch {
+            diffraction: backend::unary(backend::Unary::Abs, &obs)?,
+            y_i: Tensor::zeros([b, 1, n, n], DType::F32, dev)?,
+            y_phi: Tensor::zeros([b, 1, n, n], DType::F32, dev)?,
+        };
         drop(obs);
-        let y_i = Tensor::zeros([b, 1, n, n], DType::F32, dev)?;
-        let y_phi = Tensor::zeros([b, 1, n, n], DType::F32, dev)?;
-        let probe = loss::scaled_probe(&Tensor::full(1.0, [n, n, 2], DType::F32, dev)?, &cfg.loss)?;
-        let batch = at() - before;
-        Ok(SyntheticStep {
-            cfg: cfg.clone(),
-            g,
-            opt,
-            _snapshot: snapshot,
-            diffraction,
-            y_i,
-            y_phi,
-            probe,
-            params,
-            optimizer: params * slots,
-            snapshot: snapshot_bytes,
-            batch,
-            slots,
-        })
+        let probe = Tensor::full(1.0, [n, n, 2], DType::F32, dev)?;
+        let trainer = Trainer::new(cfg, g, &probe, 1000)?;
+        drop(probe);
+        let batch_bytes = at() - before;
+        let mut s = SteadyState { trainer, batch, params, optimizer: 0, snapshot: 0, batch_bytes };
+        // The first update creates the optimiser's state; the rollback point is marked there, as
+        // at an epoch's end; the second update writes parameters and moments apart from it.
+        for target in [1, 2] {
+            let mut groups = 0;
+            while s.trainer.updates() < target {
+                if groups == WARMUP_GROUPS {
+                    let seen = s.trainer.outcomes().iter().map(|(o, k)| format!("{o} {k}")).collect::<Vec<_>>().join(", ");
+                    return Err(Error::invalid("plan", format!("the step made no update in {WARMUP_GROUPS} groups of micro-batches (outcomes: {seen})")));
+                }
+                s.group(&mut |_| {})?;
+                groups += 1;
+            }
+            if target == 1 {
+                s.trainer.mark_good();
+            }
+        }
+        let st = s.trainer.optimizer_state();
+        s.optimizer = st.m.iter().chain(&st.v).flatten().map(|t| t.size_in_bytes() as u64).sum();
+        s.snapshot = (at() - base).saturating_sub(s.params + s.optimizer + s.batch_bytes);
+        Ok(s)
     }
 
     /// Bytes held before a step.
     pub fn resident(&self) -> u64 {
-        self.params + self.optimizer + self.snapshot + self.batch
+        self.params + self.optimizer + self.snapshot + self.batch_bytes
     }
 
-    /// Forward, loss (scaled in fp16), backward and the optimiser update.
-    pub fn run(&mut self) -> Result<()> {
-        self.run_reading(None).map(drop)
-    }
-
-    fn run_reading(&mut self, dev: Option<&Device>) -> Result<StepReadings> {
-        let cfg = &self.cfg;
-        let at = || dev.map_or(0, |d| d.memory().current);
-        let mut marks = Vec::new();
-        let (grads, activations) = {
-            let mut t = Tape::with_params(&self.g.params);
-            let x = t.constant(self.diffraction.clone());
-            let yi = t.constant(self.y_i.clone());
-            let yp = t.constant(self.y_phi.clone());
-            let start = at();
-            marks.push(start);
-            let out = self.g.forward_traced(&mut t, &x, &mut |_| marks.push(at()))?;
-            let targets = loss::Targets { diffraction: &x, y_i: &yi, y_phi: &yp };
-            let mut loss = loss::objective(&mut t, &cfg.loss, &out, &targets, &self.probe)?;
-            drop(out);
-            if cfg.train.precision == Precision::Fp16 {
-                loss = ops::scale(&mut t, &loss, cfg.train.loss_scale_init)?;
+    /// One group of `accumulate` micro-batches, the last ending the group (its update); `trace`
+    /// sees the points of the updating micro-batch.
+    pub fn group(&mut self, trace: &mut dyn FnMut(StepPoint)) -> Result<StepReport> {
+        let k = self.trainer.accumulate();
+        for _ in 1..k {
+            let r = self.trainer.step(self.batch.clone(), false)?;
+            if r.outcome != StepOutcome::Accumulated {
+                return Ok(r);
             }
-            let activations = at() - start;
-            (t.backward(&loss)?.into_params(), activations)
-        };
-        self.opt.step(&cfg.train, &mut self.g.params, &grads, cfg.train.lr, 1.0)?;
-        Ok(StepReadings { marks, activations })
+        }
+        self.trainer.step_traced(self.batch.clone(), true, trace)
     }
 }
 
-/// Runs one steady-state training step of `cfg` (batch `cfg.train.batch_size`, checkpointing
+/// Runs one steady-state update group of `cfg` (batch `cfg.train.batch_size`, checkpointing
 /// `cfg.model.checkpoint`) on `dev` and reads its ledger.
 pub fn step_memory(cfg: &Config, dev: &Device) -> Result<StepMemory> {
     let base = dev.memory().current;
-    let mut step = SyntheticStep::new(cfg, dev)?;
+    let mut s = SteadyState::new(cfg, dev)?;
     dev.reset_peak();
-    let r = step.run_reading(Some(dev))?;
+    let at = || dev.memory().current;
+    let (mut marks, mut start, mut activations) = (Vec::new(), 0, 0);
+    s.group(&mut |p| match p {
+        StepPoint::Forward => {
+            start = at();
+            marks = vec![start];
+        }
+        StepPoint::Part(_) => marks.push(at()),
+        StepPoint::Loss => activations = at() - start,
+    })?;
     let peak = dev.memory().peak - base;
     let bytes = |p: usize| (p * 4) as u64;
-    let parts = step
-        .g
+    let slots = s.optimizer / s.params.max(1);
+    let parts = s
+        .trainer
+        .model()
         .table()
         .iter()
         .enumerate()
@@ -210,20 +179,11 @@ pub fn step_memory(cfg: &Config, dev: &Device) -> Result<StepMemory> {
             width: row.width,
             params: bytes(row.params),
             grads: bytes(row.params),
-            optimizer: bytes(row.params) * step.slots,
-            activations: r.marks.get(i + 1).zip(r.marks.get(i)).map_or(0, |(a, b)| a.saturating_sub(*b)),
+            optimizer: bytes(row.params) * slots,
+            activations: marks.get(i + 1).zip(marks.get(i)).map_or(0, |(a, b)| a.saturating_sub(*b)),
         })
         .collect();
-    Ok(StepMemory {
-        parts,
-        resident: step.resident(),
-        params: step.params,
-        optimizer: step.optimizer,
-        snapshot: step.snapshot,
-        batch: step.batch,
-        activations: r.activations,
-        peak,
-    })
+    Ok(StepMemory { parts, resident: s.resident(), params: s.params, optimizer: s.optimizer, snapshot: s.snapshot, batch: s.batch_bytes, activations, peak })
 }
 
 /// The plan of `cfg` on the meta device: without checkpointing, and with `policy` (the config's

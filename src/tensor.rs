@@ -150,6 +150,16 @@ fn check_gpu_dtype(op: &'static str, dtype: DType) -> Result<()> {
     }
 }
 
+/// A GPU tensor needs a buffer, and the driver refuses a 0-byte allocation: an empty tensor on
+/// a GPU is an error here rather than a driver error later (the CPU and meta devices hold them).
+fn check_gpu_len(op: &'static str, shape: &Shape, device: &Device) -> Result<()> {
+    if shape.numel() > 0 {
+        Ok(())
+    } else {
+        Err(Error::bad_shape(op, shape, format!("{device} cannot hold an empty tensor (the CUDA driver refuses 0-byte allocations)")))
+    }
+}
+
 pub(crate) struct Storage {
     data: Data,
     // Dropped with the storage: returns the bytes to the device's accounting.
@@ -228,6 +238,7 @@ impl Tensor {
             Data::Meta
         } else if let Some(gpu) = device.gpu_opt() {
             check_gpu_dtype("Tensor::zeros", dtype)?;
+            check_gpu_len("Tensor::zeros", &shape, device)?;
             Data::Cuda(gpu.zeros::<f32>(n)?)
         } else {
             match dtype {
@@ -251,6 +262,7 @@ impl Tensor {
             Data::Meta
         } else if let Some(gpu) = device.gpu_opt() {
             check_gpu_dtype("Tensor::from_vec", T::DTYPE)?;
+            check_gpu_len("Tensor::from_vec", &shape, device)?;
             let host: &[f32] = bytemuck::cast_slice(&data);
             Data::Cuda(gpu.upload(host)?)
         } else {
@@ -381,7 +393,9 @@ impl Tensor {
             Data::BF16(v) => v.iter().map(|x| x.to_f64()).collect(),
             Data::F32(v) => v.iter().map(|&x| x as f64).collect(),
             Data::F64(v) => v.clone(),
-            Data::Meta => return Err(Error::NoData { op: "Tensor::to_f64_vec" }),
+            // Code that reads values (the trainer's guards, clipping's norms) runs unchanged on
+            // the meta device, which plans memory: its tensors read as zeros.
+            Data::Meta => vec![0.0; self.numel()],
             Data::Cuda(d) => self.device.gpu()?.download(d)?.into_iter().map(f64::from).collect(),
         })
     }

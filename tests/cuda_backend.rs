@@ -254,7 +254,7 @@ fn step_config() -> Config {
 fn one_step(cfg: &Config, dev: &Device) -> (Outputs, Outputs) {
     let n = cfg.data.n;
     let mut g = Generator::new(&cfg.model, n, 1, dev, DType::F32).unwrap();
-    let mut opt = Optimizer::new(cfg.train.optimizer, &g.params);
+    let mut opt = Optimizer::new(&cfg.train, &g.params);
     let diffraction = backend::unary(Unary::Abs, &randn(dev, &[2, 1, n, n], 11)).unwrap();
     let y_i = randn(dev, &[2, 1, n, n], 12);
     let y_phi = randn(dev, &[2, 1, n, n], 13);
@@ -271,7 +271,7 @@ fn one_step(cfg: &Config, dev: &Device) -> (Outputs, Outputs) {
         o.push(out(format!("d{name}"), grad.clone().expect("every parameter gets a gradient")));
     }
     let before = g.params.clone();
-    opt.step(&cfg.train, &mut g.params, &grads, cfg.train.lr, 1.0).unwrap();
+    opt.step(&mut g.params, &grads, cfg.train.lr).unwrap();
     let updates = g.params.iter().zip(before.values()).map(|((_, name, p), p0)| out(name.to_string(), backend::binary(Binary::Sub, p, p0).unwrap())).collect();
     (o, updates)
 }

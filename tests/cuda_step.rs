@@ -40,7 +40,7 @@ fn the_step_clips_in_one_reduction_and_launches_the_fused_kernels() {
     cfg.train.clip = ClipKind::GlobalNorm;
     let mut grads = fake_grads();
     standin.reset_calls();
-    let r = optim::clip(&cfg.train, &mut grads, &g.params).unwrap();
+    let r = optim::Clipper::new(&cfg.train).clip(&mut grads, &g.params).unwrap();
     assert!(r.norm_before > cfg.train.clip_max_norm && (r.norm_after - cfg.train.clip_max_norm).abs() < 1e-5, "{r:?}");
     assert_eq!(standin.calls("cuMemcpyDtoHAsync_v2"), 1, "copies back for global-norm clipping");
     assert_eq!(standin.calls("reduce_final_f32"), 1);
@@ -53,7 +53,7 @@ fn the_step_clips_in_one_reduction_and_launches_the_fused_kernels() {
         cfg.train.clip = clip;
         let mut grads = fake_grads();
         standin.reset_calls();
-        optim::clip(&cfg.train, &mut grads, &g.params).unwrap();
+        optim::Clipper::new(&cfg.train).clip(&mut grads, &g.params).unwrap();
         assert_eq!(standin.calls("agc_unit_f32"), launches as u64, "{clip:?}");
         assert_eq!(standin.calls("cuMemcpyDtoHAsync_v2"), 2, "{clip:?}: copies back");
     }

@@ -1,11 +1,16 @@
 //! The generator: its shape at depth 8, a parameter count derived by hand, whole-generator
 //! gradient checks for every block variant, checkpointing, weights round trips and bad configs.
+//! The checkpointing and weights tests run on each device (`test_device!`); the gradient checks
+//! are f64 finite differences, which only the CPU computes, and the rest needs no device.
 
 use fnokern::autograd::Tape;
 use fnokern::config::{BlockKind, CheckpointPolicy, Config, ModelConfig, PrenormKind};
 use fnokern::gradcheck::{check_with_params, Input, Tolerance};
 use fnokern::model::{plan_levels, weights, Generator, Transition};
 use fnokern::{ops, DType, Device, Tensor};
+
+mod common;
+use common::tempdir;
 
 fn small(block: BlockKind) -> ModelConfig {
     ModelConfig { depth: 3, width: 4, modes: 3, max_channels: 8, block, ..ModelConfig::default() }
@@ -123,83 +128,84 @@ fn step(g: &Generator, x: &Tensor) -> (Vec<f64>, Vec<Vec<f64>>) {
     (o, grads.params().iter().map(|g| g.as_ref().unwrap().to_f64_vec().unwrap()).collect())
 }
 
-#[test]
-fn checkpointed_generator_gives_identical_gradients_and_meta_predicts_its_peak() {
-    let x_of = |dev: &Device| Tensor::randn([2, 1, 16, 16], 1.0, 7, DType::F32, dev).unwrap();
-    let mut peaks = Vec::new();
-    let mut results = Vec::new();
-    for policy in [CheckpointPolicy::None, CheckpointPolicy::EveryLevel, CheckpointPolicy::EveryK(2)] {
-        let mut cfg = small(BlockKind::Layerscale);
-        cfg.checkpoint = policy;
-        let cpu = Device::cpu();
-        let g = Generator::new(&cfg, 16, 1, &cpu, DType::F32).unwrap();
-        let x = x_of(&cpu);
-        cpu.reset_peak();
-        results.push(step(&g, &x));
-        // The same step on the meta device.
-        let meta = Device::meta();
-        let gm = Generator::new(&cfg, 16, 1, &meta, DType::F32).unwrap();
-        let xm = x_of(&meta);
-        meta.reset_peak();
-        let mut t = Tape::with_params(&gm.params);
-        let xv = t.constant(xm);
-        let out = gm.forward(&mut t, &xv).unwrap();
-        let loss = ops::sum_sq(&mut t, &out).unwrap();
-        drop(out);
-        let grads = t.backward(&loss).unwrap();
-        drop(grads);
-        assert_eq!(meta.memory().peak, cpu.memory().peak, "{policy}: meta peak vs CPU peak");
-        peaks.push(cpu.memory().peak);
+test_device!(
+    fn checkpointed_generator_gives_identical_gradients_and_meta_predicts_its_peak(dev) {
+        let x_of = |dev: &Device| Tensor::randn([2, 1, 16, 16], 1.0, 7, DType::F32, dev).unwrap();
+        let mut peaks = Vec::new();
+        let mut results = Vec::new();
+        for policy in [CheckpointPolicy::None, CheckpointPolicy::EveryLevel, CheckpointPolicy::EveryK(2)] {
+            let mut cfg = small(BlockKind::Layerscale);
+            cfg.checkpoint = policy;
+            let real = Device::of_kind(dev.kind()).unwrap();
+            let g = Generator::new(&cfg, 16, 1, &real, DType::F32).unwrap();
+            let x = x_of(&real);
+            real.reset_peak();
+            results.push(step(&g, &x));
+            // The same step on the meta device.
+            let meta = Device::meta();
+            let gm = Generator::new(&cfg, 16, 1, &meta, DType::F32).unwrap();
+            let xm = x_of(&meta);
+            meta.reset_peak();
+            let mut t = Tape::with_params(&gm.params);
+            let xv = t.constant(xm);
+            let out = gm.forward(&mut t, &xv).unwrap();
+            let loss = ops::sum_sq(&mut t, &out).unwrap();
+            drop(out);
+            let grads = t.backward(&loss).unwrap();
+            drop(grads);
+            assert_eq!(meta.memory().peak, real.memory().peak, "{policy}: meta peak vs {real} peak");
+            peaks.push(real.memory().peak);
+        }
+        assert_eq!(results[0], results[1], "every_level changed the output or gradients");
+        assert_eq!(results[0], results[2], "every_2 changed the output or gradients");
+        assert!(peaks[1] < peaks[0], "checkpointing every level did not lower the peak: {peaks:?}");
     }
-    assert_eq!(results[0], results[1], "every_level changed the output or gradients");
-    assert_eq!(results[0], results[2], "every_2 changed the output or gradients");
-    assert!(peaks[1] < peaks[0], "checkpointing every level did not lower the peak: {peaks:?}");
-}
+);
 
-#[test]
-fn weights_round_trip_gives_identical_outputs() {
-    let dir = tempdir();
-    let path = dir.join("w.safetensors");
-    let dev = Device::cpu();
-    let cfg = small(BlockKind::Prenorm);
-    let a = Generator::new(&cfg, 16, 1, &dev, DType::F32).unwrap();
-    weights::save_params(&path, &a.params, None).unwrap();
-    let mut other = cfg.clone();
-    other.seed = 99;
-    let mut b = Generator::new(&other, 16, 1, &dev, DType::F32).unwrap();
-    let x = Tensor::randn([2, 1, 16, 16], 1.0, 7, DType::F32, &dev).unwrap();
-    assert_ne!(step(&a, &x).0, step(&b, &x).0, "a different seed must give a different model");
-    weights::load_params(&path, &mut b.params).unwrap();
-    assert_eq!(step(&a, &x), step(&b, &x));
-    // Spectral weights are stored as complex64 [in, out, kx, ky].
-    let file = fnokern::io::load_tensors(&path).unwrap();
-    let s = &file["encoder.0.spectral.weight"];
-    assert!(s.complex);
-    assert_eq!(s.shape.dims(), [4, 4, 6, 3, 2]);
-}
+test_device!(
+    fn weights_round_trip_gives_identical_outputs(dev) {
+        let dir = tempdir("model");
+        let path = dir.join("w.safetensors");
+        let cfg = small(BlockKind::Prenorm);
+        let a = Generator::new(&cfg, 16, 1, dev, DType::F32).unwrap();
+        weights::save_params(&path, &a.params, None).unwrap();
+        let mut other = cfg.clone();
+        other.seed = 99;
+        let mut b = Generator::new(&other, 16, 1, dev, DType::F32).unwrap();
+        let x = Tensor::randn([2, 1, 16, 16], 1.0, 7, DType::F32, dev).unwrap();
+        assert_ne!(step(&a, &x).0, step(&b, &x).0, "a different seed must give a different model");
+        weights::load_params(&path, &mut b.params).unwrap();
+        assert_eq!(step(&a, &x), step(&b, &x));
+        // Spectral weights are stored as complex64 [in, out, kx, ky].
+        let file = fnokern::io::load_tensors(&path).unwrap();
+        let s = &file["encoder.0.spectral.weight"];
+        assert!(s.complex);
+        assert_eq!(s.shape.dims(), [4, 4, 6, 3, 2]);
+    }
+);
 
-#[test]
-fn loading_mismatched_weights_is_a_clear_error_and_changes_nothing() {
-    let dir = tempdir();
-    let path = dir.join("w.safetensors");
-    let dev = Device::cpu();
-    let a = Generator::new(&small(BlockKind::Ptycho), 16, 1, &dev, DType::F32).unwrap();
-    weights::save_params(&path, &a.params, None).unwrap();
-    let mut wider = small(BlockKind::Ptycho);
-    wider.width = 6;
-    let mut b = Generator::new(&wider, 16, 1, &dev, DType::F32).unwrap();
-    let before: Vec<Vec<f64>> = b.params.values().iter().map(|t| t.to_f64_vec().unwrap()).collect();
-    let err = weights::load_params(&path, &mut b.params).unwrap_err().to_string();
-    assert!(err.contains("lifter.0.weight") && err.contains("[4, 1, 3, 3]") && err.contains("[6, 1, 3, 3]"), "{err}");
-    let after: Vec<Vec<f64>> = b.params.values().iter().map(|t| t.to_f64_vec().unwrap()).collect();
-    assert_eq!(before, after);
-    let mut ls = Generator::new(&small(BlockKind::Layerscale), 16, 1, &dev, DType::F32).unwrap();
-    let err = weights::load_params(&path, &mut ls.params).unwrap_err().to_string();
-    assert!(err.contains("`encoder.0.scale` is missing"), "{err}");
-    std::fs::write(dir.join("junk.safetensors"), b"not a tensor file").unwrap();
-    let err = weights::load_params(&dir.join("junk.safetensors"), &mut b.params).unwrap_err().to_string();
-    assert!(err.contains("junk.safetensors") && err.contains("not a safetensors file"), "{err}");
-}
+test_device!(
+    fn loading_mismatched_weights_is_a_clear_error_and_changes_nothing(dev) {
+        let dir = tempdir("model");
+        let path = dir.join("w.safetensors");
+        let a = Generator::new(&small(BlockKind::Ptycho), 16, 1, dev, DType::F32).unwrap();
+        weights::save_params(&path, &a.params, None).unwrap();
+        let mut wider = small(BlockKind::Ptycho);
+        wider.width = 6;
+        let mut b = Generator::new(&wider, 16, 1, dev, DType::F32).unwrap();
+        let before: Vec<Vec<f64>> = b.params.values().iter().map(|t| t.to_f64_vec().unwrap()).collect();
+        let err = weights::load_params(&path, &mut b.params).unwrap_err().to_string();
+        assert!(err.contains("lifter.0.weight") && err.contains("[4, 1, 3, 3]") && err.contains("[6, 1, 3, 3]"), "{err}");
+        let after: Vec<Vec<f64>> = b.params.values().iter().map(|t| t.to_f64_vec().unwrap()).collect();
+        assert_eq!(before, after);
+        let mut ls = Generator::new(&small(BlockKind::Layerscale), 16, 1, dev, DType::F32).unwrap();
+        let err = weights::load_params(&path, &mut ls.params).unwrap_err().to_string();
+        assert!(err.contains("`encoder.0.scale` is missing"), "{err}");
+        std::fs::write(dir.join("junk.safetensors"), b"not a tensor file").unwrap();
+        let err = weights::load_params(&dir.join("junk.safetensors"), &mut b.params).unwrap_err().to_string();
+        assert!(err.contains("junk.safetensors") && err.contains("not a safetensors file"), "{err}");
+    }
+);
 
 #[test]
 fn bad_model_configs_are_named() {
@@ -224,16 +230,6 @@ fn bad_model_configs_are_named() {
     assert_eq!((cfg.model.depth, cfg.model.block), (6, BlockKind::Layerscale));
     assert!(cfg.set("model.nope=1").unwrap_err().to_string().contains("unknown field `nope`"));
     assert!(cfg.set("depth=1").is_err());
-}
-
-fn tempdir() -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "fnokern-test-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 /// configs/default.toml documents every field; it must say exactly what the defaults are.

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use fnokern::config::{CheckpointPolicy, Config, TrainConfig};
 use fnokern::optim::{LossScaler, ScaleEvent};
-use fnokern::train::{self, RunOptions};
+use fnokern::train::{self, RunOptions, StepOutcome};
 use fnokern::Precision;
 use fnokern::{ops, plan, DType, Device, Tape, Tensor};
 
@@ -45,29 +45,29 @@ fn round_to_rounds_values_and_gradients_like_the_half_types() {
 fn the_loss_scaler_grows_backs_off_and_respects_floor_and_hysteresis() {
     let cfg = TrainConfig { loss_scale_init: 8.0, loss_scale_growth_interval: 3, loss_scale_min: 2.0, ..TrainConfig::default() };
     let mut s = LossScaler::new(&cfg);
-    assert_eq!(s.update(&cfg, true), ScaleEvent::Clean);
-    assert_eq!(s.update(&cfg, true), ScaleEvent::Clean);
-    assert_eq!(s.update(&cfg, true), ScaleEvent::Grew);
-    assert_eq!(s.scale, 16.0);
-    assert_eq!(s.update(&cfg, false), ScaleEvent::Overflow { backed_off: true, at_floor: false });
-    assert_eq!(s.scale, 8.0);
+    assert_eq!(s.update(true), ScaleEvent::Clean);
+    assert_eq!(s.update(true), ScaleEvent::Clean);
+    assert_eq!(s.update(true), ScaleEvent::Grew);
+    assert_eq!(s.scale(), 16.0);
+    assert_eq!(s.update(false), ScaleEvent::Overflow { backed_off: true, at_floor: false });
+    assert_eq!(s.scale(), 8.0);
     // An overflow resets the clean count: two clean updates do not grow it.
-    s.update(&cfg, true);
-    s.update(&cfg, true);
-    assert_eq!(s.scale, 8.0);
-    s.update(&cfg, false);
-    s.update(&cfg, false);
-    assert_eq!(s.scale, 2.0);
-    assert_eq!(s.update(&cfg, false), ScaleEvent::Overflow { backed_off: false, at_floor: true });
-    assert_eq!(s.scale, 2.0, "the floor holds");
+    s.update(true);
+    s.update(true);
+    assert_eq!(s.scale(), 8.0);
+    s.update(false);
+    s.update(false);
+    assert_eq!(s.scale(), 2.0);
+    assert_eq!(s.update(false), ScaleEvent::Overflow { backed_off: false, at_floor: true });
+    assert_eq!(s.scale(), 2.0, "the floor holds");
 
     // Hysteresis 2: the scale halves on every second overflow in a row.
     let h = TrainConfig { loss_scale_init: 64.0, loss_scale_hysteresis: 2, ..TrainConfig::default() };
     let mut s = LossScaler::new(&h);
-    assert_eq!(s.update(&h, false), ScaleEvent::Overflow { backed_off: false, at_floor: false });
-    assert_eq!(s.scale, 64.0);
-    assert_eq!(s.update(&h, false), ScaleEvent::Overflow { backed_off: true, at_floor: false });
-    assert_eq!(s.scale, 32.0);
+    assert_eq!(s.update(false), ScaleEvent::Overflow { backed_off: false, at_floor: false });
+    assert_eq!(s.scale(), 64.0);
+    assert_eq!(s.update(false), ScaleEvent::Overflow { backed_off: true, at_floor: false });
+    assert_eq!(s.scale(), 32.0);
 }
 
 /// The shared tiny config in fp16.
@@ -99,8 +99,8 @@ fn fp16_overflow_backs_off_and_a_nonfinite_forward_skips_without_touching_the_sc
     assert_eq!(recs[0]["outcome"], "overflow_skipped", "{:?}", recs[0]);
     assert_eq!(scale(0), 2f64.powi(40));
     assert_eq!(scale(1), 2f64.powi(39), "an overflow halves the scale");
-    let overflows = s.outcomes.get("overflow_skipped").copied().unwrap_or(0);
-    assert!(overflows >= 1 && s.outcomes.get("ok").copied().unwrap_or(0) >= 1, "{:?}", s.outcomes);
+    let overflows = s.outcomes.get(&StepOutcome::OverflowSkipped).copied().unwrap_or(0);
+    assert!(overflows >= 1 && s.outcomes.get(&StepOutcome::Ok).copied().unwrap_or(0) >= 1, "{:?}", s.outcomes);
     // The non-finite forward is skipped and leaves the scale alone.
     assert_eq!(recs[20]["outcome"], "skipped_nonfinite_loss");
     assert_eq!(scale(21), scale(20), "a non-finite loss must not cut the scale");

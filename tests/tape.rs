@@ -1,10 +1,15 @@
 //! The tape on a multi-op graph shaped like two generator blocks with a skip connection:
 //! checkpointed and plain backward agree bit for bit, checkpointing lowers the measured peak, the
-//! meta device predicts the CPU's peak to the byte, and memory comes back after the step.
+//! meta device predicts the device's peak to the byte, and memory comes back after the step.
+//! Every test body runs on each device (`test_device!`: the CPU, and a GPU or the driver stand-in;
+//! a GPU computes in f32 only).
 
 use fnokern::autograd::{ParamId, ParamRole, ParamStore, Tape, Var};
 use fnokern::backend::Conv2dParams;
 use fnokern::{ops, DType, Device, ModeConvention, NormKind, Result, SpectralModes, Tensor};
+
+mod common;
+use common::dtype_and_tol;
 
 const B: usize = 2;
 const C: usize = 4;
@@ -127,139 +132,146 @@ fn peak_of_step(dev: &Device, checkpoint: bool) -> (u64, u64, u64) {
     (before, peak, grad_bytes)
 }
 
-#[test]
-fn checkpointed_gradients_are_bitwise_identical() {
-    for dtype in [DType::F64, DType::F32] {
-        let dev = Device::cpu();
-        let net = Net::new(&dev, dtype).unwrap();
-        let (x, target) = inputs(&dev, dtype);
-        let (l0, plain) = step(&net, &x, &target, false).unwrap();
-        let (l1, ckpt) = step(&net, &x, &target, true).unwrap();
-        assert_eq!(l0.unwrap().to_bits(), l1.unwrap().to_bits(), "{dtype:?}: loss");
-        assert_eq!(plain.len(), net.store.len());
-        for (id, name, _) in net.store.iter() {
-            let a = plain[id.0].as_ref().unwrap_or_else(|| panic!("no gradient for {name}")).to_f64_vec().unwrap();
-            let b = ckpt[id.0].as_ref().unwrap().to_f64_vec().unwrap();
-            assert!(a.iter().any(|v| *v != 0.0), "{name}: gradient is all zero");
-            let same = a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits());
-            assert!(same, "{dtype:?} {name}: checkpointed gradient differs");
+test_device!(
+    fn checkpointed_gradients_are_bitwise_identical(dev) {
+        let dtypes: &[DType] = if dev.kind().is_gpu() { &[DType::F32] } else { &[DType::F64, DType::F32] };
+        for &dtype in dtypes {
+            let net = Net::new(dev, dtype).unwrap();
+            let (x, target) = inputs(dev, dtype);
+            let (l0, plain) = step(&net, &x, &target, false).unwrap();
+            let (l1, ckpt) = step(&net, &x, &target, true).unwrap();
+            assert_eq!(l0.unwrap().to_bits(), l1.unwrap().to_bits(), "{dtype:?}: loss");
+            assert_eq!(plain.len(), net.store.len());
+            for (id, name, _) in net.store.iter() {
+                let a = plain[id.0].as_ref().unwrap_or_else(|| panic!("no gradient for {name}")).to_f64_vec().unwrap();
+                let b = ckpt[id.0].as_ref().unwrap().to_f64_vec().unwrap();
+                assert!(a.iter().any(|v| *v != 0.0), "{name}: gradient is all zero");
+                let same = a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits());
+                assert!(same, "{dtype:?} {name}: checkpointed gradient differs");
+            }
         }
     }
-}
+);
 
-#[test]
-fn checkpointing_lowers_the_peak() {
-    let (_, plain, _) = peak_of_step(&Device::cpu(), false);
-    let (_, ckpt, _) = peak_of_step(&Device::cpu(), true);
-    eprintln!("peak bytes of one step: plain {plain}, checkpointed {ckpt}");
-    assert!(ckpt < plain, "checkpointed peak {ckpt} is not below plain peak {plain}");
-}
-
-#[test]
-fn meta_predicts_the_cpu_peak_to_the_byte() {
-    for checkpoint in [false, true] {
-        let cpu = Device::cpu();
-        let meta = Device::meta();
-        let (cpu_base, cpu_peak, cpu_grads) = peak_of_step(&cpu, checkpoint);
-        let (meta_base, meta_peak, meta_grads) = peak_of_step(&meta, checkpoint);
-        assert_eq!(meta_base, cpu_base, "checkpoint={checkpoint}: resident bytes");
-        assert_eq!(meta_peak, cpu_peak, "checkpoint={checkpoint}: peak bytes");
-        assert_eq!(meta_grads, cpu_grads, "checkpoint={checkpoint}: gradient bytes");
-        assert_eq!(cpu.memory().allocations, meta.memory().allocations, "checkpoint={checkpoint}: allocation count");
+test_device!(
+    fn checkpointing_lowers_the_peak(dev) {
+        let fresh = || Device::of_kind(dev.kind()).unwrap();
+        let (_, plain, _) = peak_of_step(&fresh(), false);
+        let (_, ckpt, _) = peak_of_step(&fresh(), true);
+        eprintln!("peak bytes of one step on {dev}: plain {plain}, checkpointed {ckpt}");
+        assert!(ckpt < plain, "checkpointed peak {ckpt} is not below plain peak {plain}");
     }
-}
+);
 
-#[test]
-fn f32_matches_f64_on_the_whole_graph() {
-    let d64 = Device::cpu();
-    let d32 = Device::cpu();
-    let n64 = Net::new(&d64, DType::F64).unwrap();
-    let n32 = Net::new(&d32, DType::F32).unwrap();
-    let (x64, t64) = inputs(&d64, DType::F64);
-    let (x32, t32) = inputs(&d32, DType::F32);
-    let (l64, g64) = step(&n64, &x64, &t64, false).unwrap();
-    let (l32, g32) = step(&n32, &x32, &t32, false).unwrap();
-    // f32 inputs are the f64 inputs rounded, so agreement is limited by f32 rounding (~1e-7
-    // relative per op, a few dozen ops deep).
-    assert!((l64.unwrap() - l32.unwrap()).abs() < 1e-5 * l64.unwrap().abs());
-    for (a, b) in g64.iter().zip(&g32) {
-        let (a, b) = (a.as_ref().unwrap().to_f64_vec().unwrap(), b.as_ref().unwrap().to_f64_vec().unwrap());
-        let scale = a.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-        for (p, q) in a.iter().zip(&b) {
-            assert!((p - q).abs() <= 1e-4 * scale + 1e-6, "{p} vs {q} (scale {scale})");
+test_device!(
+    fn meta_predicts_the_peak_to_the_byte(dev) {
+        for checkpoint in [false, true] {
+            let real = Device::of_kind(dev.kind()).unwrap();
+            let meta = Device::meta();
+            let (real_base, real_peak, real_grads) = peak_of_step(&real, checkpoint);
+            let (meta_base, meta_peak, meta_grads) = peak_of_step(&meta, checkpoint);
+            assert_eq!(meta_base, real_base, "checkpoint={checkpoint}: resident bytes");
+            assert_eq!(meta_peak, real_peak, "checkpoint={checkpoint}: peak bytes");
+            assert_eq!(meta_grads, real_grads, "checkpoint={checkpoint}: gradient bytes");
+            assert_eq!(real.memory().allocations, meta.memory().allocations, "checkpoint={checkpoint}: allocation count");
         }
     }
-}
+);
 
-#[test]
-fn memory_limit_fails_cleanly_and_names_the_request() {
-    let dev = Device::cpu();
-    let net = Net::new(&dev, DType::F32).unwrap();
-    let (x, target) = inputs(&dev, DType::F32);
-    let resident = dev.memory().current;
-    dev.set_memory_limit(Some(resident + 4096));
-    let err = step(&net, &x, &target, false).unwrap_err().to_string();
-    assert!(err.starts_with("out of memory on cpu: requested "), "{err}");
-    assert!(err.contains(&format!("limit {} bytes", resident + 4096)), "{err}");
-    assert!(err.contains("tensor of shape ["), "{err}");
-    // Everything the failed step held is given back.
-    assert_eq!(dev.memory().current, resident);
-    dev.set_memory_limit(None);
-    step(&net, &x, &target, false).unwrap();
-}
+test_device!(
+    /// The f32 graph on the device against the f64 graph on the CPU.
+    fn f32_matches_f64_on_the_whole_graph(dev) {
+        let d64 = Device::cpu();
+        let n64 = Net::new(&d64, DType::F64).unwrap();
+        let n32 = Net::new(dev, DType::F32).unwrap();
+        let (x64, t64) = inputs(&d64, DType::F64);
+        let (x32, t32) = inputs(dev, DType::F32);
+        let (l64, g64) = step(&n64, &x64, &t64, false).unwrap();
+        let (l32, g32) = step(&n32, &x32, &t32, false).unwrap();
+        // f32 inputs are the f64 inputs rounded, so agreement is limited by f32 rounding (~1e-7
+        // relative per op, a few dozen ops deep).
+        assert!((l64.unwrap() - l32.unwrap()).abs() < 1e-5 * l64.unwrap().abs());
+        for (a, b) in g64.iter().zip(&g32) {
+            let (a, b) = (a.as_ref().unwrap().to_f64_vec().unwrap(), b.as_ref().unwrap().to_f64_vec().unwrap());
+            let scale = a.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            for (p, q) in a.iter().zip(&b) {
+                assert!((p - q).abs() <= 1e-4 * scale + 1e-6, "{p} vs {q} (scale {scale})");
+            }
+        }
+    }
+);
 
-#[test]
-fn a_value_from_another_tape_is_an_error() {
-    let dev = Device::cpu();
-    let mut t1 = Tape::new();
-    let mut t2 = Tape::new();
-    let a = t1.leaf(Tensor::zeros([2, 2], DType::F32, &dev).unwrap(), true);
-    let err = ops::gelu(&mut t2, &a).unwrap_err().to_string();
-    assert!(err.contains("another tape"), "{err}");
-}
+test_device!(
+    fn memory_limit_fails_cleanly_and_names_the_request(dev) {
+        let dev = &Device::of_kind(dev.kind()).unwrap();
+        let net = Net::new(dev, DType::F32).unwrap();
+        let (x, target) = inputs(dev, DType::F32);
+        let resident = dev.memory().current;
+        dev.set_memory_limit(Some(resident + 4096));
+        let err = step(&net, &x, &target, false).unwrap_err().to_string();
+        assert!(err.starts_with(&format!("out of memory on {dev}: requested ")), "{err}");
+        assert!(err.contains(&format!("limit {} bytes", resident + 4096)), "{err}");
+        assert!(err.contains("tensor of shape ["), "{err}");
+        // Everything the failed step held is given back.
+        assert_eq!(dev.memory().current, resident);
+        dev.set_memory_limit(None);
+        step(&net, &x, &target, false).unwrap();
+    }
+);
 
-#[test]
-fn backward_needs_a_one_element_loss() {
-    let dev = Device::cpu();
-    let mut t = Tape::new();
-    let a = t.leaf(Tensor::zeros([2, 2], DType::F32, &dev).unwrap(), true);
-    let y = ops::gelu(&mut t, &a).unwrap();
-    let err = t.backward(&y).err().unwrap().to_string();
-    assert!(err.contains("one-element loss") && err.contains("[2, 2]"), "{err}");
-}
+test_device!(
+    fn a_value_from_another_tape_is_an_error(dev) {
+        let mut t1 = Tape::new();
+        let mut t2 = Tape::new();
+        let a = t1.leaf(Tensor::zeros([2, 2], DType::F32, dev).unwrap(), true);
+        let err = ops::gelu(&mut t2, &a).unwrap_err().to_string();
+        assert!(err.contains("another tape"), "{err}");
+    }
+);
 
-#[test]
-fn a_checkpoint_body_cannot_capture_outer_values() {
-    let dev = Device::cpu();
-    let mut t = Tape::new();
-    let a = t.leaf(Tensor::zeros([1, 2, 3, 3], DType::F32, &dev).unwrap(), true);
-    let outer = a.clone();
-    let err = t.checkpoint(&[&a], move |t, v| Ok(vec![ops::add(t, &v[0], &outer)?])).unwrap_err().to_string();
-    assert!(err.contains("another tape"), "{err}");
-}
+test_device!(
+    fn backward_needs_a_one_element_loss(dev) {
+        let mut t = Tape::new();
+        let a = t.leaf(Tensor::zeros([2, 2], DType::F32, dev).unwrap(), true);
+        let y = ops::gelu(&mut t, &a).unwrap();
+        let err = t.backward(&y).err().unwrap().to_string();
+        assert!(err.contains("one-element loss") && err.contains("[2, 2]"), "{err}");
+    }
+);
 
-/// A checkpointed segment whose only input is data (no gradient) still gives its parameters
-/// their gradients: the body's parameter reads make its outputs differentiable.
-#[test]
-fn a_checkpoint_on_data_alone_still_trains_its_parameters() {
-    let dev = Device::cpu();
-    let net = Net::new(&dev, DType::F64).unwrap();
-    let x = Tensor::randn([B, 1, H, W], 1.0, 5, DType::F64, &dev).unwrap();
-    let (lw, lb) = (net.lift_w, net.lift_b);
-    let grads = |checkpoint: bool| {
-        let mut t = Tape::with_params(&net.store);
-        let xv = t.constant(x.clone());
-        let body = move |t: &mut Tape, v: &[Var]| -> Result<Vec<Var>> {
-            let (w, b) = (t.param(lw)?, t.param(lb)?);
-            let y = ops::conv2d(t, &v[0], &w, Some(&b), Conv2dParams::new(1, 1))?;
-            Ok(vec![ops::gelu(t, &y)?])
+test_device!(
+    fn a_checkpoint_body_cannot_capture_outer_values(dev) {
+        let mut t = Tape::new();
+        let a = t.leaf(Tensor::zeros([1, 2, 3, 3], DType::F32, dev).unwrap(), true);
+        let outer = a.clone();
+        let err = t.checkpoint(&[&a], move |t, v| Ok(vec![ops::add(t, &v[0], &outer)?])).unwrap_err().to_string();
+        assert!(err.contains("another tape"), "{err}");
+    }
+);
+
+test_device!(
+    /// A checkpointed segment whose only input is data (no gradient) still gives its parameters
+    /// their gradients: the body's parameter reads make its outputs differentiable.
+    fn a_checkpoint_on_data_alone_still_trains_its_parameters(dev) {
+        let dtype = dtype_and_tol(dev).0;
+        let net = Net::new(dev, dtype).unwrap();
+        let x = Tensor::randn([B, 1, H, W], 1.0, 5, dtype, dev).unwrap();
+        let (lw, lb) = (net.lift_w, net.lift_b);
+        let grads = |checkpoint: bool| {
+            let mut t = Tape::with_params(&net.store);
+            let xv = t.constant(x.clone());
+            let body = move |t: &mut Tape, v: &[Var]| -> Result<Vec<Var>> {
+                let (w, b) = (t.param(lw)?, t.param(lb)?);
+                let y = ops::conv2d(t, &v[0], &w, Some(&b), Conv2dParams::new(1, 1))?;
+                Ok(vec![ops::gelu(t, &y)?])
+            };
+            let y = if checkpoint { t.checkpoint(&[&xv], body).unwrap().remove(0) } else { body(&mut t, &[xv]).unwrap().remove(0) };
+            let loss = ops::sum_sq(&mut t, &y).unwrap();
+            let g = t.backward(&loss).unwrap();
+            [lw, lb].map(|id| g.param(id).map(|g| g.to_f64_vec().unwrap()))
         };
-        let y = if checkpoint { t.checkpoint(&[&xv], body).unwrap().remove(0) } else { body(&mut t, &[xv]).unwrap().remove(0) };
-        let loss = ops::sum_sq(&mut t, &y).unwrap();
-        let g = t.backward(&loss).unwrap();
-        [lw, lb].map(|id| g.param(id).map(|g| g.to_f64_vec().unwrap()))
-    };
-    let plain = grads(false);
-    assert!(plain.iter().all(Option::is_some));
-    assert_eq!(grads(true), plain, "the checkpointed segment lost or changed its parameter gradients");
-}
+        let plain = grads(false);
+        assert!(plain.iter().all(Option::is_some));
+        assert_eq!(grads(true), plain, "the checkpointed segment lost or changed its parameter gradients");
+    }
+);

@@ -6,7 +6,7 @@ use std::path::Path;
 mod common;
 use common::{tempdir, tiny};
 use fnokern::config::{Config, SpikeAction};
-use fnokern::train::{self, RunOptions, Summary};
+use fnokern::train::{self, RunOptions, StepOutcome, Summary};
 
 fn opts(dir: &Path) -> RunOptions {
     RunOptions { out_dir: dir.to_path_buf(), resume: false, stop_after_epochs: None, progress: false, preset: None }
@@ -75,8 +75,8 @@ fn nan_inputs_and_a_spike_are_skipped_and_the_run_finishes() {
     let dir = root.join("run");
     let s = run(&cfg, &opts(&dir));
     assert!(s.finished && !s.crashed, "{s:?}");
-    assert_eq!(s.outcomes.get("skipped_bad_input"), Some(&2));
-    assert_eq!(s.outcomes.get("spike_skipped"), Some(&1));
+    assert_eq!(s.outcomes.get(&StepOutcome::SkippedBadInput), Some(&2));
+    assert_eq!(s.outcomes.get(&StepOutcome::SpikeSkipped), Some(&1));
     let recs = step_records(&dir);
     assert_eq!(recs.len(), 24, "one record per step");
     assert_eq!(recs[3]["outcome"], "skipped_bad_input");
@@ -96,7 +96,7 @@ fn a_spike_rolls_back_with_a_lower_learning_rate() {
     let dir = root.join("run");
     let s = run(&cfg, &opts(&dir));
     assert!(s.finished && !s.crashed, "{s:?}");
-    assert_eq!(s.outcomes.get("rolled_back"), Some(&1));
+    assert_eq!(s.outcomes.get(&StepOutcome::RolledBack), Some(&1));
     let recs = step_records(&dir);
     assert_eq!(recs[14]["outcome"], "rolled_back");
     let lr = |i: usize| recs[i]["lr"].as_f64().unwrap();
@@ -105,6 +105,39 @@ fn a_spike_rolls_back_with_a_lower_learning_rate() {
     for (name, w) in train::load_final_weights(&dir).unwrap() {
         assert!(w.values.iter().all(|v| v.is_finite()), "{name} is not finite");
     }
+}
+
+/// A rollback moves Adam's update count back while the schedule's goes on; the checkpoint keeps
+/// both, so a run stopped after a rollback resumes bit for bit (it kept only the schedule's, and
+/// Adam's bias correction went wrong after the resume).
+#[test]
+fn resume_is_exact_after_a_rollback() {
+    let root = tempdir("train");
+    let mut cfg = tiny(&root.join("cache"));
+    cfg.faults.spike_steps = vec![8];
+    cfg.train.spike_action = SpikeAction::Rollback;
+    let straight = root.join("straight");
+    let s = run(&cfg, &opts(&straight));
+    assert_eq!(s.outcomes.get(&StepOutcome::RolledBack), Some(&1), "{s:?}");
+    let split = root.join("split");
+    run(&cfg, &RunOptions { stop_after_epochs: Some(2), ..opts(&split) });
+    let resumed = run(&cfg, &RunOptions { resume: true, ..opts(&split) });
+    assert!(resumed.finished, "{resumed:?}");
+    assert_eq!(std::fs::read_to_string(straight.join("metrics.jsonl")).unwrap(), std::fs::read_to_string(split.join("metrics.jsonl")).unwrap());
+    assert_eq!(weights_of(&straight), weights_of(&split));
+}
+
+/// metrics.jsonl and summary.json spell each outcome as the enum's words.
+#[test]
+fn step_outcomes_keep_their_words() {
+    for o in StepOutcome::ALL {
+        assert_eq!(serde_json::to_value(o).unwrap(), o.as_str());
+        assert_eq!(serde_json::from_value::<StepOutcome>(o.as_str().into()).unwrap(), o);
+    }
+    let failures: Vec<&str> = StepOutcome::ALL.iter().filter(|o| o.is_failure()).map(|o| o.as_str()).collect();
+    assert_eq!(failures, ["skipped_bad_input", "skipped_nonfinite_loss", "skipped_nonfinite_grad", "overflow_at_floor", "spike_skipped", "rolled_back"]);
+    let spikes: Vec<&str> = StepOutcome::ALL.iter().filter(|o| o.is_spike()).map(|o| o.as_str()).collect();
+    assert_eq!(spikes, ["spike_logged", "spike_skipped", "rolled_back"]);
 }
 
 #[test]

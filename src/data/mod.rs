@@ -117,6 +117,7 @@ fn write_cache(dir: &Path, cfg: &DataConfig, ds: &Dataset, s: f64) -> Result<()>
 
 /// A batch: the generator input and what the losses compare against, all [B, 1, N, N] except the
 /// probe [N, N, 2].
+#[derive(Clone)]
 pub struct Batch {
     pub diffraction: Tensor,
     pub y_i: Tensor,

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::train::{self, Crash, RunOptions, Summary};
+use crate::train::{self, Crash, RunOptions, StepOutcome, Summary};
 
 /// The arms shipped in `configs/arms/`, compiled in so that they work from any directory.
 pub const BUILTIN_ARMS: &[(&str, &str)] = &[
@@ -284,11 +284,8 @@ impl RunResult {
             failure: failure.as_ref().map(|f| f.0),
             reason: failure.map(|f| f.1),
             finished: s.finished,
-            spikes: ["rolled_back", "spike_skipped", "spike_logged"].iter().filter_map(|k| s.outcomes.get(*k)).sum(),
-            nonfinite_steps: ["skipped_bad_input", "skipped_nonfinite_loss", "skipped_nonfinite_grad", "overflow_skipped", "overflow_at_floor"]
-                .iter()
-                .filter_map(|k| s.outcomes.get(*k))
-                .sum(),
+            spikes: s.count(StepOutcome::is_spike),
+            nonfinite_steps: s.count(StepOutcome::is_nonfinite),
             epochs_done: s.epochs_done,
             best_val_loss: s.best_val_loss,
             final_val_loss: s.final_val_loss,

@@ -14,14 +14,13 @@
 //! `model::weights` for the layouts. Initialisation follows PyTorch's defaults: conv weights and
 //! biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)); spectral weights CN(0, 1) / sqrt(C_in).
 
-pub mod parity;
 pub mod weights;
 
 use std::fmt::Write as _;
 
 use crate::autograd::{ParamId, ParamRole, ParamStore, Tape, Var};
 use crate::backend::{Conv2dParams, NormKind, SpectralModes};
-use crate::config::{BlockKind, CheckpointPolicy, ModelConfig, PrenormKind};
+use crate::config::{BlockKind, CheckpointPolicy, Config, ModelConfig, PrenormKind};
 use crate::device::Device;
 use crate::error::Result;
 use crate::ops;
@@ -240,8 +239,8 @@ pub struct Generator {
     pub n: usize,
     pub in_channels: usize,
     pub params: ParamStore,
-    /// The working precision of activations and GEMMs (`train.precision`); fp32 by default.
-    pub precision: Precision,
+    /// The working precision of activations and GEMMs, fixed when the generator is built.
+    precision: Precision,
     levels: Vec<LevelSpec>,
     lifter: (Conv, Conv),
     encoder: Vec<EncoderLevel>,
@@ -344,8 +343,18 @@ impl Builder<'_> {
 }
 
 impl Generator {
-    /// Builds a generator for N x N inputs with `in_channels` channels, parameters on `dev`.
+    /// The generator a run of `cfg` trains: N x N single-channel inputs (`data.n`), f32
+    /// parameters on `dev`, activations and GEMMs in `train.precision`.
+    pub fn for_run(cfg: &Config, dev: &Device) -> Result<Generator> {
+        Generator::build(&cfg.model, cfg.data.n, 1, dev, DType::F32, cfg.train.precision)
+    }
+
+    /// Builds a generator with fp32 activations for N x N inputs with `in_channels` channels, parameters on `dev`.
     pub fn new(cfg: &ModelConfig, n: usize, in_channels: usize, dev: &Device, dtype: DType) -> Result<Generator> {
+        Generator::build(cfg, n, in_channels, dev, dtype, Precision::Fp32)
+    }
+
+    fn build(cfg: &ModelConfig, n: usize, in_channels: usize, dev: &Device, dtype: DType, precision: Precision) -> Result<Generator> {
         cfg.validate(n)?;
         if in_channels == 0 {
             return Err(crate::error::Error::invalid("model", "in_channels must be at least 1"));
@@ -412,20 +421,12 @@ impl Generator {
         }
         let head = b.conv("head", w, 2 * in_channels, 1)?;
         table.push(TableRow { part: "head".into(), resolution: n, width: 2 * in_channels, modes: None, params: b.take_count() });
-        Ok(Generator {
-            config: cfg.clone(),
-            n,
-            in_channels,
-            params: b.store,
-            precision: Precision::Fp32,
-            levels,
-            lifter,
-            encoder,
-            bottleneck,
-            decoder,
-            head,
-            table,
-        })
+        Ok(Generator { config: cfg.clone(), n, in_channels, params: b.store, precision, levels, lifter, encoder, bottleneck, decoder, head, table })
+    }
+
+    /// The working precision of activations and GEMMs.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     pub fn levels(&self) -> &[LevelSpec] {

@@ -12,9 +12,11 @@ use crate::config::{ClipKind, OptimizerKind, ScheduleKind, TrainConfig};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
-/// Optimiser state: moments (Adam) or momentum buffers (SGD), one slot per parameter.
-pub struct Optimizer {
-    kind: OptimizerKind,
+/// What an optimiser carries from update to update: moments (Adam) or momentum buffers (SGD),
+/// one slot per parameter, and the update count behind Adam's bias correction. A checkpoint and
+/// the rollback snapshot hold exactly this.
+#[derive(Clone, Debug, Default)]
+pub struct OptimizerState {
     /// Adam's first moment, or SGD's momentum buffer.
     pub m: Vec<Option<Tensor>>,
     /// Adam's second moment.
@@ -23,14 +25,50 @@ pub struct Optimizer {
     pub updates: u64,
 }
 
+/// An optimiser (Adam, AdamW, SGD with momentum or Nesterov) with its settings, taken from the
+/// config once, and its state.
+pub struct Optimizer {
+    kind: OptimizerKind,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+    momentum: f64,
+    nesterov: bool,
+    state: OptimizerState,
+}
+
 impl Optimizer {
-    pub fn new(kind: OptimizerKind, params: &ParamStore) -> Optimizer {
-        Optimizer { kind, m: vec![None; params.len()], v: vec![None; params.len()], updates: 0 }
+    pub fn new(cfg: &TrainConfig, params: &ParamStore) -> Optimizer {
+        Optimizer {
+            kind: cfg.optimizer,
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: cfg.adam_eps,
+            weight_decay: cfg.weight_decay,
+            momentum: cfg.momentum,
+            nesterov: cfg.nesterov,
+            state: OptimizerState { m: vec![None; params.len()], v: vec![None; params.len()], updates: 0 },
+        }
     }
 
-    /// One update of every parameter that has a gradient; `grad_scale` multiplies each gradient.
-    pub fn step(&mut self, cfg: &TrainConfig, params: &mut ParamStore, grads: &[Option<Tensor>], lr: f64, grad_scale: f64) -> Result<()> {
-        self.updates += 1;
+    pub fn state(&self) -> &OptimizerState {
+        &self.state
+    }
+
+    /// Continues from `state` (a checkpoint's or the rollback snapshot's).
+    pub fn restore(&mut self, state: OptimizerState) {
+        self.state = state;
+    }
+
+    pub fn updates(&self) -> u64 {
+        self.state.updates
+    }
+
+    /// One update at rate `lr` of every parameter that has a gradient.
+    pub fn step(&mut self, params: &mut ParamStore, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
+        let st = &mut self.state;
+        st.updates += 1;
         let ids: Vec<ParamId> = params.iter().map(|(id, _, _)| id).collect();
         for id in ids {
             let Some(g) = grads.get(id.0).and_then(|g| g.as_ref()) else { continue };
@@ -40,44 +78,44 @@ impl Optimizer {
             let zeros = || Tensor::zeros(shape.clone(), dtype, &dev);
             match self.kind {
                 OptimizerKind::Adam | OptimizerKind::Adamw => {
-                    let mut m = match self.m[id.0].take() {
+                    let mut m = match st.m[id.0].take() {
                         Some(m) => m,
                         None => zeros()?,
                     };
-                    let mut v = match self.v[id.0].take() {
+                    let mut v = match st.v[id.0].take() {
                         Some(v) => v,
                         None => zeros()?,
                     };
                     let h = AdamStep {
                         lr,
-                        beta1: cfg.beta1,
-                        beta2: cfg.beta2,
-                        eps: cfg.adam_eps,
-                        weight_decay: cfg.weight_decay,
+                        beta1: self.beta1,
+                        beta2: self.beta2,
+                        eps: self.eps,
+                        weight_decay: self.weight_decay,
                         decoupled: self.kind == OptimizerKind::Adamw,
-                        step: self.updates,
-                        grad_scale,
+                        step: st.updates,
+                        grad_scale: 1.0,
                     };
                     backend::adam_step(p, g, &mut m, &mut v, &h)?;
-                    self.m[id.0] = Some(m);
-                    self.v[id.0] = Some(v);
+                    st.m[id.0] = Some(m);
+                    st.v[id.0] = Some(v);
                 }
                 OptimizerKind::Sgd => {
                     let h = SgdStep {
                         lr,
-                        momentum: cfg.momentum,
-                        nesterov: cfg.nesterov,
-                        weight_decay: cfg.weight_decay,
-                        first: self.m[id.0].is_none(),
-                        grad_scale,
+                        momentum: self.momentum,
+                        nesterov: self.nesterov,
+                        weight_decay: self.weight_decay,
+                        first: st.m[id.0].is_none(),
+                        grad_scale: 1.0,
                     };
-                    if cfg.momentum > 0.0 {
-                        let mut b = match self.m[id.0].take() {
+                    if self.momentum > 0.0 {
+                        let mut b = match st.m[id.0].take() {
                             Some(b) => b,
                             None => zeros()?,
                         };
                         backend::sgd_step(p, g, Some(&mut b), &h)?;
-                        self.m[id.0] = Some(b);
+                        st.m[id.0] = Some(b);
                     } else {
                         backend::sgd_step(p, g, None, &h)?;
                     }
@@ -111,72 +149,91 @@ pub fn global_norm(grads: &[Option<Tensor>]) -> Result<f64> {
 
 fn scale_all(grads: &mut [Option<Tensor>], k: f64) -> Result<()> {
     for g in grads.iter_mut().flatten() {
-        *g = backend::affine(g, k, 0.0)?;
+        backend::scale_in_place(g, k)?;
     }
     Ok(())
 }
 
-/// Clips `grads` in place as configured (after any accumulation scaling has been applied).
-///
-/// The norms never leave the device one tensor at a time: one reduction over every gradient and
-/// one copy back give the norm before clipping (and each tensor's for per-parameter clipping);
-/// global-norm clipping then only scales, so its norm after is the norm before times the factor.
-/// AGC runs one launch per weight that computes its unit norms and rescales in place. The other
-/// kinds measure the norm after clipping with one more reduction.
-pub fn clip(cfg: &TrainConfig, grads: &mut [Option<Tensor>], params: &ParamStore) -> Result<ClipReport> {
-    let sq = sumsq_each(&grads.iter().flatten().collect::<Vec<_>>())?;
-    let before = sq.iter().sum::<f64>().sqrt();
-    let after = match cfg.clip {
-        ClipKind::None => return Ok(ClipReport { norm_before: before, norm_after: before }),
-        ClipKind::GlobalNorm => {
-            // torch.nn.utils.clip_grad_norm_: coefficient max / (norm + 1e-6), at most 1.
-            let coef = cfg.clip_max_norm / (before + 1e-6);
-            if coef < 1.0 {
-                scale_all(grads, coef)?;
-                Some(before * coef)
-            } else {
-                Some(before)
-            }
-        }
-        ClipKind::Value => {
-            for g in grads.iter_mut().flatten() {
-                backend::clamp(g, cfg.clip_value)?;
-            }
-            None
-        }
-        ClipKind::PerParam => {
-            for (g, &s) in grads.iter_mut().flatten().zip(&sq) {
-                let coef = cfg.clip_max_norm / (s.sqrt() + 1e-6);
-                if coef < 1.0 {
-                    *g = backend::affine(g, coef, 0.0)?;
-                }
-            }
-            None
-        }
-        ClipKind::AgcTensor | ClipKind::AgcUnit => {
-            for (id, _, p) in params.iter() {
-                let axis = match (cfg.clip, params.role(id)) {
-                    (ClipKind::AgcTensor, _) => None,
-                    (_, Some(ParamRole::Weight { unit_axis })) => Some(unit_axis),
-                    // Unit-wise AGC leaves biases, gains and the head alone.
-                    _ => continue,
-                };
-                let Some(g) = grads.get_mut(id.0).and_then(|g| g.as_mut()) else { continue };
-                backend::agc(p, g, axis, cfg.agc_factor, cfg.agc_eps)?;
-            }
-            None
-        }
-    };
-    let after = match after {
-        Some(a) => a,
-        None => global_norm(grads)?,
-    };
-    Ok(ClipReport { norm_before: before, norm_after: after })
+/// Gradient clipping as configured (`clip`, `clip_max_norm`, `clip_value`, `agc_*`).
+#[derive(Clone, Debug)]
+pub struct Clipper {
+    kind: ClipKind,
+    max_norm: f64,
+    value: f64,
+    agc_factor: f64,
+    agc_eps: f64,
 }
 
-/// The learning rate over updates, with ReduceLROnPlateau's and rollbacks' state.
+impl Clipper {
+    pub fn new(cfg: &TrainConfig) -> Clipper {
+        Clipper { kind: cfg.clip, max_norm: cfg.clip_max_norm, value: cfg.clip_value, agc_factor: cfg.agc_factor, agc_eps: cfg.agc_eps }
+    }
+
+    /// Clips `grads` in place (after any accumulation scaling has been applied).
+    ///
+    /// The norms never leave the device one tensor at a time: one reduction over every gradient
+    /// and one copy back give the norm before clipping (and each tensor's for per-parameter
+    /// clipping); global-norm clipping then only scales, so its norm after is the norm before
+    /// times the factor. AGC runs one launch per weight that computes its unit norms and rescales
+    /// in place. The other kinds measure the norm after clipping with one more reduction. Every
+    /// kind writes into the gradients' own buffers, so what clipping allocates does not depend
+    /// on the values (the meta device's plan stays the CPU's ledger).
+    pub fn clip(&self, grads: &mut [Option<Tensor>], params: &ParamStore) -> Result<ClipReport> {
+        let sq = sumsq_each(&grads.iter().flatten().collect::<Vec<_>>())?;
+        let before = sq.iter().sum::<f64>().sqrt();
+        let after = match self.kind {
+            ClipKind::None => return Ok(ClipReport { norm_before: before, norm_after: before }),
+            ClipKind::GlobalNorm => {
+                // torch.nn.utils.clip_grad_norm_: coefficient max / (norm + 1e-6), at most 1.
+                let coef = self.max_norm / (before + 1e-6);
+                if coef < 1.0 {
+                    scale_all(grads, coef)?;
+                    Some(before * coef)
+                } else {
+                    Some(before)
+                }
+            }
+            ClipKind::Value => {
+                for g in grads.iter_mut().flatten() {
+                    backend::clamp(g, self.value)?;
+                }
+                None
+            }
+            ClipKind::PerParam => {
+                for (g, &s) in grads.iter_mut().flatten().zip(&sq) {
+                    let coef = self.max_norm / (s.sqrt() + 1e-6);
+                    if coef < 1.0 {
+                        backend::scale_in_place(g, coef)?;
+                    }
+                }
+                None
+            }
+            ClipKind::AgcTensor | ClipKind::AgcUnit => {
+                for (id, _, p) in params.iter() {
+                    let axis = match (self.kind, params.role(id)) {
+                        (ClipKind::AgcTensor, _) => None,
+                        (_, Some(ParamRole::Weight { unit_axis })) => Some(unit_axis),
+                        // Unit-wise AGC leaves biases, gains and the head alone.
+                        _ => continue,
+                    };
+                    let Some(g) = grads.get_mut(id.0).and_then(|g| g.as_mut()) else { continue };
+                    backend::agc(p, g, axis, self.agc_factor, self.agc_eps)?;
+                }
+                None
+            }
+        };
+        let after = match after {
+            Some(a) => a,
+            None => global_norm(grads)?,
+        };
+        Ok(ClipReport { norm_before: before, norm_after: after })
+    }
+}
+
+/// What a schedule carries: its horizon and the factor that plateau reductions and rollbacks
+/// multiply the scheduled rate by (a checkpoint holds it).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Schedule {
+pub struct ScheduleState {
     pub total_updates: u64,
     /// Multiplies the scheduled rate: plateau reductions and rollbacks.
     pub factor: f64,
@@ -184,33 +241,75 @@ pub struct Schedule {
     pub bad_epochs: usize,
 }
 
+/// The learning rate over updates (constant, warmup + cosine, step, exponential, plateau), with
+/// its settings from the config and its state.
+pub struct Schedule {
+    kind: ScheduleKind,
+    base: f64,
+    warmup_frac: f64,
+    min_lr_frac: f64,
+    step_size: u64,
+    step_gamma: f64,
+    exp_gamma: f64,
+    min_lr: f64,
+    plateau_patience: usize,
+    plateau_factor: f64,
+    state: ScheduleState,
+}
+
 impl Schedule {
-    pub fn new(total_updates: u64) -> Self {
-        Schedule { total_updates: total_updates.max(1), factor: 1.0, best_val: None, bad_epochs: 0 }
+    /// The schedule of `cfg` over a run of `total_updates` updates.
+    pub fn new(cfg: &TrainConfig, total_updates: u64) -> Self {
+        Schedule {
+            kind: cfg.schedule,
+            base: cfg.lr,
+            warmup_frac: cfg.warmup_frac,
+            min_lr_frac: cfg.min_lr_frac,
+            step_size: cfg.step_size as u64,
+            step_gamma: cfg.step_gamma,
+            exp_gamma: cfg.exp_gamma,
+            min_lr: cfg.min_lr,
+            plateau_patience: cfg.plateau_patience,
+            plateau_factor: cfg.plateau_factor,
+            state: ScheduleState { total_updates: total_updates.max(1), factor: 1.0, best_val: None, bad_epochs: 0 },
+        }
+    }
+
+    pub fn state(&self) -> &ScheduleState {
+        &self.state
+    }
+
+    pub fn restore(&mut self, state: ScheduleState) {
+        self.state = state;
+    }
+
+    /// Multiplies every later rate by `k` (a rollback's rate reduction).
+    pub fn scale_rate(&mut self, k: f64) {
+        self.state.factor *= k;
     }
 
     /// The rate of update number `u` (0-based).
-    pub fn lr(&self, cfg: &TrainConfig, u: u64) -> f64 {
-        let base = cfg.lr;
-        let scheduled = match cfg.schedule {
+    pub fn lr(&self, u: u64) -> f64 {
+        let (base, st) = (self.base, &self.state);
+        let scheduled = match self.kind {
             ScheduleKind::Constant | ScheduleKind::Plateau => base,
             ScheduleKind::WarmupCosine => {
-                let warm = (cfg.warmup_frac * self.total_updates as f64).round() as u64;
-                let floor = cfg.min_lr_frac * base;
+                let warm = (self.warmup_frac * st.total_updates as f64).round() as u64;
+                let floor = self.min_lr_frac * base;
                 if u < warm {
                     base * (u + 1) as f64 / warm as f64
                 } else {
-                    let span = (self.total_updates - warm).max(1) as f64;
+                    let span = (st.total_updates - warm).max(1) as f64;
                     let t = ((u - warm) as f64 / span).min(1.0);
                     floor + 0.5 * (base - floor) * (1.0 + (std::f64::consts::PI * t).cos())
                 }
             }
-            ScheduleKind::Step => base * cfg.step_gamma.powi((u / cfg.step_size as u64) as i32),
-            ScheduleKind::Exponential => base * cfg.exp_gamma.powf(u as f64),
+            ScheduleKind::Step => base * self.step_gamma.powi((u / self.step_size) as i32),
+            ScheduleKind::Exponential => base * self.exp_gamma.powf(u as f64),
         };
-        let lr = scheduled * self.factor;
-        if cfg.schedule == ScheduleKind::Plateau {
-            lr.max(cfg.min_lr)
+        let lr = scheduled * st.factor;
+        if self.kind == ScheduleKind::Plateau {
+            lr.max(self.min_lr)
         } else {
             lr
         }
@@ -218,36 +317,52 @@ impl Schedule {
 
     /// ReduceLROnPlateau (mode min, threshold 1e-4 relative, as PyTorch): after `patience`
     /// epochs without improvement, multiply the rate by `plateau_factor` (not below min_lr).
-    pub fn on_epoch(&mut self, cfg: &TrainConfig, val: f64) {
-        if cfg.schedule != ScheduleKind::Plateau || !val.is_finite() {
+    pub fn on_epoch(&mut self, val: f64) {
+        let st = &mut self.state;
+        if self.kind != ScheduleKind::Plateau || !val.is_finite() {
             return;
         }
-        match self.best_val {
+        match st.best_val {
             Some(b) if val >= b * (1.0 - 1e-4) => {
-                self.bad_epochs += 1;
-                if self.bad_epochs > cfg.plateau_patience {
-                    self.factor = (self.factor * cfg.plateau_factor).max(cfg.min_lr / cfg.lr);
-                    self.bad_epochs = 0;
+                st.bad_epochs += 1;
+                if st.bad_epochs > self.plateau_patience {
+                    st.factor = (st.factor * self.plateau_factor).max(self.min_lr / self.base);
+                    st.bad_epochs = 0;
                 }
             }
             _ => {
-                self.best_val = Some(val);
-                self.bad_epochs = 0;
+                st.best_val = Some(val);
+                st.bad_epochs = 0;
             }
         }
     }
 }
 
-/// The auxiliary loss weight at update `u`: 0, then a linear ramp, then capped.
-pub fn aux_weight(cfg: &TrainConfig, u: u64) -> f64 {
-    let u = u as f64;
-    let (w0, r) = (cfg.aux_warmup_steps as f64, cfg.aux_ramp_steps as f64);
-    if u < w0 {
-        0.0
-    } else if r == 0.0 || u >= w0 + r {
-        cfg.aux_weight
-    } else {
-        cfg.aux_weight * (u - w0) / r
+/// The auxiliary loss's weight over updates (`aux_weight`, `aux_warmup_steps`,
+/// `aux_ramp_steps`): 0, then a linear ramp, then capped.
+#[derive(Clone, Copy, Debug)]
+pub struct AuxSchedule {
+    weight: f64,
+    warmup: u64,
+    ramp: u64,
+}
+
+impl AuxSchedule {
+    pub fn new(cfg: &TrainConfig) -> AuxSchedule {
+        AuxSchedule { weight: cfg.aux_weight, warmup: cfg.aux_warmup_steps as u64, ramp: cfg.aux_ramp_steps as u64 }
+    }
+
+    /// The weight at update `u`.
+    pub fn at(&self, u: u64) -> f64 {
+        let u = u as f64;
+        let (w0, r) = (self.warmup as f64, self.ramp as f64);
+        if u < w0 {
+            0.0
+        } else if r == 0.0 || u >= w0 + r {
+            self.weight
+        } else {
+            self.weight * (u - w0) / r
+        }
     }
 }
 
@@ -257,12 +372,20 @@ pub fn aux_weight(cfg: &TrainConfig, u: u64) -> f64 {
 /// scale down; a non-finite loss is the trainer's business and leaves the scale alone, which
 /// avoids the "death spiral" of halving on every broken forward.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct LossScaler {
+pub struct ScalerState {
     pub scale: f64,
     /// Clean updates since the last change of scale.
     pub clean: u64,
     /// Overflowing updates in a row.
     pub overflows: u32,
+}
+
+/// The scaler with its settings (`loss_scale_*` of the config) and its state.
+pub struct LossScaler {
+    growth_interval: u64,
+    hysteresis: u32,
+    min: f64,
+    state: ScalerState,
 }
 
 /// What one update did to the scale.
@@ -278,29 +401,47 @@ pub enum ScaleEvent {
 
 impl LossScaler {
     pub fn new(cfg: &TrainConfig) -> Self {
-        LossScaler { scale: cfg.loss_scale_init, clean: 0, overflows: 0 }
+        LossScaler {
+            growth_interval: cfg.loss_scale_growth_interval,
+            hysteresis: cfg.loss_scale_hysteresis,
+            min: cfg.loss_scale_min,
+            state: ScalerState { scale: cfg.loss_scale_init, clean: 0, overflows: 0 },
+        }
+    }
+
+    pub fn scale(&self) -> f64 {
+        self.state.scale
+    }
+
+    pub fn state(&self) -> &ScalerState {
+        &self.state
+    }
+
+    pub fn restore(&mut self, state: ScalerState) {
+        self.state = state;
     }
 
     /// Records one update whose unscaled gradients were finite or not.
-    pub fn update(&mut self, cfg: &TrainConfig, finite: bool) -> ScaleEvent {
+    pub fn update(&mut self, finite: bool) -> ScaleEvent {
+        let st = &mut self.state;
         if finite {
-            self.overflows = 0;
-            self.clean += 1;
-            if self.clean >= cfg.loss_scale_growth_interval {
-                self.clean = 0;
+            st.overflows = 0;
+            st.clean += 1;
+            if st.clean >= self.growth_interval {
+                st.clean = 0;
                 // Doubling past f32's range would make every later step overflow.
-                self.scale = (self.scale * 2.0).min(f32::MAX as f64 / 2.0);
+                st.scale = (st.scale * 2.0).min(f32::MAX as f64 / 2.0);
                 return ScaleEvent::Grew;
             }
             return ScaleEvent::Clean;
         }
-        self.clean = 0;
-        self.overflows += 1;
-        let at_floor = self.scale <= cfg.loss_scale_min;
-        let backed_off = self.overflows >= cfg.loss_scale_hysteresis && !at_floor;
+        st.clean = 0;
+        st.overflows += 1;
+        let at_floor = st.scale <= self.min;
+        let backed_off = st.overflows >= self.hysteresis && !at_floor;
         if backed_off {
-            self.overflows = 0;
-            self.scale = (self.scale * 0.5).max(cfg.loss_scale_min);
+            st.overflows = 0;
+            st.scale = (st.scale * 0.5).max(self.min);
         }
         ScaleEvent::Overflow { backed_off, at_floor }
     }

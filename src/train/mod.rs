@@ -1,15 +1,16 @@
-//! The training loop, its guards, checkpoints and the run directory.
+//! The training loop: epochs, validation, checkpoints, logs and the run directory, around the
+//! one training step of [`step::Trainer`].
 //!
-//! One step = one micro-batch: input check -> forward -> loss (+ curriculum-weighted auxiliary term)
-//! -> loss and spike guards -> backward -> accumulate. Every `accumulate` micro-batches: scale,
-//! check the gradient, clip, update. Each step's outcome is one line of metrics.jsonl. Checkpoints
-//! (params, optimiser state, trainer state) are written atomically at epoch ends: `last`, `best`
-//! and every `checkpoint_every` epochs; `--resume` continues from `last` bit for bit.
+//! Each step's outcome is one line of metrics.jsonl. Checkpoints (parameters, optimiser state,
+//! trainer state) are written atomically at epoch ends: `last`, `best` and every
+//! `checkpoint_every` epochs; `--resume` continues from `last` bit for bit.
 //!
 //! Run directory: config.toml (resolved), metrics.jsonl, summary.json, checkpoints/, and
 //! loss.png, grad_norm.png, lr.png, reconstruction.png.
 
+pub mod parity;
 pub mod plot;
+pub mod step;
 
 use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
@@ -25,19 +26,19 @@ use serde_json::json;
 
 use crate::autograd::{ParamStore, Tape};
 use crate::backend;
-use crate::config::{AuxLoss, Config, LossConfig, LossKind, SpikeAction};
+use crate::config::Config;
 use crate::data::{self, npz::NpzSplit};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::eval::{self, Metrics};
-use crate::io::Named;
-use crate::loss;
+use crate::io::{io_err, Named};
 use crate::model::weights;
 use crate::model::Generator;
 use crate::ops;
-use crate::optim::{self, LossScaler, Optimizer, ScaleEvent, Schedule};
-use crate::tensor::Precision;
+use crate::optim::{self, OptimizerState};
 use crate::tensor::{DType, Tensor};
+
+pub use step::{forward_and_loss, Forward, Objective, SpikeGuard, StepOutcome, StepPoint, StepReport, Trainer, TrainerState};
 
 /// How a run is driven (not part of its identity).
 #[derive(Clone, Debug)]
@@ -52,23 +53,16 @@ pub struct RunOptions {
     pub preset: Option<String>,
 }
 
-/// The trainer's state at an epoch boundary: all that a checkpoint needs besides tensors.
+/// The run's state at an epoch boundary: all that a checkpoint needs besides tensors.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TrainState {
     pub epochs_done: usize,
-    pub steps: u64,
-    pub updates: u64,
-    pub schedule: Schedule,
-    /// Recent accepted losses (the spike window).
-    pub window: Vec<f64>,
+    /// The step's state: steps, updates, schedule, spike window, loss scaler, outcome counts.
+    #[serde(flatten)]
+    pub trainer: TrainerState,
     pub best_val: Option<f64>,
     pub first_val: Option<f64>,
     pub last_val: Option<f64>,
-    pub consecutive_failures: usize,
-    pub outcomes: BTreeMap<String, u64>,
-    /// fp16's dynamic loss scaler (None in fp32 and bf16).
-    #[serde(default)]
-    pub scaler: Option<LossScaler>,
     /// The config the run was started with (TOML), to refuse a resume under another.
     pub config: String,
 }
@@ -100,14 +94,17 @@ pub struct Summary {
     pub first_val_loss: Option<f64>,
     pub best_val_loss: Option<f64>,
     pub final_val_loss: Option<f64>,
-    pub outcomes: BTreeMap<String, u64>,
+    pub outcomes: BTreeMap<StepOutcome, u64>,
     pub metrics: Option<serde_json::Value>,
     pub parameters: usize,
     pub wall_seconds: f64,
 }
 
-fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
-    move |source| Error::Io { path: path.display().to_string(), source }
+impl Summary {
+    /// Steps whose outcome passes `which` (e.g. [`StepOutcome::is_spike`]).
+    pub fn count(&self, which: impl Fn(StepOutcome) -> bool) -> u64 {
+        self.outcomes.iter().filter(|(o, _)| which(**o)).map(|(_, n)| n).sum()
+    }
 }
 
 /// An evenly spaced subset of 0..n of size k (all when k is 0 or at least n).
@@ -119,12 +116,8 @@ fn subset(n: usize, k: usize) -> Vec<usize> {
     }
 }
 
-fn is_finite_tensor(t: &Tensor) -> Result<bool> {
-    Ok(backend::reduce(backend::Reduce::SumSq, t)?.scalar_value()?.is_finite())
-}
-
 /// Tensors of a checkpoint: parameters and optimiser state under prefixed names.
-fn checkpoint_tensors<'a>(params: &'a ParamStore, opt: &'a Optimizer) -> Vec<Named<'a>> {
+fn checkpoint_tensors<'a>(params: &'a ParamStore, opt: &'a OptimizerState) -> Vec<Named<'a>> {
     let mut v = Vec::new();
     for (id, name, t) in params.iter() {
         v.push(Named { name: format!("param.{name}"), tensor: t, complex: false });
@@ -138,14 +131,14 @@ fn checkpoint_tensors<'a>(params: &'a ParamStore, opt: &'a Optimizer) -> Vec<Nam
     v
 }
 
-fn save_checkpoint(path: &Path, params: &ParamStore, opt: &Optimizer, state: &TrainState) -> Result<()> {
+fn save_checkpoint(path: &Path, trainer: &Trainer, state: &TrainState) -> Result<()> {
     let mut meta = BTreeMap::new();
     meta.insert("fnokern_state".to_string(), serde_json::to_string(state).map_err(|e| Error::invalid("checkpoint", e.to_string()))?);
-    crate::io::save_tensors(path, &checkpoint_tensors(params, opt), Some(meta))
+    crate::io::save_tensors(path, &checkpoint_tensors(&trainer.model().params, trainer.optimizer_state()), Some(meta))
 }
 
 /// Reads a checkpoint into fresh parameter and optimiser values; nothing is changed on error.
-fn load_checkpoint(path: &Path, params: &ParamStore, opt_kind: crate::config::OptimizerKind) -> Result<(ParamStore, Optimizer, TrainState)> {
+fn load_checkpoint(path: &Path, params: &ParamStore) -> Result<(ParamStore, OptimizerState, TrainState)> {
     let bad = |why: String| Error::BadFile { path: path.display().to_string(), why };
     let bytes = fs::read(path).map_err(io_err(path))?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a checkpoint (corrupt or truncated): {e}")))?;
@@ -157,8 +150,7 @@ fn load_checkpoint(path: &Path, params: &ParamStore, opt_kind: crate::config::Op
         .and_then(|s| serde_json::from_str(s).map_err(|e| bad(format!("trainer state unreadable: {e}"))))?;
     let mut file = crate::io::load_tensors(path)?;
     let mut out = params.clone();
-    let mut opt = Optimizer::new(opt_kind, params);
-    opt.updates = state.updates;
+    let mut opt = OptimizerState { m: vec![None; params.len()], v: vec![None; params.len()], updates: 0 };
     for (id, name, t) in params.iter() {
         let take = |file: &mut BTreeMap<String, crate::io::Loaded>, key: String, required: bool| -> Result<Option<Tensor>> {
             match file.remove(&key) {
@@ -218,43 +210,14 @@ fn truncate_metrics(path: &Path, steps: u64, epochs: usize) -> Result<Vec<serde_
     Ok(kept)
 }
 
-/// Forward pass and configured loss(es) of one batch; returns (total loss, main loss value).
-fn batch_loss(
-    t: &mut Tape,
-    g: &Generator,
-    cfg: &Config,
-    b: &data::Batch,
-    sprobe: &Tensor,
-    aux_w: f64,
-    nan_forward: bool,
-) -> Result<(crate::autograd::Var, f64)> {
-    let x = t.constant(b.diffraction.clone());
-    let yi = t.constant(b.y_i.clone());
-    let yp = t.constant(b.y_phi.clone());
-    let mut out = g.forward(t, &x)?;
-    if nan_forward {
-        out = ops::scale(t, &out, f64::NAN)?;
-    }
-    let targets = loss::Targets { diffraction: &x, y_i: &yi, y_phi: &yp };
-    let main = loss::objective(t, &cfg.loss, &out, &targets, sprobe)?;
-    let main_value = main.value().scalar_value()?;
-    if cfg.train.aux_loss == AuxLoss::SupervisedL1 && aux_w > 0.0 {
-        let aux_cfg = LossConfig { kind: LossKind::SupervisedL1, ..cfg.loss.clone() };
-        let aux = loss::objective(t, &aux_cfg, &out, &targets, sprobe)?;
-        let aux = ops::scale(t, &aux, aux_w)?;
-        return Ok((ops::add(t, &main, &aux)?, main_value));
-    }
-    Ok((main, main_value))
-}
-
 /// Mean main loss over a split's patterns `idx`, without gradients.
-fn validate(g: &Generator, cfg: &Config, split: &NpzSplit, idx: &[usize], sprobe: &Tensor, dev: &Device) -> Result<f64> {
+fn validate(g: &Generator, obj: &Objective, batch_size: usize, split: &NpzSplit, idx: &[usize], dev: &Device) -> Result<f64> {
     let mut total = 0.0;
-    for chunk in idx.chunks(cfg.train.batch_size) {
+    for chunk in idx.chunks(batch_size) {
         let b = data::batch(split, chunk, DType::F32, dev)?;
         let mut t = Tape::with_params(&g.params);
-        let (_, v) = batch_loss(&mut t, g, cfg, &b, sprobe, 0.0, false)?;
-        total += v * chunk.len() as f64;
+        let f = forward_and_loss(&mut t, g, obj, &b, &mut |_| {})?;
+        total += f.main.value().scalar_value()? * chunk.len() as f64;
     }
     Ok(total / idx.len().max(1) as f64)
 }
@@ -364,7 +327,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
     let config_toml = toml::to_string(cfg).map_err(|e| Error::invalid("train", e.to_string()))?;
 
     dev.set_memory_limit(cfg.train.memory_limit_bytes()?);
-    let mut g = match Generator::new(&cfg.model, cfg.data.n, 1, &dev, DType::F32) {
+    let g = match Generator::for_run(cfg, &dev) {
         Ok(g) => g,
         // Not even the model fits the budget: an `oom` crash before the first step.
         Err(e @ Error::OutOfMemory { .. }) => {
@@ -382,30 +345,17 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
         }
         Err(e) => return Err(e),
     };
-    g.precision = cfg.train.precision;
-    let mut opt = Optimizer::new(cfg.train.optimizer, &g.params);
     let ds = data::load_or_simulate(&cfg.data, &mut |m| say(m))?;
     let train_idx = subset(ds.train.len(), cfg.train.train_patterns);
     let val_idx = subset(ds.test.len(), cfg.train.test_patterns);
     let batches_per_epoch = train_idx.len().div_ceil(cfg.train.batch_size);
     let updates_per_epoch = batches_per_epoch.div_ceil(cfg.train.accumulate);
-    let mut state = TrainState {
-        epochs_done: 0,
-        steps: 0,
-        updates: 0,
-        schedule: Schedule::new((cfg.train.epochs * updates_per_epoch) as u64),
-        window: Vec::new(),
-        best_val: None,
-        first_val: None,
-        last_val: None,
-        consecutive_failures: 0,
-        outcomes: BTreeMap::new(),
-        scaler: (cfg.train.precision == Precision::Fp16).then(|| LossScaler::new(&cfg.train)),
-        config: config_toml.clone(),
-    };
+    let probe = data::probe_tensor(&ds.train, DType::F32, &dev)?;
+    let mut trainer = Trainer::new(cfg, g, &probe, (cfg.train.epochs * updates_per_epoch) as u64)?;
+    let mut state = TrainState { epochs_done: 0, trainer: trainer.state(), best_val: None, first_val: None, last_val: None, config: config_toml.clone() };
     let mut records = Vec::new();
     if opts.resume {
-        let (params, o, s) = load_checkpoint(&last_path, &g.params, cfg.train.optimizer)?;
+        let (params, opt, s) = load_checkpoint(&last_path, &trainer.model().params)?;
         // Compared as configs, not text: fields added to the config since, at their defaults, do
         // not make a checkpoint unresumable.
         if toml::from_str::<Config>(&s.config).ok().as_ref() != Some(cfg) {
@@ -414,18 +364,17 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
                 format!("{} was written with a different config (see its config.toml); resume with the same one", last_path.display()),
             ));
         }
-        g.params = params;
-        opt = o;
+        trainer.restore(s.trainer.clone(), params, opt);
         state = s;
-        records = truncate_metrics(&metrics_path, state.steps, state.epochs_done)?;
-        say(&format!("resumed from {} after epoch {} (step {})", last_path.display(), state.epochs_done, state.steps));
+        records = truncate_metrics(&metrics_path, trainer.steps(), state.epochs_done)?;
+        say(&format!("resumed from {} after epoch {} (step {})", last_path.display(), state.epochs_done, trainer.steps()));
     }
     crate::io::write_atomic(&dir.join("config.toml"), config_toml.as_bytes())?;
     let mut log =
         MetricsLog { file: OpenOptions::new().create(true).append(true).open(&metrics_path).map_err(io_err(&metrics_path))?, path: metrics_path.clone() };
     say(&format!(
         "training: {} parameters, {} train / {} validation patterns, batch {}, {} epochs, {} micro-batches per epoch",
-        g.num_params(),
+        trainer.model().num_params(),
         train_idx.len(),
         val_idx.len(),
         cfg.train.batch_size,
@@ -433,16 +382,13 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
         batches_per_epoch
     ));
 
-    let probe = data::probe_tensor(&ds.train, DType::F32, &dev)?;
-    let sprobe = loss::scaled_probe(&probe, &cfg.loss)?;
-    let mut snapshot = (g.params.clone(), opt.m.clone(), opt.v.clone(), opt.updates);
     let total_steps = (cfg.train.epochs * batches_per_epoch) as u64;
     let bar = if opts.progress {
         let pb = indicatif::ProgressBar::new(total_steps);
         pb.set_style(
             indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps  {msg}  eta {eta}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
-        pb.set_position(state.steps);
+        pb.set_position(trainer.steps());
         Some(pb)
     } else {
         None
@@ -452,165 +398,53 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
     // The epochs run in a closure so that an allocation over the memory budget, wherever it
     // happens, ends the run as an `oom` crash with its summary written, like any other crash.
     let mut run_epochs = || -> Result<Option<(Crash, String)>> {
-        let mut crash: Option<(Crash, String)> = None;
-        'epochs: while state.epochs_done < cfg.train.epochs {
+        while state.epochs_done < cfg.train.epochs {
             let epoch = state.epochs_done;
             let mut order = train_idx.clone();
             order.shuffle(&mut ChaCha8Rng::seed_from_u64(cfg.train.seed ^ (epoch as u64).wrapping_mul(0x9e37_79b9)));
-            let mut acc: Vec<Option<Tensor>> = Vec::new();
-            let mut micro = 0usize;
             let (mut loss_sum, mut loss_count) = (0.0, 0usize);
             for (bi, chunk) in order.chunks(cfg.train.batch_size).enumerate() {
-                let step = state.steps;
-                state.steps += 1;
-                let lr = state.schedule.lr(&cfg.train, state.updates);
-                let aux_w = optim::aux_weight(&cfg.train, state.updates);
-                let mut b = data::batch(&ds.train, chunk, DType::F32, &dev)?;
-                if cfg.faults.nan_input_steps.contains(&step) {
-                    b.diffraction = Tensor::full(f64::NAN, b.diffraction.shape().clone(), DType::F32, &dev)?;
+                let b = data::batch(&ds.train, chunk, DType::F32, &dev)?;
+                let r = trainer.step(b, bi + 1 == batches_per_epoch)?;
+                if let (Some(before), Some(after)) = (r.loss_scale, r.loss_scale_after) {
+                    warn_scale(before, after, &mut *say);
                 }
-                let mut rec = json!({"kind": "step", "step": step, "epoch": epoch, "lr": lr});
-                if let Some(sc) = &state.scaler {
-                    rec["loss_scale"] = json!(sc.scale);
-                }
-                let outcome: &str = 'step: {
-                    if !is_finite_tensor(&b.diffraction)? {
-                        break 'step "skipped_bad_input";
-                    }
-                    let mut t = Tape::with_params(&g.params);
-                    let nan_forward = cfg.faults.nan_forward_steps.contains(&step);
-                    let (mut loss, _) = batch_loss(&mut t, &g, cfg, &b, &sprobe, aux_w, nan_forward)?;
-                    if cfg.faults.spike_steps.contains(&step) {
-                        loss = ops::scale(&mut t, &loss, cfg.faults.spike_scale)?;
-                    }
-                    let lv = loss.value().scalar_value()?;
-                    rec["loss"] = json!(lv);
-                    if !lv.is_finite() {
-                        break 'step "skipped_nonfinite_loss";
-                    }
-                    let w = &state.window;
-                    let spike = w.len() >= 3.min(cfg.train.spike_window) && lv > cfg.train.spike_factor * w.iter().sum::<f64>() / w.len() as f64;
-                    if spike {
-                        match cfg.train.spike_action {
-                            SpikeAction::Log => {}
-                            SpikeAction::Skip => break 'step "spike_skipped",
-                            SpikeAction::Rollback => {
-                                g.params = snapshot.0.clone();
-                                opt.m = snapshot.1.clone();
-                                opt.v = snapshot.2.clone();
-                                opt.updates = snapshot.3;
-                                state.schedule.factor *= cfg.train.rollback_lr_factor;
-                                acc.clear();
-                                micro = 0;
-                                break 'step "rolled_back";
-                            }
-                        }
-                    }
-                    // fp16: back-propagate the scaled loss so that small gradients survive rounding.
-                    let loss_scale = state.scaler.as_ref().map(|s| s.scale);
-                    let grads = match loss_scale {
-                        Some(s) => {
-                            let scaled = ops::scale(&mut t, &loss, s)?;
-                            t.backward(&scaled)?.into_params()
-                        }
-                        None => t.backward(&loss)?.into_params(),
-                    };
-                    if acc.is_empty() {
-                        acc = grads;
-                    } else {
-                        for (a, gr) in acc.iter_mut().zip(grads) {
-                            *a = match (a.take(), gr) {
-                                (Some(x), Some(y)) => Some(backend::add_into(x, y)?),
-                                (x, y) => x.or(y),
-                            };
-                        }
-                    }
-                    micro += 1;
-                    state.window.push(lv);
-                    if state.window.len() > cfg.train.spike_window {
-                        state.window.remove(0);
-                    }
-                    loss_sum += lv;
+                if let (true, Some(l)) = (r.outcome.backpropagated(), r.loss) {
+                    loss_sum += l;
                     loss_count += 1;
-                    let last_of_epoch = bi + 1 == batches_per_epoch;
-                    if micro < cfg.train.accumulate && !last_of_epoch {
-                        break 'step if spike { "spike_logged" } else { "accumulated" };
-                    }
-                    let mut grads = std::mem::take(&mut acc);
-                    // Average the micro-batches and undo the loss scale (a power of two: exact).
-                    let unscale = 1.0 / (micro as f64 * loss_scale.unwrap_or(1.0));
-                    if unscale != 1.0 {
-                        for gr in grads.iter_mut().flatten() {
-                            *gr = backend::affine(gr, unscale, 0.0)?;
-                        }
-                    }
-                    micro = 0;
-                    let report = optim::clip(&cfg.train, &mut grads, &g.params)?;
-                    rec["grad_norm"] = json!(report.norm_before);
-                    rec["grad_norm_clipped"] = json!(report.norm_after);
-                    if !report.norm_before.is_finite() {
-                        if let Some(sc) = state.scaler.as_mut() {
-                            let before = sc.scale;
-                            let event = sc.update(&cfg.train, false);
-                            warn_scale(before, sc.scale, &mut *say);
-                            if let ScaleEvent::Overflow { at_floor: true, .. } = event {
-                                break 'step "overflow_at_floor";
-                            }
-                            break 'step "overflow_skipped";
-                        }
-                        break 'step "skipped_nonfinite_grad";
-                    }
-                    opt.step(&cfg.train, &mut g.params, &grads, lr, 1.0)?;
-                    state.updates += 1;
-                    if let Some(sc) = state.scaler.as_mut() {
-                        sc.update(&cfg.train, true);
-                    }
-                    if spike {
-                        "spike_logged"
-                    } else {
-                        "ok"
-                    }
-                };
-                rec["outcome"] = json!(outcome);
-                *state.outcomes.entry(outcome.to_string()).or_default() += 1;
-                // An overflow above the scale's floor is loss scaling working as meant, not a failure.
-                let failed = matches!(
-                    outcome,
-                    "skipped_bad_input" | "skipped_nonfinite_loss" | "skipped_nonfinite_grad" | "overflow_at_floor" | "spike_skipped" | "rolled_back"
-                );
-                state.consecutive_failures = if failed { state.consecutive_failures + 1 } else { 0 };
+                }
+                let rec = r.record(epoch);
                 log.write(&rec)?;
                 records.push(rec);
                 if let Some(pb) = &bar {
-                    pb.set_position(state.steps);
+                    pb.set_position(trainer.steps());
                     pb.set_message(format!("epoch {} loss {:.4}", epoch + 1, if loss_count > 0 { loss_sum / loss_count as f64 } else { f64::NAN }));
                 }
-                if state.consecutive_failures >= cfg.train.max_consecutive_failures {
-                    let kind = if matches!(outcome, "spike_skipped" | "rolled_back") { Crash::Spike } else { Crash::Nonfinite };
-                    crash = Some((kind, format!("{} failed steps in a row (last: {outcome})", state.consecutive_failures)));
-                    break 'epochs;
+                let failures = trainer.consecutive_failures();
+                if failures >= cfg.train.max_consecutive_failures {
+                    let kind = if r.outcome.is_spike() { Crash::Spike } else { Crash::Nonfinite };
+                    return Ok(Some((kind, format!("{failures} failed steps in a row (last: {})", r.outcome))));
                 }
             }
             // End of epoch: validation, schedule, checkpoints.
-            let finite_weights = optim::sumsq_each(&g.params.values().iter().collect::<Vec<_>>())?.iter().all(|s| s.is_finite());
+            let model = trainer.model();
+            let finite_weights = optim::sumsq_each(&model.params.values().iter().collect::<Vec<_>>())?.iter().all(|s| s.is_finite());
             if !finite_weights {
-                crash = Some((Crash::Nonfinite, "non-finite weights".into()));
-                break;
+                return Ok(Some((Crash::Nonfinite, "non-finite weights".into())));
             }
-            let val = validate(&g, cfg, &ds.test, &val_idx, &sprobe, &dev)?;
+            let val = validate(model, &trainer.objective(), cfg.train.batch_size, &ds.test, &val_idx, &dev)?;
             if !val.is_finite() {
-                crash = Some((Crash::Nonfinite, "non-finite validation loss".into()));
-                break;
+                return Ok(Some((Crash::Nonfinite, "non-finite validation loss".into())));
             }
-            state.schedule.on_epoch(&cfg.train, val);
+            trainer.end_epoch(val);
             state.first_val.get_or_insert(val);
             state.last_val = Some(val);
             state.epochs_done += 1;
             ran_epochs += 1;
             let train_loss = if loss_count > 0 { loss_sum / loss_count as f64 } else { f64::NAN };
             let rec = json!({
-                "kind": "epoch", "epoch": epoch, "steps_end": state.steps, "train_loss": train_loss,
-                "val_loss": val, "lr": state.schedule.lr(&cfg.train, state.updates), "outcomes": state.outcomes,
+                "kind": "epoch", "epoch": epoch, "steps_end": trainer.steps(), "train_loss": train_loss,
+                "val_loss": val, "lr": trainer.lr(), "outcomes": trainer.outcomes(),
             });
             log.write(&rec)?;
             records.push(rec);
@@ -618,27 +452,28 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
                 "epoch {:>3}/{}: train loss {train_loss:.5}  val loss {val:.5}  lr {:.2e}  ({:.0} s)",
                 epoch + 1,
                 cfg.train.epochs,
-                state.schedule.lr(&cfg.train, state.updates),
+                trainer.lr(),
                 started.elapsed().as_secs_f64()
             );
             match &bar {
                 Some(pb) if !pb.is_hidden() => pb.println(&line),
                 _ => say(&line),
             }
+            state.trainer = trainer.state();
             if state.best_val.is_none_or(|b| val < b) {
                 state.best_val = Some(val);
-                save_checkpoint(&dir.join("checkpoints/best.safetensors"), &g.params, &opt, &state)?;
+                save_checkpoint(&dir.join("checkpoints/best.safetensors"), &trainer, &state)?;
             }
             if cfg.train.checkpoint_every > 0 && state.epochs_done % cfg.train.checkpoint_every == 0 {
-                save_checkpoint(&dir.join(format!("checkpoints/epoch_{}.safetensors", state.epochs_done)), &g.params, &opt, &state)?;
+                save_checkpoint(&dir.join(format!("checkpoints/epoch_{}.safetensors", state.epochs_done)), &trainer, &state)?;
             }
-            save_checkpoint(&last_path, &g.params, &opt, &state)?;
-            snapshot = (g.params.clone(), opt.m.clone(), opt.v.clone(), opt.updates);
+            save_checkpoint(&last_path, &trainer, &state)?;
+            trainer.mark_good();
             if opts.stop_after_epochs.is_some_and(|k| ran_epochs >= k) {
                 break;
             }
         }
-        Ok(crash)
+        Ok(None)
     };
     let crash = match run_epochs() {
         Ok(c) => c,
@@ -652,9 +487,10 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
         pb.finish_and_clear();
     }
     let finished = crash.is_none() && state.epochs_done >= cfg.train.epochs;
+    let g = trainer.model();
     let metrics = if finished && cfg.train.evaluate {
         say("evaluating: stitching the test object");
-        evaluate(&g, cfg, &ds.test, &dev, dir)?
+        evaluate(g, cfg, &ds.test, &dev, dir)?
     } else {
         None
     };
@@ -669,12 +505,12 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
         crash_kind: crash.as_ref().map(|c| c.0),
         reason: crash.map(|c| c.1),
         epochs_done: state.epochs_done,
-        steps: state.steps,
-        updates: state.updates,
+        steps: trainer.steps(),
+        updates: trainer.updates(),
         first_val_loss: state.first_val,
         best_val_loss: state.best_val,
         final_val_loss: state.last_val,
-        outcomes: state.outcomes.clone(),
+        outcomes: trainer.outcomes().clone(),
         metrics: metrics.map(|m| serde_json::to_value(m).unwrap_or_default()),
         parameters: g.num_params(),
         wall_seconds: started.elapsed().as_secs_f64(),

@@ -72,6 +72,16 @@ pub fn assert_close(what: &str, got: &fnokern::Tensor, want: &fnokern::Tensor, a
     assert!(bad.is_empty(), "{what}: {} of {} mismatch, first: {}", bad.len(), got.len(), bad[..bad.len().min(5)].join(", "));
 }
 
+/// The dtype the definition tests compute in on `dev`, and their tolerance against the f64
+/// definitions: the CPU computes in f64 (to 1e-12), a GPU only in f32 (to 2e-5).
+pub fn dtype_and_tol(dev: &fnokern::Device) -> (fnokern::DType, f64) {
+    if dev.kind().is_gpu() {
+        (fnokern::DType::F32, 2e-5)
+    } else {
+        (fnokern::DType::F64, 1e-12)
+    }
+}
+
 /// One test body for every device: `test_device!(fn name(dev) { ... })` makes the module `name`
 /// with the tests `name::cpu` and `name::cuda`, each calling the body with its `&Device`. The
 /// CUDA one runs on a GPU where there is one, else on the driver stand-in

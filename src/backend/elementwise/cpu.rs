@@ -117,6 +117,14 @@ pub(super) fn fill(g: &Tensor, y: &mut Tensor) -> Result<()> {
     })
 }
 
+pub(super) fn scale_in_place(x: &mut Tensor, k: f64) -> Result<()> {
+    with_float!(x.dtype(), "scale_in_place", |T| {
+        let k = T::of_f64(k);
+        x.as_mut_slice::<T>()?.par_chunks_mut(CHUNK).for_each(|ch| ch.iter_mut().for_each(|v| *v *= k));
+        Ok(())
+    })
+}
+
 pub(super) fn clamp(x: &mut Tensor, c: f64) -> Result<()> {
     with_float!(x.dtype(), "clamp", |T| {
         let c = T::of_f64(c);

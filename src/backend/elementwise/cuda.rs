@@ -78,8 +78,8 @@ pub(super) fn clamp(gpu: &Gpu, x: &mut Tensor, c: f64) -> Result<()> {
 }
 
 /// x *= s in place, on a raw buffer (the scale after a cuFFT transform).
-pub(crate) fn scale_inplace(gpu: &Gpu, x: &mut cudarc::driver::CudaSlice<f32>, s: f32) -> Result<()> {
+pub(crate) fn scale_in_place(gpu: &Gpu, x: &mut cudarc::driver::CudaSlice<f32>, s: f32) -> Result<()> {
     let n = x.len() as i64;
     // SAFETY: the kernel stays inside x's n floats.
-    unsafe { kernels::scale_inplace_f32(gpu, elementwise_config(x.len()), x, n, s) }
+    unsafe { kernels::scale_in_place_f32(gpu, elementwise_config(x.len()), x, n, s) }
 }

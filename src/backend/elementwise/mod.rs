@@ -122,6 +122,14 @@ pub fn broadcast_scalar(g: &Tensor, like: &Tensor) -> Result<Tensor> {
     compute(like.shape().clone(), like, |y| cpu::fill(g, y), |gpu, y| cuda::fill(gpu, g, y))
 }
 
+/// In place: x *= k (clipping and unscaling gradients without a second buffer).
+pub fn scale_in_place(x: &mut Tensor, k: f64) -> Result<()> {
+    check_compute("scale_in_place", x)?;
+    own(x)?;
+    let dev = x.device().clone();
+    on_device(&dev, x, |x| cpu::scale_in_place(x, k), |gpu, x| cuda::scale_in_place(gpu, x.cuda_mut()?, k as f32))
+}
+
 /// In place: clamps every element to [-c, c].
 pub fn clamp(x: &mut Tensor, c: f64) -> Result<()> {
     check_compute("clamp", x)?;

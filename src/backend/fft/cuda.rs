@@ -19,7 +19,7 @@ use cudarc::cufft::{result as cufft, sys as fsys};
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 
 use super::{Spectrum, SpectrumGeom};
-use crate::backend::elementwise::cuda::scale_inplace;
+use crate::backend::elementwise::cuda::scale_in_place;
 use crate::backend::gpu::{check_len, elementwise_config, Gpu};
 use crate::backend::{int, kernels};
 use crate::error::{Error, Result};
@@ -180,7 +180,7 @@ pub(super) fn fft2(gpu: &Gpu, z: &Tensor, y: &mut Tensor, planes: usize, h: usiz
         })?;
     }
     if scale != 1.0 {
-        scale_inplace(gpu, y, scale)?;
+        scale_in_place(gpu, y, scale)?;
     }
     Ok(())
 }

@@ -10,14 +10,15 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::weights;
-use super::Generator;
+use super::step::{forward_and_loss, Objective};
 use crate::autograd::Tape;
 use crate::config::{Config, LossKind};
+use crate::data::Batch;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::io::Named;
 use crate::loss;
+use crate::model::{weights, Generator};
 use crate::tensor::{DType, Shape, Tensor};
 
 fn bad(path: &Path, why: impl Into<String>) -> Error {
@@ -59,17 +60,14 @@ pub fn grad_to_file(cfg: &Config, weights_path: &Path, batch_path: &Path, out_pa
         (diffraction.clone(), diffraction.clone())
     };
 
-    let mut t = Tape::with_params(&g.params);
-    let x = t.constant(diffraction);
-    let yi = t.constant(y_i);
-    let yp = t.constant(y_phi);
-    let out = g.forward(&mut t, &x)?;
+    // The trainer's own forward pass and loss (without the auxiliary term, as validation).
     let sp = loss::scaled_probe(&probe, &cfg.loss)?;
-    let targets = loss::Targets { diffraction: &x, y_i: &yi, y_phi: &yp };
-    let loss = loss::objective(&mut t, &cfg.loss, &out, &targets, &sp)?;
-    let loss_value = loss.value().reshape(Shape::scalar())?;
-    let output = out.value().clone();
-    let grads = t.backward(&loss)?;
+    let mut t = Tape::with_params(&g.params);
+    let batch = Batch { diffraction, y_i, y_phi };
+    let f = forward_and_loss(&mut t, &g, &Objective { loss: &cfg.loss, scaled_probe: &sp, aux_weight: 0.0 }, &batch, &mut |_| {})?;
+    let loss_value = f.main.value().reshape(Shape::scalar())?;
+    let output = f.output.value().clone();
+    let grads = t.backward(&f.main)?;
 
     let mut named = vec![Named { name: "loss".into(), tensor: &loss_value, complex: false }, Named { name: "output".into(), tensor: &output, complex: false }];
     let zeros: Vec<Tensor> = g.params.iter().map(|(_, _, v)| Tensor::zeros(v.shape().clone(), v.dtype(), v.device())).collect::<Result<_>>()?;

@@ -1,0 +1,537 @@
+//! The training step, one for every caller: `fnokern train`'s epochs, `fnokern plan`'s step on the
+//! meta device, the step-time benchmark and `fnokern grad` (its forward and loss).
+//!
+//! One step = one micro-batch: input check -> forward -> loss (+ curriculum-weighted auxiliary
+//! term) -> loss and spike guards -> backward -> accumulate. Every `accumulate` micro-batches (or
+//! when the caller ends a group early, at the end of an epoch): average and unscale, clip, check
+//! the gradient, update. The [`Trainer`] owns every component with its settings and state (the
+//! optimiser, the schedule, the fp16 loss scaler, the spike guard and the rollback snapshot); its
+//! [`TrainerState`] and the optimiser's tensors are what a checkpoint holds.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::autograd::{ParamStore, Tape, Var};
+use crate::backend;
+use crate::config::{AuxLoss, Config, FaultConfig, LossConfig, LossKind, SpikeAction, TrainConfig};
+use crate::data::Batch;
+use crate::error::Result;
+use crate::loss;
+use crate::model::Generator;
+use crate::ops;
+use crate::optim::{AuxSchedule, ClipReport, Clipper, LossScaler, Optimizer, OptimizerState, ScaleEvent, ScalerState, Schedule, ScheduleState};
+use crate::tensor::{Precision, Tensor};
+
+/// What one step did; metrics.jsonl and summary.json spell it in snake case (`ok`,
+/// `skipped_nonfinite_loss`, ...).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepOutcome {
+    /// The parameters were updated.
+    Ok,
+    /// The gradient was accumulated; the update comes with a later micro-batch.
+    Accumulated,
+    /// A loss spike, logged (`spike_action = "log"`); the step went on (accumulated or updated).
+    SpikeLogged,
+    /// The input batch was not finite; nothing was computed.
+    SkippedBadInput,
+    /// The loss was not finite; no backward pass.
+    SkippedNonfiniteLoss,
+    /// The gradient was not finite (fp32, bf16); no update.
+    SkippedNonfiniteGrad,
+    /// fp16: the scaled gradient overflowed; no update, the scale backs off.
+    OverflowSkipped,
+    /// fp16: the gradient overflowed with the scale at its floor.
+    OverflowAtFloor,
+    /// A loss spike, skipped (`spike_action = "skip"`).
+    SpikeSkipped,
+    /// A loss spike: parameters and optimiser state went back to the last good epoch end, and
+    /// the learning rate down by `rollback_lr_factor`.
+    RolledBack,
+}
+
+impl StepOutcome {
+    pub const ALL: [StepOutcome; 10] = [
+        StepOutcome::Ok,
+        StepOutcome::Accumulated,
+        StepOutcome::SpikeLogged,
+        StepOutcome::SkippedBadInput,
+        StepOutcome::SkippedNonfiniteLoss,
+        StepOutcome::SkippedNonfiniteGrad,
+        StepOutcome::OverflowSkipped,
+        StepOutcome::OverflowAtFloor,
+        StepOutcome::SpikeSkipped,
+        StepOutcome::RolledBack,
+    ];
+
+    /// A step that counts towards `max_consecutive_failures`. An overflow above the scale's floor
+    /// is loss scaling working as meant, and a logged spike went on to train: neither fails.
+    pub fn is_failure(self) -> bool {
+        use StepOutcome::*;
+        matches!(self, SkippedBadInput | SkippedNonfiniteLoss | SkippedNonfiniteGrad | OverflowAtFloor | SpikeSkipped | RolledBack)
+    }
+
+    /// A step the spike guard caught, whatever it did about it.
+    pub fn is_spike(self) -> bool {
+        matches!(self, StepOutcome::SpikeLogged | StepOutcome::SpikeSkipped | StepOutcome::RolledBack)
+    }
+
+    /// A step that met a non-finite input, loss or gradient (fp16 overflows included).
+    pub fn is_nonfinite(self) -> bool {
+        use StepOutcome::*;
+        matches!(self, SkippedBadInput | SkippedNonfiniteLoss | SkippedNonfiniteGrad | OverflowSkipped | OverflowAtFloor)
+    }
+
+    /// The step's gradient was computed (and its loss counts in the epoch's training loss).
+    pub fn backpropagated(self) -> bool {
+        use StepOutcome::*;
+        matches!(self, Ok | Accumulated | SpikeLogged | SkippedNonfiniteGrad | OverflowSkipped | OverflowAtFloor)
+    }
+
+    /// The word metrics.jsonl uses.
+    pub fn as_str(self) -> &'static str {
+        use StepOutcome::*;
+        match self {
+            Ok => "ok",
+            Accumulated => "accumulated",
+            SpikeLogged => "spike_logged",
+            SkippedBadInput => "skipped_bad_input",
+            SkippedNonfiniteLoss => "skipped_nonfinite_loss",
+            SkippedNonfiniteGrad => "skipped_nonfinite_grad",
+            OverflowSkipped => "overflow_skipped",
+            OverflowAtFloor => "overflow_at_floor",
+            SpikeSkipped => "spike_skipped",
+            RolledBack => "rolled_back",
+        }
+    }
+}
+
+impl std::fmt::Display for StepOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What one step did and measured: a line of metrics.jsonl.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepReport {
+    /// The step's number (micro-batches since the run began, from 0).
+    pub step: u64,
+    pub outcome: StepOutcome,
+    /// The learning rate an update at this step uses.
+    pub lr: f64,
+    /// The loss (with its auxiliary term), when the forward pass ran.
+    pub loss: Option<f64>,
+    /// Gradient norms, when the step ended a group of micro-batches.
+    pub clip: Option<ClipReport>,
+    /// fp16: the loss scale the step ran with, and after it.
+    pub loss_scale: Option<f64>,
+    pub loss_scale_after: Option<f64>,
+}
+
+impl StepReport {
+    /// The metrics.jsonl record of this step in `epoch`.
+    pub fn record(&self, epoch: usize) -> serde_json::Value {
+        let mut rec = json!({"kind": "step", "step": self.step, "epoch": epoch, "lr": self.lr, "outcome": self.outcome});
+        if let Some(s) = self.loss_scale {
+            rec["loss_scale"] = json!(s);
+        }
+        if let Some(l) = self.loss {
+            rec["loss"] = json!(l);
+        }
+        if let Some(c) = self.clip {
+            rec["grad_norm"] = json!(c.norm_before);
+            rec["grad_norm_clipped"] = json!(c.norm_after);
+        }
+        rec
+    }
+}
+
+/// Points of a step where [`Trainer::step_traced`] calls its observer (the memory plan reads the
+/// device's ledger there).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepPoint {
+    /// The tape holds the batch; the forward pass starts.
+    Forward,
+    /// Part `i` of [`Generator::table`] has run.
+    Part(usize),
+    /// The loss is computed; backward comes next.
+    Loss,
+}
+
+/// The loss spike guard: a loss over `spike_factor` times the mean of the last `spike_window`
+/// accepted losses (once three are in, or the whole window when it is shorter) is a spike.
+#[derive(Clone, Debug)]
+pub struct SpikeGuard {
+    factor: f64,
+    len: usize,
+    action: SpikeAction,
+    window: Vec<f64>,
+}
+
+impl SpikeGuard {
+    pub fn new(cfg: &TrainConfig) -> SpikeGuard {
+        SpikeGuard { factor: cfg.spike_factor, len: cfg.spike_window, action: cfg.spike_action, window: Vec::new() }
+    }
+
+    pub fn is_spike(&self, loss: f64) -> bool {
+        let w = &self.window;
+        w.len() >= 3.min(self.len) && loss > self.factor * w.iter().sum::<f64>() / w.len() as f64
+    }
+
+    /// Takes `loss` into the window.
+    pub fn accept(&mut self, loss: f64) {
+        self.window.push(loss);
+        if self.window.len() > self.len {
+            self.window.remove(0);
+        }
+    }
+
+    pub fn action(&self) -> SpikeAction {
+        self.action
+    }
+
+    /// The recent accepted losses, oldest first.
+    pub fn state(&self) -> &[f64] {
+        &self.window
+    }
+
+    pub fn restore(&mut self, window: Vec<f64>) {
+        self.window = window;
+    }
+}
+
+/// The trainer's state besides tensors: with the parameters and the optimiser's moments, what
+/// a checkpoint holds for an exact resume.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    /// Micro-batches run.
+    pub steps: u64,
+    /// Updates made: the schedule's position.
+    pub updates: u64,
+    /// The optimiser's own update count (Adam's bias correction), which a rollback moves back
+    /// while `updates` goes on. Checkpoints written before it existed hold `updates` only.
+    #[serde(default)]
+    pub optimizer_updates: Option<u64>,
+    pub schedule: ScheduleState,
+    /// Recent accepted losses (the spike window).
+    pub window: Vec<f64>,
+    pub consecutive_failures: usize,
+    pub outcomes: BTreeMap<StepOutcome, u64>,
+    /// fp16's dynamic loss scaler (None in fp32 and bf16).
+    #[serde(default)]
+    pub scaler: Option<ScalerState>,
+}
+
+/// The forward pass and the configured loss of one batch.
+pub struct Forward {
+    pub output: Var,
+    /// The objective, with the auxiliary term when its weight is positive.
+    pub loss: Var,
+    /// The main loss alone (what validation reports).
+    pub main: Var,
+}
+
+/// What the loss of a batch needs besides the model: the loss config, the probe scaled by
+/// `probe_scale` ([`loss::scaled_probe`]) and the auxiliary supervised term's weight (0: none).
+pub struct Objective<'a> {
+    pub loss: &'a LossConfig,
+    pub scaled_probe: &'a Tensor,
+    pub aux_weight: f64,
+}
+
+/// Forward pass and loss(es) of `batch` on tape `t`; `trace` sees each part of the generator.
+pub fn forward_and_loss(t: &mut Tape, model: &Generator, obj: &Objective, batch: &Batch, trace: &mut dyn FnMut(usize)) -> Result<Forward> {
+    forward_and_loss_with(t, model, obj, batch, false, trace)
+}
+
+fn forward_and_loss_with(t: &mut Tape, model: &Generator, obj: &Objective, batch: &Batch, nan_output: bool, trace: &mut dyn FnMut(usize)) -> Result<Forward> {
+    let x = t.constant(batch.diffraction.clone());
+    let yi = t.constant(batch.y_i.clone());
+    let yp = t.constant(batch.y_phi.clone());
+    let mut output = model.forward_traced(t, &x, trace)?;
+    if nan_output {
+        output = ops::scale(t, &output, f64::NAN)?;
+    }
+    let targets = loss::Targets { diffraction: &x, y_i: &yi, y_phi: &yp };
+    let main = loss::objective(t, obj.loss, &output, &targets, obj.scaled_probe)?;
+    let loss = if obj.aux_weight > 0.0 {
+        let aux_cfg = LossConfig { kind: LossKind::SupervisedL1, ..obj.loss.clone() };
+        let aux = loss::objective(t, &aux_cfg, &output, &targets, obj.scaled_probe)?;
+        let aux = ops::scale(t, &aux, obj.aux_weight)?;
+        ops::add(t, &main, &aux)?
+    } else {
+        main.clone()
+    };
+    Ok(Forward { output, loss, main })
+}
+
+fn is_finite_tensor(t: &Tensor) -> Result<bool> {
+    Ok(backend::reduce(backend::Reduce::SumSq, t)?.scalar_value()?.is_finite())
+}
+
+/// The model with everything that trains it.
+pub struct Trainer {
+    model: Generator,
+    loss: LossConfig,
+    /// The auxiliary supervised term's weight over updates, when `aux_loss` asks for one.
+    aux: Option<AuxSchedule>,
+    probe: Tensor,
+    optimizer: Optimizer,
+    schedule: Schedule,
+    clipper: Clipper,
+    scaler: Option<LossScaler>,
+    guard: SpikeGuard,
+    accumulate: usize,
+    rollback_lr_factor: f64,
+    faults: FaultConfig,
+    /// Gradients summed over the micro-batches of the current group.
+    acc: Vec<Option<Tensor>>,
+    micro: usize,
+    /// Parameters and optimiser state at the last good point (`spike_action = "rollback"` only:
+    /// the copy costs a second set of parameters and moments once the next update writes).
+    good: Option<(ParamStore, OptimizerState)>,
+    steps: u64,
+    updates: u64,
+    consecutive_failures: usize,
+    outcomes: BTreeMap<StepOutcome, u64>,
+}
+
+impl Trainer {
+    /// The trainer of `cfg` for `model` (built with [`Generator::for_run`]), with the
+    /// illumination `probe` [N, N, 2] on the model's device and a schedule over
+    /// `total_updates` updates.
+    pub fn new(cfg: &Config, model: Generator, probe: &Tensor, total_updates: u64) -> Result<Trainer> {
+        let t = &cfg.train;
+        let optimizer = Optimizer::new(t, &model.params);
+        let good = (t.spike_action == SpikeAction::Rollback).then(|| (model.params.clone(), optimizer.state().clone()));
+        Ok(Trainer {
+            probe: loss::scaled_probe(probe, &cfg.loss)?,
+            loss: cfg.loss.clone(),
+            aux: (t.aux_loss == AuxLoss::SupervisedL1).then(|| AuxSchedule::new(t)),
+            optimizer,
+            schedule: Schedule::new(t, total_updates),
+            clipper: Clipper::new(t),
+            scaler: (model.precision() == Precision::Fp16).then(|| LossScaler::new(t)),
+            guard: SpikeGuard::new(t),
+            accumulate: t.accumulate,
+            rollback_lr_factor: t.rollback_lr_factor,
+            faults: cfg.faults.clone(),
+            acc: Vec::new(),
+            micro: 0,
+            good,
+            model,
+            steps: 0,
+            updates: 0,
+            consecutive_failures: 0,
+            outcomes: BTreeMap::new(),
+        })
+    }
+
+    pub fn model(&self) -> &Generator {
+        &self.model
+    }
+
+    /// The scaled probe the loss illuminates with.
+    pub fn scaled_probe(&self) -> &Tensor {
+        &self.probe
+    }
+
+    /// The main loss's objective (no auxiliary term): what validation measures.
+    pub fn objective(&self) -> Objective<'_> {
+        Objective { loss: &self.loss, scaled_probe: &self.probe, aux_weight: 0.0 }
+    }
+
+    pub fn optimizer_state(&self) -> &OptimizerState {
+        self.optimizer.state()
+    }
+
+    /// Micro-batches per update.
+    pub fn accumulate(&self) -> usize {
+        self.accumulate
+    }
+
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    pub fn updates(&self) -> u64 {
+        self.updates
+    }
+
+    /// The rate the next update uses.
+    pub fn lr(&self) -> f64 {
+        self.schedule.lr(self.updates)
+    }
+
+    pub fn consecutive_failures(&self) -> usize {
+        self.consecutive_failures
+    }
+
+    pub fn outcomes(&self) -> &BTreeMap<StepOutcome, u64> {
+        &self.outcomes
+    }
+
+    /// The schedule's per-epoch hook (ReduceLROnPlateau) with the epoch's validation loss.
+    pub fn end_epoch(&mut self, val: f64) {
+        self.schedule.on_epoch(val);
+    }
+
+    /// Makes the current parameters and optimiser state the point a rollback returns to.
+    pub fn mark_good(&mut self) {
+        if self.good.is_some() {
+            self.good = Some((self.model.params.clone(), self.optimizer.state().clone()));
+        }
+    }
+
+    pub fn state(&self) -> TrainerState {
+        TrainerState {
+            steps: self.steps,
+            updates: self.updates,
+            optimizer_updates: Some(self.optimizer.updates()),
+            schedule: self.schedule.state().clone(),
+            window: self.guard.state().to_vec(),
+            consecutive_failures: self.consecutive_failures,
+            outcomes: self.outcomes.clone(),
+            scaler: self.scaler.as_ref().map(|s| s.state().clone()),
+        }
+    }
+
+    /// Continues from a checkpoint: its state, parameters and optimiser tensors (whose update
+    /// count this sets from `state`). The rollback point becomes the restored one.
+    pub fn restore(&mut self, state: TrainerState, params: ParamStore, mut optimizer: OptimizerState) {
+        optimizer.updates = state.optimizer_updates.unwrap_or(state.updates);
+        self.model.params = params;
+        self.optimizer.restore(optimizer);
+        self.schedule.restore(state.schedule);
+        self.guard.restore(state.window);
+        if let (Some(s), Some(st)) = (self.scaler.as_mut(), state.scaler) {
+            s.restore(st);
+        }
+        self.steps = state.steps;
+        self.updates = state.updates;
+        self.consecutive_failures = state.consecutive_failures;
+        self.outcomes = state.outcomes;
+        self.acc.clear();
+        self.micro = 0;
+        self.mark_good();
+    }
+
+    /// One micro-batch; `end_group` makes it the last of its group of `accumulate` (the end of
+    /// an epoch updates with the micro-batches it has).
+    pub fn step(&mut self, batch: Batch, end_group: bool) -> Result<StepReport> {
+        self.step_traced(batch, end_group, &mut |_| {})
+    }
+
+    /// [`Trainer::step`], calling `trace` at the points of [`StepPoint`].
+    pub fn step_traced(&mut self, mut batch: Batch, end_group: bool, trace: &mut dyn FnMut(StepPoint)) -> Result<StepReport> {
+        let step = self.steps;
+        self.steps += 1;
+        let scale = self.scaler.as_ref().map(|s| s.scale());
+        let mut report = StepReport { step, outcome: StepOutcome::Ok, lr: self.lr(), loss: None, clip: None, loss_scale: scale, loss_scale_after: scale };
+        if self.faults.nan_input_steps.contains(&step) {
+            batch.diffraction = Tensor::full(f64::NAN, batch.diffraction.shape().clone(), batch.diffraction.dtype(), batch.diffraction.device())?;
+        }
+        let outcome = self.run(&batch, end_group, &mut report, trace)?;
+        report.outcome = outcome;
+        report.loss_scale_after = self.scaler.as_ref().map(|s| s.scale());
+        *self.outcomes.entry(outcome).or_default() += 1;
+        self.consecutive_failures = if outcome.is_failure() { self.consecutive_failures + 1 } else { 0 };
+        Ok(report)
+    }
+
+    fn run(&mut self, batch: &Batch, end_group: bool, report: &mut StepReport, trace: &mut dyn FnMut(StepPoint)) -> Result<StepOutcome> {
+        let step = report.step;
+        if !is_finite_tensor(&batch.diffraction)? {
+            return Ok(StepOutcome::SkippedBadInput);
+        }
+        let aux_weight = self.aux.map_or(0.0, |a| a.at(self.updates));
+        let (lv, spike, grads) = {
+            let mut t = Tape::with_params(&self.model.params);
+            let obj = Objective { loss: &self.loss, scaled_probe: &self.probe, aux_weight };
+            trace(StepPoint::Forward);
+            let nan_output = self.faults.nan_forward_steps.contains(&step);
+            // Only the loss is kept: the tape frees each activation once backward is past it, and
+            // a handle held here (the output's, 2 x B x N x N floats) would outlive that.
+            let Forward { mut loss, .. } = forward_and_loss_with(&mut t, &self.model, &obj, batch, nan_output, &mut |i| trace(StepPoint::Part(i)))?;
+            if self.faults.spike_steps.contains(&step) {
+                loss = ops::scale(&mut t, &loss, self.faults.spike_scale)?;
+            }
+            trace(StepPoint::Loss);
+            let lv = loss.value().scalar_value()?;
+            report.loss = Some(lv);
+            if !lv.is_finite() {
+                return Ok(StepOutcome::SkippedNonfiniteLoss);
+            }
+            let spike = self.guard.is_spike(lv);
+            if spike {
+                match self.guard.action() {
+                    SpikeAction::Log => {}
+                    SpikeAction::Skip => return Ok(StepOutcome::SpikeSkipped),
+                    SpikeAction::Rollback => {
+                        self.roll_back();
+                        return Ok(StepOutcome::RolledBack);
+                    }
+                }
+            }
+            // fp16: back-propagate the scaled loss so that small gradients survive rounding.
+            if let Some(s) = report.loss_scale {
+                loss = ops::scale(&mut t, &loss, s)?;
+            }
+            (lv, spike, t.backward(&loss)?.into_params())
+        };
+        if self.acc.is_empty() {
+            self.acc = grads;
+        } else {
+            for (a, g) in self.acc.iter_mut().zip(grads) {
+                *a = match (a.take(), g) {
+                    (Some(x), Some(y)) => Some(backend::add_into(x, y)?),
+                    (x, y) => x.or(y),
+                };
+            }
+        }
+        self.micro += 1;
+        self.guard.accept(lv);
+        let went_on = if spike { StepOutcome::SpikeLogged } else { StepOutcome::Ok };
+        if self.micro < self.accumulate && !end_group {
+            return Ok(if spike { StepOutcome::SpikeLogged } else { StepOutcome::Accumulated });
+        }
+        let mut grads = std::mem::take(&mut self.acc);
+        // Average the micro-batches and undo the loss scale (a power of two: exact).
+        let unscale = 1.0 / (self.micro as f64 * report.loss_scale.unwrap_or(1.0));
+        self.micro = 0;
+        if unscale != 1.0 {
+            for g in grads.iter_mut().flatten() {
+                backend::scale_in_place(g, unscale)?;
+            }
+        }
+        let clip = self.clipper.clip(&mut grads, &self.model.params)?;
+        report.clip = Some(clip);
+        if !clip.norm_before.is_finite() {
+            return Ok(match self.scaler.as_mut().map(|s| s.update(false)) {
+                Some(ScaleEvent::Overflow { at_floor: true, .. }) => StepOutcome::OverflowAtFloor,
+                Some(_) => StepOutcome::OverflowSkipped,
+                None => StepOutcome::SkippedNonfiniteGrad,
+            });
+        }
+        self.optimizer.step(&mut self.model.params, &grads, report.lr)?;
+        self.updates += 1;
+        if let Some(s) = self.scaler.as_mut() {
+            s.update(true);
+        }
+        Ok(went_on)
+    }
+
+    /// Back to the last good point, at a lower rate; the group's gradients are dropped.
+    fn roll_back(&mut self) {
+        if let Some((params, opt)) = &self.good {
+            self.model.params = params.clone();
+            self.optimizer.restore(opt.clone());
+        }
+        self.schedule.scale_rate(self.rollback_lr_factor);
+        self.acc.clear();
+        self.micro = 0;
+    }
+}
