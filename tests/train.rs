@@ -49,6 +49,17 @@ fn resume_continues_bit_for_bit() {
     let b = std::fs::read_to_string(split.join("metrics.jsonl")).unwrap();
     assert_eq!(a, b);
     assert_eq!(s.final_val_loss.map(f64::to_bits), second.final_val_loss.map(f64::to_bits));
+    // What the checkpoint's JSON carried over (the first epoch's loss, the spike window) comes
+    // back to the bit: serde_json parses floats exactly only with `float_roundtrip`.
+    assert_eq!(s.first_val_loss.map(f64::to_bits), second.first_val_loss.map(f64::to_bits));
+    let state = |dir: &Path| {
+        let (_, header) = safetensors::SafeTensors::read_metadata(&std::fs::read(dir.join("checkpoints/last.safetensors")).unwrap()).unwrap();
+        let text = header.metadata().as_ref().unwrap()["fnokern_state"].clone();
+        let v: train::TrainState = serde_json::from_str(&text).unwrap();
+        (text, serde_json::to_string(&v).unwrap())
+    };
+    let (text, reprinted) = state(&split);
+    assert_eq!(text, reprinted, "the trainer state does not survive a JSON round trip");
 }
 
 #[test]
