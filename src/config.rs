@@ -55,7 +55,7 @@ impl CheckpointPolicy {
         match self {
             CheckpointPolicy::None => false,
             CheckpointPolicy::EveryLevel => true,
-            CheckpointPolicy::EveryK(k) => i % k == 0,
+            CheckpointPolicy::EveryK(k) => i.is_multiple_of(k),
         }
     }
 }
@@ -163,6 +163,13 @@ impl ModelConfig {
         if self.width == 0 || self.modes == 0 {
             return bad(format!("width ({}) and modes ({}) must be at least 1", self.width, self.modes));
         }
+        // Beyond these no machine holds the model; they stop a typo before any allocation.
+        if self.depth > 64 || self.width > 65_536 || self.max_channels > 65_536 || self.modes > 65_536 {
+            return bad(format!(
+                "depth ({}) must be at most 64 and width ({}), max_channels ({}) and modes ({}) at most 65536",
+                self.depth, self.width, self.max_channels, self.modes
+            ));
+        }
         if self.max_channels < self.width {
             return bad(format!("max_channels ({}) is below width ({}): no level could have a legal width", self.max_channels, self.width));
         }
@@ -241,14 +248,20 @@ impl Default for DataConfig {
 impl DataConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |why: String| Err(Error::invalid("data config", why));
-        if self.n < 2 {
-            return bad(format!("n must be at least 2, got {}", self.n));
+        if self.n < 2 || self.n > 8192 {
+            return bad(format!("n must be in [2, 8192], got {}", self.n));
         }
         if self.npz.is_some() {
             return Ok(());
         }
         if self.object_size < self.n {
             return bad(format!("object_size ({}) is smaller than the patch size n ({})", self.object_size, self.n));
+        }
+        if self.object_size > 65_536 || self.lines > 10_000_000 || self.train_objects > 100_000 || self.test_objects > 100_000 {
+            return bad(format!(
+                "object_size ({}) must be at most 65536, lines ({}) at most 10^7 and objects per split at most 10^5",
+                self.object_size, self.lines
+            ));
         }
         if self.train_stride == 0 || self.test_stride == 0 {
             return bad("patch strides must be at least 1".into());
@@ -509,6 +522,9 @@ impl TrainConfig {
         if self.epochs == 0 || self.batch_size == 0 || self.accumulate == 0 {
             return bad("epochs, batch_size and accumulate must be at least 1".into());
         }
+        if self.epochs > 1_000_000 || self.batch_size > 1 << 20 || self.accumulate > 1 << 20 {
+            return bad(format!("epochs ({}) must be at most 10^6 and batch_size and accumulate at most 2^20", self.epochs));
+        }
         if !pos(self.lr) {
             return bad(format!("lr must be a positive number, got {}", self.lr));
         }
@@ -542,6 +558,11 @@ impl TrainConfig {
         {
             return bad("loss_scale_init >= loss_scale_min > 0, loss_scale_growth_interval >= 1 and loss_scale_hysteresis >= 1".into());
         }
+        // fp16's largest value is 65504: a scale far beyond 2^24 overflows every gradient, and the
+        // halving back would take most of a run.
+        if self.loss_scale_init > MAX_LOSS_SCALE {
+            return bad(format!("loss_scale_init ({}) must be at most 2^24 = {MAX_LOSS_SCALE} (PyTorch starts at 2^16)", self.loss_scale_init));
+        }
         if let Some(m) = &self.memory_limit {
             crate::device::parse_bytes(m).map_err(|e| Error::invalid("train config", format!("memory_limit: {e}")))?;
         }
@@ -554,6 +575,9 @@ impl TrainConfig {
     }
 }
 
+/// The largest initial fp16 loss scale a config may ask for (2^24).
+pub const MAX_LOSS_SCALE: f64 = 16_777_216.0;
+
 /// `[faults]`: deliberate faults, to test the guards. Steps count micro-batches from 0.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -565,6 +589,15 @@ pub struct FaultConfig {
     /// Make these steps' generator outputs NaN (a non-finite forward pass).
     pub nan_forward_steps: Vec<u64>,
     pub spike_scale: f64,
+}
+
+impl FaultConfig {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.spike_scale.is_finite() && self.spike_scale > 0.0) {
+            return Err(Error::invalid("faults config", format!("spike_scale must be finite and > 0, got {}", self.spike_scale)));
+        }
+        Ok(())
+    }
 }
 
 impl Default for FaultConfig {
@@ -602,6 +635,7 @@ impl Config {
         self.data.validate()?;
         self.model.validate(self.data.n)?;
         self.loss.validate()?;
+        self.faults.validate()?;
         self.train.validate()
     }
 

@@ -229,6 +229,14 @@ impl Drop for Allocation {
     }
 }
 
+/// The host memory available to a new allocation (Linux's `MemAvailable`), if it can be read.
+pub fn host_available_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// Parses a byte size such as `24GiB`, `512 MiB`, `1.5GB` or `1000000`.
 pub fn parse_bytes(s: &str) -> Result<u64> {
     let t = s.trim();

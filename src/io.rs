@@ -30,13 +30,50 @@ pub struct Named<'a> {
     pub complex: bool,
 }
 
+/// The temporary file an atomic write of `path` goes through: `.<name>.tmp<pid>` beside it, with
+/// `path`'s extension kept (a PNG encoder picks its format from it).
+pub fn temp_path(path: &Path) -> Result<std::path::PathBuf> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().ok_or_else(|| bad(path, "not a file path"))?.to_string_lossy();
+    let ext = path.extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default();
+    Ok(dir.join(format!(".{name}.tmp{}{ext}", std::process::id())))
+}
+
+/// Whether `name` is a temporary file of [`temp_path`] (what a killed process leaves behind).
+pub fn is_temp_name(name: &str) -> bool {
+    name.starts_with('.')
+        && name
+            .rsplit_once(".tmp")
+            .is_some_and(|(_, rest)| rest.split('.').next().is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit())))
+}
+
+/// Removes what killed writers left in `dir` (call it holding the directory's lock); returns how
+/// many files went.
+pub fn remove_stale_temps(dir: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else { return 0 };
+    entries.flatten().filter(|e| e.file_name().to_str().is_some_and(is_temp_name) && fs::remove_file(e.path()).is_ok()).count()
+}
+
+/// Test hook: with `FNOKERN_ABORT_IN_WRITE=K`, the K-th atomic write of this process aborts it
+/// (as `kill -9` would) after half of its bytes reached the temporary file.
+fn abort_in_write_hook(bytes: &[u8], f: &mut File) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    let Some(k) = std::env::var("FNOKERN_ABORT_IN_WRITE").ok().and_then(|v| v.parse::<u64>().ok()) else { return };
+    if WRITES.fetch_add(1, Ordering::SeqCst) + 1 == k {
+        let _ = f.write_all(&bytes[..bytes.len() / 2]);
+        let _ = f.sync_all();
+        std::process::abort();
+    }
+}
+
 /// Writes `bytes` to `path` atomically (temp file, fsync, rename, fsync the directory).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().ok_or_else(|| bad(path, "not a file path"))?;
-    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+    let tmp = temp_path(path)?;
     let result = (|| {
         let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+        abort_in_write_hook(bytes, &mut f);
         f.write_all(bytes).map_err(io_err(&tmp))?;
         f.sync_all().map_err(io_err(&tmp))?;
         fs::rename(&tmp, path).map_err(io_err(path))?;
@@ -52,7 +89,28 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     result
 }
 
-/// Serialises named tensors to safetensors bytes.
+/// The metadata key of the CRC-32 that every safetensors file fnokern writes carries: over the
+/// other metadata entries and every tensor (name, dtype, shape, bytes), in name order. A file
+/// with it is verified when read; files from other tools, without it, are read as they are.
+pub const CHECKSUM_KEY: &str = "fnokern_crc32";
+
+fn checksum<'a>(metadata: &BTreeMap<String, String>, tensors: impl Iterator<Item = (&'a str, Dtype, &'a [usize], &'a [u8])>) -> String {
+    let mut h = crc32fast::Hasher::new();
+    for (k, v) in metadata.iter().filter(|(k, _)| *k != CHECKSUM_KEY) {
+        for part in [k.as_bytes(), b"=", v.as_bytes(), b"\n"] {
+            h.update(part);
+        }
+    }
+    let mut ts: Vec<_> = tensors.collect();
+    ts.sort_by(|a, b| a.0.cmp(b.0));
+    for (name, dtype, shape, bytes) in ts {
+        h.update(format!("{name}:{dtype:?}:{shape:?}\n").as_bytes());
+        h.update(bytes);
+    }
+    format!("{:08x}", h.finalize())
+}
+
+/// Serialises named tensors to safetensors bytes, with their checksum ([`CHECKSUM_KEY`]).
 pub fn to_bytes(tensors: &[Named], metadata: Option<BTreeMap<String, String>>) -> Result<Vec<u8>> {
     let mut raw: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
     for n in tensors {
@@ -85,13 +143,16 @@ pub fn to_bytes(tensors: &[Named], metadata: Option<BTreeMap<String, String>>) -
         };
         raw.push((n.name.clone(), dtype, shape, bytes));
     }
+    let mut metadata = metadata.unwrap_or_default();
+    let sum = checksum(&metadata, raw.iter().map(|(n, d, s, b)| (n.as_str(), *d, s.as_slice(), b.as_slice())));
+    metadata.insert(CHECKSUM_KEY.to_string(), sum);
     let views = raw
         .iter()
         .map(|(name, dt, shape, bytes)| {
             TensorView::new(*dt, shape.clone(), bytes).map(|v| (name.clone(), v)).map_err(|e| Error::invalid("safetensors", e.to_string()))
         })
         .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize(views, metadata.map(|m| m.into_iter().collect())).map_err(|e| Error::invalid("safetensors", e.to_string()))
+    safetensors::serialize(views, Some(metadata.into_iter().collect())).map_err(|e| Error::invalid("safetensors", e.to_string()))
 }
 
 /// Writes named tensors to a safetensors file, atomically.
@@ -116,6 +177,17 @@ impl Loaded {
 pub fn load_tensors(path: &Path) -> Result<BTreeMap<String, Loaded>> {
     let bytes = fs::read(path).map_err(io_err(path))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(path, format!("not a safetensors file: {e}")))?;
+    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(path, format!("not a safetensors file: {e}")))?;
+    if let Some(meta) = header.metadata() {
+        if let Some(want) = meta.get(CHECKSUM_KEY) {
+            let meta: BTreeMap<String, String> = meta.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let views = st.tensors();
+            let got = checksum(&meta, views.iter().map(|(n, v)| (n.as_str(), v.dtype(), v.shape(), v.data())));
+            if &got != want {
+                return Err(bad(path, format!("checksum mismatch (stored {want}, computed {got}): the file is damaged")));
+            }
+        }
+    }
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         let data = view.data();

@@ -94,7 +94,12 @@ struct SweepArgs {
 #[derive(Subcommand)]
 enum Command {
     /// Train the generator: simulate or load the data, train, evaluate, write the run directory.
-    /// Without --config or --preset it uses the `cpu` preset (the trainer runs on the CPU so far).
+    /// Without --config or --preset it uses the `cpu` preset (`study` with --device cuda); with
+    /// --resume, the run's own config.toml (flags and --set apply on top: --set train.epochs=N
+    /// extends a run).
+    #[command(after_help = "Exit status: 0 finished (or stopped by --stop-after-epochs); 1 error (bad input, unreadable file, \
+a directory in use); 3 crashed on non-finite values; 4 crashed on repeated loss spikes; 5 crashed out of memory; 130 interrupted \
+(SIGINT or SIGTERM: checkpointed where it stopped, --resume continues it; a second SIGINT exits at once).")]
     Train {
         #[command(flatten)]
         cfg: ConfigArgs,
@@ -194,37 +199,72 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let ok = |r: fnokern::Result<()>| r.map(|()| fnokern::train::exit::OK);
     let result = match cli.command {
         Command::Info => {
             info();
-            Ok(())
+            Ok(fnokern::train::exit::OK)
         }
-        Command::Gradcheck { only } => gradcheck(only.as_deref()),
+        Command::Gradcheck { only } => ok(gradcheck(only.as_deref())),
         Command::Train { cfg, out, resume, stop_after_epochs } => train(cfg, out, resume, stop_after_epochs),
-        Command::Model { cfg, save_weights } => model(&cfg, save_weights.as_deref()),
-        Command::Grad { cfg, weights, batch, out } => grad(&cfg, &weights, &batch, &out),
-        Command::Data { cfg, export } => data(&cfg, export.as_deref()),
+        Command::Model { cfg, save_weights } => ok(model(&cfg, save_weights.as_deref())),
+        Command::Grad { cfg, weights, batch, out } => ok(grad(&cfg, &weights, &batch, &out)),
+        Command::Data { cfg, export } => ok(data(&cfg, export.as_deref())),
         Command::CrashHunt { cfg, depths, arm, sweep: sw } => {
             if cfg.depth.is_some() {
                 Err(fnokern::Error::InvalidArgument { op: "crash-hunt", why: "give the depths with --depths, not --depth".into() })
             } else {
-                sweep(fnokern::experiments::SweepKind::CrashHunt, cfg, depths, vec![arm], sw)
+                ok(sweep(fnokern::experiments::SweepKind::CrashHunt, cfg, depths, vec![arm], sw))
             }
         }
-        Command::Plan { cfg, batch, n, checkpoint } => plan(&cfg, batch, n, checkpoint),
-        Command::Shootout { cfg, arms, sweep: sw } => sweep(fnokern::experiments::SweepKind::Shootout, cfg, Vec::new(), arms, sw),
+        Command::Plan { cfg, batch, n, checkpoint } => ok(plan(&cfg, batch, n, checkpoint)),
+        Command::Shootout { cfg, arms, sweep: sw } => ok(sweep(fnokern::experiments::SweepKind::Shootout, cfg, Vec::new(), arms, sw)),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(fnokern::train::exit::ERROR)
         }
     }
 }
 
-fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: Option<usize>) -> fnokern::Result<()> {
+/// A flag that SIGINT and SIGTERM set, so that training stops cleanly at its next group
+/// boundary; a second SIGINT or SIGTERM, once the flag is set, exits at once.
+fn stop_flag() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [SIGINT, SIGTERM] {
+        // Registration fails only for forbidden signals, which these are not; without it the
+        // default action (terminate) stays, and the run resumes from its last checkpoint.
+        let _ = signal_hook::flag::register_conditional_shutdown(sig, fnokern::train::exit::INTERRUPTED as i32, flag.clone());
+        let _ = signal_hook::flag::register(sig, flag.clone());
+    }
+    flag
+}
+
+fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: Option<usize>) -> fnokern::Result<u8> {
     use std::io::IsTerminal;
+    // A resumed run's config is its own, unless one is named.
+    let mut resumed_preset = None;
+    if let (true, None, None, Some(dir)) = (resume, &args.config, &args.preset, &out) {
+        let own = dir.join("config.toml");
+        if !own.is_file() {
+            return Err(fnokern::Error::InvalidArgument {
+                op: "resume",
+                why: format!("{} holds no config.toml (no run was started there): give the run's --config or --preset", dir.display()),
+            });
+        }
+        {
+            println!("config: {} (the run's own)", own.display());
+            args.config = Some(own);
+            resumed_preset = std::fs::read(dir.join("summary.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<fnokern::train::Summary>(&b).ok())
+                .and_then(|s| s.preset)
+                .or_else(|| Some(dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()));
+        }
+    }
     // Without a config or preset: the reference study on a GPU, the CPU-sized preset elsewhere.
     let on_gpu = args.device.as_deref().is_some_and(|d| fnokern::DeviceKind::parse(d).is_ok_and(|k| k.is_gpu()));
     let preset_note = if args.config.is_none() && args.preset.is_none() {
@@ -234,7 +274,8 @@ fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: O
         None
     };
     let cfg = args.resolve()?;
-    let preset = args.preset.clone().or_else(|| args.config.as_ref().and_then(|p| p.file_stem()).map(|s| s.to_string_lossy().into_owned()));
+    let preset =
+        resumed_preset.or_else(|| args.preset.clone()).or_else(|| args.config.as_ref().and_then(|p| p.file_stem()).map(|s| s.to_string_lossy().into_owned()));
     if let Some(name) = &args.preset {
         let why = fnokern::config::presets::ALL.iter().find(|p| p.0 == name).map(|p| p.1).unwrap_or("");
         println!("preset {}: {why}", preset_note.unwrap_or(name));
@@ -253,13 +294,22 @@ fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: O
         }
     };
     println!("run directory: {}", out.display());
-    let opts = fnokern::train::RunOptions { out_dir: out.clone(), resume, stop_after_epochs: stop_after, progress: std::io::stderr().is_terminal(), preset };
+    let opts = fnokern::train::RunOptions {
+        out_dir: out.clone(),
+        resume,
+        stop_after_epochs: stop_after,
+        progress: std::io::stderr().is_terminal(),
+        preset,
+        stop: Some(stop_flag()),
+    };
     let s = fnokern::train::train(&cfg, &opts, &mut |m| println!("{m}"))?;
     let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.5}"));
     println!(
         "{}: {} epochs, {} steps; validation loss first {} best {} final {}",
         if s.crashed {
             "CRASHED"
+        } else if s.interrupted {
+            "interrupted"
         } else if s.finished {
             "finished"
         } else {
@@ -288,7 +338,10 @@ fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: O
         out.display(),
         if s.metrics.is_some() { ", reconstruction.png" } else { "" }
     );
-    Ok(())
+    if s.interrupted {
+        println!("continue it with: fnokern train --resume --out {}", out.display());
+    }
+    Ok(s.exit_code())
 }
 
 fn sweep(kind: fnokern::experiments::SweepKind, mut args: ConfigArgs, depths: Vec<usize>, arms: Vec<String>, sw: SweepArgs) -> fnokern::Result<()> {
@@ -319,6 +372,7 @@ fn sweep(kind: fnokern::experiments::SweepKind, mut args: ConfigArgs, depths: Ve
         max_runs: None,
         criteria: ex::Criteria { max_val_loss: sw.max_val_loss, min_amp_ssim: sw.min_amp_ssim },
         command: std::iter::once("fnokern".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" "),
+        stop: Some(stop_flag()),
     };
     println!("sweep directory: {}", out.display());
     let o = ex::run_sweep(&plan, &opts, &|m| println!("{m}"))?;

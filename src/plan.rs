@@ -89,6 +89,8 @@ impl SteadyState {
     /// the snapshot's copy has been written apart.
     pub fn new(cfg: &Config, dev: &Device) -> Result<SteadyState> {
         cfg.validate()?;
+        // The faults a config injects are its run's, not the planned step's.
+        let cfg = &Config { faults: Default::default(), ..cfg.clone() };
         let at = || dev.memory().current;
         let base = at();
         let g = Generator::for_run(cfg, dev)?;

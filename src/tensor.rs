@@ -290,6 +290,10 @@ impl Tensor {
     /// same tensor on every machine.
     pub fn randn(shape: impl Into<Shape>, std: f64, seed: u64, dtype: DType, device: &Device) -> Result<Tensor> {
         let shape = shape.into();
+        if device.is_meta() {
+            // No values to draw: a plan of a model too big for the host must not build it.
+            return Tensor::zeros(shape, dtype, device);
+        }
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let v: Vec<f64> = (0..shape.numel())
             .map(|_| {
@@ -304,6 +308,9 @@ impl Tensor {
     pub fn rand_uniform(shape: impl Into<Shape>, lo: f64, hi: f64, seed: u64, dtype: DType, device: &Device) -> Result<Tensor> {
         let shape = shape.into();
         let dist = Uniform::new(lo, hi).map_err(|e| Error::invalid("Tensor::rand_uniform", format!("bounds [{lo}, {hi}): {e}")))?;
+        if device.is_meta() {
+            return Tensor::zeros(shape, dtype, device);
+        }
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let v: Vec<f64> = (0..shape.numel()).map(|_| dist.sample(&mut rng)).collect();
         Tensor::from_f64_vec(v, shape, dtype, device)

@@ -1,17 +1,12 @@
 //! The binary as a user runs it: `model`, `grad` (parity file), `gradcheck`, and bad input.
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use fnokern::io::Named;
 use fnokern::{DType, Device, Tensor};
 
 mod common;
-
-fn bin() -> Command {
-    // FNOKERN_BIN: the binary when the test runs from a bundle copied to another host.
-    Command::new(std::env::var("FNOKERN_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_fnokern").to_string()))
-}
+use common::bin;
 
 fn tempdir() -> PathBuf {
     let d = std::env::temp_dir().join(format!(

@@ -306,7 +306,7 @@ fn one_training_step_of_a_small_generator_matches_the_cpu() {
 }
 
 fn run_opts(dir: &Path) -> RunOptions {
-    RunOptions { out_dir: dir.to_path_buf(), resume: false, stop_after_epochs: None, progress: false, preset: None }
+    RunOptions::new(dir.to_path_buf())
 }
 
 #[test]

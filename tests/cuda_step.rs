@@ -64,7 +64,7 @@ fn the_step_clips_in_one_reduction_and_launches_the_fused_kernels() {
     cfg.train.device = "cuda".into();
     cfg.train.epochs = 1;
     standin.reset_calls();
-    let opts = RunOptions { out_dir: root.join("run"), resume: false, stop_after_epochs: None, progress: false, preset: None };
+    let opts = RunOptions::new(root.join("run"));
     let s = train::train(&cfg, &opts, &mut |_| {}).unwrap();
     assert!(s.finished && !s.crashed, "{s:?}");
     let steps = s.steps;

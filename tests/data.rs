@@ -38,6 +38,8 @@ fn same_seed_same_bytes_other_seed_other_data() {
     let (d1, d2) = (tempdir(), tempdir());
     let quiet = &mut |_: &str| {};
     let a = data::load_or_simulate(&small(&d1, 5), quiet).unwrap();
+    // Past zip's 2-second timestamp resolution: a file stamped with the time would differ.
+    std::thread::sleep(std::time::Duration::from_millis(2100));
     let b = data::load_or_simulate(&small(&d2, 5), quiet).unwrap();
     assert!(!a.from_cache && !b.from_cache);
     for f in ["train.npz", "test.npz"] {

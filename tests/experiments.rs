@@ -25,6 +25,7 @@ fn options(dir: &Path) -> SweepOptions {
         // Loose enough that the tiny runs pass unless built to fail.
         criteria: Criteria { max_val_loss: 10.0, min_amp_ssim: 0.0 },
         command: "test".into(),
+        stop: None,
     }
 }
 
@@ -58,7 +59,7 @@ fn a_killed_sweep_resumes_without_redoing_finished_runs() {
     // ... and while the third run was in its second epoch: it has a checkpoint after epoch 1.
     let third = specs.iter().find(|s| !done.contains(&s.name)).unwrap();
     let third_dir = dir.join("runs").join(&third.name);
-    let stop = fnokern::train::RunOptions { out_dir: third_dir.clone(), resume: false, stop_after_epochs: Some(1), progress: false, preset: None };
+    let stop = fnokern::train::RunOptions { stop_after_epochs: Some(1), ..fnokern::train::RunOptions::new(third_dir.clone()) };
     fnokern::train::train(&third.config, &stop, &mut |_| {}).unwrap();
 
     let messages = Mutex::new(Vec::new());
@@ -76,12 +77,7 @@ fn a_killed_sweep_resumes_without_redoing_finished_runs() {
 
     // A resumed run equals one trained straight through (the trainer's exact resume).
     let straight = tempdir("straight");
-    let s = fnokern::train::train(
-        &third.config,
-        &fnokern::train::RunOptions { out_dir: straight.clone(), resume: false, stop_after_epochs: None, progress: false, preset: None },
-        &mut |_| {},
-    )
-    .unwrap();
+    let s = fnokern::train::train(&third.config, &fnokern::train::RunOptions::new(straight.clone()), &mut |_| {}).unwrap();
     assert_eq!(s.final_val_loss, third_result.final_val_loss);
 
     // A third invocation runs nothing; a different plan in the same directory is refused.

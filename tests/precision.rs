@@ -77,17 +77,30 @@ fn tiny_fp16(cache: &Path) -> Config {
     c
 }
 
+/// Gradients that overflow at every step, with the scale never allowed down (hysteresis beyond
+/// the run), give an epoch without a single update: a crash, not a "finished" run of 0 updates.
+#[test]
+fn an_epoch_without_an_update_is_a_crash() {
+    let root = tempdir("precision");
+    let mut cfg = tiny_fp16(&root.join("cache"));
+    cfg.train.loss_scale_init = 2f64.powi(24);
+    cfg.train.loss_scale_hysteresis = 1_000_000;
+    let s = train::train(&cfg, &RunOptions::new(root.join("run")), &mut |_| {}).unwrap();
+    assert!(s.crashed && !s.finished && s.updates == 0, "{s:?}");
+    assert!(s.reason.as_deref().unwrap_or("").contains("made no update"), "{s:?}");
+    assert_eq!(s.exit_code(), train::exit::NONFINITE);
+}
+
 #[test]
 fn fp16_overflow_backs_off_and_a_nonfinite_forward_skips_without_touching_the_scale() {
     let root = tempdir("precision");
     let mut cfg = tiny_fp16(&root.join("cache"));
-    // 2^40: the scaled output gradient is far beyond fp16's 65504, so the first steps overflow
+    // 2^24 (the most a config may ask for): the scaled output gradient is far beyond fp16's 65504, so the first steps overflow
     // for real (rounded to inf in the emulated fp16 backward) until the scale has backed off.
-    cfg.train.loss_scale_init = 2f64.powi(40);
+    cfg.train.loss_scale_init = 2f64.powi(24);
     cfg.faults.nan_forward_steps = vec![20];
     let dir = root.join("run");
-    let s =
-        train::train(&cfg, &RunOptions { out_dir: dir.clone(), resume: false, stop_after_epochs: None, progress: false, preset: None }, &mut |_| {}).unwrap();
+    let s = train::train(&cfg, &RunOptions::new(dir.clone()), &mut |_| {}).unwrap();
     assert!(s.finished && !s.crashed, "{s:?}");
     let recs: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("metrics.jsonl"))
         .unwrap()
@@ -97,8 +110,8 @@ fn fp16_overflow_backs_off_and_a_nonfinite_forward_skips_without_touching_the_sc
         .collect();
     let scale = |i: usize| recs[i]["loss_scale"].as_f64().unwrap();
     assert_eq!(recs[0]["outcome"], "overflow_skipped", "{:?}", recs[0]);
-    assert_eq!(scale(0), 2f64.powi(40));
-    assert_eq!(scale(1), 2f64.powi(39), "an overflow halves the scale");
+    assert_eq!(scale(0), 2f64.powi(24));
+    assert_eq!(scale(1), 2f64.powi(23), "an overflow halves the scale");
     let overflows = s.outcomes.get(&StepOutcome::OverflowSkipped).copied().unwrap_or(0);
     assert!(overflows >= 1 && s.outcomes.get(&StepOutcome::Ok).copied().unwrap_or(0) >= 1, "{:?}", s.outcomes);
     // The non-finite forward is skipped and leaves the scale alone.
@@ -111,7 +124,7 @@ fn fp16_overflow_backs_off_and_a_nonfinite_forward_skips_without_touching_the_sc
     }
     // Resume keeps the scaler's state: a split run equals the straight one.
     let split = root.join("split");
-    let o = RunOptions { out_dir: split.clone(), resume: false, stop_after_epochs: Some(2), progress: false, preset: None };
+    let o = RunOptions { stop_after_epochs: Some(2), ..RunOptions::new(split.clone()) };
     train::train(&cfg, &o, &mut |_| {}).unwrap();
     train::train(&cfg, &RunOptions { resume: true, stop_after_epochs: None, ..o }, &mut |_| {}).unwrap();
     assert_eq!(std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap(), std::fs::read_to_string(split.join("metrics.jsonl")).unwrap());
@@ -122,7 +135,7 @@ fn bf16_training_rounds_and_still_learns() {
     let root = tempdir("precision");
     let mut cfg = tiny_fp16(&root.join("cache"));
     let run = |cfg: &Config, name: &str| {
-        let o = RunOptions { out_dir: root.join(name), resume: false, stop_after_epochs: None, progress: false, preset: None };
+        let o = RunOptions::new(root.join(name));
         train::train(cfg, &o, &mut |_| {}).unwrap()
     };
     cfg.train.precision = Precision::Bf16;
@@ -192,14 +205,12 @@ fn a_memory_budget_stops_training_cleanly_as_out_of_memory() {
     // A budget between what the model holds and what a step needs.
     cfg.train.memory_limit = Some(format!("{}", (step.resident + step.peak) / 2));
     let dir = root.join("run");
-    let s =
-        train::train(&cfg, &RunOptions { out_dir: dir.clone(), resume: false, stop_after_epochs: None, progress: false, preset: None }, &mut |_| {}).unwrap();
+    let s = train::train(&cfg, &RunOptions::new(dir.clone()), &mut |_| {}).unwrap();
     assert!(s.crashed && s.crash_kind == Some(train::Crash::Oom), "{s:?}");
     assert!(s.reason.as_deref().unwrap().contains("out of memory"), "{s:?}");
     assert!(dir.join("summary.json").is_file());
     // With the step's planned peak as the budget, the same run trains.
     cfg.train.memory_limit = Some(format!("{}", step.peak + (1 << 20)));
-    let s = train::train(&cfg, &RunOptions { out_dir: root.join("fits"), resume: false, stop_after_epochs: None, progress: false, preset: None }, &mut |_| {})
-        .unwrap();
+    let s = train::train(&cfg, &RunOptions::new(root.join("fits")), &mut |_| {}).unwrap();
     assert!(s.finished, "{s:?}");
 }

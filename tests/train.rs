@@ -9,7 +9,7 @@ use fnokern::config::{Config, SpikeAction};
 use fnokern::train::{self, RunOptions, StepOutcome, Summary};
 
 fn opts(dir: &Path) -> RunOptions {
-    RunOptions { out_dir: dir.to_path_buf(), resume: false, stop_after_epochs: None, progress: false, preset: None }
+    RunOptions::new(dir.to_path_buf())
 }
 
 fn run(cfg: &Config, o: &RunOptions) -> Summary {
@@ -220,18 +220,86 @@ fn bad_input_gives_clear_errors_and_overwrites_nothing() {
     let last = dir.join("checkpoints/last.safetensors");
     std::fs::write(&last, b"garbage, not a checkpoint").unwrap();
     let before = std::fs::read(dir.join("metrics.jsonl")).unwrap();
-    let err = train::train(&short, &RunOptions { resume: true, ..opts(&dir) }, &mut |_| {}).unwrap_err().to_string();
-    assert!(err.contains("last.safetensors") && err.contains("not a checkpoint"), "{err}");
+    // A damaged `last` is passed over, with the reason, for the newest checkpoint that loads
+    // (`best`, of this finished run): nothing to do, and nothing is overwritten.
+    let mut said = Vec::new();
+    let s = train::train(&short, &RunOptions { resume: true, ..opts(&dir) }, &mut |m| said.push(m.to_string())).unwrap();
+    assert!(s.finished, "{s:?}");
+    assert!(said.iter().any(|m| m.contains("passing over") && m.contains("last.safetensors") && m.contains("not a checkpoint")), "{said:?}");
+    assert!(said.iter().any(|m| m.contains("nothing to do")), "{said:?}");
     assert_eq!(std::fs::read(&last).unwrap(), b"garbage, not a checkpoint");
     assert_eq!(std::fs::read(dir.join("metrics.jsonl")).unwrap(), before);
 
-    // A checkpoint of another model is refused too.
+    // A checkpoint of another model is refused too, naming the field; so is one whose config
+    // says the same model but whose tensors are not shaped like it.
     let other = root.join("other");
     run(&short, &opts(&other));
     let mut wider = short.clone();
     wider.model.width = 6;
     let err = train::train(&wider, &RunOptions { resume: true, ..opts(&other) }, &mut |_| {}).unwrap_err().to_string();
-    assert!(err.contains("model needs"), "{err}");
+    assert!(err.contains("different config") && err.contains("model.width (4 in the run, 6 now)"), "{err}");
+}
+
+/// A resume takes the newest checkpoint that loads: with `last` and `epoch_2` damaged, `best` or
+/// `epoch_1`; the run then ends as the straight one. A directory whose checkpoints are all
+/// damaged (or that has none: killed before its first) starts from its beginning. A finished
+/// run extends with more epochs, and its training time adds up.
+#[test]
+fn resume_falls_back_to_an_older_checkpoint_and_extends_finished_runs() {
+    let root = tempdir("train");
+    let mut cfg = tiny(&root.join("cache"));
+    cfg.train.checkpoint_every = 1;
+    let straight = root.join("straight");
+    let s = run(&cfg, &opts(&straight));
+    let split = root.join("split");
+    run(&cfg, &RunOptions { stop_after_epochs: Some(2), ..opts(&split) });
+    for f in ["last", "epoch_2"] {
+        let p = split.join(format!("checkpoints/{f}.safetensors"));
+        let mut b = std::fs::read(&p).unwrap();
+        let k = b.len() - 5;
+        b[k] ^= 1;
+        std::fs::write(&p, b).unwrap();
+    }
+    // A torn, non-UTF-8 line in metrics.jsonl is dropped, not a reason to refuse the resume.
+    let mut m = std::fs::OpenOptions::new().append(true).open(split.join("metrics.jsonl")).unwrap();
+    std::io::Write::write_all(&mut m, b"{\"kind\":\"st\xff\xfe").unwrap();
+    drop(m);
+    let mut said = Vec::new();
+    let r = train::train(&cfg, &RunOptions { resume: true, ..opts(&split) }, &mut |m| said.push(m.to_string())).unwrap();
+    assert!(said.iter().any(|m| m.contains("passing over") && m.contains("checksum mismatch")), "{said:?}");
+    assert!(said.iter().any(|m| m.contains("dropped 1 unreadable line")), "{said:?}");
+    assert!(r.finished);
+    assert_eq!(std::fs::read_to_string(straight.join("metrics.jsonl")).unwrap(), std::fs::read_to_string(split.join("metrics.jsonl")).unwrap());
+    assert_eq!(weights_of(&straight), weights_of(&split));
+
+    let fresh = root.join("fresh");
+    run(&cfg, &RunOptions { stop_after_epochs: Some(1), ..opts(&fresh) });
+    for e in std::fs::read_dir(fresh.join("checkpoints")).unwrap().flatten() {
+        std::fs::write(e.path(), b"torn").unwrap();
+    }
+    let mut said = Vec::new();
+    train::train(&cfg, &RunOptions { resume: true, ..opts(&fresh) }, &mut |m| said.push(m.to_string())).unwrap();
+    assert!(said.iter().any(|m| m.contains("starting the run from its beginning")), "{said:?}");
+    assert_eq!(std::fs::read_to_string(straight.join("metrics.jsonl")).unwrap(), std::fs::read_to_string(fresh.join("metrics.jsonl")).unwrap());
+
+    let mut longer = cfg.clone();
+    longer.train.epochs = 6;
+    let mut said = Vec::new();
+    let e = train::train(&longer, &RunOptions { resume: true, ..opts(&straight) }, &mut |m| said.push(m.to_string())).unwrap();
+    assert!(e.finished && e.epochs_done == 6 && e.steps == 36, "{e:?}");
+    assert!(said.iter().any(|m| m.contains("extending the run from 4 to 6 epochs")), "{said:?}");
+    assert!(e.wall_seconds > s.wall_seconds, "{} then {}", s.wall_seconds, e.wall_seconds);
+}
+
+/// One process at a time holds a run directory.
+#[test]
+fn a_run_directory_in_use_is_refused() {
+    let root = tempdir("train");
+    let cfg = tiny(&root.join("cache"));
+    let dir = root.join("run");
+    let _held = train::run_dir::DirLock::take(&dir, "run").unwrap();
+    let err = train::train(&cfg, &opts(&dir), &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("in use by another fnokern process"), "{err}");
 }
 
 #[test]

@@ -61,6 +61,18 @@ fn to_split(sim: &simulate::SimSplit, probe: &[[f64; 2]], n: usize) -> NpzSplit 
     }
 }
 
+/// About how many bytes the simulated data set holds in memory (patterns of diffraction, Y_I
+/// and Y_phi in f32, and the objects); 0 for NPZ data, whose size the files give.
+pub fn estimated_bytes(cfg: &DataConfig) -> u64 {
+    if cfg.npz.is_some() || cfg.object_size < cfg.n {
+        return 0;
+    }
+    let per_object = |stride: usize| (((cfg.object_size - cfg.n) / stride.max(1) + 1) as u64).pow(2);
+    let patterns = cfg.train_objects as u64 * per_object(cfg.train_stride) + cfg.test_objects as u64 * per_object(cfg.test_stride);
+    let objects = (cfg.train_objects + cfg.test_objects) as u64 * (2 * cfg.object_size as u64).pow(2) * 8;
+    patterns * (cfg.n as u64).pow(2) * 4 * 3 + objects
+}
+
 /// Simulates, or reads the cache, or reads the configured NPZ files.
 pub fn load_or_simulate(cfg: &DataConfig, progress: &mut dyn FnMut(&str)) -> Result<Dataset> {
     cfg.validate()?;

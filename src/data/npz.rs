@@ -125,7 +125,7 @@ pub fn load(path: &Path) -> Result<NpzSplit> {
     let xs = read_real(&mut arc, path, "xcoords")?;
     let ys = read_real(&mut arc, path, "ycoords")?;
     let centres = match (xs, ys) {
-        (Some((_, x)), Some((_, y))) if x.len() == count && y.len() == count => Some(y.iter().zip(&x).map(|(&r, &c)| (r as f64, c as f64)).collect()),
+        (Some((_, x)), Some((_, y))) if x.len() == count && y.len() == count => Some(y.iter().zip(&x).map(|(&r, &c)| (r as f64, c as f64)).collect::<Vec<_>>()),
         (Some(_), Some(_)) => return Err(bad(path, "`xcoords`/`ycoords` do not have one entry per pattern")),
         _ => None,
     };
@@ -143,12 +143,40 @@ pub fn load(path: &Path) -> Result<NpzSplit> {
     check(&diffraction, "diffraction")?;
     check(&y_i, "Y_I")?;
     check(&y_phi, "Y_phi")?;
+    if count == 0 {
+        return Err(bad(path, "the split holds no pattern"));
+    }
+    if !probe.iter().all(|z| z[0].is_finite() && z[1].is_finite()) {
+        return Err(bad(path, "`probeGuess` holds NaN or infinite values"));
+    }
+    if let Some((side, gt)) = &ground_truth {
+        if gt.len() != side * side {
+            return Err(bad(path, format!("`YY_ground_truth` holds {} values, not {side} x {side}", gt.len())));
+        }
+    }
+    if let Some(ix) = &object_index {
+        if ix.len() != count {
+            return Err(bad(path, format!("`object_index` has {} entries for {count} patterns", ix.len())));
+        }
+        if let Some(b) = ix.iter().find(|&&i| i < 0) {
+            return Err(bad(path, format!("`object_index` holds {b}; object numbers start at 0")));
+        }
+    }
+    if let (Some(c), Some((side, _))) = (&centres, &ground_truth) {
+        let side = *side as f64;
+        if let Some((i, p)) =
+            c.iter().enumerate().find(|(_, p)| !(p.0.is_finite() && p.1.is_finite() && (0.0..side).contains(&p.0) && (0.0..side).contains(&p.1)))
+        {
+            return Err(bad(path, format!("patch {i}'s centre ({}, {}) is outside the {side} x {side} object", p.0, p.1)));
+        }
+    }
     Ok(NpzSplit { n, diffraction, y_i, y_phi, probe, ground_truth, centres, object_index })
 }
 
 /// np.savez's choice: no compression (deflating 300 MB of noisy floats costs far more than it saves).
 fn stored() -> zip::write::FileOptions {
-    zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Stored)
+    // A fixed timestamp: the same data gives the same bytes (zip stamps the current time otherwise).
+    zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Stored).last_modified_time(zip::DateTime::default())
 }
 
 /// Writes one split in the reference layout (plus coordinates) to `path`, and syncs it.
@@ -183,7 +211,7 @@ pub fn save(path: &Path, s: &NpzSplit) -> Result<()> {
         }
     }
     if let Some(idx) = &s.object_index {
-        let mut a = w.array::<i64>("object_index", stored()).map_err(werr)?.default_dtype().shape(&[count]).begin_nd().map_err(werr)?;
+        let mut a = w.array::<i64>("object_index", stored()).map_err(werr)?.default_dtype().shape(&[idx.len() as u64]).begin_nd().map_err(werr)?;
         a.extend(idx.iter().copied()).map_err(werr)?;
         a.finish().map_err(werr)?;
     }

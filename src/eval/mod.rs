@@ -205,17 +205,30 @@ pub struct Stitched {
     pub gt_phase: Canvas,
 }
 
-/// Stitches predicted object patches (amplitude and phase, each [count * N * N], in the split's
-/// order) into the canvas of the split's first object.
-pub fn stitch(split: &NpzSplit, pred_amp: &[f64], pred_phase: &[f64]) -> Result<Stitched> {
+/// Where the first object's patches go on the canvas.
+struct Layout {
+    /// (pattern, centre) of every patch of object 0.
+    mine: Vec<(usize, (f64, f64))>,
+    stride: usize,
+    half: usize,
+    top: i64,
+    left: i64,
+    h: usize,
+    w: usize,
+}
+
+fn layout(split: &NpzSplit) -> Result<Layout> {
     let n = split.n;
-    let (Some(centres), Some((side, gt))) = (&split.centres, &split.ground_truth) else {
+    let (Some(centres), Some((side, _))) = (&split.centres, &split.ground_truth) else {
         return Err(Error::invalid("stitch", "the test split has no patch coordinates or ground truth"));
     };
     let index = split.object_index.clone().unwrap_or_else(|| vec![0; split.len()]);
+    if index.len() != centres.len() {
+        return Err(Error::invalid("stitch", format!("{} object indices for {} patch centres", index.len(), centres.len())));
+    }
     let mine: Vec<(usize, (f64, f64))> = centres.iter().copied().enumerate().filter(|(i, _)| index[*i] == 0).collect();
-    if mine.is_empty() || pred_amp.len() != split.len() * n * n || pred_phase.len() != pred_amp.len() {
-        return Err(Error::invalid("stitch", "predictions do not match the split"));
+    if mine.is_empty() {
+        return Err(Error::invalid("stitch", "the test split has no patch of object 0"));
     }
     // The stride: the smallest non-zero gap between patch centres.
     let mut rows: Vec<i64> = mine.iter().map(|(_, c)| c.0.round() as i64).collect();
@@ -229,6 +242,25 @@ pub fn stitch(split: &NpzSplit, pred_amp: &[f64], pred_phase: &[f64]) -> Result<
     let (h, w) = ((r_max - r_min) as usize + stride, (c_max - c_min) as usize + stride);
     if top < 0 || left < 0 || (top as usize + h) > *side || (left as usize + w) > *side {
         return Err(Error::invalid("stitch", "patch centres fall outside the ground-truth object"));
+    }
+    Ok(Layout { mine, stride, half, top, left, h, w })
+}
+
+/// Whether [`stitch`] can place the split's first object (checked before training, so that a
+/// run does not fail at its final evaluation).
+pub fn check_stitchable(split: &NpzSplit) -> Result<()> {
+    layout(split).map(drop)
+}
+
+/// Stitches predicted object patches (amplitude and phase, each [count * N * N], in the split's
+/// order) into the canvas of the split's first object.
+pub fn stitch(split: &NpzSplit, pred_amp: &[f64], pred_phase: &[f64]) -> Result<Stitched> {
+    let n = split.n;
+    let Layout { mine, stride, half, top, left, h, w } = layout(split)?;
+    let (side, gt) = split.ground_truth.as_ref().map(|(s, g)| (*s, g)).ok_or_else(|| Error::invalid("stitch", "no ground truth"))?;
+    let side = &side;
+    if pred_amp.len() != split.len() * n * n || pred_phase.len() != pred_amp.len() {
+        return Err(Error::invalid("stitch", "predictions do not match the split"));
     }
     let mut pa = vec![0.0; h * w];
     let mut pp = vec![0.0; h * w];

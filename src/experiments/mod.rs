@@ -18,7 +18,8 @@ use std::collections::VecDeque;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -198,6 +199,11 @@ impl Plan {
         if depths.contains(&0) {
             return Err(Error::invalid("sweep", "depths must be at least 1"));
         }
+        // A repeated cell would train one run twice at once in one directory.
+        let repeated = |v: &[u64]| (1..v.len()).any(|i| v[..i].contains(&v[i]));
+        if repeated(&depths.iter().map(|&d| d as u64).collect::<Vec<_>>()) || repeated(&seeds) {
+            return Err(Error::invalid("sweep", format!("depths {depths:?} and seeds {seeds:?} must not repeat a value")));
+        }
         let mut names: Vec<&str> = arms.iter().map(|a| a.name.as_str()).collect();
         names.sort_unstable();
         names.dedup();
@@ -322,6 +328,9 @@ pub struct SweepOptions {
     pub criteria: Criteria,
     /// The command line, for the report.
     pub command: String,
+    /// Set (by a signal handler) to stop: running runs checkpoint and stop, no new run starts,
+    /// and the same command continues the sweep.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 /// The sweep's state after an invocation.
@@ -359,17 +368,14 @@ fn ended(dir: &Path) -> Option<Summary> {
 }
 
 /// Trains (or resumes) one run in its directory; its messages go to train.log there.
-fn run_one(spec: &RunSpec, dir: &Path, threads: usize) -> Result<Summary> {
-    let resume = dir.join("checkpoints/last.safetensors").is_file();
-    if !resume && dir.exists() {
-        // Killed before its first checkpoint: nothing worth keeping.
-        fs::remove_dir_all(dir).map_err(|source| Error::Io { path: dir.display().to_string(), source })?;
-    }
+fn run_one(spec: &RunSpec, dir: &Path, threads: usize, stop: Option<Arc<AtomicBool>>) -> Result<Summary> {
+    // A run killed before its first checkpoint starts again from its beginning (train says so).
+    let resume = dir.exists();
     fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.display().to_string(), source })?;
     let log_path = dir.join("train.log");
     let mut log =
         fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(|source| Error::Io { path: log_path.display().to_string(), source })?;
-    let opts = RunOptions { out_dir: dir.to_path_buf(), resume, stop_after_epochs: None, progress: false, preset: Some(spec.name.clone()) };
+    let opts = RunOptions { resume, preset: Some(spec.name.clone()), stop, ..RunOptions::new(dir) };
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(|e| Error::invalid("sweep", format!("cannot start a thread pool: {e}")))?;
     pool.install(|| train::train(&spec.config, &opts, &mut |m| drop(writeln!(log, "{m}"))))
 }
@@ -381,6 +387,7 @@ pub fn run_sweep(plan: &Plan, opts: &SweepOptions, say: &(dyn Fn(&str) + Sync)) 
         let path = p.display().to_string();
         move |source| Error::Io { path, source }
     };
+    let _lock = crate::train::run_dir::DirLock::take(out, "sweep")?;
     fs::create_dir_all(out.join("runs")).map_err(io(out))?;
     let plan_path = out.join("plan.json");
     let plan_text = serde_json::to_string_pretty(plan).map_err(|e| Error::invalid("sweep", e.to_string()))?;
@@ -452,12 +459,13 @@ pub fn run_sweep(plan: &Plan, opts: &SweepOptions, say: &(dyn Fn(&str) + Sync)) 
             let tx = tx.clone();
             let (queue, specs) = (&queue, &specs);
             scope.spawn(move || loop {
-                let next = queue.lock().map(|mut q| q.pop_front()).unwrap_or(None);
+                let stopping = opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+                let next = if stopping { None } else { queue.lock().map(|mut q| q.pop_front()).unwrap_or(None) };
                 let Some(i) = next else { break };
                 let spec = &specs[i];
                 say(&format!("start {} ({} threads)", spec.name, threads));
                 let t0 = Instant::now();
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_one(spec, &run_dir(out, spec), threads)))
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_one(spec, &run_dir(out, spec), threads, opts.stop.clone())))
                     .unwrap_or_else(|_| Err(Error::invalid("sweep", format!("run {} panicked", spec.name))));
                 let failed = r.is_err();
                 if tx.send((i, r, t0.elapsed().as_secs_f64())).is_err() || failed {
@@ -472,6 +480,12 @@ pub fn run_sweep(plan: &Plan, opts: &SweepOptions, say: &(dyn Fn(&str) + Sync)) 
         drop(tx);
         for (i, r, secs) in rx {
             let spec = &specs[i];
+            if let Ok(s) = &r {
+                if s.interrupted {
+                    say(&format!("{}: interrupted at step {}; the same command continues it", spec.name, s.steps));
+                    continue;
+                }
+            }
             match r.and_then(|s| RunResult::from_summary(spec, &s, &run_dir(out, spec), &opts.criteria)) {
                 Ok(res) => {
                     ran += 1;

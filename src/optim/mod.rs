@@ -283,6 +283,11 @@ impl Schedule {
         self.state = state;
     }
 
+    /// Sets the horizon to `total_updates` (a run extended with more epochs).
+    pub fn set_horizon(&mut self, total_updates: u64) {
+        self.state.total_updates = total_updates.max(1);
+    }
+
     /// Multiplies every later rate by `k` (a rollback's rate reduction).
     pub fn scale_rate(&mut self, k: f64) {
         self.state.factor *= k;

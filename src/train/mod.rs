@@ -2,20 +2,25 @@
 //! one training step of [`step::Trainer`].
 //!
 //! Each step's outcome is one line of metrics.jsonl. Checkpoints (parameters, optimiser state,
-//! trainer state) are written atomically at epoch ends: `last`, `best` and every
-//! `checkpoint_every` epochs; `--resume` continues from `last` bit for bit.
+//! trainer state, a checksum) are written atomically at epoch ends: `last`, `best` and every
+//! `checkpoint_every` epochs, and `last` again where an interrupted run (SIGINT, SIGTERM) stops.
+//! `--resume` continues from the newest checkpoint that loads, bit for bit, or starts afresh when
+//! the run was killed before its first one. One process at a time holds a run directory.
 //!
-//! Run directory: config.toml (resolved), metrics.jsonl, summary.json, checkpoints/, and
-//! loss.png, grad_norm.png, lr.png, reconstruction.png.
+//! Run directory: config.toml (resolved), metrics.jsonl, summary.json, checkpoints/,
+//! weights.safetensors (finished runs), and loss.png, grad_norm.png, lr.png, reconstruction.png.
 
+mod checkpoint;
 pub mod parity;
 pub mod plot;
+pub mod run_dir;
 pub mod step;
 
 use std::collections::BTreeMap;
-use std::fs::{self, OpenOptions};
-use std::io::{BufRead, Write};
+use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use rand::seq::SliceRandom;
@@ -24,24 +29,24 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::autograd::{ParamStore, Tape};
+use crate::autograd::Tape;
 use crate::backend;
 use crate::config::Config;
 use crate::data::{self, npz::NpzSplit};
-use crate::device::Device;
+use crate::device::{Device, DeviceKind};
 use crate::error::{Error, Result};
 use crate::eval::{self, Metrics};
-use crate::io::{io_err, Named};
 use crate::model::weights;
 use crate::model::Generator;
 use crate::ops;
-use crate::optim::{self, OptimizerState};
-use crate::tensor::{DType, Tensor};
+use crate::optim;
+use crate::tensor::DType;
+use run_dir::{DirLock, MetricsLog};
 
 pub use step::{forward_and_loss, Forward, Objective, SpikeGuard, StepOutcome, StepPoint, StepReport, Trainer, TrainerState};
 
 /// How a run is driven (not part of its identity).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct RunOptions {
     pub out_dir: PathBuf,
     pub resume: bool,
@@ -51,9 +56,19 @@ pub struct RunOptions {
     pub progress: bool,
     /// The preset's name and why it was chosen, for the summary.
     pub preset: Option<String>,
+    /// Set (by a signal handler) to stop cleanly: the run checkpoints where it is, at the end of
+    /// the current group of micro-batches, writes its summary and returns `interrupted`.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
-/// The run's state at an epoch boundary: all that a checkpoint needs besides tensors.
+impl RunOptions {
+    /// A fresh run in `out_dir`, without a progress bar.
+    pub fn new(out_dir: impl Into<PathBuf>) -> RunOptions {
+        RunOptions { out_dir: out_dir.into(), ..RunOptions::default() }
+    }
+}
+
+/// The run's state in a checkpoint, besides tensors.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TrainState {
     pub epochs_done: usize,
@@ -63,6 +78,20 @@ pub struct TrainState {
     pub best_val: Option<f64>,
     pub first_val: Option<f64>,
     pub last_val: Option<f64>,
+    /// Micro-batches of epoch `epochs_done` already run: 0 at an epoch's end, more in the
+    /// checkpoint of an interrupted run (with the epoch's training-loss sum so far).
+    #[serde(default)]
+    pub epoch_steps: u64,
+    #[serde(default)]
+    pub epoch_loss_sum: f64,
+    #[serde(default)]
+    pub epoch_loss_count: usize,
+    /// The rollback point's optimiser update count, when the checkpoint holds that point.
+    #[serde(default)]
+    pub good_optimizer_updates: Option<u64>,
+    /// Training time so far, over every invocation.
+    #[serde(default)]
+    pub wall_seconds: f64,
     /// The config the run was started with (TOML), to refuse a resume under another.
     pub config: String,
 }
@@ -71,12 +100,29 @@ pub struct TrainState {
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Crash {
-    /// Non-finite inputs, losses, gradients, weights or validation loss.
+    /// Non-finite inputs, losses, gradients, weights or validation loss, or an epoch without a
+    /// single update.
     Nonfinite,
     /// Loss spikes that kept being skipped or rolled back.
     Spike,
     /// An allocation over the device's memory budget.
     Oom,
+}
+
+/// `fnokern train`'s exit status for each way a run ends (README "Exit status").
+pub mod exit {
+    /// The run finished, or stopped where it was asked to (`--stop-after-epochs`).
+    pub const OK: u8 = 0;
+    /// An error before or outside training: bad input, a file that cannot be read or written.
+    pub const ERROR: u8 = 1;
+    /// Crashed: non-finite values.
+    pub const NONFINITE: u8 = 3;
+    /// Crashed: repeated loss spikes.
+    pub const SPIKE: u8 = 4;
+    /// Crashed: out of memory (the budget or the device).
+    pub const OOM: u8 = 5;
+    /// Interrupted (SIGINT or SIGTERM), checkpointed: `--resume` continues it.
+    pub const INTERRUPTED: u8 = 130;
 }
 
 /// What summary.json holds.
@@ -87,6 +133,9 @@ pub struct Summary {
     pub crashed: bool,
     /// What stopped a crashed run: `nonfinite`, `spike` or `oom` (see [`Crash`]).
     pub crash_kind: Option<Crash>,
+    /// Stopped by a signal, checkpointed where it was.
+    #[serde(default)]
+    pub interrupted: bool,
     pub reason: Option<String>,
     pub epochs_done: usize,
     pub steps: u64,
@@ -105,6 +154,17 @@ impl Summary {
     pub fn count(&self, which: impl Fn(StepOutcome) -> bool) -> u64 {
         self.outcomes.iter().filter(|(o, _)| which(**o)).map(|(_, n)| n).sum()
     }
+
+    /// The process exit status of a run that ended this way ([`exit`]).
+    pub fn exit_code(&self) -> u8 {
+        match (self.crash_kind, self.interrupted) {
+            (Some(Crash::Nonfinite), _) => exit::NONFINITE,
+            (Some(Crash::Spike), _) => exit::SPIKE,
+            (Some(Crash::Oom), _) => exit::OOM,
+            (None, true) => exit::INTERRUPTED,
+            (None, false) => exit::OK,
+        }
+    }
 }
 
 /// An evenly spaced subset of 0..n of size k (all when k is 0 or at least n).
@@ -114,100 +174,6 @@ fn subset(n: usize, k: usize) -> Vec<usize> {
     } else {
         (0..k).map(|i| i * n / k).collect()
     }
-}
-
-/// Tensors of a checkpoint: parameters and optimiser state under prefixed names.
-fn checkpoint_tensors<'a>(params: &'a ParamStore, opt: &'a OptimizerState) -> Vec<Named<'a>> {
-    let mut v = Vec::new();
-    for (id, name, t) in params.iter() {
-        v.push(Named { name: format!("param.{name}"), tensor: t, complex: false });
-        if let Some(m) = &opt.m[id.0] {
-            v.push(Named { name: format!("opt_m.{name}"), tensor: m, complex: false });
-        }
-        if let Some(s) = &opt.v[id.0] {
-            v.push(Named { name: format!("opt_v.{name}"), tensor: s, complex: false });
-        }
-    }
-    v
-}
-
-fn save_checkpoint(path: &Path, trainer: &Trainer, state: &TrainState) -> Result<()> {
-    let mut meta = BTreeMap::new();
-    meta.insert("fnokern_state".to_string(), serde_json::to_string(state).map_err(|e| Error::invalid("checkpoint", e.to_string()))?);
-    crate::io::save_tensors(path, &checkpoint_tensors(&trainer.model().params, trainer.optimizer_state()), Some(meta))
-}
-
-/// Reads a checkpoint into fresh parameter and optimiser values; nothing is changed on error.
-fn load_checkpoint(path: &Path, params: &ParamStore) -> Result<(ParamStore, OptimizerState, TrainState)> {
-    let bad = |why: String| Error::BadFile { path: path.display().to_string(), why };
-    let bytes = fs::read(path).map_err(io_err(path))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a checkpoint (corrupt or truncated): {e}")))?;
-    let state: TrainState = header
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("fnokern_state"))
-        .ok_or_else(|| bad("no trainer state in this file: not an fnokern checkpoint".into()))
-        .and_then(|s| serde_json::from_str(s).map_err(|e| bad(format!("trainer state unreadable: {e}"))))?;
-    let mut file = crate::io::load_tensors(path)?;
-    let mut out = params.clone();
-    let mut opt = OptimizerState { m: vec![None; params.len()], v: vec![None; params.len()], updates: 0 };
-    for (id, name, t) in params.iter() {
-        let take = |file: &mut BTreeMap<String, crate::io::Loaded>, key: String, required: bool| -> Result<Option<Tensor>> {
-            match file.remove(&key) {
-                Some(l) if l.shape == *t.shape() => Ok(Some(l.to_tensor(t.dtype(), t.device())?)),
-                Some(l) => Err(bad(format!("`{key}` has shape {} but the model needs {}", l.shape, t.shape()))),
-                None if required => Err(bad(format!("`{key}` is missing"))),
-                None => Ok(None),
-            }
-        };
-        let p = take(&mut file, format!("param.{name}"), true)?.ok_or_else(|| bad(format!("`param.{name}` is missing")))?;
-        out.set(id, p)?;
-        opt.m[id.0] = take(&mut file, format!("opt_m.{name}"), false)?;
-        opt.v[id.0] = take(&mut file, format!("opt_v.{name}"), false)?;
-    }
-    if let Some(extra) = file.keys().next() {
-        return Err(bad(format!("`{extra}` does not belong to this model")));
-    }
-    Ok((out, opt, state))
-}
-
-/// Appends JSON lines to metrics.jsonl.
-struct MetricsLog {
-    file: fs::File,
-    path: PathBuf,
-}
-
-impl MetricsLog {
-    fn write(&mut self, v: &serde_json::Value) -> Result<()> {
-        writeln!(self.file, "{v}").map_err(io_err(&self.path))
-    }
-}
-
-/// Keeps the records of metrics.jsonl up to `steps` micro-batches and `epochs` epochs (a resumed
-/// run drops what the crashed one logged after its checkpoint).
-fn truncate_metrics(path: &Path, steps: u64, epochs: usize) -> Result<Vec<serde_json::Value>> {
-    let mut kept = Vec::new();
-    // The kept lines are written back verbatim: a float re-printed after parsing may differ in
-    // its last digit.
-    let mut text = String::new();
-    if let Ok(f) = fs::File::open(path) {
-        for line in std::io::BufReader::new(f).lines() {
-            let line = line.map_err(io_err(path))?;
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
-            let keep = match v["kind"].as_str() {
-                Some("step") => v["step"].as_u64().is_some_and(|s| s < steps),
-                Some("epoch") => v["epoch"].as_u64().is_some_and(|e| (e as usize) < epochs),
-                _ => false,
-            };
-            if keep {
-                text.push_str(&line);
-                text.push('\n');
-                kept.push(v);
-            }
-        }
-    }
-    crate::io::write_atomic(path, text.as_bytes())?;
-    Ok(kept)
 }
 
 /// Mean main loss over a split's patterns `idx`, without gradients.
@@ -311,20 +277,138 @@ fn warn_scale(before: f64, after: f64, say: &mut dyn FnMut(&str)) {
     }
 }
 
+/// How the epochs of an invocation ended.
+enum Ending {
+    /// Every epoch asked for ran (or `stop_after_epochs` of them).
+    Done,
+    Crashed(Crash, String),
+    /// A stop was requested; the run is checkpointed where it stopped.
+    Interrupted,
+}
+
+/// Refuses, before anything is allocated, a config whose training step cannot fit this machine:
+/// the memory plan's peak of the step (`fnokern plan`) against a GPU's free memory, and on the
+/// host the plan (CPU training) and the simulated data against the available memory. A
+/// `train.memory_limit` budget is the run's business (an `oom` crash), not this check's.
+fn check_fits(cfg: &Config, dev: &Device) -> Result<()> {
+    let gib = crate::plan::gib;
+    let mut plain = cfg.clone();
+    plain.train.memory_limit = None;
+    let step = crate::plan::step_memory(&plain, &Device::meta())?.peak;
+    let data = data::estimated_bytes(&cfg.data);
+    let too_big = |need: u64, have: u64, what: &str| {
+        Error::invalid(
+            "train",
+            format!(
+                "this run needs about {} ({what}) but the machine has {} available: lower data.n, train.batch_size, model.width or model.depth, \
+                 or set model.checkpoint (see `fnokern plan`)",
+                gib(need),
+                gib(have)
+            ),
+        )
+    };
+    let host_need = data + if dev.kind().is_gpu() { 0 } else { step };
+    if let Some(have) = crate::device::host_available_bytes() {
+        if host_need > have {
+            return Err(too_big(host_need, have, if dev.kind().is_gpu() { "the data" } else { "one training step and the data" }));
+        }
+    }
+    if let DeviceKind::Cuda(i) = dev.kind() {
+        let free = backend::gpu::probe(i)?.free_bytes as u64;
+        if step > free {
+            return Err(too_big(step, free, "one training step on the GPU"));
+        }
+    }
+    Ok(())
+}
+
+/// The config a checkpoint's run was started with, which must be `cfg` but for `train.epochs`
+/// (a run extended, or its horizon kept). Compared as configs, not text: fields added to the
+/// config since, at their defaults, do not make a checkpoint unresumable.
+fn run_config(state: &TrainState, cfg: &Config, dir: &Path) -> Result<Config> {
+    let run_cfg: Config = toml::from_str(&state.config).map_err(|e| crate::io::bad(dir, format!("the run's config in its checkpoint is unreadable: {e}")))?;
+    let mut same_epochs = run_cfg.clone();
+    same_epochs.train.epochs = cfg.train.epochs;
+    let diff = run_dir::config_diff(&same_epochs, cfg);
+    if !diff.is_empty() {
+        return Err(Error::invalid(
+            "resume",
+            format!(
+                "{} was written with a different config: {}; resume with the run's own (its config.toml), changing at most train.epochs",
+                dir.display(),
+                diff.join(", ")
+            ),
+        ));
+    }
+    Ok(run_cfg)
+}
+
+/// Where a resumed run continues: the newest checkpoint that loads (saying which were passed
+/// over and why), or None when none does (the run was killed before its first one). A
+/// checkpoint of another config is refused, not passed over.
+fn resume_point(dir: &Path, cfg: &Config, trainer: &Trainer, say: &mut dyn FnMut(&str)) -> Result<Option<(PathBuf, checkpoint::Checkpoint)>> {
+    let found = checkpoint::candidates(dir);
+    for (path, state) in &found {
+        if let Err(e) = state {
+            say(&format!("warning: passing over {}: {e}", path.display()));
+        }
+    }
+    for (path, state) in found.into_iter() {
+        let Ok(state) = state else { continue };
+        run_config(&state, cfg, dir)?;
+        match checkpoint::load(&path, &trainer.model().params) {
+            Ok(ck) => return Ok(Some((path, ck))),
+            // A checkpoint of another model is the user's mistake, not damage: no fallback.
+            Err(e @ Error::BadFile { .. }) if e.to_string().contains("the model needs") || e.to_string().contains("does not belong") => return Err(e),
+            Err(e) => say(&format!("warning: passing over {}: {e}", path.display())),
+        }
+    }
+    Ok(None)
+}
+
 /// Trains as configured, writing the run directory; returns the summary (also in summary.json).
 pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Result<Summary> {
     let started = Instant::now();
     cfg.validate()?;
     // The device first: a GPU that is not there fails before anything is written.
     let dev = Device::of_kind(cfg.train.device_kind()?)?;
+    // A config no machine could train is refused before anything is written.
+    check_fits(cfg, &dev)?;
+    // The data, and whether the final evaluation can use it, before the directory is touched.
+    let ds = data::load_or_simulate(&cfg.data, &mut |m| say(m))?;
+    let train_idx = subset(ds.train.len(), cfg.train.train_patterns);
+    let val_idx = subset(ds.test.len(), cfg.train.test_patterns);
+    if train_idx.is_empty() || val_idx.is_empty() {
+        return Err(Error::invalid(
+            "train",
+            format!("the data has {} training and {} test patterns: each split needs at least one", train_idx.len(), val_idx.len()),
+        ));
+    }
+    // The final evaluation's data is checked now, not after the training.
+    if cfg.train.evaluate && ds.test.centres.is_some() && ds.test.ground_truth.is_some() {
+        eval::check_stitchable(&ds.test).map_err(|e| {
+            Error::invalid("train", format!("the test split cannot be stitched for the final evaluation ({e}); set train.evaluate = false to train without it"))
+        })?;
+    }
     let dir = &opts.out_dir;
+    let _lock = DirLock::take(dir, "run")?;
     fs::create_dir_all(dir.join("checkpoints")).map_err(|source| Error::Io { path: format!("cannot create the run directory {}", dir.display()), source })?;
+    // Holding the lock, any temporary file here is a killed writer's.
+    let stale = crate::io::remove_stale_temps(dir) + crate::io::remove_stale_temps(&dir.join("checkpoints"));
+    if stale > 0 {
+        say(&format!("removed {stale} temporary file(s) that a killed run left"));
+    }
     let metrics_path = dir.join("metrics.jsonl");
     let last_path = dir.join("checkpoints/last.safetensors");
-    if !opts.resume && (metrics_path.exists() || last_path.exists()) {
+    if !opts.resume && (metrics_path.exists() || !checkpoint::candidates(dir).is_empty()) {
         return Err(Error::invalid("train", format!("{} already holds a run: continue it with --resume, or choose another --out", dir.display())));
     }
     let config_toml = toml::to_string(cfg).map_err(|e| Error::invalid("train", e.to_string()))?;
+    if !opts.resume {
+        // At once, so that a run killed before its first checkpoint can be resumed by its
+        // directory alone.
+        crate::io::write_atomic(&dir.join("config.toml"), config_toml.as_bytes())?;
+    }
 
     dev.set_memory_limit(cfg.train.memory_limit_bytes()?);
     let g = match Generator::for_run(cfg, &dev) {
@@ -345,33 +429,66 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
         }
         Err(e) => return Err(e),
     };
-    let ds = data::load_or_simulate(&cfg.data, &mut |m| say(m))?;
-    let train_idx = subset(ds.train.len(), cfg.train.train_patterns);
-    let val_idx = subset(ds.test.len(), cfg.train.test_patterns);
     let batches_per_epoch = train_idx.len().div_ceil(cfg.train.batch_size);
     let updates_per_epoch = batches_per_epoch.div_ceil(cfg.train.accumulate);
+    let total_updates = (cfg.train.epochs * updates_per_epoch) as u64;
     let probe = data::probe_tensor(&ds.train, DType::F32, &dev)?;
-    let mut trainer = Trainer::new(cfg, g, &probe, (cfg.train.epochs * updates_per_epoch) as u64)?;
-    let mut state = TrainState { epochs_done: 0, trainer: trainer.state(), best_val: None, first_val: None, last_val: None, config: config_toml.clone() };
+    let mut trainer = Trainer::new(cfg, g, &probe, total_updates)?;
+    let mut state = TrainState {
+        epochs_done: 0,
+        trainer: trainer.state(),
+        best_val: None,
+        first_val: None,
+        last_val: None,
+        epoch_steps: 0,
+        epoch_loss_sum: 0.0,
+        epoch_loss_count: 0,
+        good_optimizer_updates: None,
+        wall_seconds: 0.0,
+        config: config_toml.clone(),
+    };
     let mut records = Vec::new();
     if opts.resume {
-        let (params, opt, s) = load_checkpoint(&last_path, &trainer.model().params)?;
-        // Compared as configs, not text: fields added to the config since, at their defaults, do
-        // not make a checkpoint unresumable.
-        if toml::from_str::<Config>(&s.config).ok().as_ref() != Some(cfg) {
-            return Err(Error::invalid(
-                "resume",
-                format!("{} was written with a different config (see its config.toml); resume with the same one", last_path.display()),
-            ));
+        match resume_point(dir, cfg, &trainer, say)? {
+            Some((ck_path, ck)) => {
+                let run_cfg = run_config(&ck.state, cfg, dir)?;
+                if ck.state.epochs_done > cfg.train.epochs {
+                    return Err(Error::invalid(
+                        "resume",
+                        format!("the run has done {} epochs, more than train.epochs = {}", ck.state.epochs_done, cfg.train.epochs),
+                    ));
+                }
+                if ck.state.epochs_done == cfg.train.epochs && run_cfg.train.epochs == cfg.train.epochs {
+                    if let Some(s) = fs::read(dir.join("summary.json")).ok().and_then(|b| serde_json::from_slice::<Summary>(&b).ok()).filter(|s| s.finished) {
+                        say(&format!("{} has finished all {} epochs: nothing to do (extend it with --set train.epochs=N)", dir.display(), cfg.train.epochs));
+                        return Ok(s);
+                    }
+                }
+                trainer.restore(ck.state.trainer.clone(), ck.params, ck.optimizer, ck.good);
+                if run_cfg.train.epochs != cfg.train.epochs {
+                    trainer.set_horizon(total_updates);
+                    say(&format!(
+                        "extending the run from {} to {} epochs: the schedule now spans {total_updates} updates",
+                        run_cfg.train.epochs, cfg.train.epochs
+                    ));
+                }
+                state = TrainState { config: config_toml.clone(), ..ck.state };
+                let (kept, dropped) = run_dir::truncate_metrics(&metrics_path, trainer.steps(), state.epochs_done)?;
+                records = kept;
+                if dropped > 0 {
+                    say(&format!("warning: dropped {dropped} unreadable line(s) of {}", metrics_path.display()));
+                }
+                let within = if state.epoch_steps > 0 { format!(" and {} steps of the next", state.epoch_steps) } else { String::new() };
+                say(&format!("resumed from {} after epoch {}{within} (step {})", ck_path.display(), state.epochs_done, trainer.steps()));
+            }
+            None => {
+                say(&format!("no complete checkpoint in {}: starting the run from its beginning", dir.display()));
+                run_dir::truncate_metrics(&metrics_path, 0, 0)?;
+            }
         }
-        trainer.restore(s.trainer.clone(), params, opt);
-        state = s;
-        records = truncate_metrics(&metrics_path, trainer.steps(), state.epochs_done)?;
-        say(&format!("resumed from {} after epoch {} (step {})", last_path.display(), state.epochs_done, trainer.steps()));
     }
     crate::io::write_atomic(&dir.join("config.toml"), config_toml.as_bytes())?;
-    let mut log =
-        MetricsLog { file: OpenOptions::new().create(true).append(true).open(&metrics_path).map_err(io_err(&metrics_path))?, path: metrics_path.clone() };
+    let mut log = MetricsLog::open(&metrics_path)?;
     say(&format!(
         "training: {} parameters, {} train / {} validation patterns, batch {}, {} epochs, {} micro-batches per epoch",
         trainer.model().num_params(),
@@ -393,17 +510,22 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
     } else {
         None
     };
+    let base_wall = state.wall_seconds;
+    let stop_requested = || opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
     let mut ran_epochs = 0;
 
     // The epochs run in a closure so that an allocation over the memory budget, wherever it
     // happens, ends the run as an `oom` crash with its summary written, like any other crash.
-    let mut run_epochs = || -> Result<Option<(Crash, String)>> {
+    let mut run_epochs = || -> Result<Ending> {
         while state.epochs_done < cfg.train.epochs {
             let epoch = state.epochs_done;
             let mut order = train_idx.clone();
             order.shuffle(&mut ChaCha8Rng::seed_from_u64(cfg.train.seed ^ (epoch as u64).wrapping_mul(0x9e37_79b9)));
-            let (mut loss_sum, mut loss_count) = (0.0, 0usize);
-            for (bi, chunk) in order.chunks(cfg.train.batch_size).enumerate() {
+            // An interrupted epoch continues where it stopped.
+            let skip = std::mem::take(&mut state.epoch_steps) as usize;
+            let (mut loss_sum, mut loss_count) = (std::mem::take(&mut state.epoch_loss_sum), std::mem::take(&mut state.epoch_loss_count));
+            let updates_before = trainer.updates();
+            for (bi, chunk) in order.chunks(cfg.train.batch_size).enumerate().skip(skip) {
                 let b = data::batch(&ds.train, chunk, DType::F32, &dev)?;
                 let r = trainer.step(b, bi + 1 == batches_per_epoch)?;
                 if let (Some(before), Some(after)) = (r.loss_scale, r.loss_scale_after) {
@@ -423,18 +545,33 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
                 let failures = trainer.consecutive_failures();
                 if failures >= cfg.train.max_consecutive_failures {
                     let kind = if r.outcome.is_spike() { Crash::Spike } else { Crash::Nonfinite };
-                    return Ok(Some((kind, format!("{failures} failed steps in a row (last: {})", r.outcome))));
+                    return Ok(Ending::Crashed(kind, format!("{failures} failed steps in a row (last: {})", r.outcome)));
+                }
+                // A stop waits for the group's update, then checkpoints mid-epoch (with the
+                // rollback point, which is then not the checkpoint's own state).
+                if stop_requested() && !trainer.mid_group() && bi + 1 < batches_per_epoch {
+                    state.trainer = trainer.state();
+                    state.epoch_steps = (bi + 1) as u64;
+                    (state.epoch_loss_sum, state.epoch_loss_count) = (loss_sum, loss_count);
+                    state.good_optimizer_updates = trainer.good().map(|(_, o)| o.updates);
+                    state.wall_seconds = base_wall + started.elapsed().as_secs_f64();
+                    log.sync()?;
+                    checkpoint::save(&last_path, &trainer, &state, true)?;
+                    return Ok(Ending::Interrupted);
                 }
             }
             // End of epoch: validation, schedule, checkpoints.
             let model = trainer.model();
             let finite_weights = optim::sumsq_each(&model.params.values().iter().collect::<Vec<_>>())?.iter().all(|s| s.is_finite());
             if !finite_weights {
-                return Ok(Some((Crash::Nonfinite, "non-finite weights".into())));
+                return Ok(Ending::Crashed(Crash::Nonfinite, "non-finite weights".into()));
+            }
+            if trainer.updates() == updates_before {
+                return Ok(Ending::Crashed(Crash::Nonfinite, format!("epoch {} made no update (every gradient was non-finite or skipped)", epoch + 1)));
             }
             let val = validate(model, &trainer.objective(), cfg.train.batch_size, &ds.test, &val_idx, &dev)?;
             if !val.is_finite() {
-                return Ok(Some((Crash::Nonfinite, "non-finite validation loss".into())));
+                return Ok(Ending::Crashed(Crash::Nonfinite, "non-finite validation loss".into()));
             }
             trainer.end_epoch(val);
             state.first_val.get_or_insert(val);
@@ -447,6 +584,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
                 "val_loss": val, "lr": trainer.lr(), "outcomes": trainer.outcomes(),
             });
             log.write(&rec)?;
+            log.sync()?;
             records.push(rec);
             let line = format!(
                 "epoch {:>3}/{}: train loss {train_loss:.5}  val loss {val:.5}  lr {:.2e}  ({:.0} s)",
@@ -460,50 +598,59 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
                 _ => say(&line),
             }
             state.trainer = trainer.state();
+            state.good_optimizer_updates = None;
+            state.wall_seconds = base_wall + started.elapsed().as_secs_f64();
             if state.best_val.is_none_or(|b| val < b) {
                 state.best_val = Some(val);
-                save_checkpoint(&dir.join("checkpoints/best.safetensors"), &trainer, &state)?;
+                checkpoint::save(&dir.join("checkpoints/best.safetensors"), &trainer, &state, false)?;
             }
-            if cfg.train.checkpoint_every > 0 && state.epochs_done % cfg.train.checkpoint_every == 0 {
-                save_checkpoint(&dir.join(format!("checkpoints/epoch_{}.safetensors", state.epochs_done)), &trainer, &state)?;
+            if cfg.train.checkpoint_every > 0 && state.epochs_done.is_multiple_of(cfg.train.checkpoint_every) {
+                checkpoint::save(&dir.join(format!("checkpoints/epoch_{}.safetensors", state.epochs_done)), &trainer, &state, false)?;
             }
-            save_checkpoint(&last_path, &trainer, &state)?;
+            checkpoint::save(&last_path, &trainer, &state, false)?;
             trainer.mark_good();
             if opts.stop_after_epochs.is_some_and(|k| ran_epochs >= k) {
                 break;
             }
+            if stop_requested() && state.epochs_done < cfg.train.epochs {
+                return Ok(Ending::Interrupted);
+            }
         }
-        Ok(None)
+        Ok(Ending::Done)
     };
-    let crash = match run_epochs() {
-        Ok(c) => c,
-        Err(e @ Error::OutOfMemory { .. }) => Some((Crash::Oom, e.to_string())),
+    let ending = match run_epochs() {
+        Ok(e) => e,
+        Err(e @ Error::OutOfMemory { .. }) => Ending::Crashed(Crash::Oom, e.to_string()),
         Err(e) => return Err(e),
     };
-    if let Some((_, why)) = &crash {
-        say(&format!("run crashed: {why}"));
-    }
     if let Some(pb) = &bar {
         pb.finish_and_clear();
     }
-    let finished = crash.is_none() && state.epochs_done >= cfg.train.epochs;
-    let g = trainer.model();
-    let metrics = if finished && cfg.train.evaluate {
-        say("evaluating: stitching the test object");
-        evaluate(g, cfg, &ds.test, &dev, dir)?
-    } else {
-        None
+    let (crash, interrupted) = match ending {
+        Ending::Done => (None, false),
+        Ending::Crashed(kind, why) => {
+            say(&format!("run crashed: {why}"));
+            (Some((kind, why)), false)
+        }
+        Ending::Interrupted => {
+            say(&format!("interrupted at step {}: checkpointed; continue it with --resume", trainer.steps()));
+            (None, true)
+        }
     };
-    plots(dir, &records)?;
+    let finished = crash.is_none() && !interrupted && state.epochs_done >= cfg.train.epochs;
+    let g = trainer.model();
+    // The results first, then what is optional: the final weights and the summary are on disk
+    // before the evaluation and the plots, whose failures are warnings.
     if finished {
         weights::save_params(&dir.join("weights.safetensors"), &g.params, None)?;
     }
-    let summary = Summary {
+    let mut summary = Summary {
         preset: opts.preset.clone(),
         finished,
         crashed: crash.is_some(),
         crash_kind: crash.as_ref().map(|c| c.0),
-        reason: crash.map(|c| c.1),
+        interrupted,
+        reason: crash.map(|c| c.1).or_else(|| interrupted.then(|| format!("interrupted at step {}", trainer.steps()))),
         epochs_done: state.epochs_done,
         steps: trainer.steps(),
         updates: trainer.updates(),
@@ -511,11 +658,25 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
         best_val_loss: state.best_val,
         final_val_loss: state.last_val,
         outcomes: trainer.outcomes().clone(),
-        metrics: metrics.map(|m| serde_json::to_value(m).unwrap_or_default()),
+        metrics: None,
         parameters: g.num_params(),
-        wall_seconds: started.elapsed().as_secs_f64(),
+        wall_seconds: base_wall + started.elapsed().as_secs_f64(),
     };
     write_summary(dir, &summary)?;
+    if finished && cfg.train.evaluate {
+        say("evaluating: stitching the test object");
+        match evaluate(g, cfg, &ds.test, &dev, dir) {
+            Ok(m) => summary.metrics = m.map(|m| serde_json::to_value(m).unwrap_or_default()),
+            Err(e) => say(&format!("warning: the final evaluation failed: {e}")),
+        }
+    }
+    if let Err(e) = plots(dir, &records) {
+        say(&format!("warning: the plots were not written: {e}"));
+    }
+    if summary.metrics.is_some() {
+        summary.wall_seconds = base_wall + started.elapsed().as_secs_f64();
+        write_summary(dir, &summary)?;
+    }
     Ok(summary)
 }
 

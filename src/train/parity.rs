@@ -68,6 +68,28 @@ pub fn grad_to_file(cfg: &Config, weights_path: &Path, batch_path: &Path, out_pa
     let loss_value = f.main.value().reshape(Shape::scalar())?;
     let output = f.output.value().clone();
     let grads = t.backward(&f.main)?;
+    // A non-finite result is no parity reference: refused, and nothing is written.
+    let finite = |t: &Tensor| -> Result<bool> { Ok(t.to_f64_vec()?.iter().all(|v| v.is_finite())) };
+    let mut bad_parts: Vec<String> = Vec::new();
+    for (what, t) in [("the loss", &loss_value), ("the output", &output)] {
+        if !finite(t)? {
+            bad_parts.push(what.to_string());
+        }
+    }
+    for (id, name, _) in g.params.iter() {
+        if let Some(gr) = grads.param(id) {
+            if !finite(gr)? {
+                bad_parts.push(format!("grad.{name}"));
+            }
+        }
+    }
+    if !bad_parts.is_empty() {
+        let shown = bad_parts.iter().take(3).cloned().collect::<Vec<_>>().join(", ");
+        return Err(Error::invalid(
+            "grad",
+            format!("{shown}{} are not finite: check the weights and the batch (nothing written)", if bad_parts.len() > 3 { ", ..." } else { "" }),
+        ));
+    }
 
     let mut named = vec![Named { name: "loss".into(), tensor: &loss_value, complex: false }, Named { name: "output".into(), tensor: &output, complex: false }];
     let zeros: Vec<Tensor> = g.params.iter().map(|(_, _, v)| Tensor::zeros(v.shape().clone(), v.dtype(), v.device())).collect::<Result<_>>()?;

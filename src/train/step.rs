@@ -379,6 +379,21 @@ impl Trainer {
         self.schedule.on_epoch(val);
     }
 
+    /// Whether a group of micro-batches is under way (gradients accumulated, no update yet).
+    pub fn mid_group(&self) -> bool {
+        self.micro > 0
+    }
+
+    /// The point a rollback returns to (`spike_action = "rollback"` only).
+    pub fn good(&self) -> Option<(&ParamStore, &OptimizerState)> {
+        self.good.as_ref().map(|(p, o)| (p, o))
+    }
+
+    /// Sets the schedule's horizon (a run extended with more epochs).
+    pub fn set_horizon(&mut self, total_updates: u64) {
+        self.schedule.set_horizon(total_updates);
+    }
+
     /// Makes the current parameters and optimiser state the point a rollback returns to.
     pub fn mark_good(&mut self) {
         if self.good.is_some() {
@@ -400,8 +415,9 @@ impl Trainer {
     }
 
     /// Continues from a checkpoint: its state, parameters and optimiser tensors (whose update
-    /// count this sets from `state`). The rollback point becomes the restored one.
-    pub fn restore(&mut self, state: TrainerState, params: ParamStore, mut optimizer: OptimizerState) {
+    /// count this sets from `state`), and the rollback point it saved (one written mid-epoch
+    /// does), else the restored state itself (an epoch's end, where the point is marked).
+    pub fn restore(&mut self, state: TrainerState, params: ParamStore, mut optimizer: OptimizerState, good: Option<(ParamStore, OptimizerState)>) {
         optimizer.updates = state.optimizer_updates.unwrap_or(state.updates);
         self.model.params = params;
         self.optimizer.restore(optimizer);
@@ -417,6 +433,9 @@ impl Trainer {
         self.acc.clear();
         self.micro = 0;
         self.mark_good();
+        if let (Some(_), Some(g)) = (&self.good, good) {
+            self.good = Some(g);
+        }
     }
 
     /// One micro-batch; `end_group` makes it the last of its group of `accumulate` (the end of

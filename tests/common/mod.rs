@@ -17,6 +17,12 @@ pub fn tempdir(tag: &str) -> PathBuf {
     d
 }
 
+/// The `fnokern` binary (FNOKERN_BIN: the binary when the tests run from a bundle copied to
+/// another host).
+pub fn bin() -> std::process::Command {
+    std::process::Command::new(std::env::var("FNOKERN_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_fnokern").to_string()))
+}
+
 /// A generator and data small enough for a test: N 16, depth 2, width 4, 24 training and 8
 /// validation patterns, batch 4, 4 epochs, no final evaluation; the data cache in `cache`.
 pub fn tiny(cache: &Path) -> Config {

@@ -22,7 +22,7 @@ fn fft_err(op: &'static str) -> impl Fn(realfft::FftError) -> Error {
 
 /// Column weight c_ky of the half spectrum of a width-w image.
 fn hermitian_weight(ky: usize, w: usize) -> f64 {
-    if ky == 0 || (w % 2 == 0 && ky == w / 2) {
+    if ky == 0 || (w.is_multiple_of(2) && ky == w / 2) {
         1.0
     } else {
         2.0

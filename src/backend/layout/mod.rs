@@ -120,7 +120,7 @@ pub fn slice_channels(x: &Tensor, offset: usize, len: usize) -> Result<Tensor> {
 /// [B, 2C, ...] channels (real parts then imaginary parts) -> complex [B, C, ..., 2].
 pub fn channels_to_complex(x: &Tensor) -> Result<Tensor> {
     check_compute("channels_to_complex", x)?;
-    if x.rank() < 2 || x.dims()[1] % 2 != 0 {
+    if x.rank() < 2 || !x.dims()[1].is_multiple_of(2) {
         return Err(Error::bad_shape("channels_to_complex", x.shape(), "expected [B, 2C, ...] with an even channel count"));
     }
     let mut d = x.dims().to_vec();
