@@ -505,8 +505,11 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
-    /// The device `device` names.
+    /// The device `device` names; `auto` is GPU 0 when one is usable, else the CPU.
     pub fn device_kind(&self) -> Result<crate::device::DeviceKind> {
+        if self.device.trim() == "auto" {
+            return Ok(crate::device::auto_kind().0);
+        }
         crate::device::DeviceKind::parse(&self.device)
     }
 
@@ -566,10 +569,12 @@ impl TrainConfig {
         if let Some(m) = &self.memory_limit {
             crate::device::parse_bytes(m).map_err(|e| Error::invalid("train config", format!("memory_limit: {e}")))?;
         }
-        match self.device_kind() {
-            Ok(crate::device::DeviceKind::Meta) => return bad("device `meta` has no data to train on (use cpu or cuda)".into()),
+        // `auto` is resolved when the run starts (probing a GPU is not validation's business).
+        let kind = if self.device.trim() == "auto" { Ok(crate::device::DeviceKind::Cpu) } else { crate::device::DeviceKind::parse(&self.device) };
+        match kind {
+            Ok(crate::device::DeviceKind::Meta) => return bad("device `meta` has no data to train on (use cpu, cuda, cuda:N or auto)".into()),
             Ok(_) => {}
-            Err(_) => return bad(format!("device `{}`: use cpu, cuda or cuda:N", self.device)),
+            Err(_) => return bad(format!("device `{}`: use cpu, cuda, cuda:N or auto", self.device)),
         }
         Ok(())
     }
@@ -669,7 +674,7 @@ pub mod presets {
     pub const ALL: &[(&str, &str)] = &[
         (
             "cpu",
-            "a depth-8 capped-width generator sized to train in about ten minutes on two CPU cores \
+            "a depth-8 capped-width generator sized to train in about twelve minutes on two CPU cores \
              (N 32, width 8, max_channels 64, modes 6, 2048 training patterns from 2 objects, 16 epochs, warmup + cosine)",
         ),
         (
@@ -679,8 +684,8 @@ pub mod presets {
         ),
         (
             "study",
-            "the reference study (shared/REFERENCE.md section 3): N 64, width 32, modes 12, batch 16, \
-             Adam 1e-3, global-norm clipping 1.0, 50 epochs, no phase in the data",
+            "the published reference study's setting, meant for a GPU: N 64, width 32, max_channels 512, modes 12, \
+             batch 16, Adam 1e-3, global-norm clipping 1.0, 50 epochs, no phase in the data",
         ),
     ];
 

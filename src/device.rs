@@ -229,6 +229,18 @@ impl Drop for Allocation {
     }
 }
 
+/// What `device = "auto"` means here: GPU 0 when this build embeds the kernels and the GPU opens,
+/// else the CPU; with the reason, for the line a run prints on start.
+pub fn auto_kind() -> (DeviceKind, String) {
+    if !crate::build_info::KERNELS_EMBEDDED {
+        return (DeviceKind::Cpu, "cpu (this build embeds no CUDA kernels)".into());
+    }
+    match crate::backend::gpu::probe(0) {
+        Ok(g) => (DeviceKind::Cuda(0), format!("cuda:0 ({})", g.name)),
+        Err(e) => (DeviceKind::Cpu, format!("cpu (no usable GPU: {e})")),
+    }
+}
+
 /// The host memory available to a new allocation (Linux's `MemAvailable`), if it can be read.
 pub fn host_available_bytes() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;

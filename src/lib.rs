@@ -21,6 +21,7 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod plan;
+pub mod predict;
 pub mod tensor;
 pub mod train;
 

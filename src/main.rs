@@ -16,17 +16,14 @@ struct Cli {
 
 /// Where the config comes from: a TOML file (or a preset), then the shorthand flags, then `--set`.
 #[derive(Args, Clone)]
-struct ConfigArgs {
+struct SourceArgs {
     /// TOML config file (sections [model], [data], [loss], [train], [faults]); defaults apply to
     /// what it leaves out.
     #[arg(long, conflicts_with = "preset")]
     config: Option<PathBuf>,
-    /// Start from a named preset instead of the defaults: cpu, sweep or study.
+    /// Start from a named preset: cpu, sweep or study (see README "Presets").
     #[arg(long)]
     preset: Option<String>,
-    /// Shorthand for --set model.depth=D.
-    #[arg(long)]
-    depth: Option<usize>,
     /// Shorthand for --set train.precision=P: fp32, bf16 or fp16 (activations and GEMMs).
     #[arg(long)]
     precision: Option<String>,
@@ -34,8 +31,9 @@ struct ConfigArgs {
     /// that needs more stops cleanly as out of memory, as a card of that size would.
     #[arg(long, value_name = "SIZE")]
     mem_limit: Option<String>,
-    /// Shorthand for --set train.device=DEV: cpu, cuda or cuda:N (a GPU needs the CUDA kernels
-    /// built in and the driver, cuBLAS and cuFFT at run time; `fnokern info` says what is there).
+    /// Shorthand for --set train.device=DEV: cpu, cuda, cuda:N or auto (GPU 0 when one is
+    /// usable, else the CPU; a GPU needs the CUDA kernels built in and the driver, cuBLAS and
+    /// cuFFT at run time; `fnokern info` says what is there).
     #[arg(long, value_name = "DEV")]
     device: Option<String>,
     /// Override one field, e.g. --set model.width=16 --set data.n=32 (repeatable).
@@ -43,14 +41,31 @@ struct ConfigArgs {
     set: Vec<String>,
 }
 
-impl ConfigArgs {
-    fn resolve(&self) -> fnokern::Result<Config> {
-        let mut cfg = match (&self.config, &self.preset) {
-            (Some(p), _) => Config::load(p)?,
-            (None, Some(name)) => fnokern::config::presets::get(name)?,
-            (None, None) => Config::default(),
+/// [`SourceArgs`] and `--depth`.
+#[derive(Args, Clone)]
+struct ConfigArgs {
+    #[command(flatten)]
+    src: SourceArgs,
+    /// Shorthand for --set model.depth=D.
+    #[arg(long)]
+    depth: Option<usize>,
+}
+
+impl SourceArgs {
+    /// The config; with neither --config nor --preset, the preset `bare` stands in and a line
+    /// says so (every command a user runs bare names the preset it uses).
+    fn resolve(&self, depth: Option<usize>, bare: Option<&str>) -> fnokern::Result<Config> {
+        let mut cfg = match (&self.config, &self.preset, bare) {
+            (Some(p), _, _) => Config::load(p)?,
+            (None, Some(name), _) => fnokern::config::presets::get(name)?,
+            (None, None, Some(name)) => {
+                let why = fnokern::config::presets::ALL.iter().find(|p| p.0 == name).map_or("", |p| p.1);
+                println!("preset {name} (no --config or --preset given): {why}");
+                fnokern::config::presets::get(name)?
+            }
+            (None, None, None) => Config::default(),
         };
-        if let Some(d) = self.depth {
+        if let Some(d) = depth {
             cfg.set(&format!("model.depth={d}"))?;
         }
         // set() rejects an unknown precision and validate() a malformed size, naming the field.
@@ -68,6 +83,29 @@ impl ConfigArgs {
         }
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// The preset a bare command uses: `study` when the device is a GPU, else `cpu`.
+    fn bare_preset(&self) -> &'static str {
+        let dev = self.device.as_deref().or_else(|| self.set.iter().rev().find_map(|s| s.strip_prefix("train.device=")).map(|v| v.trim_matches('"')));
+        let gpu = match dev {
+            Some("auto") => fnokern::device::auto_kind().0.is_gpu(),
+            Some(d) => fnokern::DeviceKind::parse(d).is_ok_and(|k| k.is_gpu()),
+            None => false,
+        };
+        if gpu {
+            "study"
+        } else {
+            "cpu"
+        }
+    }
+}
+
+impl ConfigArgs {
+    /// The config of a command that trains or describes one model: bare, the `cpu` preset
+    /// (`study` on a GPU), as `fnokern train` uses.
+    fn resolve(&self) -> fnokern::Result<Config> {
+        self.src.resolve(self.depth, Some(self.src.bare_preset()))
     }
 }
 
@@ -113,7 +151,37 @@ a directory in use); 3 crashed on non-finite values; 4 crashed on repeated loss 
         #[arg(long)]
         stop_after_epochs: Option<usize>,
     },
+    /// Reconstruct objects with a trained run's model: diffraction patterns in (an NPZ file, or
+    /// the run's own test split), object patches out (prediction.npz: amplitude, phase, object),
+    /// stitched into the first object's canvas where the file holds patch positions (xcoords,
+    /// ycoords), scored against the ground truth where it holds one (YY_ground_truth).
+    #[command(
+        after_help = "Writes DIR/prediction.npz (amplitude, phase: f32 [n, N, N]; object: complex64 [n, N, N]; canvas_amplitude, canvas_phase, canvas_top_left when stitched), DIR/reconstruction.png and DIR/metrics.json (the run's loss on the patterns when the file holds Y_I, Y_phi and probeGuess; amplitude and phase SSIM, MAE, PSNR and FRC when it holds the ground truth)."
+    )]
+    Predict {
+        /// The run directory `fnokern train` wrote (its config.toml names the model).
+        run: PathBuf,
+        /// Diffraction patterns: an NPZ file in the reference layout (only `diffraction` is
+        /// required). Default: the run's test split.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Weights (safetensors) or a checkpoint of the run. Default: RUN/weights.safetensors,
+        /// else the run's best checkpoint, else its last.
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        /// Output directory (default: RUN/prediction, or RUN/prediction-<input name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// cpu, cuda, cuda:N or auto (GPU 0 when usable, else the CPU).
+        #[arg(long, value_name = "DEV", default_value = "auto")]
+        device: String,
+        /// Patterns per forward pass (default: the run's train.batch_size).
+        #[arg(long)]
+        batch_size: Option<usize>,
+    },
     /// Print the generator's levels (resolution, width, kept modes, parameters, bytes) and total.
+    /// Without --config or --preset it describes the `cpu` preset's model, as `fnokern train`
+    /// trains it (`study` with --device cuda).
     Model {
         #[command(flatten)]
         cfg: ConfigArgs,
@@ -150,7 +218,7 @@ a directory in use); 3 crashed on non-finite values; 4 crashed on repeated loss 
     /// Without --config or --preset it uses the `sweep` preset.
     CrashHunt {
         #[command(flatten)]
-        cfg: ConfigArgs,
+        cfg: SourceArgs,
         /// Depths to try.
         #[arg(long, value_delimiter = ',', default_value = "4,6,8")]
         depths: Vec<usize>,
@@ -207,18 +275,13 @@ fn main() -> ExitCode {
         }
         Command::Gradcheck { only } => ok(gradcheck(only.as_deref())),
         Command::Train { cfg, out, resume, stop_after_epochs } => train(cfg, out, resume, stop_after_epochs),
+        Command::Predict { run, input, weights, out, device, batch_size } => ok(predict(run, input, weights, out, &device, batch_size)),
         Command::Model { cfg, save_weights } => ok(model(&cfg, save_weights.as_deref())),
         Command::Grad { cfg, weights, batch, out } => ok(grad(&cfg, &weights, &batch, &out)),
         Command::Data { cfg, export } => ok(data(&cfg, export.as_deref())),
-        Command::CrashHunt { cfg, depths, arm, sweep: sw } => {
-            if cfg.depth.is_some() {
-                Err(fnokern::Error::InvalidArgument { op: "crash-hunt", why: "give the depths with --depths, not --depth".into() })
-            } else {
-                ok(sweep(fnokern::experiments::SweepKind::CrashHunt, cfg, depths, vec![arm], sw))
-            }
-        }
+        Command::CrashHunt { cfg, depths, arm, sweep: sw } => ok(sweep(fnokern::experiments::SweepKind::CrashHunt, cfg, None, depths, vec![arm], sw)),
         Command::Plan { cfg, batch, n, checkpoint } => ok(plan(&cfg, batch, n, checkpoint)),
-        Command::Shootout { cfg, arms, sweep: sw } => ok(sweep(fnokern::experiments::SweepKind::Shootout, cfg, Vec::new(), arms, sw)),
+        Command::Shootout { cfg, arms, sweep: sw } => ok(sweep(fnokern::experiments::SweepKind::Shootout, cfg.src, cfg.depth, Vec::new(), arms, sw)),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -245,9 +308,15 @@ fn stop_flag() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
 
 fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: Option<usize>) -> fnokern::Result<u8> {
     use std::io::IsTerminal;
+    // --device auto is resolved once, now, and the run records what it chose.
+    if args.src.device.as_deref().is_some_and(|d| d.trim() == "auto") {
+        let (kind, why) = fnokern::device::auto_kind();
+        println!("device auto: {why}");
+        args.src.device = Some(kind.to_string());
+    }
     // A resumed run's config is its own, unless one is named.
     let mut resumed_preset = None;
-    if let (true, None, None, Some(dir)) = (resume, &args.config, &args.preset, &out) {
+    if let (true, None, None, Some(dir)) = (resume, &args.src.config, &args.src.preset, &out) {
         let own = dir.join("config.toml");
         if !own.is_file() {
             return Err(fnokern::Error::InvalidArgument {
@@ -255,31 +324,25 @@ fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: O
                 why: format!("{} holds no config.toml (no run was started there): give the run's --config or --preset", dir.display()),
             });
         }
-        {
-            println!("config: {} (the run's own)", own.display());
-            args.config = Some(own);
-            resumed_preset = std::fs::read(dir.join("summary.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<fnokern::train::Summary>(&b).ok())
-                .and_then(|s| s.preset)
-                .or_else(|| Some(dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()));
-        }
+        println!("config: {} (the run's own)", own.display());
+        args.src.config = Some(own);
+        resumed_preset = std::fs::read(dir.join("summary.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<fnokern::train::Summary>(&b).ok())
+            .and_then(|s| s.preset)
+            .or_else(|| Some(dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()));
     }
-    // Without a config or preset: the reference study on a GPU, the CPU-sized preset elsewhere.
-    let on_gpu = args.device.as_deref().is_some_and(|d| fnokern::DeviceKind::parse(d).is_ok_and(|k| k.is_gpu()));
-    let preset_note = if args.config.is_none() && args.preset.is_none() {
-        args.preset = Some(if on_gpu { "study" } else { "cpu" }.into());
-        Some(if on_gpu { "study (no --config or --preset given; on a GPU)" } else { "cpu (no --config or --preset given; on the CPU)" })
-    } else {
-        None
-    };
-    let cfg = args.resolve()?;
-    let preset =
-        resumed_preset.or_else(|| args.preset.clone()).or_else(|| args.config.as_ref().and_then(|p| p.file_stem()).map(|s| s.to_string_lossy().into_owned()));
-    if let Some(name) = &args.preset {
+    if let Some(name) = &args.src.preset {
         let why = fnokern::config::presets::ALL.iter().find(|p| p.0 == name).map(|p| p.1).unwrap_or("");
-        println!("preset {}: {why}", preset_note.unwrap_or(name));
+        println!("preset {name}: {why}");
     }
+    // Bare: the CPU-sized preset, or the reference study on a GPU (said by resolve()).
+    let bare = (args.src.config.is_none() && args.src.preset.is_none()).then(|| args.src.bare_preset());
+    let cfg = args.resolve()?;
+    let preset = resumed_preset
+        .or_else(|| bare.map(str::to_string))
+        .or_else(|| args.src.preset.clone())
+        .or_else(|| args.src.config.as_ref().and_then(|p| p.file_stem()).map(|s| s.to_string_lossy().into_owned()));
     let out = match out {
         Some(o) => o,
         None => {
@@ -324,6 +387,13 @@ fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: O
     if let Some(r) = &s.reason {
         println!("reason: {r}");
     }
+    let events: Vec<String> = s
+        .outcomes
+        .iter()
+        .filter(|(o, n)| !matches!(o, fnokern::train::StepOutcome::Ok | fnokern::train::StepOutcome::Accumulated) && **n > 0)
+        .map(|(o, n)| format!("{n} {o}"))
+        .collect();
+    println!("guard events: {}", if events.is_empty() { "none".to_string() } else { events.join(", ") });
     if let Some(m) = &s.metrics {
         println!(
             "test object: amplitude SSIM {:.3} MAE {:.4}, phase SSIM {:.3} MAE {:.4}",
@@ -334,7 +404,7 @@ fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: O
         );
     }
     println!(
-        "wrote {}/summary.json, metrics.jsonl, loss.png, grad_norm.png, lr.png{}",
+        "wrote {}/summary.json, metrics.jsonl, metrics.csv, loss.png, grad_norm.png, lr.png{}",
         out.display(),
         if s.metrics.is_some() { ", reconstruction.png" } else { "" }
     );
@@ -344,13 +414,57 @@ fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: O
     Ok(s.exit_code())
 }
 
-fn sweep(kind: fnokern::experiments::SweepKind, mut args: ConfigArgs, depths: Vec<usize>, arms: Vec<String>, sw: SweepArgs) -> fnokern::Result<()> {
-    use fnokern::experiments::{self as ex, SweepKind};
-    if args.config.is_none() && args.preset.is_none() {
-        args.preset = Some("sweep".into());
-        println!("preset sweep (no --config or --preset given): {}", fnokern::config::presets::ALL.iter().find(|p| p.0 == "sweep").map_or("", |p| p.1));
+fn predict(
+    run: PathBuf,
+    input: Option<PathBuf>,
+    weights: Option<PathBuf>,
+    out: Option<PathBuf>,
+    device: &str,
+    batch_size: Option<usize>,
+) -> fnokern::Result<()> {
+    let kind = if device.trim() == "auto" {
+        let (kind, why) = fnokern::device::auto_kind();
+        println!("device auto: {why}");
+        kind
+    } else {
+        fnokern::DeviceKind::parse(device)?
+    };
+    if batch_size == Some(0) {
+        return Err(fnokern::Error::InvalidArgument { op: "predict", why: "--batch-size must be at least 1".into() });
     }
-    let base = args.resolve()?;
+    let dev = fnokern::Device::of_kind(kind)?;
+    let out = out.unwrap_or_else(|| match &input {
+        Some(p) => run.join(format!("prediction-{}", p.file_stem().map_or("input".into(), |s| s.to_string_lossy().into_owned()))),
+        None => run.join("prediction"),
+    });
+    let opts = fnokern::predict::PredictOptions { run, input, weights, out: out.clone(), batch_size };
+    let r = fnokern::predict::predict(&opts, &dev, &mut |m| println!("{m}"))?;
+    if let Some(l) = r.loss {
+        println!("loss on these patterns: {l:.5}");
+    }
+    if let Some(c) = r.canvas {
+        println!("stitched object 0: {} x {} pixels from ({}, {})", c.rows, c.cols, c.top, c.left);
+    }
+    if let Some(m) = &r.metrics {
+        println!(
+            "against the ground truth: amplitude SSIM {:.3} MAE {:.4} PSNR {:.2} dB, phase SSIM {:.3} MAE {:.4} PSNR {:.2} dB",
+            m.amp_ssim, m.amp_mae, m.amp_psnr, m.phase_ssim, m.phase_mae, m.phase_psnr
+        );
+    }
+    println!("wrote {}/prediction.npz, reconstruction.png, metrics.json ({:.1} s)", out.display(), r.seconds);
+    Ok(())
+}
+
+fn sweep(
+    kind: fnokern::experiments::SweepKind,
+    args: SourceArgs,
+    depth: Option<usize>,
+    depths: Vec<usize>,
+    arms: Vec<String>,
+    sw: SweepArgs,
+) -> fnokern::Result<()> {
+    use fnokern::experiments::{self as ex, SweepKind};
+    let base = args.resolve(depth, Some("sweep"))?;
     let depths = if kind == SweepKind::Shootout { vec![base.model.depth] } else { depths };
     let arms = arms.iter().map(|a| ex::Arm::load(a)).collect::<fnokern::Result<Vec<_>>>()?;
     let bad = |why: String| fnokern::Error::InvalidArgument { op: "sweep", why };
@@ -446,7 +560,15 @@ fn data(args: &ConfigArgs, export: Option<&std::path::Path>) -> fnokern::Result<
             s.centres.is_some() && s.ground_truth.is_some()
         );
     }
-    println!("source: {} ({:.1} s)", ds.source, start.elapsed().as_secs_f64());
+    let size: u64 = std::fs::read_dir(&ds.source).into_iter().flatten().flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum();
+    let how = if cfg.data.npz.is_some() {
+        "read from the NPZ files".to_string()
+    } else if ds.from_cache {
+        format!("read from the cache, {:.1} MB on disk (data.cache_dir)", size as f64 / 1e6)
+    } else {
+        format!("simulated and cached there: {:.1} MB written (data.cache_dir)", size as f64 / 1e6)
+    };
+    println!("source: {} ({how}; {:.1} s)", ds.source, start.elapsed().as_secs_f64());
     if let Some(dir) = export {
         std::fs::create_dir_all(dir).map_err(|source| fnokern::Error::Io { path: dir.display().to_string(), source })?;
         for (name, s) in [("train.npz", &ds.train), ("test.npz", &ds.test)] {

@@ -104,18 +104,12 @@ pub fn load_or_simulate(cfg: &DataConfig, progress: &mut dyn FnMut(&str)) -> Res
     Ok(ds)
 }
 
-/// Writes the two splits to temporary files, renames them into place, and writes params.json last:
-/// a cache without params.json is incomplete and is simulated again.
+/// Writes the two splits (each atomically) and params.json last: a cache without params.json is
+/// incomplete and is simulated again.
 fn write_cache(dir: &Path, cfg: &DataConfig, ds: &Dataset, s: f64) -> Result<()> {
-    let io = |p: &Path| {
-        let p = p.display().to_string();
-        move |source| Error::Io { path: p.clone(), source }
-    };
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    std::fs::create_dir_all(dir).map_err(crate::io::io_err(dir))?;
     for (name, split) in [("train.npz", &ds.train), ("test.npz", &ds.test)] {
-        let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-        npz::save(&tmp, split)?;
-        std::fs::rename(&tmp, dir.join(name)).map_err(io(&tmp))?;
+        npz::save(&dir.join(name), split)?;
     }
     let params = serde_json::json!({
         "simulation_version": SIM_VERSION,
@@ -136,19 +130,31 @@ pub struct Batch {
     pub y_phi: Tensor,
 }
 
-/// Builds the batch of patterns `idx` of a split on `dev`.
-pub fn batch(split: &NpzSplit, idx: &[usize], dtype: DType, dev: &Device) -> Result<Batch> {
+/// Patterns `idx` of one of a split's [count, N, N] stacks as a [B, 1, N, N] tensor on `dev`.
+fn gather(split: &NpzSplit, stack: &[f32], what: &str, idx: &[usize], dtype: DType, dev: &Device) -> Result<Tensor> {
     let n2 = split.n * split.n;
     let count = split.len();
     if let Some(&bad) = idx.iter().find(|&&i| i >= count) {
         return Err(Error::invalid("batch", format!("pattern {bad} of a split of {count}")));
     }
-    let gather = |v: &[f32]| -> Vec<f64> { idx.iter().flat_map(|&i| v[i * n2..(i + 1) * n2].iter().map(|&x| x as f64)).collect() };
-    let shape = [idx.len(), 1, split.n, split.n];
+    if stack.len() != count * n2 {
+        return Err(Error::invalid("batch", format!("the split holds no `{what}` for its {count} patterns")));
+    }
+    let v: Vec<f64> = idx.iter().flat_map(|&i| stack[i * n2..(i + 1) * n2].iter().map(|&x| x as f64)).collect();
+    Tensor::from_f64_vec(v, [idx.len(), 1, split.n, split.n], dtype, dev)
+}
+
+/// The generator input alone (the diffraction amplitudes) of patterns `idx`, for a prediction.
+pub fn inputs(split: &NpzSplit, idx: &[usize], dtype: DType, dev: &Device) -> Result<Tensor> {
+    gather(split, &split.diffraction, "diffraction", idx, dtype, dev)
+}
+
+/// Builds the batch of patterns `idx` of a split on `dev`.
+pub fn batch(split: &NpzSplit, idx: &[usize], dtype: DType, dev: &Device) -> Result<Batch> {
     Ok(Batch {
-        diffraction: Tensor::from_f64_vec(gather(&split.diffraction), shape, dtype, dev)?,
-        y_i: Tensor::from_f64_vec(gather(&split.y_i), shape, dtype, dev)?,
-        y_phi: Tensor::from_f64_vec(gather(&split.y_phi), shape, dtype, dev)?,
+        diffraction: inputs(split, idx, dtype, dev)?,
+        y_i: gather(split, &split.y_i, "Y_I", idx, dtype, dev)?,
+        y_phi: gather(split, &split.y_phi, "Y_phi", idx, dtype, dev)?,
     })
 }
 

@@ -31,6 +31,12 @@ pub struct NpzSplit {
 }
 
 impl NpzSplit {
+    /// Whether the split holds the per-pattern targets and the probe (a file loaded by
+    /// [`load_inputs`] may hold only the diffraction).
+    pub fn has_targets(&self) -> bool {
+        !self.y_i.is_empty() && !self.probe.is_empty()
+    }
+
     pub fn len(&self) -> usize {
         if self.n == 0 {
             0
@@ -52,10 +58,10 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
 }
 
 /// An array's shape and values, if the archive has it.
-type Array<T> = Option<(Vec<u64>, Vec<T>)>;
+type Found<T> = Option<(Vec<u64>, Vec<T>)>;
 
 /// Reads a real array as f32 (from f32 or f64), with its shape.
-fn read_real<R: Read + Seek>(arc: &mut NpzArchive<R>, path: &Path, key: &str) -> Result<Array<f32>> {
+fn read_real<R: Read + Seek>(arc: &mut NpzArchive<R>, path: &Path, key: &str) -> Result<Found<f32>> {
     let Some(npy) = arc.by_name(key).map_err(io(path))? else {
         return Ok(None);
     };
@@ -70,7 +76,7 @@ fn read_real<R: Read + Seek>(arc: &mut NpzArchive<R>, path: &Path, key: &str) ->
     Ok(Some((shape, v)))
 }
 
-fn read_complex<R: Read + Seek>(arc: &mut NpzArchive<R>, path: &Path, key: &str) -> Result<Array<[f32; 2]>> {
+fn read_complex<R: Read + Seek>(arc: &mut NpzArchive<R>, path: &Path, key: &str) -> Result<Found<[f32; 2]>> {
     let Some(npy) = arc.by_name(key).map_err(io(path))? else {
         return Ok(None);
     };
@@ -99,22 +105,37 @@ fn stack_dims(path: &Path, key: &str, shape: &[u64]) -> Result<(usize, usize)> {
 
 /// Loads one split in the reference layout.
 pub fn load(path: &Path) -> Result<NpzSplit> {
+    load_with(path, true)
+}
+
+/// Loads what a prediction needs: `diffraction`, with `Y_I`, `Y_phi` and `probeGuess` when the
+/// file has them (empty when not), and the optional arrays as [`load`] does.
+pub fn load_inputs(path: &Path) -> Result<NpzSplit> {
+    load_with(path, false)
+}
+
+fn load_with(path: &Path, targets: bool) -> Result<NpzSplit> {
     let file = File::open(path).map_err(io(path))?;
     let mut arc = NpzArchive::new(BufReader::new(file)).map_err(|e| bad(path, format!("not an NPZ (zip) file: {e}")))?;
-    let need = |v: Array<f32>, key: &str| v.ok_or_else(|| bad(path, format!("array `{key}` is missing")));
-    let (dshape, diffraction) = need(read_real(&mut arc, path, "diffraction")?, "diffraction")?;
+    let missing = |key: &str| bad(path, format!("array `{key}` is missing"));
+    let (dshape, diffraction) = read_real(&mut arc, path, "diffraction")?.ok_or_else(|| missing("diffraction"))?;
     let (count, n) = stack_dims(path, "diffraction", &dshape)?;
-    let (ishape, y_i) = need(read_real(&mut arc, path, "Y_I")?, "Y_I")?;
-    let (pshape, y_phi) = need(read_real(&mut arc, path, "Y_phi")?, "Y_phi")?;
-    for (key, shape) in [("Y_I", &ishape), ("Y_phi", &pshape)] {
-        if stack_dims(path, key, shape)? != (count, n) {
-            return Err(bad(path, format!("`{key}` has shape {shape:?} but `diffraction` has {dshape:?}")));
+    let target = |arc: &mut NpzArchive<BufReader<File>>, key: &str| -> Result<Vec<f32>> {
+        match read_real(arc, path, key)? {
+            Some((shape, v)) if stack_dims(path, key, &shape)? == (count, n) => Ok(v),
+            Some((shape, _)) => Err(bad(path, format!("`{key}` has shape {shape:?} but `diffraction` has {dshape:?}"))),
+            None if targets => Err(missing(key)),
+            None => Ok(Vec::new()),
         }
-    }
-    let (prshape, probe) = read_complex(&mut arc, path, "probeGuess")?.ok_or_else(|| bad(path, "array `probeGuess` is missing"))?;
-    if prshape != [n as u64, n as u64] {
-        return Err(bad(path, format!("`probeGuess` has shape {prshape:?}; expected ({n}, {n})")));
-    }
+    };
+    let y_i = target(&mut arc, "Y_I")?;
+    let y_phi = target(&mut arc, "Y_phi")?;
+    let probe = match read_complex(&mut arc, path, "probeGuess")? {
+        Some((shape, _)) if shape != [n as u64, n as u64] => return Err(bad(path, format!("`probeGuess` has shape {shape:?}; expected ({n}, {n})"))),
+        Some((_, v)) => v,
+        None if targets => return Err(missing("probeGuess")),
+        None => Vec::new(),
+    };
     let ground_truth = match read_complex(&mut arc, path, "YY_ground_truth")? {
         None => None,
         Some((shape, v)) => match shape.as_slice() {
@@ -179,45 +200,71 @@ fn stored() -> zip::write::FileOptions {
     zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Stored).last_modified_time(zip::DateTime::default())
 }
 
-/// Writes one split in the reference layout (plus coordinates) to `path`, and syncs it.
-pub fn save(path: &Path, s: &NpzSplit) -> Result<()> {
+/// One array of an NPZ file to write: its name, shape and values.
+pub enum Array<'a> {
+    F32(&'a str, Vec<u64>, &'a [f32]),
+    F64(&'a str, Vec<u64>, &'a [f64]),
+    I64(&'a str, Vec<u64>, &'a [i64]),
+    /// (re, im) pairs, stored as complex64.
+    C64(&'a str, Vec<u64>, &'a [[f32; 2]]),
+}
+
+/// Writes named arrays to an NPZ file (as np.savez does, uncompressed) atomically, and syncs it.
+pub fn save_arrays(path: &Path, arrays: &[Array]) -> Result<()> {
     let werr = |e: std::io::Error| Error::Io { path: path.display().to_string(), source: e };
-    let mut w = NpzWriter::create(path).map_err(werr)?;
-    let (count, n) = (s.len() as u64, s.n as u64);
-    let real = |w: &mut NpzWriter<_>, key: &str, shape: &[u64], v: &[f32]| -> std::io::Result<()> {
-        let mut a = w.array::<f32>(key, stored())?.default_dtype().shape(shape).begin_nd()?;
-        a.extend(v.iter().copied())?;
-        a.finish()
-    };
-    real(&mut w, "diffraction", &[count, n, n], &s.diffraction).map_err(werr)?;
-    real(&mut w, "Y_I", &[count, n, n], &s.y_i).map_err(werr)?;
-    real(&mut w, "Y_phi", &[count, n, n], &s.y_phi).map_err(werr)?;
-    let complex = |w: &mut NpzWriter<_>, key: &str, side: u64, v: &[[f32; 2]]| -> std::io::Result<()> {
-        let mut a = w.array::<Complex<f32>>(key, stored())?.default_dtype().shape(&[side, side]).begin_nd()?;
-        a.extend(v.iter().map(|z| Complex::new(z[0], z[1])))?;
-        a.finish()
-    };
-    complex(&mut w, "probeGuess", n, &s.probe).map_err(werr)?;
-    if let Some((side, gt)) = &s.ground_truth {
-        complex(&mut w, "YY_ground_truth", *side as u64, gt).map_err(werr)?;
-    }
-    if let Some(c) = &s.centres {
-        let ys: Vec<f64> = c.iter().map(|p| p.0).collect();
-        let xs: Vec<f64> = c.iter().map(|p| p.1).collect();
-        for (key, v) in [("xcoords", xs), ("ycoords", ys)] {
-            let mut a = w.array::<f64>(key, stored()).map_err(werr)?.default_dtype().shape(&[count]).begin_nd().map_err(werr)?;
-            a.extend(v).map_err(werr)?;
-            a.finish().map_err(werr)?;
+    let tmp = crate::io::temp_path(path)?;
+    let write = || -> std::io::Result<()> {
+        let mut w = NpzWriter::create(&tmp)?;
+        fn put<T: npyz::AutoSerialize + Copy, W: std::io::Write + Seek>(
+            w: &mut NpzWriter<W>,
+            key: &str,
+            shape: &[u64],
+            v: impl Iterator<Item = T>,
+        ) -> std::io::Result<()> {
+            let mut a = w.array::<T>(key, stored())?.default_dtype().shape(shape).begin_nd()?;
+            a.extend(v)?;
+            a.finish()
         }
+        for a in arrays {
+            match a {
+                Array::F32(key, shape, v) => put(&mut w, key, shape, v.iter().copied())?,
+                Array::F64(key, shape, v) => put(&mut w, key, shape, v.iter().copied())?,
+                Array::I64(key, shape, v) => put(&mut w, key, shape, v.iter().copied())?,
+                Array::C64(key, shape, v) => put(&mut w, key, shape, v.iter().map(|z| Complex::new(z[0], z[1])))?,
+            }
+        }
+        // Finish the archive explicitly (a drop would swallow errors) and make it durable.
+        let buffered = w.zip_writer().finish().map_err(std::io::Error::other)?;
+        let file = buffered.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()
+    };
+    let r = write().map_err(werr).and_then(|()| std::fs::rename(&tmp, path).map_err(crate::io::io_err(path)));
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
+/// Writes one split in the reference layout (plus coordinates) to `path`.
+pub fn save(path: &Path, s: &NpzSplit) -> Result<()> {
+    let (count, n) = (s.len() as u64, s.n as u64);
+    let stack = vec![count, n, n];
+    let mut arrays = vec![
+        Array::F32("diffraction", stack.clone(), &s.diffraction),
+        Array::F32("Y_I", stack.clone(), &s.y_i),
+        Array::F32("Y_phi", stack, &s.y_phi),
+        Array::C64("probeGuess", vec![n, n], &s.probe),
+    ];
+    if let Some((side, gt)) = &s.ground_truth {
+        arrays.push(Array::C64("YY_ground_truth", vec![*side as u64, *side as u64], gt));
+    }
+    let (xs, ys): (Vec<f64>, Vec<f64>) = s.centres.iter().flatten().map(|p| (p.1, p.0)).unzip();
+    if s.centres.is_some() {
+        arrays.push(Array::F64("xcoords", vec![count], &xs));
+        arrays.push(Array::F64("ycoords", vec![count], &ys));
     }
     if let Some(idx) = &s.object_index {
-        let mut a = w.array::<i64>("object_index", stored()).map_err(werr)?.default_dtype().shape(&[idx.len() as u64]).begin_nd().map_err(werr)?;
-        a.extend(idx.iter().copied()).map_err(werr)?;
-        a.finish().map_err(werr)?;
+        arrays.push(Array::I64("object_index", vec![idx.len() as u64], idx));
     }
-    // Finish the archive explicitly (a drop would swallow errors) and make it durable.
-    let buffered = w.zip_writer().finish().map_err(|e| werr(std::io::Error::other(e)))?;
-    let file = buffered.into_inner().map_err(|e| werr(e.into_error()))?;
-    file.sync_all().map_err(werr)?;
-    Ok(())
+    save_arrays(path, &arrays)
 }

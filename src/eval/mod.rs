@@ -219,8 +219,8 @@ struct Layout {
 
 fn layout(split: &NpzSplit) -> Result<Layout> {
     let n = split.n;
-    let (Some(centres), Some((side, _))) = (&split.centres, &split.ground_truth) else {
-        return Err(Error::invalid("stitch", "the test split has no patch coordinates or ground truth"));
+    let Some(centres) = &split.centres else {
+        return Err(Error::invalid("stitch", "the split has no patch coordinates (xcoords, ycoords)"));
     };
     let index = split.object_index.clone().unwrap_or_else(|| vec![0; split.len()]);
     if index.len() != centres.len() {
@@ -228,7 +228,7 @@ fn layout(split: &NpzSplit) -> Result<Layout> {
     }
     let mine: Vec<(usize, (f64, f64))> = centres.iter().copied().enumerate().filter(|(i, _)| index[*i] == 0).collect();
     if mine.is_empty() {
-        return Err(Error::invalid("stitch", "the test split has no patch of object 0"));
+        return Err(Error::invalid("stitch", "the split has no patch of object 0"));
     }
     // The stride: the smallest non-zero gap between patch centres.
     let mut rows: Vec<i64> = mine.iter().map(|(_, c)| c.0.round() as i64).collect();
@@ -240,8 +240,9 @@ fn layout(split: &NpzSplit) -> Result<Layout> {
     let (r_max, c_max) = mine.iter().fold((i64::MIN, i64::MIN), |(a, b), (_, c)| (a.max(c.0.round() as i64), b.max(c.1.round() as i64)));
     let (top, left) = (r_min - half as i64, c_min - half as i64);
     let (h, w) = ((r_max - r_min) as usize + stride, (c_max - c_min) as usize + stride);
-    if top < 0 || left < 0 || (top as usize + h) > *side || (left as usize + w) > *side {
-        return Err(Error::invalid("stitch", "patch centres fall outside the ground-truth object"));
+    let outside = |side: usize| top < 0 || left < 0 || (top as usize + h) > side || (left as usize + w) > side;
+    if top < 0 || left < 0 || split.ground_truth.as_ref().is_some_and(|(side, _)| outside(*side)) {
+        return Err(Error::invalid("stitch", "patch centres fall outside the object"));
     }
     Ok(Layout { mine, stride, half, top, left, h, w })
 }
@@ -249,16 +250,27 @@ fn layout(split: &NpzSplit) -> Result<Layout> {
 /// Whether [`stitch`] can place the split's first object (checked before training, so that a
 /// run does not fail at its final evaluation).
 pub fn check_stitchable(split: &NpzSplit) -> Result<()> {
+    if split.ground_truth.is_none() {
+        return Err(Error::invalid("stitch", "the split has no ground-truth object (YY_ground_truth)"));
+    }
     layout(split).map(drop)
 }
 
+/// The canvas of a split's first object (object_index 0) stitched from predicted patches: the
+/// central stride x stride of each patch, as the reference stitches.
+#[derive(Clone, Debug)]
+pub struct Placed {
+    pub amp: Canvas,
+    pub phase: Canvas,
+    /// Where the canvas's top-left pixel lies in the object (row, column).
+    pub top_left: (usize, usize),
+}
+
 /// Stitches predicted object patches (amplitude and phase, each [count * N * N], in the split's
-/// order) into the canvas of the split's first object.
-pub fn stitch(split: &NpzSplit, pred_amp: &[f64], pred_phase: &[f64]) -> Result<Stitched> {
+/// order) into the canvas of the split's first object; needs the patch centres, not the truth.
+pub fn place(split: &NpzSplit, pred_amp: &[f64], pred_phase: &[f64]) -> Result<Placed> {
     let n = split.n;
     let Layout { mine, stride, half, top, left, h, w } = layout(split)?;
-    let (side, gt) = split.ground_truth.as_ref().map(|(s, g)| (*s, g)).ok_or_else(|| Error::invalid("stitch", "no ground truth"))?;
-    let side = &side;
     if pred_amp.len() != split.len() * n * n || pred_phase.len() != pred_amp.len() {
         return Err(Error::invalid("stitch", "predictions do not match the split"));
     }
@@ -275,15 +287,23 @@ pub fn stitch(split: &NpzSplit, pred_amp: &[f64], pred_phase: &[f64]) -> Result<
             }
         }
     }
+    Ok(Placed { amp: Canvas::new(h, w, pa)?, phase: Canvas::new(h, w, pp)?, top_left: (top as usize, left as usize) })
+}
+
+/// [`place`], beside the ground truth's same window.
+pub fn stitch(split: &NpzSplit, pred_amp: &[f64], pred_phase: &[f64]) -> Result<Stitched> {
+    let (side, gt) = split.ground_truth.as_ref().map(|(s, g)| (*s, g)).ok_or_else(|| Error::invalid("stitch", "the split has no ground-truth object"))?;
+    let p = place(split, pred_amp, pred_phase)?;
+    let (h, w, (top, left)) = (p.amp.rows, p.amp.cols, p.top_left);
     let (mut ga, mut gp) = (Vec::with_capacity(h * w), Vec::with_capacity(h * w));
     for r in 0..h {
         for c in 0..w {
-            let z = gt[(top as usize + r) * side + left as usize + c];
+            let z = gt[(top + r) * side + left + c];
             ga.push((z[0] as f64).hypot(z[1] as f64));
             gp.push((z[1] as f64).atan2(z[0] as f64));
         }
     }
-    Ok(Stitched { pred_amp: Canvas::new(h, w, pa)?, pred_phase: Canvas::new(h, w, pp)?, gt_amp: Canvas::new(h, w, ga)?, gt_phase: Canvas::new(h, w, gp)? })
+    Ok(Stitched { pred_amp: p.amp, pred_phase: p.phase, gt_amp: Canvas::new(h, w, ga)?, gt_phase: Canvas::new(h, w, gp)? })
 }
 
 /// The scores of one reconstruction.

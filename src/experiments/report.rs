@@ -330,7 +330,7 @@ pub fn write(plan: &Plan, opts: &SweepOptions, outcome: &SweepOutcome) -> Result
         "step (micro-batch)",
         "validation loss",
         &series,
-        &marks,
+        &[plot::Marks { name: "failed run (where it stopped)", points: marks, color: RGBColor(214, 39, 40) }],
         true,
     )?;
     Ok(())

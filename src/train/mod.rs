@@ -10,7 +10,7 @@
 //! Run directory: config.toml (resolved), metrics.jsonl, summary.json, checkpoints/,
 //! weights.safetensors (finished runs), and loss.png, grad_norm.png, lr.png, reconstruction.png.
 
-mod checkpoint;
+pub(crate) mod checkpoint;
 pub mod parity;
 pub mod plot;
 pub mod run_dir;
@@ -38,7 +38,6 @@ use crate::error::{Error, Result};
 use crate::eval::{self, Metrics};
 use crate::model::weights;
 use crate::model::Generator;
-use crate::ops;
 use crate::optim;
 use crate::tensor::DType;
 use run_dir::{DirLock, MetricsLog};
@@ -177,7 +176,7 @@ fn subset(n: usize, k: usize) -> Vec<usize> {
 }
 
 /// Mean main loss over a split's patterns `idx`, without gradients.
-fn validate(g: &Generator, obj: &Objective, batch_size: usize, split: &NpzSplit, idx: &[usize], dev: &Device) -> Result<f64> {
+pub(crate) fn validate(g: &Generator, obj: &Objective, batch_size: usize, split: &NpzSplit, idx: &[usize], dev: &Device) -> Result<f64> {
     let mut total = 0.0;
     for chunk in idx.chunks(batch_size) {
         let b = data::batch(split, chunk, DType::F32, dev)?;
@@ -193,38 +192,96 @@ fn evaluate(g: &Generator, cfg: &Config, split: &NpzSplit, dev: &Device, dir: &P
     if split.centres.is_none() || split.ground_truth.is_none() {
         return Ok(None);
     }
-    let n2 = split.n * split.n;
-    let (mut amp, mut phase) = (vec![0.0; split.len() * n2], vec![0.0; split.len() * n2]);
-    let all: Vec<usize> = match &split.object_index {
-        Some(ix) => (0..split.len()).filter(|&i| ix[i] == 0).collect(),
-        None => (0..split.len()).collect(),
-    };
-    for chunk in all.chunks(cfg.train.batch_size) {
-        let b = data::batch(split, chunk, DType::F32, dev)?;
-        let mut t = Tape::with_params(&g.params);
-        let x = t.constant(b.diffraction);
-        let out = g.forward(&mut t, &x)?;
-        let z = ops::channels_to_complex(&mut t, &out)?;
-        let a = backend::complex_abs(z.value())?.to_f64_vec()?;
-        let p = backend::complex_angle(z.value())?.to_f64_vec()?;
-        for (k, &i) in chunk.iter().enumerate() {
-            amp[i * n2..(i + 1) * n2].copy_from_slice(&a[k * n2..(k + 1) * n2]);
-            phase[i * n2..(i + 1) * n2].copy_from_slice(&p[k * n2..(k + 1) * n2]);
-        }
-    }
-    let stitched = eval::stitch(split, &amp, &phase)?;
-    let (m, aligned) = eval::score(&stitched)?;
-    plot::images(
-        &dir.join("reconstruction.png"),
-        &format!("reconstruction of the test object: amplitude SSIM {:.3}, phase SSIM {:.3}", m.amp_ssim, m.phase_ssim),
-        &[
-            ("ground-truth amplitude", &aligned.gt_amp),
-            ("predicted amplitude", &aligned.pred_amp),
-            ("ground-truth phase", &aligned.gt_phase),
-            ("predicted phase", &aligned.pred_phase),
-        ],
-    )?;
+    let p = crate::predict::predict_patches(g, split, &crate::predict::first_object(split), cfg.train.batch_size, dev, &mut |_| {})?;
+    let (m, aligned) = eval::score(&eval::stitch(split, &p.amp, &p.phase)?)?;
+    crate::predict::reconstruction_png(&dir.join("reconstruction.png"), &m, &aligned)?;
     Ok(Some(m))
+}
+
+/// The steps the guards acted on, as the legend of loss.png names them, with their colours.
+const EVENT_MARKS: [(&str, &[StepOutcome], plotters::style::RGBColor); 5] = [
+    ("spike: rolled back", &[StepOutcome::RolledBack], plotters::style::RGBColor(214, 39, 40)),
+    ("spike: skipped", &[StepOutcome::SpikeSkipped], plotters::style::RGBColor(255, 127, 14)),
+    ("spike: logged", &[StepOutcome::SpikeLogged], plotters::style::RGBColor(148, 103, 189)),
+    (
+        "non-finite: skipped",
+        &[StepOutcome::SkippedBadInput, StepOutcome::SkippedNonfiniteLoss, StepOutcome::SkippedNonfiniteGrad],
+        plotters::style::RGBColor(0, 0, 0),
+    ),
+    ("fp16 overflow: skipped", &[StepOutcome::OverflowSkipped, StepOutcome::OverflowAtFloor], plotters::style::RGBColor(140, 86, 75)),
+];
+
+/// The terminal line of a step the guards acted on; None for a step that trained as usual.
+fn event_line(r: &StepReport, epoch: usize, trainer: &Trainer) -> Option<String> {
+    use StepOutcome::*;
+    let num = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
+    let spike = || format!("loss spike {} > {} x the recent mean {}", num(r.loss), trainer.spike_factor(), num(r.spike_reference));
+    let grad = r.clip.map_or("-".to_string(), |c| format!("{}", c.norm_before));
+    let scale = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v}"));
+    let what = match r.outcome {
+        Ok | Accumulated => return None,
+        SpikeLogged => format!("{}: logged, training went on (train.spike_action = \"log\")", spike()),
+        SpikeSkipped => format!("{}: batch skipped, no update", spike()),
+        RolledBack => format!(
+            "{}: rolled back to {}, learning rate now {:.2e}",
+            spike(),
+            if epoch == 0 { "the initial weights".to_string() } else { format!("the weights of epoch {epoch}'s end") },
+            trainer.lr()
+        ),
+        SkippedBadInput => "non-finite input batch: skipped".into(),
+        SkippedNonfiniteLoss => format!("non-finite loss ({}): batch skipped", num(r.loss)),
+        SkippedNonfiniteGrad => format!("non-finite gradient (norm {grad}): update skipped"),
+        OverflowSkipped => format!("fp16 gradient overflow: update skipped, loss scale {} -> {}", scale(r.loss_scale), scale(r.loss_scale_after)),
+        OverflowAtFloor => format!("fp16 gradient overflow at the loss scale's floor ({}): update skipped", scale(r.loss_scale)),
+    };
+    Some(format!("step {} (epoch {}): {what}", r.step, epoch + 1))
+}
+
+/// "2 rolled_back, 1 skipped_nonfinite_loss": the steps of `now` beyond `before` that were not
+/// plain updates or accumulations.
+fn event_counts(before: &BTreeMap<StepOutcome, u64>, now: &BTreeMap<StepOutcome, u64>) -> String {
+    now.iter()
+        .filter(|(o, _)| !matches!(o, StepOutcome::Ok | StepOutcome::Accumulated))
+        .filter_map(|(o, &k)| Some((o, k.checked_sub(*before.get(o).unwrap_or(&0)).filter(|&d| d > 0)?)))
+        .map(|(o, d)| format!("{d} {o}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The columns of metrics.csv, the same records as metrics.jsonl for tools that read CSV.
+const CSV_COLUMNS: [&str; 13] = [
+    "kind",
+    "epoch",
+    "step",
+    "outcome",
+    "loss",
+    "lr",
+    "grad_norm",
+    "grad_norm_clipped",
+    "loss_scale",
+    "spike_reference",
+    "steps_end",
+    "train_loss",
+    "val_loss",
+];
+
+/// Writes metrics.csv from the run's records, atomically.
+fn write_csv(dir: &Path, records: &[serde_json::Value]) -> Result<()> {
+    let mut text = CSV_COLUMNS.join(",");
+    text.push('\n');
+    for r in records {
+        let cells: Vec<String> = CSV_COLUMNS
+            .iter()
+            .map(|c| match &r[*c] {
+                serde_json::Value::Null => String::new(),
+                serde_json::Value::String(s) => s.clone(),
+                v => v.to_string(),
+            })
+            .collect();
+        text.push_str(&cells.join(","));
+        text.push('\n');
+    }
+    crate::io::write_atomic(&dir.join("metrics.csv"), text.as_bytes())
 }
 
 fn plots(dir: &Path, records: &[serde_json::Value]) -> Result<()> {
@@ -235,7 +292,26 @@ fn plots(dir: &Path, records: &[serde_json::Value]) -> Result<()> {
     let (blue, red, green) = (RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44));
     let val: Vec<(f64, f64)> =
         records.iter().filter(|r| r["kind"] == "epoch").filter_map(|r| Some((r["steps_end"].as_f64()?, r["val_loss"].as_f64()?))).collect();
-    plot::lines(
+    // The guards' events, at their loss (a non-finite one at the last finite loss before it).
+    let mut last = None;
+    let mut events: Vec<(StepOutcome, (f64, f64))> = Vec::new();
+    for r in records.iter().filter(|r| r["kind"] == "step") {
+        let (Some(step), Ok(outcome)) = (r["step"].as_f64(), serde_json::from_value::<StepOutcome>(r["outcome"].clone())) else { continue };
+        let loss = r["loss"].as_f64().filter(|l| l.is_finite() && *l > 0.0);
+        if let Some(y) = loss.or(last) {
+            events.push((outcome, (step, y)));
+        }
+        last = loss.or(last);
+    }
+    let marks: Vec<plot::Marks> = EVENT_MARKS
+        .iter()
+        .map(|(name, outcomes, color)| plot::Marks {
+            name,
+            points: events.iter().filter(|(o, _)| outcomes.contains(o)).map(|(_, p)| *p).collect(),
+            color: *color,
+        })
+        .collect();
+    plot::lines_marked(
         &dir.join("loss.png"),
         "loss",
         "step (micro-batch)",
@@ -244,6 +320,7 @@ fn plots(dir: &Path, records: &[serde_json::Value]) -> Result<()> {
             plot::Series { name: "training loss (per step)", points: pts("step", "step", "loss"), color: blue },
             plot::Series { name: "validation loss (per epoch)", points: val, color: red },
         ],
+        &marks,
         true,
     )?;
     plot::lines(
@@ -503,7 +580,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
     let bar = if opts.progress {
         let pb = indicatif::ProgressBar::new(total_steps);
         pb.set_style(
-            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps  {msg}  eta {eta}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  eta {eta}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         pb.set_position(trainer.steps());
         Some(pb)
@@ -513,6 +590,15 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
     let base_wall = state.wall_seconds;
     let stop_requested = || opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
     let mut ran_epochs = 0;
+    let first_step = trainer.steps();
+    // Lines on the terminal above the progress bar, or through `say` without one.
+    let mut tell = |line: &str| match &bar {
+        Some(pb) if !pb.is_hidden() => pb.println(line),
+        _ => say(line),
+    };
+    // Each kind of event is told this many times per invocation, then only counted.
+    const TOLD_PER_KIND: u64 = 10;
+    let mut told: BTreeMap<StepOutcome, u64> = BTreeMap::new();
 
     // The epochs run in a closure so that an allocation over the memory budget, wherever it
     // happens, ends the run as an `oom` crash with its summary written, like any other crash.
@@ -525,11 +611,22 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
             let skip = std::mem::take(&mut state.epoch_steps) as usize;
             let (mut loss_sum, mut loss_count) = (std::mem::take(&mut state.epoch_loss_sum), std::mem::take(&mut state.epoch_loss_count));
             let updates_before = trainer.updates();
+            let outcomes_before = trainer.outcomes().clone();
             for (bi, chunk) in order.chunks(cfg.train.batch_size).enumerate().skip(skip) {
                 let b = data::batch(&ds.train, chunk, DType::F32, &dev)?;
                 let r = trainer.step(b, bi + 1 == batches_per_epoch)?;
+                if let Some(line) = event_line(&r, epoch, &trainer) {
+                    let k = told.entry(r.outcome).or_default();
+                    *k += 1;
+                    if *k <= TOLD_PER_KIND {
+                        tell(&line);
+                    }
+                    if *k == TOLD_PER_KIND {
+                        tell(&format!("({TOLD_PER_KIND} {} events told: more are counted in the epoch lines only)", r.outcome));
+                    }
+                }
                 if let (Some(before), Some(after)) = (r.loss_scale, r.loss_scale_after) {
-                    warn_scale(before, after, &mut *say);
+                    warn_scale(before, after, &mut tell);
                 }
                 if let (true, Some(l)) = (r.outcome.backpropagated(), r.loss) {
                     loss_sum += l;
@@ -540,7 +637,14 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
                 records.push(rec);
                 if let Some(pb) = &bar {
                     pb.set_position(trainer.steps());
-                    pb.set_message(format!("epoch {} loss {:.4}", epoch + 1, if loss_count > 0 { loss_sum / loss_count as f64 } else { f64::NAN }));
+                    let rate = (trainer.steps() - first_step) as f64 / started.elapsed().as_secs_f64().max(1e-9);
+                    let val = state.last_val.map_or(String::new(), |v| format!("  last val {v:.4}"));
+                    pb.set_message(format!(
+                        "{rate:.2} steps/s  epoch {}/{}  loss {:.4}{val}",
+                        epoch + 1,
+                        cfg.train.epochs,
+                        if loss_count > 0 { loss_sum / loss_count as f64 } else { f64::NAN }
+                    ));
                 }
                 let failures = trainer.consecutive_failures();
                 if failures >= cfg.train.max_consecutive_failures {
@@ -586,17 +690,16 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
             log.write(&rec)?;
             log.sync()?;
             records.push(rec);
+            let events = event_counts(&outcomes_before, trainer.outcomes());
             let line = format!(
-                "epoch {:>3}/{}: train loss {train_loss:.5}  val loss {val:.5}  lr {:.2e}  ({:.0} s)",
+                "epoch {:>3}/{}: train loss {train_loss:.5}  val loss {val:.5}  lr {:.2e}  ({:.0} s){}",
                 epoch + 1,
                 cfg.train.epochs,
                 trainer.lr(),
-                started.elapsed().as_secs_f64()
+                started.elapsed().as_secs_f64(),
+                if events.is_empty() { String::new() } else { format!("  events: {events}") }
             );
-            match &bar {
-                Some(pb) if !pb.is_hidden() => pb.println(&line),
-                _ => say(&line),
-            }
+            tell(&line);
             state.trainer = trainer.state();
             state.good_optimizer_updates = None;
             state.wall_seconds = base_wall + started.elapsed().as_secs_f64();
@@ -609,6 +712,9 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
             }
             checkpoint::save(&last_path, &trainer, &state, false)?;
             trainer.mark_good();
+            if let Err(e) = write_csv(dir, &records) {
+                tell(&format!("warning: metrics.csv was not written: {e}"));
+            }
             if opts.stop_after_epochs.is_some_and(|k| ran_epochs >= k) {
                 break;
             }
@@ -669,6 +775,9 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
             Ok(m) => summary.metrics = m.map(|m| serde_json::to_value(m).unwrap_or_default()),
             Err(e) => say(&format!("warning: the final evaluation failed: {e}")),
         }
+    }
+    if let Err(e) = write_csv(dir, &records) {
+        say(&format!("warning: metrics.csv was not written: {e}"));
     }
     if let Err(e) = plots(dir, &records) {
         say(&format!("warning: the plots were not written: {e}"));

@@ -40,18 +40,70 @@ pub struct Series<'a> {
     pub color: RGBColor,
 }
 
-/// A line plot with a logarithmic y axis when `log_y` (non-positive and non-finite points dropped).
+/// Marks at points of a plot, e.g. where a failed run stopped or a step the guards acted on.
+pub struct Marks<'a> {
+    pub name: &'a str,
+    pub points: Vec<(f64, f64)>,
+    pub color: RGBColor,
+}
+
+/// A value with four significant digits, trailing zeros dropped.
+pub fn sig4(v: f64) -> String {
+    let trim = |t: String| if t.contains('.') { t.trim_end_matches('0').trim_end_matches('.').to_string() } else { t };
+    let a = v.abs();
+    if a == 0.0 || !v.is_finite() {
+        format!("{v}")
+    } else if (1e-3..1e5).contains(&a) {
+        let decimals = (3 - a.log10().floor() as i32).clamp(0, 6) as usize;
+        trim(format!("{v:.decimals$}"))
+    } else {
+        let t = format!("{v:.3e}");
+        let (m, e) = t.split_once('e').unwrap_or((&t, "0"));
+        format!("{}e{e}", trim(m.to_string()))
+    }
+}
+
+/// A tick label on an axis spanning [lo, hi]: as many digits as tell the ticks apart (at most
+/// four significant), trailing zeros dropped, scientific notation on an axis of very small or
+/// very large values, and "0" for what is zero at the axis's scale (not the -1.355e-20 that
+/// rounding leaves).
+pub fn tick(v: f64, lo: f64, hi: f64) -> String {
+    if !v.is_finite() {
+        return String::new();
+    }
+    let span = (hi - lo).abs();
+    let mag = lo.abs().max(hi.abs()).max(v.abs());
+    if v == 0.0 || v.abs() < span * 1e-9 {
+        return "0".into();
+    }
+    let trim = |t: String| if t.contains('.') { t.trim_end_matches('0').trim_end_matches('.').to_string() } else { t };
+    // Digits after the first significant one that the span needs: ticks a tenth of it apart.
+    let digits = |m: f64| if span > 0.0 { ((m / span).log10().ceil() + 1.0).clamp(0.0, 3.0) as usize } else { 3 };
+    if (1e-2..1e5).contains(&mag) {
+        let decimals = if span > 0.0 { ((-span.log10()).ceil() + 1.0).clamp(0.0, 6.0) as usize } else { 4 };
+        trim(format!("{v:.decimals$}"))
+    } else {
+        let d = digits(mag);
+        let t = format!("{v:.d$e}");
+        let (m, e) = t.split_once('e').unwrap_or((&t, "0"));
+        format!("{}e{e}", trim(m.to_string()))
+    }
+}
+
+/// A line plot with a logarithmic y axis when `log_y` and the values span at least a decade
+/// (non-positive and non-finite points dropped either way).
 pub fn lines(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series], log_y: bool) -> Result<()> {
     lines_marked(path, title, x_label, y_label, series, &[], log_y)
 }
 
-/// [`lines`] plus `marks`: a labelled red cross at each point (e.g. where a failed run stopped).
-pub fn lines_marked(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series], marks: &[(f64, f64)], log_y: bool) -> Result<()> {
+/// [`lines`] plus `marks`: a labelled cross at each of their points.
+pub fn lines_marked(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series], marks: &[Marks], log_y: bool) -> Result<()> {
     atomically(path, |target| {
         fonts();
         let e = plot_err(path);
         let keep = |p: &&(f64, f64)| p.0.is_finite() && p.1.is_finite() && (!log_y || p.1 > 0.0);
-        let pts: Vec<(f64, f64)> = series.iter().flat_map(|s| s.points.iter().filter(keep).copied()).chain(marks.iter().filter(keep).copied()).collect();
+        let pts: Vec<(f64, f64)> =
+            series.iter().flat_map(|s| s.points.iter().filter(keep).copied()).chain(marks.iter().flat_map(|m| m.points.iter().filter(keep).copied())).collect();
         let root = BitMapBackend::new(target, (900, 500)).into_drawing_area();
         root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
         if pts.is_empty() {
@@ -71,8 +123,10 @@ pub fn lines_marked(path: &Path, title: &str, x_label: &str, y_label: &str, seri
                     .configure_mesh()
                     .x_desc(x_label)
                     .y_desc(y_label)
-                    .x_label_formatter(&|v| format!("{v:.0}"))
-                    .y_label_formatter(&|v| format!("{v:.3e}"))
+                    .x_labels(8)
+                    .y_labels(8)
+                    .x_label_formatter(&|v| tick(*v, x0, x1))
+                    .y_label_formatter(&|v| tick(*v, y0, y1))
                     .label_style(("sans-serif", 14))
                     .draw()
                     .map_err(|x| e(x.to_string()))?;
@@ -88,14 +142,17 @@ pub fn lines_marked(path: &Path, title: &str, x_label: &str, y_label: &str, seri
                         .label(s.name)
                         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
                 }
-                let marked: Vec<(f64, f64)> = marks.iter().filter(keep).copied().collect();
-                if !marked.is_empty() {
-                    let red = RGBColor(214, 39, 40);
+                for m in marks {
+                    let marked: Vec<(f64, f64)> = m.points.iter().filter(keep).copied().collect();
+                    if marked.is_empty() {
+                        continue;
+                    }
+                    let color = m.color;
                     chart
-                        .draw_series(marked.iter().map(|&p| Cross::new(p, 8, red.stroke_width(3))))
+                        .draw_series(marked.iter().map(|&p| Cross::new(p, 8, color.stroke_width(3))))
                         .map_err(|x| e(x.to_string()))?
-                        .label("failed run (where it stopped)")
-                        .legend(move |(x, y)| Cross::new((x + 10, y), 6, red.stroke_width(3)));
+                        .label(format!("{} ({})", m.name, marked.len()))
+                        .legend(move |(x, y)| Cross::new((x + 10, y), 6, color.stroke_width(3)));
                 }
                 chart
                     .configure_series_labels()
@@ -106,8 +163,12 @@ pub fn lines_marked(path: &Path, title: &str, x_label: &str, y_label: &str, seri
                     .map_err(|x| e(x.to_string()))?;
             }};
         }
-        if log_y {
-            draw!(b.build_cartesian_2d(x0..x1, (y0 * 0.9..y1 * 1.1).log_scale()).map_err(|x| e(x.to_string()))?);
+        // A log axis only where the values span a decade or more: within less, it has no ticks.
+        if log_y && y1 >= 10.0 * y0 {
+            // A margin of a tenth of the range's decades on each side, so that no line touches
+            // the frame.
+            let pad = 10f64.powf(0.1 * (y1.log10() - y0.log10()).max(0.1));
+            draw!(b.build_cartesian_2d(x0..x1, (y0 / pad..y1 * pad).log_scale()).map_err(|x| e(x.to_string()))?);
         } else {
             let pad = 0.05 * (y1 - y0);
             draw!(b.build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad)).map_err(|x| e(x.to_string()))?);
@@ -157,36 +218,107 @@ pub fn bars(path: &Path, title: &str, y_label: &str, bars: &[(String, f64, Strin
     })
 }
 
-/// Images side by side in grey levels, each scaled to its own [min, max], with titles.
-pub fn images(path: &Path, title: &str, panels: &[(&str, &Canvas)]) -> Result<()> {
+/// One image of [`image_grid`].
+pub struct Panel<'a> {
+    pub name: String,
+    pub image: &'a Canvas,
+    /// The values mapped to black and white; None: the image's own [min, max].
+    pub range: Option<(f64, f64)>,
+    /// A blue-white-red scale (for signed errors) instead of grey levels.
+    pub diverging: bool,
+}
+
+impl<'a> Panel<'a> {
+    pub fn new(name: impl Into<String>, image: &'a Canvas, range: Option<(f64, f64)>) -> Panel<'a> {
+        Panel { name: name.into(), image, range, diverging: false }
+    }
+}
+
+/// The [min, max] of the finite values of several images (a shared colour range).
+pub fn range_of(images: &[&Canvas]) -> Option<(f64, f64)> {
+    let (lo, hi) = images.iter().flat_map(|c| c.data.iter()).filter(|v| v.is_finite()).fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+    (lo <= hi).then_some((lo, hi))
+}
+
+/// A panel's label: its name and the values its colours span.
+fn panel_label(p: &Panel) -> (String, (f64, f64)) {
+    let (lo, hi) = p.range.or_else(|| range_of(&[p.image])).unwrap_or((0.0, 1.0));
+    (format!("{} [{}, {}]", p.name, sig4(lo), sig4(hi)), (lo, hi))
+}
+
+/// Rows of images, each labelled with the range its colours span, under a title (lines
+/// separated by '\n').
+pub fn image_grid(path: &Path, title: &str, rows: &[Vec<Panel>]) -> Result<()> {
     atomically(path, |target| {
         fonts();
         let e = plot_err(path);
-        let scale = 2u32;
-        let w: u32 = panels.iter().map(|(_, c)| c.cols as u32 * scale + 20).sum::<u32>() + 20;
-        let h: u32 = panels.iter().map(|(_, c)| c.rows as u32 * scale).max().unwrap_or(0) + 90;
-        let root = BitMapBackend::new(target, (w.max(200), h.max(120))).into_drawing_area();
+        let largest = rows.iter().flatten().map(|p| p.image.rows.max(p.image.cols)).max().unwrap_or(1).max(1);
+        // Small patches are drawn larger; a panel is as wide as its label (about 7.5 pixels a
+        // character at 14 points).
+        let scale = (256 / largest).clamp(1, 8) as u32;
+        let text_w = |t: &str, pt: f64| (t.chars().count() as f64 * pt * 0.55) as u32;
+        let cell_w = |p: &Panel| (p.image.cols as u32 * scale).max(text_w(&panel_label(p).0, 14.0)) + 20;
+        let lines: Vec<&str> = title.lines().collect();
+        let title_w = lines.iter().map(|l| text_w(l, 18.0)).max().unwrap_or(0);
+        let w: u32 = rows.iter().map(|r| r.iter().map(cell_w).sum::<u32>()).max().unwrap_or(0).max(title_w) + 40;
+        let row_h = |r: &Vec<Panel>| r.iter().map(|p| p.image.rows as u32 * scale).max().unwrap_or(0) + 40;
+        let top = 16 + 24 * lines.len() as u32;
+        let h: u32 = rows.iter().map(row_h).sum::<u32>() + top;
+        let root = BitMapBackend::new(target, (w.max(300), h.max(120))).into_drawing_area();
         root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
-        root.draw(&Text::new(title.to_string(), (20, 10), ("sans-serif", 20))).map_err(|x| e(x.to_string()))?;
-        let mut x0 = 20i32;
-        for (name, c) in panels {
-            let (lo, hi) = c.data.iter().filter(|v| v.is_finite()).fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
-            let span = if hi > lo { hi - lo } else { 1.0 };
-            root.draw(&Text::new(format!("{name} [{lo:.3}, {hi:.3}]"), (x0, 40), ("sans-serif", 14))).map_err(|x| e(x.to_string()))?;
-            for r in 0..c.rows {
-                for col in 0..c.cols {
-                    let v = c.data[r * c.cols + col];
-                    let g = if v.is_finite() { (((v - lo) / span) * 255.0).round().clamp(0.0, 255.0) as u8 } else { 0 };
-                    let px = RGBColor(g, g, g);
-                    for dy in 0..scale {
-                        for dx in 0..scale {
-                            root.draw_pixel((x0 + (col as u32 * scale + dx) as i32, 65 + (r as u32 * scale + dy) as i32), &px).map_err(|x| e(x.to_string()))?;
-                        }
+        for (i, l) in lines.iter().enumerate() {
+            root.draw(&Text::new(l.to_string(), (20, 10 + 24 * i as i32), ("sans-serif", 18))).map_err(|x| e(x.to_string()))?;
+        }
+        let mut y0 = top as i32;
+        for row in rows {
+            let mut x0 = 20i32;
+            for p in row {
+                let c = p.image;
+                let (label, (lo, hi)) = panel_label(p);
+                let span = if hi > lo { hi - lo } else { 1.0 };
+                root.draw(&Text::new(label, (x0, y0), ("sans-serif", 14))).map_err(|x| e(x.to_string()))?;
+                for r in 0..c.rows {
+                    for col in 0..c.cols {
+                        let v = c.data[r * c.cols + col];
+                        let t = if v.is_finite() { ((v - lo) / span).clamp(0.0, 1.0) } else { 0.0 };
+                        let px = if p.diverging {
+                            // Blue at 0, white at 0.5, red at 1.
+                            let fade = |u: f64| (255.0 * u).round() as u8;
+                            if t < 0.5 {
+                                RGBColor(fade(2.0 * t), fade(2.0 * t), 255)
+                            } else {
+                                RGBColor(255, fade(2.0 - 2.0 * t), fade(2.0 - 2.0 * t))
+                            }
+                        } else {
+                            let g = (t * 255.0).round() as u8;
+                            RGBColor(g, g, g)
+                        };
+                        let (px0, py0) = (x0 + (col as u32 * scale) as i32, y0 + 22 + (r as u32 * scale) as i32);
+                        root.draw(&Rectangle::new([(px0, py0), (px0 + scale as i32, py0 + scale as i32)], px.filled())).map_err(|x| e(x.to_string()))?;
                     }
                 }
+                x0 += cell_w(p) as i32;
             }
-            x0 += c.cols as i32 * scale as i32 + 20;
+            y0 += row_h(row) as i32;
         }
         root.present().map_err(|x| e(x.to_string()))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{sig4, tick};
+
+    #[test]
+    fn ticks_are_short_and_zero_is_zero() {
+        assert_eq!(tick(-1.355e-20, 0.0, 1e-3), "0");
+        assert_eq!(tick(1e-3, 5e-4, 1e-3), "1e-3");
+        assert_eq!(tick(7.5e-4, 5e-4, 1e-3), "7.5e-4");
+        assert_eq!(tick(0.885, 0.88, 0.93), "0.885");
+        assert_eq!(tick(10.0, 0.0, 24.0), "10");
+        assert_eq!(tick(150000.0, 0.0, 200000.0), "1.5e5");
+        assert_eq!(sig4(3.15432), "3.154");
+        assert_eq!(sig4(-0.2697), "-0.2697");
+        assert_eq!(sig4(1.25e-5), "1.25e-5");
+    }
 }

@@ -129,6 +129,8 @@ pub struct StepReport {
     /// fp16: the loss scale the step ran with, and after it.
     pub loss_scale: Option<f64>,
     pub loss_scale_after: Option<f64>,
+    /// A spike: the mean of the recent losses its loss was compared with.
+    pub spike_reference: Option<f64>,
 }
 
 impl StepReport {
@@ -140,6 +142,9 @@ impl StepReport {
         }
         if let Some(l) = self.loss {
             rec["loss"] = json!(l);
+        }
+        if let Some(m) = self.spike_reference {
+            rec["spike_reference"] = json!(m);
         }
         if let Some(c) = self.clip {
             rec["grad_norm"] = json!(c.norm_before);
@@ -177,8 +182,18 @@ impl SpikeGuard {
     }
 
     pub fn is_spike(&self, loss: f64) -> bool {
+        self.reference().is_some_and(|m| loss > self.factor * m)
+    }
+
+    /// The mean a loss is compared with, once the window holds enough losses.
+    pub fn reference(&self) -> Option<f64> {
         let w = &self.window;
-        w.len() >= 3.min(self.len) && loss > self.factor * w.iter().sum::<f64>() / w.len() as f64
+        (w.len() >= 3.min(self.len) && !w.is_empty()).then(|| w.iter().sum::<f64>() / w.len() as f64)
+    }
+
+    /// A spike is a loss over this many times [`SpikeGuard::reference`].
+    pub fn factor(&self) -> f64 {
+        self.factor
     }
 
     /// Takes `loss` into the window.
@@ -340,6 +355,11 @@ impl Trainer {
     }
 
     /// The main loss's objective (no auxiliary term): what validation measures.
+    /// A loss over this many times the recent mean is a spike (`train.spike_factor`).
+    pub fn spike_factor(&self) -> f64 {
+        self.guard.factor()
+    }
+
     pub fn objective(&self) -> Objective<'_> {
         Objective { loss: &self.loss, scaled_probe: &self.probe, aux_weight: 0.0 }
     }
@@ -449,7 +469,16 @@ impl Trainer {
         let step = self.steps;
         self.steps += 1;
         let scale = self.scaler.as_ref().map(|s| s.scale());
-        let mut report = StepReport { step, outcome: StepOutcome::Ok, lr: self.lr(), loss: None, clip: None, loss_scale: scale, loss_scale_after: scale };
+        let mut report = StepReport {
+            step,
+            outcome: StepOutcome::Ok,
+            lr: self.lr(),
+            loss: None,
+            clip: None,
+            loss_scale: scale,
+            loss_scale_after: scale,
+            spike_reference: None,
+        };
         if self.faults.nan_input_steps.contains(&step) {
             batch.diffraction = Tensor::full(f64::NAN, batch.diffraction.shape().clone(), batch.diffraction.dtype(), batch.diffraction.device())?;
         }
@@ -486,6 +515,7 @@ impl Trainer {
             }
             let spike = self.guard.is_spike(lv);
             if spike {
+                report.spike_reference = self.guard.reference();
                 match self.guard.action() {
                     SpikeAction::Log => {}
                     SpikeAction::Skip => return Ok(StepOutcome::SpikeSkipped),

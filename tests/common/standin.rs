@@ -192,8 +192,11 @@ fn run(cmd: &mut Command) -> Result<(), String> {
     }
 }
 
-/// Builds the stand-in (once per source tree), returning its directory.
+/// Builds the stand-in (once per source tree), returning its directory. One build at a time in
+/// a process: two tests of one binary would otherwise share (and remove) one temporary directory.
 fn build() -> Result<PathBuf, String> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _only = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let files = sources(&root);
