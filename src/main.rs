@@ -132,7 +132,7 @@ struct SweepArgs {
 #[derive(Subcommand)]
 enum Command {
     /// Train the generator: simulate or load the data, train, evaluate, write the run directory.
-    /// Without --config or --preset it uses the `cpu` preset (`study` with --device cuda); with
+    /// Without --config or --preset it uses the `cpu` preset (`study` on a GPU); with
     /// --resume, the run's own config.toml (flags and --set apply on top: --set train.epochs=N
     /// extends a run).
     #[command(after_help = "Exit status: 0 finished (or stopped by --stop-after-epochs); 1 error (bad input, unreadable file, \
@@ -144,7 +144,7 @@ a directory in use); 3 crashed on non-finite values; 4 crashed on repeated loss 
         /// Run directory (default: runs/depth<D>-<preset or config name>, never overwritten).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Continue the run in --out from its last checkpoint, exactly where it stopped.
+        /// Continue the run in --out from its newest checkpoint that loads, exactly where it stopped.
         #[arg(long, requires = "out")]
         resume: bool,
         /// Stop after this many epochs of this invocation (resume later with --resume).
@@ -181,7 +181,7 @@ a directory in use); 3 crashed on non-finite values; 4 crashed on repeated loss 
     },
     /// Print the generator's levels (resolution, width, kept modes, parameters, bytes) and total.
     /// Without --config or --preset it describes the `cpu` preset's model, as `fnokern train`
-    /// trains it (`study` with --device cuda).
+    /// trains it (`study` on a GPU).
     Model {
         #[command(flatten)]
         cfg: ConfigArgs,
@@ -189,8 +189,9 @@ a directory in use); 3 crashed on non-finite values; 4 crashed on repeated loss 
         #[arg(long)]
         save_weights: Option<PathBuf>,
     },
-    /// Simulate the grid-lines data set (or read it from the cache, or from the configured NPZ
-    /// files) and print what it holds.
+    /// Simulate the grid-lines data set into data.cache_dir (default ./data-cache), or read it
+    /// from there or from the configured NPZ files, and print what it holds and where. Without
+    /// --config or --preset: the `cpu` preset's data, as `fnokern train` uses them.
     Data {
         #[command(flatten)]
         cfg: ConfigArgs,
@@ -241,7 +242,8 @@ a directory in use); 3 crashed on non-finite values; 4 crashed on repeated loss 
     },
     /// Plan the memory of one training step on the meta device: per level, parameters,
     /// gradients, optimizer state and the activations kept, and the peak with and without
-    /// activation checkpointing (--mem-limit adds a fits / exceeds verdict).
+    /// activation checkpointing (--mem-limit adds a fits / exceeds verdict). Without --config or
+    /// --preset: the `cpu` preset's step (`study` with --device cuda).
     Plan {
         #[command(flatten)]
         cfg: ConfigArgs,
@@ -564,9 +566,9 @@ fn data(args: &ConfigArgs, export: Option<&std::path::Path>) -> fnokern::Result<
     let how = if cfg.data.npz.is_some() {
         "read from the NPZ files".to_string()
     } else if ds.from_cache {
-        format!("read from the cache, {:.1} MB on disk (data.cache_dir)", size as f64 / 1e6)
+        format!("read from the cache, {:.1} MiB on disk (data.cache_dir)", size as f64 / 1048576.0)
     } else {
-        format!("simulated and cached there: {:.1} MB written (data.cache_dir)", size as f64 / 1e6)
+        format!("simulated and cached there: {:.1} MiB written (data.cache_dir)", size as f64 / 1048576.0)
     };
     println!("source: {} ({how}; {:.1} s)", ds.source, start.elapsed().as_secs_f64());
     if let Some(dir) = export {

@@ -83,14 +83,30 @@ fn npz_round_trip_and_bad_files() {
     std::fs::write(d.join("junk.npz"), b"definitely not a zip").unwrap();
     let junk = npz::load(&d.join("junk.npz")).unwrap_err().to_string();
     assert!(junk.contains("junk.npz") && junk.contains("not an NPZ"), "{junk}");
-    // A file without Y_phi.
-    let mut partial = ds.test.clone();
-    partial.y_phi.clear();
-    partial.n = 16;
+    // A file without Y_phi: refused for training, and loads for a prediction (which needs only
+    // the diffraction).
+    let t = &ds.test;
+    let (count, n) = (t.len() as u64, t.n as u64);
     let p2 = d.join("partial.npz");
-    npz::save(&p2, &partial).ok();
+    npz::save_arrays(
+        &p2,
+        &[
+            npz::Array::F32("diffraction", vec![count, n, n], &t.diffraction),
+            npz::Array::F32("Y_I", vec![count, n, n], &t.y_i),
+            npz::Array::C64("probeGuess", vec![n, n], &t.probe),
+        ],
+    )
+    .unwrap();
     let err = npz::load(&p2).unwrap_err().to_string();
-    assert!(err.contains("Y_phi"), "{err}");
+    assert!(err.contains("`Y_phi` is missing"), "{err}");
+    let inputs = npz::load_inputs(&p2).unwrap();
+    assert_eq!((inputs.diffraction.len(), inputs.y_phi.len(), inputs.has_targets()), (t.diffraction.len(), 0, false));
+    // An inconsistent split is not written at all (no partial file left behind).
+    let mut bad = ds.test.clone();
+    bad.y_phi.pop();
+    let p3 = d.join("inconsistent.npz");
+    assert!(npz::save(&p3, &bad).is_err());
+    assert!(!p3.exists() && std::fs::read_dir(&d).unwrap().flatten().all(|e| !e.file_name().to_string_lossy().contains(".tmp")));
     // The configured NPZ path must exist, and both splits are needed.
     let mut cfg = small(&d, 2);
     cfg.npz = Some(d.join("copy.npz"));

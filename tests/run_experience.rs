@@ -28,8 +28,14 @@ fn a_rollback_is_told_counted_logged_and_marked() {
     cfg.faults.spike_scale = 100.0;
     let c = write_config(&root, &cfg);
     let dir = root.join("run");
-    let (ok, out, err) = run(&["train", "--config", c.to_str().unwrap(), "--out", dir.to_str().unwrap()]);
+    let (ok, out, err) = run(&["train", "--config", c.to_str().unwrap(), "--out", dir.to_str().unwrap(), "--device", "auto"]);
     assert!(ok, "{err}");
+    // `auto` says what it chose: here the CPU unless a real GPU is there.
+    let auto = out.lines().find(|l| l.starts_with("device auto: ")).unwrap_or_else(|| panic!("{out}"));
+    assert!(auto.starts_with("device auto: cuda:0") || auto.starts_with("device auto: cpu ("), "{auto}");
+    if !common::standin::real_gpu_present() {
+        assert!(auto.starts_with("device auto: cpu ("), "{auto}");
+    }
     let told: Vec<&str> = out.lines().filter(|l| l.starts_with("step ")).collect();
     assert_eq!(told.len(), 1, "{out}");
     assert!(told[0].starts_with("step 9 (epoch 2): loss spike") && told[0].contains("rolled back to the weights of epoch 1's end"), "{out}");

@@ -34,7 +34,7 @@ impl NpzSplit {
     /// Whether the split holds the per-pattern targets and the probe (a file loaded by
     /// [`load_inputs`] may hold only the diffraction).
     pub fn has_targets(&self) -> bool {
-        !self.y_i.is_empty() && !self.probe.is_empty()
+        !self.y_i.is_empty() && !self.y_phi.is_empty() && !self.probe.is_empty()
     }
 
     pub fn len(&self) -> usize {

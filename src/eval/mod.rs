@@ -1,6 +1,6 @@
 //! Evaluation: stitch test patches into the object canvas, align, and score.
 //!
-//! Stitching (shared/REFERENCE.md section 3): the central s x s region of each test patch (s the
+//! Stitching (the reference study's): the central s x s region of each test patch (s the
 //! test stride) is placed at its centre in the canvas of the split's first object. Amplitude is
 //! rescaled by mean(GT) / mean(pred); from each phase a least-squares plane a + b r + c c is removed
 //! and the result wrapped to [-pi, pi).

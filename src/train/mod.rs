@@ -580,7 +580,8 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
     let bar = if opts.progress {
         let pb = indicatif::ProgressBar::new(total_steps);
         pb.set_style(
-            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  eta {eta}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template("{pos}/{len} steps  {msg}  eta {eta} {wide_bar}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         pb.set_position(trainer.steps());
         Some(pb)
@@ -638,7 +639,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
                 if let Some(pb) = &bar {
                     pb.set_position(trainer.steps());
                     let rate = (trainer.steps() - first_step) as f64 / started.elapsed().as_secs_f64().max(1e-9);
-                    let val = state.last_val.map_or(String::new(), |v| format!("  last val {v:.4}"));
+                    let val = state.last_val.map_or(String::new(), |v| format!("  val {v:.4}"));
                     pb.set_message(format!(
                         "{rate:.2} steps/s  epoch {}/{}  loss {:.4}{val}",
                         epoch + 1,

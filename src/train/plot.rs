@@ -114,6 +114,8 @@ pub fn lines_marked(path: &Path, title: &str, x_label: &str, y_label: &str, seri
         let (y0, y1) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
         let x1 = if x1 > x0 { x1 } else { x0 + 1.0 };
         let (y0, y1) = if y1 > y0 { (y0, y1) } else { (y0 - 0.5 * y0.abs().max(1e-12), y1 + 0.5 * y1.abs().max(1e-12)) };
+        // A log axis only where the values span a decade or more: within less, it has no ticks.
+        let log_axis = log_y && y1 >= 10.0 * y0;
         let mut b = ChartBuilder::on(&root);
         b.caption(title, ("sans-serif", 22)).margin(12).x_label_area_size(40).y_label_area_size(80);
         macro_rules! draw {
@@ -126,7 +128,8 @@ pub fn lines_marked(path: &Path, title: &str, x_label: &str, y_label: &str, seri
                     .x_labels(8)
                     .y_labels(8)
                     .x_label_formatter(&|v| tick(*v, x0, x1))
-                    .y_label_formatter(&|v| tick(*v, y0, y1))
+                    // A log axis's ticks are decades apart: each shows its own digits.
+                    .y_label_formatter(&|v| if log_axis { sig4(*v) } else { tick(*v, y0, y1) })
                     .label_style(("sans-serif", 14))
                     .draw()
                     .map_err(|x| e(x.to_string()))?;
@@ -136,8 +139,11 @@ pub fn lines_marked(path: &Path, title: &str, x_label: &str, y_label: &str, seri
                     if data.len() < 40 {
                         chart.draw_series(data.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(|x| e(x.to_string()))?;
                     }
+                    // A dense noisy series drawn wider than a pixel gets miter spikes that leave
+                    // the frame (plotters issue #549): one pixel there.
+                    let width = if data.len() > 200 { 1 } else { 2 };
                     chart
-                        .draw_series(LineSeries::new(data, color.stroke_width(2)))
+                        .draw_series(LineSeries::new(data, color.stroke_width(width)))
                         .map_err(|x| e(x.to_string()))?
                         .label(s.name)
                         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
@@ -156,6 +162,7 @@ pub fn lines_marked(path: &Path, title: &str, x_label: &str, y_label: &str, seri
                 }
                 chart
                     .configure_series_labels()
+                    .position(SeriesLabelPosition::UpperRight)
                     .background_style(WHITE.mix(0.8))
                     .border_style(BLACK)
                     .label_font(("sans-serif", 14))
@@ -163,8 +170,7 @@ pub fn lines_marked(path: &Path, title: &str, x_label: &str, y_label: &str, seri
                     .map_err(|x| e(x.to_string()))?;
             }};
         }
-        // A log axis only where the values span a decade or more: within less, it has no ticks.
-        if log_y && y1 >= 10.0 * y0 {
+        if log_axis {
             // A margin of a tenth of the range's decades on each side, so that no line touches
             // the frame.
             let pad = 10f64.powf(0.1 * (y1.log10() - y0.log10()).max(0.1));
@@ -255,12 +261,15 @@ pub fn image_grid(path: &Path, title: &str, rows: &[Vec<Panel>]) -> Result<()> {
         let largest = rows.iter().flatten().map(|p| p.image.rows.max(p.image.cols)).max().unwrap_or(1).max(1);
         // Small patches are drawn larger; a panel is as wide as its label (about 7.5 pixels a
         // character at 14 points).
-        let scale = (256 / largest).clamp(1, 8) as u32;
+        let scale = (320 / largest).clamp(1, 8) as u32;
         let text_w = |t: &str, pt: f64| (t.chars().count() as f64 * pt * 0.55) as u32;
         let cell_w = |p: &Panel| (p.image.cols as u32 * scale).max(text_w(&panel_label(p).0, 14.0)) + 20;
         let lines: Vec<&str> = title.lines().collect();
         let title_w = lines.iter().map(|l| text_w(l, 18.0)).max().unwrap_or(0);
-        let w: u32 = rows.iter().map(|r| r.iter().map(cell_w).sum::<u32>()).max().unwrap_or(0).max(title_w) + 40;
+        // Columns line up: each as wide as its widest panel.
+        let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+        let col_w: Vec<u32> = (0..columns).map(|j| rows.iter().filter_map(|r| r.get(j)).map(cell_w).max().unwrap_or(0)).collect();
+        let w: u32 = col_w.iter().sum::<u32>().max(title_w) + 40;
         let row_h = |r: &Vec<Panel>| r.iter().map(|p| p.image.rows as u32 * scale).max().unwrap_or(0) + 40;
         let top = 16 + 24 * lines.len() as u32;
         let h: u32 = rows.iter().map(row_h).sum::<u32>() + top;
@@ -272,7 +281,7 @@ pub fn image_grid(path: &Path, title: &str, rows: &[Vec<Panel>]) -> Result<()> {
         let mut y0 = top as i32;
         for row in rows {
             let mut x0 = 20i32;
-            for p in row {
+            for (j, p) in row.iter().enumerate() {
                 let c = p.image;
                 let (label, (lo, hi)) = panel_label(p);
                 let span = if hi > lo { hi - lo } else { 1.0 };
@@ -297,7 +306,7 @@ pub fn image_grid(path: &Path, title: &str, rows: &[Vec<Panel>]) -> Result<()> {
                         root.draw(&Rectangle::new([(px0, py0), (px0 + scale as i32, py0 + scale as i32)], px.filled())).map_err(|x| e(x.to_string()))?;
                     }
                 }
-                x0 += cell_w(p) as i32;
+                x0 += col_w[j] as i32;
             }
             y0 += row_h(row) as i32;
         }
