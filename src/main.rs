@@ -257,6 +257,16 @@ a directory in use); 3 crashed on non-finite values; 4 crashed on repeated loss 
         #[arg(long)]
         checkpoint: Option<String>,
     },
+    /// Time the trainer's step (forward, loss, guards, backward, clipping, update: the step
+    /// `fnokern train` runs) in its steady state, on --device (default cpu): the median and the
+    /// fastest of --steps steps, in milliseconds. Without --config or --preset: the `cpu` preset.
+    BenchStep {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Steps to time (after the steady state's warm-up updates).
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+    },
     /// Print the build (CUDA kernels embedded or not, nvcc, targets) and the devices.
     Info,
     /// Check every differentiable op's gradient against central finite differences (f64, CPU).
@@ -283,6 +293,7 @@ fn main() -> ExitCode {
         Command::Data { cfg, export } => ok(data(&cfg, export.as_deref())),
         Command::CrashHunt { cfg, depths, arm, sweep: sw } => ok(sweep(fnokern::experiments::SweepKind::CrashHunt, cfg, None, depths, vec![arm], sw)),
         Command::Plan { cfg, batch, n, checkpoint } => ok(plan(&cfg, batch, n, checkpoint)),
+        Command::BenchStep { cfg, steps } => ok(bench_step(&cfg, steps)),
         Command::Shootout { cfg, arms, sweep: sw } => ok(sweep(fnokern::experiments::SweepKind::Shootout, cfg.src, cfg.depth, Vec::new(), arms, sw)),
     };
     match result {
@@ -502,6 +513,36 @@ fn sweep(
         }
     }
     println!("wrote {}/report.md, results.json, p_crash.png, val_curves.png ({} runs this time, {} kept)", out.display(), o.ran, o.reused);
+    Ok(())
+}
+
+fn bench_step(args: &ConfigArgs, steps: usize) -> fnokern::Result<()> {
+    if steps == 0 {
+        return Err(fnokern::Error::InvalidArgument { op: "bench-step", why: "--steps must be at least 1".into() });
+    }
+    let cfg = args.resolve()?;
+    let dev = fnokern::Device::of_kind(cfg.train.device_kind()?)?;
+    let mut s = fnokern::plan::SteadyState::new(&cfg, &dev)?;
+    let mut ms = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        let t = std::time::Instant::now();
+        s.trainer.step(s.batch.clone(), true)?;
+        if dev.kind().is_gpu() {
+            dev.synchronize()?;
+        }
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(f64::total_cmp);
+    println!(
+        "step: median {:.2} ms, fastest {:.2} ms over {steps} steps ({} parameters, batch {}, N {}, {}, {} threads)",
+        ms[steps / 2],
+        ms[0],
+        s.trainer.model().num_params(),
+        cfg.train.batch_size,
+        cfg.data.n,
+        dev.kind(),
+        rayon::current_num_threads()
+    );
     Ok(())
 }
 

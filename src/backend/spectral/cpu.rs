@@ -1,5 +1,9 @@
-//! The spectral mode mix on the CPU: one task per output plane ((b, o) for the forward, (b, i) for
-//! dX) or weight block ((i, o) for dW, the batch summed in order inside it).
+//! The spectral mode mix on the CPU: per kept mode (row, col), one complex GEMM over the batch
+//! (forward: Y[B, Co] = X[B, Ci] W[Ci, Co]; dX[B, Ci] = dY[B, Co] conj(W)^T; dW[Ci, Co] =
+//! conj(X)^T[Ci, B] dY[B, Co]), each as four real GEMMs on strided views of the interleaved
+//! (re, im) data, so nothing is copied or conjugated beforehand. The modes run in parallel: each
+//! writes only its own entries, with a fixed sequence of GEMMs, so the result does not depend on
+//! the number of threads.
 
 use rayon::prelude::*;
 
@@ -7,13 +11,9 @@ use crate::backend::cpu::{with_float, Float};
 use crate::error::Result;
 use crate::tensor::Tensor;
 
-#[inline]
-fn cmul<T: Float>(a: (T, T), b: (T, T)) -> (T, T) {
-    (a.0 * b.0 - a.1 * b.1, a.0 * b.1 + a.1 * b.0)
-}
-
 /// Sizes of a spectral mix: spectra [B, C_x, H, Wh, 2], weight [Ci, Co, R, My, 2].
 struct MixDims {
+    b: usize,
     h: usize,
     wh: usize,
     ci: usize,
@@ -24,40 +24,88 @@ struct MixDims {
 
 impl MixDims {
     fn new(spec: &[usize], w: &[usize]) -> Self {
-        MixDims { h: spec[2], wh: spec[3], ci: w[0], co: w[1], r: w[2], my: w[3] }
+        MixDims { b: spec[0], h: spec[2], wh: spec[3], ci: w[0], co: w[1], r: w[2], my: w[3] }
     }
+    /// Complex elements between two channels of a spectrum.
     fn plane(&self) -> usize {
-        self.h * self.wh * 2
+        self.h * self.wh
     }
-    /// Index (of the re part) of mode (row, col) inside a spectrum plane.
-    fn at(&self, row: usize, c: usize) -> usize {
-        2 * (row * self.wh + c)
+    /// Complex elements between two output channels of the weight.
+    fn block(&self) -> usize {
+        self.r * self.my
     }
-    /// Index (of the re part) of W[i, o, r, c].
-    fn w_at(&self, i: usize, o: usize, r: usize, c: usize) -> usize {
-        2 * (((i * self.co + o) * self.r + r) * self.my + c)
+}
+
+/// A strided complex matrix inside a buffer of interleaved (re, im) values: the complex index of
+/// element (0, 0), and the row and column strides, in complex elements.
+#[derive(Clone, Copy)]
+struct View {
+    at: usize,
+    rs: usize,
+    cs: usize,
+    /// Use the conjugate.
+    conj: bool,
+}
+
+/// A pointer the modes' tasks share; each writes a disjoint set of entries through it.
+#[derive(Clone, Copy)]
+struct Shared<T>(*mut T);
+// SAFETY: the tasks write disjoint entries (one mode each) and read nothing through it.
+unsafe impl<T> Send for Shared<T> {}
+unsafe impl<T> Sync for Shared<T> {}
+
+impl<T> Shared<T> {
+    /// The pointer (a method, so that a closure captures the whole `Shared`, not its field).
+    fn ptr(self) -> *mut T {
+        self.0
     }
+}
+
+/// C[m, n] = A[m, k] B[k, n] for complex strided views (conjugated as the views say), as four
+/// real GEMMs: Cr = Ar Br - sa sb Ai Bi, Ci = sb Ar Bi + sa Ai Br (s = -1 for a conjugate).
+///
+/// # Safety
+/// Every element the views reach lies inside its buffer (2 * index + 1 < len), and no other
+/// thread touches C's entries meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn cgemm<T: Float>(m: usize, k: usize, n: usize, a: *const T, av: View, b: *const T, bv: View, c: *mut T, cv: View) {
+    let sign = |conj: bool| if conj { -T::one() } else { T::one() };
+    let (sa, sb) = (sign(av.conj), sign(bv.conj));
+    let part = |p: *const T, v: View, im: usize| (p.add(2 * v.at + im), 2 * v.rs as isize, 2 * v.cs as isize);
+    let (ar, ars, acs) = part(a, av, 0);
+    let (ai, _, _) = part(a, av, 1);
+    let (br, brs, bcs) = part(b, bv, 0);
+    let (bi, _, _) = part(b, bv, 1);
+    let (cr, crs, ccs) = (c.add(2 * cv.at), 2 * cv.rs as isize, 2 * cv.cs as isize);
+    let ci = c.add(2 * cv.at + 1);
+    let zero = T::zero();
+    T::gemm_raw(m, k, n, T::one(), ar, ars, acs, br, brs, bcs, zero, cr, crs, ccs);
+    T::gemm_raw(m, k, n, -(sa * sb), ai, ars, acs, bi, brs, bcs, T::one(), cr, crs, ccs);
+    T::gemm_raw(m, k, n, sb, ar, ars, acs, bi, brs, bcs, zero, ci, crs, ccs);
+    T::gemm_raw(m, k, n, sa, ai, ars, acs, br, brs, bcs, T::one(), ci, crs, ccs);
+}
+
+/// Runs `each(r, row, col)` for every kept mode, in parallel.
+fn for_modes(m: &MixDims, rows: &[usize], each: impl Fn(usize, usize, usize) + Sync) {
+    (0..rows.len() * m.my).into_par_iter().for_each(|mode| {
+        let (r, col) = (mode / m.my, mode % m.my);
+        each(r, rows[r], col)
+    });
 }
 
 pub(super) fn mix_fwd(xh: &Tensor, w: &Tensor, rows: &[usize], y: &mut Tensor) -> Result<()> {
     let m = MixDims::new(xh.dims(), w.dims());
     with_float!(xh.dtype(), "spectral_mix_fwd", |T| {
         let (xs, ws) = (xh.as_slice::<T>()?, w.as_slice::<T>()?);
-        let plane = m.plane();
-        // One task per (b, o) output plane.
-        y.as_mut_slice::<T>()?.par_chunks_mut(plane).enumerate().for_each(|(bo, yp)| {
-            let (b, o) = (bo / m.co, bo % m.co);
-            for i in 0..m.ci {
-                let xp = &xs[(b * m.ci + i) * plane..(b * m.ci + i + 1) * plane];
-                for (r, &row) in rows.iter().enumerate() {
-                    for c in 0..m.my {
-                        let (xi, wi) = (m.at(row, c), m.w_at(i, o, r, c));
-                        let p = cmul((xp[xi], xp[xi + 1]), (ws[wi], ws[wi + 1]));
-                        yp[xi] += p.0;
-                        yp[xi + 1] += p.1;
-                    }
-                }
-            }
+        let out = Shared(y.as_mut_slice::<T>()?.as_mut_ptr());
+        for_modes(&m, rows, |r, row, col| {
+            let spec = row * m.wh + col;
+            let x = View { at: spec, rs: m.ci * m.plane(), cs: m.plane(), conj: false };
+            let wv = View { at: r * m.my + col, rs: m.co * m.block(), cs: m.block(), conj: false };
+            let yv = View { at: spec, rs: m.co * m.plane(), cs: m.plane(), conj: false };
+            // SAFETY: the views stay inside [B, C, H, Wh] spectra and the [Ci, Co, R, My] weight
+            // (row < H, col < My <= Wh, r < R); this mode's task alone writes its Y entries.
+            unsafe { cgemm(m.b, m.ci, m.co, xs.as_ptr(), x, ws.as_ptr(), wv, out.ptr(), yv) }
         });
         Ok(())
     })
@@ -67,21 +115,15 @@ pub(super) fn mix_bwd_input(dyh: &Tensor, w: &Tensor, rows: &[usize], dxh: &mut 
     let m = MixDims::new(dyh.dims(), w.dims());
     with_float!(dyh.dtype(), "spectral_mix_bwd_input", |T| {
         let (dys, ws) = (dyh.as_slice::<T>()?, w.as_slice::<T>()?);
-        let plane = m.plane();
-        // One task per (b, i) input-gradient plane.
-        dxh.as_mut_slice::<T>()?.par_chunks_mut(plane).enumerate().for_each(|(bi, dxp)| {
-            let (b, i) = (bi / m.ci, bi % m.ci);
-            for o in 0..m.co {
-                let dyp = &dys[(b * m.co + o) * plane..(b * m.co + o + 1) * plane];
-                for (r, &row) in rows.iter().enumerate() {
-                    for c in 0..m.my {
-                        let (yi, wi) = (m.at(row, c), m.w_at(i, o, r, c));
-                        let p = cmul((dyp[yi], dyp[yi + 1]), (ws[wi], -ws[wi + 1]));
-                        dxp[yi] += p.0;
-                        dxp[yi + 1] += p.1;
-                    }
-                }
-            }
+        let out = Shared(dxh.as_mut_slice::<T>()?.as_mut_ptr());
+        for_modes(&m, rows, |r, row, col| {
+            let spec = row * m.wh + col;
+            let dy = View { at: spec, rs: m.co * m.plane(), cs: m.plane(), conj: false };
+            // conj(W)^T: element (o, i) is W[i, o].
+            let wt = View { at: r * m.my + col, rs: m.block(), cs: m.co * m.block(), conj: true };
+            let dx = View { at: spec, rs: m.ci * m.plane(), cs: m.plane(), conj: false };
+            // SAFETY: as in mix_fwd, for dY, W and dX.
+            unsafe { cgemm(m.b, m.co, m.ci, dys.as_ptr(), dy, ws.as_ptr(), wt, out.ptr(), dx) }
         });
         Ok(())
     })
@@ -89,27 +131,17 @@ pub(super) fn mix_bwd_input(dyh: &Tensor, w: &Tensor, rows: &[usize], dxh: &mut 
 
 pub(super) fn mix_bwd_weight(xh: &Tensor, dyh: &Tensor, rows: &[usize], dw: &mut Tensor) -> Result<()> {
     let m = MixDims::new(xh.dims(), dw.dims());
-    let batch = xh.dims()[0];
     with_float!(xh.dtype(), "spectral_mix_bwd_weight", |T| {
         let (xs, dys) = (xh.as_slice::<T>()?, dyh.as_slice::<T>()?);
-        let plane = m.plane();
-        let per_io = m.r * m.my * 2;
-        // One task per (i, o) weight block; the batch is summed in order inside it.
-        dw.as_mut_slice::<T>()?.par_chunks_mut(per_io).enumerate().for_each(|(io, dwb)| {
-            let (i, o) = (io / m.co, io % m.co);
-            for b in 0..batch {
-                let xp = &xs[(b * m.ci + i) * plane..(b * m.ci + i + 1) * plane];
-                let dyp = &dys[(b * m.co + o) * plane..(b * m.co + o + 1) * plane];
-                for (r, &row) in rows.iter().enumerate() {
-                    for c in 0..m.my {
-                        let k = m.at(row, c);
-                        let p = cmul((xp[k], -xp[k + 1]), (dyp[k], dyp[k + 1]));
-                        let j = 2 * (r * m.my + c);
-                        dwb[j] += p.0;
-                        dwb[j + 1] += p.1;
-                    }
-                }
-            }
+        let out = Shared(dw.as_mut_slice::<T>()?.as_mut_ptr());
+        for_modes(&m, rows, |r, row, col| {
+            let spec = row * m.wh + col;
+            // conj(X)^T: element (i, b) is X[b, i]; the batch is the GEMM's inner dimension.
+            let xt = View { at: spec, rs: m.plane(), cs: m.ci * m.plane(), conj: true };
+            let dy = View { at: spec, rs: m.co * m.plane(), cs: m.plane(), conj: false };
+            let dwv = View { at: r * m.my + col, rs: m.co * m.block(), cs: m.block(), conj: false };
+            // SAFETY: as in mix_fwd, for X, dY and dW.
+            unsafe { cgemm(m.ci, m.b, m.co, xs.as_ptr(), xt, dys.as_ptr(), dy, out.ptr(), dwv) }
         });
         Ok(())
     })

@@ -1,0 +1,120 @@
+"""fnokern beside PyTorch eager on the same generator, weights and batch.
+
+1. Parity: fnokern writes its initial weights (`fnokern model --save-weights`) and computes the
+   loss, output and every gradient of one batch (`fnokern grad`); the twin (twin.py) loads the
+   same weights and must agree (relative error per tensor printed; exits 1 beyond 1e-3).
+2. Speed: the same training step (forward, physics loss, backward, global-norm clipping at 1.0,
+   Adam) in rounds that alternate fnokern (`fnokern bench-step`) and PyTorch, each the median of
+   --steps steps; prints the medians over rounds and their ratio.
+
+Usage: python compare.py --fnokern target/release/fnokern --preset cpu --depth 8 [--threads 2]
+"""
+
+import argparse
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import save_file
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+import twin  # noqa: E402
+
+# The presets' model fields (fnokern's src/config.rs `presets`).
+PRESETS = {
+    "cpu": dict(width=8, max_channels=64, modes=6, n=32, batch=16),
+    "study": dict(width=32, max_channels=512, modes=12, n=64, batch=16),
+}
+
+
+def run(cmd, env=None):
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr}")
+    return out.stdout
+
+
+def rel(a, b):
+    a, b = a.detach().reshape(-1), b.detach().reshape(-1)
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def parity(args, p, tmp):
+    common = ["--preset", args.preset, "--depth", str(args.depth)]
+    weights, batch, out = tmp / "w.safetensors", tmp / "batch.safetensors", tmp / "out.safetensors"
+    run([args.fnokern, "model", *common, "--save-weights", str(weights)])
+    rng = np.random.default_rng(0)
+    n, b = p["n"], p["batch"]
+    diffraction = np.abs(rng.standard_normal((b, 1, n, n))).astype(np.float32)
+    probe = (rng.standard_normal((n, n)) + 1j * rng.standard_normal((n, n))).astype(np.complex64)
+    save_file({"diffraction": diffraction, "probe": probe}, str(batch))
+    run([args.fnokern, "grad", *common, "--weights", str(weights), "--batch", str(batch), "--out", str(out)])
+    ref = load_file(str(out))
+
+    model = twin.load(twin.Generator(args.depth, p["width"], p["max_channels"], p["modes"], n), str(weights))
+    x = torch.from_numpy(diffraction)
+    o = model(x)
+    loss = twin.normalized_amplitude_mae(o, x, torch.from_numpy(probe))
+    loss.backward()
+    worst = max(rel(loss, ref["loss"]), rel(o, ref["output"]))
+    print(f"parity: loss fnokern {float(ref['loss']):.8e} torch {float(loss.detach()):.8e}; output rel err {rel(o, ref['output']):.2e}")
+    grads = {name: rel(prm.grad, ref[f"grad.{name}"]) for name, prm in model.named_parameters()}
+    name = max(grads, key=grads.get)
+    worst = max(worst, grads[name])
+    print(f"parity: {len(grads)} gradients, largest relative error {grads[name]:.2e} ({name})")
+    return worst, weights, x
+
+
+def torch_step_ms(model, opt, x, probe, steps):
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = twin.normalized_amplitude_mae(model(x), x, probe)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        times.append(1e3 * (time.perf_counter() - t))
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--fnokern", required=True)
+    ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    ap.add_argument("--depth", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    p = PRESETS[args.preset]
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        worst, weights, x = parity(args, p, Path(tmp))
+        model = twin.load(twin.Generator(args.depth, p["width"], p["max_channels"], p["modes"], p["n"]), str(weights))
+        probe = torch.randn(p["n"], p["n"], dtype=torch.complex64)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        torch_step_ms(model, opt, x, probe, 2)  # warm-up: Adam's moments exist
+        env = {"RAYON_NUM_THREADS": str(args.threads), "PATH": "/usr/bin:/bin"}
+        ours, theirs = [], []
+        for r in range(args.rounds):
+            line = run([args.fnokern, "bench-step", "--preset", args.preset, "--depth", str(args.depth), "--steps", str(args.steps)], env=env)
+            ours.append(float(re.search(r"median ([0-9.]+) ms", line).group(1)))
+            theirs.append(torch_step_ms(model, opt, x, probe, args.steps))
+            print(f"round {r + 1}: fnokern {ours[-1]:.1f} ms, torch {theirs[-1]:.1f} ms")
+    f, t = statistics.median(ours), statistics.median(theirs)
+    print(f"{args.preset} preset, depth {args.depth}, batch {p['batch']}, {args.threads} threads: fnokern {f:.1f} ms, "
+          f"PyTorch {torch.__version__} eager {t:.1f} ms per step; fnokern / PyTorch = {f / t:.2f}")
+    if worst > 1e-3:
+        sys.exit(f"parity failed: relative error {worst:.2e}")
+
+
+if __name__ == "__main__":
+    main()
