@@ -19,6 +19,10 @@ pub(crate) const CHUNK: usize = 1 << 14;
 
 /// A floating-point type the CPU computes in.
 pub trait Float: Element + num_traits::Float + rustfft::FftNum + Default + std::iter::Sum + std::ops::AddAssign {
+    /// Runs `f` on `len` elements of the calling thread's scratch (see `with_scratch_in`): no
+    /// allocation and no zero-fill on the hot path; the contents are stale.
+    fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R;
+
     /// C = alpha * A B + beta * C with explicit row and column strides (matrixmultiply).
     ///
     /// # Safety
@@ -42,7 +46,38 @@ pub trait Float: Element + num_traits::Float + rustfft::FftNum + Default + std::
     );
 }
 
+/// Scratch requests up to this many bytes reuse their thread's buffer; larger ones (an im2col
+/// panel of a huge map) get a fresh buffer, freed after.
+const SCRATCH_KEEP: usize = 16 << 20;
+
+/// Runs `f` on `len` elements of this thread's scratch buffer (reused across calls, so its
+/// contents are stale: `f` must write every element it reads). A nested request on the same
+/// thread, or one over [`SCRATCH_KEEP`], gets a fresh buffer.
+fn with_scratch_in<T: Copy + Default, R>(cell: &'static std::thread::LocalKey<std::cell::RefCell<Vec<T>>>, len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
+    if len * std::mem::size_of::<T>() > SCRATCH_KEEP {
+        return f(&mut vec![T::default(); len]);
+    }
+    cell.with(|c| match c.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, T::default());
+            }
+            f(&mut buf[..len])
+        }
+        Err(_) => f(&mut vec![T::default(); len]),
+    })
+}
+
+thread_local! {
+    static SCRATCH_F32: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SCRATCH_F64: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl Float for f32 {
+    fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+        with_scratch_in(&SCRATCH_F32, len, f)
+    }
+
     unsafe fn gemm_raw(
         m: usize,
         k: usize,
@@ -64,6 +99,10 @@ impl Float for f32 {
 }
 
 impl Float for f64 {
+    fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f64]) -> R) -> R {
+        with_scratch_in(&SCRATCH_F64, len, f)
+    }
+
     unsafe fn gemm_raw(
         m: usize,
         k: usize,
@@ -100,6 +139,11 @@ impl<'a, T> Mat<'a, T> {
     pub fn t(self) -> Self {
         Mat { transposed: !self.transposed, ..self }
     }
+    /// (rows, cols, row stride, column stride) of the operand as used.
+    pub fn strides(&self) -> (usize, usize, isize, isize) {
+        self.view()
+    }
+
     /// (rows, cols, row stride, column stride) of the operand as used.
     fn view(&self) -> (usize, usize, isize, isize) {
         if self.transposed {

@@ -67,44 +67,50 @@ fn valid_cols(g: &Geom, j: usize, w: usize) -> std::ops::Range<usize> {
     first.min(end)..end
 }
 
-/// cols [K, Ho*Wo] of one sample x [C, H, W], written whole (no fill beforehand needed).
-fn im2col<T: Float>(g: &Geom, x: &[T], cols: &mut [T]) {
-    let hw = g.plane_out();
-    for (r, row) in cols.chunks_mut(hw).enumerate().take(g.k()) {
-        let (c, t) = (r / (g.kh * g.kw), r % (g.kh * g.kw));
-        let (i, j) = (t / g.kw, t % g.kw);
-        let xc = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
-        let valid = valid_cols(g, j, g.w);
-        for oh in 0..g.ho {
-            let out = &mut row[oh * g.wo..(oh + 1) * g.wo];
-            let Some(ih) = g.src(oh, i, g.h) else {
-                out.fill(T::zero());
-                continue;
-            };
-            out[..valid.start].fill(T::zero());
-            out[valid.end..].fill(T::zero());
-            let xr = &xc[ih * g.w..(ih + 1) * g.w];
-            if g.stride == 1 {
-                let s = valid.start + j - g.pad;
-                out[valid.clone()].copy_from_slice(&xr[s..s + valid.len()]);
-            } else {
-                for ow in valid.clone() {
-                    out[ow] = xr[ow * g.stride + j - g.pad];
-                }
+/// Row `r` (channel c, tap (i, j)) of one sample's im2col panel: Ho*Wo values of x [C, H, W],
+/// written whole (zeros where the tap falls in the padding).
+fn im2col_row<T: Float>(g: &Geom, r: usize, x: &[T], out: &mut [T]) {
+    let (c, t) = (r / (g.kh * g.kw), r % (g.kh * g.kw));
+    let (i, j) = (t / g.kw, t % g.kw);
+    let xc = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+    let valid = valid_cols(g, j, g.w);
+    for oh in 0..g.ho {
+        let out = &mut out[oh * g.wo..(oh + 1) * g.wo];
+        let Some(ih) = g.src(oh, i, g.h) else {
+            out.fill(T::zero());
+            continue;
+        };
+        out[..valid.start].fill(T::zero());
+        out[valid.end..].fill(T::zero());
+        let xr = &xc[ih * g.w..(ih + 1) * g.w];
+        if g.stride == 1 {
+            let s = valid.start + j - g.pad;
+            out[valid.clone()].copy_from_slice(&xr[s..s + valid.len()]);
+        } else {
+            for ow in valid.clone() {
+                out[ow] = xr[ow * g.stride + j - g.pad];
             }
         }
     }
 }
 
-/// dx [C, H, W] = scatter-add of cols [K, Ho*Wo], taps in order.
-fn col2im<T: Float>(g: &Geom, cols: &[T], dx: &mut [T]) {
+/// cols [K, Ho*Wo] of one sample x [C, H, W], written whole (no fill beforehand needed).
+fn im2col<T: Float>(g: &Geom, x: &[T], cols: &mut [T]) {
+    for (r, row) in cols.chunks_mut(g.plane_out()).enumerate().take(g.k()) {
+        im2col_row(g, r, x, row);
+    }
+}
+
+/// dx [C, H, W] = scatter-add of one sample's columns: row r of its panel at cols[r * ld..][..Ho*Wo];
+/// taps in order.
+fn col2im<T: Float>(g: &Geom, cols: &[T], ld: usize, dx: &mut [T]) {
     let hw = g.plane_out();
     let taps = g.kh * g.kw;
     for (c, dxc) in dx.chunks_mut(g.h * g.w).enumerate() {
         dxc.fill(T::zero());
         for t in 0..taps {
             let (i, j) = (t / g.kw, t % g.kw);
-            let row = &cols[(c * taps + t) * hw..(c * taps + t + 1) * hw];
+            let row = &cols[(c * taps + t) * ld..(c * taps + t) * ld + hw];
             let valid = valid_cols(g, j, g.w);
             for oh in 0..g.ho {
                 let Some(ih) = g.src(oh, i, g.h) else { continue };
@@ -116,6 +122,86 @@ fn col2im<T: Float>(g: &Geom, cols: &[T], dx: &mut [T]) {
             }
         }
     }
+}
+
+/// The batch's im2col panel [K, B*Ho*Wo] (sample b's columns at b*Ho*Wo) is built whole when it
+/// holds at most this many values: then each product is one GEMM over the batch, which packs the
+/// weight once instead of once per sample (what the deep, wide, small maps need).
+const BATCH_PANEL: usize = 1 << 22;
+
+/// Column blocks a batched GEMM is split into across threads: fixed, though any split gives
+/// the same values (each output's sum over k runs in the same order).
+const BATCH_SPLIT: usize = 4;
+
+/// Whether the batched GEMMs pay: where the weight [C_out, K] is at least as large as a sample's
+/// panel [K, Ho*Wo], packing it per sample costs as much as the product itself; on larger maps
+/// the per-sample GEMMs are cheaper (no copies) and split the batch across threads.
+fn batched(g: &Geom, batch: usize, c_out: usize) -> bool {
+    batch > 1 && c_out >= g.plane_out() && g.k() * g.plane_out() * batch <= BATCH_PANEL
+}
+
+/// The whole batch's panel [K, B*Ho*Wo] of x [B, C, H, W], one task per row.
+fn im2col_batch<T: Float>(g: &Geom, x: &[T], batch: usize) -> Vec<T> {
+    let hw = g.plane_out();
+    let mut cols = vec![T::zero(); g.k() * batch * hw];
+    cols.par_chunks_mut(batch * hw).enumerate().for_each(|(r, row)| {
+        for (b, seg) in row.chunks_mut(hw).enumerate() {
+            im2col_row(g, r, &x[b * g.plane_in()..(b + 1) * g.plane_in()], seg);
+        }
+    });
+    cols
+}
+
+/// C[m, n] = A[m, k] B[k, n] (row-major, B and C with row stride n) in BATCH_SPLIT column
+/// blocks in parallel.
+fn gemm_split<T: Float>(a: Mat<T>, b: &[T], k: usize, n: usize, c: &mut [T]) -> Result<()> {
+    let m = c.len() / n;
+    let (ar, ac, ars, acs) = a.strides();
+    if ar != m || ac != k || b.len() < k * n || a.data.len() < m * k {
+        return Err(crate::error::Error::invalid("gemm", format!("operands do not fit: [{ar}x{ac}] x [{k}x{n}] into {m} x {n}")));
+    }
+    let width = n.div_ceil(BATCH_SPLIT).max(1);
+    let out = SharedMut(c.as_mut_ptr());
+    (0..n.div_ceil(width)).into_par_iter().for_each(|blk| {
+        let (c0, cols) = (blk * width, width.min(n - blk * width));
+        let out = out.ptr();
+        // SAFETY: the checks above bound A (m x k), B (k x n) and C (m x n, row stride n); this
+        // task alone writes C's columns c0..c0 + cols.
+        unsafe { T::gemm_raw(m, k, cols, T::one(), a.data.as_ptr(), ars, acs, b.as_ptr().add(c0), n as isize, 1, T::zero(), out.add(c0), n as isize, 1) }
+    });
+    Ok(())
+}
+
+/// A pointer the column blocks of [`gemm_split`] share: each writes its own columns.
+#[derive(Clone, Copy)]
+struct SharedMut<T>(*mut T);
+// SAFETY: the tasks write disjoint columns and read nothing through it.
+unsafe impl<T> Send for SharedMut<T> {}
+unsafe impl<T> Sync for SharedMut<T> {}
+impl<T> SharedMut<T> {
+    fn ptr(self) -> *mut T {
+        self.0
+    }
+}
+
+/// [B, C, HW] -> [C, B*HW] (per-sample planes side by side), one task per channel.
+fn batch_to_rows<T: Float>(v: &[T], batch: usize, c: usize, hw: usize) -> Vec<T> {
+    let mut out = vec![T::zero(); v.len()];
+    out.par_chunks_mut(batch * hw).enumerate().for_each(|(ch, row)| {
+        for (b, seg) in row.chunks_mut(hw).enumerate() {
+            seg.copy_from_slice(&v[(b * c + ch) * hw..(b * c + ch + 1) * hw]);
+        }
+    });
+    out
+}
+
+/// [C, B*HW] -> [B, C, HW], one task per sample.
+fn rows_to_batch<T: Float>(rows: &[T], out: &mut [T], batch: usize, c: usize, hw: usize) {
+    out.par_chunks_mut(c * hw).enumerate().for_each(|(b, ob)| {
+        for (ch, seg) in ob.chunks_mut(hw).enumerate() {
+            seg.copy_from_slice(&rows[ch * batch * hw + b * hw..ch * batch * hw + (b + 1) * hw]);
+        }
+    });
 }
 
 /// Samples a task of the weight gradient sums (in order) before the groups' sums are added (in
@@ -132,10 +218,17 @@ pub(super) fn conv2d_fwd(g: &ConvGeom, x: &Tensor, w: &Tensor, y: &mut Tensor) -
         let (xs, ws) = (x.as_slice::<T>()?, w.as_slice::<T>()?);
         let ys = y.as_mut_slice::<T>()?;
         let hw = g.plane_out();
+        let batch = xs.len() / g.plane_in();
+        if batched(&g, batch, c_out) {
+            let cols = im2col_batch(&g, xs, batch);
+            let mut rows = vec![T::zero(); c_out * batch * hw];
+            gemm_split(Mat::new(ws, c_out, g.k()), &cols, g.k(), batch * hw, &mut rows)?;
+            rows_to_batch(&rows, ys, batch, c_out, hw);
+            return Ok(());
+        }
         let scratch = if g.is_pointwise() { 0 } else { g.k() * hw };
-        ys.par_chunks_mut(c_out * hw).zip(xs.par_chunks(g.plane_in())).try_for_each_init(
-            || vec![T::zero(); scratch],
-            |cols, (yb, xb)| {
+        ys.par_chunks_mut(c_out * hw).zip(xs.par_chunks(g.plane_in())).try_for_each(|(yb, xb)| {
+            T::with_scratch(scratch, |cols| {
                 let cols_b: &[T] = if g.is_pointwise() {
                     xb
                 } else {
@@ -143,8 +236,8 @@ pub(super) fn conv2d_fwd(g: &ConvGeom, x: &Tensor, w: &Tensor, y: &mut Tensor) -
                     cols
                 };
                 gemm(Mat::new(ws, c_out, g.k()), Mat::new(cols_b, g.k(), hw), yb, T::zero())
-            },
-        )
+            })
+        })
     })
 }
 
@@ -155,20 +248,27 @@ pub(super) fn conv2d_bwd_input(g: &ConvGeom, dy: &Tensor, w: &Tensor, dx: &mut T
         let (dys, ws) = (dy.as_slice::<T>()?, w.as_slice::<T>()?);
         let dxs = dx.as_mut_slice::<T>()?;
         let hw = g.plane_out();
+        let batch = dys.len() / (c_out * hw);
+        if batched(&g, batch, c_out) {
+            let dy_rows = batch_to_rows(dys, batch, c_out, hw);
+            let mut dcols = vec![T::zero(); g.k() * batch * hw];
+            gemm_split(Mat::new(ws, c_out, g.k()).t(), &dy_rows, c_out, batch * hw, &mut dcols)?;
+            dxs.par_chunks_mut(g.plane_in()).enumerate().for_each(|(b, dxb)| col2im(&g, &dcols[b * hw..], batch * hw, dxb));
+            return Ok(());
+        }
         let scratch = if g.is_pointwise() { 0 } else { g.k() * hw };
-        dxs.par_chunks_mut(g.plane_in()).zip(dys.par_chunks(c_out * hw)).try_for_each_init(
-            || vec![T::zero(); scratch],
-            |dcols, (dxb, dyb)| {
+        dxs.par_chunks_mut(g.plane_in()).zip(dys.par_chunks(c_out * hw)).try_for_each(|(dxb, dyb)| {
+            T::with_scratch(scratch, |dcols| {
                 let wt = Mat::new(ws, c_out, g.k()).t();
                 if g.is_pointwise() {
                     gemm(wt, Mat::new(dyb, c_out, hw), dxb, T::zero())
                 } else {
                     gemm(wt, Mat::new(dyb, c_out, hw), dcols, T::zero())?;
-                    col2im(&g, dcols, dxb);
+                    col2im(&g, dcols, hw, dxb);
                     Ok(())
                 }
-            },
-        )
+            })
+        })
     })
 }
 
@@ -181,7 +281,20 @@ pub(super) fn conv2d_bwd_weight(g: &ConvGeom, x: &Tensor, dy: &Tensor, dw: &mut 
         let hw = g.plane_out();
         let scratch = if g.is_pointwise() { 0 } else { g.k() * hw };
         let (xin, yout) = (g.plane_in(), c_out * hw);
-        let sum_group = |xg: &[T], dyg: &[T], out: &mut [T], cols: &mut Vec<T>| -> Result<()> {
+        let batch = xs.len() / xin;
+        if batched(&g, batch, c_out) {
+            // dW [C_out, K] = dY [C_out, B*HW] cols^T [B*HW, K]: the batch is the inner
+            // dimension of one GEMM (rows of dW in parallel blocks).
+            let cols = im2col_batch(&g, xs, batch);
+            let dy_rows = batch_to_rows(dys, batch, c_out, hw);
+            let (n, k) = (g.k(), batch * hw);
+            let rows_per = c_out.div_ceil(BATCH_SPLIT).max(1);
+            return dws.par_chunks_mut(rows_per * n).enumerate().try_for_each(|(blk, out)| {
+                let m = out.len() / n;
+                gemm(Mat::new(&dy_rows[blk * rows_per * k..(blk * rows_per + m) * k], m, k), Mat::new(&cols, n, k).t(), out, T::zero())
+            });
+        }
+        let sum_group = |xg: &[T], dyg: &[T], out: &mut [T], cols: &mut [T]| -> Result<()> {
             for (n, (xb, dyb)) in xg.chunks(xin).zip(dyg.chunks(yout)).enumerate() {
                 let cols_b: &[T] = if g.is_pointwise() {
                     xb
@@ -196,13 +309,13 @@ pub(super) fn conv2d_bwd_weight(g: &ConvGeom, x: &Tensor, dy: &Tensor, dw: &mut 
         };
         let groups = xs.len().div_ceil(DW_GROUP * xin);
         if groups <= 1 {
-            return sum_group(xs, dys, dws, &mut vec![T::zero(); scratch]);
+            return T::with_scratch(scratch, |cols| sum_group(xs, dys, dws, cols));
         }
         let mut partial = vec![T::zero(); groups * dws.len()];
         partial
             .par_chunks_mut(dws.len())
             .zip(xs.par_chunks(DW_GROUP * xin).zip(dys.par_chunks(DW_GROUP * yout)))
-            .try_for_each_init(|| vec![T::zero(); scratch], |cols, (out, (xg, dyg))| sum_group(xg, dyg, out, cols))?;
+            .try_for_each(|(out, (xg, dyg))| T::with_scratch(scratch, |cols| sum_group(xg, dyg, out, cols)))?;
         let (first, rest) = partial.split_at(dws.len());
         dws.copy_from_slice(first);
         for p in rest.chunks(dws.len()) {

@@ -1,10 +1,12 @@
 //! The spectral mode mix on the CPU: per kept mode (row, col), one complex GEMM over the batch
 //! (forward: Y[B, Co] = X[B, Ci] W[Ci, Co]; dX[B, Ci] = dY[B, Co] conj(W)^T; dW[Ci, Co] =
-//! conj(X)^T[Ci, B] dY[B, Co]), each as four real GEMMs on strided views of the interleaved
-//! (re, im) data, so nothing is copied or conjugated beforehand. The modes run in parallel: each
-//! writes only its own entries, with a fixed sequence of GEMMs, so the result does not depend on
-//! the number of threads.
+//! conj(X)^T[Ci, B] dY[B, Co]), each as four real GEMMs. The operands are first gathered into
+//! mode-major planes ([mode][re/im][rows][cols]), so that every GEMM reads contiguous memory (a
+//! GEMM on the interleaved tensors directly packs one cache line per element); conjugates and
+//! transposes are signs and strides. The modes run in parallel, each writing only its own
+//! entries with a fixed sequence of GEMMs, so the result does not depend on the number of threads.
 
+use num_traits::Zero as _;
 use rayon::prelude::*;
 
 use crate::backend::cpu::{with_float, Float};
@@ -36,21 +38,132 @@ impl MixDims {
     }
 }
 
-/// A strided complex matrix inside a buffer of interleaved (re, im) values: the complex index of
-/// element (0, 0), and the row and column strides, in complex elements.
+/// A strided complex matrix inside a buffer: where element (0, 0)'s real and imaginary parts
+/// are, and the row and column strides, all in scalars.
 #[derive(Clone, Copy)]
 struct View {
-    at: usize,
+    re: usize,
+    im: usize,
     rs: usize,
     cs: usize,
     /// Use the conjugate.
     conj: bool,
 }
 
-/// A pointer the modes' tasks share; each writes a disjoint set of entries through it.
+impl View {
+    /// Mode `k` of a mode-major buffer [M][2][rows][cols], row-major (or transposed).
+    fn planar(k: usize, rows: usize, cols: usize, transposed: bool, conj: bool) -> View {
+        let re = k * 2 * rows * cols;
+        let (rs, cs) = if transposed { (1, cols) } else { (cols, 1) };
+        View { re, im: re + rows * cols, rs, cs, conj }
+    }
+}
+
+/// C[m, n] = A[m, k] B[k, n] of complex views (conjugated as the views say), as four real GEMMs:
+/// Cr = Ar Br - sa sb Ai Bi, Ci = sb Ar Bi + sa Ai Br (s = -1 for a conjugate). C's view is
+/// into `c` (not conjugated).
+fn cgemm<T: Float>((m, k, n): (usize, usize, usize), (a, av): (&[T], View), (b, bv): (&[T], View), (c, cv): (&mut [T], View)) {
+    let last = |v: View, rows: usize, cols: usize| v.re.max(v.im) + (rows - 1) * v.rs + (cols - 1) * v.cs;
+    assert!(m > 0 && k > 0 && n > 0 && last(av, m, k) < a.len() && last(bv, k, n) < b.len() && last(cv, m, n) < c.len(), "cgemm: a view leaves its buffer");
+    let sign = |conj: bool| if conj { -T::one() } else { T::one() };
+    let (sa, sb) = (sign(av.conj), sign(bv.conj));
+    let (one, zero) = (T::one(), T::zero());
+    let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+    let (ars, acs, brs, bcs, crs, ccs) = (av.rs as isize, av.cs as isize, bv.rs as isize, bv.cs as isize, cv.rs as isize, cv.cs as isize);
+    // SAFETY: the assertion bounds every element the strides reach in each buffer; C is the
+    // caller's exclusive slice.
+    unsafe {
+        let (ar, ai, br, bi, cr, ci) = (a.add(av.re), a.add(av.im), b.add(bv.re), b.add(bv.im), c.add(cv.re), c.add(cv.im));
+        T::gemm_raw(m, k, n, one, ar, ars, acs, br, brs, bcs, zero, cr, crs, ccs);
+        T::gemm_raw(m, k, n, -(sa * sb), ai, ars, acs, bi, brs, bcs, one, cr, crs, ccs);
+        T::gemm_raw(m, k, n, sb, ar, ars, acs, bi, brs, bcs, zero, ci, crs, ccs);
+        T::gemm_raw(m, k, n, sa, ai, ars, acs, br, brs, bcs, one, ci, crs, ccs);
+    }
+}
+
+/// Modes a gather or scatter task handles: a cache line of a weight holds eight f32 modes.
+const MODES_PER_TASK: usize = 8;
+
+/// The kept modes of spectra [B, C, H, Wh, 2] as mode-major planes [M][2][B][C] (M = R My, mode
+/// r My + col at row rows[r]).
+fn gather_spec<T: Float>(m: &MixDims, rows: &[usize], s: &[T], c: usize) -> Vec<T> {
+    let per = 2 * m.b * c;
+    let mut out = vec![T::zero(); rows.len() * m.my * per];
+    out.par_chunks_mut(MODES_PER_TASK * per).enumerate().for_each(|(t, chunk)| {
+        for (j, dst) in chunk.chunks_mut(per).enumerate() {
+            let mode = t * MODES_PER_TASK + j;
+            let at = 2 * (rows[mode / m.my] * m.wh + mode % m.my);
+            let (re, im) = dst.split_at_mut(per / 2);
+            for (p, (r, i)) in re.iter_mut().zip(im.iter_mut()).enumerate() {
+                *r = s[p * 2 * m.plane() + at];
+                *i = s[p * 2 * m.plane() + at + 1];
+            }
+        }
+    });
+    out
+}
+
+/// Writes mode-major planes [M][2][B][C] into the kept modes of spectra [B, C, H, Wh, 2] (the
+/// other modes are left as they are).
+fn scatter_spec<T: Float>(m: &MixDims, rows: &[usize], src: &[T], c: usize, s: &mut [T]) {
+    let per = 2 * m.b * c;
+    let out = Shared(s.as_mut_ptr());
+    let len = s.len();
+    src.par_chunks(MODES_PER_TASK * per).enumerate().for_each(|(t, chunk)| {
+        for (j, from) in chunk.chunks(per).enumerate() {
+            let mode = t * MODES_PER_TASK + j;
+            let at = 2 * (rows[mode / m.my] * m.wh + mode % m.my);
+            let (re, im) = from.split_at(per / 2);
+            for (p, (&r, &i)) in re.iter().zip(im).enumerate() {
+                let k = p * 2 * m.plane() + at;
+                assert!(k + 1 < len);
+                // SAFETY: in bounds (asserted); mode `mode`'s task alone writes its (row, col).
+                unsafe {
+                    *out.ptr().add(k) = r;
+                    *out.ptr().add(k + 1) = i;
+                }
+            }
+        }
+    });
+}
+
+/// The weight [Ci, Co, R, My, 2] as mode-major planes [M][2][Ci][Co].
+fn gather_w<T: Float>(m: &MixDims, w: &[T]) -> Vec<T> {
+    let (modes, per) = (m.block(), 2 * m.ci * m.co);
+    let mut out = vec![T::zero(); modes * per];
+    out.par_chunks_mut(MODES_PER_TASK * per).enumerate().for_each(|(t, chunk)| {
+        let first = t * MODES_PER_TASK;
+        let count = chunk.len() / per;
+        for io in 0..m.ci * m.co {
+            let src = &w[2 * (io * modes + first)..2 * (io * modes + first + count)];
+            for j in 0..count {
+                chunk[j * per + io] = src[2 * j];
+                chunk[j * per + per / 2 + io] = src[2 * j + 1];
+            }
+        }
+    });
+    out
+}
+
+/// Writes mode-major planes [M][2][Ci][Co] into the weight layout [Ci, Co, R, My, 2].
+fn scatter_w<T: Float>(m: &MixDims, src: &[T], w: &mut [T]) {
+    let (modes, per) = (m.block(), 2 * m.ci * m.co);
+    // One task per (ci) row of the weight: contiguous output, mode-major reads.
+    w.par_chunks_mut(m.co * modes * 2).enumerate().for_each(|(i, wi)| {
+        for o in 0..m.co {
+            let io = i * m.co + o;
+            for k in 0..modes {
+                wi[2 * (o * modes + k)] = src[k * per + io];
+                wi[2 * (o * modes + k) + 1] = src[k * per + per / 2 + io];
+            }
+        }
+    });
+}
+
+/// A pointer the scatter's tasks share; each writes a disjoint set of entries through it.
 #[derive(Clone, Copy)]
 struct Shared<T>(*mut T);
-// SAFETY: the tasks write disjoint entries (one mode each) and read nothing through it.
+// SAFETY: the tasks write disjoint entries (their own modes) and read nothing through it.
 unsafe impl<T> Send for Shared<T> {}
 unsafe impl<T> Sync for Shared<T> {}
 
@@ -61,52 +174,18 @@ impl<T> Shared<T> {
     }
 }
 
-/// C[m, n] = A[m, k] B[k, n] for complex strided views (conjugated as the views say), as four
-/// real GEMMs: Cr = Ar Br - sa sb Ai Bi, Ci = sb Ar Bi + sa Ai Br (s = -1 for a conjugate).
-///
-/// # Safety
-/// Every element the views reach lies inside its buffer (2 * index + 1 < len), and no other
-/// thread touches C's entries meanwhile.
-#[allow(clippy::too_many_arguments)]
-unsafe fn cgemm<T: Float>(m: usize, k: usize, n: usize, a: *const T, av: View, b: *const T, bv: View, c: *mut T, cv: View) {
-    let sign = |conj: bool| if conj { -T::one() } else { T::one() };
-    let (sa, sb) = (sign(av.conj), sign(bv.conj));
-    let part = |p: *const T, v: View, im: usize| (p.add(2 * v.at + im), 2 * v.rs as isize, 2 * v.cs as isize);
-    let (ar, ars, acs) = part(a, av, 0);
-    let (ai, _, _) = part(a, av, 1);
-    let (br, brs, bcs) = part(b, bv, 0);
-    let (bi, _, _) = part(b, bv, 1);
-    let (cr, crs, ccs) = (c.add(2 * cv.at), 2 * cv.rs as isize, 2 * cv.cs as isize);
-    let ci = c.add(2 * cv.at + 1);
-    let zero = T::zero();
-    T::gemm_raw(m, k, n, T::one(), ar, ars, acs, br, brs, bcs, zero, cr, crs, ccs);
-    T::gemm_raw(m, k, n, -(sa * sb), ai, ars, acs, bi, brs, bcs, T::one(), cr, crs, ccs);
-    T::gemm_raw(m, k, n, sb, ar, ars, acs, bi, brs, bcs, zero, ci, crs, ccs);
-    T::gemm_raw(m, k, n, sa, ai, ars, acs, br, brs, bcs, T::one(), ci, crs, ccs);
-}
-
-/// Runs `each(r, row, col)` for every kept mode, in parallel.
-fn for_modes(m: &MixDims, rows: &[usize], each: impl Fn(usize, usize, usize) + Sync) {
-    (0..rows.len() * m.my).into_par_iter().for_each(|mode| {
-        let (r, col) = (mode / m.my, mode % m.my);
-        each(r, rows[r], col)
-    });
-}
-
 pub(super) fn mix_fwd(xh: &Tensor, w: &Tensor, rows: &[usize], y: &mut Tensor) -> Result<()> {
     let m = MixDims::new(xh.dims(), w.dims());
     with_float!(xh.dtype(), "spectral_mix_fwd", |T| {
-        let (xs, ws) = (xh.as_slice::<T>()?, w.as_slice::<T>()?);
-        let out = Shared(y.as_mut_slice::<T>()?.as_mut_ptr());
-        for_modes(&m, rows, |r, row, col| {
-            let spec = row * m.wh + col;
-            let x = View { at: spec, rs: m.ci * m.plane(), cs: m.plane(), conj: false };
-            let wv = View { at: r * m.my + col, rs: m.co * m.block(), cs: m.block(), conj: false };
-            let yv = View { at: spec, rs: m.co * m.plane(), cs: m.plane(), conj: false };
-            // SAFETY: the views stay inside [B, C, H, Wh] spectra and the [Ci, Co, R, My] weight
-            // (row < H, col < My <= Wh, r < R); this mode's task alone writes its Y entries.
-            unsafe { cgemm(m.b, m.ci, m.co, xs.as_ptr(), x, ws.as_ptr(), wv, out.ptr(), yv) }
+        let xm = gather_spec(&m, rows, xh.as_slice::<T>()?, m.ci);
+        let wm = gather_w(&m, w.as_slice::<T>()?);
+        let mut ym = vec![T::zero(); m.block() * 2 * m.b * m.co];
+        ym.par_chunks_mut(2 * m.b * m.co).enumerate().for_each(|(k, yk)| {
+            let x = View::planar(k, m.b, m.ci, false, false);
+            let wv = View::planar(k, m.ci, m.co, false, false);
+            cgemm((m.b, m.ci, m.co), (&xm, x), (&wm, wv), (yk, View::planar(0, m.b, m.co, false, false)));
         });
+        scatter_spec(&m, rows, &ym, m.co, y.as_mut_slice::<T>()?);
         Ok(())
     })
 }
@@ -114,17 +193,16 @@ pub(super) fn mix_fwd(xh: &Tensor, w: &Tensor, rows: &[usize], y: &mut Tensor) -
 pub(super) fn mix_bwd_input(dyh: &Tensor, w: &Tensor, rows: &[usize], dxh: &mut Tensor) -> Result<()> {
     let m = MixDims::new(dyh.dims(), w.dims());
     with_float!(dyh.dtype(), "spectral_mix_bwd_input", |T| {
-        let (dys, ws) = (dyh.as_slice::<T>()?, w.as_slice::<T>()?);
-        let out = Shared(dxh.as_mut_slice::<T>()?.as_mut_ptr());
-        for_modes(&m, rows, |r, row, col| {
-            let spec = row * m.wh + col;
-            let dy = View { at: spec, rs: m.co * m.plane(), cs: m.plane(), conj: false };
-            // conj(W)^T: element (o, i) is W[i, o].
-            let wt = View { at: r * m.my + col, rs: m.block(), cs: m.co * m.block(), conj: true };
-            let dx = View { at: spec, rs: m.ci * m.plane(), cs: m.plane(), conj: false };
-            // SAFETY: as in mix_fwd, for dY, W and dX.
-            unsafe { cgemm(m.b, m.co, m.ci, dys.as_ptr(), dy, ws.as_ptr(), wt, out.ptr(), dx) }
+        let dym = gather_spec(&m, rows, dyh.as_slice::<T>()?, m.co);
+        let wm = gather_w(&m, w.as_slice::<T>()?);
+        let mut dxm = vec![T::zero(); m.block() * 2 * m.b * m.ci];
+        dxm.par_chunks_mut(2 * m.b * m.ci).enumerate().for_each(|(k, dxk)| {
+            let dy = View::planar(k, m.b, m.co, false, false);
+            // conj(W)^T: [Co, Ci] read from W's [Ci][Co] plane.
+            let wt = View::planar(k, m.ci, m.co, true, true);
+            cgemm((m.b, m.co, m.ci), (&dym, dy), (&wm, wt), (dxk, View::planar(0, m.b, m.ci, false, false)));
         });
+        scatter_spec(&m, rows, &dxm, m.ci, dxh.as_mut_slice::<T>()?);
         Ok(())
     })
 }
@@ -132,17 +210,16 @@ pub(super) fn mix_bwd_input(dyh: &Tensor, w: &Tensor, rows: &[usize], dxh: &mut 
 pub(super) fn mix_bwd_weight(xh: &Tensor, dyh: &Tensor, rows: &[usize], dw: &mut Tensor) -> Result<()> {
     let m = MixDims::new(xh.dims(), dw.dims());
     with_float!(xh.dtype(), "spectral_mix_bwd_weight", |T| {
-        let (xs, dys) = (xh.as_slice::<T>()?, dyh.as_slice::<T>()?);
-        let out = Shared(dw.as_mut_slice::<T>()?.as_mut_ptr());
-        for_modes(&m, rows, |r, row, col| {
-            let spec = row * m.wh + col;
-            // conj(X)^T: element (i, b) is X[b, i]; the batch is the GEMM's inner dimension.
-            let xt = View { at: spec, rs: m.plane(), cs: m.ci * m.plane(), conj: true };
-            let dy = View { at: spec, rs: m.co * m.plane(), cs: m.plane(), conj: false };
-            let dwv = View { at: r * m.my + col, rs: m.co * m.block(), cs: m.block(), conj: false };
-            // SAFETY: as in mix_fwd, for X, dY and dW.
-            unsafe { cgemm(m.ci, m.b, m.co, xs.as_ptr(), xt, dys.as_ptr(), dy, out.ptr(), dwv) }
+        let xm = gather_spec(&m, rows, xh.as_slice::<T>()?, m.ci);
+        let dym = gather_spec(&m, rows, dyh.as_slice::<T>()?, m.co);
+        let mut dwm = vec![T::zero(); m.block() * 2 * m.ci * m.co];
+        dwm.par_chunks_mut(2 * m.ci * m.co).enumerate().for_each(|(k, dwk)| {
+            // conj(X)^T: [Ci, B] read from X's [B][Ci] plane; the batch is the inner dimension.
+            let xt = View::planar(k, m.b, m.ci, true, true);
+            let dy = View::planar(k, m.b, m.co, false, false);
+            cgemm((m.ci, m.b, m.co), (&xm, xt), (&dym, dy), (dwk, View::planar(0, m.ci, m.co, false, false)));
         });
+        scatter_w(&m, &dwm, dw.as_mut_slice::<T>()?);
         Ok(())
     })
 }
