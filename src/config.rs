@@ -674,7 +674,7 @@ pub mod presets {
     pub const ALL: &[(&str, &str)] = &[
         (
             "cpu",
-            "a depth-8 capped-width generator sized to train in about twelve minutes on two CPU cores \
+            "a depth-8 capped-width generator sized to train in about five minutes on two CPU cores \
              (N 32, width 8, max_channels 64, modes 6, 2048 training patterns from 2 objects, 16 epochs, warmup + cosine)",
         ),
         (

@@ -169,6 +169,21 @@ pub(crate) fn gemm<T: Float>(a: Mat<T>, b: Mat<T>, c: &mut [T], beta: T) -> Resu
     Ok(())
 }
 
+/// A pointer that parallel tasks share to write disjoint parts of one buffer (columns of a
+/// GEMM's output, the modes of a spectrum) that no slice split can express.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedMut<T>(pub *mut T);
+// SAFETY: its users write disjoint elements from each task and read nothing through it.
+unsafe impl<T> Send for SharedMut<T> {}
+unsafe impl<T> Sync for SharedMut<T> {}
+
+impl<T> SharedMut<T> {
+    /// The pointer (a method, so that a closure captures the whole `SharedMut`, not its field).
+    pub fn ptr(self) -> *mut T {
+        self.0
+    }
+}
+
 /// Runs `$body` with `$T` bound to the Rust type of `$dtype` (f32 or f64).
 macro_rules! with_float {
     ($dtype:expr, $op:literal, |$T:ident| $body:expr) => {

@@ -14,7 +14,7 @@ use num_traits::{Float as _, One as _, Zero as _};
 use rayon::prelude::*;
 
 use super::ConvGeom;
-use crate::backend::cpu::{gemm, with_float, Float, Mat};
+use crate::backend::cpu::{gemm, with_float, Float, Mat, SharedMut};
 use crate::error::Result;
 use crate::tensor::Tensor;
 
@@ -170,18 +170,6 @@ fn gemm_split<T: Float>(a: Mat<T>, b: &[T], k: usize, n: usize, c: &mut [T]) -> 
         unsafe { T::gemm_raw(m, k, cols, T::one(), a.data.as_ptr(), ars, acs, b.as_ptr().add(c0), n as isize, 1, T::zero(), out.add(c0), n as isize, 1) }
     });
     Ok(())
-}
-
-/// A pointer the column blocks of [`gemm_split`] share: each writes its own columns.
-#[derive(Clone, Copy)]
-struct SharedMut<T>(*mut T);
-// SAFETY: the tasks write disjoint columns and read nothing through it.
-unsafe impl<T> Send for SharedMut<T> {}
-unsafe impl<T> Sync for SharedMut<T> {}
-impl<T> SharedMut<T> {
-    fn ptr(self) -> *mut T {
-        self.0
-    }
 }
 
 /// [B, C, HW] -> [C, B*HW] (per-sample planes side by side), one task per channel.

@@ -9,7 +9,7 @@
 use num_traits::Zero as _;
 use rayon::prelude::*;
 
-use crate::backend::cpu::{with_float, Float};
+use crate::backend::cpu::{with_float, Float, SharedMut};
 use crate::error::Result;
 use crate::tensor::Tensor;
 
@@ -107,7 +107,7 @@ fn gather_spec<T: Float>(m: &MixDims, rows: &[usize], s: &[T], c: usize) -> Vec<
 /// other modes are left as they are).
 fn scatter_spec<T: Float>(m: &MixDims, rows: &[usize], src: &[T], c: usize, s: &mut [T]) {
     let per = 2 * m.b * c;
-    let out = Shared(s.as_mut_ptr());
+    let out = SharedMut(s.as_mut_ptr());
     let len = s.len();
     src.par_chunks(MODES_PER_TASK * per).enumerate().for_each(|(t, chunk)| {
         for (j, from) in chunk.chunks(per).enumerate() {
@@ -158,20 +158,6 @@ fn scatter_w<T: Float>(m: &MixDims, src: &[T], w: &mut [T]) {
             }
         }
     });
-}
-
-/// A pointer the scatter's tasks share; each writes a disjoint set of entries through it.
-#[derive(Clone, Copy)]
-struct Shared<T>(*mut T);
-// SAFETY: the tasks write disjoint entries (their own modes) and read nothing through it.
-unsafe impl<T> Send for Shared<T> {}
-unsafe impl<T> Sync for Shared<T> {}
-
-impl<T> Shared<T> {
-    /// The pointer (a method, so that a closure captures the whole `Shared`, not its field).
-    fn ptr(self) -> *mut T {
-        self.0
-    }
 }
 
 pub(super) fn mix_fwd(xh: &Tensor, w: &Tensor, rows: &[usize], y: &mut Tensor) -> Result<()> {
