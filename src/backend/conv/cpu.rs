@@ -193,8 +193,11 @@ fn rows_to_batch<T: Float>(rows: &[T], out: &mut [T], batch: usize, c: usize, hw
 }
 
 /// Samples a task of the weight gradient sums (in order) before the groups' sums are added (in
-/// order): a fixed number, so that dW is the same on any number of threads.
-const DW_GROUP: usize = 4;
+/// order): at least 4, and enough that there are at most 8 groups (each holds a partial dW). It
+/// depends on the batch alone, so that dW is the same on any number of threads.
+fn dw_group(batch: usize) -> usize {
+    batch.div_ceil(8).max(4)
+}
 
 // The batch is split across rayon's threads, one sample per task (each sample's GEMM runs on its
 // task's thread: matrixmultiply's own threading is off, so the two pools never compete).
@@ -295,14 +298,15 @@ pub(super) fn conv2d_bwd_weight(g: &ConvGeom, x: &Tensor, dy: &Tensor, dw: &mut 
             }
             Ok(())
         };
-        let groups = xs.len().div_ceil(DW_GROUP * xin);
+        let group = dw_group(batch);
+        let groups = batch.div_ceil(group);
         if groups <= 1 {
             return T::with_scratch(scratch, |cols| sum_group(xs, dys, dws, cols));
         }
         let mut partial = vec![T::zero(); groups * dws.len()];
         partial
             .par_chunks_mut(dws.len())
-            .zip(xs.par_chunks(DW_GROUP * xin).zip(dys.par_chunks(DW_GROUP * yout)))
+            .zip(xs.par_chunks(group * xin).zip(dys.par_chunks(group * yout)))
             .try_for_each(|(out, (xg, dyg))| T::with_scratch(scratch, |cols| sum_group(xg, dyg, out, cols)))?;
         let (first, rest) = partial.split_at(dws.len());
         dws.copy_from_slice(first);
