@@ -689,6 +689,11 @@ pub mod presets {
         ),
     ];
 
+    /// The one-line description of preset `name` ("" for an unknown name).
+    pub fn describe(name: &str) -> &'static str {
+        ALL.iter().find(|p| p.0 == name).map_or("", |p| p.1)
+    }
+
     pub fn get(name: &str) -> Result<Config> {
         let mut c = Config::default();
         // What the two CPU presets share: a capped-width generator at N 32 on small objects.

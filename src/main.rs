@@ -59,8 +59,7 @@ impl SourceArgs {
             (Some(p), _, _) => Config::load(p)?,
             (None, Some(name), _) => fnokern::config::presets::get(name)?,
             (None, None, Some(name)) => {
-                let why = fnokern::config::presets::ALL.iter().find(|p| p.0 == name).map_or("", |p| p.1);
-                println!("preset {name} (no --config or --preset given): {why}");
+                println!("preset {name} (no --config or --preset given): {}", fnokern::config::presets::describe(name));
                 fnokern::config::presets::get(name)?
             }
             (None, None, None) => Config::default(),
@@ -336,10 +335,8 @@ fn stop_flag() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
 fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: Option<usize>) -> fnokern::Result<u8> {
     use std::io::IsTerminal;
     // --device auto is resolved once, now, and the run records what it chose.
-    if args.src.device.as_deref().is_some_and(|d| d.trim() == "auto") {
-        let (kind, why) = fnokern::device::auto_kind();
-        println!("device auto: {why}");
-        args.src.device = Some(kind.to_string());
+    if let Some(d) = args.src.device.as_deref().filter(|d| d.trim() == "auto") {
+        args.src.device = Some(device_said(d)?.to_string());
     }
     // A resumed run's config is its own, unless one is named.
     let mut resumed_preset = None;
@@ -360,8 +357,7 @@ fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: O
             .or_else(|| Some(dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()));
     }
     if let Some(name) = &args.src.preset {
-        let why = fnokern::config::presets::ALL.iter().find(|p| p.0 == name).map(|p| p.1).unwrap_or("");
-        println!("preset {name}: {why}");
+        println!("preset {name}: {}", fnokern::config::presets::describe(name));
     }
     // Bare: the CPU-sized preset, or the reference study on a GPU (said by resolve()).
     let bare = (args.src.config.is_none() && args.src.preset.is_none()).then(|| args.src.bare_preset());
@@ -414,13 +410,8 @@ fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: O
     if let Some(r) = &s.reason {
         println!("reason: {r}");
     }
-    let events: Vec<String> = s
-        .outcomes
-        .iter()
-        .filter(|(o, n)| !matches!(o, fnokern::train::StepOutcome::Ok | fnokern::train::StepOutcome::Accumulated) && **n > 0)
-        .map(|(o, n)| format!("{n} {o}"))
-        .collect();
-    println!("guard events: {}", if events.is_empty() { "none".to_string() } else { events.join(", ") });
+    let events = fnokern::train::event_counts(&Default::default(), &s.outcomes);
+    println!("guard events: {}", if events.is_empty() { "none" } else { &events });
     if let Some(m) = &s.metrics {
         println!(
             "test object: amplitude SSIM {:.3} MAE {:.4}, phase SSIM {:.3} MAE {:.4}",
@@ -441,6 +432,16 @@ fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: O
     Ok(s.exit_code())
 }
 
+/// The device `dev` names; `auto` is resolved and the choice said, with its reason.
+fn device_said(dev: &str) -> fnokern::Result<fnokern::DeviceKind> {
+    if dev.trim() != "auto" {
+        return fnokern::DeviceKind::parse(dev);
+    }
+    let (kind, why) = fnokern::device::auto_kind();
+    println!("device auto: {why}");
+    Ok(kind)
+}
+
 fn predict(
     run: PathBuf,
     input: Option<PathBuf>,
@@ -449,13 +450,7 @@ fn predict(
     device: &str,
     batch_size: Option<usize>,
 ) -> fnokern::Result<()> {
-    let kind = if device.trim() == "auto" {
-        let (kind, why) = fnokern::device::auto_kind();
-        println!("device auto: {why}");
-        kind
-    } else {
-        fnokern::DeviceKind::parse(device)?
-    };
+    let kind = device_said(device)?;
     if batch_size == Some(0) {
         return Err(fnokern::Error::InvalidArgument { op: "predict", why: "--batch-size must be at least 1".into() });
     }

@@ -219,7 +219,7 @@ pub fn predict(opts: &PredictOptions, dev: &Device, say: &mut dyn FnMut(&str)) -
     };
     let placed = eval::place(&split, &p.amp, &p.phase).ok();
     let scored = match (&placed, &split.ground_truth) {
-        (Some(_), Some(_)) => Some(eval::score(&eval::stitch(&split, &p.amp, &p.phase)?)?),
+        (Some(c), Some(_)) => Some(eval::score(&eval::beside_truth(&split, c.clone())?)?),
         _ => None,
     };
 

@@ -140,12 +140,7 @@ impl<'a, T> Mat<'a, T> {
         Mat { transposed: !self.transposed, ..self }
     }
     /// (rows, cols, row stride, column stride) of the operand as used.
-    pub fn strides(&self) -> (usize, usize, isize, isize) {
-        self.view()
-    }
-
-    /// (rows, cols, row stride, column stride) of the operand as used.
-    fn view(&self) -> (usize, usize, isize, isize) {
+    pub fn view(&self) -> (usize, usize, isize, isize) {
         if self.transposed {
             (self.cols, self.rows, 1, self.cols as isize)
         } else {

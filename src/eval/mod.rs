@@ -292,8 +292,12 @@ pub fn place(split: &NpzSplit, pred_amp: &[f64], pred_phase: &[f64]) -> Result<P
 
 /// [`place`], beside the ground truth's same window.
 pub fn stitch(split: &NpzSplit, pred_amp: &[f64], pred_phase: &[f64]) -> Result<Stitched> {
+    beside_truth(split, place(split, pred_amp, pred_phase)?)
+}
+
+/// A placed canvas of `split`, beside the ground truth's same window.
+pub fn beside_truth(split: &NpzSplit, p: Placed) -> Result<Stitched> {
     let (side, gt) = split.ground_truth.as_ref().map(|(s, g)| (*s, g)).ok_or_else(|| Error::invalid("stitch", "the split has no ground-truth object"))?;
-    let p = place(split, pred_amp, pred_phase)?;
     let (h, w, (top, left)) = (p.amp.rows, p.amp.cols, p.top_left);
     let (mut ga, mut gp) = (Vec::with_capacity(h * w), Vec::with_capacity(h * w));
     for r in 0..h {

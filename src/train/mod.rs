@@ -239,7 +239,7 @@ fn event_line(r: &StepReport, epoch: usize, trainer: &Trainer) -> Option<String>
 
 /// "2 rolled_back, 1 skipped_nonfinite_loss": the steps of `now` beyond `before` that were not
 /// plain updates or accumulations.
-fn event_counts(before: &BTreeMap<StepOutcome, u64>, now: &BTreeMap<StepOutcome, u64>) -> String {
+pub fn event_counts(before: &BTreeMap<StepOutcome, u64>, now: &BTreeMap<StepOutcome, u64>) -> String {
     now.iter()
         .filter(|(o, _)| !matches!(o, StepOutcome::Ok | StepOutcome::Accumulated))
         .filter_map(|(o, &k)| Some((o, k.checked_sub(*before.get(o).unwrap_or(&0)).filter(|&d| d > 0)?)))

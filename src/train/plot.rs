@@ -47,19 +47,36 @@ pub struct Marks<'a> {
     pub color: RGBColor,
 }
 
+/// A number's text without trailing zeros after its point (nor a bare point).
+fn trim_zeros(t: &str) -> &str {
+    if t.contains('.') {
+        t.trim_end_matches('0').trim_end_matches('.')
+    } else {
+        t
+    }
+}
+
+/// `v` with `decimals` digits after the point, trailing zeros dropped.
+fn fixed(v: f64, decimals: usize) -> String {
+    trim_zeros(&format!("{v:.decimals$}")).to_string()
+}
+
+/// `v` in scientific notation with `digits` mantissa decimals, trailing zeros dropped ("2.5e-4").
+fn scientific(v: f64, digits: usize) -> String {
+    let t = format!("{v:.digits$e}");
+    let (m, e) = t.split_once('e').unwrap_or((&t, "0"));
+    format!("{}e{e}", trim_zeros(m))
+}
+
 /// A value with four significant digits, trailing zeros dropped.
 pub fn sig4(v: f64) -> String {
-    let trim = |t: String| if t.contains('.') { t.trim_end_matches('0').trim_end_matches('.').to_string() } else { t };
     let a = v.abs();
     if a == 0.0 || !v.is_finite() {
         format!("{v}")
     } else if (1e-3..1e5).contains(&a) {
-        let decimals = (3 - a.log10().floor() as i32).clamp(0, 6) as usize;
-        trim(format!("{v:.decimals$}"))
+        fixed(v, (3 - a.log10().floor() as i32).clamp(0, 6) as usize)
     } else {
-        let t = format!("{v:.3e}");
-        let (m, e) = t.split_once('e').unwrap_or((&t, "0"));
-        format!("{}e{e}", trim(m.to_string()))
+        scientific(v, 3)
     }
 }
 
@@ -76,17 +93,11 @@ pub fn tick(v: f64, lo: f64, hi: f64) -> String {
     if v == 0.0 || v.abs() < span * 1e-9 {
         return "0".into();
     }
-    let trim = |t: String| if t.contains('.') { t.trim_end_matches('0').trim_end_matches('.').to_string() } else { t };
-    // Digits after the first significant one that the span needs: ticks a tenth of it apart.
-    let digits = |m: f64| if span > 0.0 { ((m / span).log10().ceil() + 1.0).clamp(0.0, 3.0) as usize } else { 3 };
     if (1e-2..1e5).contains(&mag) {
-        let decimals = if span > 0.0 { ((-span.log10()).ceil() + 1.0).clamp(0.0, 6.0) as usize } else { 4 };
-        trim(format!("{v:.decimals$}"))
+        fixed(v, if span > 0.0 { ((-span.log10()).ceil() + 1.0).clamp(0.0, 6.0) as usize } else { 4 })
     } else {
-        let d = digits(mag);
-        let t = format!("{v:.d$e}");
-        let (m, e) = t.split_once('e').unwrap_or((&t, "0"));
-        format!("{}e{e}", trim(m.to_string()))
+        // Mantissa digits that the span needs: ticks a tenth of it apart.
+        scientific(v, if span > 0.0 { ((mag / span).log10().ceil() + 1.0).clamp(0.0, 3.0) as usize } else { 3 })
     }
 }
 

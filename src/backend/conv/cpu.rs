@@ -156,7 +156,7 @@ fn im2col_batch<T: Float>(g: &Geom, x: &[T], batch: usize) -> Vec<T> {
 /// blocks in parallel.
 fn gemm_split<T: Float>(a: Mat<T>, b: &[T], k: usize, n: usize, c: &mut [T]) -> Result<()> {
     let m = c.len() / n;
-    let (ar, ac, ars, acs) = a.strides();
+    let (ar, ac, ars, acs) = a.view();
     if ar != m || ac != k || b.len() < k * n || a.data.len() < m * k {
         return Err(crate::error::Error::invalid("gemm", format!("operands do not fit: [{ar}x{ac}] x [{k}x{n}] into {m} x {n}")));
     }

@@ -160,18 +160,25 @@ fn scatter_w<T: Float>(m: &MixDims, src: &[T], w: &mut [T]) {
     });
 }
 
+/// Spectra through the weight, mode by mode: the forward (Y[B, Co] = X W, `adjoint` false) or
+/// dX (dX[B, Ci] = dY conj(W)^T, `adjoint` true, reading W's [Ci][Co] planes transposed).
+fn through_w<T: Float>(m: &MixDims, rows: &[usize], src: &[T], w: &[T], adjoint: bool, dst: &mut [T]) {
+    let (c_in, c_out) = if adjoint { (m.co, m.ci) } else { (m.ci, m.co) };
+    let xm = gather_spec(m, rows, src, c_in);
+    let wm = gather_w(m, w);
+    let mut ym = vec![T::zero(); m.block() * 2 * m.b * c_out];
+    ym.par_chunks_mut(2 * m.b * c_out).enumerate().for_each(|(k, yk)| {
+        let x = View::planar(k, m.b, c_in, false, false);
+        let wv = View::planar(k, m.ci, m.co, adjoint, adjoint);
+        cgemm((m.b, c_in, c_out), (&xm, x), (&wm, wv), (yk, View::planar(0, m.b, c_out, false, false)));
+    });
+    scatter_spec(m, rows, &ym, c_out, dst);
+}
+
 pub(super) fn mix_fwd(xh: &Tensor, w: &Tensor, rows: &[usize], y: &mut Tensor) -> Result<()> {
     let m = MixDims::new(xh.dims(), w.dims());
     with_float!(xh.dtype(), "spectral_mix_fwd", |T| {
-        let xm = gather_spec(&m, rows, xh.as_slice::<T>()?, m.ci);
-        let wm = gather_w(&m, w.as_slice::<T>()?);
-        let mut ym = vec![T::zero(); m.block() * 2 * m.b * m.co];
-        ym.par_chunks_mut(2 * m.b * m.co).enumerate().for_each(|(k, yk)| {
-            let x = View::planar(k, m.b, m.ci, false, false);
-            let wv = View::planar(k, m.ci, m.co, false, false);
-            cgemm((m.b, m.ci, m.co), (&xm, x), (&wm, wv), (yk, View::planar(0, m.b, m.co, false, false)));
-        });
-        scatter_spec(&m, rows, &ym, m.co, y.as_mut_slice::<T>()?);
+        through_w(&m, rows, xh.as_slice::<T>()?, w.as_slice::<T>()?, false, y.as_mut_slice::<T>()?);
         Ok(())
     })
 }
@@ -179,16 +186,7 @@ pub(super) fn mix_fwd(xh: &Tensor, w: &Tensor, rows: &[usize], y: &mut Tensor) -
 pub(super) fn mix_bwd_input(dyh: &Tensor, w: &Tensor, rows: &[usize], dxh: &mut Tensor) -> Result<()> {
     let m = MixDims::new(dyh.dims(), w.dims());
     with_float!(dyh.dtype(), "spectral_mix_bwd_input", |T| {
-        let dym = gather_spec(&m, rows, dyh.as_slice::<T>()?, m.co);
-        let wm = gather_w(&m, w.as_slice::<T>()?);
-        let mut dxm = vec![T::zero(); m.block() * 2 * m.b * m.ci];
-        dxm.par_chunks_mut(2 * m.b * m.ci).enumerate().for_each(|(k, dxk)| {
-            let dy = View::planar(k, m.b, m.co, false, false);
-            // conj(W)^T: [Co, Ci] read from W's [Ci][Co] plane.
-            let wt = View::planar(k, m.ci, m.co, true, true);
-            cgemm((m.b, m.co, m.ci), (&dym, dy), (&wm, wt), (dxk, View::planar(0, m.b, m.ci, false, false)));
-        });
-        scatter_spec(&m, rows, &dxm, m.ci, dxh.as_mut_slice::<T>()?);
+        through_w(&m, rows, dyh.as_slice::<T>()?, w.as_slice::<T>()?, true, dxh.as_mut_slice::<T>()?);
         Ok(())
     })
 }
