@@ -97,10 +97,27 @@ impl fmt::Display for CheckpointPolicy {
     }
 }
 
-/// `[model]`: the hybrid U-FNO generator.
+/// Which network `[model]` builds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    /// The capped-width hybrid U-FNO generator (the ptychography workload).
+    #[default]
+    Ufno,
+    /// The standard FNO-2D of Li et al. (the Darcy workload): a 1x1 lifting to `width`, `depth`
+    /// Fourier layers (spectral conv + 1x1 conv, GELU between layers), a 1x1 projection to
+    /// `projection` channels, GELU, and a 1x1 projection to the output.
+    Fno2d,
+}
+
+/// `[model]`: the hybrid U-FNO generator, or the standard FNO-2D.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
+    /// `ufno` (the generator) or `fno2d` (the standard FNO-2D, for `data.workload = "darcy"`).
+    pub kind: ModelKind,
+    /// fno2d: channels of the projection's hidden layer.
+    pub projection: usize,
     /// Encoder levels (and decoder levels + 1). Depth beyond what N allows keeps the resolution.
     pub depth: usize,
     /// Channels of the first level.
@@ -130,6 +147,8 @@ pub struct ModelConfig {
 impl Default for ModelConfig {
     fn default() -> Self {
         ModelConfig {
+            kind: ModelKind::Ufno,
+            projection: 128,
             depth: 4,
             width: 32,
             modes: 12,
@@ -163,6 +182,9 @@ impl ModelConfig {
         if self.width == 0 || self.modes == 0 {
             return bad(format!("width ({}) and modes ({}) must be at least 1", self.width, self.modes));
         }
+        if self.kind == ModelKind::Fno2d && !(1..=65_536).contains(&self.projection) {
+            return bad(format!("projection must be in [1, 65536], got {}", self.projection));
+        }
         // Beyond these no machine holds the model; they stop a typo before any allocation.
         if self.depth > 64 || self.width > 65_536 || self.max_channels > 65_536 || self.modes > 65_536 {
             return bad(format!(
@@ -187,10 +209,32 @@ impl ModelConfig {
     }
 }
 
+/// What a run learns: the ptychography generator on grid-lines data, or Darcy flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Workload {
+    /// Diffraction patterns -> object patches (`[data]`, the U-FNO generator, the physics losses).
+    #[default]
+    Gridlines,
+    /// Coefficient a(x) -> solution u(x) of -div(a grad u) = 1 (`[darcy]`, `model.kind = "fno2d"`,
+    /// the relative L2 or H1 loss).
+    Darcy,
+}
+
+impl Workload {
+    fn is_gridlines(&self) -> bool {
+        *self == Workload::Gridlines
+    }
+}
+
 /// `[data]`: the synthetic grid-lines data set (or an NPZ file in the reference layout).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
+    /// `gridlines` (the fields below) or `darcy` (the `[darcy]` section; only `cache_dir` here
+    /// applies). Left out of the grid-lines cache key, so old caches stay valid.
+    #[serde(skip_serializing_if = "Workload::is_gridlines")]
+    pub workload: Workload,
     /// Patch size N (the generator's input is N x N).
     pub n: usize,
     /// Side of each simulated object image (after the centre crop).
@@ -225,6 +269,7 @@ pub struct DataConfig {
 impl Default for DataConfig {
     fn default() -> Self {
         DataConfig {
+            workload: Workload::Gridlines,
             n: 64,
             object_size: 392,
             lines: 400,
@@ -248,6 +293,9 @@ impl Default for DataConfig {
 impl DataConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |why: String| Err(Error::invalid("data config", why));
+        if self.workload == Workload::Darcy {
+            return Ok(());
+        }
         if self.n < 2 || self.n > 8192 {
             return bad(format!("n must be in [2, 8192], got {}", self.n));
         }
@@ -282,6 +330,91 @@ impl DataConfig {
     }
 }
 
+/// `[darcy]`: the Darcy flow data set of the FNO paper, generated here: -div(a grad u) = 1 on the
+/// unit square, u = 0 on its boundary, a = `high` where a Gaussian random field
+/// mu ~ N(0, (-Laplacian + tau^2)^-alpha) (zero Neumann conditions) is >= 0 and `low` elsewhere,
+/// solved by second-order finite differences on a `resolution` x `resolution` grid and subsampled
+/// by `subsample` (421 and 5 give the paper's s = 85).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DarcyConfig {
+    /// Grid points per side of the solve (boundary included).
+    pub resolution: usize,
+    /// Keep every `subsample`-th point: s = (resolution - 1) / subsample + 1 per side.
+    pub subsample: usize,
+    pub train_samples: usize,
+    pub test_samples: usize,
+    /// The random field's smoothness alpha and inverse length scale tau.
+    pub alpha: f64,
+    pub tau: f64,
+    /// The coefficient where the field is >= 0 and where it is < 0.
+    pub high: f64,
+    pub low: f64,
+    /// Relative residual at which the conjugate-gradient solve stops.
+    pub tolerance: f64,
+    pub seed: u64,
+    /// Train on existing data instead: NPZ files with arrays `coeff` and `sol`, each
+    /// [samples, s, s] (the published .mat files' arrays, e.g. saved with numpy.savez), read
+    /// at full size (no subsampling).
+    pub npz: Option<PathBuf>,
+    /// The test split's NPZ (needed with `npz`).
+    pub npz_test: Option<PathBuf>,
+}
+
+impl Default for DarcyConfig {
+    fn default() -> Self {
+        DarcyConfig {
+            resolution: 421,
+            subsample: 5,
+            train_samples: 1000,
+            test_samples: 100,
+            alpha: 2.0,
+            tau: 3.0,
+            high: 12.0,
+            low: 3.0,
+            tolerance: 1e-10,
+            seed: 0,
+            npz: None,
+            npz_test: None,
+        }
+    }
+}
+
+impl DarcyConfig {
+    /// Points per side of the subsampled fields the model sees.
+    pub fn s(&self) -> usize {
+        (self.resolution.saturating_sub(1)) / self.subsample.max(1) + 1
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |why: String| Err(Error::invalid("darcy config", why));
+        if !(5..=4097).contains(&self.resolution) {
+            return bad(format!("resolution must be in [5, 4097], got {}", self.resolution));
+        }
+        if self.subsample == 0 || !(self.resolution - 1).is_multiple_of(self.subsample) || self.s() < 4 {
+            return bad(format!(
+                "subsample ({}) must divide resolution - 1 ({}) and leave at least 4 points per side",
+                self.subsample,
+                self.resolution - 1
+            ));
+        }
+        if self.train_samples == 0 || self.test_samples == 0 || self.train_samples > 1_000_000 || self.test_samples > 1_000_000 {
+            return bad("train_samples and test_samples must be in [1, 10^6]".into());
+        }
+        let pos = |v: f64| v.is_finite() && v > 0.0;
+        if !pos(self.alpha) || !pos(self.tau) || !pos(self.high) || !pos(self.low) {
+            return bad("alpha, tau, high and low must be finite and > 0".into());
+        }
+        if !(self.tolerance > 0.0 && self.tolerance < 1.0) {
+            return bad(format!("tolerance must be in (0, 1), got {}", self.tolerance));
+        }
+        if self.npz.is_some() != self.npz_test.is_some() {
+            return bad("npz and npz_test go together: both splits are needed".into());
+        }
+        Ok(())
+    }
+}
+
 /// The training loss.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -292,6 +425,30 @@ pub enum LossKind {
     PoissonNll,
     /// Supervised L1 on the object's amplitude and phase.
     SupervisedL1,
+    /// Darcy: ||u_pred - u||_2 / ||u||_2 per sample, averaged over the batch (the FNO paper's loss).
+    RelL2,
+    /// Darcy: the relative H1 error per sample: sqrt(||e||^2 + ||d_x e||^2 + ||d_y e||^2) over the
+    /// same of u, e = u_pred - u, derivatives by central differences at the interior points.
+    H1,
+}
+
+impl LossKind {
+    /// A loss of the Darcy workload (supervised on the solution field).
+    pub fn is_field_loss(self) -> bool {
+        matches!(self, LossKind::RelL2 | LossKind::H1)
+    }
+}
+
+/// How a batch's per-sample losses combine into the objective that is differentiated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Reduction {
+    /// Their mean.
+    #[default]
+    Mean,
+    /// Their sum (the FNO paper's scripts: LpLoss(size_average=False)); validation and the
+    /// reported losses stay means.
+    Sum,
 }
 
 /// `[loss]`.
@@ -303,11 +460,13 @@ pub struct LossConfig {
     pub probe_scale: f64,
     /// eps of the normalised-MAE denominator.
     pub eps: f64,
+    /// `mean` or `sum` of the batch's per-sample losses in the objective.
+    pub reduction: Reduction,
 }
 
 impl Default for LossConfig {
     fn default() -> Self {
-        LossConfig { kind: LossKind::NormalizedAmplitudeMae, probe_scale: 0.25, eps: 1e-8 }
+        LossConfig { kind: LossKind::NormalizedAmplitudeMae, probe_scale: 0.25, eps: 1e-8, reduction: Reduction::Mean }
     }
 }
 
@@ -447,8 +606,14 @@ pub struct TrainConfig {
     /// Device memory budget (e.g. `24GiB`): an allocation that would exceed it stops the run as
     /// out of memory, as a card of that size would. Unset: no budget.
     pub memory_limit: Option<String>,
-    /// Final evaluation: stitch and score the test object.
+    /// Final evaluation: stitch and score the test object (Darcy: score the whole test split).
     pub evaluate: bool,
+    /// Early stopping: end the run after this many epochs in a row without a validation loss
+    /// below the best so far minus `early_stopping_min_delta`; 0 turns it off.
+    pub early_stopping_patience: usize,
+    pub early_stopping_min_delta: f64,
+    /// An early-stopped run's weights.safetensors holds the best epoch's parameters.
+    pub early_stopping_restore_best: bool,
 }
 
 impl Default for TrainConfig {
@@ -500,6 +665,9 @@ impl Default for TrainConfig {
             device: "cpu".into(),
             memory_limit: None,
             evaluate: true,
+            early_stopping_patience: 0,
+            early_stopping_min_delta: 0.0,
+            early_stopping_restore_best: true,
         }
     }
 }
@@ -566,6 +734,9 @@ impl TrainConfig {
         if self.loss_scale_init > MAX_LOSS_SCALE {
             return bad(format!("loss_scale_init ({}) must be at most 2^24 = {MAX_LOSS_SCALE} (PyTorch starts at 2^16)", self.loss_scale_init));
         }
+        if !nonneg(self.early_stopping_min_delta) {
+            return bad(format!("early_stopping_min_delta must be finite and >= 0, got {}", self.early_stopping_min_delta));
+        }
         if let Some(m) = &self.memory_limit {
             crate::device::parse_bytes(m).map_err(|e| Error::invalid("train config", format!("memory_limit: {e}")))?;
         }
@@ -620,6 +791,7 @@ pub struct Config {
     pub loss: LossConfig,
     pub train: TrainConfig,
     pub faults: FaultConfig,
+    pub darcy: DarcyConfig,
 }
 
 impl Config {
@@ -638,10 +810,41 @@ impl Config {
 
     pub fn validate(&self) -> Result<()> {
         self.data.validate()?;
-        self.model.validate(self.data.n)?;
+        if self.data.workload == Workload::Darcy {
+            self.darcy.validate()?;
+        }
+        self.model.validate(self.input_size())?;
         self.loss.validate()?;
         self.faults.validate()?;
-        self.train.validate()
+        self.train.validate()?;
+        let darcy = self.data.workload == Workload::Darcy;
+        let bad = |why: &str| Err(Error::invalid("config", why.to_string()));
+        if darcy != (self.model.kind == ModelKind::Fno2d) {
+            return bad("model.kind = \"fno2d\" goes with data.workload = \"darcy\" (and \"ufno\" with \"gridlines\")");
+        }
+        if darcy != self.loss.kind.is_field_loss() {
+            return bad("the Darcy workload trains with loss.kind = \"rel_l2\" or \"h1\", and only it does");
+        }
+        if darcy && self.train.aux_loss != AuxLoss::None {
+            return bad("train.aux_loss is a grid-lines term: set it to \"none\" for Darcy");
+        }
+        Ok(())
+    }
+
+    /// Points per side of the model's input: `data.n`, or the Darcy fields' s.
+    pub fn input_size(&self) -> usize {
+        match self.data.workload {
+            Workload::Gridlines => self.data.n,
+            Workload::Darcy => self.darcy.s(),
+        }
+    }
+
+    /// Channels of the model's input: the diffraction amplitude, or Darcy's (a, x, y).
+    pub fn in_channels(&self) -> usize {
+        match self.data.workload {
+            Workload::Gridlines => 1,
+            Workload::Darcy => 3,
+        }
     }
 
     /// Applies one `section.key=value` override (the value in TOML syntax; bare words are strings).
@@ -657,7 +860,7 @@ impl Config {
         let sec = table
             .get_mut(section)
             .and_then(|s| s.as_table_mut())
-            .ok_or_else(|| Error::invalid("--set", format!("unknown section `{section}` (model, data, loss, train, faults)")))?;
+            .ok_or_else(|| Error::invalid("--set", format!("unknown section `{section}` (model, data, loss, train, faults, darcy)")))?;
         sec.insert(field.to_string(), parsed);
         let cfg: Config =
             table.try_into().map_err(|e: toml::de::Error| Error::Config { origin: format!("--set {assignment}"), why: e.message().to_string() })?;
@@ -686,6 +889,12 @@ pub mod presets {
             "study",
             "the published reference study's setting, meant for a GPU: N 64, width 32, max_channels 512, modes 12, \
              batch 16, Adam 1e-3, global-norm clipping 1.0, 50 epochs, no phase in the data",
+        ),
+        (
+            "darcy",
+            "the FNO paper's Darcy benchmark (configs/darcy-fno2d.toml): FNO-2D width 32, 4 layers, 12 modes, s 85, \
+             1000 + 100 generated samples, relative L2 loss, Adam 1e-3 with weight decay 1e-4, batch 20, 500 epochs, \
+             the rate halved every 100 epochs",
         ),
     ];
 
@@ -728,6 +937,26 @@ pub mod presets {
             "study" => {
                 c.data.phase = false;
                 c.train.epochs = 50;
+            }
+            "darcy" => {
+                c.data.workload = Workload::Darcy;
+                c.model.kind = ModelKind::Fno2d;
+                c.model.depth = 4;
+                c.model.width = 32;
+                c.model.modes = 12;
+                c.model.projection = 128;
+                c.loss.kind = LossKind::RelL2;
+                c.loss.reduction = Reduction::Sum;
+                c.train.epochs = 500;
+                c.train.batch_size = 20;
+                c.train.lr = 1e-3;
+                c.train.weight_decay = 1e-4;
+                c.train.clip = ClipKind::None;
+                c.train.schedule = ScheduleKind::Step;
+                // 100 epochs of 1000 / 20 updates.
+                c.train.step_size = 5000;
+                c.train.step_gamma = 0.5;
+                c.train.spike_action = SpikeAction::Log;
             }
             other => {
                 let names: Vec<&str> = ALL.iter().map(|p| p.0).collect();

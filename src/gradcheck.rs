@@ -317,6 +317,16 @@ pub fn all_cases() -> Vec<Case> {
         case!("mae", loss_case(ops::mae)),
         case!("mse", loss_case(ops::mse)),
         case!("rel_l2", loss_case(ops::rel_l2)),
+        case!("sample_sum_sq", go(vars(vec![randn([3, 2, 4, 5], 1)?]), &|t, v| ops::sample_sum_sq(t, &v[0]))),
+        case!(
+            "mean_rel_l2",
+            go(vec![Input::var(randn([3, 1, 5, 5], 1)?), Input::constant(randn([3, 1, 5, 5], 2)?)], &|t, v| ops::mean_rel_l2(t, &v[0], &v[1]))
+        ),
+        case!("central_differences", go(vars(vec![randn([2, 1, 5, 6], 1)?]), &|t, v| ops::central_differences(t, &v[0], 0.25))),
+        case!(
+            "mean_rel_h1",
+            go(vec![Input::var(randn([3, 1, 5, 5], 1)?), Input::constant(randn([3, 1, 5, 5], 2)?)], &|t, v| ops::mean_rel_h1(t, &v[0], &v[1], 0.25))
+        ),
         // The denominator is detached, so only the prediction's gradient is the true derivative.
         case!(
             "mae_over_detached_mean",

@@ -188,13 +188,19 @@ a directory in use); 3 crashed on non-finite values; 4 crashed on repeated loss 
         #[arg(long)]
         save_weights: Option<PathBuf>,
     },
-    /// Simulate the grid-lines data set into data.cache_dir (default ./data-cache), or read it
-    /// from there or from the configured NPZ files, and print what it holds and where. Without
-    /// --config or --preset: the `cpu` preset's data, as `fnokern train` uses them.
+    /// Simulate the grid-lines data set (or generate the Darcy flow data set) into data.cache_dir
+    /// (default ./data-cache), or read it from there or from the configured NPZ files, and print
+    /// what it holds and where. Without --config or --preset: the `cpu` preset's data, as
+    /// `fnokern train` uses them (with --workload darcy: the `darcy` preset's).
     Data {
         #[command(flatten)]
         cfg: ConfigArgs,
-        /// Also write the splits as NPZ files (reference layout) into this directory.
+        /// gridlines or darcy: without --config or --preset, darcy takes the `darcy` preset
+        /// (the FNO paper's Darcy benchmark at s = 85); with one, its data.workload must match.
+        #[arg(long)]
+        workload: Option<String>,
+        /// Also write the splits as NPZ files (reference layout; Darcy: arrays coeff and sol)
+        /// into this directory.
         #[arg(long)]
         export: Option<PathBuf>,
     },
@@ -303,7 +309,7 @@ fn main() -> ExitCode {
         Command::Predict { run, input, weights, out, device, batch_size } => ok(predict(run, input, weights, out, &device, batch_size)),
         Command::Model { cfg, save_weights } => ok(model(&cfg, save_weights.as_deref())),
         Command::Grad { cfg, weights, batch, out } => ok(grad(&cfg, &weights, &batch, &out)),
-        Command::Data { cfg, export } => ok(data(&cfg, export.as_deref())),
+        Command::Data { cfg, workload, export } => ok(data(&cfg, workload.as_deref(), export.as_deref())),
         Command::CrashHunt { cfg, depths, arm, sweep: sw } => ok(sweep(fnokern::experiments::SweepKind::CrashHunt, cfg, None, depths, vec![arm], sw)),
         Command::Plan { cfg, batch, n, checkpoint } => ok(plan(&cfg, batch, n, checkpoint)),
         Command::BenchStep { cfg, steps } => ok(bench_step(&cfg, steps)),
@@ -598,8 +604,26 @@ fn plan(args: &ConfigArgs, batch: Option<usize>, n: Option<usize>, checkpoint: O
     Ok(())
 }
 
-fn data(args: &ConfigArgs, export: Option<&std::path::Path>) -> fnokern::Result<()> {
-    let cfg = args.resolve()?;
+fn data(args: &ConfigArgs, workload: Option<&str>, export: Option<&std::path::Path>) -> fnokern::Result<()> {
+    use fnokern::config::Workload;
+    let wanted = match workload {
+        None => None,
+        Some("gridlines") => Some(Workload::Gridlines),
+        Some("darcy") => Some(Workload::Darcy),
+        Some(other) => return Err(fnokern::Error::InvalidArgument { op: "--workload", why: format!("`{other}`: use gridlines or darcy") }),
+    };
+    let cfg = match wanted {
+        Some(Workload::Darcy) => args.src.resolve(args.depth, Some("darcy"))?,
+        _ => args.resolve()?,
+    };
+    if let Some(w) = wanted {
+        if cfg.data.workload != w {
+            return Err(fnokern::Error::InvalidArgument { op: "--workload", why: format!("the config's data.workload is {:?}, not {w:?}", cfg.data.workload) });
+        }
+    }
+    if cfg.data.workload == Workload::Darcy {
+        return darcy_data(&cfg, export);
+    }
     let start = std::time::Instant::now();
     let ds = fnokern::data::load_or_simulate(&cfg.data, &mut |m| eprintln!("{m}"))?;
     for (name, s) in [("train", &ds.train), ("test", &ds.test)] {
@@ -627,6 +651,42 @@ fn data(args: &ConfigArgs, export: Option<&std::path::Path>) -> fnokern::Result<
             fnokern::data::npz::save(&dir.join(name), s)?;
         }
         println!("exported train.npz and test.npz to {}", dir.display());
+    }
+    Ok(())
+}
+
+fn darcy_data(cfg: &Config, export: Option<&std::path::Path>) -> fnokern::Result<()> {
+    let start = std::time::Instant::now();
+    let d = &cfg.darcy;
+    let ds = fnokern::data::darcy::load_or_generate(d, &cfg.data.cache_dir, &mut |m| eprintln!("{m}"))?;
+    for (name, s) in [("train", &ds.train), ("test", &ds.test)] {
+        let frac_high = s.coeff.iter().filter(|&&a| a as f64 >= (d.high + d.low) / 2.0).count() as f64 / s.coeff.len().max(1) as f64;
+        let umax = s.sol.iter().fold(0.0f32, |m, &u| m.max(u));
+        println!(
+            "{name}: {} samples of {}x{}, coefficient {} on {:.1}% of the points (else {}), max u {umax:.4e}",
+            s.len(),
+            s.s,
+            s.s,
+            d.high,
+            100.0 * frac_high,
+            d.low
+        );
+    }
+    let size: u64 = std::fs::read_dir(&ds.source).into_iter().flatten().flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum();
+    let how = if d.npz.is_some() {
+        "read from the NPZ files".to_string()
+    } else if ds.from_cache {
+        format!("read from the cache, {:.1} MiB on disk (data.cache_dir)", size as f64 / 1048576.0)
+    } else {
+        format!("generated and cached there: {:.1} MiB written (data.cache_dir)", size as f64 / 1048576.0)
+    };
+    println!("source: {} ({how}; {:.1} s)", ds.source, start.elapsed().as_secs_f64());
+    if let Some(dir) = export {
+        std::fs::create_dir_all(dir).map_err(|source| fnokern::Error::Io { path: dir.display().to_string(), source })?;
+        for (name, s) in [("train.npz", &ds.train), ("test.npz", &ds.test)] {
+            fnokern::data::darcy::save_split(&dir.join(name), s)?;
+        }
+        println!("exported train.npz and test.npz (arrays coeff and sol) to {}", dir.display());
     }
     Ok(())
 }

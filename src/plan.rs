@@ -16,7 +16,8 @@
 
 use crate::backend;
 use crate::config::{CheckpointPolicy, Config};
-use crate::data::Batch;
+use crate::config::Workload;
+use crate::data::{Batch, Target};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::model::Generator;
@@ -95,18 +96,27 @@ impl SteadyState {
         let base = at();
         let g = Generator::for_run(cfg, dev)?;
         let params = at() - base;
-        let (b, n) = (cfg.train.batch_size, cfg.data.n);
+        let (b, n) = (cfg.train.batch_size, cfg.input_size());
         let before = at();
-        let obs = Tensor::randn([b, 1, n, n], 1.0, 1, DType::F32, dev)?;
-        let batch = Batch {
-            diffraction: backend::unary(backend::Unary::Abs, &obs)?,
-            y_i: Tensor::zeros([b, 1, n, n], DType::F32, dev)?,
-            y_phi: Tensor::zeros([b, 1, n, n], DType::F32, dev)?,
+        let (batch, trainer) = match cfg.data.workload {
+            Workload::Gridlines => {
+                let obs = Tensor::randn([b, 1, n, n], 1.0, 1, DType::F32, dev)?;
+                let batch = Batch {
+                    input: backend::unary(backend::Unary::Abs, &obs)?,
+                    target: Target::Ptycho { y_i: Tensor::zeros([b, 1, n, n], DType::F32, dev)?, y_phi: Tensor::zeros([b, 1, n, n], DType::F32, dev)? },
+                };
+                drop(obs);
+                let probe = Tensor::full(1.0, [n, n, 2], DType::F32, dev)?;
+                (batch, Trainer::new(cfg, g, Some(&probe), 1000)?)
+            }
+            Workload::Darcy => {
+                let batch = Batch {
+                    input: Tensor::randn([b, cfg.in_channels(), n, n], 1.0, 1, DType::F32, dev)?,
+                    target: Target::Field(Tensor::full(1.0, [b, 1, n, n], DType::F32, dev)?),
+                };
+                (batch, Trainer::new(cfg, g, None, 1000)?)
+            }
         };
-        drop(obs);
-        let probe = Tensor::full(1.0, [n, n, 2], DType::F32, dev)?;
-        let trainer = Trainer::new(cfg, g, &probe, 1000)?;
-        drop(probe);
         let batch_bytes = at() - before;
         let mut s = SteadyState { trainer, batch, params, optimizer: 0, snapshot: 0, batch_bytes };
         // The first update creates the optimiser's state; the rollback point is marked there, as
@@ -199,7 +209,7 @@ pub fn plan(cfg: &Config) -> Result<Plan> {
     plain.model.checkpoint = CheckpointPolicy::None;
     let mut ck = cfg.clone();
     ck.model.checkpoint = policy;
-    let parameters = Generator::new(&cfg.model, cfg.data.n, 1, &Device::meta(), DType::F32)?.num_params();
+    let parameters = Generator::for_run(cfg, &Device::meta())?.num_params();
     Ok(Plan {
         plain: step_memory(&plain, &Device::meta())?,
         policy,

@@ -1,6 +1,7 @@
-//! Data: the grid-lines simulator, NPZ files in the reference layout, the on-disk cache, batches,
+//! Data: the grid-lines simulator, the Darcy flow generator (`darcy`), NPZ files in the reference layout, the on-disk cache, batches,
 //! and the physics forward model with the losses.
 
+pub mod darcy;
 pub mod npz;
 pub mod simulate;
 
@@ -27,7 +28,7 @@ pub struct Dataset {
 }
 
 /// FNV-1a over bytes: a stable key for the cache (std's hasher may change between releases).
-fn fnv1a(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
@@ -121,13 +122,23 @@ fn write_cache(dir: &Path, cfg: &DataConfig, ds: &Dataset, s: f64) -> Result<()>
     crate::io::write_atomic(&dir.join("params.json"), params.to_string().as_bytes())
 }
 
-/// A batch: the generator input and what the losses compare against, all [B, 1, N, N] except the
-/// probe [N, N, 2].
+/// A batch: the model's input and what the losses compare against.
 #[derive(Clone)]
 pub struct Batch {
-    pub diffraction: Tensor,
-    pub y_i: Tensor,
-    pub y_phi: Tensor,
+    /// Grid lines: the diffraction amplitudes [B, 1, N, N]; Darcy: the normalised coefficient
+    /// with the grid coordinates [B, 3, s, s].
+    pub input: Tensor,
+    pub target: Target,
+}
+
+/// What a batch's loss compares the model's output with.
+#[derive(Clone)]
+pub enum Target {
+    /// Grid lines: the illuminated object's amplitude and phase [B, 1, N, N] (the physics losses
+    /// compare with the input itself).
+    Ptycho { y_i: Tensor, y_phi: Tensor },
+    /// Darcy: the solution field u [B, 1, s, s].
+    Field(Tensor),
 }
 
 /// Patterns `idx` of one of a split's [count, N, N] stacks as a [B, 1, N, N] tensor on `dev`.
@@ -152,9 +163,8 @@ pub fn inputs(split: &NpzSplit, idx: &[usize], dtype: DType, dev: &Device) -> Re
 /// Builds the batch of patterns `idx` of a split on `dev`.
 pub fn batch(split: &NpzSplit, idx: &[usize], dtype: DType, dev: &Device) -> Result<Batch> {
     Ok(Batch {
-        diffraction: inputs(split, idx, dtype, dev)?,
-        y_i: gather(split, &split.y_i, "Y_I", idx, dtype, dev)?,
-        y_phi: gather(split, &split.y_phi, "Y_phi", idx, dtype, dev)?,
+        input: inputs(split, idx, dtype, dev)?,
+        target: Target::Ptycho { y_i: gather(split, &split.y_i, "Y_I", idx, dtype, dev)?, y_phi: gather(split, &split.y_phi, "Y_phi", idx, dtype, dev)? },
     })
 }
 

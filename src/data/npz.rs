@@ -95,6 +95,13 @@ fn read_complex<R: Read + Seek>(arc: &mut NpzArchive<R>, path: &Path, key: &str)
     Ok(Some((shape, v)))
 }
 
+/// A real array of an NPZ file as f32 (from f32 or f64) with its shape; an error when absent.
+pub(crate) fn read_array(path: &Path, key: &str) -> Result<(Vec<u64>, Vec<f32>)> {
+    let file = File::open(path).map_err(io(path))?;
+    let mut arc = NpzArchive::new(BufReader::new(file)).map_err(|e| bad(path, format!("not an NPZ (zip) file: {e}")))?;
+    read_real(&mut arc, path, key)?.ok_or_else(|| bad(path, format!("array `{key}` is missing")))
+}
+
 /// (n, N) of a patch stack shaped (n, N, N) or (n, N, N, 1).
 fn stack_dims(path: &Path, key: &str, shape: &[u64]) -> Result<(usize, usize)> {
     match shape {

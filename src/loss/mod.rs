@@ -9,11 +9,14 @@
 //!   poisson_nll:              mean(I_pred - I_obs ln(I_pred + eps)), I = amp^2 (PyTorch's
 //!                             PoissonNLLLoss with log_input = False)
 //!   supervised_l1:            mean | |O * probe_scale * P| - Y_I | + mean |wrap(arg O - Y_phi)|
+//! and the Darcy workload's losses of predicted solution fields ([`field_objective`]):
+//!   rel_l2:                   mean over samples of ||u_pred - u|| / ||u||
+//!   h1:                       the same in the H1 norm (values and central differences)
 
 use crate::autograd::{Tape, Var};
 use crate::backend;
 use crate::config::{LossConfig, LossKind};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ops;
 use crate::tensor::Tensor;
 
@@ -43,6 +46,18 @@ pub struct Targets<'a> {
     pub diffraction: &'a Var,
     pub y_i: &'a Var,
     pub y_phi: &'a Var,
+}
+
+/// A Darcy loss (`rel_l2` or `h1`) of predicted fields against the solutions u, both
+/// [B, 1, s, s] on the unit square's s x s grid (spacing 1 / (s - 1)): the mean over samples.
+pub fn field_objective(t: &mut Tape, kind: LossKind, pred: &Var, u: &Var) -> Result<Var> {
+    let s = u.dims().last().copied().unwrap_or(0);
+    match kind {
+        LossKind::RelL2 => ops::mean_rel_l2(t, pred, u),
+        LossKind::H1 if s >= 3 => ops::mean_rel_h1(t, pred, u, 1.0 / (s - 1) as f64),
+        LossKind::H1 => Err(Error::bad_shape("h1 loss", u.shape(), "fields need at least 3 points per side")),
+        other => Err(Error::invalid("loss", format!("{other:?} is not a loss of solution fields (use rel_l2 or h1)"))),
+    }
 }
 
 /// The configured loss of a generator output.
@@ -76,5 +91,6 @@ pub fn objective(t: &mut Tape, cfg: &LossConfig, out: &Var, targets: &Targets, s
             let phase_term = ops::mean(t, &d)?;
             ops::add(t, &amp_term, &phase_term)
         }
+        LossKind::RelL2 | LossKind::H1 => Err(Error::invalid("loss", "rel_l2 and h1 compare solution fields: they are the Darcy workload's losses")),
     }
 }

@@ -20,7 +20,8 @@ use std::fmt::Write as _;
 
 use crate::autograd::{ParamId, ParamRole, ParamStore, Tape, Var};
 use crate::backend::{Conv2dParams, NormKind, SpectralModes};
-use crate::config::{BlockKind, CheckpointPolicy, Config, ModelConfig, PrenormKind};
+use crate::config::{BlockKind, CheckpointPolicy, Config, ModelConfig, ModelKind, PrenormKind};
+use crate::data::darcy::Normalizer;
 use crate::device::Device;
 use crate::error::Result;
 use crate::ops;
@@ -233,7 +234,8 @@ pub struct TableRow {
     pub params: usize,
 }
 
-/// The generator: its parameters and how they connect.
+/// The model a run trains: its parameters and how they connect (the U-FNO generator, or the
+/// standard FNO-2D).
 pub struct Generator {
     pub config: ModelConfig,
     pub n: usize,
@@ -241,13 +243,60 @@ pub struct Generator {
     pub params: ParamStore,
     /// The working precision of activations and GEMMs, fixed when the generator is built.
     precision: Precision,
+    net: Net,
+    table: Vec<TableRow>,
+}
+
+/// How the parameters connect.
+enum Net {
+    Ufno(Ufno),
+    Fno2d(Fno2d),
+}
+
+/// The hybrid U-FNO generator's parts.
+struct Ufno {
     levels: Vec<LevelSpec>,
     lifter: (Conv, Conv),
     encoder: Vec<EncoderLevel>,
     bottleneck: Block,
     decoder: Vec<DecoderLevel>,
     head: Conv,
-    table: Vec<TableRow>,
+}
+
+/// One Fourier layer of the FNO-2D: spectral conv + 1x1 conv, GELU unless it is the last.
+#[derive(Clone, Copy, Debug)]
+struct FourierLayer {
+    spectral: ParamId,
+    linear: Conv,
+    modes: SpectralModes,
+    gelu: bool,
+}
+
+impl FourierLayer {
+    fn forward(&self, t: &mut Tape, x: &Var, lp: Precision) -> Result<Var> {
+        let w = t.param(self.spectral)?;
+        let s = ops::spectral_conv(t, x, &w, self.modes)?;
+        let s = ops::round_to(t, &s, lp)?;
+        let c = self.linear.run(t, x, POINT, lp)?;
+        let y = ops::add(t, &s, &c)?;
+        let y = ops::round_to(t, &y, lp)?;
+        if !self.gelu {
+            return Ok(y);
+        }
+        let y = ops::gelu(t, &y)?;
+        ops::round_to(t, &y, lp)
+    }
+}
+
+/// The standard FNO-2D (Li et al.): lift (1x1) -> Fourier layers -> 1x1 projection, GELU, 1x1
+/// head; the head's output decoded by the training set's pointwise output normaliser.
+struct Fno2d {
+    lift: Conv,
+    layers: Vec<FourierLayer>,
+    projection: Conv,
+    head: Conv,
+    /// u = y * scale + mean per point (s x s each); identity until [`Generator::set_output_normalizer`].
+    decode: Option<Normalizer>,
 }
 
 /// Builds parameters with PyTorch's default initialisation from one seeded stream.
@@ -261,6 +310,7 @@ struct Builder<'a> {
 }
 
 impl Builder<'_> {
+
     fn next_seed(&mut self) -> u64 {
         self.seed = self.seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         self.seed
@@ -343,10 +393,11 @@ impl Builder<'_> {
 }
 
 impl Generator {
-    /// The generator a run of `cfg` trains: N x N single-channel inputs (`data.n`), f32
+    /// The model a run of `cfg` trains: inputs of `cfg.input_size()` points per side with
+    /// `cfg.in_channels()` channels (the grid lines' N x N amplitudes, Darcy's (a, x, y)), f32
     /// parameters on `dev`, activations and GEMMs in `train.precision`.
     pub fn for_run(cfg: &Config, dev: &Device) -> Result<Generator> {
-        Generator::build(&cfg.model, cfg.data.n, 1, dev, DType::F32, cfg.train.precision)
+        Generator::build(&cfg.model, cfg.input_size(), cfg.in_channels(), dev, DType::F32, cfg.train.precision)
     }
 
     /// Builds a generator with fp32 activations for N x N inputs with `in_channels` channels, parameters on `dev`.
@@ -359,9 +410,45 @@ impl Generator {
         if in_channels == 0 {
             return Err(crate::error::Error::invalid("model", "in_channels must be at least 1"));
         }
-        let levels = plan_levels(cfg, n);
         let mut b = Builder { store: ParamStore::new(), dev, dtype, seed: cfg.seed ^ 0x9e37_79b9_7f4a_7c15, counted: 0 };
         let mut table = Vec::new();
+        let net = match cfg.kind {
+            ModelKind::Ufno => Net::Ufno(Self::build_ufno(cfg, n, in_channels, &mut b, &mut table)?),
+            ModelKind::Fno2d => Net::Fno2d(Self::build_fno2d(cfg, n, in_channels, &mut b, &mut table)?),
+        };
+        Ok(Generator { config: cfg.clone(), n, in_channels, params: b.store, precision, net, table })
+    }
+
+    /// The FNO-2D's parameters, initialised as the paper's script does: PyTorch's defaults for
+    /// the 1x1 layers, spectral weights with real and imaginary parts U(0, 1) / (C_in C_out).
+    fn build_fno2d(cfg: &ModelConfig, n: usize, in_channels: usize, b: &mut Builder, table: &mut Vec<TableRow>) -> Result<Fno2d> {
+        let w = cfg.width;
+        let lift = b.conv("lift", in_channels, w, 1)?;
+        table.push(TableRow { part: "lift 1x1".into(), resolution: n, width: w, modes: None, params: b.take_count() });
+        let modes = SpectralModes::new(cfg.modes, cfg.mode_convention);
+        let mut layers = Vec::with_capacity(cfg.depth);
+        for i in 0..cfg.depth {
+            let seed = b.next_seed();
+            let weight = Tensor::rand_uniform(modes.weight_shape(w, w, n, n), 0.0, 1.0 / (w * w) as f64, seed, b.dtype, b.dev)?;
+            let spectral = b.add(format!("layers.{i}.spectral.weight"), weight, ParamRole::Weight { unit_axis: 1 })?;
+            let linear = b.conv(&format!("layers.{i}.linear"), w, w, 1)?;
+            layers.push(FourierLayer { spectral, linear, modes, gelu: i + 1 < cfg.depth });
+            table.push(TableRow {
+                part: format!("layers.{i} spectral + 1x1"),
+                resolution: n,
+                width: w,
+                modes: Some((modes.kept_rows(n).len(), modes.kept_cols(n))),
+                params: b.take_count(),
+            });
+        }
+        let projection = b.conv("projection", w, cfg.projection, 1)?;
+        let head = b.conv("head", cfg.projection, 1, 1)?;
+        table.push(TableRow { part: "projection 1x1 + head 1x1".into(), resolution: n, width: 1, modes: None, params: b.take_count() });
+        Ok(Fno2d { lift, layers, projection, head, decode: None })
+    }
+
+    fn build_ufno(cfg: &ModelConfig, n: usize, in_channels: usize, b: &mut Builder, table: &mut Vec<TableRow>) -> Result<Ufno> {
+        let levels = plan_levels(cfg, n);
         let w = cfg.width;
         let lifter = (b.conv("lifter.0", in_channels, w, 3)?, b.conv("lifter.2", w, w, 3)?);
         table.push(TableRow { part: "lifter".into(), resolution: n, width: w, modes: None, params: b.take_count() });
@@ -421,7 +508,28 @@ impl Generator {
         }
         let head = b.conv("head", w, 2 * in_channels, 1)?;
         table.push(TableRow { part: "head".into(), resolution: n, width: 2 * in_channels, modes: None, params: b.take_count() });
-        Ok(Generator { config: cfg.clone(), n, in_channels, params: b.store, precision, levels, lifter, encoder, bottleneck, decoder, head, table })
+        Ok(Ufno { levels, lifter, encoder, bottleneck, decoder, head })
+    }
+
+    /// FNO-2D: decode the head's output with the training set's output normaliser (what the
+    /// model predicts is then u itself); the normaliser is saved with the weights.
+    pub fn set_output_normalizer(&mut self, norm: Normalizer) -> Result<()> {
+        let Net::Fno2d(f) = &mut self.net else {
+            return Err(crate::error::Error::invalid("model", "only the fno2d model has an output normaliser"));
+        };
+        if norm.mean.len() != self.n * self.n || norm.std.len() != self.n * self.n {
+            return Err(crate::error::Error::invalid("model", format!("the normaliser holds {} points but the model's fields {}", norm.mean.len(), self.n * self.n)));
+        }
+        f.decode = Some(norm);
+        Ok(())
+    }
+
+    /// The output normaliser (FNO-2D with one set).
+    pub fn output_normalizer(&self) -> Option<&Normalizer> {
+        match &self.net {
+            Net::Fno2d(f) => f.decode.as_ref(),
+            Net::Ufno(_) => None,
+        }
     }
 
     /// The working precision of activations and GEMMs.
@@ -429,8 +537,12 @@ impl Generator {
         self.precision
     }
 
+    /// The U-FNO's encoder levels (none for the FNO-2D).
     pub fn levels(&self) -> &[LevelSpec] {
-        &self.levels
+        match &self.net {
+            Net::Ufno(u) => &u.levels,
+            Net::Fno2d(_) => &[],
+        }
     }
 
     pub fn table(&self) -> &[TableRow] {
@@ -460,8 +572,49 @@ impl Generator {
                 "input must be [B, C, N, N] as built",
             ));
         }
-        let policy = self.config.checkpoint;
-        let lp = self.precision;
+        match &self.net {
+            Net::Ufno(u) => u.forward(t, x, self.config.checkpoint, self.precision, trace),
+            Net::Fno2d(f) => f.forward(t, x, self.config.checkpoint, self.precision, trace),
+        }
+    }
+
+    /// The per-level table `fnokern model` prints.
+    pub fn describe(&self) -> String {
+        let mut s = String::new();
+        let bytes = |p: usize| p * 4;
+        let _ = writeln!(s, "{:<28} {:>10} {:>7} {:>12} {:>12} {:>12}", "part", "resolution", "width", "kept modes", "parameters", "bytes (f32)");
+        for r in &self.table {
+            let modes = r.modes.map_or("-".to_string(), |(a, b)| format!("{a} x {b}"));
+            let _ =
+                writeln!(s, "{:<28} {:>10} {:>7} {:>12} {:>12} {:>12}", r.part, format!("{0}x{0}", r.resolution), r.width, modes, r.params, bytes(r.params));
+        }
+        let total = self.num_params();
+        let _ = writeln!(s, "{:<28} {:>10} {:>7} {:>12} {:>12} {:>12}", "total", "", "", "", total, bytes(total));
+        match &self.net {
+            Net::Ufno(u) => {
+                let _ = writeln!(
+                    s,
+                    "widths <= max_channels ({}): {}; parameters count real scalars (a complex spectral weight counts 2)",
+                    self.config.max_channels,
+                    u.levels.iter().all(|l| l.width <= self.config.max_channels)
+                );
+            }
+            Net::Fno2d(_) => {
+                let _ = writeln!(
+                    s,
+                    "FNO-2D: {} input channels (a, x, y), output decoded by the training set's pointwise normaliser; \
+                     parameters count real scalars (a complex spectral weight counts 2)",
+                    self.in_channels
+                );
+            }
+        }
+        s
+    }
+}
+
+impl Ufno {
+    fn forward(&self, t: &mut Tape, x: &Var, policy: CheckpointPolicy, lp: Precision, trace: &mut dyn FnMut(usize)) -> Result<Var> {
+
         // The lifter is checkpointed with level 0: at full resolution its two inner activations
         // are as large as any level's.
         let lifter = self.lifter;
@@ -512,26 +665,39 @@ impl Generator {
         traced(&mut part);
         Ok(y)
     }
+}
 
-    /// The per-level table `fnokern model` prints.
-    pub fn describe(&self) -> String {
-        let mut s = String::new();
-        let bytes = |p: usize| p * 4;
-        let _ = writeln!(s, "{:<28} {:>10} {:>7} {:>12} {:>12} {:>12}", "part", "resolution", "width", "kept modes", "parameters", "bytes (f32)");
-        for r in &self.table {
-            let modes = r.modes.map_or("-".to_string(), |(a, b)| format!("{a} x {b}"));
-            let _ =
-                writeln!(s, "{:<28} {:>10} {:>7} {:>12} {:>12} {:>12}", r.part, format!("{0}x{0}", r.resolution), r.width, modes, r.params, bytes(r.params));
+impl Fno2d {
+    fn forward(&self, t: &mut Tape, x: &Var, policy: CheckpointPolicy, lp: Precision, trace: &mut dyn FnMut(usize)) -> Result<Var> {
+        let x = ops::round_to(t, x, lp)?;
+        let mut h = self.lift.run(t, &x, POINT, lp)?;
+        drop(x);
+        trace(0);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer = *layer;
+            h = segment(t, policy, i, &[&h], move |t, v| Ok(vec![layer.forward(t, &v[0], lp)?]))?.pop().ok_or_else(missing)?;
+            trace(i + 1);
         }
-        let total = self.num_params();
-        let _ = writeln!(s, "{:<28} {:>10} {:>7} {:>12} {:>12} {:>12}", "total", "", "", "", total, bytes(total));
-        let _ = writeln!(
-            s,
-            "widths <= max_channels ({}): {}; parameters count real scalars (a complex spectral weight counts 2)",
-            self.config.max_channels,
-            self.levels.iter().all(|l| l.width <= self.config.max_channels)
-        );
-        s
+        let p = self.projection.run(t, &h, POINT, lp)?;
+        drop(h);
+        let p = ops::gelu(t, &p)?;
+        let p = ops::round_to(t, &p, lp)?;
+        let y = self.head.run(t, &p, POINT, lp)?;
+        drop(p);
+        trace(self.layers.len() + 1);
+        match &self.decode {
+            None => Ok(y),
+            Some(norm) => {
+                let b = y.dims()[0];
+                let (scale, mean) = (norm.scale(), &norm.mean);
+                let repeat = |v: &[f32]| -> Vec<f64> { (0..b).flat_map(|_| v.iter().map(|&x| x as f64)).collect() };
+                let (dt, dev) = (y.value().dtype(), y.value().device().clone());
+                let scale = t.constant(Tensor::from_f64_vec(repeat(&scale), y.shape().clone(), dt, &dev)?);
+                let mean = t.constant(Tensor::from_f64_vec(repeat(mean), y.shape().clone(), dt, &dev)?);
+                let u = ops::mul(t, &y, &scale)?;
+                ops::add(t, &u, &mean)
+            }
+        }
     }
 }
 

@@ -21,9 +21,32 @@ pub fn save_params(path: &Path, store: &ParamStore, metadata: Option<BTreeMap<St
     save_tensors(path, &named, metadata)
 }
 
+/// Prefix of the tensors in a weights file that are not parameters: the FNO-2D's output
+/// normaliser (`normalizer.y.mean`, `normalizer.y.scale`, each [s, s]; u = y * scale + mean).
+pub const NORMALIZER_PREFIX: &str = "normalizer.";
+
+/// Saves a model's parameters and, for the FNO-2D, its output normaliser.
+pub fn save_model(path: &Path, g: &crate::model::Generator) -> Result<()> {
+    let store = &g.params;
+    let mut named: Vec<Named> = store.iter().map(|(_, name, t)| Named { name: name.to_string(), tensor: t, complex: is_complex_param(name) }).collect();
+    let extra: Vec<(String, crate::tensor::Tensor)> = match g.output_normalizer() {
+        None => Vec::new(),
+        Some(norm) => {
+            let n = g.n;
+            let cpu = crate::device::Device::cpu();
+            vec![
+                (format!("{NORMALIZER_PREFIX}y.mean"), crate::tensor::Tensor::from_vec(norm.mean.clone(), [n, n], &cpu)?),
+                (format!("{NORMALIZER_PREFIX}y.scale"), crate::tensor::Tensor::from_vec(norm.scale(), [n, n], &cpu)?),
+            ]
+        }
+    };
+    named.extend(extra.iter().map(|(name, t)| Named { name: name.clone(), tensor: t, complex: false }));
+    save_tensors(path, &named, None)
+}
+
 /// Loads every parameter of `store` from a file written by [`save_params`] (or by PyTorch with the
 /// same names and layouts). Every parameter must be present with its shape; a tensor the model
-/// does not have is an error too. Nothing is changed unless the whole file fits.
+/// does not have is an error too (but for the output normaliser, [`NORMALIZER_PREFIX`]). Nothing is changed unless the whole file fits.
 pub fn load_params(path: &Path, store: &mut ParamStore) -> Result<()> {
     let mut file = load_tensors(path)?;
     let mut updates = Vec::with_capacity(store.len());
@@ -37,7 +60,7 @@ pub fn load_params(path: &Path, store: &mut ParamStore) -> Result<()> {
         }
         updates.push((id, l.to_tensor(t.dtype(), t.device())?));
     }
-    if let Some(extra) = file.keys().next() {
+    if let Some(extra) = file.keys().find(|k| !k.starts_with(NORMALIZER_PREFIX)) {
         return Err(bad(path, format!("tensor `{extra}` is not a parameter of this model")));
     }
     for (id, t) in updates {

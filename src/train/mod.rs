@@ -15,6 +15,7 @@ pub mod parity;
 pub mod plot;
 pub mod run_dir;
 pub mod step;
+pub mod workload;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -41,6 +42,7 @@ use crate::model::Generator;
 use crate::optim;
 use crate::tensor::DType;
 use run_dir::{DirLock, MetricsLog};
+use workload::RunData;
 
 pub use step::{forward_and_loss, Forward, Objective, SpikeGuard, StepOutcome, StepPoint, StepReport, Trainer, TrainerState};
 
@@ -75,6 +77,9 @@ pub struct TrainState {
     #[serde(flatten)]
     pub trainer: TrainerState,
     pub best_val: Option<f64>,
+    /// The epoch (counted from 1) of the best validation loss.
+    #[serde(default)]
+    pub best_epoch: Option<usize>,
     pub first_val: Option<f64>,
     pub last_val: Option<f64>,
     /// Micro-batches of epoch `epochs_done` already run: 0 at an epoch's end, more in the
@@ -91,6 +96,12 @@ pub struct TrainState {
     /// Training time so far, over every invocation.
     #[serde(default)]
     pub wall_seconds: f64,
+    /// Epochs in a row without a validation loss below the best by `early_stopping_min_delta`.
+    #[serde(default)]
+    pub epochs_without_improvement: usize,
+    /// The run ended by early stopping.
+    #[serde(default)]
+    pub stopped_early: bool,
     /// The config the run was started with (TOML), to refuse a resume under another.
     pub config: String,
 }
@@ -135,6 +146,9 @@ pub struct Summary {
     /// Stopped by a signal, checkpointed where it was.
     #[serde(default)]
     pub interrupted: bool,
+    /// Ended by early stopping (`train.early_stopping_patience`): finished before `train.epochs`.
+    #[serde(default)]
+    pub early_stopped: bool,
     pub reason: Option<String>,
     pub epochs_done: usize,
     pub steps: u64,
@@ -177,9 +191,14 @@ fn subset(n: usize, k: usize) -> Vec<usize> {
 
 /// Mean main loss over a split's patterns `idx`, without gradients.
 pub(crate) fn validate(g: &Generator, obj: &Objective, batch_size: usize, split: &NpzSplit, idx: &[usize], dev: &Device) -> Result<f64> {
+    validate_with(g, obj, batch_size, idx, &|chunk| data::batch(split, chunk, DType::F32, dev))
+}
+
+/// Mean main loss over the samples `idx`, batched by `batch`, without gradients.
+fn validate_with(g: &Generator, obj: &Objective, batch_size: usize, idx: &[usize], batch: &dyn Fn(&[usize]) -> Result<data::Batch>) -> Result<f64> {
     let mut total = 0.0;
     for chunk in idx.chunks(batch_size) {
-        let b = data::batch(split, chunk, DType::F32, dev)?;
+        let b = batch(chunk)?;
         let mut t = Tape::with_params(&g.params);
         let f = forward_and_loss(&mut t, g, obj, &b, &mut |_| {})?;
         total += f.main.value().scalar_value()? * chunk.len() as f64;
@@ -361,6 +380,8 @@ enum Ending {
     Crashed(Crash, String),
     /// A stop was requested; the run is checkpointed where it stopped.
     Interrupted,
+    /// Early stopping: the validation loss stopped improving.
+    EarlyStopped,
 }
 
 /// Refuses, before anything is allocated, a config whose training step cannot fit this machine:
@@ -452,9 +473,9 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
     // A config no machine could train is refused before anything is written.
     check_fits(cfg, &dev)?;
     // The data, and whether the final evaluation can use it, before the directory is touched.
-    let ds = data::load_or_simulate(&cfg.data, &mut |m| say(m))?;
-    let train_idx = subset(ds.train.len(), cfg.train.train_patterns);
-    let val_idx = subset(ds.test.len(), cfg.train.test_patterns);
+    let ds = RunData::load(cfg, &mut |m| say(m))?;
+    let train_idx = subset(ds.train_len(), cfg.train.train_patterns);
+    let val_idx = subset(ds.test_len(), cfg.train.test_patterns);
     if train_idx.is_empty() || val_idx.is_empty() {
         return Err(Error::invalid(
             "train",
@@ -462,7 +483,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
         ));
     }
     // The final evaluation's data is checked now, not after the training.
-    if cfg.train.evaluate && ds.test.centres.is_some() && ds.test.ground_truth.is_some() {
+    if let (true, RunData::Gridlines(ds)) = (cfg.train.evaluate && matches!(&ds, RunData::Gridlines(d) if d.test.centres.is_some() && d.test.ground_truth.is_some()), &ds) {
         eval::check_stitchable(&ds.test).map_err(|e| {
             Error::invalid("train", format!("the test split cannot be stitched for the final evaluation ({e}); set train.evaluate = false to train without it"))
         })?;
@@ -488,7 +509,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
     }
 
     dev.set_memory_limit(cfg.train.memory_limit_bytes()?);
-    let g = match Generator::for_run(cfg, &dev) {
+    let g = match Generator::for_run(cfg, &dev).and_then(|mut g| ds.prepare(&mut g).map(|()| g)) {
         Ok(g) => g,
         // Not even the model fits the budget: an `oom` crash before the first step.
         Err(e @ Error::OutOfMemory { .. }) => {
@@ -509,12 +530,13 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
     let batches_per_epoch = train_idx.len().div_ceil(cfg.train.batch_size);
     let updates_per_epoch = batches_per_epoch.div_ceil(cfg.train.accumulate);
     let total_updates = (cfg.train.epochs * updates_per_epoch) as u64;
-    let probe = data::probe_tensor(&ds.train, DType::F32, &dev)?;
-    let mut trainer = Trainer::new(cfg, g, &probe, total_updates)?;
+    let probe = ds.probe(&dev)?;
+    let mut trainer = Trainer::new(cfg, g, probe.as_ref(), total_updates)?;
     let mut state = TrainState {
         epochs_done: 0,
         trainer: trainer.state(),
         best_val: None,
+        best_epoch: None,
         first_val: None,
         last_val: None,
         epoch_steps: 0,
@@ -522,6 +544,8 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
         epoch_loss_count: 0,
         good_optimizer_updates: None,
         wall_seconds: 0.0,
+        epochs_without_improvement: 0,
+        stopped_early: false,
         config: config_toml.clone(),
     };
     let mut records = Vec::new();
@@ -534,6 +558,12 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
                         "resume",
                         format!("the run has done {} epochs, more than train.epochs = {}", ck.state.epochs_done, cfg.train.epochs),
                     ));
+                }
+                if ck.state.stopped_early {
+                    if let Some(s) = fs::read(dir.join("summary.json")).ok().and_then(|b| serde_json::from_slice::<Summary>(&b).ok()).filter(|s| s.finished) {
+                        say(&format!("{} stopped early after {} epochs (train.early_stopping_patience): nothing to do", dir.display(), ck.state.epochs_done));
+                        return Ok(s);
+                    }
                 }
                 if ck.state.epochs_done == cfg.train.epochs && run_cfg.train.epochs == cfg.train.epochs {
                     if let Some(s) = fs::read(dir.join("summary.json")).ok().and_then(|b| serde_json::from_slice::<Summary>(&b).ok()).filter(|s| s.finished) {
@@ -614,7 +644,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
             let updates_before = trainer.updates();
             let outcomes_before = trainer.outcomes().clone();
             for (bi, chunk) in order.chunks(cfg.train.batch_size).enumerate().skip(skip) {
-                let b = data::batch(&ds.train, chunk, DType::F32, &dev)?;
+                let b = ds.batch(true, chunk, &dev)?;
                 let r = trainer.step(b, bi + 1 == batches_per_epoch)?;
                 if let Some(line) = event_line(&r, epoch, &trainer) {
                     let k = told.entry(r.outcome).or_default();
@@ -674,7 +704,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
             if trainer.updates() == updates_before {
                 return Ok(Ending::Crashed(Crash::Nonfinite, format!("epoch {} made no update (every gradient was non-finite or skipped)", epoch + 1)));
             }
-            let val = validate(model, &trainer.objective(), cfg.train.batch_size, &ds.test, &val_idx, &dev)?;
+            let val = validate_with(model, &trainer.objective(), cfg.train.batch_size, &val_idx, &|chunk| ds.batch(false, chunk, &dev))?;
             if !val.is_finite() {
                 return Ok(Ending::Crashed(Crash::Nonfinite, "non-finite validation loss".into()));
             }
@@ -704,8 +734,15 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
             state.trainer = trainer.state();
             state.good_optimizer_updates = None;
             state.wall_seconds = base_wall + started.elapsed().as_secs_f64();
+            let patience = cfg.train.early_stopping_patience;
+            if patience > 0 {
+                let improved = state.best_val.is_none_or(|b| val < b - cfg.train.early_stopping_min_delta);
+                state.epochs_without_improvement = if improved { 0 } else { state.epochs_without_improvement + 1 };
+                state.stopped_early = state.epochs_without_improvement >= patience && state.epochs_done < cfg.train.epochs;
+            }
             if state.best_val.is_none_or(|b| val < b) {
                 state.best_val = Some(val);
+                state.best_epoch = Some(state.epochs_done);
                 checkpoint::save(&dir.join("checkpoints/best.safetensors"), &trainer, &state, false)?;
             }
             if cfg.train.checkpoint_every > 0 && state.epochs_done.is_multiple_of(cfg.train.checkpoint_every) {
@@ -715,6 +752,9 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
             trainer.mark_good();
             if let Err(e) = write_csv(dir, &records) {
                 tell(&format!("warning: metrics.csv was not written: {e}"));
+            }
+            if state.stopped_early {
+                return Ok(Ending::EarlyStopped);
             }
             if opts.stop_after_epochs.is_some_and(|k| ran_epochs >= k) {
                 break;
@@ -735,6 +775,23 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
     }
     let (crash, interrupted) = match ending {
         Ending::Done => (None, false),
+        Ending::EarlyStopped => {
+            say(&format!(
+                "early stopping after epoch {}: no validation loss below the best ({:.5}, epoch {}) by more than {} for {} epochs",
+                state.epochs_done,
+                state.best_val.unwrap_or(f64::NAN),
+                state.best_epoch.unwrap_or(0),
+                cfg.train.early_stopping_min_delta,
+                state.epochs_without_improvement
+            ));
+            if cfg.train.early_stopping_restore_best {
+                let best = dir.join("checkpoints/best.safetensors");
+                let ck = checkpoint::load(&best, &trainer.model().params)?;
+                trainer.set_params(ck.params);
+                say(&format!("restored the best epoch's weights (epoch {}) from {}", state.best_epoch.unwrap_or(0), best.display()));
+            }
+            (None, false)
+        }
         Ending::Crashed(kind, why) => {
             say(&format!("run crashed: {why}"));
             (Some((kind, why)), false)
@@ -744,12 +801,12 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
             (None, true)
         }
     };
-    let finished = crash.is_none() && !interrupted && state.epochs_done >= cfg.train.epochs;
+    let finished = crash.is_none() && !interrupted && (state.epochs_done >= cfg.train.epochs || state.stopped_early);
     let g = trainer.model();
     // The results first, then what is optional: the final weights and the summary are on disk
     // before the evaluation and the plots, whose failures are warnings.
     if finished {
-        weights::save_params(&dir.join("weights.safetensors"), &g.params, None)?;
+        weights::save_model(&dir.join("weights.safetensors"), g)?;
     }
     let mut summary = Summary {
         preset: opts.preset.clone(),
@@ -757,6 +814,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
         crashed: crash.is_some(),
         crash_kind: crash.as_ref().map(|c| c.0),
         interrupted,
+        early_stopped: state.stopped_early,
         reason: crash.map(|c| c.1).or_else(|| interrupted.then(|| format!("interrupted at step {}", trainer.steps()))),
         epochs_done: state.epochs_done,
         steps: trainer.steps(),
@@ -771,9 +829,24 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
     };
     write_summary(dir, &summary)?;
     if finished && cfg.train.evaluate {
-        say("evaluating: stitching the test object");
-        match evaluate(g, cfg, &ds.test, &dev, dir) {
-            Ok(m) => summary.metrics = m.map(|m| serde_json::to_value(m).unwrap_or_default()),
+        let scored = match &ds {
+            RunData::Gridlines(d) => {
+                say("evaluating: stitching the test object");
+                evaluate(g, cfg, &d.test, &dev, dir).map(|m| m.map(|m| serde_json::to_value(m).unwrap_or_default()))
+            }
+            RunData::Darcy(d) => {
+                say(&format!("evaluating: the {} test samples", d.test.len()));
+                let m = workload::evaluate_darcy(g, d, cfg, &dev, dir)?;
+                say(&format!(
+                    "test: relative L2 {:.5}, relative H1 {:.5} (darcy.png)",
+                    m["test_rel_l2"].as_f64().unwrap_or(f64::NAN),
+                    m["test_h1"].as_f64().unwrap_or(f64::NAN)
+                ));
+                Ok(Some(m))
+            }
+        };
+        match scored {
+            Ok(m) => summary.metrics = m,
             Err(e) => say(&format!("warning: the final evaluation failed: {e}")),
         }
     }

@@ -13,7 +13,7 @@ use std::path::Path;
 use super::step::{forward_and_loss, Objective};
 use crate::autograd::Tape;
 use crate::config::{Config, LossKind};
-use crate::data::Batch;
+use crate::data::{Batch, Target};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::io::Named;
@@ -63,8 +63,8 @@ pub fn grad_to_file(cfg: &Config, weights_path: &Path, batch_path: &Path, out_pa
     // The trainer's own forward pass and loss (without the auxiliary term, as validation).
     let sp = loss::scaled_probe(&probe, &cfg.loss)?;
     let mut t = Tape::with_params(&g.params);
-    let batch = Batch { diffraction, y_i, y_phi };
-    let f = forward_and_loss(&mut t, &g, &Objective { loss: &cfg.loss, scaled_probe: &sp, aux_weight: 0.0 }, &batch, &mut |_| {})?;
+    let batch = Batch { input: diffraction, target: Target::Ptycho { y_i, y_phi } };
+    let f = forward_and_loss(&mut t, &g, &Objective { loss: &cfg.loss, scaled_probe: Some(&sp), aux_weight: 0.0 }, &batch, &mut |_| {})?;
     let loss_value = f.main.value().reshape(Shape::scalar())?;
     let output = f.output.value().clone();
     let grads = t.backward(&f.main)?;

@@ -15,9 +15,9 @@ use serde_json::json;
 
 use crate::autograd::{ParamStore, Tape, Var};
 use crate::backend;
-use crate::config::{AuxLoss, Config, FaultConfig, LossConfig, LossKind, SpikeAction, TrainConfig};
-use crate::data::Batch;
-use crate::error::Result;
+use crate::config::{AuxLoss, Config, FaultConfig, LossConfig, LossKind, Reduction, SpikeAction, TrainConfig};
+use crate::data::{Batch, Target};
+use crate::error::{Error, Result};
 use crate::loss;
 use crate::model::Generator;
 use crate::ops;
@@ -250,10 +250,11 @@ pub struct Forward {
 }
 
 /// What the loss of a batch needs besides the model: the loss config, the probe scaled by
-/// `probe_scale` ([`loss::scaled_probe`]) and the auxiliary supervised term's weight (0: none).
+/// `probe_scale` ([`loss::scaled_probe`]; the grid-lines workload's physics losses) and the
+/// auxiliary supervised term's weight (0: none).
 pub struct Objective<'a> {
     pub loss: &'a LossConfig,
-    pub scaled_probe: &'a Tensor,
+    pub scaled_probe: Option<&'a Tensor>,
     pub aux_weight: f64,
 }
 
@@ -263,22 +264,37 @@ pub fn forward_and_loss(t: &mut Tape, model: &Generator, obj: &Objective, batch:
 }
 
 fn forward_and_loss_with(t: &mut Tape, model: &Generator, obj: &Objective, batch: &Batch, nan_output: bool, trace: &mut dyn FnMut(usize)) -> Result<Forward> {
-    let x = t.constant(batch.diffraction.clone());
-    let yi = t.constant(batch.y_i.clone());
-    let yp = t.constant(batch.y_phi.clone());
+    let x = t.constant(batch.input.clone());
     let mut output = model.forward_traced(t, &x, trace)?;
     if nan_output {
         output = ops::scale(t, &output, f64::NAN)?;
     }
-    let targets = loss::Targets { diffraction: &x, y_i: &yi, y_phi: &yp };
-    let main = loss::objective(t, obj.loss, &output, &targets, obj.scaled_probe)?;
-    let loss = if obj.aux_weight > 0.0 {
-        let aux_cfg = LossConfig { kind: LossKind::SupervisedL1, ..obj.loss.clone() };
-        let aux = loss::objective(t, &aux_cfg, &output, &targets, obj.scaled_probe)?;
-        let aux = ops::scale(t, &aux, obj.aux_weight)?;
-        ops::add(t, &main, &aux)?
-    } else {
-        main.clone()
+    let (main, loss) = match &batch.target {
+        Target::Ptycho { y_i, y_phi } => {
+            let probe = obj.scaled_probe.ok_or_else(|| Error::invalid("loss", "the grid-lines losses need the probe"))?;
+            let (yi, yp) = (t.constant(y_i.clone()), t.constant(y_phi.clone()));
+            let targets = loss::Targets { diffraction: &x, y_i: &yi, y_phi: &yp };
+            let main = loss::objective(t, obj.loss, &output, &targets, probe)?;
+            let loss = if obj.aux_weight > 0.0 {
+                let aux_cfg = LossConfig { kind: LossKind::SupervisedL1, ..obj.loss.clone() };
+                let aux = loss::objective(t, &aux_cfg, &output, &targets, probe)?;
+                let aux = ops::scale(t, &aux, obj.aux_weight)?;
+                ops::add(t, &main, &aux)?
+            } else {
+                main.clone()
+            };
+            (main, loss)
+        }
+        Target::Field(u) => {
+            let u = t.constant(u.clone());
+            let main = loss::field_objective(t, obj.loss.kind, &output, &u)?;
+            // The objective of `reduction = "sum"` is the batch's sum; validation keeps the mean.
+            let loss = match obj.loss.reduction {
+                Reduction::Mean => main.clone(),
+                Reduction::Sum => ops::scale(t, &main, u.dims()[0] as f64)?,
+            };
+            (main, loss)
+        }
     };
     Ok(Forward { output, loss, main })
 }
@@ -293,7 +309,8 @@ pub struct Trainer {
     loss: LossConfig,
     /// The auxiliary supervised term's weight over updates, when `aux_loss` asks for one.
     aux: Option<AuxSchedule>,
-    probe: Tensor,
+    /// The scaled probe (grid lines; None for Darcy).
+    probe: Option<Tensor>,
     optimizer: Optimizer,
     schedule: Schedule,
     clipper: Clipper,
@@ -318,12 +335,12 @@ impl Trainer {
     /// The trainer of `cfg` for `model` (built with [`Generator::for_run`]), with the
     /// illumination `probe` [N, N, 2] on the model's device and a schedule over
     /// `total_updates` updates.
-    pub fn new(cfg: &Config, model: Generator, probe: &Tensor, total_updates: u64) -> Result<Trainer> {
+    pub fn new(cfg: &Config, model: Generator, probe: Option<&Tensor>, total_updates: u64) -> Result<Trainer> {
         let t = &cfg.train;
         let optimizer = Optimizer::new(t, &model.params);
         let good = (t.spike_action == SpikeAction::Rollback).then(|| (model.params.clone(), optimizer.state().clone()));
         Ok(Trainer {
-            probe: loss::scaled_probe(probe, &cfg.loss)?,
+            probe: probe.map(|p| loss::scaled_probe(p, &cfg.loss)).transpose()?,
             loss: cfg.loss.clone(),
             aux: (t.aux_loss == AuxLoss::SupervisedL1).then(|| AuxSchedule::new(t)),
             optimizer,
@@ -349,9 +366,9 @@ impl Trainer {
         &self.model
     }
 
-    /// The scaled probe the loss illuminates with.
-    pub fn scaled_probe(&self) -> &Tensor {
-        &self.probe
+    /// The scaled probe the loss illuminates with (grid lines).
+    pub fn scaled_probe(&self) -> Option<&Tensor> {
+        self.probe.as_ref()
     }
 
     /// The main loss's objective (no auxiliary term): what validation measures.
@@ -361,7 +378,7 @@ impl Trainer {
     }
 
     pub fn objective(&self) -> Objective<'_> {
-        Objective { loss: &self.loss, scaled_probe: &self.probe, aux_weight: 0.0 }
+        Objective { loss: &self.loss, scaled_probe: self.probe.as_ref(), aux_weight: 0.0 }
     }
 
     pub fn optimizer_state(&self) -> &OptimizerState {
@@ -412,6 +429,11 @@ impl Trainer {
     /// Sets the schedule's horizon (a run extended with more epochs).
     pub fn set_horizon(&mut self, total_updates: u64) {
         self.schedule.set_horizon(total_updates);
+    }
+
+    /// Replaces the model's parameters (an early-stopped run's best epoch), keeping the rest.
+    pub fn set_params(&mut self, params: ParamStore) {
+        self.model.params = params;
     }
 
     /// Makes the current parameters and optimiser state the point a rollback returns to.
@@ -480,7 +502,7 @@ impl Trainer {
             spike_reference: None,
         };
         if self.faults.nan_input_steps.contains(&step) {
-            batch.diffraction = Tensor::full(f64::NAN, batch.diffraction.shape().clone(), batch.diffraction.dtype(), batch.diffraction.device())?;
+            batch.input = Tensor::full(f64::NAN, batch.input.shape().clone(), batch.input.dtype(), batch.input.device())?;
         }
         let outcome = self.run(&batch, end_group, &mut report, trace)?;
         report.outcome = outcome;
@@ -492,13 +514,13 @@ impl Trainer {
 
     fn run(&mut self, batch: &Batch, end_group: bool, report: &mut StepReport, trace: &mut dyn FnMut(StepPoint)) -> Result<StepOutcome> {
         let step = report.step;
-        if !is_finite_tensor(&batch.diffraction)? {
+        if !is_finite_tensor(&batch.input)? {
             return Ok(StepOutcome::SkippedBadInput);
         }
         let aux_weight = self.aux.map_or(0.0, |a| a.at(self.updates));
         let (lv, spike, grads) = {
             let mut t = Tape::with_params(&self.model.params);
-            let obj = Objective { loss: &self.loss, scaled_probe: &self.probe, aux_weight };
+            let obj = Objective { loss: &self.loss, scaled_probe: self.probe.as_ref(), aux_weight };
             trace(StepPoint::Forward);
             let nan_output = self.faults.nan_forward_steps.contains(&step);
             // Only the loss is kept: the tape frees each activation once backward is past it, and
