@@ -392,11 +392,7 @@ impl DarcyConfig {
             return bad(format!("resolution must be in [5, 4097], got {}", self.resolution));
         }
         if self.subsample == 0 || !(self.resolution - 1).is_multiple_of(self.subsample) || self.s() < 4 {
-            return bad(format!(
-                "subsample ({}) must divide resolution - 1 ({}) and leave at least 4 points per side",
-                self.subsample,
-                self.resolution - 1
-            ));
+            return bad(format!("subsample ({}) must divide resolution - 1 ({}) and leave at least 4 points per side", self.subsample, self.resolution - 1));
         }
         if self.train_samples == 0 || self.test_samples == 0 || self.train_samples > 1_000_000 || self.test_samples > 1_000_000 {
             return bad("train_samples and test_samples must be in [1, 10^6]".into());

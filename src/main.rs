@@ -418,19 +418,32 @@ fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: O
     }
     let events = fnokern::train::event_counts(&Default::default(), &s.outcomes);
     println!("guard events: {}", if events.is_empty() { "none" } else { &events });
-    if let Some(m) = &s.metrics {
-        println!(
+    let darcy = s.metrics.as_ref().is_some_and(|m| m.get("test_rel_l2").is_some());
+    match &s.metrics {
+        Some(m) if darcy => println!(
+            "test split ({} samples at s = {}): relative L2 {:.5}, relative H1 {:.5}",
+            m["test_samples"],
+            m["s"],
+            m["test_rel_l2"].as_f64().unwrap_or(f64::NAN),
+            m["test_h1"].as_f64().unwrap_or(f64::NAN)
+        ),
+        Some(m) => println!(
             "test object: amplitude SSIM {:.3} MAE {:.4}, phase SSIM {:.3} MAE {:.4}",
             m["amp_ssim"].as_f64().unwrap_or(f64::NAN),
             m["amp_mae"].as_f64().unwrap_or(f64::NAN),
             m["phase_ssim"].as_f64().unwrap_or(f64::NAN),
             m["phase_mae"].as_f64().unwrap_or(f64::NAN)
-        );
+        ),
+        None => {}
     }
     println!(
         "wrote {}/summary.json, metrics.jsonl, metrics.csv, loss.png, grad_norm.png, lr.png{}",
         out.display(),
-        if s.metrics.is_some() { ", reconstruction.png" } else { "" }
+        match (&s.metrics, darcy) {
+            (Some(_), true) => ", darcy.png",
+            (Some(_), false) => ", reconstruction.png",
+            (None, _) => "",
+        }
     );
     if s.interrupted {
         println!("continue it with: fnokern train --resume --out {}", out.display());
@@ -554,7 +567,7 @@ fn bench_step(args: &ConfigArgs, steps: usize) -> fnokern::Result<()> {
         ms[0],
         s.trainer.model().num_params(),
         cfg.train.batch_size,
-        cfg.data.n,
+        cfg.input_size(),
         dev.kind(),
         rayon::current_num_threads()
     );
@@ -702,7 +715,7 @@ fn model(args: &ConfigArgs, save_weights: Option<&std::path::Path>) -> fnokern::
     let cfg = args.resolve()?;
     // Shapes only, unless the weights are wanted: the meta device builds parameters without data.
     let dev = if save_weights.is_some() { fnokern::Device::cpu() } else { fnokern::Device::meta() };
-    let g = fnokern::model::Generator::new(&cfg.model, cfg.data.n, 1, &dev, fnokern::DType::F32)?;
+    let g = fnokern::model::Generator::new(&cfg.model, cfg.input_size(), cfg.in_channels(), &dev, fnokern::DType::F32)?;
     println!(
         "hybrid U-FNO generator: depth {}, width {}, modes {} ({:?}), max_channels {}, block {:?}, N {}",
         cfg.model.depth, cfg.model.width, cfg.model.modes, cfg.model.mode_convention, cfg.model.max_channels, cfg.model.block, cfg.data.n

@@ -15,8 +15,8 @@
 //! byte counts: an upper bound for a GPU storing 2-byte activations.
 
 use crate::backend;
-use crate::config::{CheckpointPolicy, Config};
 use crate::config::Workload;
+use crate::config::{CheckpointPolicy, Config};
 use crate::data::{Batch, Target};
 use crate::device::Device;
 use crate::error::{Error, Result};

@@ -247,3 +247,10 @@ fn early_stopping_restores_the_best_epoch() {
     assert!(again.early_stopped && again.epochs_done == 3);
     assert!(said.iter().any(|l| l.contains("stopped early")), "{said:?}");
 }
+
+#[test]
+fn the_darcy_config_file_is_the_preset() {
+    let root = std::env::var("FNOKERN_ROOT").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string());
+    let file = Config::load(&Path::new(&root).join("configs/darcy-fno2d.toml")).unwrap();
+    assert_eq!(file, fnokern::config::presets::get("darcy").unwrap());
+}

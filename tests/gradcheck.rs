@@ -82,6 +82,10 @@ gradcheck_tests!(
     mae,
     mse,
     rel_l2,
+    sample_sum_sq,
+    mean_rel_l2,
+    central_differences,
+    mean_rel_h1,
     mae_over_detached_mean,
 );
 

@@ -576,7 +576,8 @@ fn generate(cfg: &DarcyConfig, basis: &[f64], split_seed: u64, count: usize, wha
     let chunk = 50;
     let started = std::time::Instant::now();
     for start in (0..count).step_by(chunk) {
-        let done: Vec<Result<(Vec<f32>, Vec<f32>, usize)>> = (start..(start + chunk).min(count)).into_par_iter().map(|i| sample(cfg, basis, split_seed, i)).collect();
+        let done: Vec<Result<(Vec<f32>, Vec<f32>, usize)>> =
+            (start..(start + chunk).min(count)).into_par_iter().map(|i| sample(cfg, basis, split_seed, i)).collect();
         for r in done {
             let (a, u, it) = r?;
             coeff.extend(a);

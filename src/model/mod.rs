@@ -310,7 +310,6 @@ struct Builder<'a> {
 }
 
 impl Builder<'_> {
-
     fn next_seed(&mut self) -> u64 {
         self.seed = self.seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         self.seed
@@ -518,7 +517,10 @@ impl Generator {
             return Err(crate::error::Error::invalid("model", "only the fno2d model has an output normaliser"));
         };
         if norm.mean.len() != self.n * self.n || norm.std.len() != self.n * self.n {
-            return Err(crate::error::Error::invalid("model", format!("the normaliser holds {} points but the model's fields {}", norm.mean.len(), self.n * self.n)));
+            return Err(crate::error::Error::invalid(
+                "model",
+                format!("the normaliser holds {} points but the model's fields {}", norm.mean.len(), self.n * self.n),
+            ));
         }
         f.decode = Some(norm);
         Ok(())
@@ -614,7 +616,6 @@ impl Generator {
 
 impl Ufno {
     fn forward(&self, t: &mut Tape, x: &Var, policy: CheckpointPolicy, lp: Precision, trace: &mut dyn FnMut(usize)) -> Result<Var> {
-
         // The lifter is checkpointed with level 0: at full resolution its two inner activations
         // are as large as any level's.
         let lifter = self.lifter;

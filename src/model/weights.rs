@@ -44,6 +44,27 @@ pub fn save_model(path: &Path, g: &crate::model::Generator) -> Result<()> {
     save_tensors(path, &named, None)
 }
 
+/// The output normaliser a weights file holds (written by [`save_model`]), for s x s fields.
+pub fn load_normalizer(path: &Path, s: usize) -> Result<Option<crate::data::darcy::Normalizer>> {
+    let mut file = load_tensors(path)?;
+    let (mean, scale) = (file.remove(&format!("{NORMALIZER_PREFIX}y.mean")), file.remove(&format!("{NORMALIZER_PREFIX}y.scale")));
+    match (mean, scale) {
+        (None, None) => Ok(None),
+        (Some(m), Some(sc)) => {
+            if m.shape.dims() != [s, s] || sc.shape.dims() != [s, s] {
+                return Err(bad(path, format!("the normaliser is {} / {} but the model's fields are [{s}, {s}]", m.shape, sc.shape)));
+            }
+            let eps = crate::data::darcy::Normalizer::EPS;
+            Ok(Some(crate::data::darcy::Normalizer {
+                mean: m.values.iter().map(|&v| v as f32).collect(),
+                std: sc.values.iter().map(|&v| v as f32 - eps).collect(),
+                eps,
+            }))
+        }
+        _ => Err(bad(path, "the output normaliser needs both normalizer.y.mean and normalizer.y.scale")),
+    }
+}
+
 /// Loads every parameter of `store` from a file written by [`save_params`] (or by PyTorch with the
 /// same names and layouts). Every parameter must be present with its shape; a tensor the model
 /// does not have is an error too (but for the output normaliser, [`NORMALIZER_PREFIX`]). Nothing is changed unless the whole file fits.

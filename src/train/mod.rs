@@ -483,7 +483,9 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
         ));
     }
     // The final evaluation's data is checked now, not after the training.
-    if let (true, RunData::Gridlines(ds)) = (cfg.train.evaluate && matches!(&ds, RunData::Gridlines(d) if d.test.centres.is_some() && d.test.ground_truth.is_some()), &ds) {
+    if let (true, RunData::Gridlines(ds)) =
+        (cfg.train.evaluate && matches!(&ds, RunData::Gridlines(d) if d.test.centres.is_some() && d.test.ground_truth.is_some()), &ds)
+    {
         eval::check_stitchable(&ds.test).map_err(|e| {
             Error::invalid("train", format!("the test split cannot be stitched for the final evaluation ({e}); set train.evaluate = false to train without it"))
         })?;

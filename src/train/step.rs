@@ -247,6 +247,9 @@ pub struct Forward {
     pub loss: Var,
     /// The main loss alone (what validation reports).
     pub main: Var,
+    /// The objective over the per-sample mean: the batch size for `reduction = "sum"`, else 1.
+    /// The step reports (and the spike guard sees) the objective divided by it.
+    pub per_sample: f64,
 }
 
 /// What the loss of a batch needs besides the model: the loss config, the probe scaled by
@@ -269,6 +272,7 @@ fn forward_and_loss_with(t: &mut Tape, model: &Generator, obj: &Objective, batch
     if nan_output {
         output = ops::scale(t, &output, f64::NAN)?;
     }
+    let mut per_sample = 1.0;
     let (main, loss) = match &batch.target {
         Target::Ptycho { y_i, y_phi } => {
             let probe = obj.scaled_probe.ok_or_else(|| Error::invalid("loss", "the grid-lines losses need the probe"))?;
@@ -291,12 +295,15 @@ fn forward_and_loss_with(t: &mut Tape, model: &Generator, obj: &Objective, batch
             // The objective of `reduction = "sum"` is the batch's sum; validation keeps the mean.
             let loss = match obj.loss.reduction {
                 Reduction::Mean => main.clone(),
-                Reduction::Sum => ops::scale(t, &main, u.dims()[0] as f64)?,
+                Reduction::Sum => {
+                    per_sample = u.dims()[0] as f64;
+                    ops::scale(t, &main, per_sample)?
+                }
             };
             (main, loss)
         }
     };
-    Ok(Forward { output, loss, main })
+    Ok(Forward { output, loss, main, per_sample })
 }
 
 fn is_finite_tensor(t: &Tensor) -> Result<bool> {
@@ -525,12 +532,12 @@ impl Trainer {
             let nan_output = self.faults.nan_forward_steps.contains(&step);
             // Only the loss is kept: the tape frees each activation once backward is past it, and
             // a handle held here (the output's, 2 x B x N x N floats) would outlive that.
-            let Forward { mut loss, .. } = forward_and_loss_with(&mut t, &self.model, &obj, batch, nan_output, &mut |i| trace(StepPoint::Part(i)))?;
+            let Forward { mut loss, per_sample, .. } = forward_and_loss_with(&mut t, &self.model, &obj, batch, nan_output, &mut |i| trace(StepPoint::Part(i)))?;
             if self.faults.spike_steps.contains(&step) {
                 loss = ops::scale(&mut t, &loss, self.faults.spike_scale)?;
             }
             trace(StepPoint::Loss);
-            let lv = loss.value().scalar_value()?;
+            let lv = loss.value().scalar_value()? / per_sample;
             report.loss = Some(lv);
             if !lv.is_finite() {
                 return Ok(StepOutcome::SkippedNonfiniteLoss);

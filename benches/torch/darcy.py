@@ -1,0 +1,260 @@
+"""fnokern beside PyTorch eager on the FNO paper's Darcy benchmark, on the same generated data.
+
+1. Data: `fnokern data --export` writes fnokern's generated Darcy splits (arrays coeff, sol).
+2. Parity: fnokern writes its initial FNO-2D weights (`fnokern model --save-weights`); the PyTorch
+   FNO-2D below (the paper's fourier_2d.py architecture, with fnokern's parameter names) loads
+   them; both compute the loss, the output and every gradient of one batch (`fnokern grad`) and
+   must agree (relative error per tensor printed; exits 1 beyond 1e-3).
+3. Speed: the same training step (forward, relative L2 summed over the batch, backward, Adam with
+   weight decay) in rounds alternating fnokern (`fnokern bench-step`) and PyTorch, each the median
+   of --steps steps, with --threads threads; prints the medians and their ratio.
+4. Training (--epochs E > 0): both train from the same initial weights on the same data with the
+   paper's schedule (Adam 1e-3, weight decay 1e-4, batch 20, the rate halved every 100 epochs),
+   at the same time, one thread each, for E epochs: fnokern as `fnokern train --config CONFIG
+   --stop-after-epochs E` (its run directory --out can be continued with `fnokern train --resume`),
+   PyTorch in this process. Writes OUT/torch.csv and OUT/fnokern.csv (epoch, test relative L2,
+   seconds) as they go, and prints the table.
+
+Usage: python darcy.py --fnokern target/release/fnokern --config configs/darcy-fno2d.toml --out runs/darcy-compare [--epochs 100]
+"""
+
+import argparse
+import csv
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.numpy import save_file
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+import twin  # noqa: E402
+
+
+class Layer(nn.Module):
+    def __init__(self, width, s, modes):
+        super().__init__()
+        self.spectral = twin.Spectral(width, s, modes)
+        self.linear = nn.Conv2d(width, width, 1)
+
+
+class FNO2d(nn.Module):
+    """Li et al.'s FNO2d: lift (1x1, from (a, x, y)), Fourier layers (spectral conv + 1x1, GELU
+    between layers), 1x1 projection, GELU, 1x1 head; the output decoded by the normaliser."""
+
+    def __init__(self, width, modes, layers, projection, s, y_mean, y_scale):
+        super().__init__()
+        self.lift = nn.Conv2d(3, width, 1)
+        self.layers = nn.ModuleList([Layer(width, s, modes) for _ in range(layers)])
+        self.projection = nn.Conv2d(width, projection, 1)
+        self.head = nn.Conv2d(projection, 1, 1)
+        self.register_buffer("y_mean", y_mean)
+        self.register_buffer("y_scale", y_scale)
+
+    def forward(self, x):
+        h = self.lift(x)
+        for i, layer in enumerate(self.layers):
+            h = layer.spectral(h) + layer.linear(h)
+            if i + 1 < len(self.layers):
+                h = F.gelu(h)
+        y = self.head(F.gelu(self.projection(h)))
+        return y * self.y_scale + self.y_mean
+
+
+def rel_l2(pred, u):
+    """Per-sample ||pred - u|| / ||u|| (the paper's LpLoss), [B]."""
+    b = u.shape[0]
+    return torch.linalg.vector_norm((pred - u).reshape(b, -1), dim=1) / torch.linalg.vector_norm(u.reshape(b, -1), dim=1)
+
+
+def run(cmd, env=None):
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        sys.exit(f"{' '.join(map(str, cmd))} failed:\n{out.stderr}{out.stdout}")
+    return out.stdout
+
+
+def rel(a, b):
+    a, b = a.detach().reshape(-1).double(), b.detach().reshape(-1).double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+class Data:
+    """The exported splits, the normalisers fitted on the training split (pointwise mean and
+    unbiased std, eps 1e-5, as the paper's UnitGaussianNormalizer), and the model inputs."""
+
+    def __init__(self, d):
+        tr, te = np.load(d / "train.npz"), np.load(d / "test.npz")
+        a, u = torch.from_numpy(tr["coeff"]).float(), torch.from_numpy(tr["sol"]).float()
+        self.s = a.shape[-1]
+        eps = 1e-5
+        self.x_mean, self.x_std = a.mean(0), a.std(0)
+        self.y_mean, self.y_scale = u.mean(0), u.std(0) + eps
+        grid = torch.linspace(0, 1, self.s)
+        gx, gy = torch.meshgrid(grid, grid, indexing="ij")
+
+        def inputs(coeff):
+            n = coeff.shape[0]
+            xa = (coeff - self.x_mean) / (self.x_std + eps)
+            return torch.stack([xa, gx.expand(n, -1, -1), gy.expand(n, -1, -1)], dim=1).contiguous()
+
+        self.train_x, self.train_u = inputs(a), u[:, None].contiguous()
+        self.test_x = inputs(torch.from_numpy(te["coeff"]).float())
+        self.test_u = torch.from_numpy(te["sol"]).float()[:, None].contiguous()
+
+
+def build(args, data, weights):
+    m = FNO2d(args.width, args.modes, args.layers, args.projection, data.s, data.y_mean[None, None], data.y_scale[None, None])
+    state = {k: v for k, v in load_file(str(weights)).items() if not k.startswith("normalizer.")}
+    missing, unexpected = m.load_state_dict(state, strict=False)
+    if [k for k in missing if not k.startswith("y_")] or unexpected:
+        sys.exit(f"weights do not fit the model: missing {missing}, unexpected {unexpected}")
+    return m
+
+
+def parity(args, data, tmp):
+    weights, batch, out = tmp / "w.safetensors", tmp / "batch.safetensors", tmp / "out.safetensors"
+    run([args.fnokern, "model", "--config", args.config, "--save-weights", str(weights)])
+    # fnokern decodes with the normaliser its weights file holds (as a finished run's does).
+    w = {k: v.numpy() for k, v in load_file(str(weights)).items()}
+    w["normalizer.y.mean"], w["normalizer.y.scale"] = data.y_mean.numpy(), data.y_scale.numpy()
+    save_file(w, str(weights))
+    x, u = data.train_x[:20], data.train_u[:20]
+    save_file({"input": x.numpy(), "u": u.numpy()}, str(batch))
+    run([args.fnokern, "grad", "--config", args.config, "--weights", str(weights), "--batch", str(batch), "--out", str(out)])
+    ref = load_file(str(out))
+    model = build(args, data, weights)
+    o = model(x)
+    loss = rel_l2(o, u).mean()
+    loss.backward()
+    worst = max(rel(loss, ref["loss"]), rel(o, ref["output"]))
+    print(f"parity: loss fnokern {float(ref['loss']):.8e} torch {float(loss.detach()):.8e}; output rel err {rel(o, ref['output']):.2e}")
+    grads = {name: rel(p.grad, ref[f"grad.{name}"]) for name, p in model.named_parameters()}
+    name = max(grads, key=grads.get)
+    print(f"parity: {len(grads)} gradients, largest relative error {grads[name]:.2e} ({name})")
+    return max(worst, grads[name]), weights
+
+
+def torch_step_ms(model, opt, x, u, steps):
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        rel_l2(model(x), u).sum().backward()
+        opt.step()
+        times.append(1e3 * (time.perf_counter() - t))
+    return statistics.median(times)
+
+
+def speed(args, data, weights):
+    torch.set_num_threads(args.threads)
+    model = build(args, data, weights)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    x, u = data.train_x[:20], data.train_u[:20]
+    torch_step_ms(model, opt, x, u, 2)
+    env = {"RAYON_NUM_THREADS": str(args.threads), "PATH": "/usr/bin:/bin"}
+    ours, theirs = [], []
+    for r in range(args.rounds):
+        line = run([args.fnokern, "bench-step", "--config", args.config, "--steps", str(args.steps)], env=env)
+        ours.append(float(re.search(r"median ([0-9.]+) ms", line).group(1)))
+        theirs.append(torch_step_ms(model, opt, x, u, args.steps))
+        print(f"round {r + 1}: fnokern {ours[-1]:.1f} ms, torch {theirs[-1]:.1f} ms")
+    f, t = statistics.median(ours), statistics.median(theirs)
+    print(f"Darcy FNO-2D s {data.s}, batch 20, {args.threads} threads: fnokern {f:.1f} ms, PyTorch {torch.__version__} eager {t:.1f} ms "
+          f"per step; fnokern / PyTorch = {f / t:.2f}")
+
+
+def train_torch(args, data, weights, out):
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build(args, data, weights)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=100, gamma=0.5)
+    n = data.train_x.shape[0]
+    started = time.perf_counter()
+    with open(out / "torch.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["epoch", "train_rel_l2", "test_rel_l2", "seconds"])
+        for ep in range(args.epochs):
+            model.train()
+            total = 0.0
+            for idx in torch.randperm(n).split(20):
+                opt.zero_grad(set_to_none=True)
+                loss = rel_l2(model(data.train_x[idx]), data.train_u[idx]).sum()
+                loss.backward()
+                opt.step()
+                total += float(loss)
+            sched.step()
+            with torch.no_grad():
+                test = float(torch.cat([rel_l2(model(x), u) for x, u in zip(data.test_x.split(20), data.test_u.split(20))]).mean())
+            w.writerow([ep + 1, total / n, test, time.perf_counter() - started])
+            f.flush()
+
+
+def train_fnokern(args, out):
+    env = {"RAYON_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    cmd = [args.fnokern, "train", "--config", args.config, "--out", str(out / "fnokern-run"), "--stop-after-epochs", str(args.epochs)]
+    if (out / "fnokern-run").exists():
+        cmd.append("--resume")
+    with open(out / "fnokern.csv", "w", newline="") as f, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as p:
+        w = csv.writer(f)
+        w.writerow(["epoch", "train_rel_l2", "test_rel_l2", "seconds"])
+        pat = re.compile(r"epoch\s+(\d+)/\d+: train loss ([0-9.e+-]+)\s+val loss ([0-9.e+-]+).*\((\d+) s\)")
+        for line in p.stdout:
+            m = pat.search(line)
+            if m:
+                w.writerow([int(m[1]), float(m[2]), float(m[3]), float(m[4])])
+                f.flush()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--fnokern", required=True)
+    ap.add_argument("--config", default="configs/darcy-fno2d.toml")
+    ap.add_argument("--out", default="runs/darcy-compare")
+    ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--modes", type=int, default=12)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--projection", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=0)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        run([args.fnokern, "data", "--config", args.config, "--export", str(tmp / "data")])
+        data = Data(tmp / "data")
+        worst, weights = parity(args, data, tmp)
+        if worst > 1e-3:
+            sys.exit(f"parity failed: relative error {worst:.2e}")
+        kept = out / "init.safetensors"
+        kept.write_bytes(weights.read_bytes())
+        if args.rounds > 0:
+            speed(args, data, kept)
+    if args.epochs > 0:
+        ours = threading.Thread(target=train_fnokern, args=(args, out))
+        ours.start()
+        train_torch(args, data, kept, out)
+        ours.join()
+        rows = {name: list(csv.DictReader(open(out / f"{name}.csv"))) for name in ("fnokern", "torch")}
+        for name, r in rows.items():
+            if r:
+                last = r[-1]
+                print(f"{name}: {last['epoch']} epochs, test relative L2 {float(last['test_rel_l2']):.5f}, "
+                      f"{float(last['seconds']) / int(last['epoch']):.1f} s per epoch (one thread each, side by side)")
+
+
+if __name__ == "__main__":
+    main()
