@@ -716,10 +716,22 @@ fn model(args: &ConfigArgs, save_weights: Option<&std::path::Path>) -> fnokern::
     // Shapes only, unless the weights are wanted: the meta device builds parameters without data.
     let dev = if save_weights.is_some() { fnokern::Device::cpu() } else { fnokern::Device::meta() };
     let g = fnokern::model::Generator::new(&cfg.model, cfg.input_size(), cfg.in_channels(), &dev, fnokern::DType::F32)?;
-    println!(
-        "hybrid U-FNO generator: depth {}, width {}, modes {} ({:?}), max_channels {}, block {:?}, N {}",
-        cfg.model.depth, cfg.model.width, cfg.model.modes, cfg.model.mode_convention, cfg.model.max_channels, cfg.model.block, cfg.data.n
-    );
+    let m = &cfg.model;
+    match m.kind {
+        fnokern::config::ModelKind::Ufno => println!(
+            "hybrid U-FNO generator: depth {}, width {}, modes {} ({:?}), max_channels {}, block {:?}, N {}",
+            m.depth, m.width, m.modes, m.mode_convention, m.max_channels, m.block, cfg.data.n
+        ),
+        fnokern::config::ModelKind::Fno2d => println!(
+            "FNO-2D: {} Fourier layers, width {}, modes {} ({:?}), projection {}, s {}",
+            m.depth,
+            m.width,
+            m.modes,
+            m.mode_convention,
+            m.projection,
+            cfg.input_size()
+        ),
+    }
     print!("{}", g.describe());
     if let Some(path) = save_weights {
         fnokern::model::weights::save_params(path, &g.params, None)?;

@@ -180,6 +180,12 @@ pub fn predict(opts: &PredictOptions, dev: &Device, say: &mut dyn FnMut(&str)) -
         ));
     }
     let cfg = Config::load(&config_path)?;
+    if cfg.data.workload != crate::config::Workload::Gridlines {
+        return Err(Error::invalid(
+            "predict",
+            format!("{} is a Darcy run: its test-split errors are in summary.json and its fields in darcy.png; predict reconstructs grid-lines objects", opts.run.display()),
+        ));
+    }
     let weights_path = match &opts.weights {
         Some(w) => w.clone(),
         None => default_weights(&opts.run)?,

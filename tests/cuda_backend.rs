@@ -366,3 +366,43 @@ fn gpu_tensors_copy_both_ways_and_refuse_host_slices() {
     drop(g);
     assert_eq!(gpu.memory().current, 0);
 }
+
+/// The Darcy workload's step on `dev`: the FNO-2D (with an output normaliser), the relative L2
+/// and H1 losses, and every parameter's gradient of their sum.
+fn darcy_step(dev: &Device) -> Outputs {
+    let mut cfg = fnokern::config::presets::get("darcy").unwrap();
+    cfg.darcy.resolution = 17;
+    cfg.darcy.subsample = 1;
+    cfg.model.width = 6;
+    cfg.model.modes = 4;
+    cfg.model.depth = 2;
+    cfg.model.projection = 8;
+    cfg.validate().unwrap();
+    let s = cfg.input_size();
+    let mut g = Generator::new(&cfg.model, s, 3, dev, DType::F32).unwrap();
+    let mean: Vec<f32> = (0..s * s).map(|p| 0.01 * (p % 7) as f32).collect();
+    g.set_output_normalizer(fnokern::data::darcy::Normalizer { mean, std: vec![0.5; s * s], eps: 1e-5 }).unwrap();
+    let mut t = Tape::with_params(&g.params);
+    let x = t.constant(randn(dev, &[3, 3, s, s], 21));
+    let u = t.constant(randn(dev, &[3, 1, s, s], 22));
+    let pred = g.forward(&mut t, &x).unwrap();
+    let l2 = loss::field_objective(&mut t, fnokern::config::LossKind::RelL2, &pred, &u).unwrap();
+    let h1 = loss::field_objective(&mut t, fnokern::config::LossKind::H1, &pred, &u).unwrap();
+    let total = fnokern::ops::add(&mut t, &l2, &h1).unwrap();
+    let mut o = vec![out("rel_l2", l2.value().clone()), out("h1", h1.value().clone()), out("prediction", pred.value().clone())];
+    let grads = t.backward(&total).unwrap().into_params();
+    for ((_, name, _), grad) in g.params.iter().zip(&grads) {
+        o.push(out(format!("d{name}"), grad.clone().expect("every parameter gets a gradient")));
+    }
+    o
+}
+
+#[test]
+fn a_darcy_step_matches_the_cpu() {
+    let want = darcy_step(&Device::cpu());
+    let Some(gpu) = cuda("darcy step") else { return };
+    for ((name, w), (_, g)) in want.iter().zip(&darcy_step(&gpu)) {
+        assert_eq!(g.device().kind(), DeviceKind::Cuda(0), "{name} was not computed on the GPU");
+        close(&format!("darcy step: {name}"), g, w, 1e-5, 1e-3);
+    }
+}

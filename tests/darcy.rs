@@ -254,3 +254,27 @@ fn the_darcy_config_file_is_the_preset() {
     let file = Config::load(&Path::new(&root).join("configs/darcy-fno2d.toml")).unwrap();
     assert_eq!(file, fnokern::config::presets::get("darcy").unwrap());
 }
+
+#[test]
+fn grid_lines_only_commands_refuse_darcy_runs_by_name() {
+    let root = tempdir("darcy-refuse");
+    let mut cfg = tiny_darcy(&root.join("cache"));
+    cfg.train.epochs = 1;
+    let dir = root.join("run");
+    train::train(&cfg, &RunOptions::new(&dir), &mut |_| {}).unwrap();
+    let out = common::bin().args(["predict", dir.to_str().unwrap(), "--out", root.join("p").to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("is a Darcy run"), "{err}");
+    let config = root.join("darcy.toml");
+    std::fs::write(&config, toml::to_string(&cfg).unwrap()).unwrap();
+    let out = common::bin()
+        .args(["crash-hunt", "--config", config.to_str().unwrap(), "--depths", "2", "--seeds", "1", "--out", root.join("s").to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("grid-lines workload"), "{err}");
+    // `fnokern data --workload darcy` with a grid-lines config says which workload it holds.
+    let out = common::bin().args(["data", "--preset", "cpu", "--workload", "darcy"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("Gridlines"), "{err}");
+}

@@ -84,7 +84,8 @@ def run(cmd, env=None):
 
 
 def rel(a, b):
-    a, b = a.detach().reshape(-1).double(), b.detach().reshape(-1).double()
+    a, b = (torch.view_as_real(t.detach()) if t.is_complex() else t.detach() for t in (a, b))
+    a, b = a.reshape(-1).double(), b.reshape(-1).double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 

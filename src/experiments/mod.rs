@@ -148,6 +148,10 @@ impl Arm {
         merge(&mut table, &overlay);
         let cfg: Config = table.try_into().map_err(|e: toml::de::Error| Error::Config { origin, why: e.message().to_string() })?;
         cfg.validate()?;
+        if cfg.data.workload != crate::config::Workload::Gridlines {
+            // The sweeps score runs by the stitched test object's SSIM.
+            return Err(Error::invalid("sweep", "the crash hunt and the shootout run the grid-lines workload; train Darcy configs with `fnokern train`"));
+        }
         Ok(cfg)
     }
 }
