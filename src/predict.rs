@@ -183,7 +183,10 @@ pub fn predict(opts: &PredictOptions, dev: &Device, say: &mut dyn FnMut(&str)) -
     if cfg.data.workload != crate::config::Workload::Gridlines {
         return Err(Error::invalid(
             "predict",
-            format!("{} is a Darcy run: its test-split errors are in summary.json and its fields in darcy.png; predict reconstructs grid-lines objects", opts.run.display()),
+            format!(
+                "{} is a Darcy run: its test-split errors are in summary.json and its fields in darcy.png; predict reconstructs grid-lines objects",
+                opts.run.display()
+            ),
         ));
     }
     let weights_path = match &opts.weights {

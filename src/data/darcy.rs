@@ -284,17 +284,13 @@ impl BandCholesky {
         let (n, bw, w) = (self.n, self.bw, self.bw + 1);
         let mut y = b.to_vec();
         for i in 0..n {
-            let mut s = y[i];
-            for k in i.saturating_sub(bw)..i {
-                s -= self.l[i * w + (i - k)] * y[k];
-            }
+            let lo = i.saturating_sub(bw);
+            let s: f64 = y[i] - y[lo..i].iter().enumerate().map(|(d, &yk)| self.l[i * w + (i - lo - d)] * yk).sum::<f64>();
             y[i] = s / self.l[i * w];
         }
         for i in (0..n).rev() {
-            let mut s = y[i];
-            for k in i + 1..(i + bw + 1).min(n) {
-                s -= self.l[k * w + (k - i)] * y[k];
-            }
+            let hi = (i + bw + 1).min(n);
+            let s: f64 = y[i] - y[i + 1..hi].iter().enumerate().map(|(d, &yk)| self.l[(i + 1 + d) * w + 1 + d] * yk).sum::<f64>();
             y[i] = s / self.l[i * w];
         }
         y
@@ -439,7 +435,7 @@ impl DarcySplit {
         self.len() == 0
     }
 
-    fn field<'a>(v: &'a [f32], s: usize, i: usize) -> &'a [f32] {
+    fn field(v: &[f32], s: usize, i: usize) -> &[f32] {
         &v[i * s * s..(i + 1) * s * s]
     }
 
@@ -557,8 +553,11 @@ pub fn cache_path(cfg: &DarcyConfig, cache_dir: &Path) -> PathBuf {
     cache_dir.join(format!("darcy-{:016x}", super::fnv1a(text.as_bytes())))
 }
 
-/// One sample at full resolution, subsampled: (coefficient, solution, CG iterations).
-fn sample(cfg: &DarcyConfig, basis: &[f64], split_seed: u64, i: usize) -> Result<(Vec<f32>, Vec<f32>, usize)> {
+/// One sample, subsampled: the coefficient, the solution, and the CG iterations it took.
+type Sample = (Vec<f32>, Vec<f32>, usize);
+
+/// One sample at full resolution, subsampled.
+fn sample(cfg: &DarcyConfig, basis: &[f64], split_seed: u64, i: usize) -> Result<Sample> {
     let s = cfg.resolution;
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ split_seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let a = threshold(&grf_with_basis(basis, s, cfg.alpha, cfg.tau, &mut rng), cfg.high, cfg.low);
@@ -576,8 +575,7 @@ fn generate(cfg: &DarcyConfig, basis: &[f64], split_seed: u64, count: usize, wha
     let chunk = 50;
     let started = std::time::Instant::now();
     for start in (0..count).step_by(chunk) {
-        let done: Vec<Result<(Vec<f32>, Vec<f32>, usize)>> =
-            (start..(start + chunk).min(count)).into_par_iter().map(|i| sample(cfg, basis, split_seed, i)).collect();
+        let done: Vec<Result<Sample>> = (start..(start + chunk).min(count)).into_par_iter().map(|i| sample(cfg, basis, split_seed, i)).collect();
         for r in done {
             let (a, u, it) = r?;
             coeff.extend(a);
