@@ -649,15 +649,7 @@ fn data(args: &ConfigArgs, workload: Option<&str>, export: Option<&std::path::Pa
             s.centres.is_some() && s.ground_truth.is_some()
         );
     }
-    let size: u64 = std::fs::read_dir(&ds.source).into_iter().flatten().flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum();
-    let how = if cfg.data.npz.is_some() {
-        "read from the NPZ files".to_string()
-    } else if ds.from_cache {
-        format!("read from the cache, {:.1} MiB on disk (data.cache_dir)", size as f64 / 1048576.0)
-    } else {
-        format!("simulated and cached there: {:.1} MiB written (data.cache_dir)", size as f64 / 1048576.0)
-    };
-    println!("source: {} ({how}; {:.1} s)", ds.source, start.elapsed().as_secs_f64());
+    say_source(&ds.source, cfg.data.npz.is_some(), ds.from_cache, "simulated", start);
     if let Some(dir) = export {
         std::fs::create_dir_all(dir).map_err(|source| fnokern::Error::Io { path: dir.display().to_string(), source })?;
         for (name, s) in [("train.npz", &ds.train), ("test.npz", &ds.test)] {
@@ -666,6 +658,20 @@ fn data(args: &ConfigArgs, workload: Option<&str>, export: Option<&std::path::Pa
         println!("exported train.npz and test.npz to {}", dir.display());
     }
     Ok(())
+}
+
+/// The `source:` line of `fnokern data`: where the data came from and its size on disk.
+fn say_source(source: &str, from_files: bool, from_cache: bool, made: &str, start: std::time::Instant) {
+    let size: u64 = std::fs::read_dir(source).into_iter().flatten().flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum();
+    let mib = size as f64 / 1048576.0;
+    let how = if from_files {
+        "read from the NPZ files".to_string()
+    } else if from_cache {
+        format!("read from the cache, {mib:.1} MiB on disk (data.cache_dir)")
+    } else {
+        format!("{made} and cached there: {mib:.1} MiB written (data.cache_dir)")
+    };
+    println!("source: {source} ({how}; {:.1} s)", start.elapsed().as_secs_f64());
 }
 
 fn darcy_data(cfg: &Config, export: Option<&std::path::Path>) -> fnokern::Result<()> {
@@ -685,15 +691,7 @@ fn darcy_data(cfg: &Config, export: Option<&std::path::Path>) -> fnokern::Result
             d.low
         );
     }
-    let size: u64 = std::fs::read_dir(&ds.source).into_iter().flatten().flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum();
-    let how = if d.npz.is_some() {
-        "read from the NPZ files".to_string()
-    } else if ds.from_cache {
-        format!("read from the cache, {:.1} MiB on disk (data.cache_dir)", size as f64 / 1048576.0)
-    } else {
-        format!("generated and cached there: {:.1} MiB written (data.cache_dir)", size as f64 / 1048576.0)
-    };
-    println!("source: {} ({how}; {:.1} s)", ds.source, start.elapsed().as_secs_f64());
+    say_source(&ds.source, d.npz.is_some(), ds.from_cache, "generated", start);
     if let Some(dir) = export {
         std::fs::create_dir_all(dir).map_err(|source| fnokern::Error::Io { path: dir.display().to_string(), source })?;
         for (name, s) in [("train.npz", &ds.train), ("test.npz", &ds.test)] {

@@ -35,14 +35,16 @@ PRESETS = {
 
 
 def run(cmd, env=None):
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    out = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env)
     if out.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr}")
+        sys.exit(f"{' '.join(map(str, cmd))} failed:\n{out.stderr}{out.stdout}")
     return out.stdout
 
 
 def rel(a, b):
-    a, b = a.detach().reshape(-1), b.detach().reshape(-1)
+    """Largest entry of |a - b| over the largest of |b| (complex tensors as real pairs)."""
+    a, b = (torch.view_as_real(t.detach()) if t.is_complex() else t.detach() for t in (a, b))
+    a, b = a.reshape(-1).double(), b.reshape(-1).double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 

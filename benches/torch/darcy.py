@@ -38,6 +38,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 import twin  # noqa: E402
+from compare import rel, run  # noqa: E402
 
 
 class Layer(nn.Module):
@@ -76,17 +77,6 @@ def rel_l2(pred, u):
     return torch.linalg.vector_norm((pred - u).reshape(b, -1), dim=1) / torch.linalg.vector_norm(u.reshape(b, -1), dim=1)
 
 
-def run(cmd, env=None):
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        sys.exit(f"{' '.join(map(str, cmd))} failed:\n{out.stderr}{out.stdout}")
-    return out.stdout
-
-
-def rel(a, b):
-    a, b = (torch.view_as_real(t.detach()) if t.is_complex() else t.detach() for t in (a, b))
-    a, b = a.reshape(-1).double(), b.reshape(-1).double()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
 class Data:

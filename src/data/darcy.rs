@@ -113,54 +113,41 @@ impl Stencil {
         Stencil { m, c }
     }
 
-    fn apply(&self, x: &[f64], y: &mut [f64]) {
+    /// Row p of A times x without the diagonal: the neighbours' terms.
+    fn off_diagonal(&self, x: &[f64], p: usize) -> f64 {
         let m = self.m as isize;
-        for i in 0..m {
-            for j in 0..m {
-                let st = &self.c[(i * m + j) as usize];
-                let mut acc = 0.0;
-                for di in -1..=1isize {
-                    let ii = i + di;
-                    if ii < 0 || ii >= m {
-                        continue;
-                    }
-                    for dj in -1..=1isize {
-                        let jj = j + dj;
-                        if jj < 0 || jj >= m {
-                            continue;
-                        }
-                        acc += st[((di + 1) * 3 + dj + 1) as usize] * x[(ii * m + jj) as usize];
-                    }
-                }
-                y[(i * m + j) as usize] = acc;
+        let (i, j) = ((p / self.m) as isize, (p % self.m) as isize);
+        let st = &self.c[p];
+        let mut acc = 0.0;
+        for di in -1..=1isize {
+            let ii = i + di;
+            if ii < 0 || ii >= m {
+                continue;
             }
+            for dj in -1..=1isize {
+                let jj = j + dj;
+                if jj < 0 || jj >= m || (di == 0 && dj == 0) {
+                    continue;
+                }
+                acc += st[((di + 1) * 3 + dj + 1) as usize] * x[(ii * m + jj) as usize];
+            }
+        }
+        acc
+    }
+
+    fn apply(&self, x: &[f64], y: &mut [f64]) {
+        for (p, yp) in y.iter_mut().enumerate() {
+            *yp = self.c[p][4] * x[p] + self.off_diagonal(x, p);
         }
     }
 
     /// One lexicographic Gauss-Seidel sweep on A x = b, forward or backward (the pair is
     /// symmetric, so a V-cycle with one before and one after is a symmetric preconditioner).
     fn gauss_seidel(&self, b: &[f64], x: &mut [f64], forward: bool) {
-        let m = self.m as isize;
-        let n = m * m;
+        let n = self.m * self.m;
         for q in 0..n {
             let p = if forward { q } else { n - 1 - q };
-            let (i, j) = (p / m, p % m);
-            let st = &self.c[p as usize];
-            let mut acc = b[p as usize];
-            for di in -1..=1isize {
-                let ii = i + di;
-                if ii < 0 || ii >= m {
-                    continue;
-                }
-                for dj in -1..=1isize {
-                    let jj = j + dj;
-                    if jj < 0 || jj >= m || (di == 0 && dj == 0) {
-                        continue;
-                    }
-                    acc -= st[((di + 1) * 3 + dj + 1) as usize] * x[(ii * m + jj) as usize];
-                }
-            }
-            x[p as usize] = acc / st[4];
+            x[p] = (b[p] - self.off_diagonal(x, p)) / self.c[p][4];
         }
     }
 }
