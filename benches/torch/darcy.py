@@ -16,6 +16,7 @@
    seconds) as they go, and prints the table.
 
 Usage: python darcy.py --fnokern target/release/fnokern --config configs/darcy-fno2d.toml --out runs/darcy-compare [--epochs 100]
+       python darcy.py --plot-only --fnokern unused --out runs/darcy-compare     # OUT/curves.png (matplotlib)
 """
 
 import argparse
@@ -207,6 +208,28 @@ def train_fnokern(args, out):
                 f.flush()
 
 
+def plot(out):
+    """OUT/curves.png: test relative L2 per epoch of both, on a log axis (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, label in (("fnokern", "fnokern"), ("torch", f"PyTorch {torch.__version__.split('+')[0]} eager")):
+        rows = list(csv.DictReader(open(out / f"{name}.csv")))
+        ax.plot([int(r["epoch"]) for r in rows], [float(r["test_rel_l2"]) for r in rows], label=label)
+    ax.axhline(0.0108, color="grey", linestyle="--", label="the paper, 500 epochs (0.0108)")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch (of the paper's 500-epoch schedule)")
+    ax.set_ylabel("test relative L2 (100 samples)")
+    ax.set_title("FNO-2D on Darcy flow, s = 85, same data and initial weights")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--fnokern", required=True)
@@ -220,9 +243,13 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=0)
+    ap.add_argument("--plot-only", action="store_true", help="only draw OUT/curves.png from OUT's CSV files")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.plot_only:
+        plot(out)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         run([args.fnokern, "data", "--config", args.config, "--export", str(tmp / "data")])
@@ -245,6 +272,10 @@ def main():
                 last = r[-1]
                 print(f"{name}: {last['epoch']} epochs, test relative L2 {float(last['test_rel_l2']):.5f}, "
                       f"{float(last['seconds']) / int(last['epoch']):.1f} s per epoch (one thread each, side by side)")
+        try:
+            plot(out)
+        except ImportError:
+            print("(no matplotlib: curves.png not drawn)")
 
 
 if __name__ == "__main__":
