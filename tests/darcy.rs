@@ -278,3 +278,54 @@ fn grid_lines_only_commands_refuse_darcy_runs_by_name() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("Gridlines"), "{err}");
 }
+
+#[test]
+fn the_darcy_plan_equals_the_cpu_ledger() {
+    let root = tempdir("darcy-plan");
+    let mut cfg = tiny_darcy(&root.join("cache"));
+    cfg.train.batch_size = 3;
+    let mut peaks = Vec::new();
+    for policy in [fnokern::config::CheckpointPolicy::None, fnokern::config::CheckpointPolicy::EveryLevel] {
+        cfg.model.checkpoint = policy;
+        let meta = fnokern::plan::step_memory(&cfg, &fnokern::Device::meta()).unwrap();
+        let cpu = fnokern::plan::step_memory(&cfg, &fnokern::Device::cpu()).unwrap();
+        assert_eq!(meta, cpu, "{policy}: the meta plan differs from the CPU's ledger");
+        peaks.push(cpu.activations);
+    }
+    assert!(peaks[1] < peaks[0], "checkpointing the Fourier layers kept as much: {peaks:?}");
+}
+
+#[test]
+fn the_h1_loss_trains_and_validates_in_its_own_norm() {
+    let root = tempdir("darcy-h1");
+    let mut cfg = tiny_darcy(&root.join("cache"));
+    cfg.loss.kind = fnokern::config::LossKind::H1;
+    cfg.loss.reduction = fnokern::config::Reduction::Mean;
+    cfg.train.epochs = 2;
+    let s = train::train(&cfg, &RunOptions::new(root.join("run")), &mut |_| {}).unwrap();
+    assert!(s.finished && s.final_val_loss.unwrap() < s.first_val_loss.unwrap(), "{s:?}");
+    let m = s.metrics.unwrap();
+    // Validation is the H1 error; the evaluation reports both.
+    assert!((m["test_h1"].as_f64().unwrap() - s.final_val_loss.unwrap()).abs() < 1e-6);
+    assert!(m["test_h1"].as_f64().unwrap() > m["test_rel_l2"].as_f64().unwrap());
+}
+
+#[test]
+fn bad_darcy_settings_are_refused_by_name() {
+    let base = fnokern::config::presets::get("darcy").unwrap();
+    for (set, says) in [
+        ("darcy.subsample=8", "subsample (8) must divide resolution - 1 (420)"),
+        ("darcy.resolution=3", "resolution must be in [5, 4097]"),
+        ("darcy.train_samples=0", "train_samples"),
+        ("darcy.tau=-1", "alpha, tau, high and low"),
+        ("darcy.tolerance=2", "tolerance"),
+        ("darcy.npz=\"a.npz\"", "npz and npz_test go together"),
+        ("model.projection=0", "projection"),
+        ("train.aux_loss=\"supervised_l1\"", "aux_loss"),
+        ("train.early_stopping_min_delta=-1", "early_stopping_min_delta"),
+    ] {
+        let mut c = base.clone();
+        let err = c.set(set).and_then(|()| c.validate()).unwrap_err().to_string();
+        assert!(err.contains(says), "{set}: {err}");
+    }
+}
