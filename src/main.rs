@@ -17,11 +17,11 @@ struct Cli {
 /// Where the config comes from: a TOML file (or a preset), then the shorthand flags, then `--set`.
 #[derive(Args, Clone)]
 struct SourceArgs {
-    /// TOML config file (sections [model], [data], [loss], [train], [faults]); defaults apply to
-    /// what it leaves out.
+    /// TOML config file (sections [model], [data], [loss], [train], [faults], [darcy]); defaults
+    /// apply to what it leaves out.
     #[arg(long, conflicts_with = "preset")]
     config: Option<PathBuf>,
-    /// Start from a named preset: cpu, sweep or study (see README "Presets").
+    /// Start from a named preset: cpu, sweep, study or darcy (see README "Presets").
     #[arg(long)]
     preset: Option<String>,
     /// Shorthand for --set train.precision=P: fp32, bf16 or fp16 (activations and GEMMs).
@@ -130,8 +130,9 @@ struct SweepArgs {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Train the generator: simulate or load the data, train, evaluate, write the run directory.
-    /// Without --config or --preset it uses the `cpu` preset (`study` on a GPU); with
+    /// Train the generator (or, with a Darcy config, the FNO-2D): simulate or load the data, train,
+    /// evaluate, write the run directory. Without --config or --preset it uses the `cpu` preset
+    /// (`study` on a GPU); with
     /// --resume, the run's own config.toml (flags and --set apply on top: --set train.epochs=N
     /// extends a run).
     #[command(after_help = "Exit status: 0 finished (or stopped by --stop-after-epochs); 1 error (bad input, unreadable file, \
@@ -178,7 +179,7 @@ a directory in use); 3 crashed on non-finite values; 4 crashed on repeated loss 
         #[arg(long)]
         batch_size: Option<usize>,
     },
-    /// Print the generator's levels (resolution, width, kept modes, parameters, bytes) and total.
+    /// Print the model's parts (resolution, width, kept modes, parameters, bytes) and total.
     /// Without --config or --preset it describes the `cpu` preset's model, as `fnokern train`
     /// trains it (`study` on a GPU).
     Model {
