@@ -531,6 +531,18 @@ fn check_idx(split: &DarcySplit, idx: &[usize]) -> Result<()> {
     }
 }
 
+/// About how many bytes the data set holds in memory (coefficient and solution fields in f32),
+/// and while it is generated, the solver's working set (the cosine basis and a few full-resolution
+/// fields per thread, in f64: the stencils of every multigrid level, the CG vectors, the coarse
+/// band factor).
+pub fn estimated_bytes(cfg: &DarcyConfig) -> u64 {
+    let s = cfg.s() as u64;
+    let stored = (cfg.train_samples + cfg.test_samples) as u64 * s * s * 4 * 2;
+    let full = (cfg.resolution as u64).pow(2) * 8;
+    let solving = if cfg.npz.is_some() { 0 } else { full * (1 + 40 * rayon::current_num_threads() as u64) };
+    stored + solving
+}
+
 /// The cache directory of a config: every field of `[darcy]` that changes the data, hashed.
 pub fn cache_path(cfg: &DarcyConfig, cache_dir: &Path) -> PathBuf {
     let mut key = cfg.clone();

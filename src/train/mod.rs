@@ -393,7 +393,10 @@ fn check_fits(cfg: &Config, dev: &Device) -> Result<()> {
     let mut plain = cfg.clone();
     plain.train.memory_limit = None;
     let step = crate::plan::step_memory(&plain, &Device::meta())?.peak;
-    let data = data::estimated_bytes(&cfg.data);
+    let data = match cfg.data.workload {
+        crate::config::Workload::Gridlines => data::estimated_bytes(&cfg.data),
+        crate::config::Workload::Darcy => data::darcy::estimated_bytes(&cfg.darcy),
+    };
     let too_big = |need: u64, have: u64, what: &str| {
         Error::invalid(
             "train",
@@ -483,12 +486,15 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
         ));
     }
     // The final evaluation's data is checked now, not after the training.
-    if let (true, RunData::Gridlines(ds)) =
-        (cfg.train.evaluate && matches!(&ds, RunData::Gridlines(d) if d.test.centres.is_some() && d.test.ground_truth.is_some()), &ds)
-    {
-        eval::check_stitchable(&ds.test).map_err(|e| {
-            Error::invalid("train", format!("the test split cannot be stitched for the final evaluation ({e}); set train.evaluate = false to train without it"))
-        })?;
+    if let RunData::Gridlines(d) = &ds {
+        if cfg.train.evaluate && d.test.centres.is_some() && d.test.ground_truth.is_some() {
+            eval::check_stitchable(&d.test).map_err(|e| {
+                Error::invalid(
+                    "train",
+                    format!("the test split cannot be stitched for the final evaluation ({e}); set train.evaluate = false to train without it"),
+                )
+            })?;
+        }
     }
     let dir = &opts.out_dir;
     let _lock = DirLock::take(dir, "run")?;
