@@ -97,8 +97,7 @@ pub fn sample_sum_sq(tape: &mut Tape, x: &Var) -> Result<Var> {
     if d.is_empty() || d[0] == 0 {
         return Err(Error::bad_shape("sample_sum_sq", x.shape(), "expected [B, ...] with B >= 1"));
     }
-    let (b, rest) = (d[0], x.value().numel() / d[0]);
-    let xr = x.value().reshape([1, b, rest])?;
+    let xr = flat_samples(x)?;
     let y = backend::channel_dot(&xr, Some(&xr))?;
     let saved = tape.requires_grad(x).then_some(xr);
     let shape = x.shape().clone();
@@ -138,7 +137,7 @@ fn flat_samples(x: &Var) -> Result<crate::tensor::Tensor> {
     x.value().reshape([1, b, x.value().numel() / b.max(1)])
 }
 
-/// Per-sample sums of squares of a value (no tape).
+/// Per-sample sums of squares of a value (no tape): what [`sample_sum_sq`] records.
 fn sample_sum_sq_value(x: &Var) -> Result<crate::tensor::Tensor> {
     let xr = flat_samples(x)?;
     backend::channel_dot(&xr, Some(&xr))
