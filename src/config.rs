@@ -535,6 +535,18 @@ pub enum AuxLoss {
     SupervisedL1,
 }
 
+/// How the final evaluation stitches test patches into the object's canvas.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stitch {
+    /// The reference study's: the central stride x stride region of each patch, side by side.
+    #[default]
+    Center,
+    /// Every patch that covers a pixel, averaged with the probe's intensity as the weight: no
+    /// seams, and each pixel is taken from where the patches are measured best.
+    Blend,
+}
+
 /// `[train]`: the optimisation and the stability toolkit.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -604,6 +616,11 @@ pub struct TrainConfig {
     pub memory_limit: Option<String>,
     /// Final evaluation: stitch and score the test object (Darcy: score the whole test split).
     pub evaluate: bool,
+    /// How the final evaluation stitches the test patches into the object (see [`Stitch`]).
+    pub stitch: Stitch,
+    /// Score the best epoch's weights (checkpoints/best.safetensors, the lowest validation loss)
+    /// rather than the last epoch's; weights.safetensors keeps the last.
+    pub evaluate_best: bool,
     /// Early stopping: end the run after this many epochs in a row without a validation loss
     /// below the best so far minus `early_stopping_min_delta`; 0 turns it off.
     pub early_stopping_patience: usize,
@@ -661,6 +678,8 @@ impl Default for TrainConfig {
             device: "cpu".into(),
             memory_limit: None,
             evaluate: true,
+            evaluate_best: false,
+            stitch: Stitch::Center,
             early_stopping_patience: 0,
             early_stopping_min_delta: 0.0,
             early_stopping_restore_best: true,
@@ -882,6 +901,11 @@ pub mod presets {
              (N 32, width 8, max_channels 64, modes 6, 512 training patterns from 1 object, 12 epochs, Adam 1e-3 constant)",
         ),
         (
+            "map",
+            "the stability map's scale: one run in 5-15 seconds on one CPU core (N 16, width 8, max_channels 32, modes 4, \
+             441 training patterns from 1 object of 96 px, 4 epochs, Adam constant, quality scored on the best epoch)",
+        ),
+        (
             "study",
             "the published reference study's setting, meant for a GPU: N 64, width 32, max_channels 512, modes 12, \
              batch 16, Adam 1e-3, global-norm clipping 1.0, 50 epochs, no phase in the data",
@@ -929,6 +953,21 @@ pub mod presets {
                 c.train.epochs = 12;
                 c.train.train_patterns = 512;
                 c.train.test_patterns = 64;
+            }
+            "map" => {
+                // Small enough for hundreds of runs; large enough that the control diverges
+                // at the top of the learning-rate grid (3e-2 at depth 8).
+                small(&mut c);
+                c.model.depth = 6;
+                c.model.max_channels = 32;
+                c.model.modes = 4;
+                c.data.n = 16;
+                c.data.object_size = 96;
+                c.data.lines = 60;
+                c.train.epochs = 4;
+                c.train.train_patterns = 512;
+                c.train.test_patterns = 64;
+                c.train.evaluate_best = true;
             }
             "study" => {
                 c.data.phase = false;

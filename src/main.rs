@@ -21,7 +21,7 @@ struct SourceArgs {
     /// apply to what it leaves out.
     #[arg(long, conflicts_with = "preset")]
     config: Option<PathBuf>,
-    /// Start from a named preset: cpu, sweep, study or darcy (see README "Presets").
+    /// Start from a named preset: cpu, sweep, map, study or darcy (see README "Presets").
     #[arg(long)]
     preset: Option<String>,
     /// Shorthand for --set train.precision=P: fp32, bf16 or fp16 (activations and GEMMs).
@@ -246,6 +246,26 @@ a directory in use); 3 crashed on non-finite values; 4 crashed on repeated loss 
         #[command(flatten)]
         sweep: SweepArgs,
     },
+    /// Map the stable learning rates: every arm at every depth, peak learning rate and seed. A run
+    /// diverges on a non-finite value, exhausted rollbacks, or a final validation loss above its
+    /// initial loss; quality is scored apart, on the best epoch's weights. Writes report.md (the
+    /// largest stable rate per arm and depth), results.json and a heat map per arm. Resumable like
+    /// crash-hunt. Without --config or --preset it uses the `map` preset.
+    StabilityMap {
+        #[command(flatten)]
+        cfg: SourceArgs,
+        /// Depths to try.
+        #[arg(long, value_delimiter = ',', default_value = "4,6,8")]
+        depths: Vec<usize>,
+        /// Peak learning rates (train.lr), comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1e-3,3e-3,1e-2,3e-2,1e-1")]
+        lrs: Vec<f64>,
+        /// Arms (names in configs/arms/, built-in arms, or .toml overlays), comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "control,layerscale,agc0.01,agc,prenorm,warmup_cosine")]
+        arms: Vec<String>,
+        #[command(flatten)]
+        sweep: SweepArgs,
+    },
     /// Plan the memory of one training step on the meta device: per level, parameters,
     /// gradients, optimizer state and the activations kept, and the peak with and without
     /// activation checkpointing (--mem-limit adds a fits / exceeds verdict). Without --config or
@@ -311,10 +331,17 @@ fn main() -> ExitCode {
         Command::Model { cfg, save_weights } => ok(model(&cfg, save_weights.as_deref())),
         Command::Grad { cfg, weights, batch, out } => ok(grad(&cfg, &weights, &batch, &out)),
         Command::Data { cfg, workload, export } => ok(data(&cfg, workload.as_deref(), export.as_deref())),
-        Command::CrashHunt { cfg, depths, arm, sweep: sw } => ok(sweep(fnokern::experiments::SweepKind::CrashHunt, cfg, None, depths, vec![arm], sw)),
+        Command::CrashHunt { cfg, depths, arm, sweep: sw } => {
+            ok(sweep(fnokern::experiments::SweepKind::CrashHunt, cfg, None, depths, Vec::new(), vec![arm], sw))
+        }
+        Command::StabilityMap { cfg, depths, lrs, arms, sweep: sw } => {
+            ok(sweep(fnokern::experiments::SweepKind::StabilityMap, cfg, None, depths, lrs, arms, sw))
+        }
         Command::Plan { cfg, batch, n, checkpoint } => ok(plan(&cfg, batch, n, checkpoint)),
         Command::BenchStep { cfg, steps } => ok(bench_step(&cfg, steps)),
-        Command::Shootout { cfg, arms, sweep: sw } => ok(sweep(fnokern::experiments::SweepKind::Shootout, cfg.src, cfg.depth, Vec::new(), arms, sw)),
+        Command::Shootout { cfg, arms, sweep: sw } => {
+            ok(sweep(fnokern::experiments::SweepKind::Shootout, cfg.src, cfg.depth, Vec::new(), Vec::new(), arms, sw))
+        }
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -502,11 +529,12 @@ fn sweep(
     args: SourceArgs,
     depth: Option<usize>,
     depths: Vec<usize>,
+    lrs: Vec<f64>,
     arms: Vec<String>,
     sw: SweepArgs,
 ) -> fnokern::Result<()> {
     use fnokern::experiments::{self as ex, SweepKind};
-    let base = args.resolve(depth, Some("sweep"))?;
+    let base = args.resolve(depth, Some(if kind == SweepKind::StabilityMap { "map" } else { "sweep" }))?;
     let depths = if kind == SweepKind::Shootout { vec![base.model.depth] } else { depths };
     let arms = arms.iter().map(|a| ex::Arm::load(a)).collect::<fnokern::Result<Vec<_>>>()?;
     let bad = |why: String| fnokern::Error::InvalidArgument { op: "sweep", why };
@@ -519,8 +547,13 @@ fn sweep(
     let out = sw.out.unwrap_or_else(|| match kind {
         SweepKind::CrashHunt => PathBuf::from(format!("sweeps/crash-hunt-{}", arms[0].name)),
         SweepKind::Shootout => PathBuf::from(format!("sweeps/shootout-d{}", depths[0])),
+        SweepKind::StabilityMap => PathBuf::from("sweeps/stability-map"),
     });
-    let plan = ex::Plan::new(kind, &base, arms, depths, (0..sw.seeds).collect())?;
+    let seeds: Vec<u64> = (0..sw.seeds).collect();
+    let plan = match kind {
+        SweepKind::StabilityMap => ex::Plan::map(&base, arms, depths, lrs, seeds)?,
+        _ => ex::Plan::new(kind, &base, arms, depths, seeds)?,
+    };
     let opts = ex::SweepOptions {
         out_dir: out.clone(),
         jobs: sw.jobs.unwrap_or_else(ex::cores).max(1),
@@ -539,7 +572,17 @@ fn sweep(
             (SweepKind::CrashHunt, Some(d)) => println!("{arm}: shallowest depth with a failing run: {d} ({failed}/{runs} runs failed)"),
             (SweepKind::CrashHunt, None) => println!("{arm}: no run failed at depths {:?}", plan.depths),
             (SweepKind::Shootout, _) => println!("{arm}: {failed}/{runs} runs failed"),
+            (SweepKind::StabilityMap, _) => {}
         }
+    }
+    if kind == SweepKind::StabilityMap {
+        let cells = ex::map::cells(&plan, &o.results);
+        for e in ex::map::edges(&plan, &cells) {
+            let l = |v: Option<f64>| v.map_or("-".to_string(), ex::lr_label);
+            println!("{} depth {}: largest stable lr {} (first diverging {})", e.arm, e.depth, l(e.largest_stable_lr), l(e.first_unstable_lr));
+        }
+        println!("wrote {}/report.md, results.json, map_<arm>.png ({} runs this time, {} kept)", out.display(), o.ran, o.reused);
+        return Ok(());
     }
     println!("wrote {}/report.md, results.json, p_crash.png, val_curves.png ({} runs this time, {} kept)", out.display(), o.ran, o.reused);
     Ok(())

@@ -226,7 +226,15 @@ pub fn predict(opts: &PredictOptions, dev: &Device, say: &mut dyn FnMut(&str)) -
     } else {
         None
     };
-    let placed = eval::place(&split, &p.amp, &p.phase).ok();
+    let placed = match eval::place_as(cfg.train.stitch, &split, &p.amp, &p.phase, &p.object) {
+        Ok(c) => Some(c),
+        // A file without the probe: the reference's stitching needs none.
+        Err(e) if cfg.train.stitch == eval::Stitch::Blend && split.probe.is_empty() => {
+            say(&format!("{e}: stitching the patches' centres instead"));
+            eval::place(&split, &p.amp, &p.phase).ok()
+        }
+        Err(_) => None,
+    };
     let scored = match (&placed, &split.ground_truth) {
         (Some(c), Some(_)) => Some(eval::score(&eval::beside_truth(&split, c.clone())?)?),
         _ => None,

@@ -2,7 +2,7 @@
 //! (each test says which), plane removal, and stitching.
 
 use fnokern::data::npz::NpzSplit;
-use fnokern::eval::{frc, frc_resolution, mae, psnr, remove_plane, score, ssim, stitch, Canvas};
+use fnokern::eval::{beside_truth, frc, frc_resolution, mae, place, place_as, place_blended, psnr, remove_plane, score, ssim, stitch, Canvas, Stitch};
 
 fn canvas(rows: usize, cols: usize, f: impl Fn(f64, f64) -> f64) -> Canvas {
     let data = (0..rows * cols).map(|k| f((k / cols) as f64, (k % cols) as f64)).collect();
@@ -123,4 +123,99 @@ fn stitching_perfect_patches_scores_perfectly() {
     assert!(m.amp_mae < 1e-6 && (m.amp_ssim - 1.0).abs() < 1e-9, "{m:?}");
     assert!(m.phase_mae < 1e-6 && (m.phase_ssim - 1.0).abs() < 1e-9, "{m:?}");
     assert_eq!(m.amp_frc50, 0.5);
+}
+
+/// A 40 x 40 object cut into 16 x 16 patches at stride 4 under a Gaussian probe: the split, and
+/// each patch's complex values times 3 e^{i (0.4 + a phase plane in object coordinates)} (a global
+/// scale and plane, consistent between patches, which scoring removes).
+fn blend_case() -> (NpzSplit, Vec<[f32; 2]>) {
+    let (side, n, stride) = (40usize, 16usize, 4usize);
+    let value = |r: usize, c: usize| {
+        let (a, p) = (1.0 + 0.5 * ((r as f64) * 0.3).sin() * ((c as f64) * 0.2).cos(), 0.8 * ((r as f64) * 0.15).cos() + 0.3 * ((c as f64) * 0.25).sin());
+        (a, p)
+    };
+    let gt: Vec<[f32; 2]> = (0..side * side).map(|k| value(k / side, k % side)).map(|(a, p)| [(a * p.cos()) as f32, (a * p.sin()) as f32]).collect();
+    let per = (side - n) / stride + 1;
+    let (mut centres, mut object) = (Vec::new(), Vec::new());
+    for i in 0..per {
+        for j in 0..per {
+            let (r0, c0) = (i * stride, j * stride);
+            centres.push(((r0 + n / 2) as f64, (c0 + n / 2) as f64));
+            for r in 0..n {
+                for c in 0..n {
+                    let (a, p) = value(r0 + r, c0 + c);
+                    let p = p + 0.01 * (r0 + r) as f64 - 0.02 * (c0 + c) as f64 + 0.4;
+                    object.push([(3.0 * a * p.cos()) as f32, (3.0 * a * p.sin()) as f32]);
+                }
+            }
+        }
+    }
+    let probe = (0..n * n)
+        .map(|k| {
+            let (dr, dc) = ((k / n) as f64 - n as f64 / 2.0, (k % n) as f64 - n as f64 / 2.0);
+            [(-(dr * dr + dc * dc) / 18.0).exp() as f32, 0.0]
+        })
+        .collect();
+    let count = per * per;
+    let split = NpzSplit {
+        n,
+        diffraction: vec![0.0; count * n * n],
+        y_i: vec![0.0; count * n * n],
+        y_phi: vec![0.0; count * n * n],
+        probe,
+        ground_truth: Some((side, gt)),
+        centres: Some(centres),
+        object_index: None,
+    };
+    (split, object)
+}
+
+#[test]
+fn blend_stitching_of_consistent_patches_scores_perfectly_on_the_center_canvas() {
+    let (split, object) = blend_case();
+    let blended = place_blended(&split, &object).unwrap();
+    let amp: Vec<f64> = object.iter().map(|z| (z[0] as f64).hypot(z[1] as f64)).collect();
+    let phase: Vec<f64> = object.iter().map(|z| (z[1] as f64).atan2(z[0] as f64)).collect();
+    let center = place(&split, &amp, &phase).unwrap();
+    // The same canvas as the reference stitching, so the two score the same pixels.
+    assert_eq!((blended.amp.rows, blended.amp.cols, blended.top_left), (center.amp.rows, center.amp.cols, center.top_left));
+    let (m, _) = score(&beside_truth(&split, blended).unwrap()).unwrap();
+    assert!(m.amp_mae < 1e-5 && (m.amp_ssim - 1.0).abs() < 1e-9, "{m:?}");
+    assert!(m.phase_mae < 1e-5 && (m.phase_ssim - 1.0).abs() < 1e-9, "{m:?}");
+    // place_as picks the stitching; blend needs a probe.
+    let via = place_as(Stitch::Center, &split, &amp, &phase, &object).unwrap();
+    assert_eq!(via.amp, center.amp);
+    let mut no_probe = split.clone();
+    no_probe.probe.clear();
+    let err = place_blended(&no_probe, &object).unwrap_err().to_string();
+    assert!(err.contains("probe"), "{err}");
+}
+
+#[test]
+fn blend_stitching_is_the_probe_weighted_mean_of_the_patches_covering_a_pixel() {
+    let (split, mut object) = blend_case();
+    let n = split.n;
+    let centres = split.centres.clone().unwrap();
+    // Patch i holds the constant (i + 1) + i i: a pixel's blend is then easy to write down.
+    for (i, patch) in object.chunks_mut(n * n).enumerate() {
+        patch.fill([(i + 1) as f32, i as f32]);
+    }
+    let placed = place_blended(&split, &object).unwrap();
+    let (top, left) = placed.top_left;
+    let w = |q: usize| (split.probe[q][0] as f64).powi(2);
+    for &(r, c) in &[(top, left), (top + 5, left + 9), (top + 13, left + 2)] {
+        let (mut re, mut im, mut den) = (0.0, 0.0, 0.0);
+        for (i, &(cr, cc)) in centres.iter().enumerate() {
+            let (a, b) = (r as i64 - (cr as i64 - n as i64 / 2), c as i64 - (cc as i64 - n as i64 / 2));
+            if (0..n as i64).contains(&a) && (0..n as i64).contains(&b) {
+                let wt = w(a as usize * n + b as usize);
+                re += wt * (i + 1) as f64;
+                im += wt * i as f64;
+                den += wt;
+            }
+        }
+        let k = (r - top) * placed.amp.cols + (c - left);
+        assert!((placed.amp.data[k] - (re / den).hypot(im / den)).abs() < 1e-9, "({r}, {c}): {} vs {}", placed.amp.data[k], (re / den).hypot(im / den));
+        assert!((placed.phase.data[k] - im.atan2(re)).abs() < 1e-9, "({r}, {c})");
+    }
 }

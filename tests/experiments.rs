@@ -180,3 +180,75 @@ fn arms_merge_over_the_base_and_bad_arms_are_refused() {
     let err = Plan::new(SweepKind::CrashHunt, &base, vec![Arm::load("control").unwrap()], vec![], vec![0]).unwrap_err();
     assert!(err.to_string().contains("at least one"));
 }
+
+#[test]
+fn a_stability_map_runs_every_rate_and_reports_the_largest_stable_one() {
+    let dir = tempdir("map");
+    let mut base = tiny(&dir.join("cache"));
+    base.train.evaluate = true;
+    base.train.evaluate_best = true;
+    let plan = Plan::map(&base, vec![Arm::load("control").unwrap()], vec![2], vec![10.0, 1e-3], vec![0, 1]).unwrap();
+    // Rates run ascending, each named in its runs' directories.
+    assert_eq!(plan.lrs, vec![1e-3, 10.0]);
+    let specs = plan.runs().unwrap();
+    let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["control-d2-lr1e-3-s0", "control-d2-lr1e-3-s1", "control-d2-lr1e1-s0", "control-d2-lr1e1-s1"]);
+    assert_eq!(specs[2].config.train.lr, 10.0);
+
+    let out = ex::run_sweep(&plan, &options(&dir), &quiet()).unwrap();
+    assert!(out.complete());
+    for r in &out.results {
+        // An absurd rate diverges (one way or another); a sane one does not.
+        assert_eq!(
+            r.divergence.is_some(),
+            r.lr == Some(10.0),
+            "{}: {:?} (initial loss {:?}, final {:?})",
+            r.name,
+            r.divergence,
+            r.initial_loss,
+            r.final_val_loss
+        );
+        assert!(r.initial_loss.is_some_and(|l| l.is_finite() && l > 0.0), "{}", r.name);
+        if r.divergence.is_none() {
+            // Quality is scored on the best epoch's weights.
+            assert!(r.amp_ssim.is_some() && r.evaluated_epoch.is_some(), "{}", r.name);
+        }
+    }
+    let cells = ex::map::cells(&plan, &out.results);
+    assert_eq!(cells.iter().map(|c| (c.lr, c.diverged, c.runs)).collect::<Vec<_>>(), [(1e-3, 0, 2), (10.0, 2, 2)]);
+    let edges = ex::map::edges(&plan, &cells);
+    assert_eq!((edges[0].largest_stable_lr, edges[0].first_unstable_lr, edges[0].non_monotone), (Some(1e-3), Some(10.0), false));
+    // 0 of 2 diverged: the exact 95% interval reaches 1 - 0.025^(1/2).
+    assert!((edges[0].p_diverge_upper.unwrap() - (1.0 - 0.025f64.sqrt())).abs() < 1e-9);
+    for f in ["report.md", "results.json", "map_control.png", "plan.json"] {
+        assert!(dir.join(f).is_file(), "{f} missing");
+    }
+    let report = std::fs::read_to_string(dir.join("report.md")).unwrap();
+    assert!(report.contains("| control | 2 | 1e-3 (diverges at 1e1) |"), "{report}");
+
+    // Another grid in the same directory is another sweep.
+    let other = Plan::map(&base, vec![Arm::load("control").unwrap()], vec![2], vec![1e-3], vec![0, 1]).unwrap();
+    assert!(!other.same_sweep(&plan));
+    let err = ex::run_sweep(&other, &options(&dir), &quiet()).unwrap_err().to_string();
+    assert!(err.contains("different sweep"), "{err}");
+}
+
+#[test]
+fn stability_map_rates_are_checked_and_intervals_are_exact() {
+    let base = tiny(Path::new("cache"));
+    let control = || vec![Arm::load("control").unwrap()];
+    for bad in [vec![], vec![1e-3, 1e-3], vec![0.0], vec![-1e-3], vec![f64::NAN]] {
+        let err = Plan::map(&base, control(), vec![2], bad.clone(), vec![0]).unwrap_err().to_string();
+        assert!(err.contains("learning rate"), "{bad:?}: {err}");
+    }
+    assert_eq!(ex::lr_label(3e-4), "3e-4");
+    assert_eq!(ex::lr_label(2.5e-3), "2.5e-3");
+    assert_eq!(ex::lr_label(0.1), "1e-1");
+    // Clopper-Pearson 95% intervals (R: binom.test(k, n)$conf.int).
+    let cp = ex::map::clopper_pearson;
+    let close = |a: (f64, f64), b: (f64, f64)| (a.0 - b.0).abs() < 1e-4 && (a.1 - b.1).abs() < 1e-4;
+    assert!(close(cp(0, 5), (0.0, 0.5218)), "{:?}", cp(0, 5));
+    assert!(close(cp(5, 5), (0.4782, 1.0)), "{:?}", cp(5, 5));
+    assert!(close(cp(2, 5), (0.0527, 0.8534)), "{:?}", cp(2, 5));
+    assert!(close(cp(1, 10), (0.0025, 0.4450)), "{:?}", cp(1, 10));
+}

@@ -1,7 +1,10 @@
 //! Evaluation: stitch test patches into the object canvas, align, and score.
 //!
-//! Stitching (the reference study's): the central s x s region of each test patch (s the
-//! test stride) is placed at its centre in the canvas of the split's first object. Amplitude is
+//! Stitching ([`Stitch`]): the reference study's `center` places the central s x s region of
+//! each test patch (s the test stride) at its centre in the canvas of the split's first object;
+//! `blend` averages every patch that covers a pixel, weighted by the probe's intensity there
+//! (the part of a patch the physics loss constrains), which removes the seams between patches.
+//! Both give the same canvas. Amplitude is
 //! rescaled by mean(GT) / mean(pred); from each phase a least-squares plane a + b r + c c is removed
 //! and the result wrapped to [-pi, pi).
 //! Metrics: MAE; SSIM with skimage's defaults (7 x 7 uniform window, reflect mode, sample
@@ -11,6 +14,7 @@
 
 use serde::Serialize;
 
+pub use crate::config::Stitch;
 use crate::data::npz::NpzSplit;
 use crate::error::{Error, Result};
 
@@ -288,6 +292,60 @@ pub fn place(split: &NpzSplit, pred_amp: &[f64], pred_phase: &[f64]) -> Result<P
         }
     }
     Ok(Placed { amp: Canvas::new(h, w, pa)?, phase: Canvas::new(h, w, pp)?, top_left: (top as usize, left as usize) })
+}
+
+/// Stitches predicted complex object patches ([count * N * N] (re, im), in the split's order)
+/// into the canvas of [`place`] by a probe-weighted average: pixel x of the canvas is
+/// sum_i |P(x - c_i)|^2 O_i(x - c_i) / sum_i |P(x - c_i)|^2 over the patches i of object 0 that
+/// hold x. Needs the split's probe.
+pub fn place_blended(split: &NpzSplit, object: &[[f32; 2]]) -> Result<Placed> {
+    let n = split.n;
+    let Layout { mine, top, left, h, w, .. } = layout(split)?;
+    if object.len() != split.len() * n * n {
+        return Err(Error::invalid("stitch", "predictions do not match the split"));
+    }
+    if split.probe.len() != n * n {
+        return Err(Error::invalid("stitch", "blend stitching needs the probe (probeGuess), and the split has none"));
+    }
+    let weight: Vec<f64> = split.probe.iter().map(|z| (z[0] as f64).powi(2) + (z[1] as f64).powi(2)).collect();
+    // A floor that keeps a pixel no probe reaches defined (it takes the plain mean there).
+    let floor = 1e-12 * weight.iter().cloned().fold(0.0, f64::max).max(f64::MIN_POSITIVE);
+    let (mut re, mut im, mut den) = (vec![0.0; h * w], vec![0.0; h * w], vec![0.0; h * w]);
+    let n2 = n * n;
+    for (i, (cr, cc)) in &mine {
+        // Patch pixel (a, b) lies at object (cr - n/2 + a, cc - n/2 + b).
+        let (r0, c0) = (cr.round() as i64 - (n / 2) as i64 - top, cc.round() as i64 - (n / 2) as i64 - left);
+        for a in 0..n {
+            let r = r0 + a as i64;
+            if r < 0 || r >= h as i64 {
+                continue;
+            }
+            for b in 0..n {
+                let c = c0 + b as i64;
+                if c < 0 || c >= w as i64 {
+                    continue;
+                }
+                let (k, q) = (r as usize * w + c as usize, a * n + b);
+                let wt = weight[q] + floor;
+                let z = object[i * n2 + q];
+                re[k] += wt * z[0] as f64;
+                im[k] += wt * z[1] as f64;
+                den[k] += wt;
+            }
+        }
+    }
+    let amp = (0..h * w).map(|k| (re[k] / den[k]).hypot(im[k] / den[k])).collect();
+    let phase = (0..h * w).map(|k| im[k].atan2(re[k])).collect();
+    Ok(Placed { amp: Canvas::new(h, w, amp)?, phase: Canvas::new(h, w, phase)?, top_left: (top as usize, left as usize) })
+}
+
+/// The canvas of object 0 stitched as `how` says, from the predicted amplitude and phase (for
+/// `center`) or complex patches (for `blend`).
+pub fn place_as(how: Stitch, split: &NpzSplit, pred_amp: &[f64], pred_phase: &[f64], object: &[[f32; 2]]) -> Result<Placed> {
+    match how {
+        Stitch::Center => place(split, pred_amp, pred_phase),
+        Stitch::Blend => place_blended(split, object),
+    }
 }
 
 /// [`place`], beside the ground truth's same window.

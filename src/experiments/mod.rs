@@ -1,4 +1,4 @@
-//! The stability experiments: the crash hunt and the shootout.
+//! The stability experiments: the crash hunt, the shootout and the stability map.
 //!
 //! A sweep is a [`Plan`]: a base config, arms (TOML overlays merged over it, `configs/arms/`),
 //! depths and seeds. Each (arm, depth, seed) is one ordinary training run in
@@ -12,6 +12,7 @@
 //! rayon pool) and one after another on a GPU; the backend is deterministic in the thread count, so parallelism does not change
 //! a result. [`report`] writes report.md, results.json and the plots.
 
+pub mod map;
 pub mod report;
 
 use std::collections::VecDeque;
@@ -33,6 +34,7 @@ pub const BUILTIN_ARMS: &[(&str, &str)] = &[
     ("control", include_str!("../../configs/arms/control.toml")),
     ("layerscale", include_str!("../../configs/arms/layerscale.toml")),
     ("agc", include_str!("../../configs/arms/agc.toml")),
+    ("agc0.01", include_str!("../../configs/arms/agc0.01.toml")),
     ("prenorm", include_str!("../../configs/arms/prenorm.toml")),
     ("bf16", include_str!("../../configs/arms/bf16.toml")),
     ("warmup_cosine", include_str!("../../configs/arms/warmup_cosine.toml")),
@@ -172,6 +174,9 @@ fn merge(base: &mut toml::Table, over: &toml::Table) {
 pub enum SweepKind {
     CrashHunt,
     Shootout,
+    /// Every arm at every depth, peak learning rate and seed: which arm widens the range of
+    /// learning rates that train without diverging ([`Divergence`]).
+    StabilityMap,
 }
 
 /// What a sweep runs. Two invocations with equal plans are the same sweep.
@@ -183,6 +188,10 @@ pub struct Plan {
     pub arms: Vec<Arm>,
     pub depths: Vec<usize>,
     pub seeds: Vec<u64>,
+    /// Peak learning rates (`train.lr`), each run at every (arm, depth, seed); empty: the arm's
+    /// own rate (the crash hunt and the shootout).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lrs: Vec<f64>,
 }
 
 /// One run of a sweep.
@@ -192,6 +201,8 @@ pub struct RunSpec {
     pub arm: String,
     pub depth: usize,
     pub seed: u64,
+    /// The learning rate the plan set (None: the arm's own).
+    pub lr: Option<f64>,
     pub config: Config,
 }
 
@@ -215,7 +226,27 @@ impl Plan {
             return Err(Error::invalid("sweep", "two arms have the same name"));
         }
         let base = toml::to_string(base).map_err(|e| Error::invalid("sweep", e.to_string()))?;
-        let plan = Plan { kind, base, arms, depths, seeds };
+        let plan = Plan { kind, base, arms, depths, seeds, lrs: Vec::new() };
+        plan.runs()?;
+        Ok(plan)
+    }
+
+    /// A stability map: every arm at every depth, learning rate and seed.
+    pub fn map(base: &Config, arms: Vec<Arm>, depths: Vec<usize>, lrs: Vec<f64>, seeds: Vec<u64>) -> Result<Plan> {
+        if lrs.is_empty() {
+            return Err(Error::invalid("sweep", "a stability map needs at least one learning rate"));
+        }
+        if lrs.iter().any(|&lr| !(lr.is_finite() && lr > 0.0)) {
+            return Err(Error::invalid("sweep", format!("learning rates must be finite and positive (got {lrs:?})")));
+        }
+        let mut sorted = lrs.clone();
+        sorted.sort_by(f64::total_cmp);
+        sorted.dedup();
+        if sorted.len() != lrs.len() {
+            return Err(Error::invalid("sweep", format!("learning rates {lrs:?} must not repeat a value")));
+        }
+        let mut plan = Plan::new(SweepKind::StabilityMap, base, arms, depths, seeds)?;
+        plan.lrs = sorted;
         plan.runs()?;
         Ok(plan)
     }
@@ -228,29 +259,88 @@ impl Plan {
             && self.arms == other.arms
             && self.depths == other.depths
             && self.seeds == other.seeds
+            && self.lrs == other.lrs
             && parse(self).is_some()
             && parse(self) == parse(other)
     }
 
-    /// Every run, depth-major, then arm, then seed. Each run's config is the base with the arm
-    /// merged over it, then `model.depth`, `model.seed` and `train.seed` set.
+    /// Every run, depth-major, then arm, then learning rate, then seed. Each run's config is the
+    /// base with the arm merged over it, then `model.depth`, `train.lr` (a map's),
+    /// `model.seed` and `train.seed` set.
     pub fn runs(&self) -> Result<Vec<RunSpec>> {
         let base = Config::parse(&self.base, "the sweep's base config")?;
+        let lrs: Vec<Option<f64>> = if self.lrs.is_empty() { vec![None] } else { self.lrs.iter().map(|&l| Some(l)).collect() };
         let mut out = Vec::new();
         for &depth in &self.depths {
             for arm in &self.arms {
                 let armed = arm.apply(&base)?;
-                for &seed in &self.seeds {
-                    let mut config = armed.clone();
-                    config.model.depth = depth;
-                    config.model.seed = seed;
-                    config.train.seed = seed;
-                    config.validate()?;
-                    out.push(RunSpec { name: format!("{}-d{depth}-s{seed}", arm.name), arm: arm.name.clone(), depth, seed, config });
+                for &lr in &lrs {
+                    for &seed in &self.seeds {
+                        let mut config = armed.clone();
+                        config.model.depth = depth;
+                        config.model.seed = seed;
+                        config.train.seed = seed;
+                        let name = match lr {
+                            Some(lr) => {
+                                config.train.lr = lr;
+                                format!("{}-d{depth}-lr{}-s{seed}", arm.name, lr_label(lr))
+                            }
+                            None => format!("{}-d{depth}-s{seed}", arm.name),
+                        };
+                        config.validate()?;
+                        out.push(RunSpec { name, arm: arm.name.clone(), depth, seed, lr, config });
+                    }
                 }
             }
         }
         Ok(out)
+    }
+}
+
+/// A learning rate as run names and tables show it: `3e-4`, `1e-2`, `2.5e-3`.
+pub fn lr_label(lr: f64) -> String {
+    let s = format!("{lr:e}");
+    match s.split_once('e') {
+        Some((m, e)) => format!("{}e{e}", m.trim_end_matches('0').trim_end_matches('.')),
+        None => s,
+    }
+}
+
+/// Why a run of a stability map counts as diverged (apart from how good a model it trained).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Divergence {
+    /// A NaN or Inf the guards could not skip past (or out of memory).
+    Nonfinite,
+    /// Loss spikes rolled back or skipped `max_consecutive_failures` times in a row.
+    RollbacksExhausted,
+    /// It trained to the end but its final validation loss is above the loss it started from.
+    AboveInitial,
+}
+
+impl Divergence {
+    pub fn name(self) -> &'static str {
+        match self {
+            Divergence::Nonfinite => "non-finite",
+            Divergence::RollbacksExhausted => "rollbacks exhausted",
+            Divergence::AboveInitial => "final loss above the initial",
+        }
+    }
+}
+
+/// Whether a run diverged: the trainer's crash kind, or a final validation loss above
+/// `initial_loss` (the loss of the first step, before any update).
+pub fn divergence(s: &Summary, initial_loss: Option<f64>) -> Option<Divergence> {
+    match s.crash_kind {
+        Some(Crash::Spike) => return Some(Divergence::RollbacksExhausted),
+        Some(Crash::Nonfinite | Crash::Oom) => return Some(Divergence::Nonfinite),
+        None if s.crashed => return Some(Divergence::Nonfinite),
+        None => {}
+    }
+    match (s.finished, s.final_val_loss, initial_loss) {
+        (true, Some(v), _) if !v.is_finite() => Some(Divergence::Nonfinite),
+        (true, Some(v), Some(i)) if v > i => Some(Divergence::AboveInitial),
+        _ => None,
     }
 }
 
@@ -261,6 +351,18 @@ pub struct RunResult {
     pub arm: String,
     pub depth: usize,
     pub seed: u64,
+    /// The learning rate a stability map set (None: the arm's own).
+    #[serde(default)]
+    pub lr: Option<f64>,
+    /// The loss of the run's first step, before any update.
+    #[serde(default)]
+    pub initial_loss: Option<f64>,
+    /// Whether (and how) the run diverged; quality failures are in `failure`.
+    #[serde(default)]
+    pub divergence: Option<Divergence>,
+    /// The epoch whose weights the SSIM and MAE score (the best with `train.evaluate_best`).
+    #[serde(default)]
+    pub evaluated_epoch: Option<usize>,
     pub failure: Option<Failure>,
     pub reason: Option<String>,
     /// Whether training ran all its epochs (false for crashed runs).
@@ -286,11 +388,17 @@ impl RunResult {
     fn from_summary(spec: &RunSpec, s: &Summary, dir: &Path, c: &Criteria) -> Result<RunResult> {
         let metric = |k: &str| s.metrics.as_ref().and_then(|m| m[k].as_f64());
         let failure = classify(s, c);
+        let metrics = dir.join("metrics.jsonl");
+        let initial_loss = first_step_loss(&metrics);
         Ok(RunResult {
             name: spec.name.clone(),
             arm: spec.arm.clone(),
             depth: spec.depth,
             seed: spec.seed,
+            lr: spec.lr,
+            initial_loss,
+            divergence: divergence(s, initial_loss),
+            evaluated_epoch: s.evaluated_epoch,
             failure: failure.as_ref().map(|f| f.0),
             reason: failure.map(|f| f.1),
             finished: s.finished,
@@ -303,11 +411,20 @@ impl RunResult {
             phase_ssim: metric("phase_ssim"),
             amp_mae: metric("amp_mae"),
             phase_mae: metric("phase_mae"),
-            val_curve: val_curve(&dir.join("metrics.jsonl")),
+            val_curve: val_curve(&metrics),
             parameters: s.parameters,
             wall_seconds: s.wall_seconds,
         })
     }
+}
+
+/// The loss of step 0 in a run's metrics.jsonl.
+fn first_step_loss(metrics: &Path) -> Option<f64> {
+    let text = fs::read_to_string(metrics).ok()?;
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["kind"] == "step" && v["step"] == 0)
+        .and_then(|v| v["loss"].as_f64())
 }
 
 fn val_curve(metrics: &Path) -> Vec<(u64, f64)> {
@@ -494,8 +611,10 @@ pub fn run_sweep(plan: &Plan, opts: &SweepOptions, say: &(dyn Fn(&str) + Sync)) 
                 Ok(res) => {
                     ran += 1;
                     let done = results.iter().filter(|r| r.is_some()).count() + 1;
-                    let verdict = match (&res.failure, &res.reason) {
-                        (Some(f), Some(why)) => format!("FAILED ({}: {why})", f.name()),
+                    let verdict = match (plan.kind, res.divergence, &res.failure, &res.reason) {
+                        (SweepKind::StabilityMap, Some(d), _, _) => format!("DIVERGED ({})", d.name()),
+                        (SweepKind::StabilityMap, None, _, _) => "stable".to_string(),
+                        (_, _, Some(f), Some(why)) => format!("FAILED ({}: {why})", f.name()),
                         _ => "ok".to_string(),
                     };
                     let fmt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.4}"));

@@ -1,4 +1,4 @@
-//! A sweep's report: report.md (tables), results.json (every number), p_crash.png and
+//! A crash hunt's or shootout's report (a stability map's is [`super::map`]): report.md (tables), results.json (every number), p_crash.png and
 //! val_curves.png (validation loss of every run, failures marked where they stopped).
 
 use std::fmt::Write as _;
@@ -29,7 +29,7 @@ impl Stat {
         Stat { mean, sd, n }
     }
 
-    fn show(&self, digits: usize) -> String {
+    pub fn show(&self, digits: usize) -> String {
         match (self.mean, self.sd) {
             (Some(m), Some(s)) => format!("{m:.digits$} ± {s:.digits$}"),
             (Some(m), None) => format!("{m:.digits$}"),
@@ -116,11 +116,11 @@ struct ResultsFile<'a> {
 }
 
 /// A config enum as written in TOML.
-fn word<T: Serialize>(v: &T) -> String {
+pub(super) fn word<T: Serialize>(v: &T) -> String {
     serde_json::to_value(v).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
 }
 
-fn scale_line(c: &Config) -> String {
+pub(super) fn scale_line(c: &Config) -> String {
     format!(
         "N {}, width {}, max_channels {}, modes {}, batch {}, {} epochs, {} training / {} validation patterns \
          ({} training object{}), {} lr {:.0e}, schedule {}",
@@ -153,6 +153,9 @@ const PALETTE: [RGBColor; 8] = [
 
 /// Writes report.md, results.json, p_crash.png and val_curves.png into the sweep directory.
 pub fn write(plan: &Plan, opts: &SweepOptions, outcome: &SweepOutcome) -> Result<()> {
+    if plan.kind == SweepKind::StabilityMap {
+        return super::map::write(plan, opts, outcome);
+    }
     let dir = &opts.out_dir;
     let results = &outcome.results;
     let gs = groups(plan, results);
@@ -181,6 +184,7 @@ pub fn write(plan: &Plan, opts: &SweepOptions, outcome: &SweepOutcome) -> Result
     let title = match plan.kind {
         SweepKind::CrashHunt => "Crash hunt",
         SweepKind::Shootout => "Shootout",
+        SweepKind::StabilityMap => "Stability map",
     };
     let fmt = |v: Option<f64>, d: usize| v.map_or("-".to_string(), |v| format!("{v:.d$}"));
     let _ = writeln!(md, "# {title}\n");
@@ -215,7 +219,7 @@ pub fn write(plan: &Plan, opts: &SweepOptions, outcome: &SweepOutcome) -> Result
         let line = match (plan.kind, d) {
             (SweepKind::CrashHunt, Some(d)) => format!("`{arm}`: the shallowest depth with a failing run is **{d}** (failures at depths {failing_depths:?})."),
             (SweepKind::CrashHunt, None) => format!("`{arm}`: **no run failed** at depths {:?}.", plan.depths),
-            (SweepKind::Shootout, _) => {
+            (SweepKind::Shootout | SweepKind::StabilityMap, _) => {
                 let g = gs.iter().find(|g| g.arm == *arm);
                 format!(
                     "`{arm}`: {} of {} runs failed; final validation loss {}, amplitude SSIM {}.",

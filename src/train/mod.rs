@@ -36,7 +36,7 @@ use crate::config::Config;
 use crate::data::{self, npz::NpzSplit};
 use crate::device::{Device, DeviceKind};
 use crate::error::{Error, Result};
-use crate::eval::{self, Metrics};
+use crate::eval;
 use crate::model::weights;
 use crate::model::Generator;
 use crate::optim;
@@ -158,6 +158,10 @@ pub struct Summary {
     pub final_val_loss: Option<f64>,
     pub outcomes: BTreeMap<StepOutcome, u64>,
     pub metrics: Option<serde_json::Value>,
+    /// The epoch whose weights `metrics` scores (the last, or the best with
+    /// `train.evaluate_best` or an early stop that restored the best).
+    #[serde(default)]
+    pub evaluated_epoch: Option<usize>,
     pub parameters: usize,
     pub wall_seconds: f64,
 }
@@ -206,15 +210,23 @@ fn validate_with(g: &Generator, obj: &Objective, batch_size: usize, idx: &[usize
     Ok(total / idx.len().max(1) as f64)
 }
 
-/// Predicts the first test object's patches and scores the stitched reconstruction.
-fn evaluate(g: &Generator, cfg: &Config, split: &NpzSplit, dev: &Device, dir: &Path) -> Result<Option<Metrics>> {
+/// Predicts the first test object's patches and scores the reconstruction stitched as
+/// `train.stitch` says: its metrics, with `stitch` naming the stitching and, for `blend`, the
+/// reference's `center` stitching's metrics beside them (`center_stitch`).
+fn evaluate(g: &Generator, cfg: &Config, split: &NpzSplit, dev: &Device, dir: &Path) -> Result<Option<serde_json::Value>> {
     if split.centres.is_none() || split.ground_truth.is_none() {
         return Ok(None);
     }
     let p = crate::predict::predict_patches(g, split, &crate::predict::first_object(split), cfg.train.batch_size, dev, &mut |_| {})?;
-    let (m, aligned) = eval::score(&eval::stitch(split, &p.amp, &p.phase)?)?;
+    let scored = |how| eval::score(&eval::beside_truth(split, eval::place_as(how, split, &p.amp, &p.phase, &p.object)?)?);
+    let (m, aligned) = scored(cfg.train.stitch)?;
     crate::predict::reconstruction_png(&dir.join("reconstruction.png"), &m, &aligned)?;
-    Ok(Some(m))
+    let mut v = serde_json::to_value(&m).map_err(|e| Error::invalid("evaluate", e.to_string()))?;
+    v["stitch"] = serde_json::to_value(cfg.train.stitch).unwrap_or_default();
+    if cfg.train.stitch != eval::Stitch::Center {
+        v["center_stitch"] = serde_json::to_value(scored(eval::Stitch::Center)?.0).unwrap_or_default();
+    }
+    Ok(Some(v))
 }
 
 /// The steps the guards acted on, as the legend of loss.png names them, with their colours.
@@ -810,12 +822,26 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
         }
     };
     let finished = crash.is_none() && !interrupted && (state.epochs_done >= cfg.train.epochs || state.stopped_early);
-    let g = trainer.model();
     // The results first, then what is optional: the final weights and the summary are on disk
     // before the evaluation and the plots, whose failures are warnings.
     if finished {
-        weights::save_model(&dir.join("weights.safetensors"), g)?;
+        weights::save_model(&dir.join("weights.safetensors"), trainer.model())?;
     }
+    // The epoch whose weights the evaluation scores.
+    let mut evaluated_epoch =
+        Some(if state.stopped_early && cfg.train.early_stopping_restore_best { state.best_epoch.unwrap_or(0) } else { state.epochs_done });
+    if finished && cfg.train.evaluate && cfg.train.evaluate_best && state.best_epoch.is_some() && evaluated_epoch != state.best_epoch {
+        let best = dir.join("checkpoints/best.safetensors");
+        let ck = checkpoint::load(&best, &trainer.model().params)?;
+        trainer.set_params(ck.params);
+        evaluated_epoch = state.best_epoch;
+        say(&format!(
+            "evaluating the best epoch's weights (epoch {}, validation loss {:.5})",
+            state.best_epoch.unwrap_or(0),
+            state.best_val.unwrap_or(f64::NAN)
+        ));
+    }
+    let g = trainer.model();
     let mut summary = Summary {
         preset: opts.preset.clone(),
         finished,
@@ -832,6 +858,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
         final_val_loss: state.last_val,
         outcomes: trainer.outcomes().clone(),
         metrics: None,
+        evaluated_epoch: evaluated_epoch.filter(|_| finished && cfg.train.evaluate),
         parameters: g.num_params(),
         wall_seconds: base_wall + started.elapsed().as_secs_f64(),
     };
@@ -840,7 +867,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
         let scored = match &ds {
             RunData::Gridlines(d) => {
                 say("evaluating: stitching the test object");
-                evaluate(g, cfg, &d.test, &dev, dir).map(|m| m.map(|m| serde_json::to_value(m).unwrap_or_default()))
+                evaluate(g, cfg, &d.test, &dev, dir)
             }
             RunData::Darcy(d) => {
                 say(&format!("evaluating: the {} test samples", d.test.len()));

@@ -235,6 +235,72 @@ pub fn bars(path: &Path, title: &str, y_label: &str, bars: &[(String, f64, Strin
     })
 }
 
+/// One cell of a [`heat_map`]: its value in [0, 1] (None: no data) and two lines of text.
+pub struct HeatCell {
+    pub value: Option<f64>,
+    pub text: [String; 2],
+}
+
+/// A grid of cells coloured from white (0) to red (1), rows labelled on the left (top row
+/// first), columns below; a grey cell has no data.
+pub fn heat_map(path: &Path, title: &str, row_label: &str, col_label: &str, rows: &[String], cols: &[String], cells: &[Vec<HeatCell>]) -> Result<()> {
+    atomically(path, |target| {
+        fonts();
+        let e = plot_err(path);
+        let (nr, nc) = (rows.len().max(1), cols.len().max(1));
+        let root = BitMapBackend::new(target, ((140 + 120 * nc as u32).max(560), 120 + 70 * nr as u32)).into_drawing_area();
+        root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(44)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0.0..nc as f64, 0.0..nr as f64)
+            .map_err(|x| e(x.to_string()))?;
+        let col_name = |v: &f64| cols.get(v.floor() as usize).filter(|_| v.fract() > 0.4 && v.fract() < 0.6).cloned().unwrap_or_default();
+        // Rows from the top: chart row y = nr - 1 - i.
+        let row_name = |v: &f64| {
+            let i = nr as isize - 1 - v.floor() as isize;
+            rows.get(i as usize).filter(|_| i >= 0 && v.fract() > 0.4 && v.fract() < 0.6).cloned().unwrap_or_default()
+        };
+        chart
+            .configure_mesh()
+            .disable_mesh()
+            .x_labels(4 * nc + 1)
+            .y_labels(4 * nr + 1)
+            .x_label_formatter(&col_name)
+            .y_label_formatter(&row_name)
+            .x_desc(col_label)
+            .y_desc(row_label)
+            .label_style(("sans-serif", 14))
+            .draw()
+            .map_err(|x| e(x.to_string()))?;
+        for (i, row) in cells.iter().enumerate() {
+            let y = (nr - 1 - i) as f64;
+            for (j, cell) in row.iter().enumerate() {
+                let x = j as f64;
+                let color = match cell.value {
+                    Some(v) => {
+                        let v = v.clamp(0.0, 1.0);
+                        let mix = |a: f64, b: f64| (a + (b - a) * v).round() as u8;
+                        RGBColor(mix(255.0, 214.0), mix(255.0, 39.0), mix(255.0, 40.0))
+                    }
+                    None => RGBColor(200, 200, 200),
+                };
+                chart.draw_series(std::iter::once(Rectangle::new([(x, y), (x + 1.0, y + 1.0)], color.filled()))).map_err(|x| e(x.to_string()))?;
+                chart.draw_series(std::iter::once(Rectangle::new([(x, y), (x + 1.0, y + 1.0)], BLACK.stroke_width(1)))).map_err(|x| e(x.to_string()))?;
+                chart
+                    .draw_series([
+                        Text::new(cell.text[0].clone(), (x + 0.1, y + 0.75), ("sans-serif", 15)),
+                        Text::new(cell.text[1].clone(), (x + 0.1, y + 0.4), ("sans-serif", 13)),
+                    ])
+                    .map_err(|x| e(x.to_string()))?;
+            }
+        }
+        root.present().map_err(|x| e(x.to_string()))
+    })
+}
+
 /// One image of [`image_grid`].
 pub struct Panel<'a> {
     pub name: String,
