@@ -193,6 +193,8 @@ fn every_bad_input_is_refused_up_front() {
 
     // Sweeps: a repeated cell, a sweep directory in use.
     refused(&["crash-hunt", "--config", base, "--depths", "2,2", "--out", &fresh("sweep")], "must not repeat");
+    refused(&["stability-map", "--config", base, "--depths", "2", "--lrs", "1e-3,-1", "--out", &fresh("map1")], "learning rates must be finite and positive");
+    refused(&["stability-map", "--config", base, "--depths", "2", "--lrs", "1e-3", "--arms", "nope", "--out", &fresh("map2")], "no arm `nope`");
     let held = root.join("held-sweep");
     {
         let _held = fnokern::train::run_dir::DirLock::take(&held, "sweep").unwrap();

@@ -240,3 +240,31 @@ fn the_documented_default_config_is_the_default() {
     let path = std::path::Path::new(&root).join("configs/default.toml");
     assert_eq!(Config::load(&path).unwrap(), Config::default());
 }
+
+/// Every shipped config loads and validates; the reference's Stage A is the setting its header
+/// names (REFERENCE section 3) and the deep study differs from it only in depth.
+#[test]
+fn the_shipped_configs_load_and_stage_a_is_the_reference_setting() {
+    let root = std::env::var("FNOKERN_ROOT").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string());
+    let dir = std::path::Path::new(&root).join("configs");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|e| e == "toml") {
+            Config::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).validate().unwrap();
+            seen += 1;
+        }
+    }
+    assert!(seen >= 5, "{seen} configs");
+    let a = Config::load(&dir.join("reference-stage-a.toml")).unwrap();
+    assert_eq!((a.model.depth, a.model.width, a.model.modes, a.model.max_channels, a.data.n), (4, 32, 12, 512, 64));
+    assert_eq!((a.data.train_objects, a.data.test_objects, a.data.phase), (2, 1, false));
+    assert_eq!((a.train.epochs, a.train.batch_size, a.train.lr), (50, 16, 1e-3));
+    assert_eq!((a.train.clip, a.train.clip_max_norm), (fnokern::config::ClipKind::GlobalNorm, 1.0));
+    assert_eq!(a.train.optimizer, fnokern::config::OptimizerKind::Adam);
+    let mut deep = Config::load(&dir.join("study-deep.toml")).unwrap();
+    assert_eq!(deep.model.depth, 8);
+    deep.model.depth = 4;
+    deep.train.memory_limit = None;
+    assert_eq!(deep, a);
+}
