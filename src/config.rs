@@ -533,6 +533,9 @@ pub enum AuxLoss {
     None,
     /// Supervised L1 on amplitude and phase, added to the main loss with a curriculum weight.
     SupervisedL1,
+    /// The overlap term ([`crate::loss::overlap_disagreement`]): each training batch is half
+    /// patterns, half their neighbours, whose predictions must agree where both are illuminated.
+    Overlap,
 }
 
 /// How the final evaluation stitches test patches into the object's canvas.
@@ -842,6 +845,9 @@ impl Config {
         }
         if darcy && self.train.aux_loss != AuxLoss::None {
             return bad("train.aux_loss is a grid-lines term: set it to \"none\" for Darcy");
+        }
+        if self.train.aux_loss == AuxLoss::Overlap && self.train.batch_size < 2 {
+            return bad("train.aux_loss = \"overlap\" pairs each pattern with a neighbour: train.batch_size must be at least 2");
         }
         Ok(())
     }

@@ -306,6 +306,8 @@ pub fn all_cases() -> Vec<Case> {
         case!("fft2_forward_norm", fft_case(ops::FftNorm::Forward)),
         case!("fftshift_complex_odd", go(vars(vec![randn([2, 5, 3, 2], 1)?]), &|t, v| ops::fftshift(t, &v[0], true))),
         case!("ifftshift_real_odd", go(vars(vec![randn([2, 5, 7], 1)?]), &|t, v| ops::ifftshift(t, &v[0], false))),
+        // Across samples (9 rows of the [24, 5] view: one and a half samples) and columns.
+        case!("roll_flat", go(vars(vec![randn([3, 2, 4, 5], 1)?]), &|t, v| ops::roll_flat(t, &v[0], 9, 2))),
         case!("complex_angle", go(vars(vec![randn([2, 5, 3, 2], 1)?]), &|t, v| ops::complex_angle(t, &v[0]))),
         case!("complex_abs", go(vars(vec![randn([2, 5, 3, 2], 1)?]), &|t, v| ops::complex_abs(t, &v[0]))),
         case!("channels_to_complex", go(vars(vec![randn([2, 4, 3, 5], 1)?]), &|t, v| ops::channels_to_complex(t, &v[0]))),

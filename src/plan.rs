@@ -109,6 +109,8 @@ impl SteadyState {
                 let batch = Batch {
                     input: backend::unary(backend::Unary::Abs, &obs)?,
                     target: Target::Ptycho { y_i: Tensor::zeros([b, 1, n, n], DType::F32, dev)?, y_phi: Tensor::zeros([b, 1, n, n], DType::F32, dev)? },
+                    // Unpaired: the overlap term (train.aux_loss = "overlap") is not planned.
+                    pairs: None,
                 };
                 drop(obs);
                 let probe = Tensor::full(1.0, [n, n, 2], DType::F32, dev)?;
@@ -118,6 +120,7 @@ impl SteadyState {
                 let batch = Batch {
                     input: Tensor::randn([b, cfg.in_channels(), n, n], 1.0, 1, DType::F32, dev)?,
                     target: Target::Field(Tensor::full(1.0, [b, 1, n, n], DType::F32, dev)?),
+                    pairs: None,
                 };
                 (batch, Trainer::new(cfg, g, None, 1000)?)
             }

@@ -221,7 +221,7 @@ pub fn predict(opts: &PredictOptions, dev: &Device, say: &mut dyn FnMut(&str)) -
     let loss = if split.has_targets() {
         let probe = data::probe_tensor(&split, DType::F32, dev)?;
         let sp = crate::loss::scaled_probe(&probe, &cfg.loss)?;
-        let obj = crate::train::Objective { loss: &cfg.loss, scaled_probe: Some(&sp), aux_weight: 0.0 };
+        let obj = crate::train::Objective { loss: &cfg.loss, scaled_probe: Some(&sp), aux_weight: 0.0, aux: crate::config::AuxLoss::None };
         Some(crate::train::validate(&g, &obj, batch, &split, &all, dev)?)
     } else {
         None

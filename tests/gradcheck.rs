@@ -71,6 +71,7 @@ gradcheck_tests!(
     fft2_forward_norm,
     fftshift_complex_odd,
     ifftshift_real_odd,
+    roll_flat,
     complex_abs,
     complex_angle,
     channels_to_complex,

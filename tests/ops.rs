@@ -464,3 +464,62 @@ test_device!(
         assert_ne!(x.to_f64_vec().unwrap(), shared.to_f64_vec().unwrap(), "the other holder kept its values");
     }
 );
+
+/// The overlap term: 0 when neighbouring patches agree where both are lit, the probe-weighted
+/// squared disagreement over the detached energy otherwise, for both axes; bad shapes refused.
+#[test]
+fn the_overlap_term_measures_disagreement_between_neighbours() {
+    use fnokern::loss::{overlap_disagreement, PairAxis, Pairs};
+    let (n, s, half) = (8usize, 3usize, 2usize);
+    let dev = Device::cpu();
+    // An object over a 20 x 20 plane; A_k's patch starts at (2k, k), B_k's `s` further along the axis.
+    let object = |r: usize, c: usize| [((r as f64) * 0.7).sin() + 0.1 * c as f64, ((c as f64) * 0.4).cos() - 0.05 * r as f64];
+    let probe: Vec<f64> = (0..n * n).flat_map(|q| [1.0 + ((q / n) as f64 - 3.5).abs() * 0.2, 0.3 * ((q % n) as f64 - 3.5) / 3.5]).collect();
+    let probe = Tensor::from_f64_vec(probe, [n, n, 2], DType::F64, &dev).unwrap();
+    for axis in [PairAxis::Rows, PairAxis::Cols] {
+        let corner = |k: usize| {
+            let (r0, c0) = (2 * (k % half), k % half);
+            let (dr, dc) = match axis {
+                PairAxis::Rows => (s, 0),
+                PairAxis::Cols => (0, s),
+            };
+            if k < half {
+                (r0, c0)
+            } else {
+                (r0 + dr, c0 + dc)
+            }
+        };
+        let patches = |offset: f64| {
+            let mut v = vec![0.0; 2 * half * 2 * n * n];
+            for k in 0..2 * half {
+                let (r0, c0) = corner(k);
+                // B patches carry a constant phase `offset`, which the physics loss cannot see.
+                let rot = if k >= half { offset } else { 0.0 };
+                for r in 0..n {
+                    for c in 0..n {
+                        let z = object(r0 + r, c0 + c);
+                        let (re, im) = (z[0] * rot.cos() - z[1] * rot.sin(), z[0] * rot.sin() + z[1] * rot.cos());
+                        v[((k * 2) * n + r) * n + c] = re;
+                        v[((k * 2 + 1) * n + r) * n + c] = im;
+                    }
+                }
+            }
+            v
+        };
+        let term = |v: Vec<f64>| {
+            let mut t = Tape::new();
+            let x = t.leaf(Tensor::from_f64_vec(v, [2 * half, 2, n, n], DType::F64, &dev).unwrap(), true);
+            overlap_disagreement(&mut t, &x, Pairs { axis, shift: s }, &probe).unwrap().value().scalar_value().unwrap()
+        };
+        assert!(term(patches(0.0)).abs() < 1e-24, "{axis:?}: consistent patches disagree");
+        // A phase offset c between the halves: |z - z e^{ic}|^2 = 2 (1 - cos c) |z|^2 everywhere,
+        // so the term is 2 (1 - cos c) / 2 = 1 - cos c whatever the weights.
+        let c = 0.6f64;
+        assert!((term(patches(c)) - (1.0 - c.cos())).abs() < 1e-12, "{axis:?}: {}", term(patches(c)));
+    }
+    let mut t = Tape::new();
+    let odd = t.leaf(Tensor::zeros([3, 2, n, n], DType::F64, &dev).unwrap(), true);
+    assert!(overlap_disagreement(&mut t, &odd, Pairs { axis: PairAxis::Cols, shift: s }, &probe).is_err());
+    let even = t.leaf(Tensor::zeros([2, 2, n, n], DType::F64, &dev).unwrap(), true);
+    assert!(overlap_disagreement(&mut t, &even, Pairs { axis: PairAxis::Cols, shift: n }, &probe).is_err());
+}

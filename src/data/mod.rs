@@ -129,6 +129,8 @@ pub struct Batch {
     /// with the grid coordinates [B, 3, s, s].
     pub input: Tensor,
     pub target: Target,
+    /// Set when the batch is [A; B] with B_k the neighbour of A_k (the overlap term's batches).
+    pub pairs: Option<crate::loss::Pairs>,
 }
 
 /// What a batch's loss compares the model's output with.
@@ -165,6 +167,7 @@ pub fn batch(split: &NpzSplit, idx: &[usize], dtype: DType, dev: &Device) -> Res
     Ok(Batch {
         input: inputs(split, idx, dtype, dev)?,
         target: Target::Ptycho { y_i: gather(split, &split.y_i, "Y_I", idx, dtype, dev)?, y_phi: gather(split, &split.y_phi, "Y_phi", idx, dtype, dev)? },
+        pairs: None,
     })
 }
 

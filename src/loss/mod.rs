@@ -20,6 +20,77 @@ use crate::error::{Error, Result};
 use crate::ops;
 use crate::tensor::Tensor;
 
+/// Along which axis the second half of a paired batch lies from the first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PairAxis {
+    /// B_k is A_k's neighbour `shift` rows down.
+    Rows,
+    /// B_k is A_k's neighbour `shift` columns right.
+    Cols,
+}
+
+/// A paired batch [A; B]: sample k + B/2 is the neighbour of sample k, `shift` pixels along `axis`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pairs {
+    pub axis: PairAxis,
+    pub shift: usize,
+}
+
+/// The overlap term of a paired batch ([`Pairs`]): where two neighbouring patches see the same
+/// part of the object, their predictions must agree. With the generator output O [B, 2, N, N]
+/// (re, im) and A_k, B_k its two halves,
+///   sum_k sum_x m(x) |O_{A_k}(x) - O_{B_k}(x - d)|^2 / sum_k sum_x m(x) (|O_{A_k}(x)|^2 + |O_{B_k}(x - d)|^2),
+/// x over A's pixels whose partner x - d lies in B's patch, m(x) = |P(x)|^2 |P(x - d)|^2 (the
+/// probe's intensity in both: where both patterns measured the object), the denominator detached.
+/// A constant phase e^{ic} per patch leaves the physics loss unchanged; this term is 0 only when
+/// neighbouring patches agree on it.
+pub fn overlap_disagreement(t: &mut Tape, out: &Var, pairs: Pairs, probe: &Tensor) -> Result<Var> {
+    let d = out.dims().to_vec();
+    let bad = |why: &str| Err(Error::bad_shape("overlap term", out.shape(), why));
+    if d.len() != 4 || d[1] != 2 || d[2] != d[3] {
+        return bad("needs a complex object [B, 2, N, N]");
+    }
+    let (b, c, n, s) = (d[0], d[1], d[2], pairs.shift);
+    if b < 2 || b % 2 != 0 || s == 0 || s >= n {
+        return bad(&format!("needs an even batch of pairs shifted by 0 < {s} < N"));
+    }
+    if probe.dims() != [n, n, 2] {
+        return Err(Error::bad_shape("overlap term", probe.shape(), "the probe must be [N, N, 2]"));
+    }
+    let half = b / 2;
+    let p = probe.to_f64_vec()?;
+    let intensity = |r: usize, a: usize| p[2 * (r * n + a)].powi(2) + p[2 * (r * n + a) + 1].powi(2);
+    // sqrt(m): the output's difference is squared.
+    let mut mask = vec![0.0; b * c * n * n];
+    for r in 0..n {
+        for a in 0..n {
+            let partner = match pairs.axis {
+                PairAxis::Rows => r.checked_sub(s).map(|rb| (rb, a)),
+                PairAxis::Cols => a.checked_sub(s).map(|ab| (r, ab)),
+            };
+            if let Some((rb, ab)) = partner {
+                let m = (intensity(r, a) * intensity(rb, ab)).sqrt();
+                for k in 0..half * c {
+                    mask[(k * n + r) * n + a] = m;
+                }
+            }
+        }
+    }
+    // B's patch moved onto A's slot (half a batch along the rows of the [B C N, N] view) and by d.
+    let (rows, cols) = match pairs.axis {
+        PairAxis::Rows => (half * c * n + s, 0),
+        PairAxis::Cols => (half * c * n, s),
+    };
+    let partner = ops::roll_flat(t, out, rows, cols)?;
+    let (o, q) = (out.value().to_f64_vec()?, partner.value().to_f64_vec()?);
+    let den: f64 = mask.iter().zip(o.iter().zip(&q)).map(|(m, (x, y))| m * m * (x * x + y * y)).sum();
+    let mask = t.constant(Tensor::from_f64_vec(mask, d, out.value().dtype(), out.value().device())?);
+    let diff = ops::sub(t, out, &partner)?;
+    let weighted = ops::mul(t, &diff, &mask)?;
+    let num = ops::sum_sq(t, &weighted)?;
+    ops::scale(t, &num, 1.0 / den.max(f64::MIN_POSITIVE))
+}
+
 /// The probe the forward model uses: P * probe_scale, [N, N, 2].
 pub fn scaled_probe(probe: &Tensor, cfg: &LossConfig) -> Result<Tensor> {
     backend::affine(probe, cfg.probe_scale, 0.0)

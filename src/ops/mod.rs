@@ -14,5 +14,5 @@ pub use elementwise::{
 };
 pub use loss::{central_differences, global_norm, mae, mae_over_detached_mean, mean, mean_rel_h1, mean_rel_l2, mse, rel_l2, sample_sum_sq, sum, sum_sq};
 pub use norm::{instance_norm, layer_norm, norm, rms_norm};
-pub use physics::{channels_to_complex, complex_abs, complex_angle, complex_to_channels, fft2, fftshift, ifftshift, mul_probe, FftNorm};
+pub use physics::{channels_to_complex, complex_abs, complex_angle, complex_to_channels, fft2, fftshift, ifftshift, mul_probe, roll_flat, FftNorm};
 pub use spectral_conv::{irfft2, rfft2, spectral_conv, spectral_mix};

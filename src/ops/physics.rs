@@ -82,6 +82,25 @@ fn shift(tape: &mut Tape, x: &Var, complex: bool, inverse: bool) -> Result<Var> 
     })
 }
 
+/// numpy.roll of `x` seen as a [numel / W, W] matrix (W its last dimension): y[i + rows, j + cols]
+/// = x[i, j], both cyclic. Rolling the rows of a [B, C, H, W] tensor by a multiple of C H moves
+/// whole samples along the batch; the overlap term pairs samples this way.
+pub fn roll_flat(tape: &mut Tape, x: &Var, rows: usize, cols: usize) -> Result<Var> {
+    let dims = x.dims().to_vec();
+    let w = dims.last().copied().unwrap_or(0);
+    if w == 0 || x.value().numel() == 0 {
+        return Err(crate::error::Error::bad_shape("roll_flat", x.shape(), "needs a non-empty [.., W]"));
+    }
+    let h = x.value().numel() / w;
+    let (rows, cols) = (rows % h, cols % w);
+    let y = backend::roll2d(&x.value().reshape([h, w])?, rows, cols, false)?.reshape(dims.clone())?;
+    tape.record1(&[x], y, move |ctx| {
+        let g = ctx.grad(0).reshape([h, w])?;
+        let dx = backend::roll2d(&g, (h - rows) % h, (w - cols) % w, false)?.reshape(dims)?;
+        ctx.add(0, dx)
+    })
+}
+
 /// numpy's fftshift over (H, W): the zero frequency moves to (H/2, W/2). `complex` says the
 /// tensor is [.., H, W, 2].
 pub fn fftshift(tape: &mut Tape, x: &Var, complex: bool) -> Result<Var> {

@@ -664,7 +664,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
             let updates_before = trainer.updates();
             let outcomes_before = trainer.outcomes().clone();
             for (bi, chunk) in order.chunks(cfg.train.batch_size).enumerate().skip(skip) {
-                let b = ds.batch(true, chunk, &dev)?;
+                let b = if cfg.train.aux_loss == crate::config::AuxLoss::Overlap { ds.paired_batch(chunk, &dev)? } else { ds.batch(true, chunk, &dev)? };
                 let r = trainer.step(b, bi + 1 == batches_per_epoch)?;
                 if let Some(line) = event_line(&r, epoch, &trainer) {
                     let k = told.entry(r.outcome).or_default();

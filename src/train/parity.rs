@@ -55,13 +55,19 @@ pub fn grad_to_file(cfg: &Config, weights_path: &Path, batch_path: &Path, out_pa
         if input.dims()[0] != u.dims()[0] {
             return Err(bad(batch_path, format!("`input` holds {} samples but `u` {}", input.dims()[0], u.dims()[0])));
         }
-        (Batch { input, target: Target::Field(u) }, None)
+        (Batch { input, target: Target::Field(u), pairs: None }, None)
     } else {
         let (b, probe) = ptycho_batch(cfg, &mut file, batch_path, n, &dev)?;
         (b, Some(probe))
     };
     let mut t = Tape::with_params(&g.params);
-    let f = forward_and_loss(&mut t, &g, &Objective { loss: &cfg.loss, scaled_probe: sp.as_ref(), aux_weight: 0.0 }, &batch, &mut |_| {})?;
+    let f = forward_and_loss(
+        &mut t,
+        &g,
+        &Objective { loss: &cfg.loss, scaled_probe: sp.as_ref(), aux_weight: 0.0, aux: crate::config::AuxLoss::None },
+        &batch,
+        &mut |_| {},
+    )?;
     let loss_value = f.main.value().reshape(Shape::scalar())?;
     let output = f.output.value().clone();
     let grads = t.backward(&f.main)?;
@@ -129,5 +135,5 @@ fn ptycho_batch(cfg: &Config, file: &mut BTreeMap<String, crate::io::Loaded>, ba
     } else {
         (diffraction.clone(), diffraction.clone())
     };
-    Ok((Batch { input: diffraction, target: Target::Ptycho { y_i, y_phi } }, loss::scaled_probe(&probe, &cfg.loss)?))
+    Ok((Batch { input: diffraction, target: Target::Ptycho { y_i, y_phi }, pairs: None }, loss::scaled_probe(&probe, &cfg.loss)?))
 }

@@ -259,6 +259,8 @@ pub struct Objective<'a> {
     pub loss: &'a LossConfig,
     pub scaled_probe: Option<&'a Tensor>,
     pub aux_weight: f64,
+    /// Which auxiliary term `aux_weight` weighs.
+    pub aux: AuxLoss,
 }
 
 /// Forward pass and loss(es) of `batch` on tape `t`; `trace` sees each part of the generator.
@@ -279,13 +281,22 @@ fn forward_and_loss_with(t: &mut Tape, model: &Generator, obj: &Objective, batch
             let (yi, yp) = (t.constant(y_i.clone()), t.constant(y_phi.clone()));
             let targets = loss::Targets { diffraction: &x, y_i: &yi, y_phi: &yp };
             let main = loss::objective(t, obj.loss, &output, &targets, probe)?;
-            let loss = if obj.aux_weight > 0.0 {
-                let aux_cfg = LossConfig { kind: LossKind::SupervisedL1, ..obj.loss.clone() };
-                let aux = loss::objective(t, &aux_cfg, &output, &targets, probe)?;
-                let aux = ops::scale(t, &aux, obj.aux_weight)?;
-                ops::add(t, &main, &aux)?
-            } else {
-                main.clone()
+            let aux = match obj.aux {
+                _ if obj.aux_weight <= 0.0 => None,
+                AuxLoss::None => None,
+                AuxLoss::SupervisedL1 => {
+                    let aux_cfg = LossConfig { kind: LossKind::SupervisedL1, ..obj.loss.clone() };
+                    Some(loss::objective(t, &aux_cfg, &output, &targets, probe)?)
+                }
+                // Unpaired batches (validation, the memory plan) have no overlap term.
+                AuxLoss::Overlap => batch.pairs.map(|p| loss::overlap_disagreement(t, &output, p, probe)).transpose()?,
+            };
+            let loss = match aux {
+                Some(aux) => {
+                    let aux = ops::scale(t, &aux, obj.aux_weight)?;
+                    ops::add(t, &main, &aux)?
+                }
+                None => main.clone(),
             };
             (main, loss)
         }
@@ -316,6 +327,8 @@ pub struct Trainer {
     loss: LossConfig,
     /// The auxiliary supervised term's weight over updates, when `aux_loss` asks for one.
     aux: Option<AuxSchedule>,
+    /// Which auxiliary term the schedule weighs.
+    aux_kind: AuxLoss,
     /// The scaled probe (grid lines; None for Darcy).
     probe: Option<Tensor>,
     optimizer: Optimizer,
@@ -349,7 +362,8 @@ impl Trainer {
         Ok(Trainer {
             probe: probe.map(|p| loss::scaled_probe(p, &cfg.loss)).transpose()?,
             loss: cfg.loss.clone(),
-            aux: (t.aux_loss == AuxLoss::SupervisedL1).then(|| AuxSchedule::new(t)),
+            aux: (t.aux_loss != AuxLoss::None).then(|| AuxSchedule::new(t)),
+            aux_kind: t.aux_loss,
             optimizer,
             schedule: Schedule::new(t, total_updates),
             clipper: Clipper::new(t),
@@ -385,7 +399,7 @@ impl Trainer {
     }
 
     pub fn objective(&self) -> Objective<'_> {
-        Objective { loss: &self.loss, scaled_probe: self.probe.as_ref(), aux_weight: 0.0 }
+        Objective { loss: &self.loss, scaled_probe: self.probe.as_ref(), aux_weight: 0.0, aux: AuxLoss::None }
     }
 
     pub fn optimizer_state(&self) -> &OptimizerState {
@@ -527,7 +541,7 @@ impl Trainer {
         let aux_weight = self.aux.map_or(0.0, |a| a.at(self.updates));
         let (lv, spike, grads) = {
             let mut t = Tape::with_params(&self.model.params);
-            let obj = Objective { loss: &self.loss, scaled_probe: self.probe.as_ref(), aux_weight };
+            let obj = Objective { loss: &self.loss, scaled_probe: self.probe.as_ref(), aux_weight, aux: self.aux_kind };
             trace(StepPoint::Forward);
             let nan_output = self.faults.nan_forward_steps.contains(&step);
             // Only the loss is kept: the tape frees each activation once backward is past it, and
