@@ -219,3 +219,24 @@ fn blend_stitching_is_the_probe_weighted_mean_of_the_patches_covering_a_pixel() 
         assert!((placed.phase.data[k] - im.atan2(re)).abs() < 1e-9, "({r}, {c})");
     }
 }
+
+/// A reconstruction whose constant phase offset lies near pi wraps across the canvas; scoring
+/// removes the offset circularly before the plane, so it still scores as perfect.
+#[test]
+fn a_phase_offset_near_pi_scores_as_perfect() {
+    let (split, object) = blend_case();
+    let rot = 3.0f64; // with the case's own 0.4: 3.4 rad, past pi
+    let turned: Vec<[f32; 2]> = object
+        .iter()
+        .map(|z| {
+            let (re, im) = (z[0] as f64, z[1] as f64);
+            [(re * rot.cos() - im * rot.sin()) as f32, (re * rot.sin() + im * rot.cos()) as f32]
+        })
+        .collect();
+    let amp: Vec<f64> = turned.iter().map(|z| (z[0] as f64).hypot(z[1] as f64)).collect();
+    let phase: Vec<f64> = turned.iter().map(|z| (z[1] as f64).atan2(z[0] as f64)).collect();
+    let placed = place(&split, &amp, &phase).unwrap();
+    assert!(placed.phase.data.iter().any(|&p| p > 3.0) && placed.phase.data.iter().any(|&p| p < -3.0), "the case must wrap");
+    let (m, _) = score(&beside_truth(&split, placed).unwrap()).unwrap();
+    assert!(m.phase_mae < 1e-5 && (m.phase_ssim - 1.0).abs() < 1e-9, "{m:?}");
+}

@@ -5,7 +5,8 @@
 //! `blend` averages every patch that covers a pixel, weighted by the probe's intensity there
 //! (the part of a patch the physics loss constrains), which removes the seams between patches.
 //! Both give the same canvas. Amplitude is
-//! rescaled by mean(GT) / mean(pred); from each phase a least-squares plane a + b r + c c is removed
+//! rescaled by mean(GT) / mean(pred); from each phase its circular mean (a constant offset, which
+//! no diffraction measurement determines) and then a least-squares plane a + b r + c c are removed
 //! and the result wrapped to [-pi, pi).
 //! Metrics: MAE; SSIM with skimage's defaults (7 x 7 uniform window, reflect mode, sample
 //! covariance, K1 0.01, K2 0.03, a 3-px border cropped before the mean; data range = the GT's
@@ -195,6 +196,15 @@ pub fn remove_plane(img: &Canvas) -> Canvas {
         .collect();
     let data = (0..img.rows * img.cols).map(|k| img.data[k] - (coef[0] + coef[1] * (k / img.cols) as f64 + coef[2] * (k % img.cols) as f64)).collect();
     Canvas { rows: img.rows, cols: img.cols, data }
+}
+
+/// The phase less its circular mean arg(mean e^{i phi}): a constant offset removed before the
+/// plane, so that a reconstruction whose (arbitrary) offset lies near pi does not wrap across the
+/// canvas, where a least-squares plane cannot follow it.
+pub fn circular_centred(phase: &Canvas) -> Canvas {
+    let (s, c) = phase.data.iter().fold((0.0, 0.0), |(s, c), p| (s + p.sin(), c + p.cos()));
+    let mean = if s == 0.0 && c == 0.0 { 0.0 } else { s.atan2(c) };
+    Canvas { data: phase.data.iter().map(|p| p - mean).collect(), ..phase.clone() }
 }
 
 fn wrap(x: f64) -> f64 {
@@ -389,8 +399,8 @@ pub fn score(s: &Stitched) -> Result<(Metrics, Stitched)> {
     let k = if pm.abs() > 0.0 { s.gt_amp.mean() / pm } else { 1.0 };
     let amp = Canvas { data: s.pred_amp.data.iter().map(|v| v * k).collect(), ..s.pred_amp.clone() };
     let wrap_all = |c: Canvas| Canvas { data: c.data.iter().map(|&v| wrap(v)).collect(), ..c };
-    let phase = wrap_all(remove_plane(&s.pred_phase));
-    let gt_phase = wrap_all(remove_plane(&s.gt_phase));
+    let phase = wrap_all(remove_plane(&wrap_all(circular_centred(&s.pred_phase))));
+    let gt_phase = wrap_all(remove_plane(&wrap_all(circular_centred(&s.gt_phase))));
     let unit = |c: &Canvas| Canvas { data: c.data.iter().map(|v| (v + std::f64::consts::PI) / std::f64::consts::TAU).collect(), ..c.clone() };
     let range = s.gt_amp.data.iter().cloned().fold(f64::MIN, f64::max) - s.gt_amp.data.iter().cloned().fold(f64::MAX, f64::min);
     let curve = frc(&s.gt_amp, &amp);
