@@ -229,7 +229,7 @@ pub fn predict(opts: &PredictOptions, dev: &Device, say: &mut dyn FnMut(&str)) -
     let placed = match eval::place_as(cfg.train.stitch, &split, &p.amp, &p.phase, &p.object) {
         Ok(c) => Some(c),
         // A file without the probe: the reference's stitching needs none.
-        Err(e) if cfg.train.stitch == eval::Stitch::Blend && split.probe.is_empty() => {
+        Err(e) if cfg.train.stitch != eval::Stitch::Center && split.probe.is_empty() => {
             say(&format!("{e}: stitching the patches' centres instead"));
             eval::place(&split, &p.amp, &p.phase).ok()
         }

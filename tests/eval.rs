@@ -240,3 +240,32 @@ fn a_phase_offset_near_pi_scores_as_perfect() {
     let (m, _) = score(&beside_truth(&split, placed).unwrap()).unwrap();
     assert!(m.phase_mae < 1e-5 && (m.phase_ssim - 1.0).abs() < 1e-9, "{m:?}");
 }
+
+/// Patches each turned by its own constant phase (which no diffraction pattern determines):
+/// blend stitching mixes the offsets, aligned stitching finds them from the overlaps alone (up to
+/// one common offset) and scores as perfect.
+#[test]
+fn aligned_stitching_recovers_per_patch_phase_offsets_from_the_overlaps() {
+    let (split, object) = blend_case();
+    let n2 = split.n * split.n;
+    let offsets: Vec<f64> = (0..split.len()).map(|i| 0.9 * ((i as f64) * 1.7).sin()).collect();
+    let mut turned = object.clone();
+    for (i, c) in offsets.iter().enumerate() {
+        let (s, co) = c.sin_cos();
+        for z in &mut turned[i * n2..(i + 1) * n2] {
+            let (re, im) = (z[0] as f64, z[1] as f64);
+            *z = [(re * co - im * s) as f32, (re * s + im * co) as f32];
+        }
+    }
+    let found = fnokern::eval::phase_offsets(&split, &turned).unwrap();
+    // The same offsets up to one constant.
+    let shift = found[0] - offsets[0];
+    for (f, o) in found.iter().zip(&offsets) {
+        assert!((f - o - shift).abs() < 1e-4, "found {f}, put {o} (+{shift})");
+    }
+    let blended = score(&beside_truth(&split, place_blended(&split, &turned).unwrap()).unwrap()).unwrap().0;
+    assert!(blended.phase_ssim < 0.99, "{blended:?}");
+    let aligned = score(&beside_truth(&split, place_as(Stitch::Aligned, &split, &[], &[], &turned).unwrap()).unwrap()).unwrap().0;
+    assert!(aligned.phase_mae < 1e-4 && (aligned.phase_ssim - 1.0).abs() < 1e-7, "{aligned:?}");
+    assert!(aligned.amp_mae < 1e-4, "{aligned:?}");
+}

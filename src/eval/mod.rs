@@ -4,7 +4,8 @@
 //! each test patch (s the test stride) at its centre in the canvas of the split's first object;
 //! `blend` averages every patch that covers a pixel, weighted by the probe's intensity there
 //! (the part of a patch the physics loss constrains), which removes the seams between patches.
-//! Both give the same canvas. Amplitude is
+//! `aligned` is `blend` after each patch's constant phase offset has been aligned with its
+//! neighbours' from their overlaps ([`phase_offsets`]). All three give the same canvas. Amplitude is
 //! rescaled by mean(GT) / mean(pred); from each phase its circular mean (a constant offset, which
 //! no diffraction measurement determines) and then a least-squares plane a + b r + c c are removed
 //! and the result wrapped to [-pi, pi).
@@ -349,12 +350,116 @@ pub fn place_blended(split: &NpzSplit, object: &[[f32; 2]]) -> Result<Placed> {
     Ok(Placed { amp: Canvas::new(h, w, amp)?, phase: Canvas::new(h, w, phase)?, top_left: (top as usize, left as usize) })
 }
 
+/// Each of object 0's patches' phase offset c_i (radians, in the split's order of object 0's
+/// patches), chosen so that neighbouring patches agree where both are lit: with
+/// M_ij = sum_x w_i(x) w_j(x) O_i(x) conj(O_j(x)) over the pixels both cover (w the probe's
+/// intensity), c minimises sum_ij |M_ij| (c_i - c_j - arg M_ij)^2, a graph-Laplacian system
+/// solved by Cholesky with a tiny ridge (which holds an unconnected patch at 0).
+pub fn phase_offsets(split: &NpzSplit, object: &[[f32; 2]]) -> Result<Vec<f64>> {
+    let n = split.n;
+    let Layout { mine, .. } = layout(split)?;
+    if object.len() != split.len() * n * n || split.probe.len() != n * n {
+        return Err(Error::invalid("stitch", "aligned stitching needs the predictions of every pattern and the probe"));
+    }
+    let w: Vec<f64> = split.probe.iter().map(|z| (z[0] as f64).powi(2) + (z[1] as f64).powi(2)).collect();
+    let k = mine.len();
+    let pos: Vec<(i64, i64)> = mine.iter().map(|(_, c)| (c.0.round() as i64, c.1.round() as i64)).collect();
+    // |M_ij| and arg M_ij of every overlapping pair.
+    let mut pairs = Vec::new();
+    for a in 0..k {
+        for b in a + 1..k {
+            let (dr, dc) = (pos[b].0 - pos[a].0, pos[b].1 - pos[a].1);
+            if dr.unsigned_abs() as usize >= n || dc.unsigned_abs() as usize >= n {
+                continue;
+            }
+            let (oa, ob) = (&object[mine[a].0 * n * n..][..n * n], &object[mine[b].0 * n * n..][..n * n]);
+            let (mut re, mut im) = (0.0, 0.0);
+            // Pixel (r, c) of patch a is pixel (r - dr, c - dc) of patch b.
+            for r in (dr.max(0) as usize)..((n as i64 + dr.min(0)) as usize) {
+                for c in (dc.max(0) as usize)..((n as i64 + dc.min(0)) as usize) {
+                    let (qa, qb) = (r * n + c, (r as i64 - dr) as usize * n + (c as i64 - dc) as usize);
+                    let wt = w[qa] * w[qb];
+                    let (x, y) = (oa[qa], ob[qb]);
+                    // x conj(y)
+                    re += wt * (x[0] as f64 * y[0] as f64 + x[1] as f64 * y[1] as f64);
+                    im += wt * (x[1] as f64 * y[0] as f64 - x[0] as f64 * y[1] as f64);
+                }
+            }
+            pairs.push((a, b, re.hypot(im), im.atan2(re)));
+        }
+    }
+    let top = pairs.iter().map(|p| p.2).fold(0.0, f64::max);
+    // The Laplacian of the pairs that overlap noticeably, and its right-hand side.
+    let mut l = vec![0.0; k * k];
+    let mut rhs = vec![0.0; k];
+    for &(a, b, m, phi) in pairs.iter().filter(|p| p.2 > 1e-3 * top) {
+        l[a * k + a] += m;
+        l[b * k + b] += m;
+        l[a * k + b] -= m;
+        l[b * k + a] -= m;
+        rhs[a] += m * phi;
+        rhs[b] -= m * phi;
+    }
+    let ridge = 1e-9 * top.max(f64::MIN_POSITIVE);
+    for i in 0..k {
+        l[i * k + i] += ridge;
+    }
+    // Cholesky: L = G G^T, then two triangular solves.
+    for j in 0..k {
+        let mut d = l[j * k + j];
+        for p in 0..j {
+            d -= l[j * k + p] * l[j * k + p];
+        }
+        let d = d.max(ridge).sqrt();
+        l[j * k + j] = d;
+        for i in j + 1..k {
+            let mut v = l[i * k + j];
+            for p in 0..j {
+                v -= l[i * k + p] * l[j * k + p];
+            }
+            l[i * k + j] = v / d;
+        }
+    }
+    let mut y = rhs;
+    for i in 0..k {
+        for p in 0..i {
+            y[i] -= l[i * k + p] * y[p];
+        }
+        y[i] /= l[i * k + i];
+    }
+    for i in (0..k).rev() {
+        for p in i + 1..k {
+            y[i] -= l[p * k + i] * y[p];
+        }
+        y[i] /= l[i * k + i];
+    }
+    Ok(y)
+}
+
+/// [`place_blended`] after turning each of object 0's patches by e^{-i c} with its
+/// [`phase_offsets`] c.
+pub fn place_aligned(split: &NpzSplit, object: &[[f32; 2]]) -> Result<Placed> {
+    let c = phase_offsets(split, object)?;
+    let n2 = split.n * split.n;
+    let Layout { mine, .. } = layout(split)?;
+    let mut turned = object.to_vec();
+    for ((i, _), c) in mine.iter().zip(&c) {
+        let (s, co) = (-c).sin_cos();
+        for z in &mut turned[i * n2..(i + 1) * n2] {
+            let (re, im) = (z[0] as f64, z[1] as f64);
+            *z = [(re * co - im * s) as f32, (re * s + im * co) as f32];
+        }
+    }
+    place_blended(split, &turned)
+}
+
 /// The canvas of object 0 stitched as `how` says, from the predicted amplitude and phase (for
 /// `center`) or complex patches (for `blend`).
 pub fn place_as(how: Stitch, split: &NpzSplit, pred_amp: &[f64], pred_phase: &[f64], object: &[[f32; 2]]) -> Result<Placed> {
     match how {
         Stitch::Center => place(split, pred_amp, pred_phase),
         Stitch::Blend => place_blended(split, object),
+        Stitch::Aligned => place_aligned(split, object),
     }
 }
 
