@@ -80,48 +80,18 @@ fn plane_removal_removes_planes_only() {
 /// predictions score SSIM 1 and MAE 0 after alignment, even with a scaled amplitude and a phase plane.
 #[test]
 fn stitching_perfect_patches_scores_perfectly() {
-    let (side, n, stride) = (40usize, 16usize, 4usize);
-    let amp = |r: usize, c: usize| 1.0 + 0.5 * ((r as f64) * 0.3).sin() * ((c as f64) * 0.2).cos();
-    let phase = |r: usize, c: usize| 0.8 * ((r as f64) * 0.15).cos() + 0.3 * ((c as f64) * 0.25).sin();
-    let gt: Vec<[f32; 2]> = (0..side * side)
-        .map(|k| {
-            let (r, c) = (k / side, k % side);
-            [(amp(r, c) * phase(r, c).cos()) as f32, (amp(r, c) * phase(r, c).sin()) as f32]
-        })
-        .collect();
-    let per = (side - n) / stride + 1;
-    let mut centres = Vec::new();
-    let (mut pa, mut pp) = (Vec::new(), Vec::new());
-    for i in 0..per {
-        for j in 0..per {
-            let (r0, c0) = (i * stride, j * stride);
-            centres.push(((r0 + n / 2) as f64, (c0 + n / 2) as f64));
-            for r in 0..n {
-                for c in 0..n {
-                    let z = gt[(r0 + r) * side + c0 + c];
-                    let (a, p) = ((z[0] as f64).hypot(z[1] as f64), (z[1] as f64).atan2(z[0] as f64));
-                    // A global scale and a phase plane, which scoring must remove.
-                    pa.push(3.0 * a);
-                    pp.push(p + 0.01 * (r0 + r) as f64 - 0.02 * (c0 + c) as f64 + 0.4);
-                }
-            }
-        }
-    }
-    let split = NpzSplit {
-        n,
-        diffraction: vec![0.0; per * per * n * n],
-        y_i: vec![0.0; per * per * n * n],
-        y_phi: vec![0.0; per * per * n * n],
-        probe: vec![[1.0, 0.0]; n * n],
-        ground_truth: Some((side, gt)),
-        centres: Some(centres),
-        object_index: None,
-    };
+    // Patches of the object times a global scale and phase plane, which scoring must remove.
+    let (split, object) = blend_case();
+    let pa: Vec<f64> = object.iter().map(|z| (z[0] as f64).hypot(z[1] as f64)).collect();
+    let pp: Vec<f64> = object.iter().map(|z| (z[1] as f64).atan2(z[0] as f64)).collect();
+    let (n, stride, per) = (split.n, 4, 7);
     let s = stitch(&split, &pa, &pp).unwrap();
     assert_eq!((s.gt_amp.rows, s.gt_amp.cols), ((per - 1) * stride + stride, (per - 1) * stride + stride));
+    assert_eq!(split.len(), per * per);
+    assert_eq!(n, 16);
     let (m, _) = score(&s).unwrap();
-    assert!(m.amp_mae < 1e-6 && (m.amp_ssim - 1.0).abs() < 1e-9, "{m:?}");
-    assert!(m.phase_mae < 1e-6 && (m.phase_ssim - 1.0).abs() < 1e-9, "{m:?}");
+    assert!(m.amp_mae < 1e-5 && (m.amp_ssim - 1.0).abs() < 1e-9, "{m:?}");
+    assert!(m.phase_mae < 1e-5 && (m.phase_ssim - 1.0).abs() < 1e-9, "{m:?}");
     assert_eq!(m.amp_frc50, 0.5);
 }
 

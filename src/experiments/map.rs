@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::report::Stat;
 use super::{lr_label, Divergence, Plan, RunResult, SweepOptions, SweepOutcome};
 use crate::config::Config;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::io::write_atomic;
 use crate::train::plot::{self, HeatCell};
 
@@ -208,8 +208,7 @@ pub fn write(plan: &Plan, opts: &SweepOptions, outcome: &SweepOutcome) -> Result
         cells: cs.clone(),
         runs: results,
     };
-    let json = serde_json::to_string_pretty(&file).map_err(|e| Error::invalid("report", e.to_string()))?;
-    write_atomic(&dir.join("results.json"), json.as_bytes())?;
+    super::report::write_results(dir, &file)?;
 
     let mut md = String::new();
     let _ = writeln!(md, "# Stability map\n");

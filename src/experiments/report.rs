@@ -115,6 +115,12 @@ struct ResultsFile<'a> {
     runs: &'a [RunResult],
 }
 
+/// Writes a sweep's results.json (atomically).
+pub(super) fn write_results(dir: &std::path::Path, file: &impl Serialize) -> Result<()> {
+    let json = serde_json::to_string_pretty(file).map_err(|e| Error::invalid("report", e.to_string()))?;
+    write_atomic(&dir.join("results.json"), json.as_bytes())
+}
+
 /// A config enum as written in TOML.
 pub(super) fn word<T: Serialize>(v: &T) -> String {
     serde_json::to_value(v).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
@@ -176,8 +182,7 @@ pub fn write(plan: &Plan, opts: &SweepOptions, outcome: &SweepOutcome) -> Result
         groups: gs.clone(),
         runs: results,
     };
-    let json = serde_json::to_string_pretty(&file).map_err(|e| Error::invalid("report", e.to_string()))?;
-    write_atomic(&dir.join("results.json"), json.as_bytes())?;
+    write_results(dir, &file)?;
 
     // report.md
     let mut md = String::new();
