@@ -225,11 +225,7 @@ pub fn write(plan: &Plan, opts: &SweepOptions, outcome: &SweepOutcome) -> Result
         lrs.join(", "),
         plan.seeds
     );
-    for a in &plan.arms {
-        let fields: Vec<String> =
-            a.overlay.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with('[')).map(String::from).collect();
-        let _ = writeln!(md, "- Arm `{}`: {}.", a.name, fields.join(", "));
-    }
+    super::report::arm_lines(&mut md, plan);
     let _ = writeln!(
         md,
         "- A run **diverged** when it met a non-finite value the guards could not skip past ({} failed steps in a row), when its loss \

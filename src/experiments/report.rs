@@ -115,6 +115,15 @@ struct ResultsFile<'a> {
     runs: &'a [RunResult],
 }
 
+/// One report line per arm: its name and the fields its overlay sets.
+pub(super) fn arm_lines(md: &mut String, plan: &Plan) {
+    for a in &plan.arms {
+        let fields: Vec<String> =
+            a.overlay.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with('[')).map(String::from).collect();
+        let _ = writeln!(md, "- Arm `{}`: {}.", a.name, fields.join(", "));
+    }
+}
+
 /// Writes a sweep's results.json (atomically).
 pub(super) fn write_results(dir: &std::path::Path, file: &impl Serialize) -> Result<()> {
     let json = serde_json::to_string_pretty(file).map_err(|e| Error::invalid("report", e.to_string()))?;
@@ -199,11 +208,7 @@ pub fn write(plan: &Plan, opts: &SweepOptions, outcome: &SweepOutcome) -> Result
     }
     let _ = writeln!(md, "- Scale (base config): {}.", scale_line(&base));
     let _ = writeln!(md, "- Depths {:?}, seeds {:?} (each seed sets model.seed and train.seed; the data is the same for all).", plan.depths, plan.seeds);
-    for a in &plan.arms {
-        let fields: Vec<String> =
-            a.overlay.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with('[')).map(String::from).collect();
-        let _ = writeln!(md, "- Arm `{}`: {}.", a.name, fields.join(", "));
-    }
+    arm_lines(&mut md, plan);
     let _ = writeln!(
         md,
         "- A run fails on: non-finite values (inputs, loss, gradients, weights or validation loss; {} failed steps in a row), \
