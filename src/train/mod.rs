@@ -211,8 +211,8 @@ fn validate_with(g: &Generator, obj: &Objective, batch_size: usize, idx: &[usize
 }
 
 /// Predicts the first test object's patches and scores the reconstruction stitched as
-/// `train.stitch` says: its metrics, with `stitch` naming the stitching and, for `blend`, the
-/// reference's `center` stitching's metrics beside them (`center_stitch`).
+/// `train.stitch` says: its metrics, with `stitch` naming the stitching and, for `blend` and
+/// `aligned`, the reference's `center` stitching's metrics beside them (`center_stitch`).
 fn evaluate(g: &Generator, cfg: &Config, split: &NpzSplit, dev: &Device, dir: &Path) -> Result<Option<serde_json::Value>> {
     if split.centres.is_none() || split.ground_truth.is_none() {
         return Ok(None);
@@ -548,6 +548,8 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
         Err(e) => return Err(e),
     };
     let batches_per_epoch = train_idx.len().div_ceil(cfg.train.batch_size);
+    // The overlap term's batches pair each pattern with a neighbour.
+    let neighbours = (cfg.train.aux_loss == crate::config::AuxLoss::Overlap).then(|| ds.neighbours()).transpose()?;
     let updates_per_epoch = batches_per_epoch.div_ceil(cfg.train.accumulate);
     let total_updates = (cfg.train.epochs * updates_per_epoch) as u64;
     let probe = ds.probe(&dev)?;
@@ -664,7 +666,10 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
             let updates_before = trainer.updates();
             let outcomes_before = trainer.outcomes().clone();
             for (bi, chunk) in order.chunks(cfg.train.batch_size).enumerate().skip(skip) {
-                let b = if cfg.train.aux_loss == crate::config::AuxLoss::Overlap { ds.paired_batch(chunk, &dev)? } else { ds.batch(true, chunk, &dev)? };
+                let b = match &neighbours {
+                    Some(nb) => ds.paired_batch(nb, chunk, &dev)?,
+                    None => ds.batch(true, chunk, &dev)?,
+                };
                 let r = trainer.step(b, bi + 1 == batches_per_epoch)?;
                 if let Some(line) = event_line(&r, epoch, &trainer) {
                     let k = told.entry(r.outcome).or_default();

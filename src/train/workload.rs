@@ -16,6 +16,13 @@ use crate::model::Generator;
 use crate::tensor::{DType, Tensor};
 use crate::train::plot::{self, Panel};
 
+/// The training patterns' positions, (object, row, column) each, and the training stride.
+pub struct Neighbours {
+    key: Vec<(i64, i64, i64)>,
+    at: HashMap<(i64, i64, i64), usize>,
+    stride: i64,
+}
+
 /// A run's data.
 pub enum RunData {
     Gridlines(Dataset),
@@ -56,36 +63,44 @@ impl RunData {
         }
     }
 
-    /// The training batch of `chunk` for the overlap term (`train.aux_loss = "overlap"`): the
-    /// first half of `chunk` are anchors, each paired with its neighbour one training stride
-    /// right (or, when the chunk's first pattern is odd, down); an anchor on the last column (row)
-    /// becomes the neighbour of the one before it. The batch is [A; B], as [`loss::Pairs`] says.
-    pub fn paired_batch(&self, chunk: &[usize], dev: &Device) -> Result<Batch> {
+    /// Where every training pattern lies, for [`RunData::paired_batch`]: built once per run.
+    pub fn neighbours(&self) -> Result<Neighbours> {
         let RunData::Gridlines(d) = self else {
             return Err(Error::invalid("overlap term", "train.aux_loss = \"overlap\" needs the grid-lines workload"));
         };
         let split = &d.train;
         let centres = split.centres.as_ref().ok_or_else(|| Error::invalid("overlap term", "the training split has no patch positions (xcoords, ycoords)"))?;
-        let object = |i: usize| split.object_index.as_ref().map_or(0, |o| o[i]);
-        let key = |i: usize| (object(i), centres[i].0.round() as i64, centres[i].1.round() as i64);
-        let at: HashMap<(i64, i64, i64), usize> = (0..split.len()).map(|i| (key(i), i)).collect();
+        let key: Vec<(i64, i64, i64)> =
+            (0..split.len()).map(|i| (split.object_index.as_ref().map_or(0, |o| o[i]), centres[i].0.round() as i64, centres[i].1.round() as i64)).collect();
+        let at = key.iter().enumerate().map(|(i, &k)| (k, i)).collect();
         // The training stride: the smallest gap between two patch rows.
-        let mut rows: Vec<i64> = centres.iter().map(|c| c.0.round() as i64).collect();
+        let mut rows: Vec<i64> = key.iter().map(|k| k.1).collect();
         rows.sort_unstable();
         rows.dedup();
         let stride = rows.windows(2).map(|w| w[1] - w[0]).min().unwrap_or(0);
         if stride <= 0 || stride as usize >= split.n {
             return Err(Error::invalid("overlap term", format!("the training patches (stride {stride}) do not overlap at N = {}", split.n)));
         }
+        Ok(Neighbours { key, at, stride })
+    }
+
+    /// The training batch of `chunk` for the overlap term (`train.aux_loss = "overlap"`): the
+    /// first half of `chunk` are anchors, each paired with its neighbour one training stride
+    /// right (or, when the chunk's first pattern is odd, down); an anchor on the last column (row)
+    /// becomes the neighbour of the one before it. The batch is [A; B], as [`loss::Pairs`] says.
+    pub fn paired_batch(&self, nb: &Neighbours, chunk: &[usize], dev: &Device) -> Result<Batch> {
+        let RunData::Gridlines(d) = self else {
+            return Err(Error::invalid("overlap term", "train.aux_loss = \"overlap\" needs the grid-lines workload"));
+        };
         let axis = if chunk.first().is_some_and(|i| i % 2 == 1) { PairAxis::Rows } else { PairAxis::Cols };
         let step = |(o, r, c): (i64, i64, i64), sign: i64| match axis {
-            PairAxis::Rows => (o, r + sign * stride, c),
-            PairAxis::Cols => (o, r, c + sign * stride),
+            PairAxis::Rows => (o, r + sign * nb.stride, c),
+            PairAxis::Cols => (o, r, c + sign * nb.stride),
         };
         let anchors = &chunk[..(chunk.len() / 2).max(1)];
         let (mut first, mut second) = (Vec::with_capacity(anchors.len()), Vec::with_capacity(anchors.len()));
         for &i in anchors {
-            let (a, b) = match (at.get(&step(key(i), 1)), at.get(&step(key(i), -1))) {
+            let (a, b) = match (nb.at.get(&step(nb.key[i], 1)), nb.at.get(&step(nb.key[i], -1))) {
                 (Some(&j), _) => (i, j),
                 (None, Some(&j)) => (j, i),
                 (None, None) => return Err(Error::invalid("overlap term", format!("training pattern {i} has no neighbour along {axis:?}"))),
@@ -94,8 +109,8 @@ impl RunData {
             second.push(b);
         }
         first.extend(second);
-        let mut b = data::batch(split, &first, DType::F32, dev)?;
-        b.pairs = Some(Pairs { axis, shift: stride as usize });
+        let mut b = data::batch(&d.train, &first, DType::F32, dev)?;
+        b.pairs = Some(Pairs { axis, shift: nb.stride as usize });
         Ok(b)
     }
 
