@@ -292,6 +292,11 @@ a directory in use); 3 crashed on non-finite values; 4 crashed on repeated loss 
         /// Steps to time (after the steady state's warm-up updates).
         #[arg(long, default_value_t = 10)]
         steps: usize,
+        /// Also print where the timed steps' time went: wall time per backend op (calls and
+        /// milliseconds per step, slowest first), and the rest (the tape, allocation, the
+        /// trainer's bookkeeping). Timing each op adds a little to the step.
+        #[arg(long)]
+        profile: bool,
     },
     /// Print the build (CUDA kernels embedded or not, nvcc, targets) and the devices.
     Info,
@@ -338,7 +343,7 @@ fn main() -> ExitCode {
             ok(sweep(fnokern::experiments::SweepKind::StabilityMap, cfg, None, depths, lrs, arms, sw))
         }
         Command::Plan { cfg, batch, n, checkpoint } => ok(plan(&cfg, batch, n, checkpoint)),
-        Command::BenchStep { cfg, steps } => ok(bench_step(&cfg, steps)),
+        Command::BenchStep { cfg, steps, profile } => ok(bench_step(&cfg, steps, profile)),
         Command::Shootout { cfg, arms, sweep: sw } => {
             ok(sweep(fnokern::experiments::SweepKind::Shootout, cfg.src, cfg.depth, Vec::new(), Vec::new(), arms, sw))
         }
@@ -588,7 +593,7 @@ fn sweep(
     Ok(())
 }
 
-fn bench_step(args: &ConfigArgs, steps: usize) -> fnokern::Result<()> {
+fn bench_step(args: &ConfigArgs, steps: usize, profile: bool) -> fnokern::Result<()> {
     if steps == 0 {
         return Err(fnokern::Error::InvalidArgument { op: "bench-step", why: "--steps must be at least 1".into() });
     }
@@ -596,6 +601,7 @@ fn bench_step(args: &ConfigArgs, steps: usize) -> fnokern::Result<()> {
     let dev = fnokern::Device::of_kind(cfg.train.device_kind()?)?;
     let mut s = fnokern::plan::SteadyState::new(&cfg, &dev)?;
     let mut ms = Vec::with_capacity(steps);
+    fnokern::backend::profile::set_enabled(profile);
     for _ in 0..steps {
         let t = std::time::Instant::now();
         s.trainer.step(s.batch.clone(), true)?;
@@ -615,7 +621,27 @@ fn bench_step(args: &ConfigArgs, steps: usize) -> fnokern::Result<()> {
         dev.kind(),
         rayon::current_num_threads()
     );
+    if profile {
+        fnokern::backend::profile::set_enabled(false);
+        print_profile(&fnokern::backend::profile::take(), ms.iter().sum::<f64>(), steps);
+    }
     Ok(())
+}
+
+/// The per-op table of `bench-step --profile`: per step, slowest first.
+fn print_profile(rows: &[fnokern::backend::profile::OpTime], total_ms: f64, steps: usize) {
+    let per = |ms: f64| ms / steps as f64;
+    let step = per(total_ms);
+    println!("{:<26} {:>8} {:>10} {:>7}", "op", "calls", "ms/step", "share");
+    let mut counted = 0.0;
+    for r in rows {
+        let ms = r.time.as_secs_f64() * 1e3;
+        counted += ms;
+        println!("{:<26} {:>8} {:>10.2} {:>6.1}%", r.op, r.calls / steps as u64, per(ms), 100.0 * per(ms) / step);
+    }
+    let rest = per(total_ms - counted);
+    println!("{:<26} {:>8} {:>10.2} {:>6.1}%", "(outside the ops)", "", rest, 100.0 * rest / step);
+    println!("{:<26} {:>8} {:>10.2}", "step (mean)", "", step);
 }
 
 fn plan(args: &ConfigArgs, batch: Option<usize>, n: Option<usize>, checkpoint: Option<String>) -> fnokern::Result<()> {

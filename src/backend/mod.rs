@@ -19,6 +19,7 @@
 pub mod cpu;
 pub mod gpu;
 pub mod kernels;
+pub mod profile;
 
 pub mod agc;
 pub mod complex;

@@ -29,6 +29,7 @@ impl AgcParams {
 /// Adaptive gradient clipping of `g` in place against its weight `w` (same shape): unit-wise
 /// along `axis` (the output units), or per tensor when `axis` is None.
 pub fn agc(w: &Tensor, g: &mut Tensor, axis: Option<usize>, lambda: f64, eps: f64) -> Result<()> {
+    let _p = super::profile::scope("agc");
     check_same("agc", &[w, g])?;
     check_eq("agc", w, g)?;
     let d = g.dims();

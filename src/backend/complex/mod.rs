@@ -11,6 +11,7 @@ use crate::tensor::Tensor;
 
 /// y = z * p (or z * conj(p)), p [H, W, 2] broadcast over the leading dimensions of z.
 pub fn complex_mul(z: &Tensor, p: &Tensor, conj: bool) -> Result<Tensor> {
+    let _p = super::profile::scope("complex_mul");
     check_same("complex_mul", &[z, p])?;
     check_complex("complex_mul", z, 3)?;
     check_rank("complex_mul", p, 3, "probe")?;
@@ -35,23 +36,27 @@ fn check_unary(op: &'static str, z: &Tensor, dy: Option<&Tensor>) -> Result<()> 
 }
 
 pub fn complex_abs(z: &Tensor) -> Result<Tensor> {
+    let _p = super::profile::scope("complex_abs");
     check_unary("complex_abs", z, None)?;
     compute(&z.dims()[..z.rank() - 1], z, |y| cpu::abs(z, y), |gpu, y| cuda::complex_unary(gpu, z, false, y))
 }
 
 pub fn complex_abs_bwd(z: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let _p = super::profile::scope("complex_abs_bwd");
     check_unary("complex_abs_bwd", z, Some(dy))?;
     compute(z.shape().clone(), z, |dz| cpu::abs_bwd(z, dy, dz), |gpu, dz| cuda::complex_unary_bwd(gpu, z, dy, false, dz))
 }
 
 /// y = arg z = atan2(im, re).
 pub fn complex_angle(z: &Tensor) -> Result<Tensor> {
+    let _p = super::profile::scope("complex_angle");
     check_unary("complex_angle", z, None)?;
     compute(&z.dims()[..z.rank() - 1], z, |y| cpu::angle(z, y), |gpu, y| cuda::complex_unary(gpu, z, true, y))
 }
 
 /// dz = dy (-im, re) / |z|^2, defined as 0 at z = 0.
 pub fn complex_angle_bwd(z: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let _p = super::profile::scope("complex_angle_bwd");
     check_unary("complex_angle_bwd", z, Some(dy))?;
     compute(z.shape().clone(), z, |dz| cpu::angle_bwd(z, dy, dz), |gpu, dz| cuda::complex_unary_bwd(gpu, z, dy, true, dz))
 }

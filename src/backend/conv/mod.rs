@@ -94,6 +94,7 @@ fn forward(op: &'static str, x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: Conv
 
 /// 2-D cross-correlation (PyTorch's conv2d) with zero padding and an optional bias.
 pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: Conv2dParams) -> Result<Tensor> {
+    let _p = super::profile::scope("conv2d");
     let mut ts = vec![x, w];
     ts.extend(b);
     check_same("conv2d", &ts)?;
@@ -107,6 +108,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: Conv2dParams) -> Re
 
 /// The gradient of conv2d with respect to its input of shape `x_shape`.
 pub fn conv2d_bwd_input(dy: &Tensor, w: &Tensor, x_shape: &Shape, p: Conv2dParams) -> Result<Tensor> {
+    let _p = super::profile::scope("conv2d_bwd_input");
     const OP: &str = "conv2d_bwd_input";
     check_same(OP, &[dy, w])?;
     let xd = x_shape.dims();
@@ -126,6 +128,7 @@ pub fn conv2d_bwd_input(dy: &Tensor, w: &Tensor, x_shape: &Shape, p: Conv2dParam
 
 /// The gradient of conv2d with respect to its weight of shape `w_shape`.
 pub fn conv2d_bwd_weight(x: &Tensor, dy: &Tensor, w_shape: &Shape, p: Conv2dParams) -> Result<Tensor> {
+    let _p = super::profile::scope("conv2d_bwd_weight");
     const OP: &str = "conv2d_bwd_weight";
     check_same(OP, &[x, dy])?;
     let wd = w_shape.dims();
@@ -147,6 +150,7 @@ pub fn conv2d_bwd_weight(x: &Tensor, dy: &Tensor, w_shape: &Shape, p: Conv2dPara
 /// adjoint of conv2d, so it runs on conv2d's input-gradient kernels: the geometry is that of the
 /// conv2d whose input is the output here.
 pub fn conv_transpose2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: Conv2dParams) -> Result<Tensor> {
+    let _p = super::profile::scope("conv_transpose2d");
     const OP: &str = "conv_transpose2d";
     let mut ts = vec![x, w];
     ts.extend(b);

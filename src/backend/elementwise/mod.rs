@@ -36,6 +36,32 @@ impl Unary {
     pub(crate) fn code(self) -> i32 {
         self as i32
     }
+    /// The op's name in a profile.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Unary::Gelu => "gelu",
+            Unary::Abs => "abs",
+            Unary::Sqrt => "sqrt",
+            Unary::Square => "square",
+            Unary::Log => "log",
+            Unary::WrapAngle => "wrap_angle",
+            Unary::RoundF16 => "round_f16",
+            Unary::RoundBf16 => "round_bf16",
+        }
+    }
+    /// The name of its derivative's op in a profile.
+    pub(crate) fn bwd_name(self) -> &'static str {
+        match self {
+            Unary::Gelu => "gelu_bwd",
+            Unary::Abs => "abs_bwd",
+            Unary::Sqrt => "sqrt_bwd",
+            Unary::Square => "square_bwd",
+            Unary::Log => "log_bwd",
+            Unary::WrapAngle => "wrap_angle_bwd",
+            Unary::RoundF16 => "round_f16_bwd",
+            Unary::RoundBf16 => "round_bf16_bwd",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,16 +98,19 @@ impl Map {
 }
 
 pub fn unary(op: Unary, x: &Tensor) -> Result<Tensor> {
+    let _p = super::profile::scope(op.name());
     let m = Map::of("unary", &[x])?;
     compute(m.shape, x, |y| cpu::unary(op, x, y), |gpu, y| cuda::unary(gpu, op, x, y))
 }
 
 pub fn unary_bwd(op: Unary, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let _p = super::profile::scope(op.bwd_name());
     let m = Map::of("unary_bwd", &[x, dy])?;
     compute(m.shape, x, |dx| cpu::unary_bwd(op, x, dy, dx), |gpu, dx| cuda::unary_bwd(gpu, op, x, dy, dx))
 }
 
 pub fn binary(op: Binary, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let _p = super::profile::scope(op.name());
     let m = Map::of(op.name(), &[a, b])?;
     compute(m.shape, a, |y| cpu::binary(op, a, b, y), |gpu, y| cuda::binary(gpu, op, a, b, y))
 }
@@ -89,6 +118,7 @@ pub fn binary(op: Binary, a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// a + b, written into a's or b's storage when nobody else holds it (gradient accumulation).
 /// IEEE addition commutes, so the result is the same whichever buffer receives it.
 pub fn add_into(mut a: Tensor, mut b: Tensor) -> Result<Tensor> {
+    let _p = super::profile::scope("add_into");
     Map::of("add", &[&a, &b])?;
     let (acc, other) = if a.is_unique() {
         (&mut a, &b)
@@ -104,12 +134,14 @@ pub fn add_into(mut a: Tensor, mut b: Tensor) -> Result<Tensor> {
 
 /// y = alpha x + beta.
 pub fn affine(x: &Tensor, alpha: f64, beta: f64) -> Result<Tensor> {
+    let _p = super::profile::scope("affine");
     check_compute("affine", x)?;
     compute(x.shape().clone(), x, |y| cpu::affine(x, alpha, beta, y), |gpu, y| cuda::affine(gpu, x, alpha, beta, y))
 }
 
 /// y = x * s, or x / s when `divide`; s has one element (it stays on the device).
 pub fn scale_by(x: &Tensor, s: &Tensor, divide: bool) -> Result<Tensor> {
+    let _p = super::profile::scope("scale_by");
     check_same("scale_by", &[x, s])?;
     check_one("scale_by", s)?;
     compute(x.shape().clone(), x, |y| cpu::scale_by(x, s, divide, y), |gpu, y| cuda::scale_by(gpu, x, s, divide, y))
@@ -117,6 +149,7 @@ pub fn scale_by(x: &Tensor, s: &Tensor, divide: bool) -> Result<Tensor> {
 
 /// A tensor shaped like `like` filled with the one value of `g` (the backward of a reduction).
 pub fn broadcast_scalar(g: &Tensor, like: &Tensor) -> Result<Tensor> {
+    let _p = super::profile::scope("broadcast_scalar");
     check_same("broadcast_scalar", &[g, like])?;
     check_one("broadcast_scalar", g)?;
     compute(like.shape().clone(), like, |y| cpu::fill(g, y), |gpu, y| cuda::fill(gpu, g, y))
@@ -124,6 +157,7 @@ pub fn broadcast_scalar(g: &Tensor, like: &Tensor) -> Result<Tensor> {
 
 /// In place: x *= k (clipping and unscaling gradients without a second buffer).
 pub fn scale_in_place(x: &mut Tensor, k: f64) -> Result<()> {
+    let _p = super::profile::scope("scale_in_place");
     check_compute("scale_in_place", x)?;
     own(x)?;
     let dev = x.device().clone();
@@ -132,6 +166,7 @@ pub fn scale_in_place(x: &mut Tensor, k: f64) -> Result<()> {
 
 /// In place: clamps every element to [-c, c].
 pub fn clamp(x: &mut Tensor, c: f64) -> Result<()> {
+    let _p = super::profile::scope("clamp");
     check_compute("clamp", x)?;
     own(x)?;
     let dev = x.device().clone();

@@ -60,24 +60,28 @@ impl Spectrum {
 
 /// Real image [.., H, W] -> half spectrum [.., H, W/2+1, 2], unnormalised.
 pub fn rfft2(x: &Tensor) -> Result<Tensor> {
+    let _p = super::profile::scope("rfft2");
     let s = Spectrum::of_image("rfft2", x)?;
     compute(s.half.clone(), x, |y| cpu::rfft2(x, y, false), |gpu, y| cuda::rfft2(gpu, &s, x, y, false))
 }
 
 /// The adjoint of irfft2.
 pub fn irfft2_bwd(dy: &Tensor) -> Result<Tensor> {
+    let _p = super::profile::scope("irfft2_bwd");
     let s = Spectrum::of_image("irfft2_bwd", dy)?;
     compute(s.half.clone(), dy, |dz| cpu::rfft2(dy, dz, true), |gpu, dz| cuda::rfft2(gpu, &s, dy, dz, true))
 }
 
 /// Half spectrum [.., H, w/2+1, 2] -> real image [.., H, w], scaled by 1/(H w).
 pub fn irfft2(z: &Tensor, w: usize) -> Result<Tensor> {
+    let _p = super::profile::scope("irfft2");
     let s = Spectrum::of_half("irfft2", z, w)?;
     compute(s.image.clone(), z, |y| cpu::irfft2(z, y, false), |gpu, y| cuda::irfft2(gpu, &s, z, y, false))
 }
 
 /// The adjoint of rfft2.
 pub fn rfft2_bwd(dy: &Tensor, w: usize) -> Result<Tensor> {
+    let _p = super::profile::scope("rfft2_bwd");
     let s = Spectrum::of_half("rfft2_bwd", dy, w)?;
     compute(s.image.clone(), dy, |dx| cpu::irfft2(dy, dx, true), |gpu, dx| cuda::irfft2(gpu, &s, dy, dx, true))
 }
@@ -85,6 +89,7 @@ pub fn rfft2_bwd(dy: &Tensor, w: usize) -> Result<Tensor> {
 /// Complex 2-D FFT over dimensions (H, W) of [.., H, W, 2], times `scale` (`inverse`: the
 /// unnormalised inverse).
 pub fn fft2(z: &Tensor, inverse: bool, scale: f64) -> Result<Tensor> {
+    let _p = super::profile::scope("fft2");
     check_compute("fft2", z)?;
     check_complex("fft2", z, 3)?;
     let d = z.dims();

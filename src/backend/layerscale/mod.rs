@@ -11,6 +11,7 @@ use crate::error::Result;
 use crate::tensor::Tensor;
 
 pub fn layerscale(x: &Tensor, branch: &Tensor, l: &Tensor) -> Result<Tensor> {
+    let _p = super::profile::scope("layerscale");
     check_same("layerscale", &[x, branch, l])?;
     check_eq("layerscale", x, branch)?;
     let g = check_channel_vec("layerscale", x, l)?;
@@ -19,6 +20,7 @@ pub fn layerscale(x: &Tensor, branch: &Tensor, l: &Tensor) -> Result<Tensor> {
 
 /// The backward for the branch and the gains: (l[c] dy, sum_{b,s} dy branch).
 pub fn layerscale_bwd(dy: &Tensor, branch: &Tensor, l: &Tensor) -> Result<(Tensor, Tensor)> {
+    let _p = super::profile::scope("layerscale_bwd");
     check_same("layerscale_bwd", &[dy, branch, l])?;
     check_eq("layerscale_bwd", dy, branch)?;
     let g = check_channel_vec("layerscale_bwd", dy, l)?;

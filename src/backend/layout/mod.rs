@@ -48,6 +48,7 @@ pub(crate) fn add_channel_bias(y: &mut Tensor, bias: &Tensor) -> Result<()> {
 
 /// y[b, c, ...] = x[b, c, ...] * l[c].
 pub fn channel_scale(x: &Tensor, l: &Tensor) -> Result<Tensor> {
+    let _p = super::profile::scope("channel_scale");
     check_same("channel_scale", &[x, l])?;
     let g = check_channel_vec("channel_scale", x, l)?;
     compute(x.shape().clone(), x, |y| cpu::channel_scale(x, l, y), |gpu, y| cuda::channel_scale(gpu, g, x, l, y))
@@ -55,6 +56,7 @@ pub fn channel_scale(x: &Tensor, l: &Tensor) -> Result<Tensor> {
 
 /// Per-channel sums over batch and space of a * b (or of a): the gradient of a per-channel vector.
 pub fn channel_dot(a: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let _p = super::profile::scope("channel_dot");
     check_compute("channel_dot", a)?;
     let g = PlaneGeom::of("channel_dot", a)?;
     if let Some(b) = b {
@@ -66,6 +68,7 @@ pub fn channel_dot(a: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 
 /// Concatenation of [B, C_i, S...] tensors along channels.
 pub fn concat_channels(parts: &[&Tensor]) -> Result<Tensor> {
+    let _p = super::profile::scope("concat_channels");
     let first = *parts.first().ok_or_else(|| Error::invalid("concat_channels", "nothing to concatenate"))?;
     check_same("concat_channels", parts)?;
     if first.rank() < 2 {
@@ -105,6 +108,7 @@ pub fn concat_channels(parts: &[&Tensor]) -> Result<Tensor> {
 
 /// Channels offset..offset + len of x [B, C, ...].
 pub fn slice_channels(x: &Tensor, offset: usize, len: usize) -> Result<Tensor> {
+    let _p = super::profile::scope("slice_channels");
     check_compute("slice_channels", x)?;
     if x.rank() < 2 || offset + len > x.dims()[1] {
         return Err(Error::bad_shape("slice_channels", x.shape(), format!("channels {offset}..{} out of range", offset + len)));
@@ -119,6 +123,7 @@ pub fn slice_channels(x: &Tensor, offset: usize, len: usize) -> Result<Tensor> {
 
 /// [B, 2C, ...] channels (real parts then imaginary parts) -> complex [B, C, ..., 2].
 pub fn channels_to_complex(x: &Tensor) -> Result<Tensor> {
+    let _p = super::profile::scope("channels_to_complex");
     check_compute("channels_to_complex", x)?;
     if x.rank() < 2 || !x.dims()[1].is_multiple_of(2) {
         return Err(Error::bad_shape("channels_to_complex", x.shape(), "expected [B, 2C, ...] with an even channel count"));
@@ -133,6 +138,7 @@ pub fn channels_to_complex(x: &Tensor) -> Result<Tensor> {
 
 /// Complex [B, C, ..., 2] -> [B, 2C, ...] channels (real parts then imaginary parts).
 pub fn complex_to_channels(z: &Tensor) -> Result<Tensor> {
+    let _p = super::profile::scope("complex_to_channels");
     check_compute("complex_to_channels", z)?;
     check_complex("complex_to_channels", z, 3)?;
     let mut d = z.dims()[..z.rank() - 1].to_vec();
@@ -143,6 +149,7 @@ pub fn complex_to_channels(z: &Tensor) -> Result<Tensor> {
 
 /// Circular shift by (sh, sw) of the (H, W) dimensions; `complex` says a trailing 2 follows them.
 pub fn roll2d(x: &Tensor, sh: usize, sw: usize, complex: bool) -> Result<Tensor> {
+    let _p = super::profile::scope("roll2d");
     check_compute("roll2d", x)?;
     if complex {
         check_complex("roll2d", x, 3)?;

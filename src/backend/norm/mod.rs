@@ -88,6 +88,7 @@ fn geometry(op: &'static str, kind: NormKind, x: &Tensor, gamma: Option<&Tensor>
 }
 
 pub fn norm(kind: NormKind, x: &Tensor, gamma: Option<&Tensor>, beta: Option<&Tensor>, eps: f64) -> Result<NormOut> {
+    let _p = super::profile::scope("norm");
     check_compute("norm", x)?;
     let g = geometry("norm", kind, x, gamma, beta, eps)?;
     let mut y = Tensor::zeros(x.shape().clone(), x.dtype(), x.device())?;
@@ -114,6 +115,7 @@ pub fn norm_bwd(
     want_dgamma: bool,
     want_dbeta: bool,
 ) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
+    let _p = super::profile::scope("norm_bwd");
     check_same("norm_bwd", &[x, dy, mean, rstd])?;
     check_eq("norm_bwd", x, dy)?;
     let g = geometry("norm_bwd", kind, x, gamma, None, 0.0)?;

@@ -73,6 +73,7 @@ impl SgdParams {
 
 /// In place: the Adam/AdamW update of p with gradient g and moments m, v.
 pub fn adam_step(p: &mut Tensor, g: &Tensor, m: &mut Tensor, v: &mut Tensor, h: &AdamStep) -> Result<()> {
+    let _p = super::profile::scope("adam_step");
     check_same("adam_step", &[p, g, m, v])?;
     for t in [g, &*m, &*v] {
         check_eq("adam_step", p, t)?;
@@ -87,6 +88,7 @@ pub fn adam_step(p: &mut Tensor, g: &Tensor, m: &mut Tensor, v: &mut Tensor, h: 
 
 /// In place: the SGD update of p, with its momentum buffer when momentum > 0.
 pub fn sgd_step(p: &mut Tensor, g: &Tensor, buf: Option<&mut Tensor>, h: &SgdStep) -> Result<()> {
+    let _p = super::profile::scope("sgd_step");
     check_same("sgd_step", &[p, g])?;
     check_eq("sgd_step", p, g)?;
     own(p)?;

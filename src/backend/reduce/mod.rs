@@ -17,6 +17,7 @@ pub enum Reduce {
 
 /// sum x or sum x^2, as a one-element tensor on x's device.
 pub fn reduce(op: Reduce, x: &Tensor) -> Result<Tensor> {
+    let _p = super::profile::scope("reduce");
     check_compute("reduce", x)?;
     compute(Shape::scalar(), x, |y| cpu::reduce_each(op, &[x], y), |gpu, y| cuda::reduce(gpu, op, x, None, y))
 }
@@ -24,6 +25,7 @@ pub fn reduce(op: Reduce, x: &Tensor) -> Result<Tensor> {
 /// One reduction per tensor, [T]: what `reduce` gives for each, computed on the device in one go
 /// (so that the gradient norms of every parameter come back to the host in one copy).
 pub fn reduce_each(op: Reduce, xs: &[&Tensor]) -> Result<Tensor> {
+    let _p = super::profile::scope("reduce_each");
     let first = *xs.first().ok_or_else(|| Error::invalid("reduce_each", "no tensors"))?;
     check_same("reduce_each", xs)?;
     compute([xs.len()], first, |y| cpu::reduce_each(op, xs, y), |gpu, y| cuda::reduce_each(gpu, op, xs, y))
@@ -31,6 +33,7 @@ pub fn reduce_each(op: Reduce, xs: &[&Tensor]) -> Result<Tensor> {
 
 /// sum a * b.
 pub fn dot(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let _p = super::profile::scope("dot");
     check_same("dot", &[a, b])?;
     check_eq("dot", a, b)?;
     compute(Shape::scalar(), a, |y| cpu::dot(a, b, y), |gpu, y| cuda::reduce(gpu, Reduce::Sum, a, Some(b), y))

@@ -128,6 +128,7 @@ fn spectrum_dims(op: &'static str, t: &Tensor, what: &str) -> Result<(usize, usi
 
 /// Y[b, o, r, c] = sum_i X[b, i, r, c] W[i, o, r, c] on the kept modes, zero elsewhere.
 pub fn spectral_mix(xh: &Tensor, w: &Tensor, modes: SpectralModes) -> Result<Tensor> {
+    let _p = super::profile::scope("spectral_mix");
     const OP: &str = "spectral_mix";
     check_same(OP, &[xh, w])?;
     let (b, ci, h, wh) = spectrum_dims(OP, xh, "half spectrum")?;
@@ -148,6 +149,7 @@ pub fn spectral_mix(xh: &Tensor, w: &Tensor, modes: SpectralModes) -> Result<Ten
 
 /// dX = dY conj(W) summed over output channels, on the kept modes.
 pub fn spectral_mix_bwd_input(dyh: &Tensor, w: &Tensor, modes: SpectralModes) -> Result<Tensor> {
+    let _p = super::profile::scope("spectral_mix_bwd_input");
     const OP: &str = "spectral_mix_bwd_input";
     check_same(OP, &[dyh, w])?;
     let (b, co, h, wh) = spectrum_dims(OP, dyh, "output gradient")?;
@@ -161,6 +163,7 @@ pub fn spectral_mix_bwd_input(dyh: &Tensor, w: &Tensor, modes: SpectralModes) ->
 
 /// dW = conj(X) dY summed over the batch, on the kept modes.
 pub fn spectral_mix_bwd_weight(xh: &Tensor, dyh: &Tensor, w_shape: &Shape, modes: SpectralModes) -> Result<Tensor> {
+    let _p = super::profile::scope("spectral_mix_bwd_weight");
     const OP: &str = "spectral_mix_bwd_weight";
     check_same(OP, &[xh, dyh])?;
     let fit = |_: usize, _: usize| format!("{} and {}: spectra do not fit a weight of shape {w_shape}", xh.shape(), dyh.shape());
