@@ -220,3 +220,71 @@ pub(crate) fn sum_pairs<T: Float>(a: &[T], b: &[T], f: impl Fn(f64, f64) -> f64 
 pub(crate) fn scalar<T: Float>(t: &Tensor) -> Result<T> {
     Ok(t.as_slice::<T>()?[0])
 }
+
+/// Rows and columns of one tile of [`transpose`]: a tile's reads and writes (16 KiB of f32
+/// each) stay in L1, and each of its writes is a contiguous run of `TILE` values.
+const TILE: usize = 64;
+
+/// dst [cols, rows] = src [rows, cols] transposed (both row-major), in parallel tiles. Written
+/// tile by tile, not row by row: copying a whole row of `src` into `cols` rows of `dst` at once
+/// writes `cols` streams a power of two apart, which share cache sets and evict each other.
+pub(crate) fn transpose<T: Copy + Send + Sync>(src: &[T], rows: usize, cols: usize, dst: &mut [T]) {
+    assert!(dst.len() == rows * cols, "transpose: {} values for {rows} x {cols}", dst.len());
+    // SAFETY: dst holds rows * cols values.
+    unsafe { transpose_to(src, rows, cols, dst.as_mut_ptr()) }
+}
+
+/// src [rows, cols] transposed into a new buffer (not zero-filled first: every value is written).
+pub(crate) fn transposed<T: Copy + Send + Sync>(src: &[T], rows: usize, cols: usize) -> Vec<T> {
+    let mut v = Vec::with_capacity(rows * cols);
+    // SAFETY: the capacity holds rows * cols values, and transpose_to writes each of them.
+    unsafe {
+        transpose_to(src, rows, cols, v.as_mut_ptr());
+        v.set_len(rows * cols);
+    }
+    v
+}
+
+/// The tiles of [`transpose`], written through `dst`, which must have room for rows * cols values.
+unsafe fn transpose_to<T: Copy + Send + Sync>(src: &[T], rows: usize, cols: usize, dst: *mut T) {
+    assert!(src.len() == rows * cols, "transpose: {} values for {rows} x {cols}", src.len());
+    let out = SharedMut(dst);
+    let (tr, tc) = (rows.div_ceil(TILE), cols.div_ceil(TILE));
+    (0..tr * tc).into_par_iter().for_each(|t| {
+        let (r0, c0) = ((t / tc) * TILE, (t % tc) * TILE);
+        let (r1, c1) = ((r0 + TILE).min(rows), (c0 + TILE).min(cols));
+        let out = out.ptr();
+        // SAFETY: c < cols and r < rows, so c * rows + r < rows * cols, within dst (the
+        // caller's promise); the tiles partition dst, and this task alone writes its tile.
+        let put = |r: usize, c: usize| unsafe { out.add(c * rows + r).write(src[r * cols + c]) };
+        // The inner loop runs along the side whose other end has the short stride: a tile's
+        // 64 lines a long power-of-two stride apart would share one cache set.
+        if cols <= rows {
+            (c0..c1).for_each(|c| (r0..r1).for_each(|r| put(r, c)));
+        } else {
+            (r0..r1).for_each(|r| (c0..c1).for_each(|c| put(r, c)));
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose_matches_the_definition_on_ragged_tiles() {
+        // Shapes around the tile size, both orientations, and a single row or column.
+        for (rows, cols) in [(1, 1), (1, 130), (130, 1), (63, 65), (65, 63), (128, 200), (200, 128), (7, 300)] {
+            let src: Vec<u32> = (0..(rows * cols) as u32).collect();
+            let t = transposed(&src, rows, cols);
+            let mut back = vec![0u32; rows * cols];
+            transpose(&t, cols, rows, &mut back);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(t[c * rows + r], src[r * cols + c], "{rows} x {cols} at ({r}, {c})");
+                }
+            }
+            assert_eq!(back, src, "{rows} x {cols} there and back");
+        }
+    }
+}

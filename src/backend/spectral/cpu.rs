@@ -9,7 +9,7 @@
 use num_traits::Zero as _;
 use rayon::prelude::*;
 
-use crate::backend::cpu::{with_float, Float, SharedMut};
+use crate::backend::cpu::{transpose, transposed, with_float, Float, SharedMut};
 use crate::error::Result;
 use crate::tensor::Tensor;
 
@@ -127,37 +127,15 @@ fn scatter_spec<T: Float>(m: &MixDims, rows: &[usize], src: &[T], c: usize, s: &
     });
 }
 
-/// The weight [Ci, Co, R, My, 2] as mode-major planes [M][2][Ci][Co].
+/// The weight [Ci, Co, R, My, 2] as mode-major planes [M][2][Ci][Co]: the transpose of the
+/// weight read as [Ci Co, 2 M].
 fn gather_w<T: Float>(m: &MixDims, w: &[T]) -> Vec<T> {
-    let (modes, per) = (m.block(), 2 * m.ci * m.co);
-    let mut out = vec![T::zero(); modes * per];
-    out.par_chunks_mut(MODES_PER_TASK * per).enumerate().for_each(|(t, chunk)| {
-        let first = t * MODES_PER_TASK;
-        let count = chunk.len() / per;
-        for io in 0..m.ci * m.co {
-            let src = &w[2 * (io * modes + first)..2 * (io * modes + first + count)];
-            for j in 0..count {
-                chunk[j * per + io] = src[2 * j];
-                chunk[j * per + per / 2 + io] = src[2 * j + 1];
-            }
-        }
-    });
-    out
+    transposed(w, m.ci * m.co, 2 * m.block())
 }
 
 /// Writes mode-major planes [M][2][Ci][Co] into the weight layout [Ci, Co, R, My, 2].
 fn scatter_w<T: Float>(m: &MixDims, src: &[T], w: &mut [T]) {
-    let (modes, per) = (m.block(), 2 * m.ci * m.co);
-    // One task per (ci) row of the weight: contiguous output, mode-major reads.
-    w.par_chunks_mut(m.co * modes * 2).enumerate().for_each(|(i, wi)| {
-        for o in 0..m.co {
-            let io = i * m.co + o;
-            for k in 0..modes {
-                wi[2 * (o * modes + k)] = src[k * per + io];
-                wi[2 * (o * modes + k) + 1] = src[k * per + per / 2 + io];
-            }
-        }
-    });
+    transpose(src, 2 * m.block(), m.ci * m.co, w);
 }
 
 /// Spectra through the weight, mode by mode: the forward (Y[B, Co] = X W, `adjoint` false) or
