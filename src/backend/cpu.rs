@@ -23,7 +23,8 @@ pub trait Float: Element + num_traits::Float + rustfft::FftNum + Default + std::
     /// allocation and no zero-fill on the hot path; the contents are stale.
     fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R;
 
-    /// C = alpha * A B + beta * C with explicit row and column strides (matrixmultiply).
+    /// C = alpha * A B + beta * C with explicit row and column strides (the `gemm` crate, on the
+    /// calling thread; C is not read when beta is zero).
     ///
     /// # Safety
     /// The strides and sizes must describe memory inside the pointed-to buffers.
@@ -94,7 +95,7 @@ impl Float for f32 {
         rsc: isize,
         csc: isize,
     ) {
-        matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
+        gemm_on_thread(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
     }
 }
 
@@ -119,8 +120,35 @@ impl Float for f64 {
         rsc: isize,
         csc: isize,
     ) {
-        matrixmultiply::dgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
+        gemm_on_thread(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
     }
+}
+
+/// [`Float::gemm_raw`] through the `gemm` crate, single-threaded (the callers split work across
+/// rayon's threads, so that one pool runs everything). Its argument order differs: its `alpha`
+/// scales the old C (read only when asked) and its `beta` the product.
+///
+/// # Safety
+/// As [`Float::gemm_raw`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_on_thread<T: 'static + Copy + num_traits::Zero + PartialEq>(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: T,
+    a: *const T,
+    rsa: isize,
+    csa: isize,
+    b: *const T,
+    rsb: isize,
+    csb: isize,
+    beta: T,
+    c: *mut T,
+    rsc: isize,
+    csc: isize,
+) {
+    // SAFETY: the caller's promise on the strides and sizes.
+    unsafe { gemm::gemm(m, n, k, c, csc, rsc, beta != T::zero(), a, csa, rsa, b, csb, rsb, beta, alpha, false, false, false, gemm::Parallelism::None) }
 }
 
 /// A row-major matrix operand of `gemm`: its data, and whether to use it transposed.

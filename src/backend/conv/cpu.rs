@@ -129,8 +129,8 @@ fn col2im<T: Float>(g: &Geom, cols: &[T], ld: usize, dx: &mut [T]) {
 /// weight once instead of once per sample (what the deep, wide, small maps need).
 const BATCH_PANEL: usize = 1 << 22;
 
-/// Column blocks a batched GEMM is split into across threads: fixed, though any split gives
-/// the same values (each output's sum over k runs in the same order).
+/// Blocks a batched GEMM is split into across threads: fixed, though any split gives the same
+/// values (each output's sum over k runs in the same order).
 const BATCH_SPLIT: usize = 4;
 
 /// Whether the batched GEMMs pay: where the weight [C_out, K] is at least as large as a sample's
@@ -140,34 +140,46 @@ fn batched(g: &Geom, batch: usize, c_out: usize) -> bool {
     batch > 1 && c_out >= g.plane_out() && g.k() * g.plane_out() * batch <= BATCH_PANEL
 }
 
-/// The whole batch's panel [K, B*Ho*Wo] of x [B, C, H, W], one task per row.
-fn im2col_batch<T: Float>(g: &Geom, x: &[T], batch: usize) -> Vec<T> {
+/// The whole batch's panel [K, B*Ho*Wo] of x [B, C, H, W] into `cols` (every value written),
+/// one task per row.
+fn im2col_batch<T: Float>(g: &Geom, x: &[T], batch: usize, cols: &mut [T]) {
     let hw = g.plane_out();
-    let mut cols = vec![T::zero(); g.k() * batch * hw];
     cols.par_chunks_mut(batch * hw).enumerate().for_each(|(r, row)| {
         for (b, seg) in row.chunks_mut(hw).enumerate() {
             im2col_row(g, r, &x[b * g.plane_in()..(b + 1) * g.plane_in()], seg);
         }
     });
-    cols
 }
 
-/// C[m, n] = A[m, k] B[k, n] (row-major, B and C with row stride n) in BATCH_SPLIT column
-/// blocks in parallel.
-fn gemm_split<T: Float>(a: Mat<T>, b: &[T], k: usize, n: usize, c: &mut [T]) -> Result<()> {
-    let m = c.len() / n;
-    let (ar, ac, ars, acs) = a.view();
-    if ar != m || ac != k || b.len() < k * n || a.data.len() < m * k {
-        return Err(crate::error::Error::invalid("gemm", format!("operands do not fit: [{ar}x{ac}] x [{k}x{n}] into {m} x {n}")));
+/// C[m, n] = A[m, k] B[k, n] (C row-major, every value written) in BATCH_SPLIT blocks in
+/// parallel: blocks of C's rows where B is the smaller operand (each block packs its rows of A
+/// and all of B), else blocks of its columns (each packs all of A): the larger operand is packed
+/// once.
+fn gemm_split<T: Float>(a: Mat<T>, b: Mat<T>, c: &mut [T]) -> Result<()> {
+    let ((m, k, ars, acs), (k2, n, brs, bcs)) = (a.view(), b.view());
+    if k != k2 || c.len() != m * n || a.data.len() < m * k || b.data.len() < k * n {
+        return Err(crate::error::Error::invalid("gemm", format!("operands do not fit: [{m}x{k}] x [{k2}x{n}] into {} places", c.len())));
     }
-    let width = n.div_ceil(BATCH_SPLIT).max(1);
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let by_rows = n < m;
+    let width = if by_rows { m } else { n }.div_ceil(BATCH_SPLIT);
     let out = SharedMut(c.as_mut_ptr());
-    (0..n.div_ceil(width)).into_par_iter().for_each(|blk| {
-        let (c0, cols) = (blk * width, width.min(n - blk * width));
+    (0..if by_rows { m } else { n }.div_ceil(width)).into_par_iter().for_each(|blk| {
+        let (from, len) = if by_rows { (blk * width, width.min(m - blk * width)) } else { (blk * width, width.min(n - blk * width)) };
         let out = out.ptr();
         // SAFETY: the checks above bound A (m x k), B (k x n) and C (m x n, row stride n); this
-        // task alone writes C's columns c0..c0 + cols.
-        unsafe { T::gemm_raw(m, k, cols, T::one(), a.data.as_ptr(), ars, acs, b.as_ptr().add(c0), n as isize, 1, T::zero(), out.add(c0), n as isize, 1) }
+        // task alone writes C's rows (or columns) from..from + len.
+        unsafe {
+            if by_rows {
+                let a0 = a.data.as_ptr().offset(from as isize * ars);
+                T::gemm_raw(len, k, n, T::one(), a0, ars, acs, b.data.as_ptr(), brs, bcs, T::zero(), out.add(from * n), n as isize, 1)
+            } else {
+                let b0 = b.data.as_ptr().offset(from as isize * bcs);
+                T::gemm_raw(m, k, len, T::one(), a.data.as_ptr(), ars, acs, b0, brs, bcs, T::zero(), out.add(from), n as isize, 1)
+            }
+        }
     });
     Ok(())
 }
@@ -200,7 +212,7 @@ fn dw_group(batch: usize) -> usize {
 }
 
 // The batch is split across rayon's threads, one sample per task (each sample's GEMM runs on its
-// task's thread: matrixmultiply's own threading is off, so the two pools never compete).
+// task's thread: the `gemm` crate runs with `Parallelism::None`, so the two pools never compete).
 
 pub(super) fn conv2d_fwd(g: &ConvGeom, x: &Tensor, w: &Tensor, y: &mut Tensor) -> Result<()> {
     let g = Geom::new(g);
@@ -211,9 +223,11 @@ pub(super) fn conv2d_fwd(g: &ConvGeom, x: &Tensor, w: &Tensor, y: &mut Tensor) -
         let hw = g.plane_out();
         let batch = xs.len() / g.plane_in();
         if batched(&g, batch, c_out) {
-            let cols = im2col_batch(&g, xs, batch);
             let mut rows = vec![T::zero(); c_out * batch * hw];
-            gemm_split(Mat::new(ws, c_out, g.k()), &cols, g.k(), batch * hw, &mut rows)?;
+            T::with_scratch(g.k() * batch * hw, |cols| {
+                im2col_batch(&g, xs, batch, cols);
+                gemm_split(Mat::new(ws, c_out, g.k()), Mat::new(cols, g.k(), batch * hw), &mut rows)
+            })?;
             rows_to_batch(&rows, ys, batch, c_out, hw);
             return Ok(());
         }
@@ -242,10 +256,12 @@ pub(super) fn conv2d_bwd_input(g: &ConvGeom, dy: &Tensor, w: &Tensor, dx: &mut T
         let batch = dys.len() / (c_out * hw);
         if batched(&g, batch, c_out) {
             let dy_rows = batch_to_rows(dys, batch, c_out, hw);
-            let mut dcols = vec![T::zero(); g.k() * batch * hw];
-            gemm_split(Mat::new(ws, c_out, g.k()).t(), &dy_rows, c_out, batch * hw, &mut dcols)?;
-            dxs.par_chunks_mut(g.plane_in()).enumerate().for_each(|(b, dxb)| col2im(&g, &dcols[b * hw..], batch * hw, dxb));
-            return Ok(());
+            return T::with_scratch(g.k() * batch * hw, |dcols| {
+                gemm_split(Mat::new(ws, c_out, g.k()).t(), Mat::new(&dy_rows, c_out, batch * hw), dcols)?;
+                let dcols = &*dcols;
+                dxs.par_chunks_mut(g.plane_in()).enumerate().for_each(|(b, dxb)| col2im(&g, &dcols[b * hw..], batch * hw, dxb));
+                Ok(())
+            });
         }
         let scratch = if g.is_pointwise() { 0 } else { g.k() * hw };
         dxs.par_chunks_mut(g.plane_in()).zip(dys.par_chunks(c_out * hw)).try_for_each(|(dxb, dyb)| {
@@ -276,13 +292,11 @@ pub(super) fn conv2d_bwd_weight(g: &ConvGeom, x: &Tensor, dy: &Tensor, dw: &mut 
         if batched(&g, batch, c_out) {
             // dW [C_out, K] = dY [C_out, B*HW] cols^T [B*HW, K]: the batch is the inner
             // dimension of one GEMM (rows of dW in parallel blocks).
-            let cols = im2col_batch(&g, xs, batch);
             let dy_rows = batch_to_rows(dys, batch, c_out, hw);
             let (n, k) = (g.k(), batch * hw);
-            let rows_per = c_out.div_ceil(BATCH_SPLIT).max(1);
-            return dws.par_chunks_mut(rows_per * n).enumerate().try_for_each(|(blk, out)| {
-                let m = out.len() / n;
-                gemm(Mat::new(&dy_rows[blk * rows_per * k..(blk * rows_per + m) * k], m, k), Mat::new(&cols, n, k).t(), out, T::zero())
+            return T::with_scratch(n * k, |cols| {
+                im2col_batch(&g, xs, batch, cols);
+                gemm_split(Mat::new(&dy_rows, c_out, k), Mat::new(cols, n, k).t(), dws)
             });
         }
         let sum_group = |xg: &[T], dyg: &[T], out: &mut [T], cols: &mut [T]| -> Result<()> {

@@ -1,5 +1,5 @@
 //! 2-D convolutions (kernels/conv.cu holds im2col / col2im; the GEMMs are cuBLAS's on the GPU and
-//! matrixmultiply's on the CPU): conv2d (PyTorch's cross-correlation with zero padding), its two
+//! the `gemm` crate's on the CPU): conv2d (PyTorch's cross-correlation with zero padding), its two
 //! backward products, and the transposed convolution, which is the adjoint of conv2d and runs on
 //! its input-gradient kernels. Geometry: `ConvGeom` (kernels/params.cuh).
 
