@@ -1,4 +1,4 @@
-//! CPU benchmarks of conv2d and the spectral convolution at generator-like sizes.
+//! CPU benchmarks of conv2d, the spectral convolution and GELU at generator-like sizes.
 //!
 //! Throughput is in FLOPs (Elements = floating-point operations), so criterion reports FLOP/s:
 //!   conv2d forward: 2 B C_out H_o W_o C_in kh kw
@@ -14,7 +14,7 @@ use fnokern::{DType, Device, ModeConvention, SpectralModes, Tensor};
 fn conv2d(c: &mut Criterion) {
     let dev = Device::cpu();
     let mut g = c.benchmark_group("conv2d_3x3_f32");
-    for &(b, ch, n) in &[(4, 32, 64), (16, 32, 64), (16, 128, 16), (16, 512, 4)] {
+    for &(b, ch, n) in &[(4, 32, 64), (16, 32, 64), (16, 128, 16), (16, 512, 4), (16, 64, 4), (16, 32, 8), (16, 8, 32)] {
         let x = Tensor::randn([b, ch, n, n], 1.0, 1, DType::F32, &dev).unwrap();
         let w = Tensor::randn([ch, ch, 3, 3], 0.1, 2, DType::F32, &dev).unwrap();
         let bias = Tensor::randn([ch], 0.1, 3, DType::F32, &dev).unwrap();
@@ -54,10 +54,25 @@ fn spectral(c: &mut Criterion) {
     g.finish();
 }
 
+fn gelu(c: &mut Criterion) {
+    let dev = Device::cpu();
+    let mut g = c.benchmark_group("gelu");
+    for dtype in [DType::F32, DType::F64] {
+        // One activation of the study model's top level: batch 16, 32 channels, 64 x 64.
+        let x = Tensor::randn([16, 32, 64, 64], 1.0, 1, dtype, &dev).unwrap();
+        let dy = Tensor::randn([16, 32, 64, 64], 1.0, 2, dtype, &dev).unwrap();
+        g.throughput(Throughput::Elements(x.numel() as u64));
+        let id = format!("{dtype:?}_b16_c32_n64");
+        g.bench_with_input(BenchmarkId::new("fwd", &id), &(), |bch, _| bch.iter(|| backend::unary(backend::Unary::Gelu, &x).unwrap()));
+        g.bench_with_input(BenchmarkId::new("bwd", &id), &(), |bch, _| bch.iter(|| backend::unary_bwd(backend::Unary::Gelu, &x, &dy).unwrap()));
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     // No plots: criterion's plotting needs system fonts that a CI or GPU host may lack.
     config = Criterion::default().sample_size(10).measurement_time(std::time::Duration::from_secs(3)).without_plots();
-    targets = conv2d, spectral
+    targets = conv2d, spectral, gelu
 }
 criterion_main!(benches);

@@ -1,19 +1,21 @@
-//! The element-wise kernels on the CPU: f64 arithmetic for every unary function, T arithmetic for
-//! the rest, in parallel pieces.
+//! The element-wise kernels on the CPU: f64 arithmetic for every unary function (but GELU on f32,
+//! which has its own vectorised f32 form), T arithmetic for the rest, in parallel pieces.
 
 #[allow(unused_imports)]
 use num_traits::{Float as _, One as _, Zero as _};
 use rayon::prelude::*;
 
-use super::{Binary, Unary};
+use super::{gelu_f32, Binary, Unary};
 use crate::backend::cpu::{map1, map2, scalar, with_float, CHUNK};
 use crate::error::Result;
 #[allow(unused_imports)]
 use crate::tensor::Element as _;
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 
-fn erf(x: f64) -> f64 {
-    libm::erf(x)
+/// Phi(x), the normal CDF, through erfc: it keeps its relative accuracy in the negative tail,
+/// where 1 + erf(x / sqrt 2) would cancel.
+fn normal_cdf(x: f64) -> f64 {
+    0.5 * libm::erfc(-x * FRAC_1_SQRT_2)
 }
 
 const FRAC_1_SQRT_2: f64 = std::f64::consts::FRAC_1_SQRT_2;
@@ -22,7 +24,7 @@ const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
 
 fn unary_f(op: Unary, x: f64) -> f64 {
     match op {
-        Unary::Gelu => 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2)),
+        Unary::Gelu => x * normal_cdf(x),
         Unary::Abs => x.abs(),
         Unary::Sqrt => x.sqrt(),
         Unary::Square => x * x,
@@ -36,7 +38,7 @@ fn unary_f(op: Unary, x: f64) -> f64 {
 fn unary_df(op: Unary, x: f64) -> f64 {
     match op {
         // d/dx x Phi(x) = Phi(x) + x phi(x)
-        Unary::Gelu => 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2)) + x * FRAC_1_SQRT_2PI * (-0.5 * x * x).exp(),
+        Unary::Gelu => normal_cdf(x) + x * FRAC_1_SQRT_2PI * (-0.5 * x * x).exp(),
         Unary::Abs => {
             if x > 0.0 {
                 1.0
@@ -56,6 +58,10 @@ fn unary_df(op: Unary, x: f64) -> f64 {
 }
 
 pub(super) fn unary(op: Unary, x: &Tensor, y: &mut Tensor) -> Result<()> {
+    if op == Unary::Gelu && x.dtype() == DType::F32 {
+        gelu_f32::forward(x.as_slice::<f32>()?, y.as_mut_slice::<f32>()?);
+        return Ok(());
+    }
     with_float!(x.dtype(), "unary", |T| {
         map1(x.as_slice::<T>()?, y.as_mut_slice::<T>()?, |v| T::of_f64(unary_f(op, v.as_f64())));
         Ok(())
@@ -63,6 +69,10 @@ pub(super) fn unary(op: Unary, x: &Tensor, y: &mut Tensor) -> Result<()> {
 }
 
 pub(super) fn unary_bwd(op: Unary, x: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
+    if op == Unary::Gelu && x.dtype() == DType::F32 {
+        gelu_f32::backward(x.as_slice::<f32>()?, dy.as_slice::<f32>()?, dx.as_mut_slice::<f32>()?);
+        return Ok(());
+    }
     with_float!(x.dtype(), "unary_bwd", |T| {
         map2(x.as_slice::<T>()?, dy.as_slice::<T>()?, dx.as_mut_slice::<T>()?, |x, g| T::of_f64(g.as_f64() * unary_df(op, x.as_f64())));
         Ok(())

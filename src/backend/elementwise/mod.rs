@@ -4,6 +4,7 @@
 
 mod cpu;
 pub(crate) mod cuda;
+mod gelu_f32;
 
 use super::{check_compute, check_eq, check_one, check_same, compute, on_device, own};
 use crate::error::Result;
