@@ -3,8 +3,8 @@
 //! Forward:  y_b [C_out, Ho*Wo] = W [C_out, K] @ cols(x_b) [K, Ho*Wo], K = C_in*kh*kw (the bias is
 //!           added after, by the layout family).
 //! dX:       col2im(W^T @ dy_b).
-//! dW:       sum over b of dy_b @ cols(x_b)^T: in order within fixed groups of samples, then the
-//!           groups' sums in order (the same on any number of threads).
+//! dW:       the transpose of dW^T = sum over b of cols(x_b) @ dy_b^T: in order within fixed groups
+//!           of samples, then the groups' sums in order (the same on any number of threads).
 //! A 1x1 kernel with stride 1 and no padding uses x_b itself as its columns.
 
 #[allow(unused_imports)]
@@ -12,9 +12,10 @@ use crate::tensor::Element as _;
 #[allow(unused_imports)]
 use num_traits::{Float as _, One as _, Zero as _};
 use rayon::prelude::*;
+use std::ops::Range;
 
 use super::ConvGeom;
-use crate::backend::cpu::{gemm, with_float, Float, Mat, SharedMut};
+use crate::backend::cpu::{gemm, transpose, with_float, Float, Mat, SharedMut};
 use crate::error::Result;
 use crate::tensor::Tensor;
 
@@ -57,6 +58,80 @@ impl Geom {
     }
 }
 
+/// Input planes inside a zero border of `pad` on each side, [h + 2 pad, w + 2 pad] each: there
+/// every tap of every output lies inside its plane, so that the panel's rows are plain copies (no
+/// bounds, no fills). The border is zeroed once and never written.
+struct Padded<T> {
+    buf: Vec<T>,
+    /// The padded planes' row length.
+    wp: usize,
+}
+
+impl<T: Float> Padded<T> {
+    /// Room for `planes` padded planes.
+    fn new(g: &Geom, planes: usize) -> Padded<T> {
+        let wp = g.w + 2 * g.pad;
+        Padded { buf: vec![T::zero(); if g.pad == 0 { 0 } else { planes * (g.h + 2 * g.pad) * wp }], wp }
+    }
+
+    /// Planes `x` [n, h, w] padded, as [n, h + 2 pad, w + 2 pad] (x itself without padding).
+    fn fill<'a>(&'a mut self, g: &Geom, x: &'a [T]) -> &'a [T] {
+        if g.pad == 0 {
+            return x;
+        }
+        let plane = (g.h + 2 * g.pad) * self.wp;
+        for (n, xc) in x.chunks(g.h * g.w).enumerate() {
+            for (ih, xr) in xc.chunks(g.w).enumerate() {
+                let at = n * plane + (ih + g.pad) * self.wp + g.pad;
+                self.buf[at..at + g.w].copy_from_slice(xr);
+            }
+        }
+        &self.buf[..x.len() / (g.h * g.w) * plane]
+    }
+}
+
+/// The kh*kw rows of the panel that one padded plane `xp` (row stride `wp`) gives for the
+/// output rows `rows`: tap t = (i, j) into out[t * ld..][..rows.len() * Wo].
+fn taps_of_plane<T: Float>(g: &Geom, xp: &[T], wp: usize, rows: Range<usize>, out: &mut [T], ld: usize) {
+    for t in 0..g.kh * g.kw {
+        let (i, j) = (t / g.kw, t % g.kw);
+        let row = &mut out[t * ld..t * ld + rows.len() * g.wo];
+        for (oh, dst) in rows.clone().zip(row.chunks_exact_mut(g.wo)) {
+            let src = &xp[(oh * g.stride + i) * wp + j..];
+            if g.stride == 1 {
+                dst.copy_from_slice(&src[..g.wo]);
+            } else {
+                for (ow, d) in dst.iter_mut().enumerate() {
+                    *d = src[ow * g.stride];
+                }
+            }
+        }
+    }
+}
+
+/// cols [K, rows.len() * Wo] of one sample's padded planes `xp` (from [`Padded::fill`]) for the
+/// output rows `rows`, written whole (no fill beforehand needed).
+fn im2col<T: Float>(g: &Geom, xp: &[T], wp: usize, rows: Range<usize>, cols: &mut [T]) {
+    let (taps, n) = (g.kh * g.kw, rows.len() * g.wo);
+    for (xc, out) in xp.chunks(xp.len() / g.c).zip(cols.chunks_mut(taps * n)) {
+        taps_of_plane(g, xc, wp, rows.clone(), out, n);
+    }
+}
+
+/// Columns of a block of the per-sample forward GEMM: the panel of that many outputs (a few whole
+/// output rows) stays in L2, and the GEMM runs 2x faster than over a 64 x 64 map's 4096 columns
+/// at once (the `gemm` crate's blocking suits a short, wide B poorly).
+const PANEL_COLS: usize = 256;
+
+/// y[:, p0..p0 + n] (rows `ld` apart) = w [m, k] cols [k, n].
+#[allow(clippy::too_many_arguments)]
+fn gemm_block<T: Float>(w: &[T], m: usize, k: usize, cols: &[T], n: usize, y: &mut [T], ld: usize, p0: usize) {
+    assert!(w.len() >= m * k && cols.len() >= k * n && p0 + n <= ld && y.len() >= m * ld, "gemm_block: operands do not fit");
+    // SAFETY: the assertion bounds every index: w (m x k), cols (k x n), y's rows 0..m, columns
+    // p0..p0 + n, row stride ld.
+    unsafe { T::gemm_raw(m, k, n, T::one(), w.as_ptr(), k as isize, 1, cols.as_ptr(), n as isize, 1, T::zero(), y.as_mut_ptr().add(p0), ld as isize, 1) }
+}
+
 /// The output columns `ow` whose input column `ow * stride + j - pad` lies inside a row of `w`
 /// (an empty range when none does).
 #[inline]
@@ -67,43 +142,53 @@ fn valid_cols(g: &Geom, j: usize, w: usize) -> std::ops::Range<usize> {
     first.min(end)..end
 }
 
-/// Row `r` (channel c, tap (i, j)) of one sample's im2col panel: Ho*Wo values of x [C, H, W],
-/// written whole (zeros where the tap falls in the padding).
-fn im2col_row<T: Float>(g: &Geom, r: usize, x: &[T], out: &mut [T]) {
-    let (c, t) = (r / (g.kh * g.kw), r % (g.kh * g.kw));
-    let (i, j) = (t / g.kw, t % g.kw);
-    let xc = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
-    let valid = valid_cols(g, j, g.w);
-    for oh in 0..g.ho {
-        let out = &mut out[oh * g.wo..(oh + 1) * g.wo];
-        let Some(ih) = g.src(oh, i, g.h) else {
-            out.fill(T::zero());
-            continue;
-        };
-        out[..valid.start].fill(T::zero());
-        out[valid.end..].fill(T::zero());
-        let xr = &xc[ih * g.w..(ih + 1) * g.w];
-        if g.stride == 1 {
-            let s = valid.start + j - g.pad;
-            out[valid.clone()].copy_from_slice(&xr[s..s + valid.len()]);
-        } else {
-            for ow in valid.clone() {
-                out[ow] = xr[ow * g.stride + j - g.pad];
+/// dx [C, H, W] = scatter-add of one sample's columns: row r of its panel at cols[r * ld..][..Ho*Wo];
+/// taps in order (each input gets at most one value per tap, so its sum runs over the taps in
+/// order, the same bits either way below). On maps wider than their border the sums run in a
+/// padded plane (whole rows, which vectorise); on smaller ones, which are mostly border, only
+/// over each row's inputs inside the map.
+fn col2im<T: Float>(g: &Geom, cols: &[T], ld: usize, dx: &mut [T]) {
+    if (g.h + 2 * g.pad) * (g.w + 2 * g.pad) <= 2 * g.h * g.w {
+        col2im_padded(g, cols, ld, dx)
+    } else {
+        col2im_clipped(g, cols, ld, dx)
+    }
+}
+
+fn col2im_padded<T: Float>(g: &Geom, cols: &[T], ld: usize, dx: &mut [T]) {
+    let (taps, hw) = (g.kh * g.kw, g.plane_out());
+    let wp = g.w + 2 * g.pad;
+    let mut padded = vec![T::zero(); if g.pad == 0 { 0 } else { (g.h + 2 * g.pad) * wp }];
+    for (c, dxc) in dx.chunks_mut(g.h * g.w).enumerate() {
+        // The sums run in the padded plane (dx itself without padding); its border is dropped.
+        let acc: &mut [T] = if g.pad == 0 { dxc } else { &mut padded };
+        acc.fill(T::zero());
+        for t in 0..taps {
+            let (i, j) = (t / g.kw, t % g.kw);
+            let row = &cols[(c * taps + t) * ld..(c * taps + t) * ld + hw];
+            for (oh, src) in row.chunks_exact(g.wo).enumerate() {
+                let dst = &mut acc[(oh * g.stride + i) * wp + j..];
+                if g.stride == 1 {
+                    for (d, &v) in dst[..g.wo].iter_mut().zip(src) {
+                        *d += v;
+                    }
+                } else {
+                    for (ow, &v) in src.iter().enumerate() {
+                        dst[ow * g.stride] += v;
+                    }
+                }
+            }
+        }
+        if g.pad != 0 {
+            for (ih, dr) in dxc.chunks_mut(g.w).enumerate() {
+                let at = (ih + g.pad) * wp + g.pad;
+                dr.copy_from_slice(&padded[at..at + g.w]);
             }
         }
     }
 }
 
-/// cols [K, Ho*Wo] of one sample x [C, H, W], written whole (no fill beforehand needed).
-fn im2col<T: Float>(g: &Geom, x: &[T], cols: &mut [T]) {
-    for (r, row) in cols.chunks_mut(g.plane_out()).enumerate().take(g.k()) {
-        im2col_row(g, r, x, row);
-    }
-}
-
-/// dx [C, H, W] = scatter-add of one sample's columns: row r of its panel at cols[r * ld..][..Ho*Wo];
-/// taps in order.
-fn col2im<T: Float>(g: &Geom, cols: &[T], ld: usize, dx: &mut [T]) {
+fn col2im_clipped<T: Float>(g: &Geom, cols: &[T], ld: usize, dx: &mut [T]) {
     let hw = g.plane_out();
     let taps = g.kh * g.kw;
     for (c, dxc) in dx.chunks_mut(g.h * g.w).enumerate() {
@@ -141,12 +226,15 @@ fn batched(g: &Geom, batch: usize, c_out: usize) -> bool {
 }
 
 /// The whole batch's panel [K, B*Ho*Wo] of x [B, C, H, W] into `cols` (every value written),
-/// one task per row.
+/// one task per channel (its kh*kw rows).
 fn im2col_batch<T: Float>(g: &Geom, x: &[T], batch: usize, cols: &mut [T]) {
-    let hw = g.plane_out();
-    cols.par_chunks_mut(batch * hw).enumerate().for_each(|(r, row)| {
-        for (b, seg) in row.chunks_mut(hw).enumerate() {
-            im2col_row(g, r, &x[b * g.plane_in()..(b + 1) * g.plane_in()], seg);
+    let (taps, hw, ld) = (g.kh * g.kw, g.plane_out(), batch * g.plane_out());
+    cols.par_chunks_mut(taps * ld).enumerate().for_each(|(c, rows)| {
+        let mut pad = Padded::new(g, 1);
+        for b in 0..batch {
+            let xc = &x[b * g.plane_in() + c * g.h * g.w..][..g.h * g.w];
+            let wp = pad.wp;
+            taps_of_plane(g, pad.fill(g, xc), wp, 0..g.ho, &mut rows[b * hw..], ld);
         }
     });
 }
@@ -231,18 +319,28 @@ pub(super) fn conv2d_fwd(g: &ConvGeom, x: &Tensor, w: &Tensor, y: &mut Tensor) -
             rows_to_batch(&rows, ys, batch, c_out, hw);
             return Ok(());
         }
-        let scratch = if g.is_pointwise() { 0 } else { g.k() * hw };
-        ys.par_chunks_mut(c_out * hw).zip(xs.par_chunks(g.plane_in())).try_for_each(|(yb, xb)| {
-            T::with_scratch(scratch, |cols| {
-                let cols_b: &[T] = if g.is_pointwise() {
-                    xb
-                } else {
-                    im2col(&g, xb, cols);
-                    cols
-                };
-                gemm(Mat::new(ws, c_out, g.k()), Mat::new(cols_b, g.k(), hw), yb, T::zero())
+        if g.is_pointwise() {
+            return ys
+                .par_chunks_mut(c_out * hw)
+                .zip(xs.par_chunks(g.plane_in()))
+                .try_for_each(|(yb, xb)| gemm(Mat::new(ws, c_out, g.k()), Mat::new(xb, g.k(), hw), yb, T::zero()));
+        }
+        // Per sample, in blocks of whole output rows.
+        let rows_per_block = (PANEL_COLS / g.wo).clamp(1, g.ho);
+        ys.par_chunks_mut(c_out * hw).zip(xs.par_chunks(g.plane_in())).for_each(|(yb, xb)| {
+            let mut pad = Padded::new(&g, g.c);
+            let wp = pad.wp;
+            let xp = pad.fill(&g, xb);
+            T::with_scratch(g.k() * rows_per_block * g.wo, |cols| {
+                for r0 in (0..g.ho).step_by(rows_per_block) {
+                    let rows = r0..(r0 + rows_per_block).min(g.ho);
+                    let n = rows.len() * g.wo;
+                    im2col(&g, xp, wp, rows, &mut cols[..g.k() * n]);
+                    gemm_block(ws, c_out, g.k(), cols, n, yb, hw, r0 * g.wo);
+                }
             })
-        })
+        });
+        Ok(())
     })
 }
 
@@ -289,46 +387,51 @@ pub(super) fn conv2d_bwd_weight(g: &ConvGeom, x: &Tensor, dy: &Tensor, dw: &mut 
         let scratch = if g.is_pointwise() { 0 } else { g.k() * hw };
         let (xin, yout) = (g.plane_in(), c_out * hw);
         let batch = xs.len() / xin;
+        // Every product below is dW^T [K, C_out] = cols [K, HW] dY^T [HW, C_out], transposed into
+        // dW at the end: with the panel as the row-major left operand the GEMM runs 1.2-3x faster
+        // than dW = dY cols^T, which reads the panel down its columns.
+        let k_all = g.k();
         if batched(&g, batch, c_out) {
-            // dW [C_out, K] = dY [C_out, B*HW] cols^T [B*HW, K]: the batch is the inner
-            // dimension of one GEMM (rows of dW in parallel blocks).
+            // The batch is the inner dimension of one GEMM (rows of dW^T in parallel blocks).
             let dy_rows = batch_to_rows(dys, batch, c_out, hw);
-            let (n, k) = (g.k(), batch * hw);
-            return T::with_scratch(n * k, |cols| {
+            let inner = batch * hw;
+            let mut dwt = vec![T::zero(); dws.len()];
+            T::with_scratch(k_all * inner, |cols| {
                 im2col_batch(&g, xs, batch, cols);
-                gemm_split(Mat::new(&dy_rows, c_out, k), Mat::new(cols, n, k).t(), dws)
-            });
+                gemm_split(Mat::new(cols, k_all, inner), Mat::new(&dy_rows, c_out, inner).t(), &mut dwt)
+            })?;
+            transpose(&dwt, k_all, c_out, dws);
+            return Ok(());
         }
         let sum_group = |xg: &[T], dyg: &[T], out: &mut [T], cols: &mut [T]| -> Result<()> {
+            let mut pad = Padded::new(&g, g.c);
             for (n, (xb, dyb)) in xg.chunks(xin).zip(dyg.chunks(yout)).enumerate() {
                 let cols_b: &[T] = if g.is_pointwise() {
                     xb
                 } else {
-                    im2col(&g, xb, cols);
+                    let wp = pad.wp;
+                    im2col(&g, pad.fill(&g, xb), wp, 0..g.ho, cols);
                     cols
                 };
                 let beta = if n == 0 { T::zero() } else { T::one() };
-                gemm(Mat::new(dyb, c_out, hw), Mat::new(cols_b, g.k(), hw).t(), out, beta)?;
+                gemm(Mat::new(cols_b, k_all, hw), Mat::new(dyb, c_out, hw).t(), out, beta)?;
             }
             Ok(())
         };
         let group = dw_group(batch);
         let groups = batch.div_ceil(group);
-        if groups <= 1 {
-            return T::with_scratch(scratch, |cols| sum_group(xs, dys, dws, cols));
-        }
         let mut partial = vec![T::zero(); groups * dws.len()];
         partial
             .par_chunks_mut(dws.len())
             .zip(xs.par_chunks(group * xin).zip(dys.par_chunks(group * yout)))
             .try_for_each(|(out, (xg, dyg))| T::with_scratch(scratch, |cols| sum_group(xg, dyg, out, cols)))?;
-        let (first, rest) = partial.split_at(dws.len());
-        dws.copy_from_slice(first);
+        let (first, rest) = partial.split_at_mut(dws.len());
         for p in rest.chunks(dws.len()) {
-            for (d, v) in dws.iter_mut().zip(p) {
+            for (d, v) in first.iter_mut().zip(p) {
                 *d += *v;
             }
         }
+        transpose(first, k_all, c_out, dws);
         Ok(())
     })
 }
