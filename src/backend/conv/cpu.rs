@@ -123,6 +123,18 @@ fn im2col<T: Float>(g: &Geom, xp: &[T], wp: usize, rows: Range<usize>, cols: &mu
 /// at once (the `gemm` crate's blocking suits a short, wide B poorly).
 const PANEL_COLS: usize = 256;
 
+/// Panels of the input gradient up to this many values are built whole (1 MiB of f32).
+const PANEL_WHOLE: usize = 1 << 18;
+
+/// cols [k, n] = W^T dy[:, p0..p0 + n], for W [m, k] and dy [m, ld] (row-major).
+#[allow(clippy::too_many_arguments)]
+fn gemm_wt_block<T: Float>(w: &[T], m: usize, k: usize, dy: &[T], ld: usize, p0: usize, n: usize, cols: &mut [T]) {
+    assert!(w.len() >= m * k && dy.len() >= m * ld && p0 + n <= ld && cols.len() >= k * n, "gemm_wt_block: operands do not fit");
+    // SAFETY: the assertion bounds every index: W read transposed (k x m, strides 1 and k), dy's
+    // rows 0..m, columns p0..p0 + n, row stride ld, and cols (k x n).
+    unsafe { T::gemm_raw(k, m, n, T::one(), w.as_ptr(), 1, k as isize, dy.as_ptr().add(p0), ld as isize, 1, T::zero(), cols.as_mut_ptr(), n as isize, 1) }
+}
+
 /// y[:, p0..p0 + n] (rows `ld` apart) = w [m, k] cols [k, n].
 #[allow(clippy::too_many_arguments)]
 fn gemm_block<T: Float>(w: &[T], m: usize, k: usize, cols: &[T], n: usize, y: &mut [T], ld: usize, p0: usize) {
@@ -156,35 +168,47 @@ fn col2im<T: Float>(g: &Geom, cols: &[T], ld: usize, dx: &mut [T]) {
 }
 
 fn col2im_padded<T: Float>(g: &Geom, cols: &[T], ld: usize, dx: &mut [T]) {
-    let (taps, hw) = (g.kh * g.kw, g.plane_out());
+    let taps = g.kh * g.kw;
     let wp = g.w + 2 * g.pad;
     let mut padded = vec![T::zero(); if g.pad == 0 { 0 } else { (g.h + 2 * g.pad) * wp }];
     for (c, dxc) in dx.chunks_mut(g.h * g.w).enumerate() {
         // The sums run in the padded plane (dx itself without padding); its border is dropped.
         let acc: &mut [T] = if g.pad == 0 { dxc } else { &mut padded };
         acc.fill(T::zero());
-        for t in 0..taps {
-            let (i, j) = (t / g.kw, t % g.kw);
-            let row = &cols[(c * taps + t) * ld..(c * taps + t) * ld + hw];
-            for (oh, src) in row.chunks_exact(g.wo).enumerate() {
-                let dst = &mut acc[(oh * g.stride + i) * wp + j..];
-                if g.stride == 1 {
-                    for (d, &v) in dst[..g.wo].iter_mut().zip(src) {
-                        *d += v;
-                    }
-                } else {
-                    for (ow, &v) in src.iter().enumerate() {
-                        dst[ow * g.stride] += v;
-                    }
+        add_taps_to_plane(g, &cols[c * taps * ld..], ld, 0..g.ho, acc, wp);
+        if g.pad != 0 {
+            unpad_plane(g, &padded, dxc);
+        }
+    }
+}
+
+/// acc (one padded plane, rows `wp` apart) += the scatter of one channel's kh*kw panel rows
+/// (tap t at cols[t * ld..], holding the output rows `rows`), taps in order.
+fn add_taps_to_plane<T: Float>(g: &Geom, cols: &[T], ld: usize, rows: Range<usize>, acc: &mut [T], wp: usize) {
+    for t in 0..g.kh * g.kw {
+        let (i, j) = (t / g.kw, t % g.kw);
+        let row = &cols[t * ld..t * ld + rows.len() * g.wo];
+        for (oh, src) in rows.clone().zip(row.chunks_exact(g.wo)) {
+            let dst = &mut acc[(oh * g.stride + i) * wp + j..];
+            if g.stride == 1 {
+                for (d, &v) in dst[..g.wo].iter_mut().zip(src) {
+                    *d += v;
+                }
+            } else {
+                for (ow, &v) in src.iter().enumerate() {
+                    dst[ow * g.stride] += v;
                 }
             }
         }
-        if g.pad != 0 {
-            for (ih, dr) in dxc.chunks_mut(g.w).enumerate() {
-                let at = (ih + g.pad) * wp + g.pad;
-                dr.copy_from_slice(&padded[at..at + g.w]);
-            }
-        }
+    }
+}
+
+/// dxc [h, w] = the inside of the padded plane `padded`.
+fn unpad_plane<T: Float>(g: &Geom, padded: &[T], dxc: &mut [T]) {
+    let wp = g.w + 2 * g.pad;
+    for (ih, dr) in dxc.chunks_mut(g.w).enumerate() {
+        let at = (ih + g.pad) * wp + g.pad;
+        dr.copy_from_slice(&padded[at..at + g.w]);
     }
 }
 
@@ -361,19 +385,44 @@ pub(super) fn conv2d_bwd_input(g: &ConvGeom, dy: &Tensor, w: &Tensor, dx: &mut T
                 Ok(())
             });
         }
-        let scratch = if g.is_pointwise() { 0 } else { g.k() * hw };
-        dxs.par_chunks_mut(g.plane_in()).zip(dys.par_chunks(c_out * hw)).try_for_each(|(dxb, dyb)| {
-            T::with_scratch(scratch, |dcols| {
-                let wt = Mat::new(ws, c_out, g.k()).t();
-                if g.is_pointwise() {
-                    gemm(wt, Mat::new(dyb, c_out, hw), dxb, T::zero())
-                } else {
-                    gemm(wt, Mat::new(dyb, c_out, hw), dcols, T::zero())?;
-                    col2im(&g, dcols, hw, dxb);
-                    Ok(())
+        if g.is_pointwise() {
+            return dxs
+                .par_chunks_mut(g.plane_in())
+                .zip(dys.par_chunks(c_out * hw))
+                .try_for_each(|(dxb, dyb)| gemm(Mat::new(ws, c_out, g.k()).t(), Mat::new(dyb, c_out, hw), dxb, T::zero()));
+        }
+        // Per sample, in blocks of whole output rows where the panel is large: each block's
+        // columns W^T dY[:, block] are summed into the sample's padded planes while they are in
+        // cache (a small panel is one block: splitting it leaves the GEMM too little to do). An
+        // input's sum runs over the blocks in order, the taps in order within each (fixed by the
+        // geometry).
+        let rows_per_block = if g.k() * hw <= PANEL_WHOLE { g.ho } else { (PANEL_COLS / g.wo).clamp(1, g.ho) };
+        let (taps, wp, plane) = (g.kh * g.kw, g.w + 2 * g.pad, (g.h + 2 * g.pad) * (g.w + 2 * g.pad));
+        dxs.par_chunks_mut(g.plane_in()).zip(dys.par_chunks(c_out * hw)).for_each(|(dxb, dyb)| {
+            let mut padded = vec![T::zero(); if g.pad == 0 { 0 } else { g.c * plane }];
+            let acc: &mut [T] = if g.pad == 0 {
+                dxb.fill(T::zero());
+                &mut *dxb
+            } else {
+                &mut padded
+            };
+            T::with_scratch(g.k() * rows_per_block * g.wo, |dcols| {
+                for r0 in (0..g.ho).step_by(rows_per_block) {
+                    let rows = r0..(r0 + rows_per_block).min(g.ho);
+                    let n = rows.len() * g.wo;
+                    gemm_wt_block(ws, c_out, g.k(), dyb, hw, r0 * g.wo, n, dcols);
+                    for (c, acc_c) in acc.chunks_mut(plane).enumerate() {
+                        add_taps_to_plane(&g, &dcols[c * taps * n..], n, rows.clone(), acc_c, wp);
+                    }
                 }
-            })
-        })
+            });
+            if g.pad != 0 {
+                for (pc, dxc) in padded.chunks(plane).zip(dxb.chunks_mut(g.h * g.w)) {
+                    unpad_plane(&g, pc, dxc);
+                }
+            }
+        });
+        Ok(())
     })
 }
 
