@@ -51,6 +51,14 @@ impl Geom {
     fn is_pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
     }
+    /// Row length of an input plane inside its zero border of `pad`.
+    fn wp(&self) -> usize {
+        self.w + 2 * self.pad
+    }
+    /// Values in one input plane inside its zero border, [h + 2 pad, w + 2 pad].
+    fn padded_plane(&self) -> usize {
+        (self.h + 2 * self.pad) * self.wp()
+    }
     /// Input coordinate of output index `o` and kernel tap `t`, if inside the map.
     #[inline]
     fn src(&self, o: usize, t: usize, size: usize) -> Option<usize> {
@@ -63,15 +71,12 @@ impl Geom {
 /// bounds, no fills). The border is zeroed once and never written.
 struct Padded<T> {
     buf: Vec<T>,
-    /// The padded planes' row length.
-    wp: usize,
 }
 
 impl<T: Float> Padded<T> {
     /// Room for `planes` padded planes.
     fn new(g: &Geom, planes: usize) -> Padded<T> {
-        let wp = g.w + 2 * g.pad;
-        Padded { buf: vec![T::zero(); if g.pad == 0 { 0 } else { planes * (g.h + 2 * g.pad) * wp }], wp }
+        Padded { buf: vec![T::zero(); if g.pad == 0 { 0 } else { planes * g.padded_plane() }] }
     }
 
     /// Planes `x` [n, h, w] padded, as [n, h + 2 pad, w + 2 pad] (x itself without padding).
@@ -79,10 +84,10 @@ impl<T: Float> Padded<T> {
         if g.pad == 0 {
             return x;
         }
-        let plane = (g.h + 2 * g.pad) * self.wp;
+        let (plane, wp) = (g.padded_plane(), g.wp());
         for (n, xc) in x.chunks(g.h * g.w).enumerate() {
             for (ih, xr) in xc.chunks(g.w).enumerate() {
-                let at = n * plane + (ih + g.pad) * self.wp + g.pad;
+                let at = n * plane + (ih + g.pad) * wp + g.pad;
                 self.buf[at..at + g.w].copy_from_slice(xr);
             }
         }
@@ -90,9 +95,10 @@ impl<T: Float> Padded<T> {
     }
 }
 
-/// The kh*kw rows of the panel that one padded plane `xp` (row stride `wp`) gives for the
+/// The kh*kw rows of the panel that one padded plane `xp` (from [`Padded::fill`]) gives for the
 /// output rows `rows`: tap t = (i, j) into out[t * ld..][..rows.len() * Wo].
-fn taps_of_plane<T: Float>(g: &Geom, xp: &[T], wp: usize, rows: Range<usize>, out: &mut [T], ld: usize) {
+fn taps_of_plane<T: Float>(g: &Geom, xp: &[T], rows: Range<usize>, out: &mut [T], ld: usize) {
+    let wp = g.wp();
     for t in 0..g.kh * g.kw {
         let (i, j) = (t / g.kw, t % g.kw);
         let row = &mut out[t * ld..t * ld + rows.len() * g.wo];
@@ -111,10 +117,10 @@ fn taps_of_plane<T: Float>(g: &Geom, xp: &[T], wp: usize, rows: Range<usize>, ou
 
 /// cols [K, rows.len() * Wo] of one sample's padded planes `xp` (from [`Padded::fill`]) for the
 /// output rows `rows`, written whole (no fill beforehand needed).
-fn im2col<T: Float>(g: &Geom, xp: &[T], wp: usize, rows: Range<usize>, cols: &mut [T]) {
+fn im2col<T: Float>(g: &Geom, xp: &[T], rows: Range<usize>, cols: &mut [T]) {
     let (taps, n) = (g.kh * g.kw, rows.len() * g.wo);
     for (xc, out) in xp.chunks(xp.len() / g.c).zip(cols.chunks_mut(taps * n)) {
-        taps_of_plane(g, xc, wp, rows.clone(), out, n);
+        taps_of_plane(g, xc, rows.clone(), out, n);
     }
 }
 
@@ -160,7 +166,7 @@ fn valid_cols(g: &Geom, j: usize, w: usize) -> std::ops::Range<usize> {
 /// padded plane (whole rows, which vectorise); on smaller ones, which are mostly border, only
 /// over each row's inputs inside the map.
 fn col2im<T: Float>(g: &Geom, cols: &[T], ld: usize, dx: &mut [T]) {
-    if (g.h + 2 * g.pad) * (g.w + 2 * g.pad) <= 2 * g.h * g.w {
+    if g.padded_plane() <= 2 * g.h * g.w {
         col2im_padded(g, cols, ld, dx)
     } else {
         col2im_clipped(g, cols, ld, dx)
@@ -169,22 +175,35 @@ fn col2im<T: Float>(g: &Geom, cols: &[T], ld: usize, dx: &mut [T]) {
 
 fn col2im_padded<T: Float>(g: &Geom, cols: &[T], ld: usize, dx: &mut [T]) {
     let taps = g.kh * g.kw;
-    let wp = g.w + 2 * g.pad;
-    let mut padded = vec![T::zero(); if g.pad == 0 { 0 } else { (g.h + 2 * g.pad) * wp }];
-    for (c, dxc) in dx.chunks_mut(g.h * g.w).enumerate() {
-        // The sums run in the padded plane (dx itself without padding); its border is dropped.
-        let acc: &mut [T] = if g.pad == 0 { dxc } else { &mut padded };
-        acc.fill(T::zero());
-        add_taps_to_plane(g, &cols[c * taps * ld..], ld, 0..g.ho, acc, wp);
-        if g.pad != 0 {
-            unpad_plane(g, &padded, dxc);
+    sum_in_padded(g, dx, |acc| {
+        for (c, acc_c) in acc.chunks_mut(g.padded_plane()).enumerate() {
+            add_taps_to_plane(g, &cols[c * taps * ld..], ld, 0..g.ho, acc_c);
+        }
+    });
+}
+
+/// dx [C, H, W] = the sums that `add` makes into the sample's zeroed padded planes
+/// [C, h + 2 pad, w + 2 pad] (dx itself without padding); the border is dropped.
+fn sum_in_padded<T: Float>(g: &Geom, dx: &mut [T], add: impl FnOnce(&mut [T])) {
+    if g.pad == 0 {
+        dx.fill(T::zero());
+        return add(dx);
+    }
+    let mut padded = vec![T::zero(); g.c * g.padded_plane()];
+    add(&mut padded);
+    let wp = g.wp();
+    for (pc, dxc) in padded.chunks(g.padded_plane()).zip(dx.chunks_mut(g.h * g.w)) {
+        for (ih, dr) in dxc.chunks_mut(g.w).enumerate() {
+            let at = (ih + g.pad) * wp + g.pad;
+            dr.copy_from_slice(&pc[at..at + g.w]);
         }
     }
 }
 
-/// acc (one padded plane, rows `wp` apart) += the scatter of one channel's kh*kw panel rows
-/// (tap t at cols[t * ld..], holding the output rows `rows`), taps in order.
-fn add_taps_to_plane<T: Float>(g: &Geom, cols: &[T], ld: usize, rows: Range<usize>, acc: &mut [T], wp: usize) {
+/// acc (one padded plane) += the scatter of one channel's kh*kw panel rows (tap t at
+/// cols[t * ld..], holding the output rows `rows`), taps in order.
+fn add_taps_to_plane<T: Float>(g: &Geom, cols: &[T], ld: usize, rows: Range<usize>, acc: &mut [T]) {
+    let wp = g.wp();
     for t in 0..g.kh * g.kw {
         let (i, j) = (t / g.kw, t % g.kw);
         let row = &cols[t * ld..t * ld + rows.len() * g.wo];
@@ -200,15 +219,6 @@ fn add_taps_to_plane<T: Float>(g: &Geom, cols: &[T], ld: usize, rows: Range<usiz
                 }
             }
         }
-    }
-}
-
-/// dxc [h, w] = the inside of the padded plane `padded`.
-fn unpad_plane<T: Float>(g: &Geom, padded: &[T], dxc: &mut [T]) {
-    let wp = g.w + 2 * g.pad;
-    for (ih, dr) in dxc.chunks_mut(g.w).enumerate() {
-        let at = (ih + g.pad) * wp + g.pad;
-        dr.copy_from_slice(&padded[at..at + g.w]);
     }
 }
 
@@ -257,8 +267,7 @@ fn im2col_batch<T: Float>(g: &Geom, x: &[T], batch: usize, cols: &mut [T]) {
         let mut pad = Padded::new(g, 1);
         for b in 0..batch {
             let xc = &x[b * g.plane_in() + c * g.h * g.w..][..g.h * g.w];
-            let wp = pad.wp;
-            taps_of_plane(g, pad.fill(g, xc), wp, 0..g.ho, &mut rows[b * hw..], ld);
+            taps_of_plane(g, pad.fill(g, xc), 0..g.ho, &mut rows[b * hw..], ld);
         }
     });
 }
@@ -353,13 +362,12 @@ pub(super) fn conv2d_fwd(g: &ConvGeom, x: &Tensor, w: &Tensor, y: &mut Tensor) -
         let rows_per_block = (PANEL_COLS / g.wo).clamp(1, g.ho);
         ys.par_chunks_mut(c_out * hw).zip(xs.par_chunks(g.plane_in())).for_each(|(yb, xb)| {
             let mut pad = Padded::new(&g, g.c);
-            let wp = pad.wp;
             let xp = pad.fill(&g, xb);
             T::with_scratch(g.k() * rows_per_block * g.wo, |cols| {
                 for r0 in (0..g.ho).step_by(rows_per_block) {
                     let rows = r0..(r0 + rows_per_block).min(g.ho);
                     let n = rows.len() * g.wo;
-                    im2col(&g, xp, wp, rows, &mut cols[..g.k() * n]);
+                    im2col(&g, xp, rows, &mut cols[..g.k() * n]);
                     gemm_block(ws, c_out, g.k(), cols, n, yb, hw, r0 * g.wo);
                 }
             })
@@ -397,30 +405,20 @@ pub(super) fn conv2d_bwd_input(g: &ConvGeom, dy: &Tensor, w: &Tensor, dx: &mut T
         // input's sum runs over the blocks in order, the taps in order within each (fixed by the
         // geometry).
         let rows_per_block = if g.k() * hw <= PANEL_WHOLE { g.ho } else { (PANEL_COLS / g.wo).clamp(1, g.ho) };
-        let (taps, wp, plane) = (g.kh * g.kw, g.w + 2 * g.pad, (g.h + 2 * g.pad) * (g.w + 2 * g.pad));
+        let taps = g.kh * g.kw;
         dxs.par_chunks_mut(g.plane_in()).zip(dys.par_chunks(c_out * hw)).for_each(|(dxb, dyb)| {
-            let mut padded = vec![T::zero(); if g.pad == 0 { 0 } else { g.c * plane }];
-            let acc: &mut [T] = if g.pad == 0 {
-                dxb.fill(T::zero());
-                &mut *dxb
-            } else {
-                &mut padded
-            };
-            T::with_scratch(g.k() * rows_per_block * g.wo, |dcols| {
-                for r0 in (0..g.ho).step_by(rows_per_block) {
-                    let rows = r0..(r0 + rows_per_block).min(g.ho);
-                    let n = rows.len() * g.wo;
-                    gemm_wt_block(ws, c_out, g.k(), dyb, hw, r0 * g.wo, n, dcols);
-                    for (c, acc_c) in acc.chunks_mut(plane).enumerate() {
-                        add_taps_to_plane(&g, &dcols[c * taps * n..], n, rows.clone(), acc_c, wp);
+            sum_in_padded(&g, dxb, |acc| {
+                T::with_scratch(g.k() * rows_per_block * g.wo, |dcols| {
+                    for r0 in (0..g.ho).step_by(rows_per_block) {
+                        let rows = r0..(r0 + rows_per_block).min(g.ho);
+                        let n = rows.len() * g.wo;
+                        gemm_wt_block(ws, c_out, g.k(), dyb, hw, r0 * g.wo, n, dcols);
+                        for (c, acc_c) in acc.chunks_mut(g.padded_plane()).enumerate() {
+                            add_taps_to_plane(&g, &dcols[c * taps * n..], n, rows.clone(), acc_c);
+                        }
                     }
-                }
-            });
-            if g.pad != 0 {
-                for (pc, dxc) in padded.chunks(plane).zip(dxb.chunks_mut(g.h * g.w)) {
-                    unpad_plane(&g, pc, dxc);
-                }
-            }
+                })
+            })
         });
         Ok(())
     })
@@ -458,8 +456,7 @@ pub(super) fn conv2d_bwd_weight(g: &ConvGeom, x: &Tensor, dy: &Tensor, dw: &mut 
                 let cols_b: &[T] = if g.is_pointwise() {
                     xb
                 } else {
-                    let wp = pad.wp;
-                    im2col(&g, pad.fill(&g, xb), wp, 0..g.ho, cols);
+                    im2col(&g, pad.fill(&g, xb), 0..g.ho, cols);
                     cols
                 };
                 let beta = if n == 0 { T::zero() } else { T::one() };
