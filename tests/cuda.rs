@@ -41,6 +41,7 @@ fn host(t: &Tensor) -> Vec<f32> {
 }
 
 #[test]
+#[cfg_attr(not(fnokern_kernels), ignore = "skipped: no kernels (built without nvcc; scripts/install-nvcc.sh installs it)")]
 fn spectral_mix_forward_and_both_backward_products_match_the_cpu() {
     let Some(g) = gpu("spectral_mix") else { return };
     // Odd sizes: 3 samples, 5 -> 7 channels, a 9 x 10 map (half spectrum 6 columns), 4 modes.
@@ -74,6 +75,7 @@ fn spectral_mix_forward_and_both_backward_products_match_the_cpu() {
 }
 
 #[test]
+#[cfg_attr(not(fnokern_kernels), ignore = "skipped: no kernels (built without nvcc; scripts/install-nvcc.sh installs it)")]
 fn layerscale_forward_and_fused_backward_match_the_cpu() {
     let Some(g) = gpu("layerscale") else { return };
     // Planes of 300: more than a block, so every thread of every warp reduces.
@@ -88,6 +90,7 @@ fn layerscale_forward_and_fused_backward_match_the_cpu() {
 }
 
 #[test]
+#[cfg_attr(not(fnokern_kernels), ignore = "skipped: no kernels (built without nvcc; scripts/install-nvcc.sh installs it)")]
 fn norms_match_the_cpu_over_groups_wider_than_a_warp() {
     let Some(g) = gpu("norm") else { return };
     // Groups of 70 channels (three warps, one partly filled) and of 300 positions (more than a
@@ -165,6 +168,7 @@ fn check_lowp<T: Elem>(gpu: &Gpu, kind: NormKind, (b, c, s): (usize, usize, usiz
 }
 
 #[test]
+#[cfg_attr(not(fnokern_kernels), ignore = "skipped: no kernels (built without nvcc; scripts/install-nvcc.sh installs it)")]
 fn the_dev_f16_and_bf16_norms_match_the_cpu() {
     let Some(_) = gpu("norm (dev)") else { return };
     let g = Gpu::shared(0).unwrap();
@@ -175,6 +179,7 @@ fn the_dev_f16_and_bf16_norms_match_the_cpu() {
 }
 
 #[test]
+#[cfg_attr(not(fnokern_kernels), ignore = "skipped: no kernels (built without nvcc; scripts/install-nvcc.sh installs it)")]
 fn agc_per_unit_and_per_tensor_matches_the_cpu_in_one_launch() {
     let Some(g) = gpu("agc") else { return };
     // A conv-transpose-like weight [C_in 3, C_out 5, 300]: units along axis 1, 900 elements each.
@@ -199,6 +204,7 @@ fn agc_per_unit_and_per_tensor_matches_the_cpu_in_one_launch() {
 }
 
 #[test]
+#[cfg_attr(not(fnokern_kernels), ignore = "skipped: no kernels (built without nvcc; scripts/install-nvcc.sh installs it)")]
 fn optimisers_match_the_cpu_at_the_first_and_a_later_step() {
     let Some(g) = gpu("optimisers") else { return };
     let n = 1000 + 37;
@@ -229,6 +235,7 @@ fn optimisers_match_the_cpu_at_the_first_and_a_later_step() {
 }
 
 #[test]
+#[cfg_attr(not(fnokern_kernels), ignore = "skipped: no kernels (built without nvcc; scripts/install-nvcc.sh installs it)")]
 fn rounding_is_exact_and_reductions_repeat_bit_for_bit() {
     let Some(g) = gpu("elementwise") else { return };
     // Rounding is exact on both sides (f32 to the nearest f16 / bf16, ties to even): normal
@@ -260,6 +267,7 @@ fn rounding_is_exact_and_reductions_repeat_bit_for_bit() {
 }
 
 #[test]
+#[cfg_attr(not(fnokern_kernels), ignore = "skipped: no kernels (built without nvcc; scripts/install-nvcc.sh installs it)")]
 fn a_missing_gpu_is_a_clear_error() {
     let Some(_) = gpu("missing gpu") else { return };
     let err = Device::cuda(usize::MAX).expect_err("no such GPU").to_string();

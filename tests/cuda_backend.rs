@@ -54,6 +54,7 @@ fn out(name: impl Into<String>, t: Tensor) -> (String, Tensor) {
 }
 
 #[test]
+#[cfg_attr(not(fnokern_kernels), ignore = "skipped: no kernels (built without nvcc; scripts/install-nvcc.sh installs it)")]
 fn element_wise_ops_and_reductions_match_the_cpu() {
     on_both("element-wise", 1e-5, 1e-5, |dev| {
         let shape = [3, 5, 7, 9];
@@ -91,6 +92,7 @@ fn element_wise_ops_and_reductions_match_the_cpu() {
 }
 
 #[test]
+#[cfg_attr(not(fnokern_kernels), ignore = "skipped: no kernels (built without nvcc; scripts/install-nvcc.sh installs it)")]
 fn channel_ops_match_the_cpu() {
     on_both("channels", 1e-4, 1e-5, |dev| {
         let x = randn(dev, &[3, 5, 7, 9], 1);
@@ -114,6 +116,7 @@ fn channel_ops_match_the_cpu() {
 }
 
 #[test]
+#[cfg_attr(not(fnokern_kernels), ignore = "skipped: no kernels (built without nvcc; scripts/install-nvcc.sh installs it)")]
 fn convolutions_match_the_cpu_in_every_geometry() {
     // (kernel, stride, padding): the U-Net's 3x3 convs, pointwise (no im2col), the stride-2 down
     // convs, and odd cases.
@@ -138,6 +141,7 @@ fn convolutions_match_the_cpu_in_every_geometry() {
 }
 
 #[test]
+#[cfg_attr(not(fnokern_kernels), ignore = "skipped: no kernels (built without nvcc; scripts/install-nvcc.sh installs it)")]
 fn ffts_and_complex_ops_match_the_cpu() {
     // Odd and even widths (with and without a Nyquist column), odd heights. The spectra fed to the
     // inverse transforms are random, so not Hermitian: this checks the DC/Nyquist convention.
@@ -174,6 +178,7 @@ fn ffts_and_complex_ops_match_the_cpu() {
 }
 
 #[test]
+#[cfg_attr(not(fnokern_kernels), ignore = "skipped: no kernels (built without nvcc; scripts/install-nvcc.sh installs it)")]
 fn spectral_mix_and_norms_match_the_cpu_through_the_dispatch() {
     on_both("spectral", 1e-4, 1e-4, |dev| {
         let modes = SpectralModes::new(4, ModeConvention::Corners);
@@ -207,6 +212,7 @@ fn spectral_mix_and_norms_match_the_cpu_through_the_dispatch() {
 }
 
 #[test]
+#[cfg_attr(not(fnokern_kernels), ignore = "skipped: no kernels (built without nvcc; scripts/install-nvcc.sh installs it)")]
 fn optimiser_updates_and_clipping_match_the_cpu() {
     on_both("optimisers", 1e-5, 1e-5, |dev| {
         let g = randn(dev, &[7, 5, 3, 3], 2);
@@ -277,6 +283,7 @@ fn one_step(cfg: &Config, dev: &Device) -> (Outputs, Outputs) {
 }
 
 #[test]
+#[cfg_attr(not(fnokern_kernels), ignore = "skipped: no kernels (built without nvcc; scripts/install-nvcc.sh installs it)")]
 fn one_training_step_of_a_small_generator_matches_the_cpu() {
     // Forward, physics loss, backward and an Adam update through every op of the generator.
     // Gradients pass through ~40 ops, so they get 1e-3 relative (plus 1e-5 absolute for those
@@ -310,6 +317,7 @@ fn run_opts(dir: &Path) -> RunOptions {
 }
 
 #[test]
+#[cfg_attr(not(fnokern_kernels), ignore = "skipped: no kernels (built without nvcc; scripts/install-nvcc.sh installs it)")]
 fn training_on_the_gpu_finishes_resumes_exactly_and_follows_the_cpu() {
     let Some(_gpu) = cuda("gpu training") else { return };
     let root = tempdir("cuda-train");
@@ -331,6 +339,7 @@ fn training_on_the_gpu_finishes_resumes_exactly_and_follows_the_cpu() {
 }
 
 #[test]
+#[cfg_attr(not(fnokern_kernels), ignore = "skipped: no kernels (built without nvcc; scripts/install-nvcc.sh installs it)")]
 fn the_gpu_ledger_equals_the_meta_plan_and_the_pool_holds_at_least_that() {
     let Some(gpu) = cuda("gpu memory") else { return };
     let mut cfg = step_config();
@@ -346,6 +355,7 @@ fn the_gpu_ledger_equals_the_meta_plan_and_the_pool_holds_at_least_that() {
 }
 
 #[test]
+#[cfg_attr(not(fnokern_kernels), ignore = "skipped: no kernels (built without nvcc; scripts/install-nvcc.sh installs it)")]
 fn gpu_tensors_copy_both_ways_and_refuse_host_slices() {
     let Some(gpu) = cuda("gpu tensors") else { return };
     let cpu = Device::cpu();
@@ -398,6 +408,7 @@ fn darcy_step(dev: &Device) -> Outputs {
 }
 
 #[test]
+#[cfg_attr(not(fnokern_kernels), ignore = "skipped: no kernels (built without nvcc; scripts/install-nvcc.sh installs it)")]
 fn a_darcy_step_matches_the_cpu() {
     let want = darcy_step(&Device::cpu());
     let Some(gpu) = cuda("darcy step") else { return };
