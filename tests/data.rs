@@ -120,6 +120,95 @@ fn npz_round_trip_and_bad_files() {
     assert_eq!(loaded.test, ds.test);
 }
 
+/// `v` (C order, `shape` of 1 to 3 axes) in Fortran order: the first axis fastest.
+fn fortran<T: Copy>(shape: &[u64], v: &[T]) -> Vec<T> {
+    let d: Vec<usize> = shape.iter().map(|&x| x as usize).collect();
+    let mut out = Vec::with_capacity(v.len());
+    match d.as_slice() {
+        [_] => out.extend_from_slice(v),
+        [a, b] => (0..*b).for_each(|j| (0..*a).for_each(|i| out.push(v[i * b + j]))),
+        [a, b, c] => (0..*c).for_each(|k| (0..*b).for_each(|j| (0..*a).for_each(|i| out.push(v[(i * b + j) * c + k])))),
+        _ => unreachable!(),
+    }
+    out
+}
+
+/// An NPZ whose arrays numpy stored in Fortran order (`np.savez(f, x=np.asfortranarray(x))`)
+/// reads as the same split as the C-ordered file: each array is put back in C order.
+#[test]
+fn fortran_ordered_arrays_read_as_numpy_reads_them() {
+    use npyz::WriterBuilder;
+    use rustfft::num_complex::Complex;
+    type W = npyz::npz::NpzWriter<std::io::BufWriter<std::fs::File>>;
+    fn put<T: npyz::AutoSerialize + Copy>(w: &mut W, key: &str, shape: &[u64], c_order: &[T]) {
+        let opts = zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Stored);
+        let mut a = w.array::<T>(key, opts).unwrap().default_dtype().shape(shape).order(npyz::Order::Fortran).begin_nd().unwrap();
+        a.extend(fortran(shape, c_order)).unwrap();
+        a.finish().unwrap();
+    }
+    let d = tempdir();
+    let ds = data::load_or_simulate(&small(&d, 3), &mut |_| {}).unwrap();
+    let t = &ds.test;
+    let (count, n) = (t.len() as u64, t.n as u64);
+    let complex = |v: &[[f32; 2]]| v.iter().map(|z| Complex::new(z[0], z[1])).collect::<Vec<_>>();
+    let (side, gt) = t.ground_truth.clone().unwrap();
+    let centres = t.centres.clone().unwrap();
+    let p = d.join("fortran.npz");
+    {
+        let mut w = npyz::npz::NpzWriter::create(&p).unwrap();
+        put(&mut w, "diffraction", &[count, n, n], &t.diffraction);
+        put(&mut w, "Y_I", &[count, n, n], &t.y_i);
+        put(&mut w, "Y_phi", &[count, n, n], &t.y_phi);
+        put(&mut w, "probeGuess", &[n, n], &complex(&t.probe));
+        put(&mut w, "YY_ground_truth", &[side as u64, side as u64], &complex(&gt));
+        put(&mut w, "xcoords", &[count], &centres.iter().map(|c| c.1).collect::<Vec<f64>>());
+        put(&mut w, "ycoords", &[count], &centres.iter().map(|c| c.0).collect::<Vec<f64>>());
+        put(&mut w, "object_index", &[count], t.object_index.as_ref().unwrap());
+    }
+    // The test split's patterns are not symmetric, so a transposed read would differ.
+    assert_ne!(fortran(&[count, n, n], &t.diffraction), t.diffraction);
+    assert_eq!(npz::load(&p).unwrap(), *t);
+}
+
+/// The cache is used only when its files are the ones its params.json lists: swapped splits or
+/// a damaged byte are said and the data made again (the same data); a killed writer's temporary
+/// files are removed by the next writer.
+#[test]
+fn a_damaged_or_swapped_cache_is_made_again_and_killed_writers_leave_nothing() {
+    let d = tempdir();
+    let cfg = small(&d, 4);
+    let dir = data::cache_path(&cfg);
+    let fresh = data::load_or_simulate(&cfg, &mut |_| {}).unwrap();
+    let reload = |what: &str| {
+        let mut said = Vec::new();
+        let ds = data::load_or_simulate(&cfg, &mut |m| said.push(m.to_string())).unwrap();
+        assert!(!ds.from_cache, "{what}: the damaged cache was used");
+        assert!(said.iter().any(|m| m.contains("is damaged")), "{what}: {said:?}");
+        assert_eq!((&ds.train, &ds.test), (&fresh.train, &fresh.test), "{what}");
+        assert!(data::load_or_simulate(&cfg, &mut |_| {}).unwrap().from_cache, "{what}: the cache made again is not used");
+    };
+    // Swapped splits (here both hold 25 patterns, so only the sums tell them apart).
+    std::fs::rename(dir.join("train.npz"), dir.join("x.npz")).unwrap();
+    std::fs::rename(dir.join("test.npz"), dir.join("train.npz")).unwrap();
+    std::fs::rename(dir.join("x.npz"), dir.join("test.npz")).unwrap();
+    reload("swapped");
+    // One damaged byte in the values.
+    let mut bytes = std::fs::read(dir.join("test.npz")).unwrap();
+    bytes[2000] ^= 1;
+    std::fs::write(dir.join("test.npz"), bytes).unwrap();
+    reload("a damaged byte");
+    // A writer killed before params.json: its temporary file goes when the next one writes.
+    std::fs::remove_file(dir.join("params.json")).unwrap();
+    std::fs::write(dir.join(".train.npz.tmp4242.npz"), b"half of a file").unwrap();
+    let mut said = Vec::new();
+    let ds = data::load_or_simulate(&cfg, &mut |m| said.push(m.to_string())).unwrap();
+    assert_eq!(ds.train, fresh.train);
+    assert!(said.iter().any(|m| m.contains("removed 1 temporary file")), "{said:?}");
+    let left: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| fnokern::io::is_temp_name(n)).collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 /// The forward model run on the true object reproduces the simulator's noiseless diffraction:
 /// with O = (Y e^{i phi}) / probe_scale, |fftshift(FFT2_ortho(O probe_scale P))| is the data.
 #[test]

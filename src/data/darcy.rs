@@ -631,37 +631,45 @@ pub fn load_or_generate(cfg: &DarcyConfig, cache_dir: &Path, progress: &mut dyn 
         return Ok(DarcyData::new(tr, te, format!("{} + {}", train.display(), test.display()), false));
     }
     let dir = cache_path(cfg, cache_dir);
-    let (train_p, test_p, done) = (dir.join("train.npz"), dir.join("test.npz"), dir.join("params.json"));
-    if done.is_file() {
-        progress(&format!("reading the cached Darcy data {}", dir.display()));
-        return Ok(DarcyData::new(load_split(&train_p)?, load_split(&test_p)?, dir.display().to_string(), true));
-    }
-    progress(&format!(
-        "generating Darcy data: {} + {} samples solved on a {}x{} grid, subsampled to {}x{}",
-        cfg.train_samples,
-        cfg.test_samples,
-        cfg.resolution,
-        cfg.resolution,
-        cfg.s(),
-        cfg.s()
-    ));
-    let started = std::time::Instant::now();
-    let basis = cosine_basis(cfg.resolution);
-    let (train, it_train) = generate(cfg, &basis, 0x7472_6169_6e00, cfg.train_samples, "train", progress)?;
-    let (test, it_test) = generate(cfg, &basis, 0x7465_7374_0000, cfg.test_samples, "test", progress)?;
-    std::fs::create_dir_all(&dir).map_err(crate::io::io_err(&dir))?;
-    save_split(&train_p, &train)?;
-    save_split(&test_p, &test)?;
-    let params = serde_json::json!({
-        "darcy_version": DARCY_VERSION,
-        "config": cfg,
-        "s": cfg.s(),
-        "max_cg_iterations": it_train.max(it_test),
-        "seconds": started.elapsed().as_secs_f64(),
-    });
-    crate::io::write_atomic(&done, params.to_string().as_bytes())?;
-    progress(&format!("cached at {} ({:.0} s, at most {} CG iterations per solve)", dir.display(), started.elapsed().as_secs_f64(), it_train.max(it_test)));
-    Ok(DarcyData::new(train, test, dir.display().to_string(), false))
+    let source = dir.display().to_string();
+    let read = |_: &serde_json::Value| -> Result<DarcyData> {
+        let (train, test) = (load_split(&dir.join("train.npz"))?, load_split(&dir.join("test.npz"))?);
+        // A swapped pair of splits, or a split of another config, does not pass.
+        if (train.len(), test.len(), train.s, test.s) != (cfg.train_samples, cfg.test_samples, cfg.s(), cfg.s()) {
+            return Err(Error::invalid(
+                "data cache",
+                format!("its splits hold {} and {} samples of {}x{}, not the config's", train.len(), test.len(), train.s, train.s),
+            ));
+        }
+        Ok(DarcyData::new(train, test, source.clone(), true))
+    };
+    let mut make = |progress: &mut dyn FnMut(&str)| -> Result<(DarcyData, serde_json::Value)> {
+        progress(&format!(
+            "generating Darcy data: {} + {} samples solved on a {}x{} grid, subsampled to {}x{}",
+            cfg.train_samples,
+            cfg.test_samples,
+            cfg.resolution,
+            cfg.resolution,
+            cfg.s(),
+            cfg.s()
+        ));
+        let started = std::time::Instant::now();
+        let basis = cosine_basis(cfg.resolution);
+        let (train, it_train) = generate(cfg, &basis, 0x7472_6169_6e00, cfg.train_samples, "train", progress)?;
+        let (test, it_test) = generate(cfg, &basis, 0x7465_7374_0000, cfg.test_samples, "test", progress)?;
+        save_split(&dir.join("train.npz"), &train)?;
+        save_split(&dir.join("test.npz"), &test)?;
+        let params = serde_json::json!({
+            "darcy_version": DARCY_VERSION,
+            "config": cfg,
+            "s": cfg.s(),
+            "max_cg_iterations": it_train.max(it_test),
+            "seconds": started.elapsed().as_secs_f64(),
+        });
+        progress(&format!("cached at {} ({:.0} s, at most {} CG iterations per solve)", dir.display(), started.elapsed().as_secs_f64(), it_train.max(it_test)));
+        Ok((DarcyData::new(train, test, source.clone(), false), params))
+    };
+    super::cache::read_or_make(&dir, &["train.npz", "test.npz"], "Darcy data", &read, &mut make, progress)
 }
 
 #[cfg(test)]

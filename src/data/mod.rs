@@ -1,11 +1,12 @@
 //! Data: the grid-lines simulator, the Darcy flow generator (`darcy`), NPZ files in the reference layout, the on-disk cache, batches,
 //! and the physics forward model with the losses.
 
+pub(crate) mod cache;
 pub mod darcy;
 pub mod npz;
 pub mod simulate;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::config::DataConfig;
 use crate::device::Device;
@@ -89,37 +90,41 @@ pub fn load_or_simulate(cfg: &DataConfig, progress: &mut dyn FnMut(&str)) -> Res
         return Ok(ds);
     }
     let dir = cache_path(cfg);
-    let (train_p, test_p, done) = (dir.join("train.npz"), dir.join("test.npz"), dir.join("params.json"));
-    if done.is_file() {
-        progress(&format!("reading the cached dataset {}", dir.display()));
-        return Ok(Dataset { train: npz::load(&train_p)?, test: npz::load(&test_p)?, source: dir.display().to_string(), from_cache: true });
-    }
-    progress(&format!(
-        "simulating grid-lines data: {} + {} objects of {} px, N = {}, strides {}/{}",
-        cfg.train_objects, cfg.test_objects, cfg.object_size, cfg.n, cfg.train_stride, cfg.test_stride
-    ));
-    let (train, test, probe, s) = simulate::simulate(cfg);
-    let ds = Dataset { train: to_split(&train, &probe, cfg.n), test: to_split(&test, &probe, cfg.n), source: dir.display().to_string(), from_cache: false };
-    write_cache(&dir, cfg, &ds, s)?;
-    progress(&format!("cached at {}", dir.display()));
-    Ok(ds)
-}
-
-/// Writes the two splits (each atomically) and params.json last: a cache without params.json is
-/// incomplete and is simulated again.
-fn write_cache(dir: &Path, cfg: &DataConfig, ds: &Dataset, s: f64) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(crate::io::io_err(dir))?;
-    for (name, split) in [("train.npz", &ds.train), ("test.npz", &ds.test)] {
-        npz::save(&dir.join(name), split)?;
-    }
-    let params = serde_json::json!({
-        "simulation_version": SIM_VERSION,
-        "config": cfg,
-        "intensity_scale": s,
-        "train_patterns": ds.train.len(),
-        "test_patterns": ds.test.len(),
-    });
-    crate::io::write_atomic(&dir.join("params.json"), params.to_string().as_bytes())
+    let source = dir.display().to_string();
+    let read = |params: &serde_json::Value| -> Result<Dataset> {
+        let ds = Dataset { train: npz::load(&dir.join("train.npz"))?, test: npz::load(&dir.join("test.npz"))?, source: source.clone(), from_cache: true };
+        // The pattern counts params.json records: a swapped pair of splits, or a split of another
+        // config, does not pass.
+        let counts = (params["train_patterns"].as_u64(), params["test_patterns"].as_u64());
+        if counts != (Some(ds.train.len() as u64), Some(ds.test.len() as u64)) || ds.train.n != cfg.n || ds.test.n != cfg.n {
+            return Err(Error::invalid(
+                "data cache",
+                format!("its splits hold {} and {} patterns of {}x{}, not what params.json lists", ds.train.len(), ds.test.len(), ds.train.n, ds.train.n),
+            ));
+        }
+        Ok(ds)
+    };
+    let mut make = |progress: &mut dyn FnMut(&str)| -> Result<(Dataset, serde_json::Value)> {
+        progress(&format!(
+            "simulating grid-lines data: {} + {} objects of {} px, N = {}, strides {}/{}",
+            cfg.train_objects, cfg.test_objects, cfg.object_size, cfg.n, cfg.train_stride, cfg.test_stride
+        ));
+        let (train, test, probe, s) = simulate::simulate(cfg);
+        let ds = Dataset { train: to_split(&train, &probe, cfg.n), test: to_split(&test, &probe, cfg.n), source: source.clone(), from_cache: false };
+        for (name, split) in [("train.npz", &ds.train), ("test.npz", &ds.test)] {
+            npz::save(&dir.join(name), split)?;
+        }
+        progress(&format!("cached at {}", dir.display()));
+        let params = serde_json::json!({
+            "simulation_version": SIM_VERSION,
+            "config": cfg,
+            "intensity_scale": s,
+            "train_patterns": ds.train.len(),
+            "test_patterns": ds.test.len(),
+        });
+        Ok((ds, params))
+    };
+    cache::read_or_make(&dir, &["train.npz", "test.npz"], "dataset", &read, &mut make, progress)
 }
 
 /// A batch: the model's input and what the losses compare against.

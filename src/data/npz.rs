@@ -60,39 +60,102 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
 /// An array's shape and values, if the archive has it.
 type Found<T> = Option<(Vec<u64>, Vec<T>)>;
 
-/// Reads a real array as f32 (from f32 or f64), with its shape.
-fn read_real<R: Read + Seek>(arc: &mut NpzArchive<R>, path: &Path, key: &str) -> Result<Found<f32>> {
-    let Some(npy) = arc.by_name(key).map_err(io(path))? else {
-        return Ok(None);
+/// The .npy bytes of array `key`, read to their end so that the zip entry's CRC-32 is checked
+/// (numpy refuses a file whose check fails, and so does fnokern); None when absent.
+fn entry_bytes<R: Read + Seek>(arc: &mut NpzArchive<R>, path: &Path, key: &str) -> Result<Option<Vec<u8>>> {
+    let name = npyz::npz::file_name_from_array_name(key);
+    let mut entry = match arc.zip_archive().by_name(&name) {
+        Ok(e) => e,
+        Err(zip::result::ZipError::FileNotFound) => return Ok(None),
+        Err(e) => return Err(bad(path, format!("`{key}` cannot be read: {e}"))),
     };
-    let shape = npy.shape().to_vec();
-    let v = match npy.into_vec::<f32>() {
-        Ok(v) => v,
-        Err(_) => {
-            let npy = arc.by_name(key).map_err(io(path))?.ok_or_else(|| bad(path, format!("`{key}` vanished")))?;
-            npy.into_vec::<f64>().map_err(|e| bad(path, format!("`{key}` is not a float32 or float64 array: {e}")))?.into_iter().map(|x| x as f32).collect()
+    let mut bytes = Vec::with_capacity(entry.size().min(1 << 32) as usize);
+    entry.read_to_end(&mut bytes).map_err(|e| {
+        if e.to_string().contains("checksum") {
+            bad(path, format!("`{key}` is damaged: its bytes do not match the archive's CRC-32"))
+        } else {
+            bad(path, format!("`{key}` cannot be read: {e}"))
         }
-    };
-    Ok(Some((shape, v)))
+    })?;
+    Ok(Some(bytes))
 }
 
-fn read_complex<R: Read + Seek>(arc: &mut NpzArchive<R>, path: &Path, key: &str) -> Result<Found<[f32; 2]>> {
-    let Some(npy) = arc.by_name(key).map_err(io(path))? else {
+/// `v`, stored in Fortran (column-major) order with `shape`, in C (row-major) order.
+fn c_order<T: Copy>(shape: &[u64], v: Vec<T>) -> Vec<T> {
+    if shape.len() < 2 || v.is_empty() {
+        return v;
+    }
+    let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+    // Fortran strides: the first axis is contiguous.
+    let mut fstride = vec![1usize; dims.len()];
+    for j in 1..dims.len() {
+        fstride[j] = fstride[j - 1] * dims[j - 1];
+    }
+    let (last, outer) = (dims.len() - 1, &dims[..dims.len() - 1]);
+    let mut out = Vec::with_capacity(v.len());
+    let mut index = vec![0usize; outer.len()];
+    loop {
+        let base: usize = index.iter().zip(&fstride).map(|(i, s)| i * s).sum();
+        out.extend((0..dims[last]).map(|k| v[base + k * fstride[last]]));
+        // The next C-order prefix (odometer over the outer axes, the last one fastest).
+        let mut j = outer.len();
+        loop {
+            if j == 0 {
+                return out;
+            }
+            j -= 1;
+            index[j] += 1;
+            if index[j] < outer[j] {
+                break;
+            }
+            index[j] = 0;
+        }
+    }
+}
+
+/// Decodes array `key` from its .npy bytes as `T`, in C order whatever order it was stored in;
+/// Err(None) when it does not hold `T`s (the caller tries another type).
+fn decode<T: npyz::Deserialize + Copy>(bytes: &[u8], path: &Path, key: &str) -> std::result::Result<(Vec<u64>, Vec<T>), Option<Error>> {
+    let npy = npyz::NpyFile::new(bytes).map_err(|e| Some(bad(path, format!("`{key}` is not a .npy array: {e}"))))?;
+    let (shape, order) = (npy.shape().to_vec(), npy.order());
+    let v = npy.into_vec::<T>().map_err(|_| None)?;
+    let v = if order == npyz::Order::Fortran { c_order(&shape, v) } else { v };
+    Ok((shape, v))
+}
+
+/// Reads array `key` as `A`, or as `B` widened to `A` (`types` names both for the error).
+fn read_either<A, B, R>(arc: &mut NpzArchive<R>, path: &Path, key: &str, widen: impl Fn(B) -> A, types: &str) -> Result<Found<A>>
+where
+    A: npyz::Deserialize + Copy,
+    B: npyz::Deserialize + Copy,
+    R: Read + Seek,
+{
+    let Some(bytes) = entry_bytes(arc, path, key)? else {
         return Ok(None);
     };
-    let shape = npy.shape().to_vec();
-    let v: Vec<[f32; 2]> = match npy.into_vec::<Complex<f32>>() {
-        Ok(v) => v.into_iter().map(|z| [z.re, z.im]).collect(),
-        Err(_) => {
-            let npy = arc.by_name(key).map_err(io(path))?.ok_or_else(|| bad(path, format!("`{key}` vanished")))?;
-            npy.into_vec::<Complex<f64>>()
-                .map_err(|e| bad(path, format!("`{key}` is not a complex64 or complex128 array: {e}")))?
-                .into_iter()
-                .map(|z| [z.re as f32, z.im as f32])
-                .collect()
-        }
-    };
-    Ok(Some((shape, v)))
+    match decode::<A>(&bytes, path, key) {
+        Ok(found) => Ok(Some(found)),
+        Err(Some(e)) => Err(e),
+        Err(None) => decode::<B>(&bytes, path, key)
+            .map(|(shape, v)| Some((shape, v.into_iter().map(widen).collect())))
+            .map_err(|e| e.unwrap_or_else(|| bad(path, format!("`{key}` is not {types} array")))),
+    }
+}
+
+/// Reads a real array as f32 (from f32 or f64), with its shape.
+fn read_real<R: Read + Seek>(arc: &mut NpzArchive<R>, path: &Path, key: &str) -> Result<Found<f32>> {
+    read_either::<f32, f64, R>(arc, path, key, |x| x as f32, "a float32 or float64")
+}
+
+/// Reads a complex array as (re, im) f32 pairs (from complex64 or complex128), with its shape.
+fn read_complex<R: Read + Seek>(arc: &mut NpzArchive<R>, path: &Path, key: &str) -> Result<Found<[f32; 2]>> {
+    let found = read_either::<Complex<f32>, Complex<f64>, R>(arc, path, key, |z| Complex::new(z.re as f32, z.im as f32), "a complex64 or complex128")?;
+    Ok(found.map(|(shape, v)| (shape, v.into_iter().map(|z| [z.re, z.im]).collect())))
+}
+
+/// Reads an integer array as i64 (from int64 or int32).
+fn read_int<R: Read + Seek>(arc: &mut NpzArchive<R>, path: &Path, key: &str) -> Result<Option<Vec<i64>>> {
+    Ok(read_either::<i64, i32, R>(arc, path, key, i64::from, "an int64 or int32")?.map(|(_, v)| v))
 }
 
 /// A real array of an NPZ file as f32 (from f32 or f64) with its shape; an error when absent.
@@ -157,10 +220,7 @@ fn load_with(path: &Path, targets: bool) -> Result<NpzSplit> {
         (Some(_), Some(_)) => return Err(bad(path, "`xcoords`/`ycoords` do not have one entry per pattern")),
         _ => None,
     };
-    let object_index = match arc.by_name("object_index").map_err(io(path))? {
-        Some(npy) => Some(npy.into_vec::<i64>().map_err(|e| bad(path, format!("`object_index`: {e}")))?),
-        None => None,
-    };
+    let object_index = read_int(&mut arc, path, "object_index")?;
     let check = |v: &[f32], key: &str| {
         if v.iter().all(|x| x.is_finite()) {
             Ok(())
@@ -176,6 +236,16 @@ fn load_with(path: &Path, targets: bool) -> Result<NpzSplit> {
     }
     if !probe.iter().all(|z| z[0].is_finite() && z[1].is_finite()) {
         return Err(bad(path, "`probeGuess` holds NaN or infinite values"));
+    }
+    // Amplitudes are magnitudes: a negative one is not a measurement (a file of intensities
+    // minus a background, or of something else).
+    for (v, key) in [(&diffraction, "diffraction"), (&y_i, "Y_I")] {
+        if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| **x < 0.0) {
+            return Err(bad(path, format!("`{key}` holds a negative amplitude ({x} at flat index {i}): amplitudes are |.| >= 0")));
+        }
+    }
+    if !probe.is_empty() && probe.iter().all(|z| z[0] == 0.0 && z[1] == 0.0) {
+        return Err(bad(path, "`probeGuess` is zero everywhere: nothing is illuminated"));
     }
     if let Some((side, gt)) = &ground_truth {
         if gt.len() != side * side {

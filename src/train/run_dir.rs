@@ -30,6 +30,59 @@ impl DirLock {
             Err(std::fs::TryLockError::Error(source)) => Err(Error::Io { path: path.display().to_string(), source }),
         }
     }
+
+    /// Creates `dir` and takes its lock, waiting while another process holds it.
+    pub fn wait(dir: &Path, what: &str) -> Result<DirLock> {
+        fs::create_dir_all(dir).map_err(|source| Error::Io { path: format!("cannot create the {what} directory {}", dir.display()), source })?;
+        let path = dir.join(".lock");
+        let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))?;
+        file.lock().map_err(io_err(&path))?;
+        Ok(DirLock { _file: file })
+    }
+}
+
+/// The first line of a run's config.toml when the run started from a preset (or a named config).
+const PRESET_LINE: &str = "# fnokern run config; preset: ";
+
+/// The text of a run's config.toml: the resolved config, after a comment naming the preset it
+/// started from (which a resume by the directory alone reads back with [`preset_of`]).
+pub fn config_file(config_toml: &str, preset: Option<&str>) -> String {
+    match preset {
+        Some(p) => format!("{PRESET_LINE}{}\n{config_toml}", p.replace('\n', " ")),
+        None => config_toml.to_string(),
+    }
+}
+
+/// The preset the run in `dir` started from, as its config.toml names it.
+pub fn preset_of(dir: &Path) -> Option<String> {
+    let text = fs::read_to_string(dir.join("config.toml")).ok()?;
+    text.lines().next().and_then(|l| l.strip_prefix(PRESET_LINE)).map(str::to_string).or_else(|| {
+        // A run written before config.toml named its preset: its summary, if it has one.
+        let s: super::Summary = serde_json::from_slice(&fs::read(dir.join("summary.json")).ok()?).ok()?;
+        s.preset
+    })
+}
+
+/// Refuses a directory that exists, holds something, and is not an fnokern run or sweep (every
+/// one holds the `.lock` its first writer created before anything else): fnokern writes there
+/// only what it will own, and removes temporary files only where it holds the lock.
+pub fn refuse_foreign(dir: &Path) -> Result<()> {
+    let Ok(mut entries) = fs::read_dir(dir) else { return Ok(()) };
+    if entries.next().is_some() && !dir.join(".lock").is_file() {
+        return Err(Error::invalid(
+            "out",
+            format!("{} already holds files that fnokern did not write (it is not a run or sweep directory): choose a new or empty --out", dir.display()),
+        ));
+    }
+    Ok(())
+}
+
+/// Creates `dir` as fnokern's (with its `.lock` file, not held) for a caller that writes there
+/// before [`crate::train::train`] takes the lock (a sweep's train.log).
+pub fn claim(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir).map_err(|source| Error::Io { path: format!("cannot create the run directory {}", dir.display()), source })?;
+    let path = dir.join(".lock");
+    OpenOptions::new().create(true).truncate(false).write(true).open(&path).map(drop).map_err(io_err(&path))
 }
 
 /// metrics.jsonl, appended one whole line per write call; synced to disk at epoch ends.
