@@ -55,29 +55,33 @@ pub fn remove_stale_temps(dir: &Path) -> usize {
 }
 
 /// Test hook: with `FNOKERN_ABORT_IN_WRITE=K`, the K-th atomic write of this process aborts it
-/// (as `kill -9` would) after half of its bytes reached the temporary file.
-fn abort_in_write_hook(bytes: &[u8], f: &mut File) {
+/// (as `kill -9` would) before its temporary file is renamed into place; with
+/// `FNOKERN_ABORT_IN_WRITE=NAME` or `NAME#K`, the first (K-th) atomic write of a file named NAME.
+/// Every atomic writer (this module's, the plots') asks it once per file.
+pub(crate) fn abort_due(path: &Path) -> bool {
     use std::sync::atomic::{AtomicU64, Ordering};
     static WRITES: AtomicU64 = AtomicU64::new(0);
-    let Some(k) = std::env::var("FNOKERN_ABORT_IN_WRITE").ok().and_then(|v| v.parse::<u64>().ok()) else { return };
-    if WRITES.fetch_add(1, Ordering::SeqCst) + 1 == k {
-        let _ = f.write_all(&bytes[..bytes.len() / 2]);
-        let _ = f.sync_all();
-        std::process::abort();
+    static NAMED: AtomicU64 = AtomicU64::new(0);
+    let Ok(hook) = std::env::var("FNOKERN_ABORT_IN_WRITE") else { return false };
+    match hook.parse::<u64>() {
+        Ok(k) => WRITES.fetch_add(1, Ordering::SeqCst) + 1 == k,
+        Err(_) => {
+            let (name, k) = hook.split_once('#').map_or((hook.as_str(), Some(1)), |(n, k)| (n, k.parse::<u64>().ok()));
+            path.file_name().is_some_and(|f| f == name) && Some(NAMED.fetch_add(1, Ordering::SeqCst) + 1) == k
+        }
     }
 }
 
-/// Writes `bytes` to `path` atomically (temp file, fsync, rename, fsync the directory).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Puts a file at `path` atomically: `fill` writes it whole to a temporary file beside it, which
+/// is synced, renamed into place, and the rename made durable (the directory synced). Nothing
+/// is left behind when `fill` fails.
+fn commit_atomic(path: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let tmp = temp_path(path)?;
     let result = (|| {
-        let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-        abort_in_write_hook(bytes, &mut f);
-        f.write_all(bytes).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
+        fill(&tmp)?;
+        File::open(&tmp).and_then(|f| f.sync_all()).map_err(io_err(&tmp))?;
         fs::rename(&tmp, path).map_err(io_err(path))?;
-        // Make the rename itself durable.
         if let Ok(d) = File::open(dir) {
             let _ = d.sync_all();
         }
@@ -87,6 +91,31 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// Writes `bytes` to `path` atomically (temp file, fsync, rename, fsync the directory).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    commit_atomic(path, |tmp| {
+        let mut f = File::create(tmp).map_err(io_err(tmp))?;
+        if abort_due(path) {
+            // Half of the bytes reach the temporary file, then the process dies.
+            let _ = f.write_all(&bytes[..bytes.len() / 2]);
+            let _ = f.sync_all();
+            std::process::abort();
+        }
+        f.write_all(bytes).map_err(io_err(tmp))
+    })
+}
+
+/// Copies `from` to `to` atomically (a temporary copy, fsync, rename, fsync the directory).
+pub fn copy_atomic(from: &Path, to: &Path) -> Result<()> {
+    commit_atomic(to, |tmp| {
+        fs::copy(from, tmp).map_err(io_err(from))?;
+        if abort_due(to) {
+            std::process::abort();
+        }
+        Ok(())
+    })
 }
 
 /// The metadata key of the CRC-32 that every safetensors file fnokern writes carries: over the

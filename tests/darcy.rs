@@ -246,6 +246,19 @@ fn early_stopping_restores_the_best_epoch() {
     let again = train::train(&cfg, &o, &mut |l| said.push(l.to_string())).unwrap();
     assert!(again.early_stopped && again.epochs_done == 3);
     assert!(said.iter().any(|l| l.contains("stopped early")), "{said:?}");
+
+    // Killed while it finished (its summary still says `finishing`, the evaluation not written):
+    // the resume finishes it, and trains no further epoch.
+    let weights = final_params(&dir);
+    let mut interim = again.clone();
+    (interim.finished, interim.finishing, interim.metrics) = (false, true, None);
+    std::fs::write(dir.join("summary.json"), serde_json::to_string(&interim).unwrap()).unwrap();
+    std::fs::remove_file(dir.join("darcy.png")).unwrap();
+    let done = train::train(&cfg, &o, &mut |_| {}).unwrap();
+    assert!(done.finished && !done.finishing && done.early_stopped && done.epochs_done == 3, "{done:?}");
+    assert_eq!(done.metrics, again.metrics);
+    assert!(dir.join("darcy.png").is_file());
+    assert_eq!(final_params(&dir), weights);
 }
 
 #[test]

@@ -492,7 +492,7 @@ fn ended(dir: &Path) -> Option<Summary> {
 fn run_one(spec: &RunSpec, dir: &Path, threads: usize, stop: Option<Arc<AtomicBool>>) -> Result<Summary> {
     // A run killed before its first checkpoint starts again from its beginning (train says so).
     let resume = dir.exists();
-    fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.display().to_string(), source })?;
+    crate::train::run_dir::claim(dir)?;
     let log_path = dir.join("train.log");
     let mut log =
         fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(|source| Error::Io { path: log_path.display().to_string(), source })?;
@@ -508,6 +508,7 @@ pub fn run_sweep(plan: &Plan, opts: &SweepOptions, say: &(dyn Fn(&str) + Sync)) 
         let path = p.display().to_string();
         move |source| Error::Io { path, source }
     };
+    crate::train::run_dir::refuse_foreign(out)?;
     let _lock = crate::train::run_dir::DirLock::take(out, "sweep")?;
     fs::create_dir_all(out.join("runs")).map_err(io(out))?;
     let plan_path = out.join("plan.json");

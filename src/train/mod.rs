@@ -149,6 +149,11 @@ pub struct Summary {
     /// Ended by early stopping (`train.early_stopping_patience`): finished before `train.epochs`.
     #[serde(default)]
     pub early_stopped: bool,
+    /// Training has ended and its weights are written, but the final evaluation, metrics.csv
+    /// and the plots are not yet: a process killed now left this; `--resume` completes them.
+    /// A run is `finished` only once all of them are written.
+    #[serde(default)]
+    pub finishing: bool,
     pub reason: Option<String>,
     pub epochs_done: usize,
     pub steps: u64,
@@ -473,6 +478,8 @@ fn resume_point(dir: &Path, cfg: &Config, trainer: &Trainer, say: &mut dyn FnMut
             Ok(ck) => return Ok(Some((path, ck))),
             // A checkpoint of another model is the user's mistake, not damage: no fallback.
             Err(e @ Error::BadFile { .. }) if e.to_string().contains("the model needs") || e.to_string().contains("does not belong") => return Err(e),
+            // Not damage either: the memory budget (an `oom` crash), not a reason to start over.
+            Err(e @ Error::OutOfMemory { .. }) => return Err(e),
             Err(e) => say(&format!("warning: passing over {}: {e}", path.display())),
         }
     }
@@ -509,6 +516,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
         }
     }
     let dir = &opts.out_dir;
+    run_dir::refuse_foreign(dir)?;
     let _lock = DirLock::take(dir, "run")?;
     fs::create_dir_all(dir.join("checkpoints")).map_err(|source| Error::Io { path: format!("cannot create the run directory {}", dir.display()), source })?;
     // Holding the lock, any temporary file here is a killed writer's.
@@ -522,38 +530,47 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
         return Err(Error::invalid("train", format!("{} already holds a run: continue it with --resume, or choose another --out", dir.display())));
     }
     let config_toml = toml::to_string(cfg).map_err(|e| Error::invalid("train", e.to_string()))?;
+    // The preset the run started from: given, or (resumed by its directory alone) the one its
+    // config.toml names, so that a resumed run's summary is the straight run's.
+    let preset = opts.preset.clone().or_else(|| if opts.resume { run_dir::preset_of(dir) } else { None });
+    let config_file = run_dir::config_file(&config_toml, preset.as_deref());
     if !opts.resume {
         // At once, so that a run killed before its first checkpoint can be resumed by its
         // directory alone.
-        crate::io::write_atomic(&dir.join("config.toml"), config_toml.as_bytes())?;
+        crate::io::write_atomic(&dir.join("config.toml"), config_file.as_bytes())?;
     }
 
     dev.set_memory_limit(cfg.train.memory_limit_bytes()?);
-    let g = match Generator::for_run(cfg, &dev).and_then(|mut g| ds.prepare(&mut g).map(|()| g)) {
-        Ok(g) => g,
-        // Not even the model fits the budget: an `oom` crash before the first step.
-        Err(e @ Error::OutOfMemory { .. }) => {
-            say(&format!("run crashed: {e}"));
-            let summary = Summary {
-                preset: opts.preset.clone(),
-                crashed: true,
-                crash_kind: Some(Crash::Oom),
-                reason: Some(e.to_string()),
-                wall_seconds: started.elapsed().as_secs_f64(),
-                ..Summary::default()
-            };
-            write_summary(dir, &summary)?;
-            return Ok(summary);
-        }
-        Err(e) => return Err(e),
-    };
     let batches_per_epoch = train_idx.len().div_ceil(cfg.train.batch_size);
-    // The overlap term's batches pair each pattern with a neighbour.
-    let neighbours = (cfg.train.aux_loss == crate::config::AuxLoss::Overlap).then(|| ds.neighbours()).transpose()?;
     let updates_per_epoch = batches_per_epoch.div_ceil(cfg.train.accumulate);
     let total_updates = (cfg.train.epochs * updates_per_epoch) as u64;
-    let probe = ds.probe(&dev)?;
-    let mut trainer = Trainer::new(cfg, g, probe.as_ref(), total_updates)?;
+    // An allocation over the memory budget while the run is set up (the model, the probe, the
+    // optimiser's state, a checkpoint's tensors) is an `oom` crash before the first step, with its
+    // summary, as it is during training.
+    let oom_before_training = |e: Error, say: &mut dyn FnMut(&str)| -> Result<Summary> {
+        say(&format!("run crashed: {e}"));
+        let summary = Summary {
+            preset: preset.clone(),
+            crashed: true,
+            crash_kind: Some(Crash::Oom),
+            reason: Some(e.to_string()),
+            wall_seconds: started.elapsed().as_secs_f64(),
+            ..Summary::default()
+        };
+        write_summary(dir, &summary)?;
+        Ok(summary)
+    };
+    let built = Generator::for_run(cfg, &dev).and_then(|mut g| ds.prepare(&mut g).map(|()| g)).and_then(|g| {
+        let probe = ds.probe(&dev)?;
+        Trainer::new(cfg, g, probe.as_ref(), total_updates)
+    });
+    let mut trainer = match built {
+        Ok(t) => t,
+        Err(e @ Error::OutOfMemory { .. }) => return oom_before_training(e, say),
+        Err(e) => return Err(e),
+    };
+    // The overlap term's batches pair each pattern with a neighbour.
+    let neighbours = (cfg.train.aux_loss == crate::config::AuxLoss::Overlap).then(|| ds.neighbours()).transpose()?;
     let mut state = TrainState {
         epochs_done: 0,
         trainer: trainer.state(),
@@ -572,7 +589,11 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
     };
     let mut records = Vec::new();
     if opts.resume {
-        match resume_point(dir, cfg, &trainer, say)? {
+        let point = match resume_point(dir, cfg, &trainer, say) {
+            Err(e @ Error::OutOfMemory { .. }) => return oom_before_training(e, say),
+            other => other?,
+        };
+        match point {
             Some((ck_path, ck)) => {
                 let run_cfg = run_config(&ck.state, cfg, dir)?;
                 if ck.state.epochs_done > cfg.train.epochs {
@@ -594,6 +615,11 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
                     }
                 }
                 trainer.restore(ck.state.trainer.clone(), ck.params, ck.optimizer, ck.good);
+                if ck_path != last_path {
+                    // `last` is damaged or older than the checkpoint the run goes on from: it
+                    // becomes that checkpoint, as the straight run's `last` was at that point.
+                    crate::io::copy_atomic(&ck_path, &last_path)?;
+                }
                 if run_cfg.train.epochs != cfg.train.epochs {
                     trainer.set_horizon(total_updates);
                     say(&format!(
@@ -616,7 +642,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
             }
         }
     }
-    crate::io::write_atomic(&dir.join("config.toml"), config_toml.as_bytes())?;
+    crate::io::write_atomic(&dir.join("config.toml"), config_file.as_bytes())?;
     let mut log = MetricsLog::open(&metrics_path)?;
     say(&format!(
         "training: {} parameters, {} train / {} validation patterns, batch {}, {} epochs, {} micro-batches per epoch",
@@ -656,6 +682,10 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
     // The epochs run in a closure so that an allocation over the memory budget, wherever it
     // happens, ends the run as an `oom` crash with its summary written, like any other crash.
     let mut run_epochs = || -> Result<Ending> {
+        // A run that stopped early and was killed before it had finished resumes to its finish.
+        if state.stopped_early {
+            return Ok(Ending::EarlyStopped);
+        }
         while state.epochs_done < cfg.train.epochs {
             let epoch = state.epochs_done;
             let mut order = train_idx.clone();
@@ -827,8 +857,9 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
         }
     };
     let finished = crash.is_none() && !interrupted && (state.epochs_done >= cfg.train.epochs || state.stopped_early);
-    // The results first, then what is optional: the final weights and the summary are on disk
-    // before the evaluation and the plots, whose failures are warnings.
+    // The results first, then what is optional: the final weights are on disk before the
+    // evaluation and the plots, whose failures are warnings. The summary says `finished` only
+    // once all of them are written: until then it says `finishing`, and a resume completes them.
     if finished {
         weights::save_model(&dir.join("weights.safetensors"), trainer.model())?;
     }
@@ -848,8 +879,9 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
     }
     let g = trainer.model();
     let mut summary = Summary {
-        preset: opts.preset.clone(),
-        finished,
+        preset: preset.clone(),
+        finished: false,
+        finishing: finished,
         crashed: crash.is_some(),
         crash_kind: crash.as_ref().map(|c| c.0),
         interrupted,
@@ -867,7 +899,9 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
         parameters: g.num_params(),
         wall_seconds: base_wall + started.elapsed().as_secs_f64(),
     };
-    write_summary(dir, &summary)?;
+    if finished {
+        write_summary(dir, &summary)?;
+    }
     if finished && cfg.train.evaluate {
         let scored = match &ds {
             RunData::Gridlines(d) => {
@@ -896,10 +930,12 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
     if let Err(e) = plots(dir, &records) {
         say(&format!("warning: the plots were not written: {e}"));
     }
-    if summary.metrics.is_some() {
-        summary.wall_seconds = base_wall + started.elapsed().as_secs_f64();
-        write_summary(dir, &summary)?;
-    }
+    // The summary last: a run that says it finished (or crashed, or was interrupted) has every
+    // file it will have.
+    summary.finished = finished;
+    summary.finishing = false;
+    summary.wall_seconds = base_wall + started.elapsed().as_secs_f64();
+    write_summary(dir, &summary)?;
     Ok(summary)
 }
 

@@ -22,7 +22,12 @@ fn fonts() {
 /// kill) ever leaves a half-written PNG.
 fn atomically(path: &Path, draw: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = crate::io::temp_path(path)?;
-    let r = draw(&tmp).and_then(|()| std::fs::rename(&tmp, path).map_err(crate::io::io_err(path)));
+    let r = draw(&tmp).and_then(|()| {
+        if crate::io::abort_due(path) {
+            std::process::abort();
+        }
+        std::fs::rename(&tmp, path).map_err(crate::io::io_err(path))
+    });
     if r.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
