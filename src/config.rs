@@ -293,6 +293,9 @@ impl Default for DataConfig {
 impl DataConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |why: String| Err(Error::invalid("data config", why));
+        if self.cache_dir.as_os_str().is_empty() {
+            return bad("cache_dir is empty: name a directory for the data cache (the default is data-cache)".into());
+        }
         if self.workload == Workload::Darcy {
             return Ok(());
         }

@@ -249,6 +249,18 @@ pub fn host_available_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Refuses, before anything is allocated, work that needs `need` bytes of host memory when the
+/// machine has less available: one line naming `what` needs them and `hint` (what to lower).
+pub fn ensure_host_fits(need: u64, what: &str, hint: &str) -> Result<()> {
+    match host_available_bytes() {
+        Some(have) if need > have => Err(Error::invalid(
+            "memory",
+            format!("{what} needs about {} but the machine has {} available: {hint}", crate::plan::gib(need), crate::plan::gib(have)),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Parses a byte size such as `24GiB`, `512 MiB`, `1.5GB` or `1000000`.
 pub fn parse_bytes(s: &str) -> Result<u64> {
     let t = s.trim();

@@ -8,7 +8,14 @@ use clap::{Args, Parser, Subcommand};
 use fnokern::config::Config;
 
 #[derive(Parser)]
-#[command(name = "fnokern", version, about = "Train deep Fourier Neural Operators robustly and fast")]
+#[command(
+    name = "fnokern",
+    version,
+    about = "Train deep Fourier Neural Operators robustly and fast",
+    after_help = "Exit status: 0 success; 1 error (bad input, an unreadable file, a directory in use: one line saying which); 2 bad \
+command-line arguments (the usage is printed); 130 interrupted (SIGINT or SIGTERM; the same command, or train --resume, continues). \
+`fnokern train --help` lists the statuses of a crashed run (3, 4, 5)."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -128,6 +135,11 @@ struct SweepArgs {
     min_amp_ssim: f64,
 }
 
+/// The exit statuses of the sweeps, for their --help.
+const SWEEP_EXIT: &str = "Exit status: 0 every run has ended (a run that crashed is a result, not an error); 1 error (bad input, \
+a sweep directory in use or of another sweep); 2 bad command-line arguments; 130 interrupted (SIGINT or SIGTERM: the running runs \
+checkpoint, and the same command continues the sweep).";
+
 #[derive(Subcommand)]
 enum Command {
     /// Train the generator (or, with a Darcy config, the FNO-2D): simulate or load the data, train,
@@ -136,7 +148,7 @@ enum Command {
     /// --resume, the run's own config.toml (flags and --set apply on top: --set train.epochs=N
     /// extends a run).
     #[command(after_help = "Exit status: 0 finished (or stopped by --stop-after-epochs); 1 error (bad input, unreadable file, \
-a directory in use); 3 crashed on non-finite values; 4 crashed on repeated loss spikes; 5 crashed out of memory; 130 interrupted \
+a directory in use); 2 bad command-line arguments (the usage is printed); 3 crashed on non-finite values; 4 crashed on repeated loss spikes; 5 crashed out of memory; 130 interrupted \
 (SIGINT or SIGTERM: checkpointed where it stopped, --resume continues it; a second SIGINT exits at once).")]
     Train {
         #[command(flatten)]
@@ -223,6 +235,7 @@ a directory in use); 3 crashed on non-finite values; 4 crashed on repeated loss 
     /// Find the shallowest depth where training fails: the control arm (or --arm) at every depth
     /// and seed. Resumable: run the same command again to continue a killed sweep.
     /// Without --config or --preset it uses the `sweep` preset.
+    #[command(after_help = SWEEP_EXIT)]
     CrashHunt {
         #[command(flatten)]
         cfg: SourceArgs,
@@ -237,6 +250,7 @@ a directory in use); 3 crashed on non-finite values; 4 crashed on repeated loss 
     },
     /// Every arm at every seed at one depth (--depth, default the config's): which fix makes deep
     /// FNOs train? Resumable like crash-hunt. Without --config or --preset it uses `sweep`.
+    #[command(after_help = SWEEP_EXIT)]
     Shootout {
         #[command(flatten)]
         cfg: ConfigArgs,
@@ -251,6 +265,7 @@ a directory in use); 3 crashed on non-finite values; 4 crashed on repeated loss 
     /// initial loss; quality is scored apart, on the best epoch's weights. Writes report.md (the
     /// largest stable rate per arm and depth), results.json and a heat map per arm. Resumable like
     /// crash-hunt. Without --config or --preset it uses the `map` preset.
+    #[command(after_help = SWEEP_EXIT)]
     StabilityMap {
         #[command(flatten)]
         cfg: SourceArgs,
@@ -336,17 +351,11 @@ fn main() -> ExitCode {
         Command::Model { cfg, save_weights } => ok(model(&cfg, save_weights.as_deref())),
         Command::Grad { cfg, weights, batch, out } => ok(grad(&cfg, &weights, &batch, &out)),
         Command::Data { cfg, workload, export } => ok(data(&cfg, workload.as_deref(), export.as_deref())),
-        Command::CrashHunt { cfg, depths, arm, sweep: sw } => {
-            ok(sweep(fnokern::experiments::SweepKind::CrashHunt, cfg, None, depths, Vec::new(), vec![arm], sw))
-        }
-        Command::StabilityMap { cfg, depths, lrs, arms, sweep: sw } => {
-            ok(sweep(fnokern::experiments::SweepKind::StabilityMap, cfg, None, depths, lrs, arms, sw))
-        }
+        Command::CrashHunt { cfg, depths, arm, sweep: sw } => sweep(fnokern::experiments::SweepKind::CrashHunt, cfg, None, depths, Vec::new(), vec![arm], sw),
+        Command::StabilityMap { cfg, depths, lrs, arms, sweep: sw } => sweep(fnokern::experiments::SweepKind::StabilityMap, cfg, None, depths, lrs, arms, sw),
         Command::Plan { cfg, batch, n, checkpoint } => ok(plan(&cfg, batch, n, checkpoint)),
         Command::BenchStep { cfg, steps, profile } => ok(bench_step(&cfg, steps, profile)),
-        Command::Shootout { cfg, arms, sweep: sw } => {
-            ok(sweep(fnokern::experiments::SweepKind::Shootout, cfg.src, cfg.depth, Vec::new(), Vec::new(), arms, sw))
-        }
+        Command::Shootout { cfg, arms, sweep: sw } => sweep(fnokern::experiments::SweepKind::Shootout, cfg.src, cfg.depth, Vec::new(), Vec::new(), arms, sw),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -373,12 +382,16 @@ fn stop_flag() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
 
 fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: Option<usize>) -> fnokern::Result<u8> {
     use std::io::IsTerminal;
+    if stop_after == Some(0) {
+        return Err(fnokern::Error::InvalidArgument { op: "train", why: "--stop-after-epochs must be at least 1".into() });
+    }
     // --device auto is resolved once, now, and the run records what it chose.
     if let Some(d) = args.src.device.as_deref().filter(|d| d.trim() == "auto") {
         args.src.device = Some(device_said(d)?.to_string());
     }
-    // A resumed run's config is its own, unless one is named.
-    let mut resumed_preset = None;
+    // A resumed run's config is its own, unless one is named; its preset is the one its
+    // config.toml names (the library reads it back).
+    let mut own_config = false;
     if let (true, None, None, Some(dir)) = (resume, &args.src.config, &args.src.preset, &out) {
         let own = dir.join("config.toml");
         if !own.is_file() {
@@ -389,11 +402,7 @@ fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: O
         }
         println!("config: {} (the run's own)", own.display());
         args.src.config = Some(own);
-        resumed_preset = std::fs::read(dir.join("summary.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<fnokern::train::Summary>(&b).ok())
-            .and_then(|s| s.preset)
-            .or_else(|| Some(dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()));
+        own_config = true;
     }
     if let Some(name) = &args.src.preset {
         println!("preset {name}: {}", fnokern::config::presets::describe(name));
@@ -401,10 +410,13 @@ fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: O
     // Bare: the CPU-sized preset, or the reference study on a GPU (said by resolve()).
     let bare = (args.src.config.is_none() && args.src.preset.is_none()).then(|| args.src.bare_preset());
     let cfg = args.resolve()?;
-    let preset = resumed_preset
-        .or_else(|| bare.map(str::to_string))
-        .or_else(|| args.src.preset.clone())
-        .or_else(|| args.src.config.as_ref().and_then(|p| p.file_stem()).map(|s| s.to_string_lossy().into_owned()));
+    let preset = if own_config {
+        None
+    } else {
+        bare.map(str::to_string)
+            .or_else(|| args.src.preset.clone())
+            .or_else(|| args.src.config.as_ref().and_then(|p| p.file_stem()).map(|s| s.to_string_lossy().into_owned()))
+    };
     let out = match out {
         Some(o) => o,
         None => {
@@ -537,7 +549,7 @@ fn sweep(
     lrs: Vec<f64>,
     arms: Vec<String>,
     sw: SweepArgs,
-) -> fnokern::Result<()> {
+) -> fnokern::Result<u8> {
     use fnokern::experiments::{self as ex, SweepKind};
     let base = args.resolve(depth, Some(if kind == SweepKind::StabilityMap { "map" } else { "sweep" }))?;
     let depths = if kind == SweepKind::Shootout { vec![base.model.depth] } else { depths };
@@ -570,6 +582,7 @@ fn sweep(
     };
     println!("sweep directory: {}", out.display());
     let o = ex::run_sweep(&plan, &opts, &|m| println!("{m}"))?;
+    let interrupted = !o.complete() && opts.stop.as_ref().is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
     for (arm, d) in plan.arms.iter().map(|a| (a.name.as_str(), ex::report::shallowest_failing_depth(&plan, &o.results, &a.name))) {
         let failed = o.results.iter().filter(|r| r.arm == arm && r.failure.is_some()).count();
         let runs = o.results.iter().filter(|r| r.arm == arm).count();
@@ -587,10 +600,14 @@ fn sweep(
             println!("{} depth {}: largest stable lr {} (first diverging {})", e.arm, e.depth, l(e.largest_stable_lr), l(e.first_unstable_lr));
         }
         println!("wrote {}/report.md, results.json, map_<arm>.png ({} runs this time, {} kept)", out.display(), o.ran, o.reused);
-        return Ok(());
+    } else {
+        println!("wrote {}/report.md, results.json, p_crash.png, val_curves.png ({} runs this time, {} kept)", out.display(), o.ran, o.reused);
     }
-    println!("wrote {}/report.md, results.json, p_crash.png, val_curves.png ({} runs this time, {} kept)", out.display(), o.ran, o.reused);
-    Ok(())
+    if interrupted {
+        println!("interrupted: {} of {} runs have ended; the same command continues the sweep", o.results.len(), o.planned);
+        return Ok(fnokern::train::exit::INTERRUPTED);
+    }
+    Ok(fnokern::train::exit::OK)
 }
 
 fn bench_step(args: &ConfigArgs, steps: usize, profile: bool) -> fnokern::Result<()> {
@@ -782,8 +799,14 @@ fn grad(args: &ConfigArgs, weights: &std::path::Path, batch: &std::path::Path, o
 fn model(args: &ConfigArgs, save_weights: Option<&std::path::Path>) -> fnokern::Result<()> {
     let cfg = args.resolve()?;
     // Shapes only, unless the weights are wanted: the meta device builds parameters without data.
-    let dev = if save_weights.is_some() { fnokern::Device::cpu() } else { fnokern::Device::meta() };
-    let g = fnokern::model::Generator::new(&cfg.model, cfg.input_size(), cfg.in_channels(), &dev, fnokern::DType::F32)?;
+    let build = |dev: &fnokern::Device| fnokern::model::Generator::new(&cfg.model, cfg.input_size(), cfg.in_channels(), dev, fnokern::DType::F32);
+    let mut g = build(&fnokern::Device::meta())?;
+    if save_weights.is_some() {
+        // The parameters in f32, and the file's bytes as they are written.
+        let bytes = g.num_params() as u64 * 4;
+        fnokern::device::ensure_host_fits(2 * bytes, "--save-weights (the parameters and their file)", "lower model.width, model.max_channels or model.depth")?;
+        g = build(&fnokern::Device::cpu())?;
+    }
     let m = &cfg.model;
     match m.kind {
         fnokern::config::ModelKind::Ufno => println!(
@@ -856,6 +879,13 @@ fn gradcheck(only: Option<&str>) -> fnokern::Result<()> {
                 println!("       {m}");
             }
         }
+    }
+    if ran == 0 {
+        let names: Vec<&str> = cases.iter().map(|c| c.name).collect();
+        return Err(fnokern::Error::InvalidArgument {
+            op: "gradcheck",
+            why: format!("no check's name contains `{}`; the checks are: {}", only.unwrap_or_default(), names.join(", ")),
+        });
     }
     println!("{} passed, {failed} failed", ran - failed);
     if failed > 0 {

@@ -91,7 +91,12 @@ impl SteadyState {
     pub fn new(cfg: &Config, dev: &Device) -> Result<SteadyState> {
         cfg.validate()?;
         // The faults a config injects are its run's, not the planned step's.
-        let cfg = &Config { faults: Default::default(), ..cfg.clone() };
+        let mut cfg = Config { faults: Default::default(), ..cfg.clone() };
+        // A group's memory is the same for every `accumulate` from 2 up: its first micro-batch
+        // creates the accumulated gradients, each later one adds its own into them, and the last
+        // also updates. Two micro-batches give that peak; 10^6 of them would take minutes.
+        cfg.train.accumulate = cfg.train.accumulate.min(2);
+        let cfg = &cfg;
         let at = || dev.memory().current;
         let base = at();
         let mut g = Generator::for_run(cfg, dev)?;

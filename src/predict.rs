@@ -113,14 +113,20 @@ pub fn reconstruction_png(path: &Path, m: &Metrics, aligned: &Stitched) -> Resul
     )
 }
 
-/// Where a prediction's weights come from: a run's final weights, or a checkpoint.
+/// Where a prediction's weights come from: a run's final weights, or a checkpoint. Weights with
+/// a NaN or an infinity are refused, naming the first such parameter: they predict nothing.
 fn load_weights(g: &mut Generator, path: &Path) -> Result<()> {
     if checkpoint::read_state(path).is_ok() {
         g.params = checkpoint::load(path, &g.params)?.params;
-        Ok(())
     } else {
-        weights::load_params(path, &mut g.params)
+        weights::load_params(path, &mut g.params)?;
     }
+    let params: Vec<&crate::tensor::Tensor> = g.params.values().iter().collect();
+    let sums = crate::optim::sumsq_each(&params)?;
+    if let Some(((_, name, _), _)) = g.params.iter().zip(&sums).find(|(_, s)| !s.is_finite()) {
+        return Err(crate::io::bad(path, format!("parameter `{name}` holds NaN or infinite values: these weights predict nothing")));
+    }
+    Ok(())
 }
 
 /// The weights a prediction of `run` uses when none are named: the finished run's, else its

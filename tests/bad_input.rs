@@ -204,3 +204,113 @@ fn every_bad_input_is_refused_up_front() {
     eprintln!("{kinds} kinds of bad input refused");
     assert!(kinds >= 30);
 }
+
+/// What a fresh user's campaign found accepted (issue 29): each is now refused with one line and
+/// exit status 1, and nothing of the user's is changed.
+#[test]
+fn what_the_campaign_found_accepted_is_refused() {
+    let root = tempdir("bad-input-29");
+    let cfg = tiny(&root.join("cache"));
+    let base = root.join("tiny.toml");
+    std::fs::write(&base, toml::to_string(&cfg).unwrap()).unwrap();
+    let base = base.to_str().unwrap();
+
+    // NPZ data that cannot be read correctly: a damaged byte (numpy refuses its CRC-32), a
+    // negative amplitude, a probe that lights nothing.
+    let ds = fnokern::data::load_or_simulate(&cfg.data, &mut |_| {}).unwrap();
+    let npz = root.join("npz");
+    std::fs::create_dir_all(&npz).unwrap();
+    fnokern::data::npz::save(&npz.join("train.npz"), &ds.train).unwrap();
+    fnokern::data::npz::save(&npz.join("crc.npz"), &ds.test).unwrap();
+    let mut bytes = std::fs::read(npz.join("crc.npz")).unwrap();
+    // Inside `diffraction`'s values: past its zip and .npy headers, well before the next array.
+    bytes[1000] ^= 0x40;
+    std::fs::write(npz.join("crc.npz"), bytes).unwrap();
+    let mut negative = ds.test.clone();
+    negative.diffraction[5] = -0.25;
+    fnokern::data::npz::save(&npz.join("negative.npz"), &negative).unwrap();
+    let mut dark = ds.test.clone();
+    dark.probe.iter_mut().for_each(|z| *z = [0.0, 0.0]);
+    fnokern::data::npz::save(&npz.join("dark.npz"), &dark).unwrap();
+    let p = |n: &str| format!("\"{}\"", npz.join(n).display());
+    for (i, (test, want)) in [
+        (p("crc.npz"), "`diffraction` is damaged: its bytes do not match the archive's CRC-32"),
+        (p("negative.npz"), "`diffraction` holds a negative amplitude (-0.25"),
+        (p("dark.npz"), "`probeGuess` is zero everywhere"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let out = root.join(format!("npz{i}"));
+        let (a, b) = (format!("data.npz={}", p("train.npz")), format!("data.npz_test={test}"));
+        refused(&["train", "--config", base, "--set", &a, "--set", &b, "--out", out.to_str().unwrap()], want);
+        assert!(!out.exists(), "{test}: {} was created", out.display());
+    }
+
+    // Flags and fields that meant nothing: no epoch to stop after, no cache directory, a
+    // gradient check that matches no check.
+    let fresh = root.join("fresh");
+    refused(&["train", "--config", base, "--stop-after-epochs", "0", "--out", fresh.to_str().unwrap()], "--stop-after-epochs must be at least 1");
+    refused(&["train", "--config", base, "--set", "data.cache_dir=\"\"", "--out", fresh.to_str().unwrap()], "cache_dir is empty");
+    assert!(!fresh.exists());
+    refused(&["gradcheck", "--only", "no-such-op"], "no check's name contains `no-such-op`");
+
+    // A model no machine holds, asked for its weights: refused before the allocation.
+    let w = root.join("huge.safetensors");
+    refused(
+        &["model", "--set", "model.width=65536", "--set", "model.max_channels=65536", "--save-weights", w.to_str().unwrap()],
+        "--save-weights (the parameters and their file) needs about",
+    );
+    assert!(!w.exists());
+
+    // --out naming a directory of the user's: nothing written there, nothing removed (not even
+    // a file named like fnokern's temporary files).
+    let mine = root.join("my-files");
+    std::fs::create_dir_all(&mine).unwrap();
+    std::fs::write(mine.join("notes.txt"), "mine").unwrap();
+    std::fs::write(mine.join(".draft.tmp123"), "also mine").unwrap();
+    let before = snapshot(&mine);
+    refused(&["train", "--config", base, "--out", mine.to_str().unwrap()], "already holds files that fnokern did not write");
+    refused(&["crash-hunt", "--config", base, "--depths", "2", "--seeds", "1", "--out", mine.to_str().unwrap()], "did not write");
+    assert_eq!(snapshot(&mine), before);
+    assert!(!mine.join(".lock").exists() && !mine.join("config.toml").exists());
+
+    // Weights with a NaN predict nothing: refused, naming the parameter.
+    let run = root.join("run");
+    let out = bin().args(["train", "--config", base, "--set", "train.epochs=1", "--out", run.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dev = Device::cpu();
+    let loaded = fnokern::io::load_tensors(&run.join("weights.safetensors")).unwrap();
+    let first = loaded.keys().next().unwrap().clone();
+    let tensors: Vec<(String, Tensor, bool)> = loaded
+        .iter()
+        .map(|(k, l)| {
+            let t = l.to_tensor(DType::F32, &dev).unwrap();
+            let t = if *k == first { Tensor::full(f64::NAN, t.dims().to_vec(), DType::F32, &dev).unwrap() } else { t };
+            (k.clone(), t, l.complex)
+        })
+        .collect();
+    let nan_w = root.join("nan.safetensors");
+    let named: Vec<Named> = tensors.iter().map(|(k, t, c)| Named { name: k.clone(), tensor: t, complex: *c }).collect();
+    fnokern::io::save_tensors(&nan_w, &named, None).unwrap();
+    let pred = root.join("pred");
+    refused(
+        &["predict", run.to_str().unwrap(), "--weights", nan_w.to_str().unwrap(), "--device", "cpu", "--out", pred.to_str().unwrap()],
+        &format!("parameter `{}` holds NaN or infinite values", first.trim_end_matches(".re").trim_end_matches(".im")),
+    );
+    assert!(!pred.exists());
+}
+
+/// Arguments the parser refuses exit with status 2, as every --help says.
+#[test]
+fn argument_errors_exit_2_as_the_help_says() {
+    for args in [vec!["train", "--no-such-flag"], vec!["no-such-command"], vec!["train", "--depth", "deep"]] {
+        let out = bin().args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    for args in [vec!["--help"], vec!["train", "--help"], vec!["crash-hunt", "--help"]] {
+        let out = bin().args(&args).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains("2 bad command-line arguments"), "{args:?}: {text}");
+    }
+}

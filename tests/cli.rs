@@ -123,8 +123,8 @@ fn plan_shows_depth8_24gb_needs_checkpointing_and_info_names_the_build() {
 }
 
 /// `--device cuda` where there is no GPU: a one-line error before anything is written, whether the
-/// driver library is missing or sees no device (the stand-in with FAKECUDA_DEVICES=0). Only on
-/// machines without a GPU.
+/// binary was built without nvcc (a newcomer's build), the driver library is missing, or it sees
+/// no device (the stand-in with FAKECUDA_DEVICES=0). Only on machines without a GPU.
 #[test]
 fn without_a_gpu_cuda_is_a_clear_error_and_writes_nothing() {
     if common::standin::real_gpu_present() {

@@ -214,3 +214,22 @@ fn a_memory_budget_stops_training_cleanly_as_out_of_memory() {
     let s = train::train(&cfg, &RunOptions::new(root.join("fits")), &mut |_| {}).unwrap();
     assert!(s.finished, "{s:?}");
 }
+
+/// A group's memory is the same for every `accumulate` from 2 up, so the plan runs two
+/// micro-batches of it: `accumulate = 10^6` is planned at once (it ran 3 x 10^6 micro-batches on
+/// the meta device: minutes of silence before a run started) and equals the plan of 2.
+#[test]
+fn a_large_accumulate_is_planned_at_once() {
+    let root = tempdir("precision");
+    let mut cfg = tiny_fp16(&root.join("cache"));
+    cfg.train.precision = Precision::Fp32;
+    cfg.train.accumulate = 2;
+    let two = plan::step_memory(&cfg, &Device::meta()).unwrap();
+    cfg.train.accumulate = 1_000_000;
+    assert_eq!(plan::step_memory(&cfg, &Device::meta()).unwrap(), two);
+    assert_eq!(plan::step_memory(&cfg, &Device::cpu()).unwrap(), two);
+    // (Measured before the plan ran two: 3, 5 and 9 micro-batches peaked exactly as 2 did, in
+    // fp32 and fp16, with and without the rollback snapshot; one holds no accumulated gradients.)
+    cfg.train.accumulate = 1;
+    assert!(plan::step_memory(&cfg, &Device::meta()).unwrap().peak < two.peak);
+}

@@ -352,3 +352,22 @@ fn the_overlap_term_trains_and_resumes_exactly() {
     one.train.batch_size = 1;
     assert!(one.validate().unwrap_err().to_string().contains("at least 2"));
 }
+
+/// Spikes are detected from the first step on: step 1 against step 0's loss, step 2 against
+/// both (the guard's window was empty until step 3, so these went unseen). Step 0's own loss is
+/// the initial weights', before any update: nothing to detect.
+#[test]
+fn spikes_in_the_first_steps_are_detected() {
+    let root = tempdir("train");
+    for step in [1u64, 2] {
+        let mut cfg = tiny(&root.join("cache"));
+        cfg.faults.spike_steps = vec![step];
+        cfg.train.spike_action = SpikeAction::Skip;
+        let dir = root.join(format!("run{step}"));
+        let s = run(&cfg, &opts(&dir));
+        assert_eq!(s.outcomes.get(&StepOutcome::SpikeSkipped), Some(&1), "step {step}: {s:?}");
+        let recs = step_records(&dir);
+        assert_eq!(recs[step as usize]["outcome"], "spike_skipped", "step {step}");
+        assert!(recs[step as usize]["spike_reference"].as_f64().is_some_and(|r| r > 0.0), "step {step}");
+    }
+}

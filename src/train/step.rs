@@ -185,10 +185,12 @@ impl SpikeGuard {
         self.reference().is_some_and(|m| loss > self.factor * m)
     }
 
-    /// The mean a loss is compared with, once the window holds enough losses.
+    /// The mean a loss is compared with: of the window's losses, from the first one on (step 1
+    /// is compared with step 0, the initial weights' loss; no update precedes step 0, so it
+    /// cannot be a blow-up).
     pub fn reference(&self) -> Option<f64> {
         let w = &self.window;
-        (w.len() >= 3.min(self.len) && !w.is_empty()).then(|| w.iter().sum::<f64>() / w.len() as f64)
+        (!w.is_empty()).then(|| w.iter().sum::<f64>() / w.len() as f64)
     }
 
     /// A spike is a loss over this many times [`SpikeGuard::reference`].
