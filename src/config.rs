@@ -613,6 +613,16 @@ pub struct TrainConfig {
     pub spike_action: SpikeAction,
     /// Learning-rate multiplier applied at each rollback.
     pub rollback_lr_factor: f64,
+    /// After a rollback the rate climbs back from its cut to the schedule's over this many
+    /// updates (linearly); 0 keeps the cut for the rest of the run.
+    pub rollback_rewarmup: usize,
+    /// An epoch's end becomes a rollback point only if its weights are finite and its
+    /// validation loss is at most good_point_factor x the best so far (epoch 1: x the first
+    /// step's loss): a blown-up state is never one.
+    pub good_point_factor: f64,
+    /// How many rollback points are kept, newest first: a rollback goes to the newest, and
+    /// each further rollback before a new point is made goes one point older.
+    pub rollback_points: usize,
     /// This many failed steps in a row (skipped or rolled back) stop the run as crashed.
     pub max_consecutive_failures: usize,
     /// Keep a checkpoint every this many epochs (besides last and best); 0: only last and best.
@@ -682,6 +692,9 @@ impl Default for TrainConfig {
             spike_window: 20,
             spike_action: SpikeAction::Rollback,
             rollback_lr_factor: 0.5,
+            rollback_rewarmup: 100,
+            good_point_factor: 2.0,
+            rollback_points: 2,
             max_consecutive_failures: 10,
             checkpoint_every: 0,
             seed: 0,
@@ -748,6 +761,15 @@ impl TrainConfig {
         if !(self.rollback_lr_factor > 0.0 && self.rollback_lr_factor <= 1.0) || self.max_consecutive_failures == 0 {
             return bad("rollback_lr_factor must be in (0, 1] and max_consecutive_failures >= 1".into());
         }
+        if !(self.good_point_factor >= 1.0 && self.good_point_factor.is_finite()) {
+            return bad(format!("good_point_factor must be a finite number >= 1, got {}", self.good_point_factor));
+        }
+        if !(1..=16).contains(&self.rollback_points) || self.rollback_rewarmup > 1_000_000_000 {
+            return bad(format!(
+                "rollback_points must be in [1, 16] (got {}) and rollback_rewarmup at most 10^9 (got {})",
+                self.rollback_points, self.rollback_rewarmup
+            ));
+        }
         if !(pos(self.loss_scale_init) && pos(self.loss_scale_min) && self.loss_scale_min <= self.loss_scale_init)
             || self.loss_scale_growth_interval == 0
             || self.loss_scale_hysteresis == 0
@@ -789,6 +811,9 @@ pub struct FaultConfig {
     pub spike_steps: Vec<u64>,
     /// Make these steps' generator outputs NaN (a non-finite forward pass).
     pub nan_forward_steps: Vec<u64>,
+    /// Update at spike_scale x the rate at these steps: a bad update whose damage shows only
+    /// later (at an epoch's last step, in that epoch's validation).
+    pub bad_update_steps: Vec<u64>,
     pub spike_scale: f64,
 }
 
@@ -803,7 +828,7 @@ impl FaultConfig {
 
 impl Default for FaultConfig {
     fn default() -> Self {
-        FaultConfig { nan_input_steps: Vec::new(), spike_steps: Vec::new(), nan_forward_steps: Vec::new(), spike_scale: 100.0 }
+        FaultConfig { nan_input_steps: Vec::new(), spike_steps: Vec::new(), nan_forward_steps: Vec::new(), bad_update_steps: Vec::new(), spike_scale: 100.0 }
     }
 }
 

@@ -132,9 +132,11 @@ impl SteadyState {
         };
         let batch_bytes = at() - before;
         let mut s = SteadyState { trainer, batch, params, optimizer: 0, snapshot: 0, batch_bytes };
-        // The first update creates the optimiser's state; the rollback point is marked there, as
-        // at an epoch's end; the second update writes parameters and moments apart from it.
-        for target in [1, 2] {
+        // The first update creates the optimiser's state; with rollbacks, a rollback point is
+        // marked after each of the first `rollback_points` updates, as at epoch ends, and the
+        // next update writes parameters and moments apart from the newest: every point is held.
+        let points = if cfg.train.spike_action == crate::config::SpikeAction::Rollback { cfg.train.rollback_points as u64 } else { 1 };
+        for target in 1..=points + 1 {
             let mut groups = 0;
             while s.trainer.updates() < target {
                 if groups == WARMUP_GROUPS {
@@ -144,8 +146,8 @@ impl SteadyState {
                 s.group(&mut |_| {})?;
                 groups += 1;
             }
-            if target == 1 {
-                s.trainer.mark_good();
+            if target <= points {
+                s.trainer.mark_good(target as usize);
             }
         }
         let st = s.trainer.optimizer_state();

@@ -20,13 +20,18 @@ fn weights_of(dir: &Path) -> Vec<(String, Vec<u64>)> {
     train::load_final_weights(dir).unwrap().into_iter().map(|(k, v)| (k, v.values.iter().map(|x| x.to_bits()).collect())).collect()
 }
 
-fn step_records(dir: &Path) -> Vec<serde_json::Value> {
+/// The records of one `kind` (`step` or `epoch`) in the run's metrics.jsonl.
+fn records(dir: &Path, kind: &str) -> Vec<serde_json::Value> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["kind"] == "step")
+        .filter(|v| v["kind"] == kind)
         .collect()
+}
+
+fn step_records(dir: &Path) -> Vec<serde_json::Value> {
+    records(dir, "step")
 }
 
 #[test]
@@ -104,6 +109,7 @@ fn a_spike_rolls_back_with_a_lower_learning_rate() {
     let mut cfg = tiny(&root.join("cache"));
     cfg.faults.spike_steps = vec![14];
     cfg.train.spike_action = SpikeAction::Rollback;
+    cfg.train.rollback_rewarmup = 4;
     let dir = root.join("run");
     let s = run(&cfg, &opts(&dir));
     assert!(s.finished && !s.crashed, "{s:?}");
@@ -113,6 +119,10 @@ fn a_spike_rolls_back_with_a_lower_learning_rate() {
     let lr = |i: usize| recs[i]["lr"].as_f64().unwrap();
     assert_eq!(lr(13), 1e-3);
     assert_eq!(lr(15), 0.5e-3, "the rate after a rollback is halved");
+    // ... and climbs back to the schedule's over rollback_rewarmup = 4 updates.
+    for (i, want) in [(16, 0.625e-3), (17, 0.75e-3), (18, 0.875e-3), (19, 1e-3), (23, 1e-3)] {
+        assert!((lr(i) - want).abs() < 1e-15, "step {i}: lr {} not {want}", lr(i));
+    }
     for (name, w) in train::load_final_weights(&dir).unwrap() {
         assert!(w.values.iter().all(|v| v.is_finite()), "{name} is not finite");
     }
@@ -370,4 +380,60 @@ fn spikes_in_the_first_steps_are_detected() {
         assert_eq!(recs[step as usize]["outcome"], "spike_skipped", "step {step}");
         assert!(recs[step as usize]["spike_reference"].as_f64().is_some_and(|r| r > 0.0), "step {step}");
     }
+}
+
+/// An epoch that ends blown up (a bad update at its last step: a 10^4 x rate, whose damage only
+/// its validation sees) is not made a rollback point: the next epoch's spike goes back to the
+/// epoch before it, once, and training goes on (the guard rolled back into the blown-up state
+/// until the run crashed with "rollbacks exhausted"). The run resumes exactly from a checkpoint
+/// that holds both rollback points.
+#[test]
+fn an_epoch_that_ends_blown_up_is_never_a_rollback_point() {
+    let root = tempdir("train");
+    let mut cfg = tiny(&root.join("cache"));
+    cfg.train.epochs = 5;
+    cfg.train.spike_action = SpikeAction::Rollback;
+    // 24 patterns in batches of 4: steps 6-11 are epoch 2.
+    cfg.faults.bad_update_steps = vec![11];
+    cfg.faults.spike_scale = 1e4;
+    let dir = root.join("run");
+    let mut lines = Vec::new();
+    let s = train::train(&cfg, &opts(&dir), &mut |l| lines.push(l.to_string())).unwrap();
+    assert!(s.finished && !s.crashed, "{s:?}");
+    let epochs = records(&dir, "epoch");
+    let val = |k: usize| epochs[k]["val_loss"].as_f64().unwrap();
+    assert!(val(1) > 2.0 * val(0), "the bad update did not blow epoch 2 up: {} vs {}", val(1), val(0));
+    assert_eq!(epochs.iter().map(|e| e["rollback_point"].as_bool().unwrap()).collect::<Vec<_>>()[..2], [true, false]);
+    assert!(lines.iter().any(|l| l.starts_with("epoch 2's end is not a rollback point") && l.ends_with("a rollback goes to epoch 1's end")), "{lines:?}");
+    let recs = step_records(&dir);
+    let rollbacks: Vec<&serde_json::Value> = recs.iter().filter(|r| r["outcome"] == "rolled_back").collect();
+    assert!(!rollbacks.is_empty(), "the blow-up was not caught");
+    assert!(rollbacks.iter().all(|r| r["rolled_back_to_epoch"] == 1), "{rollbacks:?}");
+    assert!(rollbacks.len() <= 2, "the guard looped: {} rollbacks", rollbacks.len());
+    assert!(val(4) < val(1) / 2.0, "training did not go on from epoch 1's end: {} then {}", val(1), val(4));
+
+    // Stopped after the blown-up epoch (its checkpoint holds epoch 1's point and the initial
+    // weights; epoch 2's state is not one), then resumed: the straight run, bit for bit.
+    let split = root.join("split");
+    run(&cfg, &RunOptions { stop_after_epochs: Some(2), ..opts(&split) });
+    let resumed = run(&cfg, &RunOptions { resume: true, ..opts(&split) });
+    assert!(resumed.finished, "{resumed:?}");
+    assert_eq!(std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap(), std::fs::read_to_string(split.join("metrics.jsonl")).unwrap());
+    assert_eq!(weights_of(&dir), weights_of(&split));
+}
+
+/// A rollback point that keeps leading to spikes is passed over: each rollback before a new
+/// point is made goes one point older (here: epoch 2's end, then epoch 1's).
+#[test]
+fn repeated_rollbacks_go_to_older_points() {
+    let root = tempdir("train");
+    let mut cfg = tiny(&root.join("cache"));
+    cfg.train.spike_action = SpikeAction::Rollback;
+    // Epoch 3 is steps 12-17: two spikes in it, before its end makes a new point.
+    cfg.faults.spike_steps = vec![13, 15];
+    let dir = root.join("run");
+    let s = run(&cfg, &opts(&dir));
+    assert!(s.finished && !s.crashed, "{s:?}");
+    let recs = step_records(&dir);
+    assert_eq!((recs[13]["rolled_back_to_epoch"].as_u64(), recs[15]["rolled_back_to_epoch"].as_u64()), (Some(2), Some(1)));
 }

@@ -235,10 +235,21 @@ impl Clipper {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ScheduleState {
     pub total_updates: u64,
-    /// Multiplies the scheduled rate: plateau reductions and rollbacks.
+    /// Multiplies the scheduled rate: plateau reductions (and, in checkpoints written before
+    /// the rollback cut was temporary, rollbacks).
     pub factor: f64,
     pub best_val: Option<f64>,
     pub bad_epochs: usize,
+    /// The last rollback's cut of the rate and the update it was made at: the rate is
+    /// multiplied by the cut, climbing back linearly to 1 over `rollback_rewarmup` updates.
+    #[serde(default = "one")]
+    pub cut: f64,
+    #[serde(default)]
+    pub cut_at: u64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// The learning rate over updates (constant, warmup + cosine, step, exponential, plateau), with
@@ -254,6 +265,7 @@ pub struct Schedule {
     min_lr: f64,
     plateau_patience: usize,
     plateau_factor: f64,
+    rewarmup: u64,
     state: ScheduleState,
 }
 
@@ -271,7 +283,8 @@ impl Schedule {
             min_lr: cfg.min_lr,
             plateau_patience: cfg.plateau_patience,
             plateau_factor: cfg.plateau_factor,
-            state: ScheduleState { total_updates: total_updates.max(1), factor: 1.0, best_val: None, bad_epochs: 0 },
+            rewarmup: cfg.rollback_rewarmup as u64,
+            state: ScheduleState { total_updates: total_updates.max(1), factor: 1.0, best_val: None, bad_epochs: 0, cut: 1.0, cut_at: 0 },
         }
     }
 
@@ -288,9 +301,25 @@ impl Schedule {
         self.state.total_updates = total_updates.max(1);
     }
 
-    /// Multiplies every later rate by `k` (a rollback's rate reduction).
-    pub fn scale_rate(&mut self, k: f64) {
-        self.state.factor *= k;
+    /// A rollback at update `u`: the rate there is cut by `k` and climbs back linearly to the
+    /// schedule's over `rollback_rewarmup` updates (with 0 the cut stays). A cut made while an
+    /// earlier one is still climbing starts from where that one had reached.
+    pub fn cut_rate(&mut self, k: f64, u: u64) {
+        self.state.cut = self.recovery(u) * k;
+        self.state.cut_at = u;
+    }
+
+    /// The rollback cut's multiplier at update `u`.
+    fn recovery(&self, u: u64) -> f64 {
+        let st = &self.state;
+        if st.cut >= 1.0 || self.rewarmup == 0 {
+            return st.cut;
+        }
+        let since = u.saturating_sub(st.cut_at);
+        if since >= self.rewarmup {
+            return 1.0;
+        }
+        st.cut + (1.0 - st.cut) * (since as f64 / self.rewarmup as f64)
     }
 
     /// The rate of update number `u` (0-based).
@@ -312,7 +341,7 @@ impl Schedule {
             ScheduleKind::Step => base * self.step_gamma.powi((u / self.step_size) as i32),
             ScheduleKind::Exponential => base * self.exp_gamma.powf(u as f64),
         };
-        let lr = scheduled * st.factor;
+        let lr = scheduled * st.factor * self.recovery(u);
         if self.kind == ScheduleKind::Plateau {
             lr.max(self.min_lr)
         } else {

@@ -1,6 +1,8 @@
 //! Checkpoints: safetensors files holding the parameters (`param.<name>`), the optimiser's moments
-//! (`opt_m.<name>`, `opt_v.<name>`), the rollback point when one was saved mid-epoch
-//! (`good.param.<name>`, ...), and the run's state as JSON in the metadata (`fnokern_state`).
+//! (`opt_m.<name>`, `opt_v.<name>`), the rollback points (`good<i>.param.<name>`, ..., oldest
+//! first; the newest is not stored again when it is the checkpoint's own state), and the run's
+//! state as JSON in the metadata (`fnokern_state`, with each rollback point's epoch, optimiser
+//! update count and spike window in `good_points`).
 //! Every file carries a checksum over all of that (`io::CHECKSUM_KEY`), verified on load.
 //!
 //! A run directory may hold `last` (every epoch end, and where an interrupted run stopped),
@@ -12,6 +14,9 @@ use std::fs::{self, File};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
+
+use super::step::GoodPoint;
 use super::{TrainState, Trainer};
 use crate::autograd::ParamStore;
 use crate::error::{Error, Result};
@@ -19,13 +24,24 @@ use crate::io::{self, io_err, Named};
 use crate::optim::OptimizerState;
 use crate::tensor::Tensor;
 
-/// What a checkpoint restores: parameters, optimiser state, the rollback point if saved, and
-/// the run's state.
+/// What a checkpoint restores: parameters, optimiser state, the rollback points (and whether the
+/// newest is the checkpoint's own state), and the run's state.
 pub(crate) struct Checkpoint {
     pub params: ParamStore,
     pub optimizer: OptimizerState,
-    pub good: Option<(ParamStore, OptimizerState)>,
+    pub good: Vec<GoodPoint>,
+    pub newest_is_current: bool,
     pub state: TrainState,
+}
+
+/// A rollback point's state besides tensors, in the checkpoint's run state.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct GoodMeta {
+    pub epoch: usize,
+    pub optimizer_updates: u64,
+    pub window: Vec<f64>,
+    /// The point is the checkpoint's own state: its tensors are not stored twice.
+    pub current: bool,
 }
 
 fn push<'a>(v: &mut Vec<Named<'a>>, prefix: &str, params: &'a ParamStore, opt: &'a OptimizerState) {
@@ -40,16 +56,33 @@ fn push<'a>(v: &mut Vec<Named<'a>>, prefix: &str, params: &'a ParamStore, opt: &
     }
 }
 
-/// Writes the trainer and `state` to `path` atomically; `with_good` adds the rollback point (for
-/// a checkpoint written mid-epoch, where it is not the checkpoint's own state).
-pub(crate) fn save(path: &Path, trainer: &Trainer, state: &TrainState, with_good: bool) -> Result<()> {
+/// Writes the trainer (with its rollback points) and `state` to `path` atomically.
+pub(crate) fn save(path: &Path, trainer: &Trainer, state: &TrainState) -> Result<()> {
+    let (points, newest_is_current) = trainer.good();
+    let last = points.len().saturating_sub(1);
+    let mut state = state.clone();
+    state.good_optimizer_updates = None;
+    state.good_points = Some(
+        points
+            .iter()
+            .enumerate()
+            .map(|(i, p)| GoodMeta {
+                epoch: p.epoch,
+                optimizer_updates: p.optimizer.updates,
+                window: p.window.clone(),
+                current: newest_is_current && i == last,
+            })
+            .collect(),
+    );
     let mut meta = BTreeMap::new();
-    meta.insert("fnokern_state".to_string(), serde_json::to_string(state).map_err(|e| Error::invalid("checkpoint", e.to_string()))?);
+    meta.insert("fnokern_state".to_string(), serde_json::to_string(&state).map_err(|e| Error::invalid("checkpoint", e.to_string()))?);
     let mut named = Vec::new();
     push(&mut named, "", &trainer.model().params, trainer.optimizer_state());
-    if let (true, Some((p, o))) = (with_good, trainer.good()) {
-        meta.insert("fnokern_good_updates".to_string(), o.updates.to_string());
-        push(&mut named, "good.", p, o);
+    let prefixes: Vec<String> = (0..points.len()).map(|i| format!("good{i}.")).collect();
+    for (i, p) in points.iter().enumerate() {
+        if !(newest_is_current && i == last) {
+            push(&mut named, &prefixes[i], &p.params, &p.optimizer);
+        }
     }
     io::save_tensors(path, &named, Some(meta))
 }
@@ -97,14 +130,34 @@ pub(crate) fn load(path: &Path, params: &ParamStore) -> Result<Checkpoint> {
         Ok(Some((out, opt)))
     };
     let (params_out, optimizer) = read("", true)?.ok_or_else(|| bad("no parameters".into()))?;
-    let good = read("good.", false)?.map(|(p, mut o)| {
-        o.updates = state.good_optimizer_updates.unwrap_or(0);
-        (p, o)
-    });
+    let (mut good, mut newest_is_current) = (Vec::new(), false);
+    match &state.good_points {
+        Some(metas) => {
+            for (i, m) in metas.iter().enumerate() {
+                if m.current {
+                    // The checkpoint's own state, added by the trainer's restore.
+                    newest_is_current = true;
+                    continue;
+                }
+                let (p, mut o) = read(&format!("good{i}."), true)?.ok_or_else(|| bad(format!("rollback point {i} is missing")))?;
+                o.updates = m.optimizer_updates;
+                good.push(GoodPoint { params: p, optimizer: o, window: m.window.clone(), epoch: m.epoch });
+            }
+        }
+        // Written before rollback points were stored at every epoch end: the point of a
+        // mid-epoch checkpoint (`good.`), else the checkpoint's own state.
+        None => match read("good.", false)? {
+            Some((p, mut o)) => {
+                o.updates = state.good_optimizer_updates.unwrap_or(0);
+                good.push(GoodPoint { params: p, optimizer: o, window: Vec::new(), epoch: state.epochs_done });
+            }
+            None => newest_is_current = true,
+        },
+    }
     if let Some(extra) = file.keys().next() {
         return Err(bad(format!("`{extra}` does not belong to this model")));
     }
-    Ok(Checkpoint { params: params_out, optimizer, good, state })
+    Ok(Checkpoint { params: params_out, optimizer, good, newest_is_current, state })
 }
 
 /// The checkpoints of a run directory, newest first by the steps they hold (then `last` before

@@ -90,9 +90,13 @@ pub struct TrainState {
     pub epoch_loss_sum: f64,
     #[serde(default)]
     pub epoch_loss_count: usize,
-    /// The rollback point's optimiser update count, when the checkpoint holds that point.
+    /// The rollback point's optimiser update count, in checkpoints written before
+    /// `good_points` (which one held a point only mid-epoch).
     #[serde(default)]
     pub good_optimizer_updates: Option<u64>,
+    /// The rollback points (oldest first) besides their tensors; set by the checkpoint writer.
+    #[serde(default)]
+    pub good_points: Option<Vec<checkpoint::GoodMeta>>,
     /// Training time so far, over every invocation.
     #[serde(default)]
     pub wall_seconds: f64,
@@ -261,7 +265,10 @@ fn event_line(r: &StepReport, epoch: usize, trainer: &Trainer) -> Option<String>
         RolledBack => format!(
             "{}: rolled back to {}, learning rate now {:.2e}",
             spike(),
-            if epoch == 0 { "the initial weights".to_string() } else { format!("the weights of epoch {epoch}'s end") },
+            match r.rolled_back_to {
+                Some(0) | None => "the initial weights".to_string(),
+                Some(k) => format!("the weights of epoch {k}'s end"),
+            },
             trainer.lr()
         ),
         SkippedBadInput => "non-finite input batch: skipped".into(),
@@ -582,6 +589,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
         epoch_loss_sum: 0.0,
         epoch_loss_count: 0,
         good_optimizer_updates: None,
+        good_points: None,
         wall_seconds: 0.0,
         epochs_without_improvement: 0,
         stopped_early: false,
@@ -614,7 +622,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
                         return Ok(s);
                     }
                 }
-                trainer.restore(ck.state.trainer.clone(), ck.params, ck.optimizer, ck.good);
+                trainer.restore(ck.state.trainer.clone(), ck.params, ck.optimizer, ck.good, ck.newest_is_current);
                 if ck_path != last_path {
                     // `last` is damaged or older than the checkpoint the run goes on from: it
                     // becomes that checkpoint, as the straight run's `last` was at that point.
@@ -743,10 +751,9 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
                     state.trainer = trainer.state();
                     state.epoch_steps = (bi + 1) as u64;
                     (state.epoch_loss_sum, state.epoch_loss_count) = (loss_sum, loss_count);
-                    state.good_optimizer_updates = trainer.good().map(|(_, o)| o.updates);
                     state.wall_seconds = base_wall + started.elapsed().as_secs_f64();
                     log.sync()?;
-                    checkpoint::save(&last_path, &trainer, &state, true)?;
+                    checkpoint::save(&last_path, &trainer, &state)?;
                     return Ok(Ending::Interrupted);
                 }
             }
@@ -763,16 +770,29 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
             if !val.is_finite() {
                 return Ok(Ending::Crashed(Crash::Nonfinite, "non-finite validation loss".into()));
             }
-            trainer.end_epoch(val);
+            let (good, bound) = trainer.end_epoch(val, epoch + 1);
+            let rollbacks = cfg.train.spike_action == crate::config::SpikeAction::Rollback;
+            if rollbacks && !good {
+                tell(&format!(
+                    "epoch {}'s end is not a rollback point: validation loss {val:.5} > {:.5} (train.good_point_factor x the best so far); \
+                     a rollback goes to epoch {}'s end",
+                    epoch + 1,
+                    bound.unwrap_or(f64::NAN),
+                    trainer.rollback_target().map_or(0, |p| p.epoch)
+                ));
+            }
             state.first_val.get_or_insert(val);
             state.last_val = Some(val);
             state.epochs_done += 1;
             ran_epochs += 1;
             let train_loss = if loss_count > 0 { loss_sum / loss_count as f64 } else { f64::NAN };
-            let rec = json!({
+            let mut rec = json!({
                 "kind": "epoch", "epoch": epoch, "steps_end": trainer.steps(), "train_loss": train_loss,
                 "val_loss": val, "lr": trainer.lr(), "outcomes": trainer.outcomes(),
             });
+            if rollbacks {
+                rec["rollback_point"] = json!(good);
+            }
             log.write(&rec)?;
             log.sync()?;
             records.push(rec);
@@ -787,7 +807,6 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
             );
             tell(&line);
             state.trainer = trainer.state();
-            state.good_optimizer_updates = None;
             state.wall_seconds = base_wall + started.elapsed().as_secs_f64();
             let patience = cfg.train.early_stopping_patience;
             if patience > 0 {
@@ -798,13 +817,12 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
             if state.best_val.is_none_or(|b| val < b) {
                 state.best_val = Some(val);
                 state.best_epoch = Some(state.epochs_done);
-                checkpoint::save(&dir.join("checkpoints/best.safetensors"), &trainer, &state, false)?;
+                checkpoint::save(&dir.join("checkpoints/best.safetensors"), &trainer, &state)?;
             }
             if cfg.train.checkpoint_every > 0 && state.epochs_done.is_multiple_of(cfg.train.checkpoint_every) {
-                checkpoint::save(&dir.join(format!("checkpoints/epoch_{}.safetensors", state.epochs_done)), &trainer, &state, false)?;
+                checkpoint::save(&dir.join(format!("checkpoints/epoch_{}.safetensors", state.epochs_done)), &trainer, &state)?;
             }
-            checkpoint::save(&last_path, &trainer, &state, false)?;
-            trainer.mark_good();
+            checkpoint::save(&last_path, &trainer, &state)?;
             if let Err(e) = write_csv(dir, &records) {
                 tell(&format!("warning: metrics.csv was not written: {e}"));
             }

@@ -131,6 +131,8 @@ pub struct StepReport {
     pub loss_scale_after: Option<f64>,
     /// A spike: the mean of the recent losses its loss was compared with.
     pub spike_reference: Option<f64>,
+    /// A rollback: the epoch whose end it went back to (0: the initial weights).
+    pub rolled_back_to: Option<usize>,
 }
 
 impl StepReport {
@@ -145,6 +147,9 @@ impl StepReport {
         }
         if let Some(m) = self.spike_reference {
             rec["spike_reference"] = json!(m);
+        }
+        if let Some(k) = self.rolled_back_to {
+            rec["rolled_back_to_epoch"] = json!(k);
         }
         if let Some(c) = self.clip {
             rec["grad_norm"] = json!(c.norm_before);
@@ -240,6 +245,24 @@ pub struct TrainerState {
     /// fp16's dynamic loss scaler (None in fp32 and bf16).
     #[serde(default)]
     pub scaler: Option<ScalerState>,
+    /// Rollbacks since the newest rollback point was made.
+    #[serde(default)]
+    pub rollbacks_since_good: usize,
+    /// The first step's loss and the best validation loss: what a rollback point is judged by.
+    #[serde(default)]
+    pub first_loss: Option<f64>,
+    #[serde(default)]
+    pub good_best_val: Option<f64>,
+}
+
+/// A state a rollback may return to: parameters, the optimiser's state, the spike guard's window
+/// there, and the epoch whose end it is (0: the initial weights).
+#[derive(Clone)]
+pub struct GoodPoint {
+    pub params: ParamStore,
+    pub optimizer: OptimizerState,
+    pub window: Vec<f64>,
+    pub epoch: usize,
 }
 
 /// The forward pass and the configured loss of one batch.
@@ -344,9 +367,18 @@ pub struct Trainer {
     /// Gradients summed over the micro-batches of the current group.
     acc: Vec<Option<Tensor>>,
     micro: usize,
-    /// Parameters and optimiser state at the last good point (`spike_action = "rollback"` only:
-    /// the copy costs a second set of parameters and moments once the next update writes).
-    good: Option<(ParamStore, OptimizerState)>,
+    /// The rollback points, oldest first, at most `rollback_points` (`spike_action = "rollback"`
+    /// only: each costs a set of parameters and moments once a later update writes apart).
+    good: Vec<GoodPoint>,
+    rollback_points: usize,
+    good_point_factor: f64,
+    /// The newest rollback point is the current state (nothing updated since it was made).
+    newest_is_current: bool,
+    /// Rollbacks since the newest point was made: the next goes this many points back.
+    rollbacks_since_good: usize,
+    /// The first step's loss and the best validation loss: what a rollback point is judged by.
+    first_loss: Option<f64>,
+    best_val: Option<f64>,
     steps: u64,
     updates: u64,
     consecutive_failures: usize,
@@ -360,7 +392,11 @@ impl Trainer {
     pub fn new(cfg: &Config, model: Generator, probe: Option<&Tensor>, total_updates: u64) -> Result<Trainer> {
         let t = &cfg.train;
         let optimizer = Optimizer::new(t, &model.params);
-        let good = (t.spike_action == SpikeAction::Rollback).then(|| (model.params.clone(), optimizer.state().clone()));
+        let good = if t.spike_action == SpikeAction::Rollback {
+            vec![GoodPoint { params: model.params.clone(), optimizer: optimizer.state().clone(), window: Vec::new(), epoch: 0 }]
+        } else {
+            Vec::new()
+        };
         Ok(Trainer {
             probe: probe.map(|p| loss::scaled_probe(p, &cfg.loss)).transpose()?,
             loss: cfg.loss.clone(),
@@ -377,6 +413,12 @@ impl Trainer {
             acc: Vec::new(),
             micro: 0,
             good,
+            rollback_points: t.rollback_points,
+            good_point_factor: t.good_point_factor,
+            newest_is_current: true,
+            rollbacks_since_good: 0,
+            first_loss: None,
+            best_val: None,
             model,
             steps: 0,
             updates: 0,
@@ -434,9 +476,22 @@ impl Trainer {
         &self.outcomes
     }
 
-    /// The schedule's per-epoch hook (ReduceLROnPlateau) with the epoch's validation loss.
-    pub fn end_epoch(&mut self, val: f64) {
+    /// An epoch's end, with its validation loss `val` (epoch `epoch`, counted from 1): the
+    /// schedule's per-epoch hook (ReduceLROnPlateau), and, with rollbacks, whether this state
+    /// becomes a rollback point: only a finite one whose validation loss is at most
+    /// `good_point_factor` x the best so far (the first epoch: x the first step's loss). Returns
+    /// that verdict and the bound it was judged by.
+    pub fn end_epoch(&mut self, val: f64, epoch: usize) -> (bool, Option<f64>) {
         self.schedule.on_epoch(val);
+        let bound = self.best_val.or(self.first_loss).map(|r| self.good_point_factor * r);
+        let good = val.is_finite() && bound.is_none_or(|b| val <= b);
+        if val.is_finite() {
+            self.best_val = Some(self.best_val.map_or(val, |b| b.min(val)));
+        }
+        if good {
+            self.mark_good(epoch);
+        }
+        (good, bound)
     }
 
     /// Whether a group of micro-batches is under way (gradients accumulated, no update yet).
@@ -444,9 +499,16 @@ impl Trainer {
         self.micro > 0
     }
 
-    /// The point a rollback returns to (`spike_action = "rollback"` only).
-    pub fn good(&self) -> Option<(&ParamStore, &OptimizerState)> {
-        self.good.as_ref().map(|(p, o)| (p, o))
+    /// The rollback points, oldest first (`spike_action = "rollback"` only), and whether the
+    /// newest is the current state.
+    pub fn good(&self) -> (&[GoodPoint], bool) {
+        (&self.good, self.newest_is_current)
+    }
+
+    /// The point the next rollback returns to.
+    pub fn rollback_target(&self) -> Option<&GoodPoint> {
+        let back = self.rollbacks_since_good.min(self.good.len().saturating_sub(1));
+        self.good.len().checked_sub(1 + back).map(|i| &self.good[i])
     }
 
     /// Sets the schedule's horizon (a run extended with more epochs).
@@ -457,13 +519,25 @@ impl Trainer {
     /// Replaces the model's parameters (an early-stopped run's best epoch), keeping the rest.
     pub fn set_params(&mut self, params: ParamStore) {
         self.model.params = params;
+        self.newest_is_current = false;
     }
 
-    /// Makes the current parameters and optimiser state the point a rollback returns to.
-    pub fn mark_good(&mut self) {
-        if self.good.is_some() {
-            self.good = Some((self.model.params.clone(), self.optimizer.state().clone()));
+    /// Makes the current state (parameters, optimiser, the spike guard's window) the newest
+    /// rollback point (`spike_action = "rollback"` only), dropping the oldest beyond
+    /// `rollback_points`; `epoch` names it.
+    pub fn mark_good(&mut self, epoch: usize) {
+        if self.good.is_empty() {
+            return;
         }
+        if self.newest_is_current {
+            self.good.pop();
+        }
+        let window = self.guard.state().to_vec();
+        self.good.push(GoodPoint { params: self.model.params.clone(), optimizer: self.optimizer.state().clone(), window, epoch });
+        let extra = self.good.len().saturating_sub(self.rollback_points);
+        self.good.drain(..extra);
+        self.newest_is_current = true;
+        self.rollbacks_since_good = 0;
     }
 
     pub fn state(&self) -> TrainerState {
@@ -476,13 +550,18 @@ impl Trainer {
             consecutive_failures: self.consecutive_failures,
             outcomes: self.outcomes.clone(),
             scaler: self.scaler.as_ref().map(|s| s.state().clone()),
+            rollbacks_since_good: self.rollbacks_since_good,
+            first_loss: self.first_loss,
+            good_best_val: self.best_val,
         }
     }
 
     /// Continues from a checkpoint: its state, parameters and optimiser tensors (whose update
-    /// count this sets from `state`), and the rollback point it saved (one written mid-epoch
-    /// does), else the restored state itself (an epoch's end, where the point is marked).
-    pub fn restore(&mut self, state: TrainerState, params: ParamStore, mut optimizer: OptimizerState, good: Option<(ParamStore, OptimizerState)>) {
+    /// count this sets from `state`), and the rollback points it saved (`newest_is_current`: the
+    /// newest is the checkpoint's own state, not stored twice); a checkpoint that saved none
+    /// (one written before rollback points were stored at every epoch end) has its own state
+    /// as the point.
+    pub fn restore(&mut self, state: TrainerState, params: ParamStore, mut optimizer: OptimizerState, good: Vec<GoodPoint>, newest_is_current: bool) {
         optimizer.updates = state.optimizer_updates.unwrap_or(state.updates);
         self.model.params = params;
         self.optimizer.restore(optimizer);
@@ -495,11 +574,20 @@ impl Trainer {
         self.updates = state.updates;
         self.consecutive_failures = state.consecutive_failures;
         self.outcomes = state.outcomes;
+        self.rollbacks_since_good = state.rollbacks_since_good;
+        self.first_loss = state.first_loss;
+        self.best_val = state.good_best_val;
         self.acc.clear();
         self.micro = 0;
-        self.mark_good();
-        if let (Some(_), Some(g)) = (&self.good, good) {
-            self.good = Some(g);
+        if self.good.is_empty() {
+            return;
+        }
+        self.good = good;
+        self.newest_is_current = newest_is_current || self.good.is_empty();
+        if self.newest_is_current {
+            let window = self.guard.state().to_vec();
+            let epoch = self.good.last().map_or(0, |p| p.epoch);
+            self.good.push(GoodPoint { params: self.model.params.clone(), optimizer: self.optimizer.state().clone(), window, epoch });
         }
     }
 
@@ -523,6 +611,7 @@ impl Trainer {
             loss_scale: scale,
             loss_scale_after: scale,
             spike_reference: None,
+            rolled_back_to: None,
         };
         if self.faults.nan_input_steps.contains(&step) {
             batch.input = Tensor::full(f64::NAN, batch.input.shape().clone(), batch.input.dtype(), batch.input.device())?;
@@ -558,6 +647,7 @@ impl Trainer {
             if !lv.is_finite() {
                 return Ok(StepOutcome::SkippedNonfiniteLoss);
             }
+            self.first_loss.get_or_insert(lv);
             let spike = self.guard.is_spike(lv);
             if spike {
                 report.spike_reference = self.guard.reference();
@@ -565,6 +655,7 @@ impl Trainer {
                     SpikeAction::Log => {}
                     SpikeAction::Skip => return Ok(StepOutcome::SpikeSkipped),
                     SpikeAction::Rollback => {
+                        report.rolled_back_to = self.rollback_target().map(|p| p.epoch);
                         self.roll_back();
                         return Ok(StepOutcome::RolledBack);
                     }
@@ -610,21 +701,34 @@ impl Trainer {
                 None => StepOutcome::SkippedNonfiniteGrad,
             });
         }
-        self.optimizer.step(&mut self.model.params, &grads, report.lr)?;
+        // The `bad_update_steps` fault: an update at spike_scale x the rate, whose damage the loss
+        // shows only at later steps (or in the epoch's validation, at an epoch's end).
+        let lr = if self.faults.bad_update_steps.contains(&step) { report.lr * self.faults.spike_scale } else { report.lr };
+        self.optimizer.step(&mut self.model.params, &grads, lr)?;
         self.updates += 1;
+        self.newest_is_current = false;
         if let Some(s) = self.scaler.as_mut() {
             s.update(true);
         }
         Ok(went_on)
     }
 
-    /// Back to the last good point, at a lower rate; the group's gradients are dropped.
+    /// Back to a rollback point, at a lower rate that climbs back over `rollback_rewarmup`
+    /// updates; the group's gradients are dropped. The first rollback after a point was made
+    /// goes to it, each further one a point older (a point that keeps leading to spikes is
+    /// passed over); the spike guard's window becomes the point's own.
     fn roll_back(&mut self) {
-        if let Some((params, opt)) = &self.good {
-            self.model.params = params.clone();
-            self.optimizer.restore(opt.clone());
+        if !self.good.is_empty() {
+            let back = self.rollbacks_since_good.min(self.good.len() - 1);
+            let p = &self.good[self.good.len() - 1 - back];
+            self.model.params = p.params.clone();
+            self.optimizer.restore(p.optimizer.clone());
+            // The initial weights' point has no window yet: its loss is the first step's.
+            self.guard.restore(if p.window.is_empty() { self.first_loss.into_iter().collect() } else { p.window.clone() });
+            self.newest_is_current = back == 0;
+            self.rollbacks_since_good += 1;
         }
-        self.schedule.scale_rate(self.rollback_lr_factor);
+        self.schedule.cut_rate(self.rollback_lr_factor, self.updates);
         self.acc.clear();
         self.micro = 0;
     }
