@@ -772,15 +772,6 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
             }
             let (good, bound) = trainer.end_epoch(val, epoch + 1);
             let rollbacks = cfg.train.spike_action == crate::config::SpikeAction::Rollback;
-            if rollbacks && !good {
-                tell(&format!(
-                    "epoch {}'s end is not a rollback point: validation loss {val:.5} > {:.5} (train.good_point_factor x the best so far); \
-                     a rollback goes to epoch {}'s end",
-                    epoch + 1,
-                    bound.unwrap_or(f64::NAN),
-                    trainer.rollback_target().map_or(0, |p| p.epoch)
-                ));
-            }
             state.first_val.get_or_insert(val);
             state.last_val = Some(val);
             state.epochs_done += 1;
@@ -806,6 +797,15 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
                 if events.is_empty() { String::new() } else { format!("  events: {events}") }
             );
             tell(&line);
+            if rollbacks && !good {
+                tell(&format!(
+                    "epoch {}'s end is not a rollback point: validation loss {val:.5} > {:.5} (train.good_point_factor x the best so far); \
+                     a rollback goes to epoch {}'s end",
+                    epoch + 1,
+                    bound.unwrap_or(f64::NAN),
+                    trainer.rollback_target().map_or(0, |p| p.epoch)
+                ));
+            }
             state.trainer = trainer.state();
             state.wall_seconds = base_wall + started.elapsed().as_secs_f64();
             let patience = cfg.train.early_stopping_patience;
