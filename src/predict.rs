@@ -175,6 +175,23 @@ pub struct PredictReport {
     pub seconds: f64,
 }
 
+/// Refuses an output directory that exists, holds something, and is not an earlier prediction's
+/// (whose metrics.json names its input and weights): a prediction overwrites only its own files.
+fn refuse_foreign_out(out: &Path) -> Result<()> {
+    let Ok(mut entries) = std::fs::read_dir(out) else { return Ok(()) };
+    if entries.next().is_none() {
+        return Ok(());
+    }
+    let ours = std::fs::read(out.join("metrics.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|m| m.get("weights").is_some() && m.get("patterns").is_some());
+    if ours {
+        return Ok(());
+    }
+    Err(Error::invalid("predict", format!("{} already holds files that are not an fnokern prediction: choose a new or empty --out", out.display())))
+}
+
 /// Runs a prediction: writes prediction.npz, reconstruction.png and metrics.json to `opts.out`.
 pub fn predict(opts: &PredictOptions, dev: &Device, say: &mut dyn FnMut(&str)) -> Result<PredictReport> {
     let started = std::time::Instant::now();
@@ -195,6 +212,7 @@ pub fn predict(opts: &PredictOptions, dev: &Device, say: &mut dyn FnMut(&str)) -
             ),
         ));
     }
+    refuse_foreign_out(&opts.out)?;
     let weights_path = match &opts.weights {
         Some(w) => w.clone(),
         None => default_weights(&opts.run)?,

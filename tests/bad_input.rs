@@ -299,6 +299,14 @@ fn what_the_campaign_found_accepted_is_refused() {
         &format!("parameter `{}` holds NaN or infinite values", first.trim_end_matches(".re").trim_end_matches(".im")),
     );
     assert!(!pred.exists());
+    // A prediction into a directory of the user's is refused too; into its own earlier output,
+    // it overwrites what it wrote.
+    refused(&["predict", run.to_str().unwrap(), "--device", "cpu", "--out", mine.to_str().unwrap()], "not an fnokern prediction");
+    assert_eq!(snapshot(&mine), before);
+    for _ in 0..2 {
+        let out = bin().args(["predict", run.to_str().unwrap(), "--device", "cpu", "--out", pred.to_str().unwrap()]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
 }
 
 /// Arguments the parser refuses exit with status 2, as every --help says.
