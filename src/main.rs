@@ -336,8 +336,19 @@ fn keep_freed_buffers() {
     }
 }
 
+/// Output into a closed pipe (`fnokern info | head -1`) ends the process quietly, as it ends
+/// other command-line tools, instead of a panic with a backtrace: Rust ignores SIGPIPE by default.
+fn default_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition of one signal, before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     keep_freed_buffers();
+    default_sigpipe();
     let cli = Cli::parse();
     let ok = |r: fnokern::Result<()>| r.map(|()| fnokern::train::exit::OK);
     let result = match cli.command {

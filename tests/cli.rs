@@ -167,3 +167,28 @@ fn info_checks_a_gpu_it_finds() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("stand-in") && text.contains("agree with the CPU"), "{text}");
 }
+
+/// Output into a pipe whose reader has gone (`fnokern info | head -1`) ends the process quietly:
+/// no panic, no backtrace on stderr.
+#[test]
+fn a_closed_pipe_ends_the_output_quietly() {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe(2) fills two new descriptors; the read end is closed at once, and the write
+    // end is owned by the OwnedFd that becomes the child's stdout.
+    let write_end = unsafe {
+        assert_eq!(libc::pipe(fds.as_mut_ptr()), 0);
+        libc::close(fds[0]);
+        std::os::fd::OwnedFd::from_raw_fd(fds[1])
+    };
+    let out = bin()
+        .args(["model", "--preset", "study", "--depth", "8"])
+        .stdout(std::process::Stdio::from(write_end))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+        .wait_with_output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
+}
