@@ -620,8 +620,8 @@ pub struct TrainConfig {
     /// validation loss is at most good_point_factor x the best so far (epoch 1: x the first
     /// step's loss): a blown-up state is never one.
     pub good_point_factor: f64,
-    /// How many rollback points are kept, newest first: a rollback goes to the newest, and
-    /// each further rollback before a new point is made goes one point older.
+    /// How many rollback points are kept: a rollback goes to the newest, or, while the rate is
+    /// still climbing back from the last rollback (rollback_rewarmup), one point older than that.
     pub rollback_points: usize,
     /// This many failed steps in a row (skipped or rolled back) stop the run as crashed.
     pub max_consecutive_failures: usize,

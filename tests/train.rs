@@ -422,18 +422,23 @@ fn an_epoch_that_ends_blown_up_is_never_a_rollback_point() {
     assert_eq!(weights_of(&dir), weights_of(&split));
 }
 
-/// A rollback point that keeps leading to spikes is passed over: each rollback before a new
-/// point is made goes one point older (here: epoch 2's end, then epoch 1's).
+/// A rollback point that leads straight to another spike is passed over: a rollback while the
+/// rate still climbs back from the last goes one point older (epoch 2's end, then epoch 1's); one
+/// after the rate is back goes to the newest again.
 #[test]
 fn repeated_rollbacks_go_to_older_points() {
     let root = tempdir("train");
     let mut cfg = tiny(&root.join("cache"));
     cfg.train.spike_action = SpikeAction::Rollback;
-    // Epoch 3 is steps 12-17: two spikes in it, before its end makes a new point.
-    cfg.faults.spike_steps = vec![13, 15];
+    cfg.train.rollback_rewarmup = 2;
+    // Epoch 3 is steps 12-17, before its end makes a new point: a spike at 13, another at once
+    // (no update between: the rate is climbing), and one at 17, after the updates of steps 15
+    // and 16 (the rate is back).
+    cfg.faults.spike_steps = vec![13, 14, 17];
     let dir = root.join("run");
     let s = run(&cfg, &opts(&dir));
     assert!(s.finished && !s.crashed, "{s:?}");
     let recs = step_records(&dir);
-    assert_eq!((recs[13]["rolled_back_to_epoch"].as_u64(), recs[15]["rolled_back_to_epoch"].as_u64()), (Some(2), Some(1)));
+    let to = |i: usize| recs[i]["rolled_back_to_epoch"].as_u64();
+    assert_eq!((to(13), to(14), to(17)), (Some(2), Some(1), Some(2)));
 }

@@ -309,6 +309,11 @@ impl Schedule {
         self.state.cut_at = u;
     }
 
+    /// Whether update `u` is still within the last rollback's re-warmup (the rate not yet back).
+    pub fn climbing(&self, u: u64) -> bool {
+        self.state.cut < 1.0 && u.saturating_sub(self.state.cut_at) < self.rewarmup
+    }
+
     /// The rollback cut's multiplier at update `u`.
     fn recovery(&self, u: u64) -> f64 {
         let st = &self.state;

@@ -374,7 +374,8 @@ pub struct Trainer {
     good_point_factor: f64,
     /// The newest rollback point is the current state (nothing updated since it was made).
     newest_is_current: bool,
-    /// Rollbacks since the newest point was made: the next goes this many points back.
+    /// How many points back the last rollback went, plus one: a rollback while the rate is still
+    /// climbing back from the last goes this many points back.
     rollbacks_since_good: usize,
     /// The first step's loss and the best validation loss: what a rollback point is judged by.
     first_loss: Option<f64>,
@@ -505,10 +506,17 @@ impl Trainer {
         (&self.good, self.newest_is_current)
     }
 
+    /// How many points back from the newest the next rollback goes: one further than the last
+    /// rollback when it comes while the rate is still climbing back from that one (the point led
+    /// straight to another spike), else the newest.
+    fn rollback_depth(&self) -> usize {
+        let back = if self.schedule.climbing(self.updates) { self.rollbacks_since_good } else { 0 };
+        back.min(self.good.len().saturating_sub(1))
+    }
+
     /// The point the next rollback returns to.
     pub fn rollback_target(&self) -> Option<&GoodPoint> {
-        let back = self.rollbacks_since_good.min(self.good.len().saturating_sub(1));
-        self.good.len().checked_sub(1 + back).map(|i| &self.good[i])
+        self.good.len().checked_sub(1 + self.rollback_depth()).map(|i| &self.good[i])
     }
 
     /// Sets the schedule's horizon (a run extended with more epochs).
@@ -714,19 +722,20 @@ impl Trainer {
     }
 
     /// Back to a rollback point, at a lower rate that climbs back over `rollback_rewarmup`
-    /// updates; the group's gradients are dropped. The first rollback after a point was made
-    /// goes to it, each further one a point older (a point that keeps leading to spikes is
-    /// passed over); the spike guard's window becomes the point's own.
+    /// updates; the group's gradients are dropped. A rollback goes to the newest point, or, while
+    /// the rate is still climbing back from the last rollback, one point older than that one went
+    /// (a point that leads straight to another spike is passed over); the spike guard's window
+    /// becomes the point's own.
     fn roll_back(&mut self) {
         if !self.good.is_empty() {
-            let back = self.rollbacks_since_good.min(self.good.len() - 1);
+            let back = self.rollback_depth();
             let p = &self.good[self.good.len() - 1 - back];
             self.model.params = p.params.clone();
             self.optimizer.restore(p.optimizer.clone());
             // The initial weights' point has no window yet: its loss is the first step's.
             self.guard.restore(if p.window.is_empty() { self.first_loss.into_iter().collect() } else { p.window.clone() });
             self.newest_is_current = back == 0;
-            self.rollbacks_since_good += 1;
+            self.rollbacks_since_good = back + 1;
         }
         self.schedule.cut_rate(self.rollback_lr_factor, self.updates);
         self.acc.clear();
