@@ -59,30 +59,23 @@ fn push<'a>(v: &mut Vec<Named<'a>>, prefix: &str, params: &'a ParamStore, opt: &
 /// Writes the trainer (with its rollback points) and `state` to `path` atomically.
 pub(crate) fn save(path: &Path, trainer: &Trainer, state: &TrainState) -> Result<()> {
     let (points, newest_is_current) = trainer.good();
-    let last = points.len().saturating_sub(1);
+    // The newest point, when it is the trainer's own state, is not stored twice.
+    let is_current = |i: usize| newest_is_current && i + 1 == points.len();
     let mut state = state.clone();
     state.good_optimizer_updates = None;
     state.good_points = Some(
         points
             .iter()
             .enumerate()
-            .map(|(i, p)| GoodMeta {
-                epoch: p.epoch,
-                optimizer_updates: p.optimizer.updates,
-                window: p.window.clone(),
-                current: newest_is_current && i == last,
-            })
+            .map(|(i, p)| GoodMeta { epoch: p.epoch, optimizer_updates: p.optimizer.updates, window: p.window.clone(), current: is_current(i) })
             .collect(),
     );
     let mut meta = BTreeMap::new();
     meta.insert("fnokern_state".to_string(), serde_json::to_string(&state).map_err(|e| Error::invalid("checkpoint", e.to_string()))?);
     let mut named = Vec::new();
     push(&mut named, "", &trainer.model().params, trainer.optimizer_state());
-    let prefixes: Vec<String> = (0..points.len()).map(|i| format!("good{i}.")).collect();
-    for (i, p) in points.iter().enumerate() {
-        if !(newest_is_current && i == last) {
-            push(&mut named, &prefixes[i], &p.params, &p.optimizer);
-        }
+    for (i, p) in points.iter().enumerate().filter(|(i, _)| !is_current(*i)) {
+        push(&mut named, &format!("good{i}."), &p.params, &p.optimizer);
     }
     io::save_tensors(path, &named, Some(meta))
 }

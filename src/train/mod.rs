@@ -770,7 +770,7 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
             if !val.is_finite() {
                 return Ok(Ending::Crashed(Crash::Nonfinite, "non-finite validation loss".into()));
             }
-            let (good, bound) = trainer.end_epoch(val, epoch + 1);
+            let (good, bound) = trainer.end_epoch(val, epoch + 1, state.best_val);
             let rollbacks = cfg.train.spike_action == crate::config::SpikeAction::Rollback;
             state.first_val.get_or_insert(val);
             state.last_val = Some(val);

@@ -245,14 +245,12 @@ pub struct TrainerState {
     /// fp16's dynamic loss scaler (None in fp32 and bf16).
     #[serde(default)]
     pub scaler: Option<ScalerState>,
-    /// Rollbacks since the newest rollback point was made.
+    /// How many points back the last rollback went, plus one (see `Trainer::rollback_depth`).
     #[serde(default)]
-    pub rollbacks_since_good: usize,
-    /// The first step's loss and the best validation loss: what a rollback point is judged by.
+    pub climbing_depth: usize,
+    /// The first step's loss: what epoch 1's end is judged by as a rollback point.
     #[serde(default)]
     pub first_loss: Option<f64>,
-    #[serde(default)]
-    pub good_best_val: Option<f64>,
 }
 
 /// A state a rollback may return to: parameters, the optimiser's state, the spike guard's window
@@ -263,6 +261,13 @@ pub struct GoodPoint {
     pub optimizer: OptimizerState,
     pub window: Vec<f64>,
     pub epoch: usize,
+}
+
+impl GoodPoint {
+    /// A point holding (copy-on-write shares of) `params` and `optimizer`.
+    fn of(params: &ParamStore, optimizer: &OptimizerState, window: Vec<f64>, epoch: usize) -> GoodPoint {
+        GoodPoint { params: params.clone(), optimizer: optimizer.clone(), window, epoch }
+    }
 }
 
 /// The forward pass and the configured loss of one batch.
@@ -376,10 +381,9 @@ pub struct Trainer {
     newest_is_current: bool,
     /// How many points back the last rollback went, plus one: a rollback while the rate is still
     /// climbing back from the last goes this many points back.
-    rollbacks_since_good: usize,
-    /// The first step's loss and the best validation loss: what a rollback point is judged by.
+    climbing_depth: usize,
+    /// The first step's loss: what epoch 1's end is judged by as a rollback point.
     first_loss: Option<f64>,
-    best_val: Option<f64>,
     steps: u64,
     updates: u64,
     consecutive_failures: usize,
@@ -393,11 +397,8 @@ impl Trainer {
     pub fn new(cfg: &Config, model: Generator, probe: Option<&Tensor>, total_updates: u64) -> Result<Trainer> {
         let t = &cfg.train;
         let optimizer = Optimizer::new(t, &model.params);
-        let good = if t.spike_action == SpikeAction::Rollback {
-            vec![GoodPoint { params: model.params.clone(), optimizer: optimizer.state().clone(), window: Vec::new(), epoch: 0 }]
-        } else {
-            Vec::new()
-        };
+        // The initial weights are the first rollback point.
+        let good = if t.spike_action == SpikeAction::Rollback { vec![GoodPoint::of(&model.params, optimizer.state(), Vec::new(), 0)] } else { Vec::new() };
         Ok(Trainer {
             probe: probe.map(|p| loss::scaled_probe(p, &cfg.loss)).transpose()?,
             loss: cfg.loss.clone(),
@@ -417,9 +418,8 @@ impl Trainer {
             rollback_points: t.rollback_points,
             good_point_factor: t.good_point_factor,
             newest_is_current: true,
-            rollbacks_since_good: 0,
+            climbing_depth: 0,
             first_loss: None,
-            best_val: None,
             model,
             steps: 0,
             updates: 0,
@@ -477,18 +477,15 @@ impl Trainer {
         &self.outcomes
     }
 
-    /// An epoch's end, with its validation loss `val` (epoch `epoch`, counted from 1): the
-    /// schedule's per-epoch hook (ReduceLROnPlateau), and, with rollbacks, whether this state
-    /// becomes a rollback point: only a finite one whose validation loss is at most
-    /// `good_point_factor` x the best so far (the first epoch: x the first step's loss). Returns
-    /// that verdict and the bound it was judged by.
-    pub fn end_epoch(&mut self, val: f64, epoch: usize) -> (bool, Option<f64>) {
+    /// An epoch's end, with its validation loss `val` (epoch `epoch`, counted from 1) and the
+    /// best validation loss of the epochs before: the schedule's per-epoch hook
+    /// (ReduceLROnPlateau), and, with rollbacks, whether this state becomes a rollback point: only
+    /// a finite one whose validation loss is at most `good_point_factor` x the best before (the
+    /// first epoch: x the first step's loss). Returns that verdict and the bound it was judged by.
+    pub fn end_epoch(&mut self, val: f64, epoch: usize, best_before: Option<f64>) -> (bool, Option<f64>) {
         self.schedule.on_epoch(val);
-        let bound = self.best_val.or(self.first_loss).map(|r| self.good_point_factor * r);
+        let bound = best_before.or(self.first_loss).map(|r| self.good_point_factor * r);
         let good = val.is_finite() && bound.is_none_or(|b| val <= b);
-        if val.is_finite() {
-            self.best_val = Some(self.best_val.map_or(val, |b| b.min(val)));
-        }
         if good {
             self.mark_good(epoch);
         }
@@ -510,7 +507,7 @@ impl Trainer {
     /// rollback when it comes while the rate is still climbing back from that one (the point led
     /// straight to another spike), else the newest.
     fn rollback_depth(&self) -> usize {
-        let back = if self.schedule.climbing(self.updates) { self.rollbacks_since_good } else { 0 };
+        let back = if self.schedule.climbing(self.updates) { self.climbing_depth } else { 0 };
         back.min(self.good.len().saturating_sub(1))
     }
 
@@ -540,12 +537,17 @@ impl Trainer {
         if self.newest_is_current {
             self.good.pop();
         }
-        let window = self.guard.state().to_vec();
-        self.good.push(GoodPoint { params: self.model.params.clone(), optimizer: self.optimizer.state().clone(), window, epoch });
+        self.push_current_point(epoch);
         let extra = self.good.len().saturating_sub(self.rollback_points);
         self.good.drain(..extra);
+        self.climbing_depth = 0;
+    }
+
+    /// Appends the current state (parameters, optimiser, the spike guard's window) as the
+    /// newest rollback point, named `epoch`.
+    fn push_current_point(&mut self, epoch: usize) {
+        self.good.push(GoodPoint::of(&self.model.params, self.optimizer.state(), self.guard.state().to_vec(), epoch));
         self.newest_is_current = true;
-        self.rollbacks_since_good = 0;
     }
 
     pub fn state(&self) -> TrainerState {
@@ -558,9 +560,8 @@ impl Trainer {
             consecutive_failures: self.consecutive_failures,
             outcomes: self.outcomes.clone(),
             scaler: self.scaler.as_ref().map(|s| s.state().clone()),
-            rollbacks_since_good: self.rollbacks_since_good,
+            climbing_depth: self.climbing_depth,
             first_loss: self.first_loss,
-            good_best_val: self.best_val,
         }
     }
 
@@ -582,20 +583,18 @@ impl Trainer {
         self.updates = state.updates;
         self.consecutive_failures = state.consecutive_failures;
         self.outcomes = state.outcomes;
-        self.rollbacks_since_good = state.rollbacks_since_good;
+        self.climbing_depth = state.climbing_depth;
         self.first_loss = state.first_loss;
-        self.best_val = state.good_best_val;
         self.acc.clear();
         self.micro = 0;
         if self.good.is_empty() {
             return;
         }
         self.good = good;
-        self.newest_is_current = newest_is_current || self.good.is_empty();
-        if self.newest_is_current {
-            let window = self.guard.state().to_vec();
+        self.newest_is_current = false;
+        if newest_is_current || self.good.is_empty() {
             let epoch = self.good.last().map_or(0, |p| p.epoch);
-            self.good.push(GoodPoint { params: self.model.params.clone(), optimizer: self.optimizer.state().clone(), window, epoch });
+            self.push_current_point(epoch);
         }
     }
 
@@ -735,7 +734,7 @@ impl Trainer {
             // The initial weights' point has no window yet: its loss is the first step's.
             self.guard.restore(if p.window.is_empty() { self.first_loss.into_iter().collect() } else { p.window.clone() });
             self.newest_is_current = back == 0;
-            self.rollbacks_since_good = back + 1;
+            self.climbing_depth = back + 1;
         }
         self.schedule.cut_rate(self.rollback_lr_factor, self.updates);
         self.acc.clear();
