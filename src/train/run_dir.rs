@@ -15,12 +15,19 @@ pub struct DirLock {
     _file: File,
 }
 
+/// Creates `dir` with its `.lock` file (`what` names the directory's role in the error), and
+/// returns that file, opened but not locked, with its path.
+fn lock_file(dir: &Path, what: &str) -> Result<(File, PathBuf)> {
+    fs::create_dir_all(dir).map_err(|source| Error::Io { path: format!("cannot create the {what} directory {}", dir.display()), source })?;
+    let path = dir.join(".lock");
+    let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))?;
+    Ok((file, path))
+}
+
 impl DirLock {
     /// Creates `dir` and takes its lock; `what` names the directory's role in the error.
     pub fn take(dir: &Path, what: &str) -> Result<DirLock> {
-        fs::create_dir_all(dir).map_err(|source| Error::Io { path: format!("cannot create the {what} directory {}", dir.display()), source })?;
-        let path = dir.join(".lock");
-        let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))?;
+        let (file, path) = lock_file(dir, what)?;
         match file.try_lock() {
             Ok(()) => Ok(DirLock { _file: file }),
             Err(std::fs::TryLockError::WouldBlock) => Err(Error::invalid(
@@ -33,9 +40,7 @@ impl DirLock {
 
     /// Creates `dir` and takes its lock, waiting while another process holds it.
     pub fn wait(dir: &Path, what: &str) -> Result<DirLock> {
-        fs::create_dir_all(dir).map_err(|source| Error::Io { path: format!("cannot create the {what} directory {}", dir.display()), source })?;
-        let path = dir.join(".lock");
-        let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))?;
+        let (file, path) = lock_file(dir, what)?;
         file.lock().map_err(io_err(&path))?;
         Ok(DirLock { _file: file })
     }
@@ -80,9 +85,7 @@ pub fn refuse_foreign(dir: &Path) -> Result<()> {
 /// Creates `dir` as fnokern's (with its `.lock` file, not held) for a caller that writes there
 /// before [`crate::train::train`] takes the lock (a sweep's train.log).
 pub fn claim(dir: &Path) -> Result<()> {
-    fs::create_dir_all(dir).map_err(|source| Error::Io { path: format!("cannot create the run directory {}", dir.display()), source })?;
-    let path = dir.join(".lock");
-    OpenOptions::new().create(true).truncate(false).write(true).open(&path).map(drop).map_err(io_err(&path))
+    lock_file(dir, "run").map(drop)
 }
 
 /// metrics.jsonl, appended one whole line per write call; synced to disk at epoch ends.
