@@ -1,13 +1,14 @@
 //! The on-disk data cache: one directory per data config (its name hashes every field that
-//! changes the data), holding the splits and `params.json`, written last, with the size and
-//! CRC-32 of every split file. A cache is used only when every file matches its entry: a
-//! damaged, truncated or swapped file (or one copied in from another cache) is said and the data
-//! are made again. Writers hold the directory's lock, so two processes that both find no cache
+//! changes the data), holding the splits (NPZ archives) and `params.json`, written last, with
+//! each split's fingerprint: its length and every array's name, size and CRC-32 as the archive's
+//! directory records them (read without reading the data). A cache is used only when every split
+//! matches its fingerprint and reads whole, each array checked against its CRC-32 as it is read:
+//! a damaged, truncated or swapped file (or one copied in from another cache) is said and the
+//! data are made again. Writers hold the directory's lock, so two processes that both find no cache
 //! make it one after the other (the second reads the first's), and the temporary files of a
 //! killed writer are removed by the next one.
 
 use std::fs::File;
-use std::io::Read;
 use std::path::Path;
 
 use serde_json::{json, Value};
@@ -16,43 +17,37 @@ use crate::error::{Error, Result};
 use crate::io::io_err;
 use crate::train::run_dir::DirLock;
 
-/// The size and CRC-32 of a file, read in 1 MiB pieces.
-fn sum_of(path: &Path) -> Result<(u64, u32)> {
-    let mut f = File::open(path).map_err(io_err(path))?;
-    let (mut h, mut buf, mut len) = (crc32fast::Hasher::new(), vec![0u8; 1 << 20], 0u64);
-    loop {
-        let k = f.read(&mut buf).map_err(io_err(path))?;
-        if k == 0 {
-            return Ok((len, h.finalize()));
-        }
-        h.update(&buf[..k]);
-        len += k as u64;
+/// A split file's fingerprint: its length, and each array's name, size and CRC-32 from the
+/// archive's central directory (the data itself is not read: reading it checks the CRC-32s).
+fn fingerprint(path: &Path) -> Result<Value> {
+    let file = File::open(path).map_err(io_err(path))?;
+    let bytes = file.metadata().map_err(io_err(path))?.len();
+    let mut arc = zip::ZipArchive::new(file).map_err(|e| crate::io::bad(path, format!("not an NPZ (zip) file: {e}")))?;
+    let mut arrays = Vec::with_capacity(arc.len());
+    for i in 0..arc.len() {
+        let e = arc.by_index_raw(i).map_err(|e| crate::io::bad(path, format!("entry {i}: {e}")))?;
+        arrays.push(json!([e.name(), e.size(), e.crc32()]));
     }
+    Ok(json!({ "bytes": bytes, "arrays": arrays }))
 }
 
-/// `{"train.npz": {"bytes": .., "crc32": ..}, ...}` for params.json.
-pub(crate) fn sums(dir: &Path, files: &[&str]) -> Result<Value> {
-    let mut out = serde_json::Map::new();
-    for name in files {
-        let (bytes, crc) = sum_of(&dir.join(name))?;
-        out.insert(name.to_string(), json!({ "bytes": bytes, "crc32": crc }));
-    }
-    Ok(Value::Object(out))
+/// `{"train.npz": <fingerprint>, ...}` for params.json.
+fn fingerprints(dir: &Path, files: &[&str]) -> Result<Value> {
+    files.iter().map(|name| Ok((name.to_string(), fingerprint(&dir.join(name))?))).collect::<Result<serde_json::Map<_, _>>>().map(Value::Object)
 }
 
 /// Why the cache in `dir` cannot be used, or its params.json when it can: every file in `files`
-/// has the size and CRC-32 that params.json lists (a cache written before the sums were kept
+/// has the fingerprint that params.json lists (a cache written before fingerprints were kept
 /// lists none; its files are still checked by their own archives' CRC-32 when read).
 fn verified(dir: &Path, files: &[&str]) -> std::result::Result<Value, String> {
     let params_path = dir.join("params.json");
     let text = std::fs::read(&params_path).map_err(|e| format!("params.json: {e}"))?;
     let params: Value = serde_json::from_slice(&text).map_err(|e| format!("params.json is not JSON ({e})"))?;
-    if let Some(listed) = params.get("files") {
+    if let Some(listed) = params.get("fingerprints") {
         for name in files {
-            let want = (listed[name]["bytes"].as_u64(), listed[name]["crc32"].as_u64());
-            let got = sum_of(&dir.join(name)).map_err(|e| e.to_string())?;
-            if want != (Some(got.0), Some(got.1 as u64)) {
-                return Err(format!("{name} is not the file params.json lists ({} bytes, CRC-32 {:08x})", got.0, got.1));
+            let got = fingerprint(&dir.join(name)).map_err(|e| e.to_string())?;
+            if listed.get(name) != Some(&got) {
+                return Err(format!("{name} is not the file params.json lists ({} bytes, other arrays or CRC-32s)", got["bytes"]));
             }
         }
     }
@@ -114,7 +109,7 @@ pub(crate) fn read_or_make<T>(
         _ => {}
     }
     let (t, mut params) = make(say)?;
-    params["files"] = sums(dir, files)?;
+    params["fingerprints"] = fingerprints(dir, files)?;
     crate::io::write_atomic(&dir.join("params.json"), params.to_string().as_bytes())?;
     Ok(t)
 }
