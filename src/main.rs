@@ -127,12 +127,24 @@ struct SweepArgs {
     /// Sweep directory (default: sweeps/<command>-<arm or depth>); an existing one is continued.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// A finished run whose final validation loss is above this has failed.
+    /// A finished run whose final validation loss is above this has crashed.
     #[arg(long, default_value_t = 0.15)]
     max_val_loss: f64,
     /// A finished run whose test amplitude SSIM is below this has collapsed.
     #[arg(long, default_value_t = 0.5)]
     min_amp_ssim: f64,
+    /// A training or validation loss above this multiple of the first step's loss is a loss
+    /// explosion (a crash, even if the guard rescued the run).
+    #[arg(long, default_value_t = 3.0)]
+    explosion_factor: f64,
+    /// A test amplitude contrast (sd of the prediction / sd of the truth) below this is a flat
+    /// output: a collapse.
+    #[arg(long, default_value_t = 0.1)]
+    min_amp_contrast: f64,
+    /// A finished run whose best validation loss is above this fraction of its first step's loss
+    /// did not train (reported apart, not a crash).
+    #[arg(long, default_value_t = 0.9)]
+    did_not_train_above: f64,
 }
 
 /// The exit statuses of the sweeps, for their --help.
@@ -232,9 +244,12 @@ a directory in use); 2 bad command-line arguments (the usage is printed); 3 cras
         #[arg(long)]
         out: PathBuf,
     },
-    /// Find the shallowest depth where training fails: the control arm (or --arm) at every depth
-    /// and seed. Resumable: run the same command again to continue a killed sweep.
-    /// Without --config or --preset it uses the `sweep` preset.
+    /// Find the shallowest depth where training crashes: the control arm (or --arm) at every depth
+    /// and seed. A crash is counted per kind whatever a guard did (non-finite values, a loss
+    /// explosion, out of memory, a collapse, a high final validation loss; "did not train" apart);
+    /// the spike guard is off (train.spike_action = log) unless the arm turns it on (`guard`).
+    /// Resumable: run the same command again to continue a killed sweep. Without --config or
+    /// --preset it uses the `sweep` preset.
     #[command(after_help = SWEEP_EXIT)]
     CrashHunt {
         #[command(flatten)]
@@ -249,7 +264,8 @@ a directory in use); 2 bad command-line arguments (the usage is printed); 3 cras
         sweep: SweepArgs,
     },
     /// Every arm at every seed at one depth (--depth, default the config's): which fix makes deep
-    /// FNOs train? Resumable like crash-hunt. Without --config or --preset it uses `sweep`.
+    /// FNOs train? Crashes counted and the guard set as in crash-hunt. Resumable like crash-hunt.
+    /// Without --config or --preset it uses `sweep`.
     #[command(after_help = SWEEP_EXIT)]
     Shootout {
         #[command(flatten)]
@@ -261,10 +277,11 @@ a directory in use); 2 bad command-line arguments (the usage is printed); 3 cras
         sweep: SweepArgs,
     },
     /// Map the stable learning rates: every arm at every depth, peak learning rate and seed. A run
-    /// diverges on a non-finite value, exhausted rollbacks, or a final validation loss above its
-    /// initial loss; quality is scored apart, on the best epoch's weights. Writes report.md (the
-    /// largest stable rate per arm and depth), results.json and a heat map per arm. Resumable like
-    /// crash-hunt. Without --config or --preset it uses the `map` preset.
+    /// is unstable on non-finite values, a loss explosion, the guard giving up or out of memory
+    /// (each counted whatever a guard did; the guard is off unless an arm turns it on); quality
+    /// is scored apart, on the best epoch's weights. Writes report.md (the largest stable rate
+    /// per arm and depth), results.json and a heat map per arm. Resumable like crash-hunt.
+    /// Without --config or --preset it uses the `map` preset.
     #[command(after_help = SWEEP_EXIT)]
     StabilityMap {
         #[command(flatten)]
@@ -562,16 +579,23 @@ fn sweep(
     sw: SweepArgs,
 ) -> fnokern::Result<u8> {
     use fnokern::experiments::{self as ex, SweepKind};
-    let base = args.resolve(depth, Some(if kind == SweepKind::StabilityMap { "map" } else { "sweep" }))?;
+    let mut base = args.resolve(depth, Some(if kind == SweepKind::StabilityMap { "map" } else { "sweep" }))?;
+    // What happens to a model, not what a guard hides: the guard is an arm (`guard`).
+    base.train.spike_action = fnokern::config::SpikeAction::Log;
     let depths = if kind == SweepKind::Shootout { vec![base.model.depth] } else { depths };
     let arms = arms.iter().map(|a| ex::Arm::load(a)).collect::<fnokern::Result<Vec<_>>>()?;
     let bad = |why: String| fnokern::Error::InvalidArgument { op: "sweep", why };
     if sw.seeds == 0 {
         return Err(bad("--seeds must be at least 1".into()));
     }
-    if sw.max_val_loss.is_nan() || sw.max_val_loss <= 0.0 || !(0.0..=1.0).contains(&sw.min_amp_ssim) {
-        return Err(bad("--max-val-loss must be > 0 and --min-amp-ssim in [0, 1]".into()));
-    }
+    let criteria = ex::Criteria {
+        max_val_loss: sw.max_val_loss,
+        min_amp_ssim: sw.min_amp_ssim,
+        explosion_factor: sw.explosion_factor,
+        min_amp_contrast: sw.min_amp_contrast,
+        did_not_train_above: sw.did_not_train_above,
+    };
+    criteria.check()?;
     let out = sw.out.unwrap_or_else(|| match kind {
         SweepKind::CrashHunt => PathBuf::from(format!("sweeps/crash-hunt-{}", arms[0].name)),
         SweepKind::Shootout => PathBuf::from(format!("sweeps/shootout-d{}", depths[0])),
@@ -587,7 +611,7 @@ fn sweep(
         jobs: sw.jobs.unwrap_or_else(ex::cores).max(1),
         threads: None,
         max_runs: None,
-        criteria: ex::Criteria { max_val_loss: sw.max_val_loss, min_amp_ssim: sw.min_amp_ssim },
+        criteria,
         command: std::iter::once("fnokern".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" "),
         stop: Some(stop_flag()),
     };
@@ -595,12 +619,14 @@ fn sweep(
     let o = ex::run_sweep(&plan, &opts, &|m| println!("{m}"))?;
     let interrupted = !o.complete() && opts.stop.as_ref().is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
     for (arm, d) in plan.arms.iter().map(|a| (a.name.as_str(), ex::report::shallowest_failing_depth(&plan, &o.results, &a.name))) {
-        let failed = o.results.iter().filter(|r| r.arm == arm && r.failure.is_some()).count();
-        let runs = o.results.iter().filter(|r| r.arm == arm).count();
+        let rs: Vec<&ex::RunResult> = o.results.iter().filter(|r| r.arm == arm).collect();
+        let crashed = rs.iter().filter(|r| r.crashed_any()).count();
+        let kinds = ex::report::kinds_text(&ex::report::kind_counts(rs.iter().copied()));
+        let p = ex::report::interval_text(crashed, rs.len());
         match (kind, d) {
-            (SweepKind::CrashHunt, Some(d)) => println!("{arm}: shallowest depth with a failing run: {d} ({failed}/{runs} runs failed)"),
-            (SweepKind::CrashHunt, None) => println!("{arm}: no run failed at depths {:?}", plan.depths),
-            (SweepKind::Shootout, _) => println!("{arm}: {failed}/{runs} runs failed"),
+            (SweepKind::CrashHunt, Some(d)) => println!("{arm}: shallowest depth with a crashed run: {d}; P_crash {p} ({kinds})"),
+            (SweepKind::CrashHunt, None) => println!("{arm}: no run crashed at depths {:?} ({} runs)", plan.depths, rs.len()),
+            (SweepKind::Shootout, _) => println!("{arm}: P_crash {p} ({kinds})"),
             (SweepKind::StabilityMap, _) => {}
         }
     }
@@ -608,7 +634,7 @@ fn sweep(
         let cells = ex::map::cells(&plan, &o.results);
         for e in ex::map::edges(&plan, &cells) {
             let l = |v: Option<f64>| v.map_or("-".to_string(), ex::lr_label);
-            println!("{} depth {}: largest stable lr {} (first diverging {})", e.arm, e.depth, l(e.largest_stable_lr), l(e.first_unstable_lr));
+            println!("{} depth {}: largest stable lr {} (first unstable {})", e.arm, e.depth, l(e.largest_stable_lr), l(e.first_unstable_lr));
         }
         println!("wrote {}/report.md, results.json, map_<arm>.png ({} runs this time, {} kept)", out.display(), o.ran, o.reused);
     } else {

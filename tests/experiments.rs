@@ -7,7 +7,7 @@ use std::sync::Mutex;
 mod common;
 use common::tempdir;
 use fnokern::config::Config;
-use fnokern::experiments::{self as ex, Arm, Criteria, Failure, Plan, SweepKind, SweepOptions};
+use fnokern::experiments::{self as ex, Arm, CrashKind, Criteria, Plan, SweepKind, SweepOptions};
 
 /// The shared tiny config with 3 epochs.
 fn tiny(cache: &Path) -> Config {
@@ -17,16 +17,12 @@ fn tiny(cache: &Path) -> Config {
 }
 
 fn options(dir: &Path) -> SweepOptions {
-    SweepOptions {
-        out_dir: dir.to_path_buf(),
-        jobs: 2,
-        threads: Some(2),
-        max_runs: None,
-        // Loose enough that the tiny runs pass unless built to fail.
-        criteria: Criteria { max_val_loss: 10.0, min_amp_ssim: 0.0 },
-        command: "test".into(),
-        stop: None,
-    }
+    SweepOptions { out_dir: dir.to_path_buf(), jobs: 2, threads: Some(2), max_runs: None, criteria: loose(), command: "test".into(), stop: None }
+}
+
+/// Loose enough that the tiny runs pass unless built to fail.
+fn loose() -> Criteria {
+    Criteria { max_val_loss: 10.0, min_amp_ssim: 0.0, min_amp_contrast: 0.0, ..Criteria::default() }
 }
 
 fn quiet() -> impl Fn(&str) + Sync {
@@ -95,63 +91,140 @@ fn a_killed_sweep_resumes_without_redoing_finished_runs() {
     assert_eq!(results["complete"], true);
 }
 
-/// One run of `cfg` through a one-run sweep; returns its classification.
-fn classify_run(tag: &str, cfg: &Config, criteria: Criteria) -> (Option<Failure>, Option<String>) {
+/// One run of `cfg` through a one-run sweep; returns its result.
+fn judge_run(tag: &str, cfg: &Config, criteria: Criteria) -> ex::RunResult {
     let dir = tempdir(tag);
     let arm = Arm { name: "as-is".into(), overlay: String::new() };
     let plan = Plan::new(SweepKind::CrashHunt, cfg, vec![arm], vec![cfg.model.depth], vec![0]).unwrap();
     let mut o = options(&dir);
     o.criteria = criteria;
     let out = ex::run_sweep(&plan, &o, &quiet()).unwrap();
-    let r = &out.results[0];
-    (r.failure, r.reason.clone())
+    out.results[0].clone()
 }
 
 #[test]
-fn each_failure_class_is_detected_on_a_run_built_to_fail_that_way() {
+fn each_crash_kind_is_detected_on_a_run_built_to_crash_that_way() {
+    use CrashKind::*;
     let cache = tempdir("cache");
-    let loose = Criteria { max_val_loss: 10.0, min_amp_ssim: 0.0 };
 
-    // A healthy run passes.
-    let (f, why) = classify_run("ok", &tiny(&cache), loose);
-    assert_eq!(f, None, "{why:?}");
+    // A healthy run does not crash, and trains (at a rate that moves it in 18 steps).
+    let mut c = tiny(&cache);
+    c.train.lr = 1e-2;
+    let r = judge_run("ok", &c, loose());
+    assert_eq!((r.crashes.as_slice(), r.did_not_train), (&[][..], false), "{:?}", r.reason);
+    assert!(r.initial_loss.is_some() && r.max_train_loss.is_some(), "{r:?}");
 
     // Non-finite: every input batch is NaN, so every step is skipped until the trainer gives up.
     let mut c = tiny(&cache);
     c.faults.nan_input_steps = (0..10).collect();
     c.train.max_consecutive_failures = 3;
-    let (f, why) = classify_run("nan", &c, loose);
-    assert_eq!(f, Some(Failure::Nonfinite), "{why:?}");
+    let r = judge_run("nan", &c, loose());
+    assert_eq!(r.crashes, [Nonfinite], "{:?}", r.reason);
 
-    // Loss spikes: every step from the 4th is a 100x spike, rolled back until the trainer gives up.
+    // The guard gives up: every step from the 4th is a 100x spike, rolled back until the
+    // trainer stops; the spikes were explosions too.
     let mut c = tiny(&cache);
     c.faults.spike_steps = (3..20).collect();
     c.train.max_consecutive_failures = 3;
-    let (f, why) = classify_run("spike", &c, loose);
-    assert_eq!(f, Some(Failure::Spike), "{why:?}");
+    c.train.spike_action = fnokern::config::SpikeAction::Rollback;
+    let r = judge_run("spike", &c, loose());
+    assert_eq!(r.crashes, [Explosion, Spike], "{:?}", r.reason);
+
+    // One 100x spike that the guard rescues is still a loss explosion; with the guard off the
+    // same spike is logged, trained through, and counted the same way.
+    for (tag, action) in [("rescued", fnokern::config::SpikeAction::Rollback), ("logged", fnokern::config::SpikeAction::Log)] {
+        let mut c = tiny(&cache);
+        c.faults.spike_steps = vec![9];
+        c.train.spike_action = action;
+        let r = judge_run(tag, &c, loose());
+        assert!(r.finished, "{tag}: {:?}", r.reason);
+        assert_eq!(r.crashes, [Explosion], "{tag}: {:?}", r.reason);
+        assert_eq!(r.max_train_loss.map(|m| m.0), Some(9), "{tag}");
+        assert_eq!(r.rollbacks, u64::from(action == fnokern::config::SpikeAction::Rollback), "{tag}");
+        // A larger explosion factor than the spike lets it pass.
+        let mut r = r.clone();
+        r.judge(&Criteria { explosion_factor: 1e6, ..loose() });
+        assert_eq!(r.crashes, [], "{tag}: {:?}", r.reason);
+    }
 
     // Out of memory: a budget that holds the model but not a training step's activations.
     let mut c = tiny(&cache);
     c.train.memory_limit = Some("64KiB".into());
-    let (f, why) = classify_run("oom", &c, loose);
-    assert_eq!(f, Some(Failure::Oom), "{why:?}");
-    assert!(why.as_deref().unwrap_or("").contains("out of memory"), "{why:?}");
+    let r = judge_run("oom", &c, loose());
+    assert_eq!(r.crashes, [Oom], "{:?}", r.reason);
+    assert!(r.reason.as_deref().unwrap_or("").contains("out of memory"), "{:?}", r.reason);
     // ... and a budget too small for the model itself.
     c.train.memory_limit = Some("1KiB".into());
-    let (f, _) = classify_run("oom-model", &c, loose);
-    assert_eq!(f, Some(Failure::Oom));
+    assert_eq!(judge_run("oom-model", &c, loose()).crashes, [Oom]);
 
-    // Collapse: an (almost) untrained generator reconstructs nothing like the object.
+    // Collapse: an (almost) untrained generator reconstructs nothing like the object; it did
+    // not train either (counted apart).
     let mut c = tiny(&cache);
     c.train.lr = 1e-9;
     c.train.epochs = 1;
     c.train.evaluate = true;
-    let (f, why) = classify_run("collapse", &c, Criteria { max_val_loss: 10.0, min_amp_ssim: 0.5 });
-    assert_eq!(f, Some(Failure::Collapse), "{why:?}");
+    let r = judge_run("collapse", &c, Criteria { min_amp_ssim: 0.5, ..loose() });
+    assert_eq!(r.crashes, [Collapse], "{:?}", r.reason);
+    assert!(r.did_not_train, "{:?}", r.reason);
+    assert!(r.amp_contrast.is_some_and(f64::is_finite), "{r:?}");
 
     // Validation loss: the same untrained run misses a 0.15 threshold when collapse is not checked.
-    let (f, why) = classify_run("val", &c, Criteria { max_val_loss: 0.15, min_amp_ssim: 0.0 });
-    assert_eq!(f, Some(Failure::ValLoss), "{why:?}");
+    let mut r = r.clone();
+    r.judge(&Criteria { max_val_loss: 0.15, ..loose() });
+    assert_eq!(r.crashes, [ValLoss], "{:?}", r.reason);
+
+    // A flat output is a collapse whatever its SSIM.
+    r.amp_ssim = Some(0.9);
+    r.amp_contrast = Some(0.01);
+    r.judge(&Criteria { min_amp_ssim: 0.5, min_amp_contrast: 0.1, ..loose() });
+    assert_eq!(r.crashes, [Collapse], "{:?}", r.reason);
+    assert!(r.reason.as_deref().unwrap_or("").contains("flat"), "{:?}", r.reason);
+
+    // Criteria that cannot mean anything are refused.
+    for bad in [Criteria { explosion_factor: 1.0, ..loose() }, Criteria { min_amp_ssim: 2.0, ..loose() }, Criteria { max_val_loss: f64::NAN, ..loose() }] {
+        assert!(bad.check().is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn a_committed_sweep_reports_from_its_results_without_the_logs() {
+    // A sweep directory that kept summary.json and result.json of each run (not the logs or the
+    // checkpoints: what docs/experiments commits) reports the same and trains nothing.
+    let dir = tempdir("committed");
+    let mut c = tiny(&dir.join("cache"));
+    c.faults.spike_steps = vec![9];
+    c.train.spike_action = fnokern::config::SpikeAction::Log;
+    let plan = Plan::new(SweepKind::CrashHunt, &c, vec![Arm::load("control").unwrap()], vec![2], vec![0, 1]).unwrap();
+    let first = ex::run_sweep(&plan, &options(&dir), &quiet()).unwrap();
+    for r in &first.results {
+        let run = dir.join("runs").join(&r.name);
+        for entry in std::fs::read_dir(&run).unwrap() {
+            let p = entry.unwrap().path();
+            let keep = p.file_name().is_some_and(|n| n == "summary.json" || n == "result.json");
+            if !keep {
+                if p.is_dir() {
+                    std::fs::remove_dir_all(&p).unwrap();
+                } else {
+                    std::fs::remove_file(&p).unwrap();
+                }
+            }
+        }
+    }
+    let again = ex::run_sweep(&plan, &options(&dir), &quiet()).unwrap();
+    assert_eq!((again.ran, again.reused), (0, 2));
+    assert_eq!(again.results, first.results);
+    assert!(again.results.iter().all(|r| r.crashes == [CrashKind::Explosion]), "{:?}", again.results);
+    // ... and judges them again under other criteria.
+    let mut o = options(&dir);
+    o.criteria.explosion_factor = 1e6;
+    let rejudged = ex::run_sweep(&plan, &o, &quiet()).unwrap();
+    assert!(rejudged.results.iter().all(|r| r.crashes.is_empty()), "{:?}", rejudged.results);
+    // A result.json of another run is refused.
+    let a = dir.join("runs").join(&first.results[0].name).join("result.json");
+    let b = dir.join("runs").join(&first.results[1].name).join("result.json");
+    std::fs::copy(&b, &a).unwrap();
+    let err = ex::run_sweep(&plan, &options(&dir), &quiet()).unwrap_err().to_string();
+    assert!(err.contains("holds run"), "{err}");
 }
 
 #[test]
@@ -187,8 +260,7 @@ fn a_stability_map_runs_every_rate_and_reports_the_largest_stable_one() {
     let mut base = tiny(&dir.join("cache"));
     base.train.evaluate = true;
     base.train.evaluate_best = true;
-    // The model's divergence, not the guard's: a rollback guard that sees the first steps'
-    // spikes halves an absurd rate until it trains (issue 30 counts that as an explosion).
+    // The guard off, as the sweeps run it.
     base.train.spike_action = fnokern::config::SpikeAction::Log;
     let plan = Plan::map(&base, vec![Arm::load("control").unwrap()], vec![2], vec![10.0, 1e-3], vec![0, 1]).unwrap();
     // Rates run ascending, each named in its runs' directories.
@@ -201,33 +273,25 @@ fn a_stability_map_runs_every_rate_and_reports_the_largest_stable_one() {
     let out = ex::run_sweep(&plan, &options(&dir), &quiet()).unwrap();
     assert!(out.complete());
     for r in &out.results {
-        // An absurd rate diverges (one way or another); a sane one does not.
-        assert_eq!(
-            r.divergence.is_some(),
-            r.lr == Some(10.0),
-            "{}: {:?} (initial loss {:?}, final {:?})",
-            r.name,
-            r.divergence,
-            r.initial_loss,
-            r.final_val_loss
-        );
+        // An absurd rate is unstable (one way or another); a sane one is not.
+        assert_eq!(r.unstable(), r.lr == Some(10.0), "{}: {:?} (initial loss {:?}, final {:?})", r.name, r.reason, r.initial_loss, r.final_val_loss);
         assert!(r.initial_loss.is_some_and(|l| l.is_finite() && l > 0.0), "{}", r.name);
-        if r.divergence.is_none() {
+        if !r.unstable() {
             // Quality is scored on the best epoch's weights.
             assert!(r.amp_ssim.is_some() && r.evaluated_epoch.is_some(), "{}", r.name);
         }
     }
     let cells = ex::map::cells(&plan, &out.results);
-    assert_eq!(cells.iter().map(|c| (c.lr, c.diverged, c.runs)).collect::<Vec<_>>(), [(1e-3, 0, 2), (10.0, 2, 2)]);
+    assert_eq!(cells.iter().map(|c| (c.lr, c.unstable, c.runs)).collect::<Vec<_>>(), [(1e-3, 0, 2), (10.0, 2, 2)]);
     let edges = ex::map::edges(&plan, &cells);
     assert_eq!((edges[0].largest_stable_lr, edges[0].first_unstable_lr, edges[0].non_monotone), (Some(1e-3), Some(10.0), false));
-    // 0 of 2 diverged: the exact 95% interval reaches 1 - 0.025^(1/2).
-    assert!((edges[0].p_diverge_upper.unwrap() - (1.0 - 0.025f64.sqrt())).abs() < 1e-9);
+    // 0 of 2 unstable: the exact 95% interval reaches 1 - 0.025^(1/2).
+    assert!((edges[0].p_unstable_upper.unwrap() - (1.0 - 0.025f64.sqrt())).abs() < 1e-9);
     for f in ["report.md", "results.json", "map_control.png", "plan.json"] {
         assert!(dir.join(f).is_file(), "{f} missing");
     }
     let report = std::fs::read_to_string(dir.join("report.md")).unwrap();
-    assert!(report.contains("| control | 2 | 1e-3 (diverges at 1e1) |"), "{report}");
+    assert!(report.contains("| control | 2 | 1e-3 (unstable at 1e1) |"), "{report}");
 
     // Another grid in the same directory is another sweep.
     let other = Plan::map(&base, vec![Arm::load("control").unwrap()], vec![2], vec![1e-3], vec![0, 1]).unwrap();

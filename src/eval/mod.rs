@@ -41,6 +41,11 @@ impl Canvas {
     pub fn mean(&self) -> f64 {
         self.data.iter().sum::<f64>() / self.data.len().max(1) as f64
     }
+    /// The population standard deviation of the pixels.
+    pub fn sd(&self) -> f64 {
+        let m = self.mean();
+        (self.data.iter().map(|v| (v - m).powi(2)).sum::<f64>() / self.data.len().max(1) as f64).sqrt()
+    }
 }
 
 pub fn mae(a: &Canvas, b: &Canvas) -> f64 {
@@ -495,6 +500,9 @@ pub struct Metrics {
     /// FRC crossings of the amplitude, in cycles per pixel.
     pub amp_frc50: f64,
     pub amp_frc17: f64,
+    /// The amplitude's contrast against the truth's: sd(prediction) / sd(truth), after the
+    /// prediction is scaled to the truth's mean. A flat (collapsed) output scores near 0.
+    pub amp_contrast: f64,
 }
 
 /// Aligns (amplitude scale, phase planes) and scores a stitched reconstruction. Returns the
@@ -518,6 +526,7 @@ pub fn score(s: &Stitched) -> Result<(Metrics, Stitched)> {
         phase_psnr: psnr(&unit(&gt_phase), &unit(&phase), 1.0),
         amp_frc50: frc_resolution(&curve, 0.5),
         amp_frc17: frc_resolution(&curve, 1.0 / 7.0),
+        amp_contrast: amp.sd() / s.gt_amp.sd().max(f64::MIN_POSITIVE),
     };
     Ok((m, Stitched { pred_amp: amp, pred_phase: phase, gt_amp: s.gt_amp.clone(), gt_phase }))
 }

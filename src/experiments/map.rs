@@ -1,15 +1,17 @@
-//! A stability map's report: per (arm, depth, learning rate) cell the fraction of runs that
-//! diverged, with its exact (Clopper-Pearson) 95% interval, and the quality of the runs that did
-//! not; per (arm, depth) the largest stable learning rate; a heat map per arm. Divergence
-//! ([`Divergence`]) is kept apart from quality: a run that trained without diverging but scores
-//! a poor reconstruction is stable and poor, not crashed.
+//! A stability map's report: per (arm, depth, learning rate) cell the fraction of runs whose
+//! training went wrong ([`CrashKind::is_instability`]: non-finite values, a loss explosion, the
+//! guard giving up, out of memory), with its exact (Clopper-Pearson) 95% interval, every crash
+//! kind counted, and the quality of the stable runs; per (arm, depth) the largest stable learning
+//! rate; a heat map per arm. Instability is kept apart from quality: a run that trained without
+//! blowing up but reconstructs poorly is stable and poor (its collapse is still counted).
 
 use std::fmt::Write as _;
 
 use serde::Serialize;
 
 use super::report::Stat;
-use super::{lr_label, Divergence, Plan, RunResult, SweepOptions, SweepOutcome};
+use super::report::{interval_text, kind_counts, kinds_text, KindCount};
+use super::{lr_label, Plan, RunResult, SweepOptions, SweepOutcome};
 use crate::config::Config;
 use crate::error::Result;
 use crate::io::write_atomic;
@@ -23,15 +25,20 @@ pub struct Cell {
     pub lr: f64,
     /// Runs of this cell that have ended.
     pub runs: usize,
-    pub diverged: usize,
-    pub p_diverge: Option<f64>,
-    /// The exact 95% interval of the divergence probability.
+    /// Runs whose training went wrong ([`RunResult::unstable`]).
+    pub unstable: usize,
+    pub p_unstable: Option<f64>,
+    /// The exact 95% interval of P_unstable.
     pub p_interval: Option<(f64, f64)>,
-    /// (seed, how) of each diverged run.
-    pub divergences: Vec<(u64, Divergence)>,
+    /// Per crash kind (quality kinds too), the runs that crashed that way.
+    pub kinds: Vec<KindCount>,
+    /// (seed, reason) of each unstable run.
+    pub unstable_runs: Vec<(u64, String)>,
+    /// Runs that finished without training.
+    pub did_not_train: usize,
     /// Runs with at least one loss spike (all kinds of handling).
     pub runs_with_spikes: usize,
-    /// Over the runs that did not diverge, scored on the weights each run evaluated (the best
+    /// Over the stable runs, scored on the weights each run evaluated (the best
     /// epoch's when the base config sets `train.evaluate_best`).
     pub best_val_loss: Stat,
     pub amp_ssim: Stat,
@@ -44,13 +51,13 @@ pub struct Cell {
 pub struct Edge {
     pub arm: String,
     pub depth: usize,
-    /// The largest rate of the grid at which no run diverged, every smaller rate stable too;
-    /// None: some run diverged at the smallest rate (or no cell has runs).
+    /// The largest rate of the grid at which no run was unstable, every smaller rate stable too;
+    /// None: some run was unstable at the smallest rate (or no cell has runs).
     pub largest_stable_lr: Option<f64>,
-    /// The next rate of the grid (where some run diverged); None when the largest rate was stable.
+    /// The next rate of the grid (where some run was unstable); None when the largest rate was stable.
     pub first_unstable_lr: Option<f64>,
-    /// The upper end of the 95% interval of P_diverge at `largest_stable_lr` (0 of n diverged).
-    pub p_diverge_upper: Option<f64>,
+    /// The upper end of the 95% interval of P_unstable at `largest_stable_lr` (0 of n unstable).
+    pub p_unstable_upper: Option<f64>,
     /// Whether some rate above `first_unstable_lr` was stable again (the edge is not sharp).
     pub non_monotone: bool,
     /// The cell at `largest_stable_lr`: its quality.
@@ -100,18 +107,20 @@ pub fn cells(plan: &Plan, results: &[RunResult]) -> Vec<Cell> {
         for &depth in &plan.depths {
             for &lr in &plan.lrs {
                 let rs: Vec<&RunResult> = results.iter().filter(|r| r.arm == arm.name && r.depth == depth && r.lr == Some(lr)).collect();
-                let stable: Vec<&&RunResult> = rs.iter().filter(|r| r.divergence.is_none()).collect();
-                let divergences: Vec<(u64, Divergence)> = rs.iter().filter_map(|r| Some((r.seed, r.divergence?))).collect();
+                let stable: Vec<&&RunResult> = rs.iter().filter(|r| !r.unstable()).collect();
+                let unstable_runs: Vec<(u64, String)> = rs.iter().filter(|r| r.unstable()).map(|r| (r.seed, r.reason.clone().unwrap_or_default())).collect();
                 let n = rs.len();
                 out.push(Cell {
                     arm: arm.name.clone(),
                     depth,
                     lr,
                     runs: n,
-                    diverged: divergences.len(),
-                    p_diverge: (n > 0).then(|| divergences.len() as f64 / n as f64),
-                    p_interval: (n > 0).then(|| clopper_pearson(divergences.len(), n)),
-                    divergences,
+                    unstable: unstable_runs.len(),
+                    p_unstable: (n > 0).then(|| unstable_runs.len() as f64 / n as f64),
+                    p_interval: (n > 0).then(|| clopper_pearson(unstable_runs.len(), n)),
+                    kinds: kind_counts(rs.iter().copied()),
+                    unstable_runs,
+                    did_not_train: rs.iter().filter(|r| r.did_not_train).count(),
                     runs_with_spikes: rs.iter().filter(|r| r.spikes > 0).count(),
                     best_val_loss: Stat::of(stable.iter().map(|r| r.best_val_loss)),
                     amp_ssim: Stat::of(stable.iter().map(|r| r.amp_ssim)),
@@ -130,7 +139,7 @@ pub fn edges(plan: &Plan, cells: &[Cell]) -> Vec<Edge> {
     for arm in &plan.arms {
         for &depth in &plan.depths {
             let row: Vec<&Cell> = cells.iter().filter(|c| c.arm == arm.name && c.depth == depth && c.runs > 0).collect();
-            let first_bad = row.iter().position(|c| c.diverged > 0);
+            let first_bad = row.iter().position(|c| c.unstable > 0);
             let stable_upto = first_bad.unwrap_or(row.len());
             let at = stable_upto.checked_sub(1).map(|i| row[i]);
             let empty = || Stat::of(std::iter::empty());
@@ -139,8 +148,8 @@ pub fn edges(plan: &Plan, cells: &[Cell]) -> Vec<Edge> {
                 depth,
                 largest_stable_lr: at.map(|c| c.lr),
                 first_unstable_lr: first_bad.map(|i| row[i].lr),
-                p_diverge_upper: at.and_then(|c| c.p_interval.map(|p| p.1)),
-                non_monotone: first_bad.is_some_and(|i| row[i + 1..].iter().any(|c| c.diverged == 0)),
+                p_unstable_upper: at.and_then(|c| c.p_interval.map(|p| p.1)),
+                non_monotone: first_bad.is_some_and(|i| row[i + 1..].iter().any(|c| c.unstable == 0)),
                 best_val_loss: at.map_or_else(empty, |c| c.best_val_loss.clone()),
                 amp_ssim: at.map_or_else(empty, |c| c.amp_ssim.clone()),
                 phase_ssim: at.map_or_else(empty, |c| c.phase_ssim.clone()),
@@ -165,12 +174,12 @@ struct MapFile<'a> {
     runs: &'a [RunResult],
 }
 
-/// The stable range of an edge as a table shows it: `1e-2 (diverges at 3e-2)`.
+/// The stable range of an edge as a table shows it: `1e-2 (unstable at 3e-2)`.
 fn range_text(e: &Edge, lrs: &[f64]) -> String {
     match (e.largest_stable_lr, e.first_unstable_lr) {
-        (Some(s), Some(u)) => format!("{} (diverges at {})", lr_label(s), lr_label(u)),
+        (Some(s), Some(u)) => format!("{} (unstable at {})", lr_label(s), lr_label(u)),
         (Some(s), None) => format!(">= {} (stable on the whole grid)", lr_label(s)),
-        (None, Some(_)) => format!("< {} (diverges at the smallest rate)", lrs.first().map_or("-".into(), |l| lr_label(*l))),
+        (None, Some(_)) => format!("< {} (unstable at the smallest rate)", lrs.first().map_or("-".into(), |l| lr_label(*l))),
         (None, None) => "-".into(),
     }
 }
@@ -226,26 +235,24 @@ pub fn write(plan: &Plan, opts: &SweepOptions, outcome: &SweepOutcome) -> Result
         plan.seeds
     );
     super::report::arm_lines(&mut md, plan);
+    super::report::crash_definition(&mut md, &base, &opts.criteria);
     let _ = writeln!(
         md,
-        "- A run **diverged** when it met a non-finite value the guards could not skip past ({} failed steps in a row), when its loss \
-         spikes were handled (`spike_action = {}`) {} times in a row (rollbacks exhausted), or when it trained to the end with a final \
-         validation loss above the loss of its first step. Divergence is counted apart from quality: the quality columns average the \
-         runs that did not diverge, scored on {} weights.",
-        base.train.max_consecutive_failures,
-        super::report::word(&base.train.spike_action),
-        base.train.max_consecutive_failures,
+        "- A run is **unstable** when its training went wrong: non-finite values, a loss explosion, the guard giving up or out of \
+         memory. The quality columns average the stable runs, scored on {} weights; collapses and high validation losses are \
+         counted in the kinds column, not as instability. P_unstable intervals are exact (Clopper-Pearson) 95% intervals over the \
+         cell's seeds.\n",
         if base.train.evaluate_best { "each run's best epoch's (lowest validation loss)" } else { "each run's last epoch's" }
     );
-    let _ = writeln!(md, "- P_diverge intervals are exact (Clopper-Pearson) 95% intervals over the cell's seeds.\n");
 
     let _ = writeln!(md, "## Largest stable learning rate\n");
     let _ = writeln!(
         md,
-        "The largest rate of the grid at which no seed diverged, with every smaller rate stable too; the edge lies between it and the next \
-         rate. With 0 of n seeds diverged, P_diverge there is still only bounded by the interval's upper end.\n"
+        "The largest rate of the grid at which no seed was unstable, with every smaller rate stable too; the edge lies between it \
+         and the next rate. With 0 of n seeds unstable, P_unstable there is still only bounded by the interval's upper end; one \
+         unstable run in n moves the edge by a grid step.\n"
     );
-    let _ = writeln!(md, "| arm | depth | largest stable lr | P_diverge there (95% upper) | vs control | best val loss | amp SSIM | phase SSIM |");
+    let _ = writeln!(md, "| arm | depth | largest stable lr | P_unstable there (95% upper) | vs control | best val loss | amp SSIM | phase SSIM |");
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
     for e in &es {
         let control = es.iter().find(|c| c.arm == "control" && c.depth == e.depth && e.arm != "control");
@@ -256,7 +263,7 @@ pub fn write(plan: &Plan, opts: &SweepOptions, outcome: &SweepOutcome) -> Result
             e.depth,
             range_text(e, &plan.lrs),
             if e.non_monotone { " (not monotone: stable again above)" } else { "" },
-            e.p_diverge_upper.map_or("-".into(), |p| format!("0 (≤ {p:.2})")),
+            e.p_unstable_upper.map_or("-".into(), |p| format!("0 (≤ {p:.2})")),
             versus_control(e, control, &plan.lrs),
             e.best_val_loss.show(4),
             e.amp_ssim.show(3),
@@ -264,24 +271,21 @@ pub fn write(plan: &Plan, opts: &SweepOptions, outcome: &SweepOutcome) -> Result
         );
     }
     let _ = writeln!(md, "\n## Cells\n");
-    let _ =
-        writeln!(md, "| arm | depth | lr | diverged | P_diverge (95%) | how | runs with spikes | best val loss | amp SSIM | phase SSIM | time per run (s) |");
+    let _ = writeln!(
+        md,
+        "| arm | depth | lr | unstable [95% interval] | crashes by kind | did not train | runs with spikes | best val loss | amp SSIM | phase SSIM | time per run (s) |"
+    );
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|");
     for c in &cs {
-        let how: Vec<String> = c.divergences.iter().map(|(s, d)| format!("{s}: {}", d.name())).collect();
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {}/{} | {} | {} | {}/{} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {}/{} | {} | {} | {} | {} |",
             c.arm,
             c.depth,
             lr_label(c.lr),
-            c.diverged,
-            c.runs,
-            match (c.p_diverge, c.p_interval) {
-                (Some(p), Some((lo, hi))) => format!("{p:.2} [{lo:.2}, {hi:.2}]"),
-                _ => "-".into(),
-            },
-            if how.is_empty() { "-".into() } else { how.join("; ") },
+            interval_text(c.unstable, c.runs),
+            kinds_text(&c.kinds),
+            c.did_not_train,
             c.runs_with_spikes,
             c.runs,
             c.best_val_loss.show(4),
@@ -310,8 +314,8 @@ pub fn write(plan: &Plan, opts: &SweepOptions, outcome: &SweepOutcome) -> Result
                         let c = cs.iter().find(|c| c.arm == *a && c.depth == d && c.lr == lr);
                         match c.filter(|c| c.runs > 0) {
                             Some(c) => HeatCell {
-                                value: c.p_diverge,
-                                text: [format!("{}/{} diverged", c.diverged, c.runs), c.amp_ssim.mean.map_or("SSIM -".into(), |s| format!("SSIM {s:.2}"))],
+                                value: c.p_unstable,
+                                text: [format!("{}/{} unstable", c.unstable, c.runs), c.amp_ssim.mean.map_or("SSIM -".into(), |s| format!("SSIM {s:.2}"))],
                             },
                             None => HeatCell { value: None, text: ["no runs".into(), String::new()] },
                         }
@@ -322,7 +326,7 @@ pub fn write(plan: &Plan, opts: &SweepOptions, outcome: &SweepOutcome) -> Result
         let rows: Vec<String> = depths.iter().map(|d| format!("depth {d}")).collect();
         plot::heat_map(
             &dir.join(format!("map_{a}.png")),
-            &format!("{a}: runs diverged / runs (red: P_diverge), amp SSIM of the rest"),
+            &format!("{a}: unstable runs / runs (red: P_unstable), amp SSIM of the rest"),
             "",
             "peak learning rate",
             &rows,

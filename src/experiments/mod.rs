@@ -3,8 +3,10 @@
 //! A sweep is a [`Plan`]: a base config, arms (TOML overlays merged over it, `configs/arms/`),
 //! depths and seeds. Each (arm, depth, seed) is one ordinary training run in
 //! `<sweep>/runs/<arm>-d<depth>-s<seed>/`, so every run keeps its metrics, checkpoints and plots.
-//! A run is classified as failed ([`Failure`]) by the trainer's crash kind (non-finite, spike,
-//! out of memory) or, when it finished, by the [`Criteria`] (collapse, final validation loss).
+//! A run is judged by what happened in it ([`CrashKind`], [`Criteria`]): non-finite values, a loss
+//! explosion, the guard giving up, out of memory, a collapse, a high final validation loss, each
+//! counted whatever a guard did after it; a run that did not train is counted apart. The sweeps
+//! run with the spike guard off unless an arm turns it on (the `guard` arm).
 //!
 //! Sweeps resume: a run whose summary says finished or crashed is never run again, a run killed
 //! mid-way continues from its last checkpoint, and `plan.json` refuses to mix two different
@@ -39,74 +41,114 @@ pub const BUILTIN_ARMS: &[(&str, &str)] = &[
     ("bf16", include_str!("../../configs/arms/bf16.toml")),
     ("warmup_cosine", include_str!("../../configs/arms/warmup_cosine.toml")),
     ("sgd", include_str!("../../configs/arms/sgd.toml")),
+    ("guard", include_str!("../../configs/arms/guard.toml")),
 ];
 
-/// When a finished run still counts as failed.
+/// When a run counts as crashed (REFERENCE section 3, issue 30). Every threshold is applied to
+/// raw facts a [`RunResult`] keeps, so a report can be re-judged under other criteria.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Criteria {
-    /// Final validation loss above this fails the run (REFERENCE section 3: 0.15).
+    /// Final validation loss above this is a crash (REFERENCE section 3: 0.15).
     pub max_val_loss: f64,
     /// Test-object amplitude SSIM below this is a collapse (REFERENCE section 3: 0.5).
     pub min_amp_ssim: f64,
+    /// A training or validation loss above this multiple of the first step's loss is a loss
+    /// explosion, even when a guard then rescued the run.
+    #[serde(default = "default_explosion_factor")]
+    pub explosion_factor: f64,
+    /// An amplitude contrast (sd of the prediction / sd of the truth) below this is a flat
+    /// output: a collapse whatever the SSIM says.
+    #[serde(default = "default_min_amp_contrast")]
+    pub min_amp_contrast: f64,
+    /// A finished run whose best validation loss is above this fraction of its first step's loss
+    /// did not train (counted apart: not a crash).
+    #[serde(default = "default_did_not_train_above")]
+    pub did_not_train_above: f64,
+}
+
+fn default_explosion_factor() -> f64 {
+    3.0
+}
+fn default_min_amp_contrast() -> f64 {
+    0.1
+}
+fn default_did_not_train_above() -> f64 {
+    0.9
 }
 
 impl Default for Criteria {
     fn default() -> Self {
-        Criteria { max_val_loss: 0.15, min_amp_ssim: 0.5 }
+        Criteria {
+            max_val_loss: 0.15,
+            min_amp_ssim: 0.5,
+            explosion_factor: default_explosion_factor(),
+            min_amp_contrast: default_min_amp_contrast(),
+            did_not_train_above: default_did_not_train_above(),
+        }
     }
 }
 
-/// Why a run failed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+impl Criteria {
+    /// Refuses thresholds that cannot mean anything.
+    pub fn check(&self) -> Result<()> {
+        let bad = |why: &str| Err(Error::invalid("criteria", why.to_string()));
+        if self.max_val_loss.is_nan() || self.max_val_loss <= 0.0 {
+            return bad("the largest final validation loss must be > 0");
+        }
+        if !(0.0..=1.0).contains(&self.min_amp_ssim) {
+            return bad("the smallest amplitude SSIM must be in [0, 1]");
+        }
+        if !(self.explosion_factor > 1.0 && self.explosion_factor.is_finite()) {
+            return bad("the explosion factor must be finite and > 1");
+        }
+        if !(self.min_amp_contrast >= 0.0 && self.min_amp_contrast.is_finite()) {
+            return bad("the smallest amplitude contrast must be finite and >= 0");
+        }
+        if !(self.did_not_train_above > 0.0 && self.did_not_train_above.is_finite()) {
+            return bad("the did-not-train fraction must be finite and > 0");
+        }
+        Ok(())
+    }
+}
+
+/// One way a run crashes. A run can crash several ways (an explosion, then a collapse); each is
+/// counted for what happened, whatever a guard did about it afterwards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Failure {
-    /// NaN or Inf in inputs, losses, gradients, weights or the validation loss.
+pub enum CrashKind {
+    /// A NaN or Inf in a loss, a gradient, an input, the weights or the validation loss, skipped
+    /// or not (an fp16 overflow the loss scaler backed off from is not one).
     Nonfinite,
-    /// An allocation over the memory budget (`train.memory_limit`).
-    Oom,
-    /// Loss spikes that kept being skipped or rolled back.
+    /// A training or validation loss above `explosion_factor` x the first step's loss.
+    Explosion,
+    /// The spike guard gave up (`max_consecutive_failures` rollbacks or skips in a row).
     Spike,
-    /// Test-object amplitude SSIM below `min_amp_ssim`.
+    /// An allocation over the memory budget (`train.memory_limit`) or the device's memory.
+    Oom,
+    /// Test-object amplitude SSIM below `min_amp_ssim`, or a flat output.
     Collapse,
     /// Final validation loss above `max_val_loss`.
     ValLoss,
 }
 
-impl Failure {
+impl CrashKind {
+    pub const ALL: [CrashKind; 6] = [CrashKind::Nonfinite, CrashKind::Explosion, CrashKind::Spike, CrashKind::Oom, CrashKind::Collapse, CrashKind::ValLoss];
+
     pub fn name(self) -> &'static str {
         match self {
-            Failure::Nonfinite => "non-finite",
-            Failure::Oom => "out of memory",
-            Failure::Spike => "loss spike",
-            Failure::Collapse => "collapse",
-            Failure::ValLoss => "validation loss",
+            CrashKind::Nonfinite => "non-finite",
+            CrashKind::Explosion => "loss explosion",
+            CrashKind::Spike => "guard gave up",
+            CrashKind::Oom => "out of memory",
+            CrashKind::Collapse => "collapse",
+            CrashKind::ValLoss => "validation loss",
         }
     }
-}
 
-/// Classifies a run's summary: the trainer's crash kind first, then the criteria.
-pub fn classify(s: &Summary, c: &Criteria) -> Option<(Failure, String)> {
-    let why = || s.reason.clone().unwrap_or_default();
-    match s.crash_kind {
-        Some(Crash::Nonfinite) => return Some((Failure::Nonfinite, why())),
-        Some(Crash::Oom) => return Some((Failure::Oom, why())),
-        Some(Crash::Spike) => return Some((Failure::Spike, why())),
-        None if s.crashed => return Some((Failure::Nonfinite, why())),
-        None => {}
-    }
-    if !s.finished {
-        return None;
-    }
-    let ssim = s.metrics.as_ref().and_then(|m| m["amp_ssim"].as_f64());
-    if let Some(v) = ssim {
-        // NaN counts as a collapse.
-        if v < c.min_amp_ssim || v.is_nan() {
-            return Some((Failure::Collapse, format!("amplitude SSIM {v:.3} < {}", c.min_amp_ssim)));
-        }
-    }
-    match s.final_val_loss {
-        Some(v) if v > c.max_val_loss || v.is_nan() => Some((Failure::ValLoss, format!("final validation loss {v:.4} > {}", c.max_val_loss))),
-        _ => None,
+    /// Training itself went wrong (as opposed to training that ran but reconstructs poorly):
+    /// what a stability map counts.
+    pub fn is_instability(self) -> bool {
+        matches!(self, CrashKind::Nonfinite | CrashKind::Explosion | CrashKind::Spike | CrashKind::Oom)
     }
 }
 
@@ -175,7 +217,7 @@ pub enum SweepKind {
     CrashHunt,
     Shootout,
     /// Every arm at every depth, peak learning rate and seed: which arm widens the range of
-    /// learning rates that train without diverging ([`Divergence`]).
+    /// learning rates that train without blowing up ([`CrashKind::is_instability`]).
     StabilityMap,
 }
 
@@ -306,45 +348,8 @@ pub fn lr_label(lr: f64) -> String {
     }
 }
 
-/// Why a run of a stability map counts as diverged (apart from how good a model it trained).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Divergence {
-    /// A NaN or Inf the guards could not skip past (or out of memory).
-    Nonfinite,
-    /// Loss spikes rolled back or skipped `max_consecutive_failures` times in a row.
-    RollbacksExhausted,
-    /// It trained to the end but its final validation loss is above the loss it started from.
-    AboveInitial,
-}
-
-impl Divergence {
-    pub fn name(self) -> &'static str {
-        match self {
-            Divergence::Nonfinite => "non-finite",
-            Divergence::RollbacksExhausted => "rollbacks exhausted",
-            Divergence::AboveInitial => "final loss above the initial",
-        }
-    }
-}
-
-/// Whether a run diverged: the trainer's crash kind, or a final validation loss above
-/// `initial_loss` (the loss of the first step, before any update).
-pub fn divergence(s: &Summary, initial_loss: Option<f64>) -> Option<Divergence> {
-    match s.crash_kind {
-        Some(Crash::Spike) => return Some(Divergence::RollbacksExhausted),
-        Some(Crash::Nonfinite | Crash::Oom) => return Some(Divergence::Nonfinite),
-        None if s.crashed => return Some(Divergence::Nonfinite),
-        None => {}
-    }
-    match (s.finished, s.final_val_loss, initial_loss) {
-        (true, Some(v), _) if !v.is_finite() => Some(Divergence::Nonfinite),
-        (true, Some(v), Some(i)) if v > i => Some(Divergence::AboveInitial),
-        _ => None,
-    }
-}
-
-/// What one run contributes to the report.
+/// What one run contributes to the report: the facts read from its summary and metrics.jsonl,
+/// and the verdict [`RunResult::judge`] draws from them under a sweep's [`Criteria`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunResult {
     pub name: String,
@@ -354,23 +359,45 @@ pub struct RunResult {
     /// The learning rate a stability map set (None: the arm's own).
     #[serde(default)]
     pub lr: Option<f64>,
+    /// Every way the run crashed (empty: it did not).
+    #[serde(default)]
+    pub crashes: Vec<CrashKind>,
+    /// It finished, but its best validation loss stayed near its first step's loss.
+    #[serde(default)]
+    pub did_not_train: bool,
+    /// Why, in words: one clause per crash kind (and for not training).
+    pub reason: Option<String>,
+
+    // The facts the verdict is drawn from.
     /// The loss of the run's first step, before any update.
     #[serde(default)]
     pub initial_loss: Option<f64>,
-    /// Whether (and how) the run diverged; quality failures are in `failure`.
+    /// The largest finite training loss of any step (spikes the guard rolled back or skipped
+    /// included), and that step.
     #[serde(default)]
-    pub divergence: Option<Divergence>,
+    pub max_train_loss: Option<(u64, f64)>,
+    /// What stopped the run, if the trainer stopped it (`nonfinite`, `spike`, `oom`).
+    #[serde(default)]
+    pub trainer_crash: Option<Crash>,
+    /// The trainer gave up without naming a kind (kept for summaries from before kinds).
+    #[serde(default)]
+    pub crashed: bool,
     /// The epoch whose weights the SSIM and MAE score (the best with `train.evaluate_best`).
     #[serde(default)]
     pub evaluated_epoch: Option<usize>,
-    pub failure: Option<Failure>,
-    pub reason: Option<String>,
     /// Whether training ran all its epochs (false for crashed runs).
     pub finished: bool,
     /// Steps whose loss was a spike (rolled back, skipped or only logged).
     pub spikes: u64,
-    /// Steps skipped for non-finite inputs, losses or gradients (fp16 overflows included).
+    /// Steps the guard rolled back.
+    #[serde(default)]
+    pub rollbacks: u64,
+    /// Steps that met a non-finite input, loss or gradient (fp16 overflows included).
     pub nonfinite_steps: u64,
+    /// Of those, the ones that count as a crash: all but the fp16 overflows the loss scaler
+    /// backed off from.
+    #[serde(default)]
+    pub nonfinite_crash_steps: u64,
     pub epochs_done: usize,
     pub best_val_loss: Option<f64>,
     pub final_val_loss: Option<f64>,
@@ -378,8 +405,15 @@ pub struct RunResult {
     pub phase_ssim: Option<f64>,
     pub amp_mae: Option<f64>,
     pub phase_mae: Option<f64>,
-    /// (micro-batch steps at the epoch's end, validation loss) per epoch.
+    /// sd(predicted amplitude) / sd(true amplitude) on the test object ([`crate::eval::Metrics`]).
+    #[serde(default)]
+    pub amp_contrast: Option<f64>,
+    /// (micro-batch steps at the epoch's end, validation loss) per epoch; a non-finite
+    /// validation loss is not in it (see `nonfinite_val`).
     pub val_curve: Vec<(u64, f64)>,
+    /// Some epoch ended with a non-finite validation loss.
+    #[serde(default)]
+    pub nonfinite_val: bool,
     pub parameters: usize,
     pub wall_seconds: f64,
 }
@@ -387,23 +421,26 @@ pub struct RunResult {
 impl RunResult {
     fn from_summary(spec: &RunSpec, s: &Summary, dir: &Path, c: &Criteria) -> Result<RunResult> {
         let metric = |k: &str| s.metrics.as_ref().and_then(|m| m[k].as_f64());
-        let failure = classify(s, c);
-        let metrics = dir.join("metrics.jsonl");
-        let initial_loss = first_step_loss(&metrics);
-        Ok(RunResult {
+        let log = read_metrics(&dir.join("metrics.jsonl"));
+        let mut r = RunResult {
             name: spec.name.clone(),
             arm: spec.arm.clone(),
             depth: spec.depth,
             seed: spec.seed,
             lr: spec.lr,
-            initial_loss,
-            divergence: divergence(s, initial_loss),
+            crashes: Vec::new(),
+            did_not_train: false,
+            reason: None,
+            initial_loss: log.initial_loss,
+            max_train_loss: log.max_train_loss,
+            trainer_crash: s.crash_kind,
+            crashed: s.crashed,
             evaluated_epoch: s.evaluated_epoch,
-            failure: failure.as_ref().map(|f| f.0),
-            reason: failure.map(|f| f.1),
             finished: s.finished,
             spikes: s.count(StepOutcome::is_spike),
+            rollbacks: s.count(|o| o == StepOutcome::RolledBack),
             nonfinite_steps: s.count(StepOutcome::is_nonfinite),
+            nonfinite_crash_steps: s.count(|o| o.is_nonfinite() && o != StepOutcome::OverflowSkipped),
             epochs_done: s.epochs_done,
             best_val_loss: s.best_val_loss,
             final_val_loss: s.final_val_loss,
@@ -411,29 +448,119 @@ impl RunResult {
             phase_ssim: metric("phase_ssim"),
             amp_mae: metric("amp_mae"),
             phase_mae: metric("phase_mae"),
-            val_curve: val_curve(&metrics),
+            amp_contrast: metric("amp_contrast"),
+            val_curve: log.val_curve,
+            nonfinite_val: log.nonfinite_val,
             parameters: s.parameters,
             wall_seconds: s.wall_seconds,
-        })
+        };
+        r.judge(c);
+        Ok(r)
+    }
+
+    /// Draws the verdict (`crashes`, `did_not_train`, `reason`) from the facts under `c`.
+    pub fn judge(&mut self, c: &Criteria) {
+        let mut why: Vec<(Option<CrashKind>, String)> = Vec::new();
+        let mut crash = |k: CrashKind, w: String| why.push((Some(k), w));
+        if self.nonfinite_crash_steps > 0
+            || self.nonfinite_val
+            || matches!(self.trainer_crash, Some(Crash::Nonfinite))
+            || (self.crashed && self.trainer_crash.is_none())
+        {
+            let w = match self.trainer_crash {
+                Some(Crash::Nonfinite) => "stopped on non-finite values".to_string(),
+                _ if self.nonfinite_val => "a non-finite validation loss".to_string(),
+                _ => format!("{} step(s) met non-finite values", self.nonfinite_crash_steps),
+            };
+            crash(CrashKind::Nonfinite, w);
+        }
+        if let Some(init) = self.initial_loss.filter(|l| *l > 0.0) {
+            let bound = c.explosion_factor * init;
+            let val = self.val_curve.iter().map(|v| v.1).fold(f64::NEG_INFINITY, f64::max);
+            match self.max_train_loss {
+                Some((step, l)) if l > bound => crash(CrashKind::Explosion, format!("training loss {l:.3e} at step {step}, {:.0}x the first step's", l / init)),
+                _ if val > bound => crash(CrashKind::Explosion, format!("validation loss {val:.3e}, {:.0}x the first step's loss", val / init)),
+                _ => {}
+            }
+        }
+        match self.trainer_crash {
+            Some(Crash::Spike) => crash(CrashKind::Spike, "the spike guard gave up".into()),
+            Some(Crash::Oom) => crash(CrashKind::Oom, "out of memory".into()),
+            _ => {}
+        }
+        if self.finished {
+            if let Some(v) = self.amp_ssim.filter(|v| v.is_nan() || *v < c.min_amp_ssim) {
+                crash(CrashKind::Collapse, format!("amplitude SSIM {v:.3} < {}", c.min_amp_ssim));
+            } else if let Some(k) = self.amp_contrast.filter(|k| k.is_nan() || *k < c.min_amp_contrast) {
+                crash(CrashKind::Collapse, format!("a flat output (amplitude contrast {k:.3} < {})", c.min_amp_contrast));
+            }
+            if let Some(v) = self.final_val_loss.filter(|v| v.is_nan() || *v > c.max_val_loss) {
+                crash(CrashKind::ValLoss, format!("final validation loss {v:.4} > {}", c.max_val_loss));
+            }
+        }
+        self.did_not_train = self.finished
+            && match (self.best_val_loss, self.initial_loss) {
+                (Some(b), Some(i)) => b.is_nan() || b > c.did_not_train_above * i,
+                _ => false,
+            };
+        if self.did_not_train {
+            why.push((
+                None,
+                format!(
+                    "did not train (best validation loss {:.4} against a first loss of {:.4})",
+                    self.best_val_loss.unwrap_or(f64::NAN),
+                    self.initial_loss.unwrap_or(f64::NAN)
+                ),
+            ));
+        }
+        self.crashes = why.iter().filter_map(|w| w.0).collect();
+        self.reason = (!why.is_empty()).then(|| why.into_iter().map(|w| w.1).collect::<Vec<_>>().join("; "));
+    }
+
+    /// Whether the run crashed at all (any kind).
+    pub fn crashed_any(&self) -> bool {
+        !self.crashes.is_empty()
+    }
+
+    /// Whether training itself went wrong ([`CrashKind::is_instability`]).
+    pub fn unstable(&self) -> bool {
+        self.crashes.iter().any(|k| k.is_instability())
     }
 }
 
-/// The loss of step 0 in a run's metrics.jsonl.
-fn first_step_loss(metrics: &Path) -> Option<f64> {
-    let text = fs::read_to_string(metrics).ok()?;
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["kind"] == "step" && v["step"] == 0)
-        .and_then(|v| v["loss"].as_f64())
+/// What the sweeps read from a run's metrics.jsonl.
+#[derive(Default)]
+struct LogFacts {
+    initial_loss: Option<f64>,
+    max_train_loss: Option<(u64, f64)>,
+    val_curve: Vec<(u64, f64)>,
+    nonfinite_val: bool,
 }
 
-fn val_curve(metrics: &Path) -> Vec<(u64, f64)> {
-    let Ok(text) = fs::read_to_string(metrics) else { return Vec::new() };
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["kind"] == "epoch")
-        .filter_map(|v| Some((v["steps_end"].as_u64()?, v["val_loss"].as_f64()?)))
-        .collect()
+fn read_metrics(path: &Path) -> LogFacts {
+    let mut f = LogFacts::default();
+    let Ok(text) = fs::read_to_string(path) else { return f };
+    for v in text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
+        match v["kind"].as_str() {
+            Some("step") => {
+                let (Some(step), Some(loss)) = (v["step"].as_u64(), v["loss"].as_f64()) else { continue };
+                if step == 0 {
+                    f.initial_loss = Some(loss);
+                }
+                if loss.is_finite() && f.max_train_loss.is_none_or(|m| loss > m.1) {
+                    f.max_train_loss = Some((step, loss));
+                }
+            }
+            Some("epoch") => match (v["steps_end"].as_u64(), v["val_loss"].as_f64()) {
+                (Some(s), Some(l)) => f.val_curve.push((s, l)),
+                // serde_json writes a non-finite number as null.
+                (Some(_), None) => f.nonfinite_val |= v.get("val_loss").is_some(),
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+    f
 }
 
 /// How a sweep is driven (not part of its identity).
@@ -488,6 +615,27 @@ fn ended(dir: &Path) -> Option<Summary> {
     (s.finished || s.crashed).then_some(s)
 }
 
+/// The result of a run that has ended, judged under `c`: from its metrics.jsonl when the
+/// directory has one (and then written to result.json beside it), else from that result.json:
+/// a committed sweep keeps summary.json and result.json of each run, not the logs.
+fn result_of(spec: &RunSpec, s: &Summary, dir: &Path, c: &Criteria) -> Result<RunResult> {
+    let path = dir.join("result.json");
+    if dir.join("metrics.jsonl").is_file() || !path.is_file() {
+        let r = RunResult::from_summary(spec, s, dir, c)?;
+        let json = serde_json::to_string_pretty(&r).map_err(|e| Error::invalid("sweep", e.to_string()))?;
+        crate::io::write_atomic(&path, json.as_bytes())?;
+        return Ok(r);
+    }
+    let text = fs::read(&path).map_err(|source| Error::Io { path: path.display().to_string(), source })?;
+    let mut r: RunResult =
+        serde_json::from_slice(&text).map_err(|e| Error::BadFile { path: path.display().to_string(), why: format!("not a run result: {e}") })?;
+    if (r.name.as_str(), r.depth, r.seed) != (spec.name.as_str(), spec.depth, spec.seed) {
+        return Err(Error::BadFile { path: path.display().to_string(), why: format!("holds run {}, not {}", r.name, spec.name) });
+    }
+    r.judge(c);
+    Ok(r)
+}
+
 /// Trains (or resumes) one run in its directory; its messages go to train.log there.
 fn run_one(spec: &RunSpec, dir: &Path, threads: usize, stop: Option<Arc<AtomicBool>>) -> Result<Summary> {
     // A run killed before its first checkpoint starts again from its beginning (train says so).
@@ -538,7 +686,7 @@ pub fn run_sweep(plan: &Plan, opts: &SweepOptions, say: &(dyn Fn(&str) + Sync)) 
         let dir = run_dir(out, spec);
         match ended(&dir) {
             Some(s) => {
-                results[i] = Some(RunResult::from_summary(spec, &s, &dir, &opts.criteria)?);
+                results[i] = Some(result_of(spec, &s, &dir, &opts.criteria)?);
                 reused += 1;
             }
             None => pending.push_back(i),
@@ -608,14 +756,14 @@ pub fn run_sweep(plan: &Plan, opts: &SweepOptions, say: &(dyn Fn(&str) + Sync)) 
                     continue;
                 }
             }
-            match r.and_then(|s| RunResult::from_summary(spec, &s, &run_dir(out, spec), &opts.criteria)) {
+            match r.and_then(|s| result_of(spec, &s, &run_dir(out, spec), &opts.criteria)) {
                 Ok(res) => {
                     ran += 1;
                     let done = results.iter().filter(|r| r.is_some()).count() + 1;
-                    let verdict = match (plan.kind, res.divergence, &res.failure, &res.reason) {
-                        (SweepKind::StabilityMap, Some(d), _, _) => format!("DIVERGED ({})", d.name()),
-                        (SweepKind::StabilityMap, None, _, _) => "stable".to_string(),
-                        (_, _, Some(f), Some(why)) => format!("FAILED ({}: {why})", f.name()),
+                    let kinds = res.crashes.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ");
+                    let verdict = match (res.crashed_any(), &res.reason) {
+                        (true, Some(why)) => format!("CRASHED ({kinds}: {why})"),
+                        (false, Some(why)) => format!("no crash, but {why}"),
                         _ => "ok".to_string(),
                     };
                     let fmt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.4}"));

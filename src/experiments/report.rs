@@ -6,7 +6,8 @@ use std::fmt::Write as _;
 use plotters::style::RGBColor;
 use serde::Serialize;
 
-use super::{Failure, Plan, RunResult, SweepKind, SweepOptions, SweepOutcome};
+use super::map::clopper_pearson;
+use super::{CrashKind, Plan, RunResult, SweepKind, SweepOptions, SweepOutcome};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
@@ -38,6 +39,13 @@ impl Stat {
     }
 }
 
+/// How many runs of a cell crashed each way (a run that crashed two ways counts in both).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct KindCount {
+    pub kind: super::CrashKind,
+    pub runs: usize,
+}
+
 /// One (arm, depth) cell of a sweep.
 #[derive(Clone, Debug, Serialize)]
 pub struct Group {
@@ -45,15 +53,24 @@ pub struct Group {
     pub depth: usize,
     /// Runs of this cell that have ended.
     pub runs: usize,
-    pub failed: usize,
+    /// Runs that crashed in any way.
+    pub crashed: usize,
     pub p_crash: Option<f64>,
+    /// The exact (Clopper-Pearson) 95% interval of P_crash.
+    pub p_interval: Option<(f64, f64)>,
+    /// Per crash kind, the runs that crashed that way.
+    pub kinds: Vec<KindCount>,
+    /// Runs that finished without training (not crashes).
+    pub did_not_train: usize,
     /// Runs with at least one loss spike, and spikes in all.
     pub runs_with_spikes: usize,
     pub spikes: u64,
-    /// Non-finite steps (skipped) in all.
+    /// Steps the guard rolled back, in all.
+    pub rollbacks: u64,
+    /// Steps that met non-finite values, in all (fp16 overflows included).
     pub nonfinite_steps: u64,
-    /// (seed, failure, reason) of each failed run.
-    pub failing: Vec<(u64, Failure, String)>,
+    /// (seed, reason) of each crashed run.
+    pub crashing: Vec<(u64, String)>,
     /// Over the runs that trained to the end (crashed runs have no final numbers).
     pub best_val_loss: Stat,
     pub final_val_loss: Stat,
@@ -63,23 +80,52 @@ pub struct Group {
     pub wall_seconds: Stat,
 }
 
+/// Per crash kind, how many of `rs` crashed that way.
+pub fn kind_counts<'a>(rs: impl Iterator<Item = &'a RunResult> + Clone) -> Vec<KindCount> {
+    CrashKind::ALL.iter().map(|&kind| KindCount { kind, runs: rs.clone().filter(|r| r.crashes.contains(&kind)).count() }).collect()
+}
+
+/// The kinds that occurred, as a table cell shows them: `explosion 2, collapse 1` (`-`: none).
+pub fn kinds_text(kinds: &[KindCount]) -> String {
+    let v: Vec<String> = kinds.iter().filter(|k| k.runs > 0).map(|k| format!("{} {}", k.kind.name(), k.runs)).collect();
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+/// `k/n [lo, hi]`: a count and its exact 95% interval.
+pub fn interval_text(k: usize, n: usize) -> String {
+    if n == 0 {
+        return "-".into();
+    }
+    let (lo, hi) = clopper_pearson(k, n);
+    format!("{k}/{n} [{lo:.2}, {hi:.2}]")
+}
+
 pub fn groups(plan: &Plan, results: &[RunResult]) -> Vec<Group> {
     let mut out = Vec::new();
     for &depth in &plan.depths {
         for arm in &plan.arms {
             let rs: Vec<&RunResult> = results.iter().filter(|r| r.arm == arm.name && r.depth == depth).collect();
             let done: Vec<&&RunResult> = rs.iter().filter(|r| r.finished).collect();
-            let failing: Vec<(u64, Failure, String)> = rs.iter().filter_map(|r| Some((r.seed, r.failure?, r.reason.clone().unwrap_or_default()))).collect();
+            let crashing: Vec<(u64, String)> = rs.iter().filter(|r| r.crashed_any()).map(|r| (r.seed, r.reason.clone().unwrap_or_default())).collect();
+            let n = rs.len();
             out.push(Group {
                 arm: arm.name.clone(),
                 depth,
-                runs: rs.len(),
-                failed: failing.len(),
-                p_crash: (!rs.is_empty()).then(|| failing.len() as f64 / rs.len() as f64),
+                runs: n,
+                crashed: crashing.len(),
+                p_crash: (n > 0).then(|| crashing.len() as f64 / n as f64),
+                p_interval: (n > 0).then(|| clopper_pearson(crashing.len(), n)),
+                kinds: kind_counts(rs.iter().copied()),
+                did_not_train: rs.iter().filter(|r| r.did_not_train).count(),
                 runs_with_spikes: rs.iter().filter(|r| r.spikes > 0).count(),
                 spikes: rs.iter().map(|r| r.spikes).sum(),
+                rollbacks: rs.iter().map(|r| r.rollbacks).sum(),
                 nonfinite_steps: rs.iter().map(|r| r.nonfinite_steps).sum(),
-                failing,
+                crashing,
                 best_val_loss: Stat::of(done.iter().map(|r| r.best_val_loss)),
                 final_val_loss: Stat::of(done.iter().map(|r| r.final_val_loss)),
                 amp_ssim: Stat::of(done.iter().map(|r| r.amp_ssim)),
@@ -92,11 +138,11 @@ pub fn groups(plan: &Plan, results: &[RunResult]) -> Vec<Group> {
     out
 }
 
-/// The shallowest depth at which some run of the given arm failed.
+/// The shallowest depth at which some run of the given arm crashed.
 pub fn shallowest_failing_depth(plan: &Plan, results: &[RunResult], arm: &str) -> Option<usize> {
     let mut depths = plan.depths.clone();
     depths.sort_unstable();
-    depths.into_iter().find(|&d| results.iter().any(|r| r.arm == arm && r.depth == d && r.failure.is_some()))
+    depths.into_iter().find(|&d| results.iter().any(|r| r.arm == arm && r.depth == d && r.crashed_any()))
 }
 
 #[derive(Serialize)]
@@ -122,6 +168,34 @@ pub(super) fn arm_lines(md: &mut String, plan: &Plan) {
             a.overlay.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with('[')).map(String::from).collect();
         let _ = writeln!(md, "- Arm `{}`: {}.", a.name, fields.join(", "));
     }
+}
+
+/// The report's lines saying what counts as a crash, and what the guard was set to.
+pub(super) fn crash_definition(md: &mut String, base: &Config, c: &super::Criteria) {
+    let _ = writeln!(
+        md,
+        "- A run **crashed** when any of these happened, each counted whatever a guard did next (REFERENCE section 3): \
+         non-finite values (in a loss, gradient, input, the weights or the validation loss; skipped steps count; an fp16 \
+         overflow the loss scaler backed off from does not); a **loss explosion** (a training or validation loss above {} x the \
+         first step's loss); the spike guard giving up ({} failed steps in a row); out of memory (budget: {}); a **collapse** \
+         (test amplitude SSIM < {}, or a flat output: amplitude contrast < {}); a final validation loss > {}. A run that \
+         finished with its best validation loss above {} x its first step's loss **did not train**: counted apart, not a crash.",
+        c.explosion_factor,
+        base.train.max_consecutive_failures,
+        base.train.memory_limit.as_deref().unwrap_or("none"),
+        c.min_amp_ssim,
+        c.min_amp_contrast,
+        c.max_val_loss,
+        c.did_not_train_above,
+    );
+    let _ = writeln!(
+        md,
+        "- The spike guard in the base config: `spike_action = {}` (spike = loss > {} x the mean of the last {} steps); \
+         the sweeps set `log` (off) unless an arm turns it on.\n",
+        word(&base.train.spike_action),
+        base.train.spike_factor,
+        base.train.spike_window
+    );
 }
 
 /// Writes a sweep's results.json (atomically).
@@ -209,32 +283,23 @@ pub fn write(plan: &Plan, opts: &SweepOptions, outcome: &SweepOutcome) -> Result
     let _ = writeln!(md, "- Scale (base config): {}.", scale_line(&base));
     let _ = writeln!(md, "- Depths {:?}, seeds {:?} (each seed sets model.seed and train.seed; the data is the same for all).", plan.depths, plan.seeds);
     arm_lines(&mut md, plan);
-    let _ = writeln!(
-        md,
-        "- A run fails on: non-finite values (inputs, loss, gradients, weights or validation loss; {} failed steps in a row), \
-         out of memory (budget: {}), loss spikes ({} in a row, spike = loss > {} x the mean of the last {} steps), \
-         collapse (test amplitude SSIM < {}), or final validation loss > {}.\n",
-        base.train.max_consecutive_failures,
-        base.train.memory_limit.as_deref().unwrap_or("none"),
-        base.train.max_consecutive_failures,
-        base.train.spike_factor,
-        base.train.spike_window,
-        opts.criteria.min_amp_ssim,
-        opts.criteria.max_val_loss
-    );
+    crash_definition(&mut md, &base, &opts.criteria);
 
     let _ = writeln!(md, "## Result\n");
     for (arm, d) in &shallowest {
-        let failing_depths: Vec<usize> = gs.iter().filter(|g| g.arm == *arm && g.failed > 0).map(|g| g.depth).collect();
+        let rs = || results.iter().filter(|r| r.arm == *arm);
+        let (crashed, runs) = (rs().filter(|r| r.crashed_any()).count(), rs().count());
         let line = match (plan.kind, d) {
-            (SweepKind::CrashHunt, Some(d)) => format!("`{arm}`: the shallowest depth with a failing run is **{d}** (failures at depths {failing_depths:?})."),
-            (SweepKind::CrashHunt, None) => format!("`{arm}`: **no run failed** at depths {:?}.", plan.depths),
+            (SweepKind::CrashHunt, Some(d)) => {
+                let depths: Vec<usize> = gs.iter().filter(|g| g.arm == *arm && g.crashed > 0).map(|g| g.depth).collect();
+                format!("`{arm}`: the shallowest depth with a crashed run is **{d}** (crashes at depths {depths:?}; {crashed} of {runs} runs).")
+            }
+            (SweepKind::CrashHunt, None) => format!("`{arm}`: **no run crashed** at depths {:?} (0 of {runs} runs).", plan.depths),
             (SweepKind::Shootout | SweepKind::StabilityMap, _) => {
                 let g = gs.iter().find(|g| g.arm == *arm);
                 format!(
-                    "`{arm}`: {} of {} runs failed; final validation loss {}, amplitude SSIM {}.",
-                    g.map_or(0, |g| g.failed),
-                    g.map_or(0, |g| g.runs),
+                    "`{arm}`: P_crash {}; final validation loss {}, amplitude SSIM {}.",
+                    interval_text(crashed, runs),
                     g.map_or("-".into(), |g| g.final_val_loss.show(4)),
                     g.map_or("-".into(), |g| g.amp_ssim.show(3))
                 )
@@ -244,31 +309,28 @@ pub fn write(plan: &Plan, opts: &SweepOptions, outcome: &SweepOutcome) -> Result
     }
     let _ = writeln!(
         md,
-        "\nA spike (loss > {} x the recent mean) is handled by the trainer (`spike_action = {}`) and fails a run only when {} come in a row. \
-         Means ± sample standard deviations over the runs of a cell that trained to the end (n given when some did not).\n",
-        base.train.spike_factor,
-        word(&base.train.spike_action),
-        base.train.max_consecutive_failures
+        "\nP_crash: crashed runs / runs, with its exact (Clopper-Pearson) 95% interval. Means ± sample standard deviations over \
+         the runs of a cell that trained to the end (n given when some did not).\n"
     );
     let _ = writeln!(
         md,
-        "| arm | depth | P_crash | failing seeds | runs with spikes (spikes) | non-finite steps | best val loss | final val loss | amp SSIM | phase SSIM | amp MAE | time per run (s) |"
+        "| arm | depth | P_crash [95% interval] | crashes by kind | did not train | runs with spikes (spikes) | rollbacks | non-finite steps | best val loss | final val loss | amp SSIM | phase SSIM | amp MAE | time per run (s) |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for g in &gs {
-        let failing: Vec<String> = g.failing.iter().map(|(s, f, why)| format!("{s}: {} ({why})", f.name())).collect();
         let n = |s: &Stat| if s.n < g.runs { format!(" (n={})", s.n) } else { String::new() };
         let _ = writeln!(
             md,
-            "| {} | {} | {}/{} | {} | {}/{} ({}) | {} | {}{} | {}{} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {}/{} ({}) | {} | {} | {}{} | {}{} | {} | {} | {} | {} |",
             g.arm,
             g.depth,
-            g.failed,
-            g.runs,
-            if failing.is_empty() { "-".into() } else { failing.join("; ") },
+            interval_text(g.crashed, g.runs),
+            kinds_text(&g.kinds),
+            g.did_not_train,
             g.runs_with_spikes,
             g.runs,
             g.spikes,
+            g.rollbacks,
             g.nonfinite_steps,
             g.best_val_loss.show(4),
             n(&g.best_val_loss),
@@ -283,28 +345,30 @@ pub fn write(plan: &Plan, opts: &SweepOptions, outcome: &SweepOutcome) -> Result
     let _ = writeln!(md, "\n## Runs\n");
     let _ = writeln!(
         md,
-        "| run | outcome | epochs | spikes | non-finite steps | best val loss | final val loss | amp SSIM | phase SSIM | amp MAE | parameters | time (s) |"
+        "| run | outcome | epochs | largest training loss (step) | spikes | rollbacks | non-finite steps | best val loss | final val loss | amp SSIM | phase SSIM | amp MAE | time (s) |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in results {
-        let outcome = match (&r.failure, &r.reason) {
-            (Some(f), Some(why)) => format!("FAILED: {} ({why})", f.name()),
+        let outcome = match (r.crashed_any(), &r.reason) {
+            (true, Some(why)) => format!("CRASHED: {why}"),
+            (false, Some(why)) => why.clone(),
             _ => "ok".into(),
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |",
             r.name,
             outcome,
             r.epochs_done,
+            r.max_train_loss.map_or("-".into(), |(s, l)| format!("{l:.3} ({s})")),
             r.spikes,
+            r.rollbacks,
             r.nonfinite_steps,
             fmt(r.best_val_loss, 4),
             fmt(r.final_val_loss, 4),
             fmt(r.amp_ssim, 3),
             fmt(r.phase_ssim, 3),
             fmt(r.amp_mae, 4),
-            r.parameters,
             r.wall_seconds
         );
     }
@@ -321,16 +385,16 @@ pub fn write(plan: &Plan, opts: &SweepOptions, outcome: &SweepOutcome) -> Result
                 SweepKind::Shootout if plan.depths.len() == 1 => g.arm.clone(),
                 _ => format!("{} d{}", g.arm, g.depth),
             };
-            (name, g.p_crash.unwrap_or(0.0), format!("{}/{}", g.failed, g.runs))
+            (name, g.p_crash.unwrap_or(0.0), format!("{}/{}", g.crashed, g.runs))
         })
         .collect();
-    plot::bars(&dir.join("p_crash.png"), &format!("{title}: P_crash (failed runs / runs)"), "P_crash", &bars)?;
+    plot::bars(&dir.join("p_crash.png"), &format!("{title}: P_crash (crashed runs / runs)"), "P_crash", &bars)?;
     let mut series = Vec::new();
     let mut marks = Vec::new();
     for r in results {
         let gi = gs.iter().position(|g| g.arm == r.arm && g.depth == r.depth).unwrap_or(0);
         let points: Vec<(f64, f64)> = r.val_curve.iter().map(|&(s, v)| (s as f64, v)).collect();
-        if r.failure.is_some() {
+        if r.crashed_any() {
             if let Some(&p) = points.last() {
                 marks.push(p);
             }
@@ -344,7 +408,7 @@ pub fn write(plan: &Plan, opts: &SweepOptions, outcome: &SweepOutcome) -> Result
         "step (micro-batch)",
         "validation loss",
         &series,
-        &[plot::Marks { name: "failed run (where it stopped)", points: marks, color: RGBColor(214, 39, 40) }],
+        &[plot::Marks { name: "crashed run (its last epoch)", points: marks, color: RGBColor(214, 39, 40) }],
         true,
     )?;
     Ok(())
