@@ -103,7 +103,9 @@ fn random_field_has_the_covariance_spectrum() {
         }
     }
     for (v, &(k1, k2)) in var.iter().zip(&modes) {
-        let want = darcy::grf_sqrt_eigenvalue(k1, k2, alpha, tau).powi(2);
+        // The orthonormal basis (1, sqrt(2) cos): a mode along an axis has half the variance of
+        // an interior one of the same eigenvalue in the cosine coefficients.
+        let want = darcy::grf_sqrt_eigenvalue(k1, k2, alpha, tau).powi(2) * (darcy::neumann_norm(k1) * darcy::neumann_norm(k2)).powi(2);
         // 400 draws: the variance estimate's relative standard deviation is sqrt(2 / 400) = 7%.
         assert!((v / want - 1.0).abs() < 0.3, "mode ({k1}, {k2}): variance {v:.4e}, eigenvalue {want:.4e}");
     }
@@ -341,4 +343,27 @@ fn bad_darcy_settings_are_refused_by_name() {
         let err = c.set(set).and_then(|()| c.validate()).unwrap_err().to_string();
         assert!(err.contains(says), "{set}: {err}");
     }
+}
+
+#[test]
+fn thresholded_fields_have_the_papers_interface_density() {
+    // The paper's data (GRF.m: alpha 2, tau 3 at 421, thresholded to 12 / 3, every 5th point)
+    // cross between the two values about 2.06 times per grid line at s 85 (REFERENCE section
+    // 5, 150 draws); the unnormalised basis of version 1 gave 1.77.
+    let (full, step, draws) = (421usize, 5usize, 400usize);
+    let s = full.div_ceil(step);
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let per_draw: Vec<f64> = (0..draws)
+        .map(|_| {
+            let a = darcy::threshold(&darcy::grf(full, 2.0, 3.0, &mut rng), 12.0, 3.0);
+            let sub: Vec<f32> = (0..full).step_by(step).flat_map(|i| (0..full).step_by(step).map(move |j| (i, j))).map(|(i, j)| a[i * full + j] as f32).collect();
+            darcy::interfaces_per_line(&sub, s)
+        })
+        .collect();
+    let mean = per_draw.iter().sum::<f64>() / draws as f64;
+    let sd = (per_draw.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (draws - 1) as f64).sqrt();
+    let se = sd / (draws as f64).sqrt();
+    eprintln!("interfaces per line at s {s}: {mean:.3} ± {se:.3} (sd {sd:.3}, {draws} draws)");
+    assert!((mean - 2.06).abs() < 4.0 * se + 0.02, "{mean:.3} ± {se:.3} per line, the paper's data 2.06");
+    assert!(mean - 1.77 > 4.0 * se, "{mean:.3} ± {se:.3}: still the unnormalised law's 1.77");
 }

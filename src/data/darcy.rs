@@ -1,9 +1,10 @@
 //! Darcy flow, the FNO paper's benchmark (Li et al., arXiv 2010.08895, section 5.2), generated here.
 //!
 //! - The coefficient: a Gaussian random field mu ~ N(0, (-Laplacian + tau^2 I)^-alpha) with zero
-//!   Neumann boundary conditions, drawn in the Laplacian's cosine eigenbasis on the grid's nodes
-//!   (x_i = i / (s - 1)), mean mode removed, then thresholded: a = `high` where mu >= 0, `low`
-//!   elsewhere ([`grf`], [`threshold`]).
+//!   Neumann boundary conditions, drawn in the Laplacian's orthonormal eigenbasis (1 and
+//!   sqrt(2) cos(pi k x), as the paper's GRF.m draws it with MATLAB's orthonormal idct2) on the
+//!   grid's nodes (x_i = i / (s - 1)), mean mode removed, then thresholded: a = `high` where
+//!   mu >= 0, `low` elsewhere ([`grf`], [`threshold`]).
 //! - The solution of -div(a grad u) = f, u = 0 on the boundary: the five-point finite-difference
 //!   scheme with the coefficient averaged onto cell faces (second order for smooth a; the scheme
 //!   of the paper's MATLAB generator), solved by conjugate gradients preconditioned with a
@@ -23,8 +24,10 @@ use crate::config::DarcyConfig;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
 
-/// Bumped whenever the generation changes, so that old caches are not reused.
-const DARCY_VERSION: u32 = 1;
+/// Bumped whenever the generation changes, so that old caches are not reused. 2: the field's
+/// basis is orthonormal (version 1 left out the sqrt(2) of each non-constant factor, which gave
+/// the modes along the axes twice their relative variance).
+const DARCY_VERSION: u32 = 2;
 
 /// The square root of the covariance's eigenvalue for cosine mode (k1, k2):
 /// tau^(alpha - 1) (pi^2 |k|^2 + tau^2)^(-alpha / 2), the scale of the paper's generator.
@@ -57,8 +60,20 @@ fn basis_sandwich(c: &[f64], a: &[f64], s: usize) -> Vec<f64> {
     u
 }
 
+/// The orthonormal Neumann eigenfunction's factor: phi_k(x) = `neumann_norm(k)` cos(pi k x), that
+/// is 1 for the constant and sqrt(2) for every other mode.
+pub fn neumann_norm(k: usize) -> f64 {
+    if k == 0 {
+        1.0
+    } else {
+        std::f64::consts::SQRT_2
+    }
+}
+
 /// One draw of the random field on an s x s node grid (row-major), from `rng`:
-/// mu(x, y) = sum over (k1, k2) != (0, 0) of xi_k sqrt(lambda_k) cos(pi k1 x) cos(pi k2 y), xi ~ N(0, 1).
+/// mu(x, y) = sum over (k1, k2) != (0, 0) of xi_k sqrt(lambda_k) phi_k1(x) phi_k2(y), xi ~ N(0, 1),
+/// phi the orthonormal eigenfunctions ([`neumann_norm`]): the law of the paper's GRF.m, whose
+/// `idct2(s * coef .* xi)` is this sum at the cell midpoints.
 pub fn grf(s: usize, alpha: f64, tau: f64, rng: &mut ChaCha8Rng) -> Vec<f64> {
     grf_with_basis(&cosine_basis(s), s, alpha, tau, rng)
 }
@@ -68,10 +83,25 @@ fn grf_with_basis(basis: &[f64], s: usize, alpha: f64, tau: f64, rng: &mut ChaCh
     for k1 in 0..s {
         for k2 in 0..s {
             let xi: f64 = StandardNormal.sample(rng);
-            coef[k1 * s + k2] = if k1 == 0 && k2 == 0 { 0.0 } else { xi * grf_sqrt_eigenvalue(k1, k2, alpha, tau) };
+            let scale = neumann_norm(k1) * neumann_norm(k2) * grf_sqrt_eigenvalue(k1, k2, alpha, tau);
+            coef[k1 * s + k2] = if k1 == 0 && k2 == 0 { 0.0 } else { xi * scale };
         }
     }
     basis_sandwich(basis, &coef, s)
+}
+
+/// Interfaces per grid line of an s x s coefficient field: the changes of value between
+/// neighbours along every row and every column, divided by the 2 s lines. The paper's data at
+/// s 85 cross about 2.06 times per line (REFERENCE section 5).
+pub fn interfaces_per_line(a: &[f32], s: usize) -> f64 {
+    let mut n = 0usize;
+    for i in 0..s {
+        for j in 1..s {
+            n += usize::from(a[i * s + j] != a[i * s + j - 1]);
+            n += usize::from(a[j * s + i] != a[(j - 1) * s + i]);
+        }
+    }
+    n as f64 / (2 * s) as f64
 }
 
 /// psi(mu): `high` where mu >= 0, `low` where mu < 0.

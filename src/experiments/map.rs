@@ -185,14 +185,21 @@ fn range_text(e: &Edge, lrs: &[f64]) -> String {
 }
 
 /// How an arm's edge compares with the control's at the same depth.
-fn versus_control(e: &Edge, control: Option<&Edge>, lrs: &[f64]) -> String {
+fn versus_control(e: &Edge, control: Option<&Edge>, lrs: &[f64], cells: &[Cell]) -> String {
     let Some(c) = control else { return String::new() };
     let steps = |l: Option<f64>| l.and_then(|l| lrs.iter().position(|&x| x == l)).map_or(-1, |i| i as i64);
     let (a, b) = (steps(e.largest_stable_lr), steps(c.largest_stable_lr));
+    // An edge is set by its first unstable cell: say how many runs that was, since one run in
+    // five moves an edge by a grid step.
+    let evidence = |edge: &Edge, who: &str| {
+        let cell = edge.first_unstable_lr.and_then(|lr| cells.iter().find(|x| x.arm == edge.arm && x.depth == edge.depth && x.lr == lr));
+        cell.map_or(String::new(), |x| format!("; {who} edge rests on {} of {} runs at {}", x.unstable, x.runs, lr_label(x.lr)))
+    };
+    let plural = |n: i64| if n == 1 { "" } else { "s" };
     match a.cmp(&b) {
         std::cmp::Ordering::Equal => "same as the control".into(),
-        std::cmp::Ordering::Greater => format!("wider than the control by {} grid step{}", a - b, if a - b == 1 { "" } else { "s" }),
-        std::cmp::Ordering::Less => format!("narrower than the control by {} grid step{}", b - a, if b - a == 1 { "" } else { "s" }),
+        std::cmp::Ordering::Greater => format!("wider than the control by {} grid step{}{}", a - b, plural(a - b), evidence(c, "the control's")),
+        std::cmp::Ordering::Less => format!("narrower than the control by {} grid step{}{}", b - a, plural(b - a), evidence(e, "its")),
     }
 }
 
@@ -264,7 +271,7 @@ pub fn write(plan: &Plan, opts: &SweepOptions, outcome: &SweepOutcome) -> Result
             range_text(e, &plan.lrs),
             if e.non_monotone { " (not monotone: stable again above)" } else { "" },
             e.p_unstable_upper.map_or("-".into(), |p| format!("0 (≤ {p:.2})")),
-            versus_control(e, control, &plan.lrs),
+            versus_control(e, control, &plan.lrs, &cs),
             e.best_val_loss.show(4),
             e.amp_ssim.show(3),
             e.phase_ssim.show(3)
