@@ -145,6 +145,24 @@ struct SweepArgs {
     /// did not train (reported apart, not a crash).
     #[arg(long, default_value_t = 0.9)]
     did_not_train_above: f64,
+    /// Run only shard INDEX of COUNT (runs i with i % COUNT == INDEX), beside the other shards'
+    /// processes in the same --out: one per GPU, or a Slurm job array
+    /// (--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; scripts/study-slurm.sh).
+    #[arg(long, value_name = "INDEX/COUNT")]
+    shard: Option<fnokern::experiments::Shard>,
+    /// Train nothing: print the runs, each cell's parameters, step memory and steps, and (with
+    /// --step-ms) the device-hours.
+    #[arg(long)]
+    dry_run: bool,
+    /// With --dry-run, the milliseconds of one training step on the target device, as
+    /// `fnokern bench-step` measures it there: MS for every cell, or DEPTH=MS per depth
+    /// (comma-separated); every arm at a depth is assumed to cost the same.
+    #[arg(long, value_name = "MS|DEPTH=MS", value_delimiter = ',', requires = "dry_run", conflicts_with = "measure")]
+    step_ms: Vec<String>,
+    /// With --dry-run, time N training steps of every cell on the config's device (--device)
+    /// instead, as bench-step does (the median).
+    #[arg(long, value_name = "N", requires = "dry_run")]
+    measure: Option<usize>,
 }
 
 /// The exit statuses of the sweeps, for their --help.
@@ -270,6 +288,9 @@ a directory in use); 2 bad command-line arguments (the usage is printed); 3 cras
     Shootout {
         #[command(flatten)]
         cfg: ConfigArgs,
+        /// Depths, comma-separated, each with every arm (default: --depth, or the config's).
+        #[arg(long, value_delimiter = ',', conflicts_with = "depth")]
+        depths: Vec<usize>,
         /// Arms (names in configs/arms/, built-in arms, or .toml overlays), comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "control,layerscale,agc")]
         arms: Vec<String>,
@@ -383,7 +404,9 @@ fn main() -> ExitCode {
         Command::StabilityMap { cfg, depths, lrs, arms, sweep: sw } => sweep(fnokern::experiments::SweepKind::StabilityMap, cfg, None, depths, lrs, arms, sw),
         Command::Plan { cfg, batch, n, checkpoint } => ok(plan(&cfg, batch, n, checkpoint)),
         Command::BenchStep { cfg, steps, profile } => ok(bench_step(&cfg, steps, profile)),
-        Command::Shootout { cfg, arms, sweep: sw } => sweep(fnokern::experiments::SweepKind::Shootout, cfg.src, cfg.depth, Vec::new(), Vec::new(), arms, sw),
+        Command::Shootout { cfg, depths, arms, sweep: sw } => {
+            sweep(fnokern::experiments::SweepKind::Shootout, cfg.src, cfg.depth, depths, Vec::new(), arms, sw)
+        }
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -582,7 +605,7 @@ fn sweep(
     let mut base = args.resolve(depth, Some(if kind == SweepKind::StabilityMap { "map" } else { "sweep" }))?;
     // What happens to a model, not what a guard hides: the guard is an arm (`guard`).
     base.train.spike_action = fnokern::config::SpikeAction::Log;
-    let depths = if kind == SweepKind::Shootout { vec![base.model.depth] } else { depths };
+    let depths = if kind == SweepKind::Shootout && depths.is_empty() { vec![base.model.depth] } else { depths };
     let arms = arms.iter().map(|a| ex::Arm::load(a)).collect::<fnokern::Result<Vec<_>>>()?;
     let bad = |why: String| fnokern::Error::InvalidArgument { op: "sweep", why };
     if sw.seeds == 0 {
@@ -598,7 +621,7 @@ fn sweep(
     criteria.check()?;
     let out = sw.out.unwrap_or_else(|| match kind {
         SweepKind::CrashHunt => PathBuf::from(format!("sweeps/crash-hunt-{}", arms[0].name)),
-        SweepKind::Shootout => PathBuf::from(format!("sweeps/shootout-d{}", depths[0])),
+        SweepKind::Shootout => PathBuf::from(format!("sweeps/shootout-d{}", depths.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(","))),
         SweepKind::StabilityMap => PathBuf::from("sweeps/stability-map"),
     });
     let seeds: Vec<u64> = (0..sw.seeds).collect();
@@ -606,6 +629,9 @@ fn sweep(
         SweepKind::StabilityMap => ex::Plan::map(&base, arms, depths, lrs, seeds)?,
         _ => ex::Plan::new(kind, &base, arms, depths, seeds)?,
     };
+    if sw.dry_run {
+        return dry_run(&plan, sw.shard, &sw.step_ms, sw.measure);
+    }
     let opts = ex::SweepOptions {
         out_dir: out.clone(),
         jobs: sw.jobs.unwrap_or_else(ex::cores).max(1),
@@ -614,6 +640,7 @@ fn sweep(
         criteria,
         command: std::iter::once("fnokern".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" "),
         stop: Some(stop_flag()),
+        shard: sw.shard,
     };
     println!("sweep directory: {}", out.display());
     let o = ex::run_sweep(&plan, &opts, &|m| println!("{m}"))?;
@@ -645,6 +672,94 @@ fn sweep(
         return Ok(fnokern::train::exit::INTERRUPTED);
     }
     Ok(fnokern::train::exit::OK)
+}
+
+/// A sweep's --dry-run: what it would train and what that costs.
+fn dry_run(plan: &fnokern::experiments::Plan, shard: Option<fnokern::experiments::Shard>, step_ms: &[String], measure: Option<usize>) -> fnokern::Result<u8> {
+    use fnokern::experiments as ex;
+    let bad = |why: String| fnokern::Error::InvalidArgument { op: "dry-run", why };
+    // MS, or DEPTH=MS.
+    let mut given: Vec<(Option<usize>, f64)> = Vec::new();
+    for item in step_ms {
+        let (d, ms) = match item.split_once('=') {
+            Some((d, ms)) => (Some(d.trim().parse::<usize>().map_err(|_| bad(format!("--step-ms {item}: the depth is not a whole number")))?), ms),
+            None => (None, item.as_str()),
+        };
+        let ms: f64 = ms
+            .trim()
+            .parse()
+            .ok()
+            .filter(|m: &f64| m.is_finite() && *m > 0.0)
+            .ok_or_else(|| bad(format!("--step-ms {item}: not a positive number of milliseconds")))?;
+        given.push((d, ms));
+    }
+    if measure == Some(0) {
+        return Err(bad("--measure must be at least 1".into()));
+    }
+    let costs = ex::costs(plan, shard)?;
+    let planned = plan.runs()?.len();
+    let runs: usize = costs.iter().map(|c| c.runs).sum();
+    println!(
+        "dry run: {runs} runs{} ({} arms x {} depths x {} rates x {} seeds = {planned} in the plan); nothing is trained",
+        shard.map_or(String::new(), |s| format!(" in shard {}/{}", s.index, s.count)),
+        plan.arms.len(),
+        plan.depths.len(),
+        plan.lrs.len().max(1),
+        plan.seeds.len()
+    );
+    println!(
+        "{:<18} {:>5} {:>7} {:>6} {:>12} {:>11} {:>13} {:>9} {:>10}",
+        "arm", "depth", "lr", "runs", "parameters", "step peak", "steps / run", "ms / step", "hours"
+    );
+    let (mut hours, mut unknown) = (0.0, 0usize);
+    for c in &costs {
+        let ms = match measure {
+            Some(n) => {
+                let spec = plan.runs()?.into_iter().find(|s| s.arm == c.arm && s.depth == c.depth && s.lr == c.lr).expect("a cell comes from a run");
+                let dev = fnokern::Device::of_kind(spec.config.train.device_kind()?)?;
+                let mut st = fnokern::plan::SteadyState::new(&spec.config, &dev)?;
+                let mut t = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let t0 = std::time::Instant::now();
+                    st.trainer.step(st.batch.clone(), true)?;
+                    if dev.kind().is_gpu() {
+                        dev.synchronize()?;
+                    }
+                    t.push(t0.elapsed().as_secs_f64() * 1e3);
+                }
+                t.sort_by(f64::total_cmp);
+                Some(t[n / 2])
+            }
+            None => given.iter().find(|g| g.0 == Some(c.depth)).or_else(|| given.iter().find(|g| g.0.is_none())).map(|g| g.1),
+        };
+        let h = ms.zip(c.steps_per_run).map(|(ms, steps)| ms * steps as f64 * c.runs as f64 / 3.6e6);
+        match h {
+            Some(h) => hours += h,
+            None => unknown += c.runs,
+        }
+        let f = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+        println!(
+            "{:<18} {:>5} {:>7} {:>6} {:>12} {:>11} {:>13} {:>9} {:>10}",
+            c.arm,
+            c.depth,
+            f(c.lr.map(ex::lr_label)),
+            c.runs,
+            c.parameters,
+            fnokern::plan::gib(c.peak_bytes),
+            f(c.steps_per_run.map(|s| s.to_string())),
+            f(ms.map(|m| format!("{m:.1}"))),
+            f(h.map(|h| format!("{h:.1}")))
+        );
+    }
+    if unknown == runs {
+        println!("device-hours: give --step-ms (from `fnokern bench-step` on the target device) or --measure N");
+    } else {
+        println!(
+            "device-hours: {hours:.1} of training steps{} (validation passes and evaluation add a few percent)",
+            if unknown > 0 { format!(", without {unknown} runs whose step time or length is unknown") } else { String::new() }
+        );
+    }
+    Ok(0)
 }
 
 fn bench_step(args: &ConfigArgs, steps: usize, profile: bool) -> fnokern::Result<()> {

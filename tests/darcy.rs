@@ -356,7 +356,8 @@ fn thresholded_fields_have_the_papers_interface_density() {
     let per_draw: Vec<f64> = (0..draws)
         .map(|_| {
             let a = darcy::threshold(&darcy::grf(full, 2.0, 3.0, &mut rng), 12.0, 3.0);
-            let sub: Vec<f32> = (0..full).step_by(step).flat_map(|i| (0..full).step_by(step).map(move |j| (i, j))).map(|(i, j)| a[i * full + j] as f32).collect();
+            let sub: Vec<f32> =
+                (0..full).step_by(step).flat_map(|i| (0..full).step_by(step).map(move |j| (i, j))).map(|(i, j)| a[i * full + j] as f32).collect();
             darcy::interfaces_per_line(&sub, s)
         })
         .collect();

@@ -17,7 +17,7 @@ fn tiny(cache: &Path) -> Config {
 }
 
 fn options(dir: &Path) -> SweepOptions {
-    SweepOptions { out_dir: dir.to_path_buf(), jobs: 2, threads: Some(2), max_runs: None, criteria: loose(), command: "test".into(), stop: None }
+    SweepOptions { out_dir: dir.to_path_buf(), jobs: 2, threads: Some(2), max_runs: None, criteria: loose(), command: "test".into(), stop: None, shard: None }
 }
 
 /// Loose enough that the tiny runs pass unless built to fail.
@@ -318,4 +318,48 @@ fn stability_map_rates_are_checked_and_intervals_are_exact() {
     assert!(close(cp(5, 5), (0.4782, 1.0)), "{:?}", cp(5, 5));
     assert!(close(cp(2, 5), (0.0527, 0.8534)), "{:?}", cp(2, 5));
     assert!(close(cp(1, 10), (0.0025, 0.4450)), "{:?}", cp(1, 10));
+}
+
+#[test]
+fn shards_share_one_sweep_and_run_each_run_once() {
+    let dir = tempdir("shards");
+    let base = tiny(&dir.join("cache"));
+    let plan = Plan::new(SweepKind::CrashHunt, &base, vec![Arm::load("control").unwrap()], vec![2], vec![0, 1, 2, 3, 4]).unwrap();
+    // Two shards at once in one directory, as two processes of a job array would be.
+    let outcomes: Vec<ex::SweepOutcome> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|k| {
+                let (plan, dir) = (&plan, &dir);
+                s.spawn(move || {
+                    let mut o = options(dir);
+                    o.jobs = 1;
+                    o.threads = Some(1);
+                    o.shard = Some(format!("{k}/2").parse().unwrap());
+                    ex::run_sweep(plan, &o, &quiet()).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    // Shard 0 takes runs 0, 2, 4 and shard 1 runs 1, 3: each run once.
+    assert_eq!((outcomes[0].ran, outcomes[1].ran), (3, 2));
+    let names = |o: &ex::SweepOutcome| o.results.iter().map(|r| r.name.clone()).collect::<Vec<_>>();
+    for o in &outcomes {
+        assert!(o.results.len() >= 3, "a shard reports every run ended by its end: {:?}", names(o));
+    }
+    // Again: nothing to run, and every run ended.
+    let again = ex::run_sweep(&plan, &options(&dir), &quiet()).unwrap();
+    assert_eq!((again.ran, again.reused), (0, 5));
+    assert!(again.complete());
+
+    // The cost of a cell: the tiny config's 24 patterns in batches of 4, 3 epochs.
+    let costs = ex::costs(&plan, Some("1/2".parse().unwrap())).unwrap();
+    assert_eq!(costs.len(), 1);
+    assert_eq!((costs[0].runs, costs[0].steps_per_run), (2, Some(18)));
+    assert!(costs[0].parameters > 0 && costs[0].peak_bytes > 0);
+
+    for bad in ["2/2", "0/0", "1", "a/2", "-1/2"] {
+        let err = bad.parse::<ex::Shard>().unwrap_err().to_string();
+        assert!(err.contains("INDEX/COUNT"), "{bad}: {err}");
+    }
 }

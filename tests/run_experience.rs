@@ -168,7 +168,7 @@ fn every_option_that_help_lists_is_accepted() {
         assert!(ok, "{cmd}: {err}");
         for (opt, takes_value) in options(&help) {
             // The parser took the option (and its value) when what it rejects is the bogus flag.
-            let values: &[&str] = if takes_value { &["2", "cpu", "control", "x"] } else { &[""] };
+            let values: &[&str] = if takes_value { &["2", "cpu", "control", "x", "0/1"] } else { &[""] };
             let accepted = values.iter().any(|v| {
                 let mut args = vec![cmd.as_str()];
                 if cmd == "predict" {

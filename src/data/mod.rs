@@ -66,13 +66,19 @@ fn to_split(sim: &simulate::SimSplit, probe: &[[f64; 2]], n: usize) -> NpzSplit 
 /// About how many bytes the simulated data set holds in memory (patterns of diffraction, Y_I
 /// and Y_phi in f32, and the objects); 0 for NPZ data, whose size the files give.
 pub fn estimated_bytes(cfg: &DataConfig) -> u64 {
+    let Some((train, test)) = pattern_counts(cfg) else { return 0 };
+    let objects = (cfg.train_objects + cfg.test_objects) as u64 * (2 * cfg.object_size as u64).pow(2) * 8;
+    (train + test) * (cfg.n as u64).pow(2) * 4 * 3 + objects
+}
+
+/// The (training, test) patterns the simulation makes: a regular grid of windows on each object;
+/// None for NPZ data (its files say) or objects smaller than a pattern.
+pub fn pattern_counts(cfg: &DataConfig) -> Option<(u64, u64)> {
     if cfg.npz.is_some() || cfg.object_size < cfg.n {
-        return 0;
+        return None;
     }
     let per_object = |stride: usize| (((cfg.object_size - cfg.n) / stride.max(1) + 1) as u64).pow(2);
-    let patterns = cfg.train_objects as u64 * per_object(cfg.train_stride) + cfg.test_objects as u64 * per_object(cfg.test_stride);
-    let objects = (cfg.train_objects + cfg.test_objects) as u64 * (2 * cfg.object_size as u64).pow(2) * 8;
-    patterns * (cfg.n as u64).pow(2) * 4 * 3 + objects
+    Some((cfg.train_objects as u64 * per_object(cfg.train_stride), cfg.test_objects as u64 * per_object(cfg.test_stride)))
 }
 
 /// Simulates, or reads the cache, or reads the configured NPZ files.

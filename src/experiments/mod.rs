@@ -42,6 +42,8 @@ pub const BUILTIN_ARMS: &[(&str, &str)] = &[
     ("warmup_cosine", include_str!("../../configs/arms/warmup_cosine.toml")),
     ("sgd", include_str!("../../configs/arms/sgd.toml")),
     ("guard", include_str!("../../configs/arms/guard.toml")),
+    ("constant_width", include_str!("../../configs/arms/constant_width.toml")),
+    ("constant_width32", include_str!("../../configs/arms/constant_width32.toml")),
 ];
 
 /// When a run counts as crashed (REFERENCE section 3, issue 30). Every threshold is applied to
@@ -563,6 +565,76 @@ fn read_metrics(path: &Path) -> LogFacts {
     f
 }
 
+/// Which runs of a plan one process takes (`--shard INDEX/COUNT`): run i (in plan order) when
+/// i % count == index. Shards of one sweep share its directory: a job array or one process per
+/// GPU runs the whole plan, each run exactly once, and any of them reports on every run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl std::str::FromStr for Shard {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Shard> {
+        let bad = || {
+            Error::invalid("shard", format!("`{s}` is not INDEX/COUNT with 0 <= INDEX < COUNT (e.g. 0/4; Slurm: $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)"))
+        };
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let (index, count) = (i.trim().parse::<usize>().map_err(|_| bad())?, n.trim().parse::<usize>().map_err(|_| bad())?);
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(Shard { index, count })
+    }
+}
+
+impl Shard {
+    pub fn takes(&self, run: usize) -> bool {
+        run % self.count == self.index
+    }
+}
+
+/// What one (arm, depth, learning rate) cell of a plan costs, for a dry run.
+#[derive(Clone, Debug, Serialize)]
+pub struct CellCost {
+    pub arm: String,
+    pub depth: usize,
+    pub lr: Option<f64>,
+    /// Runs of the cell (in the shard, when one is given).
+    pub runs: usize,
+    pub parameters: usize,
+    /// The peak of one training step (the config's checkpointing), from the memory plan.
+    pub peak_bytes: u64,
+    /// Optimiser steps a run makes (epochs x batches per epoch); None when the data's size is
+    /// not known before it is read (NPZ data).
+    pub steps_per_run: Option<u64>,
+}
+
+/// The cost of each cell of `plan` (the runs `shard` takes), from the memory plan on the meta
+/// device: nothing is trained or allocated.
+pub fn costs(plan: &Plan, shard: Option<Shard>) -> Result<Vec<CellCost>> {
+    let specs = plan.runs()?;
+    let mut out: Vec<CellCost> = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let taken = shard.is_none_or(|s| s.takes(i));
+        if let Some(c) = out.iter_mut().find(|c| c.arm == spec.arm && c.depth == spec.depth && c.lr == spec.lr) {
+            c.runs += usize::from(taken);
+            continue;
+        }
+        let cfg = &spec.config;
+        let meta = crate::device::Device::meta();
+        let parameters = crate::model::Generator::for_run(cfg, &meta)?.num_params();
+        let peak_bytes = crate::plan::step_memory(cfg, &meta)?.peak;
+        let steps_per_run = crate::data::pattern_counts(&cfg.data).map(|(train, _)| {
+            let used = if cfg.train.train_patterns == 0 { train } else { train.min(cfg.train.train_patterns as u64) };
+            cfg.train.epochs as u64 * used.div_ceil(cfg.train.batch_size as u64)
+        });
+        out.push(CellCost { arm: spec.arm.clone(), depth: spec.depth, lr: spec.lr, runs: usize::from(taken), parameters, peak_bytes, steps_per_run });
+    }
+    Ok(out)
+}
+
 /// How a sweep is driven (not part of its identity).
 #[derive(Clone, Debug)]
 pub struct SweepOptions {
@@ -579,6 +651,8 @@ pub struct SweepOptions {
     /// Set (by a signal handler) to stop: running runs checkpoint and stop, no new run starts,
     /// and the same command continues the sweep.
     pub stop: Option<Arc<AtomicBool>>,
+    /// Run only this shard's runs, beside the other shards' processes.
+    pub shard: Option<Shard>,
 }
 
 /// The sweep's state after an invocation.
@@ -616,14 +690,17 @@ fn ended(dir: &Path) -> Option<Summary> {
 }
 
 /// The result of a run that has ended, judged under `c`: from its metrics.jsonl when the
-/// directory has one (and then written to result.json beside it), else from that result.json:
-/// a committed sweep keeps summary.json and result.json of each run, not the logs.
-fn result_of(spec: &RunSpec, s: &Summary, dir: &Path, c: &Criteria) -> Result<RunResult> {
+/// directory has one (and then, when `owner`, written to result.json beside it: another shard's
+/// run is its own shard's to write), else from that result.json: a committed sweep keeps
+/// summary.json and result.json of each run, not the logs.
+fn result_of(spec: &RunSpec, s: &Summary, dir: &Path, c: &Criteria, owner: bool) -> Result<RunResult> {
     let path = dir.join("result.json");
     if dir.join("metrics.jsonl").is_file() || !path.is_file() {
         let r = RunResult::from_summary(spec, s, dir, c)?;
-        let json = serde_json::to_string_pretty(&r).map_err(|e| Error::invalid("sweep", e.to_string()))?;
-        crate::io::write_atomic(&path, json.as_bytes())?;
+        if owner {
+            let json = serde_json::to_string_pretty(&r).map_err(|e| Error::invalid("sweep", e.to_string()))?;
+            crate::io::write_atomic(&path, json.as_bytes())?;
+        }
         return Ok(r);
     }
     let text = fs::read(&path).map_err(|source| Error::Io { path: path.display().to_string(), source })?;
@@ -657,7 +734,13 @@ pub fn run_sweep(plan: &Plan, opts: &SweepOptions, say: &(dyn Fn(&str) + Sync)) 
         move |source| Error::Io { path, source }
     };
     crate::train::run_dir::refuse_foreign(out)?;
-    let _lock = crate::train::run_dir::DirLock::take(out, "sweep")?;
+    // One process holds a sweep for its whole length; shards share it, each holding the lock
+    // only while it checks the plan and while it writes the report (each run is locked by its
+    // own trainer).
+    let lock = match opts.shard {
+        None => crate::train::run_dir::DirLock::take(out, "sweep")?,
+        Some(_) => crate::train::run_dir::DirLock::wait(out, "sweep")?,
+    };
     fs::create_dir_all(out.join("runs")).map_err(io(out))?;
     let plan_path = out.join("plan.json");
     let plan_text = serde_json::to_string_pretty(plan).map_err(|e| Error::invalid("sweep", e.to_string()))?;
@@ -686,20 +769,26 @@ pub fn run_sweep(plan: &Plan, opts: &SweepOptions, say: &(dyn Fn(&str) + Sync)) 
         let dir = run_dir(out, spec);
         match ended(&dir) {
             Some(s) => {
-                results[i] = Some(result_of(spec, &s, &dir, &opts.criteria)?);
+                let owner = opts.shard.is_none_or(|sh| sh.takes(i));
+                results[i] = Some(result_of(spec, &s, &dir, &opts.criteria, owner)?);
                 reused += 1;
             }
-            None => pending.push_back(i),
+            None if opts.shard.is_none_or(|s| s.takes(i)) => pending.push_back(i),
+            None => {}
         }
     }
+    // Unsharded, `lock` is held to the end; a shard gives it up before training.
+    let mut lock = Some(lock);
+    let shard_lock = if opts.shard.is_some() { lock.take() } else { None };
     // Runs on a GPU go one after another: they would share its memory and its one stream.
     let on_gpu = specs.iter().any(|s| s.config.train.device_kind().is_ok_and(|k| k.is_gpu()));
     let jobs = if on_gpu { 1 } else { opts.jobs.max(1).min(pending.len().max(1)) };
     say(&format!(
-        "{} runs planned: {} already ended (kept), {} to run, {} at a time{}",
+        "{} runs planned: {} already ended (kept), {} to run{}, {} at a time{}",
         specs.len(),
         reused,
         pending.len(),
+        opts.shard.map_or(String::new(), |s| format!(" in shard {}/{} (the other shards run the rest)", s.index, s.count)),
         jobs.min(pending.len()).max(1),
         if on_gpu { " (on the GPU)" } else { "" }
     ));
@@ -714,6 +803,8 @@ pub fn run_sweep(plan: &Plan, opts: &SweepOptions, say: &(dyn Fn(&str) + Sync)) 
         }
     }
 
+    // The other shards need the directory while this one trains.
+    drop(shard_lock);
     let limit = opts.max_runs.unwrap_or(usize::MAX).min(pending.len());
     let pending: VecDeque<usize> = pending.into_iter().take(limit).collect();
     let jobs = jobs.min(pending.len().max(1));
@@ -756,7 +847,7 @@ pub fn run_sweep(plan: &Plan, opts: &SweepOptions, say: &(dyn Fn(&str) + Sync)) 
                     continue;
                 }
             }
-            match r.and_then(|s| result_of(spec, &s, &run_dir(out, spec), &opts.criteria)) {
+            match r.and_then(|s| result_of(spec, &s, &run_dir(out, spec), &opts.criteria, true)) {
                 Ok(res) => {
                     ran += 1;
                     let done = results.iter().filter(|r| r.is_some()).count() + 1;
@@ -786,6 +877,22 @@ pub fn run_sweep(plan: &Plan, opts: &SweepOptions, say: &(dyn Fn(&str) + Sync)) 
     if let Some(e) = first_error {
         return Err(e);
     }
+    let _report_lock = match opts.shard {
+        Some(_) => {
+            let l = crate::train::run_dir::DirLock::wait(out, "sweep")?;
+            // Report every run any shard has ended by now.
+            for (i, spec) in specs.iter().enumerate() {
+                if results[i].is_none() {
+                    let dir = run_dir(out, spec);
+                    if let Some(s) = ended(&dir) {
+                        results[i] = Some(result_of(spec, &s, &dir, &opts.criteria, false)?);
+                    }
+                }
+            }
+            Some(l)
+        }
+        None => None,
+    };
     let outcome = SweepOutcome { results: results.into_iter().flatten().collect(), planned: total, ran, reused };
     report::write(plan, opts, &outcome)?;
     Ok(outcome)
