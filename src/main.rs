@@ -152,8 +152,12 @@ struct SweepArgs {
     shard: Option<fnokern::experiments::Shard>,
     /// Train nothing: print the runs, each cell's parameters, step memory and steps, and (with
     /// --step-ms) the device-hours.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "report_only")]
     dry_run: bool,
+    /// Train nothing: write the report (report.md, results.json, plots) of the runs that have
+    /// ended, judged under the criteria given now.
+    #[arg(long)]
+    report_only: bool,
     /// With --dry-run, the milliseconds of one training step on the target device, as
     /// `fnokern bench-step` measures it there: MS for every cell, or DEPTH=MS per depth
     /// (comma-separated); every arm at a depth is assumed to cost the same.
@@ -636,7 +640,7 @@ fn sweep(
         out_dir: out.clone(),
         jobs: sw.jobs.unwrap_or_else(ex::cores).max(1),
         threads: None,
-        max_runs: None,
+        max_runs: sw.report_only.then_some(0),
         criteria,
         command: std::iter::once("fnokern".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" "),
         stop: Some(stop_flag()),

@@ -214,9 +214,10 @@ fn a_committed_sweep_reports_from_its_results_without_the_logs() {
     assert_eq!((again.ran, again.reused), (0, 2));
     assert_eq!(again.results, first.results);
     assert!(again.results.iter().all(|r| r.crashes == [CrashKind::Explosion]), "{:?}", again.results);
-    // ... and judges them again under other criteria.
+    // ... and judges them again under other criteria, training nothing (`--report-only`).
     let mut o = options(&dir);
     o.criteria.explosion_factor = 1e6;
+    o.max_runs = Some(0);
     let rejudged = ex::run_sweep(&plan, &o, &quiet()).unwrap();
     assert!(rejudged.results.iter().all(|r| r.crashes.is_empty()), "{:?}", rejudged.results);
     // A result.json of another run is refused.

@@ -793,6 +793,11 @@ pub fn run_sweep(plan: &Plan, opts: &SweepOptions, say: &(dyn Fn(&str) + Sync)) 
         if on_gpu { " (on the GPU)" } else { "" }
     ));
 
+    // The other shards need the directory while this one trains.
+    drop(shard_lock);
+    let limit = opts.max_runs.unwrap_or(usize::MAX).min(pending.len());
+    let pending: VecDeque<usize> = pending.into_iter().take(limit).collect();
+
     // Simulate each distinct data set once before the runs share its cache.
     let mut warmed = Vec::new();
     for &i in &pending {
@@ -802,11 +807,6 @@ pub fn run_sweep(plan: &Plan, opts: &SweepOptions, say: &(dyn Fn(&str) + Sync)) 
             warmed.push(d.clone());
         }
     }
-
-    // The other shards need the directory while this one trains.
-    drop(shard_lock);
-    let limit = opts.max_runs.unwrap_or(usize::MAX).min(pending.len());
-    let pending: VecDeque<usize> = pending.into_iter().take(limit).collect();
     let jobs = jobs.min(pending.len().max(1));
     let threads = (opts.threads.unwrap_or_else(cores) / jobs).max(1);
     let queue = Mutex::new(pending);
