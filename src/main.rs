@@ -269,7 +269,8 @@ a directory in use); 2 bad command-line arguments (the usage is printed); 3 cras
     /// Find the shallowest depth where training crashes: the control arm (or --arm) at every depth
     /// and seed. A crash is counted per kind whatever a guard did (non-finite values, a loss
     /// explosion, out of memory, a collapse, a high final validation loss; "did not train" apart);
-    /// the spike guard is off (train.spike_action = log) unless the arm turns it on (`guard`).
+    /// the spike guard is off (train.spike_action = log) unless the arm turns it on (`guard`) or
+    /// --set train.spike_action=... names it.
     /// Resumable: run the same command again to continue a killed sweep. Without --config or
     /// --preset it uses the `sweep` preset.
     #[command(after_help = SWEEP_EXIT)]
@@ -606,9 +607,13 @@ fn sweep(
     sw: SweepArgs,
 ) -> fnokern::Result<u8> {
     use fnokern::experiments::{self as ex, SweepKind};
+    // What happens to a model, not what a guard hides: the guard is an arm (`guard`), or the
+    // command line names it for every arm.
+    let guard_named = args.set.iter().any(|s| s.split('=').next().is_some_and(|k| k.trim() == "train.spike_action"));
     let mut base = args.resolve(depth, Some(if kind == SweepKind::StabilityMap { "map" } else { "sweep" }))?;
-    // What happens to a model, not what a guard hides: the guard is an arm (`guard`).
-    base.train.spike_action = fnokern::config::SpikeAction::Log;
+    if !guard_named {
+        base.train.spike_action = fnokern::config::SpikeAction::Log;
+    }
     let depths = if kind == SweepKind::Shootout && depths.is_empty() { vec![base.model.depth] } else { depths };
     let arms = arms.iter().map(|a| ex::Arm::load(a)).collect::<fnokern::Result<Vec<_>>>()?;
     let bad = |why: String| fnokern::Error::InvalidArgument { op: "sweep", why };
@@ -743,13 +748,13 @@ fn dry_run(plan: &fnokern::experiments::Plan, shard: Option<fnokern::experiments
         }
         let f = |v: Option<String>| v.unwrap_or_else(|| "-".into());
         println!(
-            "{:<18} {:>5} {:>7} {:>6} {:>12} {:>11} {:>13} {:>9} {:>10}",
+            "{:<18} {:>5} {:>7} {:>6} {:>12} {:>12} {:>13} {:>9} {:>10}",
             c.arm,
             c.depth,
             f(c.lr.map(ex::lr_label)),
             c.runs,
             c.parameters,
-            fnokern::plan::gib(c.peak_bytes),
+            format!("{:.1} MiB", c.peak_bytes as f64 / (1u64 << 20) as f64),
             f(c.steps_per_run.map(|s| s.to_string())),
             f(ms.map(|m| format!("{m:.1}"))),
             f(h.map(|h| format!("{h:.1}")))

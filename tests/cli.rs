@@ -192,3 +192,30 @@ fn a_closed_pipe_ends_the_output_quietly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
 }
+
+#[test]
+fn a_sweep_dry_run_counts_runs_and_the_guard_is_off_unless_named() {
+    let dir = tempdir();
+    let out = dir.join("sweep");
+    let peak = |extra: &[&str]| {
+        let mut args = vec!["shootout", "--preset", "map", "--depths", "2,3", "--arms", "control,guard", "--seeds", "3", "--dry-run", "--step-ms", "2=10"];
+        args.extend_from_slice(&["--out", out.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        let (ok, stdout, stderr) = run(&args);
+        assert!(ok, "{stderr}");
+        assert!(stdout.contains("12 runs (2 arms x 2 depths x 1 rates x 3 seeds = 12 in the plan)"), "{stdout}");
+        // Depth 3 has no step time: its runs are left out of the hours, and said to be.
+        assert!(stdout.contains("without 6 runs"), "{stdout}");
+        let row = |arm: &str| {
+            stdout.lines().find(|l| l.starts_with(arm) && l.split_whitespace().nth(1) == Some("2")).unwrap().split_whitespace().nth(5).unwrap().to_string()
+        };
+        (row("control "), row("guard "))
+    };
+    // The guard arm holds its rollback points; the control runs without them.
+    let (control, guard) = peak(&[]);
+    assert_ne!(control, guard);
+    // Named on the command line, the guard is on for every arm.
+    let (control_on, guard_on) = peak(&["--set", "train.spike_action=rollback"]);
+    assert_eq!((control_on.as_str(), guard_on.as_str()), (guard.as_str(), guard.as_str()));
+    assert!(!out.exists(), "a dry run writes nothing");
+}

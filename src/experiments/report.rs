@@ -191,7 +191,7 @@ pub(super) fn crash_definition(md: &mut String, base: &Config, c: &super::Criter
     let _ = writeln!(
         md,
         "- The spike guard in the base config: `spike_action = {}` (spike = loss > {} x the mean of the last {} steps); \
-         the sweeps set `log` (off) unless an arm turns it on.\n",
+         the sweeps set `log` (off) unless an arm or `--set` turns it on.\n",
         word(&base.train.spike_action),
         base.train.spike_factor,
         base.train.spike_window
