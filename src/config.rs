@@ -641,6 +641,12 @@ pub struct TrainConfig {
     /// Score the best epoch's weights (checkpoints/best.safetensors, the lowest validation loss)
     /// rather than the last epoch's; weights.safetensors keeps the last.
     pub evaluate_best: bool,
+    /// Data seeds of the objects the final evaluation scores: for each, the run's data
+    /// simulated with `data.seed` set to it, and its first test object stitched and scored;
+    /// summary.json's metrics are their mean (sd and each object's beside). The run's own test
+    /// object is the validation object (validation loss, best epoch, every choice), so these are
+    /// objects no choice has seen. Empty: score the run's own test object.
+    pub eval_seeds: Vec<u64>,
     /// Early stopping: end the run after this many epochs in a row without a validation loss
     /// below the best so far minus `early_stopping_min_delta`; 0 turns it off.
     pub early_stopping_patience: usize,
@@ -702,6 +708,7 @@ impl Default for TrainConfig {
             memory_limit: None,
             evaluate: true,
             evaluate_best: false,
+            eval_seeds: Vec::new(),
             stitch: Stitch::Center,
             early_stopping_patience: 0,
             early_stopping_min_delta: 0.0,
@@ -878,6 +885,18 @@ impl Config {
         if darcy && self.train.aux_loss != AuxLoss::None {
             return bad("train.aux_loss is a grid-lines term: set it to \"none\" for Darcy");
         }
+        if !self.train.eval_seeds.is_empty() {
+            if darcy || self.data.npz.is_some() {
+                return bad("train.eval_seeds scores simulated grid-lines objects: leave it empty for Darcy and NPZ data");
+            }
+            let seeds = &self.train.eval_seeds;
+            if seeds.contains(&self.data.seed) || (1..seeds.len()).any(|i| seeds[..i].contains(&seeds[i])) {
+                return bad("train.eval_seeds must not repeat a seed or hold data.seed (whose test object is the validation object)");
+            }
+            if seeds.len() > 1000 {
+                return bad("train.eval_seeds holds at most 1000 seeds");
+            }
+        }
         if self.train.aux_loss == AuxLoss::Overlap && self.train.batch_size < 2 {
             return bad("train.aux_loss = \"overlap\" pairs each pattern with a neighbour: train.batch_size must be at least 2");
         }
@@ -932,7 +951,7 @@ pub mod presets {
             "cpu",
             "a depth-8 capped-width generator sized to train in about five minutes on two CPU cores \
              (N 32, width 8, max_channels 64, modes 6, probe defocus 10 rad, 2048 training patterns from 2 objects, 32 epochs, \
-             warmup + cosine, the overlap term, spikes logged, aligned stitching)",
+             warmup + cosine, the overlap term, spikes logged, aligned stitching, scored on 3 unseen test objects)",
         ),
         (
             "sweep",
@@ -999,6 +1018,9 @@ pub mod presets {
                 c.train.train_patterns = 2048;
                 c.train.test_patterns = 128;
                 c.train.schedule = ScheduleKind::WarmupCosine;
+                // Scored on three objects no choice has seen; the run's own test object is the
+                // validation object every choice above was made on.
+                c.train.eval_seeds = vec![1001, 1002, 1003];
             }
             "sweep" => {
                 small(&mut c);

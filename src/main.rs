@@ -528,13 +528,20 @@ fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: O
             m["test_rel_l2"].as_f64().unwrap_or(f64::NAN),
             m["test_h1"].as_f64().unwrap_or(f64::NAN)
         ),
-        Some(m) => println!(
-            "test object: amplitude SSIM {:.3} MAE {:.4}, phase SSIM {:.3} MAE {:.4}",
-            m["amp_ssim"].as_f64().unwrap_or(f64::NAN),
-            m["amp_mae"].as_f64().unwrap_or(f64::NAN),
-            m["phase_ssim"].as_f64().unwrap_or(f64::NAN),
-            m["phase_mae"].as_f64().unwrap_or(f64::NAN)
-        ),
+        Some(m) => {
+            let num = |k: &str, d: usize| {
+                let v = m[k].as_f64().unwrap_or(f64::NAN);
+                match m["sd"][k].as_f64() {
+                    Some(sd) => format!("{v:.d$} ± {sd:.d$}"),
+                    None => format!("{v:.d$}"),
+                }
+            };
+            let what = match m["objects"].as_array() {
+                Some(o) => format!("{} test objects (mean ± sd)", o.len()),
+                None => "test object".to_string(),
+            };
+            println!("{what}: amplitude SSIM {} MAE {}, phase SSIM {} MAE {}", num("amp_ssim", 3), num("amp_mae", 4), num("phase_ssim", 3), num("phase_mae", 4))
+        }
         None => {}
     }
     println!(

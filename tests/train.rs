@@ -442,3 +442,35 @@ fn repeated_rollbacks_go_to_older_points() {
     let to = |i: usize| recs[i]["rolled_back_to_epoch"].as_u64();
     assert_eq!((to(13), to(14), to(17)), (Some(2), Some(1), Some(2)));
 }
+
+#[test]
+fn a_run_is_scored_on_unseen_objects_as_their_mean_and_sd() {
+    let dir = common::tempdir("eval-seeds");
+    let mut cfg = common::tiny(&dir.join("cache"));
+    cfg.train.epochs = 1;
+    cfg.train.evaluate = true;
+    cfg.train.eval_seeds = vec![7, 8, 9];
+    let s = fnokern::train::train(&cfg, &fnokern::train::RunOptions::new(dir.join("run")), &mut |_| {}).unwrap();
+    let m = s.metrics.expect("scored");
+    let objects = m["objects"].as_array().unwrap();
+    assert_eq!(objects.iter().map(|o| o["data_seed"].as_u64().unwrap()).collect::<Vec<_>>(), [7, 8, 9]);
+    let ssim: Vec<f64> = objects.iter().map(|o| o["amp_ssim"].as_f64().unwrap()).collect();
+    let mean = ssim.iter().sum::<f64>() / 3.0;
+    let sd = (ssim.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / 2.0).sqrt();
+    assert!((m["amp_ssim"].as_f64().unwrap() - mean).abs() < 1e-12, "{m}");
+    assert!((m["sd"]["amp_ssim"].as_f64().unwrap() - sd).abs() < 1e-12, "{m}");
+    // Three different objects: three different scores.
+    assert!(ssim[0] != ssim[1] && ssim[1] != ssim[2], "{ssim:?}");
+    assert!(dir.join("run/reconstruction.png").is_file());
+
+    // The validation object's seed, a repeat, or NPZ data are refused by name.
+    for (seeds, npz) in [(vec![0], false), (vec![7, 7], false), (vec![7], true)] {
+        let mut c = cfg.clone();
+        c.train.eval_seeds = seeds;
+        if npz {
+            c.data.npz = Some("x.npz".into());
+        }
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("eval_seeds"), "{err}");
+    }
+}

@@ -222,20 +222,95 @@ fn validate_with(g: &Generator, obj: &Objective, batch_size: usize, idx: &[usize
 /// Predicts the first test object's patches and scores the reconstruction stitched as
 /// `train.stitch` says: its metrics, with `stitch` naming the stitching and, for `blend` and
 /// `aligned`, the reference's `center` stitching's metrics beside them (`center_stitch`).
-fn evaluate(g: &Generator, cfg: &Config, split: &NpzSplit, dev: &Device, dir: &Path) -> Result<Option<serde_json::Value>> {
+/// reconstruction.png goes to `png` when given.
+fn score_object(g: &Generator, cfg: &Config, split: &NpzSplit, dev: &Device, png: Option<&Path>) -> Result<Option<serde_json::Value>> {
     if split.centres.is_none() || split.ground_truth.is_none() {
         return Ok(None);
     }
     let p = crate::predict::predict_patches(g, split, &crate::predict::first_object(split), cfg.train.batch_size, dev, &mut |_| {})?;
     let scored = |how| eval::score(&eval::beside_truth(split, eval::place_as(how, split, &p.amp, &p.phase, &p.object)?)?);
     let (m, aligned) = scored(cfg.train.stitch)?;
-    crate::predict::reconstruction_png(&dir.join("reconstruction.png"), &m, &aligned)?;
+    if let Some(png) = png {
+        crate::predict::reconstruction_png(png, &m, &aligned)?;
+    }
     let mut v = serde_json::to_value(&m).map_err(|e| Error::invalid("evaluate", e.to_string()))?;
     v["stitch"] = serde_json::to_value(cfg.train.stitch).unwrap_or_default();
     if cfg.train.stitch != eval::Stitch::Center {
         v["center_stitch"] = serde_json::to_value(scored(eval::Stitch::Center)?.0).unwrap_or_default();
     }
     Ok(Some(v))
+}
+
+/// The test splits `train.eval_seeds` names: the run's data simulated (or read from the cache)
+/// with each seed, each checked stitchable.
+fn eval_splits(cfg: &Config, say: &mut dyn FnMut(&str)) -> Result<Vec<(u64, NpzSplit)>> {
+    cfg.train
+        .eval_seeds
+        .iter()
+        .map(|&seed| {
+            let d = crate::config::DataConfig { seed, ..cfg.data.clone() };
+            let test = crate::data::load_or_simulate(&d, &mut |m| say(m))?.test;
+            eval::check_stitchable(&test)
+                .map_err(|e| Error::invalid("train", format!("the evaluation object of data seed {seed} cannot be stitched ({e})")))?;
+            Ok((seed, test))
+        })
+        .collect()
+}
+
+/// The final evaluation of a grid-lines run: the run's own test object, or the mean of the
+/// objects `train.eval_seeds` names, with their sample standard deviations (`sd`) and each
+/// object's scores (`objects`).
+fn evaluate(g: &Generator, cfg: &Config, own: &NpzSplit, dev: &Device, dir: &Path, say: &mut dyn FnMut(&str)) -> Result<Option<serde_json::Value>> {
+    let png = dir.join("reconstruction.png");
+    if cfg.train.eval_seeds.is_empty() {
+        return score_object(g, cfg, own, dev, Some(&png));
+    }
+    let mut each = Vec::new();
+    for (k, (seed, split)) in eval_splits(cfg, say)?.iter().enumerate() {
+        // The figure shows the first evaluation object.
+        let Some(mut v) = score_object(g, cfg, split, dev, (k == 0).then_some(png.as_path()))? else { continue };
+        v["data_seed"] = serde_json::json!(seed);
+        each.push(v);
+    }
+    if each.is_empty() {
+        return Ok(None);
+    }
+    let mut v = json_stat(&each, false);
+    v["sd"] = json_stat(&each, true);
+    v["stitch"] = each[0]["stitch"].clone();
+    v["objects"] = serde_json::Value::Array(each);
+    Ok(Some(v))
+}
+
+/// The mean (or, with `sd`, the sample standard deviation) of every number in `vs` at the same
+/// place, objects recursed into; what is not a number is left out.
+fn json_stat(vs: &[serde_json::Value], sd: bool) -> serde_json::Value {
+    use serde_json::Value;
+    match &vs[0] {
+        Value::Object(first) => {
+            let mut out = serde_json::Map::new();
+            for (k, f) in first {
+                if k == "data_seed" {
+                    continue;
+                }
+                let at: Vec<Value> = vs.iter().map(|v| v[k].clone()).collect();
+                match f {
+                    Value::Number(_) | Value::Object(_) => {
+                        out.insert(k.clone(), json_stat(&at, sd));
+                    }
+                    _ => {}
+                }
+            }
+            Value::Object(out)
+        }
+        _ => {
+            let x: Vec<f64> = vs.iter().map(|v| v.as_f64().unwrap_or(f64::NAN)).collect();
+            let n = x.len() as f64;
+            let mean = x.iter().sum::<f64>() / n;
+            let value = if sd { (x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0)).sqrt() } else { mean };
+            serde_json::json!(value)
+        }
+    }
 }
 
 /// The steps the guards acted on, as the legend of loss.png names them, with their colours.
@@ -512,8 +587,11 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
         ));
     }
     // The final evaluation's data is checked now, not after the training.
+    if cfg.train.evaluate && !cfg.train.eval_seeds.is_empty() {
+        eval_splits(cfg, &mut |m| say(m))?;
+    }
     if let RunData::Gridlines(d) = &ds {
-        if cfg.train.evaluate && d.test.centres.is_some() && d.test.ground_truth.is_some() {
+        if cfg.train.evaluate && cfg.train.eval_seeds.is_empty() && d.test.centres.is_some() && d.test.ground_truth.is_some() {
             eval::check_stitchable(&d.test).map_err(|e| {
                 Error::invalid(
                     "train",
@@ -923,8 +1001,11 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
     if finished && cfg.train.evaluate {
         let scored = match &ds {
             RunData::Gridlines(d) => {
-                say("evaluating: stitching the test object");
-                evaluate(g, cfg, &d.test, &dev, dir)
+                match cfg.train.eval_seeds.len() {
+                    0 => say("evaluating: stitching the test object"),
+                    k => say(&format!("evaluating: stitching {k} test objects no choice has seen (data seeds {:?})", cfg.train.eval_seeds)),
+                }
+                evaluate(g, cfg, &d.test, &dev, dir, &mut |m| say(m))
             }
             RunData::Darcy(d) => {
                 say(&format!("evaluating: the {} test samples", d.test.len()));
