@@ -1,4 +1,5 @@
-"""fnokern beside PyTorch eager on the FNO paper's Darcy benchmark, on the same generated data.
+"""fnokern beside PyTorch eager and neuraloperator on the FNO paper's Darcy benchmark, on the same
+generated data.
 
 1. Data: `fnokern data --export` writes fnokern's generated Darcy splits (arrays coeff, sol).
 2. Parity: fnokern writes its initial FNO-2D weights (`fnokern model --save-weights`); the PyTorch
@@ -8,12 +9,17 @@
 3. Speed: the same training step (forward, relative L2 summed over the batch, backward, Adam with
    weight decay) in rounds alternating fnokern (`fnokern bench-step`) and PyTorch, each the median
    of --steps steps, with --threads threads; prints the medians and their ratio.
-4. Training (--epochs E > 0): both train from the same initial weights on the same data with the
-   paper's schedule (Adam 1e-3, weight decay 1e-4, batch 20, the rate halved every 100 epochs),
-   at the same time, one thread each, for E epochs: fnokern as `fnokern train --config CONFIG
-   --stop-after-epochs E` (its run directory --out can be continued with `fnokern train --resume`),
-   PyTorch in this process. Writes OUT/torch.csv and OUT/fnokern.csv (epoch, test relative L2,
-   seconds) as they go, and prints the table.
+4. Training (--epochs E > 0): three trainings on the same data with the paper's schedule (Adam
+   1e-3, weight decay 1e-4, batch 20, relative L2 summed over the batch, the rate halved every 100
+   epochs), at the same time, one thread each, for E epochs: fnokern (`fnokern train --config
+   CONFIG --stop-after-epochs E`), the PyTorch twin from fnokern's initial weights, and
+   neuraloperator's own FNO (`neuralop.models.FNO`, its own initialisation and grid embedding,
+   width 32, 4 layers, 12 modes per corner, projection 128) with the same normalisers, loss and
+   optimiser. Writes OUT/{fnokern,torch,neuralop}.csv (epoch, train and test relative L2, seconds)
+   as they go and prints each one's mean ± sd of the test relative L2 over its last 10 epochs.
+   Resumable: each PyTorch training checkpoints every epoch (OUT/<name>-ckpt.pt: weights,
+   optimiser, schedule, random state) and fnokern's run resumes from its own; run the same
+   command again (a larger --epochs extends) and each goes on from where it stopped.
 
 Usage: python darcy.py --fnokern target/release/fnokern --config configs/darcy-fno2d.toml --out runs/darcy-compare [--epochs 100]
        python darcy.py --plot-only --fnokern unused --out runs/darcy-compare     # OUT/curves.png (matplotlib)
@@ -21,6 +27,7 @@ Usage: python darcy.py --fnokern target/release/fnokern --config configs/darcy-f
 
 import argparse
 import csv
+import json
 import re
 import statistics
 import subprocess
@@ -165,18 +172,45 @@ def speed(args, data, weights):
           f"per step; fnokern / PyTorch = {f / t:.2f}")
 
 
-def train_torch(args, data, weights, out):
+def csv_from(path, keep_upto):
+    """Opens an epoch CSV for appending, keeping the rows of epochs <= keep_upto (a resumed
+    training rewrites what came after its checkpoint)."""
+    header = ["epoch", "train_rel_l2", "test_rel_l2", "seconds"]
+    rows = []
+    if path.exists():
+        rows = [r for r in csv.DictReader(open(path)) if int(r["epoch"]) <= keep_upto]
+    f = open(path, "w", newline="")
+    w = csv.writer(f)
+    w.writerow(header)
+    for r in rows:
+        w.writerow([r[h] for h in header])
+    f.flush()
+    return f, w
+
+
+def train_pytorch(args, data, model, name, out):
+    """The paper's schedule for `model` in this process, one thread, checkpointed every epoch in
+    OUT/<name>-ckpt.pt and resumed from it."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = build(args, data, weights)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=100, gamma=0.5)
+    ckpt = out / f"{name}-ckpt.pt"
+    start, seconds = 0, 0.0
+    if ckpt.exists():
+        st = torch.load(ckpt, weights_only=False)
+        # neuraloperator's models add a `_metadata` entry to their state dict, which they do not load.
+        model.load_state_dict({k: v for k, v in st["model"].items() if not k.endswith("_metadata")})
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        torch.set_rng_state(st["rng"])
+        start, seconds = st["epoch"], st["seconds"]
+        print(f"{name}: resumed after epoch {start}")
     n = data.train_x.shape[0]
-    started = time.perf_counter()
-    with open(out / "torch.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["epoch", "train_rel_l2", "test_rel_l2", "seconds"])
-        for ep in range(args.epochs):
+    f, w = csv_from(out / f"{name}.csv", start)
+    started = time.perf_counter() - seconds
+    with f:
+        for ep in range(start, args.epochs):
             model.train()
             total = 0.0
             for idx in torch.randperm(n).split(20):
@@ -184,28 +218,66 @@ def train_torch(args, data, weights, out):
                 loss = rel_l2(model(data.train_x[idx]), data.train_u[idx]).sum()
                 loss.backward()
                 opt.step()
-                total += float(loss)
+                total += float(loss.detach())
             sched.step()
+            model.eval()
             with torch.no_grad():
                 test = float(torch.cat([rel_l2(model(x), u) for x, u in zip(data.test_x.split(20), data.test_u.split(20))]).mean())
-            w.writerow([ep + 1, total / n, test, time.perf_counter() - started])
+            elapsed = time.perf_counter() - started
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "rng": torch.get_rng_state(),
+                        "epoch": ep + 1, "seconds": elapsed}, tmp)
+            tmp.replace(ckpt)
+            w.writerow([ep + 1, total / n, test, elapsed])
             f.flush()
+
+
+class NeuralopFNO(nn.Module):
+    """neuraloperator's own FNO on the normalised coefficient (its grid embedding adds x and y),
+    decoded by the same output normaliser as the other two."""
+
+    def __init__(self, args, data):
+        super().__init__()
+        from neuralop.models import FNO
+
+        # neuraloperator counts the modes along each axis over both signs, and keeps n // 2 + 1
+        # along the last, real-FFT axis: (24, 23) keeps the paper's 12 x 12 per corner.
+        self.fno = FNO(n_modes=(2 * args.modes, 2 * args.modes - 1), in_channels=1, out_channels=1, hidden_channels=args.width,
+                       n_layers=args.layers, projection_channel_ratio=args.projection // args.width)
+        self.register_buffer("y_mean", data.y_mean[None, None])
+        self.register_buffer("y_scale", data.y_scale[None, None])
+
+    def forward(self, x):
+        return self.fno(x[:, :1]) * self.y_scale + self.y_mean
 
 
 def train_fnokern(args, out):
     env = {"RAYON_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    cmd = [args.fnokern, "train", "--config", args.config, "--out", str(out / "fnokern-run"), "--stop-after-epochs", str(args.epochs)]
-    if (out / "fnokern-run").exists():
+    run_dir = out / "fnokern-run"
+    done, before = 0, 0.0
+    if run_dir.exists():
+        # Epochs the run has checkpointed: fnokern resumes after its last one.
+        done = json.loads((run_dir / "summary.json").read_text()).get("epochs_done", 0) if (run_dir / "summary.json").exists() else 0
+        rows = list(csv.DictReader(open(out / "fnokern.csv"))) if (out / "fnokern.csv").exists() else []
+        before = max([float(r["seconds"]) for r in rows if int(r["epoch"]) <= done] or [0.0])
+    if done >= args.epochs:
+        return
+    # --stop-after-epochs counts the epochs of this invocation.
+    cmd = [args.fnokern, "train", "--config", args.config, "--out", str(run_dir), "--stop-after-epochs", str(args.epochs - done)]
+    if run_dir.exists():
         cmd.append("--resume")
-    with open(out / "fnokern.csv", "w", newline="") as f, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as p:
-        w = csv.writer(f)
-        w.writerow(["epoch", "train_rel_l2", "test_rel_l2", "seconds"])
+    f, w = csv_from(out / "fnokern.csv", done)
+    with f, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as p:
         pat = re.compile(r"epoch\s+(\d+)/\d+: train loss ([0-9.e+-]+)\s+val loss ([0-9.e+-]+).*\((\d+) s\)")
         for line in p.stdout:
             m = pat.search(line)
             if m:
-                w.writerow([int(m[1]), float(m[2]), float(m[3]), float(m[4])])
+                # The seconds fnokern prints count from this invocation's start.
+                w.writerow([int(m[1]), float(m[2]), float(m[3]), before + float(m[4])])
                 f.flush()
+
+
+NAMES = (("fnokern", "fnokern"), ("torch", "PyTorch eager (twin)"), ("neuralop", "neuraloperator FNO"))
 
 
 def plot(out):
@@ -216,18 +288,35 @@ def plot(out):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, label in (("fnokern", "fnokern"), ("torch", f"PyTorch {torch.__version__.split('+')[0]} eager")):
+    for name, label in NAMES:
+        if not (out / f"{name}.csv").exists():
+            continue
         rows = list(csv.DictReader(open(out / f"{name}.csv")))
         ax.plot([int(r["epoch"]) for r in rows], [float(r["test_rel_l2"]) for r in rows], label=label)
     ax.axhline(0.0108, color="grey", linestyle="--", label="the paper, 500 epochs (0.0108)")
     ax.set_yscale("log")
     ax.set_xlabel("epoch (of the paper's 500-epoch schedule)")
     ax.set_ylabel("test relative L2 (100 samples)")
-    ax.set_title("FNO-2D on Darcy flow, s = 85, same data and initial weights")
+    ax.set_title("FNO-2D on Darcy flow, s = 85, same data")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=110)
+
+
+def summary(out):
+    """Each training's last epoch and the mean ± sd of its test relative L2 over its last 10."""
+    for name, label in NAMES:
+        path = out / f"{name}.csv"
+        rows = list(csv.DictReader(open(path))) if path.exists() else []
+        if not rows:
+            continue
+        last = rows[-1]
+        tail = [float(r["test_rel_l2"]) for r in rows[-10:]]
+        sd = statistics.stdev(tail) if len(tail) > 1 else float("nan")
+        print(f"{label}: {last['epoch']} epochs, test relative L2 over epochs {rows[-len(tail)]['epoch']}-{last['epoch']}: "
+              f"{statistics.mean(tail):.5f} ± {sd:.5f} (last {float(last['test_rel_l2']):.5f}); "
+              f"{float(last['seconds']) / int(last['epoch']):.1f} s per epoch (one thread each, side by side)")
 
 
 def main():
@@ -248,6 +337,7 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.plot_only:
+        summary(out)
         plot(out)
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -262,16 +352,15 @@ def main():
         if args.rounds > 0:
             speed(args, data, kept)
     if args.epochs > 0:
-        ours = threading.Thread(target=train_fnokern, args=(args, out))
-        ours.start()
-        train_torch(args, data, kept, out)
-        ours.join()
-        rows = {name: list(csv.DictReader(open(out / f"{name}.csv"))) for name in ("fnokern", "torch")}
-        for name, r in rows.items():
-            if r:
-                last = r[-1]
-                print(f"{name}: {last['epoch']} epochs, test relative L2 {float(last['test_rel_l2']):.5f}, "
-                      f"{float(last['seconds']) / int(last['epoch']):.1f} s per epoch (one thread each, side by side)")
+        torch.manual_seed(0)
+        jobs = [threading.Thread(target=train_fnokern, args=(args, out)),
+                threading.Thread(target=train_pytorch, args=(args, data, build(args, data, kept), "torch", out)),
+                threading.Thread(target=train_pytorch, args=(args, data, NeuralopFNO(args, data), "neuralop", out))]
+        for j in jobs:
+            j.start()
+        for j in jobs:
+            j.join()
+        summary(out)
         try:
             plot(out)
         except ImportError:

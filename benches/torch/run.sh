@@ -11,7 +11,7 @@ threads="${1:-2}"
 venv=benches/torch/.venv
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet torch numpy safetensors
+  "$venv/bin/pip" install --quiet torch numpy safetensors neuraloperator matplotlib
 fi
 cargo build --release --quiet
 "$venv/bin/python" benches/torch/compare.py --fnokern target/release/fnokern --preset cpu --depth 8 --threads "$threads" --rounds 3 --steps 10
