@@ -81,7 +81,13 @@ fn a_killed_sweep_resumes_without_redoing_finished_runs() {
     assert_eq!((third_call.ran, third_call.reused), (0, 4));
     let other = Plan::new(SweepKind::Shootout, &base, vec![Arm::load("agc").unwrap()], vec![2], vec![0]).unwrap();
     let err = ex::run_sweep(&other, &options(&dir), &quiet()).unwrap_err().to_string();
-    assert!(err.contains("different sweep"), "{err}");
+    assert!(err.contains("different sweep") && err.contains("arms") && err.contains("seeds"), "{err}");
+    // A base config that differs says in which field.
+    let mut changed = base.clone();
+    changed.train.lr = 2e-3;
+    let other = Plan::new(SweepKind::Shootout, &changed, plan.arms.clone(), vec![2], vec![0, 1]).unwrap();
+    let err = ex::run_sweep(&other, &options(&dir), &quiet()).unwrap_err().to_string();
+    assert!(err.contains("train.lr: 0.001 here, 0.002 now"), "{err}");
 
     for f in ["report.md", "results.json", "p_crash.png", "val_curves.png", "plan.json"] {
         assert!(dir.join(f).is_file(), "{f} missing");

@@ -308,6 +308,38 @@ impl Plan {
             && parse(self) == parse(other)
     }
 
+    /// What differs between two plans, in words: `kind`, `arms`, ..., or each base-config field
+    /// (`train.eval_seeds: [] here, [1001, 1002, 1003] now`).
+    pub fn differences(&self, now: &Plan) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut field = |name: &str, same: bool| {
+            if !same {
+                out.push(name.to_string());
+            }
+        };
+        field("kind", self.kind == now.kind);
+        field("arms", self.arms == now.arms);
+        field("depths", self.depths == now.depths);
+        field("seeds", self.seeds == now.seeds);
+        field("learning rates", self.lrs == now.lrs);
+        let table = |p: &Plan| Config::parse(&p.base, "a sweep's base config").ok().and_then(|c| toml::Table::try_from(c).ok());
+        match (table(self), table(now)) {
+            (Some(a), Some(b)) => {
+                for (section, va) in &a {
+                    let (Some(ta), Some(tb)) = (va.as_table(), b.get(section).and_then(|v| v.as_table())) else { continue };
+                    for (k, x) in ta {
+                        let y = tb.get(k);
+                        if y != Some(x) {
+                            out.push(format!("{section}.{k}: {x} here, {} now", y.map_or("unset".to_string(), |y| y.to_string())));
+                        }
+                    }
+                }
+            }
+            _ => out.push("base config".into()),
+        }
+        out
+    }
+
     /// Every run, depth-major, then arm, then learning rate, then seed. Each run's config is the
     /// base with the arm merged over it, then `model.depth`, `train.lr` (a map's),
     /// `model.seed` and `train.seed` set.
@@ -751,9 +783,10 @@ pub fn run_sweep(plan: &Plan, opts: &SweepOptions, say: &(dyn Fn(&str) + Sync)) 
             return Err(Error::invalid(
                 "sweep",
                 format!(
-                    "{} holds a different sweep (its plan.json differs in kind, base config, arms, depths or seeds); \
-                     continue it with the same arguments, or choose another --out",
-                    out.display()
+                    "{} holds a different sweep (its plan.json differs: {}); continue it with the same arguments \
+                     (--set the fields back), or choose another --out",
+                    out.display(),
+                    old.differences(plan).join("; ")
                 ),
             ));
         }
