@@ -220,6 +220,9 @@ fn a_committed_sweep_reports_from_its_results_without_the_logs() {
     assert_eq!((again.ran, again.reused), (0, 2));
     assert_eq!(again.results, first.results);
     assert!(again.results.iter().all(|r| r.crashes == [CrashKind::Explosion]), "{:?}", again.results);
+    // Each blew up and trained on to the end: crashed, and recovered.
+    let g = &ex::report::groups(&plan, &again.results)[0];
+    assert_eq!((g.crashed, g.recovered, g.runs), (2, 2, 2));
     // ... and judges them again under other criteria, training nothing (`--report-only`).
     let mut o = options(&dir);
     o.criteria.explosion_factor = 1e6;

@@ -556,6 +556,14 @@ impl RunResult {
         !self.crashes.is_empty()
     }
 
+    /// It blew up (an explosion or non-finite values) and still finished with a good model:
+    /// no other crash kind.
+    pub fn recovered(&self) -> bool {
+        self.finished
+            && self.crashes.iter().any(|k| matches!(k, CrashKind::Explosion | CrashKind::Nonfinite))
+            && self.crashes.iter().all(|k| matches!(k, CrashKind::Explosion | CrashKind::Nonfinite))
+    }
+
     /// Whether training itself went wrong ([`CrashKind::is_instability`]).
     pub fn unstable(&self) -> bool {
         self.crashes.iter().any(|k| k.is_instability())

@@ -62,6 +62,9 @@ pub struct Group {
     pub kinds: Vec<KindCount>,
     /// Runs that finished without training (not crashes).
     pub did_not_train: usize,
+    /// Crashed runs that blew up (explosion or non-finite values) and still finished with a good
+    /// model: no collapse, no high validation loss.
+    pub recovered: usize,
     /// Runs with at least one loss spike, and spikes in all.
     pub runs_with_spikes: usize,
     pub spikes: u64,
@@ -121,6 +124,7 @@ pub fn groups(plan: &Plan, results: &[RunResult]) -> Vec<Group> {
                 p_interval: (n > 0).then(|| clopper_pearson(crashing.len(), n)),
                 kinds: kind_counts(rs.iter().copied()),
                 did_not_train: rs.iter().filter(|r| r.did_not_train).count(),
+                recovered: rs.iter().filter(|r| r.recovered()).count(),
                 runs_with_spikes: rs.iter().filter(|r| r.spikes > 0).count(),
                 spikes: rs.iter().map(|r| r.spikes).sum(),
                 rollbacks: rs.iter().map(|r| r.rollbacks).sum(),
@@ -309,23 +313,25 @@ pub fn write(plan: &Plan, opts: &SweepOptions, outcome: &SweepOutcome) -> Result
     }
     let _ = writeln!(
         md,
-        "\nP_crash: crashed runs / runs, with its exact (Clopper-Pearson) 95% interval. Means ± sample standard deviations over \
+        "\nP_crash: crashed runs / runs, with its exact (Clopper-Pearson) 95% interval. \"Recovered\": crashed runs that blew up \
+         (an explosion or non-finite values) and still finished without a collapse or a high validation loss. Means ± sample standard deviations over \
          the runs of a cell that trained to the end (n given when some did not).\n"
     );
     let _ = writeln!(
         md,
-        "| arm | depth | P_crash [95% interval] | crashes by kind | did not train | runs with spikes (spikes) | rollbacks | non-finite steps | best val loss | final val loss | amp SSIM | phase SSIM | amp MAE | time per run (s) |"
+        "| arm | depth | P_crash [95% interval] | crashes by kind | of those, recovered | did not train | runs with spikes (spikes) | rollbacks | non-finite steps | best val loss | final val loss | amp SSIM | phase SSIM | amp MAE | time per run (s) |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for g in &gs {
         let n = |s: &Stat| if s.n < g.runs { format!(" (n={})", s.n) } else { String::new() };
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {}/{} ({}) | {} | {} | {}{} | {}{} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {}/{} ({}) | {} | {} | {}{} | {}{} | {} | {} | {} | {} |",
             g.arm,
             g.depth,
             interval_text(g.crashed, g.runs),
             kinds_text(&g.kinds),
+            g.recovered,
             g.did_not_train,
             g.runs_with_spikes,
             g.runs,
