@@ -67,7 +67,8 @@ pub fn first_object(split: &NpzSplit) -> Vec<usize> {
 /// The reconstruction figure of a scored canvas: truth, prediction and their difference for
 /// the amplitude and the phase; truth and prediction share one colour range, so that a flat
 /// prediction looks flat.
-pub fn reconstruction_png(path: &Path, m: &Metrics, aligned: &Stitched) -> Result<()> {
+/// `what` names the object in the title (`test object`, `test object of data seed 1001`).
+pub fn reconstruction_png(path: &Path, what: &str, m: &Metrics, aligned: &Stitched) -> Result<()> {
     let diff = |a: &Canvas, b: &Canvas, wrap: bool| Canvas {
         data: a
             .data
@@ -94,7 +95,7 @@ pub fn reconstruction_png(path: &Path, m: &Metrics, aligned: &Stitched) -> Resul
     plot::image_grid(
         path,
         &format!(
-            "test object: amplitude SSIM {:.3} (MAE {:.4}), phase SSIM {:.3} (MAE {:.4})\n\
+            "{what}: amplitude SSIM {:.3} (MAE {:.4}), phase SSIM {:.3} (MAE {:.4})\n\
              truth and prediction share each row's grey scale; errors: blue negative, white 0, red positive",
             m.amp_ssim, m.amp_mae, m.phase_ssim, m.phase_mae
         ),
@@ -283,7 +284,7 @@ pub fn predict(opts: &PredictOptions, dev: &Device, say: &mut dyn FnMut(&str)) -
 
     let png = opts.out.join("reconstruction.png");
     match (&scored, &placed) {
-        (Some((m, aligned)), _) => reconstruction_png(&png, m, aligned)?,
+        (Some((m, aligned)), _) => reconstruction_png(&png, "test object", m, aligned)?,
         (None, Some(c)) => plot::image_grid(
             &png,
             "stitched prediction of object 0 (no ground truth in the input)",

@@ -223,15 +223,15 @@ fn validate_with(g: &Generator, obj: &Objective, batch_size: usize, idx: &[usize
 /// `train.stitch` says: its metrics, with `stitch` naming the stitching and, for `blend` and
 /// `aligned`, the reference's `center` stitching's metrics beside them (`center_stitch`).
 /// reconstruction.png goes to `png` when given.
-fn score_object(g: &Generator, cfg: &Config, split: &NpzSplit, dev: &Device, png: Option<&Path>) -> Result<Option<serde_json::Value>> {
+fn score_object(g: &Generator, cfg: &Config, split: &NpzSplit, dev: &Device, png: Option<(&Path, &str)>) -> Result<Option<serde_json::Value>> {
     if split.centres.is_none() || split.ground_truth.is_none() {
         return Ok(None);
     }
     let p = crate::predict::predict_patches(g, split, &crate::predict::first_object(split), cfg.train.batch_size, dev, &mut |_| {})?;
     let scored = |how| eval::score(&eval::beside_truth(split, eval::place_as(how, split, &p.amp, &p.phase, &p.object)?)?);
     let (m, aligned) = scored(cfg.train.stitch)?;
-    if let Some(png) = png {
-        crate::predict::reconstruction_png(png, &m, &aligned)?;
+    if let Some((png, what)) = png {
+        crate::predict::reconstruction_png(png, what, &m, &aligned)?;
     }
     let mut v = serde_json::to_value(&m).map_err(|e| Error::invalid("evaluate", e.to_string()))?;
     v["stitch"] = serde_json::to_value(cfg.train.stitch).unwrap_or_default();
@@ -263,12 +263,13 @@ fn eval_splits(cfg: &Config, say: &mut dyn FnMut(&str)) -> Result<Vec<(u64, NpzS
 fn evaluate(g: &Generator, cfg: &Config, own: &NpzSplit, dev: &Device, dir: &Path, say: &mut dyn FnMut(&str)) -> Result<Option<serde_json::Value>> {
     let png = dir.join("reconstruction.png");
     if cfg.train.eval_seeds.is_empty() {
-        return score_object(g, cfg, own, dev, Some(&png));
+        return score_object(g, cfg, own, dev, Some((&png, "test object")));
     }
     let mut each = Vec::new();
     for (k, (seed, split)) in eval_splits(cfg, say)?.iter().enumerate() {
         // The figure shows the first evaluation object.
-        let Some(mut v) = score_object(g, cfg, split, dev, (k == 0).then_some(png.as_path()))? else { continue };
+        let what = format!("unseen test object (data seed {seed}; 1 of {})", cfg.train.eval_seeds.len());
+        let Some(mut v) = score_object(g, cfg, split, dev, (k == 0).then_some((png.as_path(), what.as_str())))? else { continue };
         v["data_seed"] = serde_json::json!(seed);
         each.push(v);
     }
