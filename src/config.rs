@@ -949,7 +949,7 @@ pub mod presets {
     pub const ALL: &[(&str, &str)] = &[
         (
             "cpu",
-            "a depth-8 capped-width generator sized to train in about five minutes on two CPU cores \
+            "a depth-8 capped-width generator sized to train in 5-8 minutes on two CPU cores \
              (N 32, width 8, max_channels 64, modes 6, probe defocus 10 rad, 2048 training patterns from 2 objects, 32 epochs, \
              warmup + cosine, the overlap term, spikes logged, aligned stitching, scored on 3 unseen test objects)",
         ),

@@ -401,7 +401,13 @@ pub fn write(plan: &Plan, opts: &SweepOptions, outcome: &SweepOutcome) -> Result
         let gi = gs.iter().position(|g| g.arm == r.arm && g.depth == r.depth).unwrap_or(0);
         let points: Vec<(f64, f64)> = r.val_curve.iter().map(|&(s, v)| (s as f64, v)).collect();
         if r.crashed_any() {
-            if let Some(&p) = points.last() {
+            // An explosion is marked at the end of the epoch it happened in; any other crash
+            // at the run's last epoch.
+            let at = match r.max_train_loss {
+                Some((step, _)) if r.crashes.contains(&super::CrashKind::Explosion) => points.iter().find(|p| p.0 > step as f64).or(points.last()),
+                _ => points.last(),
+            };
+            if let Some(&p) = at {
                 marks.push(p);
             }
         }
@@ -414,7 +420,7 @@ pub fn write(plan: &Plan, opts: &SweepOptions, outcome: &SweepOutcome) -> Result
         "step (micro-batch)",
         "validation loss",
         &series,
-        &[plot::Marks { name: "crashed run (its last epoch)", points: marks, color: RGBColor(214, 39, 40) }],
+        &[plot::Marks { name: "crashed run (an explosion's epoch, else the last)", points: marks, color: RGBColor(214, 39, 40) }],
         true,
     )?;
     Ok(())
