@@ -734,16 +734,7 @@ fn dry_run(plan: &fnokern::experiments::Plan, shard: Option<fnokern::experiments
                 let spec = plan.runs()?.into_iter().find(|s| s.arm == c.arm && s.depth == c.depth && s.lr == c.lr).expect("a cell comes from a run");
                 let dev = fnokern::Device::of_kind(spec.config.train.device_kind()?)?;
                 let mut st = fnokern::plan::SteadyState::new(&spec.config, &dev)?;
-                let mut t = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let t0 = std::time::Instant::now();
-                    st.trainer.step(st.batch.clone(), true)?;
-                    if dev.kind().is_gpu() {
-                        dev.synchronize()?;
-                    }
-                    t.push(t0.elapsed().as_secs_f64() * 1e3);
-                }
-                t.sort_by(f64::total_cmp);
+                let t = timed_steps(&mut st, &dev, n)?;
                 Some(t[n / 2])
             }
             None => given.iter().find(|g| g.0 == Some(c.depth)).or_else(|| given.iter().find(|g| g.0.is_none())).map(|g| g.1),
@@ -778,16 +769,11 @@ fn dry_run(plan: &fnokern::experiments::Plan, shard: Option<fnokern::experiments
     Ok(0)
 }
 
-fn bench_step(args: &ConfigArgs, steps: usize, profile: bool) -> fnokern::Result<()> {
-    if steps == 0 {
-        return Err(fnokern::Error::InvalidArgument { op: "bench-step", why: "--steps must be at least 1".into() });
-    }
-    let cfg = args.resolve()?;
-    let dev = fnokern::Device::of_kind(cfg.train.device_kind()?)?;
-    let mut s = fnokern::plan::SteadyState::new(&cfg, &dev)?;
-    let mut ms = Vec::with_capacity(steps);
-    fnokern::backend::profile::set_enabled(profile);
-    for _ in 0..steps {
+/// The milliseconds of `n` training steps of `s` on `dev` (a GPU synchronised after each),
+/// sorted ascending: what bench-step and a sweep's `--dry-run --measure` report.
+fn timed_steps(s: &mut fnokern::plan::SteadyState, dev: &fnokern::Device, n: usize) -> fnokern::Result<Vec<f64>> {
+    let mut ms = Vec::with_capacity(n);
+    for _ in 0..n {
         let t = std::time::Instant::now();
         s.trainer.step(s.batch.clone(), true)?;
         if dev.kind().is_gpu() {
@@ -796,6 +782,18 @@ fn bench_step(args: &ConfigArgs, steps: usize, profile: bool) -> fnokern::Result
         ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
     ms.sort_by(f64::total_cmp);
+    Ok(ms)
+}
+
+fn bench_step(args: &ConfigArgs, steps: usize, profile: bool) -> fnokern::Result<()> {
+    if steps == 0 {
+        return Err(fnokern::Error::InvalidArgument { op: "bench-step", why: "--steps must be at least 1".into() });
+    }
+    let cfg = args.resolve()?;
+    let dev = fnokern::Device::of_kind(cfg.train.device_kind()?)?;
+    let mut s = fnokern::plan::SteadyState::new(&cfg, &dev)?;
+    fnokern::backend::profile::set_enabled(profile);
+    let ms = timed_steps(&mut s, &dev, steps)?;
     println!(
         "step: median {:.2} ms, fastest {:.2} ms over {steps} steps ({} parameters, batch {}, N {}, {}, {} threads)",
         ms[steps / 2],
