@@ -6,6 +6,7 @@
 //! [`gradcheck`] (finite-difference checks of the ops).
 
 pub mod autograd;
+pub mod autopsy;
 pub mod backend;
 pub mod build_info;
 pub mod config;
@@ -25,7 +26,7 @@ pub mod predict;
 pub mod tensor;
 pub mod train;
 
-pub use autograd::{Gradients, ParamId, ParamStore, Tape, Var};
+pub use autograd::{ActivationProbe, ActivationStat, Gradients, ParamId, ParamStore, Tape, Var};
 pub use backend::{Conv2dParams, ModeConvention, NormKind, SpectralModes};
 pub use device::{Device, DeviceKind, MemoryStats};
 pub use error::{Error, Result};

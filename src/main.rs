@@ -197,6 +197,37 @@ a directory in use); 2 bad command-line arguments (the usage is printed); 3 cras
         #[arg(long)]
         stop_after_epochs: Option<usize>,
     },
+    /// Replay a run's steps bit for bit and show where a blow-up starts: the run restarts from
+    /// its newest checkpoint at or before the window (its initial weights if none: keep one per
+    /// epoch with train.checkpoint_every = 1), every replayed loss is checked against its
+    /// metrics.jsonl (the first that differs is an error, and nothing is reported), and each step
+    /// of the window is recorded per part and per parameter tensor: activation RMS and largest
+    /// magnitude of each part's output and each block's branch and output, gradient norms before
+    /// and after clipping, update-to-weight ratios, Adam's sqrt(v) (smallest, median, share near
+    /// eps) and per-entry rate, the batch's patterns and each one's loss.
+    #[command(
+        after_help = "Writes OUT/autopsy.jsonl (a header, then one record per step), OUT/autopsy.json and OUT/verdict.txt (the first part and quantity to leave its baseline, the median of the window's calm steps, by --factor, and when the loss moved), OUT/grad_norm.png and OUT/update_ratio.png (part x step heat maps relative to the baselines), OUT/activations.png (each part's output RMS at the calm median, the first departure and the loss's move) and OUT/loss.png. Run it again with another --factor or --baseline and it re-judges autopsy.jsonl without a replay. Exit status: 0 done; 1 error (including a replay that differs from the run); 2 bad command-line arguments; 130 interrupted (the replay checkpointed: the same command continues it)."
+    )]
+    Autopsy {
+        /// The run directory (of `fnokern train` or a sweep's run).
+        run: PathBuf,
+        /// The steps to record, A..B (both included); a dozen or more calm steps before the
+        /// blow-up make the baselines.
+        #[arg(long, value_name = "A..B", required_unless_present = "around", conflicts_with = "around")]
+        steps: Option<String>,
+        /// Record steps K-40..K+10 (e.g. K: the step of a logged spike).
+        #[arg(long, value_name = "K")]
+        around: Option<u64>,
+        /// Output directory (default RUN/autopsy-A-B).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// How far from its baseline a quantity (or the loss) must go, as a ratio (either way).
+        #[arg(long, default_value_t = 3.0)]
+        factor: f64,
+        /// At most this many calm steps at the window's start make the baselines.
+        #[arg(long, default_value_t = 20)]
+        baseline: usize,
+    },
     /// Reconstruct objects with a trained run's model: diffraction patterns in (an NPZ file, or
     /// the run's own test split), object patches out (prediction.npz: amplitude, phase, object),
     /// stitched into the first object's canvas where the file holds patch positions (xcoords,
@@ -401,6 +432,7 @@ fn main() -> ExitCode {
         }
         Command::Gradcheck { only } => ok(gradcheck(only.as_deref())),
         Command::Train { cfg, out, resume, stop_after_epochs } => train(cfg, out, resume, stop_after_epochs),
+        Command::Autopsy { run, steps, around, out, factor, baseline } => autopsy(run, steps, around, out, factor, baseline),
         Command::Predict { run, input, weights, out, device, batch_size } => ok(predict(run, input, weights, out, &device, batch_size)),
         Command::Model { cfg, save_weights } => ok(model(&cfg, save_weights.as_deref())),
         Command::Grad { cfg, weights, batch, out } => ok(grad(&cfg, &weights, &batch, &out)),
@@ -424,6 +456,33 @@ fn main() -> ExitCode {
 
 /// A flag that SIGINT and SIGTERM set, so that training stops cleanly at its next group
 /// boundary; a second SIGINT or SIGTERM, once the flag is set, exits at once.
+fn autopsy(run: PathBuf, steps: Option<String>, around: Option<u64>, out: Option<PathBuf>, factor: f64, baseline: usize) -> fnokern::Result<u8> {
+    use fnokern::autopsy::{autopsy, Options};
+    use std::io::IsTerminal;
+    let steps = match (steps, around) {
+        (Some(s), _) => Options::parse_steps(&s)?,
+        (None, Some(k)) => Options::around(k),
+        (None, None) => return Err(fnokern::Error::InvalidArgument { op: "autopsy", why: "give --steps A..B or --around K".into() }),
+    };
+    let stop = stop_flag();
+    let opts = Options { run, steps, out, factor, baseline_steps: baseline, progress: std::io::stderr().is_terminal(), stop: Some(stop.clone()) };
+    let r = match autopsy(&opts, &mut |m| println!("{m}")) {
+        Err(e) if stop.load(std::sync::atomic::Ordering::SeqCst) => {
+            eprintln!("error: {e}");
+            println!("interrupted: the replay checkpointed; the same command continues it");
+            return Ok(130);
+        }
+        other => other?,
+    };
+    println!("recorded steps {}..{} ({} parts, replayed from step {})", r.header.steps.0, r.header.steps.1, r.header.parts.len(), r.header.from_step);
+    println!("verdict: {}", r.verdict.line);
+    for d in r.verdict.departures.iter().skip(1).take(5) {
+        println!("  then: {}", d.describe());
+    }
+    println!("wrote {} (autopsy.jsonl, autopsy.json, verdict.txt, grad_norm.png, update_ratio.png, activations.png, loss.png)", r.out.display());
+    Ok(0)
+}
+
 fn stop_flag() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -190,6 +190,7 @@ pub fn step_memory(cfg: &Config, dev: &Device) -> Result<StepMemory> {
         }
         StepPoint::Part(_) => marks.push(at()),
         StepPoint::Loss => activations = at() - start,
+        StepPoint::Gradients { .. } => {}
     })?;
     let peak = dev.memory().peak - base;
     let bytes = |p: usize| (p * 4) as u64;

@@ -15,6 +15,7 @@
 
 mod params;
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -124,6 +125,19 @@ impl Ctx<'_, '_> {
 
 static NEXT_TAPE: AtomicU64 = AtomicU64::new(1);
 
+/// The size of one activation a forward pass noted ([`Tape::note`]): the model part it belongs
+/// to (an index into the generator's table), what it is there, its RMS and largest magnitude.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ActivationStat {
+    pub part: usize,
+    pub what: &'static str,
+    pub rms: f64,
+    pub max_abs: f64,
+}
+
+/// Where a tape's notes go: shared with the caller, who reads them after the forward pass.
+pub type ActivationProbe = Rc<RefCell<Vec<ActivationStat>>>;
+
 /// Records differentiable ops for one forward pass.
 pub struct Tape {
     id: u64,
@@ -132,6 +146,8 @@ pub struct Tape {
     recording: bool,
     params: Rc<Vec<Tensor>>,
     param_vars: HashMap<ParamId, Var>,
+    /// Where [`Tape::note`] writes; None (the default) makes a note free.
+    probe: Option<ActivationProbe>,
 }
 
 impl Default for Tape {
@@ -176,7 +192,33 @@ impl Tape {
     }
 
     fn with_param_values(params: Rc<Vec<Tensor>>) -> Tape {
-        Tape { id: NEXT_TAPE.fetch_add(1, Ordering::Relaxed), vars: Vec::new(), nodes: Vec::new(), recording: true, params, param_vars: HashMap::new() }
+        Tape {
+            id: NEXT_TAPE.fetch_add(1, Ordering::Relaxed),
+            vars: Vec::new(),
+            nodes: Vec::new(),
+            recording: true,
+            params,
+            param_vars: HashMap::new(),
+            probe: None,
+        }
+    }
+
+    /// Sends this tape's notes (and those of the checkpointed segments it runs forward, but not
+    /// their recomputation in backward) to `probe`.
+    pub fn set_probe(&mut self, probe: ActivationProbe) {
+        self.probe = Some(probe);
+    }
+
+    /// Notes the RMS and largest magnitude of `v` as `what` of model part `part`, when the tape
+    /// has a probe (the crash autopsy's); otherwise does nothing. Reads the values to the host.
+    pub fn note(&self, part: usize, what: &'static str, v: &Var) -> Result<()> {
+        let Some(probe) = &self.probe else { return Ok(()) };
+        let x = v.value.to_f64_vec()?;
+        let sumsq: f64 = x.iter().map(|a| a * a).sum();
+        let max_abs = x.iter().fold(0.0f64, |m, a| if a.is_nan() || m.is_nan() { f64::NAN } else { m.max(a.abs()) });
+        let rms = (sumsq / x.len().max(1) as f64).sqrt();
+        probe.borrow_mut().push(ActivationStat { part, what, rms, max_abs });
+        Ok(())
     }
 
     fn new_var(&mut self, value: Tensor, requires_grad: bool, param: Option<ParamId>) -> Var {
@@ -346,6 +388,7 @@ impl Tape {
         // it goes, and a body that reaches for an outer value fails now rather than in backward.
         let mut fwd = Tape::with_param_values(self.params.clone());
         fwd.recording = false;
+        fwd.probe = self.probe.clone();
         let leaves: Vec<Var> = inputs.iter().map(|v| fwd.leaf(v.value.clone(), false)).collect();
         let out_values: Vec<Tensor> = body(&mut fwd, &leaves)?.into_iter().map(|v| v.value).collect();
         // Parameters read inside the body make the outputs depend on them even when no input

@@ -110,6 +110,8 @@ struct Block {
     /// Normalisation gain and shift [C].
     norm_w: Option<ParamId>,
     norm_b: Option<ParamId>,
+    /// Its row of the generator's table (for [`Tape::note`]).
+    part: usize,
 }
 
 impl Block {
@@ -124,7 +126,9 @@ impl Block {
         let sum = ops::add(t, &s, &c)?;
         let sum = ops::round_to(t, &sum, lp)?;
         let y = ops::gelu(t, &sum)?;
-        ops::round_to(t, &y, lp)
+        let y = ops::round_to(t, &y, lp)?;
+        t.note(self.part, "branch", &y)?;
+        Ok(y)
     }
 
     /// Norms keep fp32 statistics and affine parameters; the output is rounded.
@@ -167,7 +171,9 @@ impl Block {
                 ops::add(t, x, &n)?
             }
         };
-        ops::round_to(t, &y, lp)
+        let y = ops::round_to(t, &y, lp)?;
+        t.note(self.part, "block", &y)?;
+        Ok(y)
     }
 }
 
@@ -232,6 +238,8 @@ pub struct TableRow {
     pub modes: Option<(usize, usize)>,
     /// Real scalars (a complex weight counts 2 per entry).
     pub params: usize,
+    /// Its parameter tensors' ids in the store (consecutive).
+    pub param_ids: std::ops::Range<usize>,
 }
 
 /// The model a run trains: its parameters and how they connect (the U-FNO generator, or the
@@ -307,6 +315,8 @@ struct Builder<'a> {
     seed: u64,
     /// Parameters of the part being built, for the table.
     counted: usize,
+    /// The first parameter id of the part being built.
+    first_id: usize,
 }
 
 impl Builder<'_> {
@@ -350,7 +360,8 @@ impl Builder<'_> {
         })
     }
 
-    fn block(&mut self, prefix: &str, cfg: &ModelConfig, c: usize, r: usize, modes: usize) -> Result<Block> {
+    /// A residual block of table row `part`.
+    fn block(&mut self, prefix: &str, part: usize, cfg: &ModelConfig, c: usize, r: usize, modes: usize) -> Result<Block> {
         let modes = SpectralModes::new(modes, cfg.mode_convention);
         let ws = modes.weight_shape(c, c, r, r);
         // CN(0, 1) / sqrt(C_in): real and imaginary parts N(0, 1/2) each.
@@ -383,11 +394,18 @@ impl Builder<'_> {
                 norm_b = Some(self.constant(format!("{prefix}.norm.bias"), cs, 0.0)?);
             }
         }
-        Ok(Block { kind: cfg.block, prenorm: cfg.prenorm, eps: cfg.norm_eps, modes, spectral, conv, scale, norm_w, norm_b })
+        Ok(Block { kind: cfg.block, prenorm: cfg.prenorm, eps: cfg.norm_eps, modes, spectral, conv, scale, norm_w, norm_b, part })
     }
 
     fn take_count(&mut self) -> usize {
         std::mem::take(&mut self.counted)
+    }
+
+    /// The ids of the part's parameter tensors, built since the last call.
+    fn take_ids(&mut self) -> std::ops::Range<usize> {
+        let ids = self.first_id..self.store.len();
+        self.first_id = ids.end;
+        ids
     }
 }
 
@@ -409,7 +427,7 @@ impl Generator {
         if in_channels == 0 {
             return Err(crate::error::Error::invalid("model", "in_channels must be at least 1"));
         }
-        let mut b = Builder { store: ParamStore::new(), dev, dtype, seed: cfg.seed ^ 0x9e37_79b9_7f4a_7c15, counted: 0 };
+        let mut b = Builder { store: ParamStore::new(), dev, dtype, seed: cfg.seed ^ 0x9e37_79b9_7f4a_7c15, counted: 0, first_id: 0 };
         let mut table = Vec::new();
         let net = match cfg.kind {
             ModelKind::Ufno => Net::Ufno(Self::build_ufno(cfg, n, in_channels, &mut b, &mut table)?),
@@ -423,7 +441,7 @@ impl Generator {
     fn build_fno2d(cfg: &ModelConfig, n: usize, in_channels: usize, b: &mut Builder, table: &mut Vec<TableRow>) -> Result<Fno2d> {
         let w = cfg.width;
         let lift = b.conv("lift", in_channels, w, 1)?;
-        table.push(TableRow { part: "lift 1x1".into(), resolution: n, width: w, modes: None, params: b.take_count() });
+        table.push(TableRow { part: "lift 1x1".into(), resolution: n, width: w, modes: None, params: b.take_count(), param_ids: b.take_ids() });
         let modes = SpectralModes::new(cfg.modes, cfg.mode_convention);
         let mut layers = Vec::with_capacity(cfg.depth);
         for i in 0..cfg.depth {
@@ -438,11 +456,19 @@ impl Generator {
                 width: w,
                 modes: Some((modes.kept_rows(n).len(), modes.kept_cols(n))),
                 params: b.take_count(),
+                param_ids: b.take_ids(),
             });
         }
         let projection = b.conv("projection", w, cfg.projection, 1)?;
         let head = b.conv("head", cfg.projection, 1, 1)?;
-        table.push(TableRow { part: "projection 1x1 + head 1x1".into(), resolution: n, width: 1, modes: None, params: b.take_count() });
+        table.push(TableRow {
+            part: "projection 1x1 + head 1x1".into(),
+            resolution: n,
+            width: 1,
+            modes: None,
+            params: b.take_count(),
+            param_ids: b.take_ids(),
+        });
         Ok(Fno2d { lift, layers, projection, head, decode: None })
     }
 
@@ -450,14 +476,14 @@ impl Generator {
         let levels = plan_levels(cfg, n);
         let w = cfg.width;
         let lifter = (b.conv("lifter.0", in_channels, w, 3)?, b.conv("lifter.2", w, w, 3)?);
-        table.push(TableRow { part: "lifter".into(), resolution: n, width: w, modes: None, params: b.take_count() });
+        table.push(TableRow { part: "lifter".into(), resolution: n, width: w, modes: None, params: b.take_count(), param_ids: b.take_ids() });
         let kept = |modes: usize, r: usize| {
             let m = SpectralModes::new(modes, cfg.mode_convention);
             (m.kept_rows(r).len(), m.kept_cols(r))
         };
         let mut encoder = Vec::with_capacity(cfg.depth);
         for (i, l) in levels.iter().enumerate() {
-            let block = b.block(&format!("encoder.{i}"), cfg, l.width, l.resolution, cfg.modes)?;
+            let block = b.block(&format!("encoder.{i}"), table.len(), cfg, l.width, l.resolution, cfg.modes)?;
             let next = match l.next {
                 None => None,
                 Some(tr) => {
@@ -480,17 +506,19 @@ impl Generator {
                 width: l.width,
                 modes: Some(kept(cfg.modes, l.resolution)),
                 params: b.take_count(),
+                param_ids: b.take_ids(),
             });
         }
         let last = &levels[levels.len() - 1];
         let bmodes = (cfg.modes / 2).max(1);
-        let bottleneck = b.block("bottleneck", cfg, last.width, last.resolution, bmodes)?;
+        let bottleneck = b.block("bottleneck", table.len(), cfg, last.width, last.resolution, bmodes)?;
         table.push(TableRow {
             part: "bottleneck".into(),
             resolution: last.resolution,
             width: last.width,
             modes: Some(kept(bmodes, last.resolution)),
             params: b.take_count(),
+            param_ids: b.take_ids(),
         });
         let mut decoder = Vec::new();
         for j in (0..levels.len() - 1).rev() {
@@ -503,10 +531,17 @@ impl Generator {
             let conv1 = b.conv(&format!("decoder.{j}.conv1"), 2 * l.width, l.width, 3)?;
             let conv2 = b.conv(&format!("decoder.{j}.conv2"), l.width, l.width, 3)?;
             decoder.push(DecoderLevel { up: (tr, up), conv1, conv2 });
-            table.push(TableRow { part: format!("decoder.{j}"), resolution: l.resolution, width: l.width, modes: None, params: b.take_count() });
+            table.push(TableRow {
+                part: format!("decoder.{j}"),
+                resolution: l.resolution,
+                width: l.width,
+                modes: None,
+                params: b.take_count(),
+                param_ids: b.take_ids(),
+            });
         }
         let head = b.conv("head", w, 2 * in_channels, 1)?;
-        table.push(TableRow { part: "head".into(), resolution: n, width: 2 * in_channels, modes: None, params: b.take_count() });
+        table.push(TableRow { part: "head".into(), resolution: n, width: 2 * in_channels, modes: None, params: b.take_count(), param_ids: b.take_ids() });
         Ok(Ufno { levels, lifter, encoder, bottleneck, decoder, head })
     }
 
@@ -628,12 +663,15 @@ impl Ufno {
         })?
         .pop()
         .ok_or_else(missing)?;
+        // Each part's output is noted (`Tape::note`) and traced, and the count moves on.
         let mut part = 0;
-        let mut traced = |p: &mut usize| {
+        let mut traced = |t: &Tape, p: &mut usize, out: &Var| -> Result<()> {
+            t.note(*p, "output", out)?;
             trace(*p);
             *p += 1;
+            Ok(())
         };
-        traced(&mut part);
+        traced(t, &mut part, &h)?;
         let mut skips = Vec::with_capacity(self.encoder.len());
         for (i, level) in self.encoder.iter().enumerate() {
             let mut outs = segment(t, policy, i, &[&h], {
@@ -644,11 +682,11 @@ impl Ufno {
             if let Some(skip) = outs.pop() {
                 skips.push(skip);
             }
-            traced(&mut part);
+            traced(t, &mut part, &h)?;
         }
         let bottleneck = self.bottleneck;
         h = segment(t, policy, self.encoder.len(), &[&h], move |t, v| Ok(vec![bottleneck.forward(t, &v[0], lp)?]))?.pop().ok_or_else(missing)?;
-        traced(&mut part);
+        traced(t, &mut part, &h)?;
         for level in &self.decoder {
             let skip = skips.pop().ok_or_else(missing)?;
             let j = skips.len();
@@ -658,12 +696,12 @@ impl Ufno {
             })?
             .pop()
             .ok_or_else(missing)?;
-            traced(&mut part);
+            traced(t, &mut part, &h)?;
         }
         // The head's output is the last low-precision activation; the loss runs in fp32.
         let y = self.head.run(t, &h, POINT, lp)?;
         drop(h);
-        traced(&mut part);
+        traced(t, &mut part, &y)?;
         Ok(y)
     }
 }
@@ -673,10 +711,12 @@ impl Fno2d {
         let x = ops::round_to(t, x, lp)?;
         let mut h = self.lift.run(t, &x, POINT, lp)?;
         drop(x);
+        t.note(0, "output", &h)?;
         trace(0);
         for (i, layer) in self.layers.iter().enumerate() {
             let layer = *layer;
             h = segment(t, policy, i, &[&h], move |t, v| Ok(vec![layer.forward(t, &v[0], lp)?]))?.pop().ok_or_else(missing)?;
+            t.note(i + 1, "output", &h)?;
             trace(i + 1);
         }
         let p = self.projection.run(t, &h, POINT, lp)?;
@@ -685,6 +725,7 @@ impl Fno2d {
         let p = ops::round_to(t, &p, lp)?;
         let y = self.head.run(t, &p, POINT, lp)?;
         drop(p);
+        t.note(self.layers.len() + 1, "output", &y)?;
         trace(self.layers.len() + 1);
         match &self.decode {
             None => Ok(y),

@@ -569,8 +569,43 @@ fn resume_point(dir: &Path, cfg: &Config, trainer: &Trainer, say: &mut dyn FnMut
     Ok(None)
 }
 
+/// Watches a run step by step: the crash autopsy's replay ([`crate::autopsy`]). [`train`] runs
+/// with none (`()`).
+pub trait StepObserver {
+    /// Once the trainer is built and restored, before the first step of this invocation.
+    fn start(&mut self, _trainer: &mut Trainer) -> Result<()> {
+        Ok(())
+    }
+    /// Before each step.
+    fn before_step(&mut self, _trainer: &mut Trainer, _at: &StepAt) -> Result<()> {
+        Ok(())
+    }
+    /// The step's points ([`Trainer::step_traced`]).
+    fn point(&mut self, _p: StepPoint) {}
+    /// After each step: false ends the run there as if interrupted (checkpointed at the group's end).
+    fn after_step(&mut self, _trainer: &Trainer, _report: &StepReport) -> Result<bool> {
+        Ok(true)
+    }
+}
+
+impl StepObserver for () {}
+
+/// Where a step is: its number, its epoch (from 0), its training patterns, and how to build the
+/// training batch of any patterns (e.g. one at a time).
+pub struct StepAt<'a> {
+    pub step: u64,
+    pub epoch: usize,
+    pub patterns: &'a [usize],
+    pub batch_of: &'a dyn Fn(&[usize]) -> Result<data::Batch>,
+}
+
 /// Trains as configured, writing the run directory; returns the summary (also in summary.json).
 pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Result<Summary> {
+    train_observed(cfg, opts, &mut (), say)
+}
+
+/// [`train`], with `observer` watching every step.
+pub fn train_observed(cfg: &Config, opts: &RunOptions, observer: &mut dyn StepObserver, say: &mut dyn FnMut(&str)) -> Result<Summary> {
     let started = Instant::now();
     cfg.validate()?;
     // The device first: a GPU that is not there fails before anything is written.
@@ -754,7 +789,9 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
         None
     };
     let base_wall = state.wall_seconds;
-    let stop_requested = || opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+    observer.start(&mut trainer)?;
+    let observer_stop = std::cell::Cell::new(false);
+    let stop_requested = || observer_stop.get() || opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
     let mut ran_epochs = 0;
     let first_step = trainer.steps();
     // Lines on the terminal above the progress bar, or through `say` without one.
@@ -787,7 +824,13 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
                     Some(nb) => ds.paired_batch(nb, chunk, &dev)?,
                     None => ds.batch(true, chunk, &dev)?,
                 };
-                let r = trainer.step(b, bi + 1 == batches_per_epoch)?;
+                let batch_of = |idx: &[usize]| ds.batch(true, idx, &dev);
+                let at = StepAt { step: trainer.steps(), epoch, patterns: chunk, batch_of: &batch_of };
+                observer.before_step(&mut trainer, &at)?;
+                let r = trainer.step_traced(b, bi + 1 == batches_per_epoch, &mut |p| observer.point(p))?;
+                if !observer.after_step(&trainer, &r)? {
+                    observer_stop.set(true);
+                }
                 if let Some(line) = event_line(&r, epoch, &trainer) {
                     let k = told.entry(r.outcome).or_default();
                     *k += 1;

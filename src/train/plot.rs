@@ -396,6 +396,67 @@ pub fn image_grid(path: &Path, title: &str, rows: &[Vec<Panel>]) -> Result<()> {
     })
 }
 
+/// Rows (named, top first) of values over steps, each a log10 ratio to the row's own baseline:
+/// white at 0, red above, blue below, saturated at two decades (dark red: non-finite), grey where
+/// there is none; a black line before the `mark` step's column.
+pub fn step_heat_map(path: &Path, title: &str, rows: &[(String, Vec<Option<f64>>)], steps: &[u64], mark: Option<u64>) -> Result<()> {
+    atomically(path, |target| {
+        fonts();
+        let e = plot_err(path);
+        let (nr, nc) = (rows.len().max(1), steps.len().max(1));
+        let root = BitMapBackend::new(target, (260 + (10 * nc as u32).max(640), 110 + 26 * nr as u32)).into_drawing_area();
+        root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+        let (s0, s1) = (steps.first().copied().unwrap_or(0) as f64, steps.last().copied().unwrap_or(0) as f64 + 1.0);
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 16))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(220)
+            .build_cartesian_2d(s0..s1, 0.0..nr as f64)
+            .map_err(|x| e(x.to_string()))?;
+        let row_name = |v: &f64| {
+            let i = nr as isize - 1 - v.floor() as isize;
+            rows.get(i as usize).filter(|_| i >= 0 && v.fract() > 0.4 && v.fract() < 0.6).map(|r| r.0.clone()).unwrap_or_default()
+        };
+        chart
+            .configure_mesh()
+            .disable_mesh()
+            .x_labels(10)
+            .x_label_formatter(&|v| format!("{}", v.floor()))
+            .y_labels(4 * nr + 1)
+            .y_label_formatter(&row_name)
+            .x_desc("step")
+            .label_style(("sans-serif", 13))
+            .draw()
+            .map_err(|x| e(x.to_string()))?;
+        for (i, (_, values)) in rows.iter().enumerate() {
+            let y = (nr - 1 - i) as f64;
+            for (&s, v) in steps.iter().zip(values) {
+                let color = match v {
+                    None => RGBColor(200, 200, 200),
+                    Some(v) if !v.is_finite() => RGBColor(103, 0, 13),
+                    Some(v) => {
+                        let t = (v / 2.0).clamp(-1.0, 1.0);
+                        let mix = |a: f64, b: f64| (a + (b - a) * t.abs()).round() as u8;
+                        if t >= 0.0 {
+                            RGBColor(mix(255.0, 214.0), mix(255.0, 39.0), mix(255.0, 40.0))
+                        } else {
+                            RGBColor(mix(255.0, 31.0), mix(255.0, 119.0), mix(255.0, 180.0))
+                        }
+                    }
+                };
+                let x = s as f64;
+                chart.draw_series(std::iter::once(Rectangle::new([(x, y), (x + 1.0, y + 1.0)], color.filled()))).map_err(|x| e(x.to_string()))?;
+            }
+        }
+        if let Some(m) = mark {
+            let x = m as f64;
+            chart.draw_series(std::iter::once(PathElement::new(vec![(x, 0.0), (x, nr as f64)], BLACK.stroke_width(2)))).map_err(|x| e(x.to_string()))?;
+        }
+        root.present().map_err(|x| e(x.to_string()))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::{sig4, tick};

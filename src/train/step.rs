@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::autograd::{ParamStore, Tape, Var};
+use crate::autograd::{ActivationProbe, ParamStore, Tape, Var};
 use crate::backend;
 use crate::config::{AuxLoss, Config, FaultConfig, LossConfig, LossKind, Reduction, SpikeAction, TrainConfig};
 use crate::data::{Batch, Target};
@@ -160,15 +160,18 @@ impl StepReport {
 }
 
 /// Points of a step where [`Trainer::step_traced`] calls its observer (the memory plan reads the
-/// device's ledger there).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StepPoint {
+/// device's ledger there; the crash autopsy reads the gradients).
+#[derive(Clone, Copy, Debug)]
+pub enum StepPoint<'a> {
     /// The tape holds the batch; the forward pass starts.
     Forward,
     /// Part `i` of [`Generator::table`] has run.
     Part(usize),
     /// The loss is computed; backward comes next.
     Loss,
+    /// The group's gradients (one slot per parameter id), averaged over its micro-batches and
+    /// unscaled, before clipping (`clipped` false) and after it (true); only at an update.
+    Gradients { grads: &'a [Option<Tensor>], clipped: bool },
 }
 
 /// The loss spike guard: a loss over `spike_factor` times the mean of the last `spike_window`
@@ -384,6 +387,8 @@ pub struct Trainer {
     climbing_depth: usize,
     /// The first step's loss: what epoch 1's end is judged by as a rollback point.
     first_loss: Option<f64>,
+    /// Where each step's forward pass notes its activations (the crash autopsy's), if anywhere.
+    activation_probe: Option<ActivationProbe>,
     steps: u64,
     updates: u64,
     consecutive_failures: usize,
@@ -420,6 +425,7 @@ impl Trainer {
             newest_is_current: true,
             climbing_depth: 0,
             first_loss: None,
+            activation_probe: None,
             model,
             steps: 0,
             updates: 0,
@@ -514,6 +520,11 @@ impl Trainer {
     /// The point the next rollback returns to.
     pub fn rollback_target(&self) -> Option<&GoodPoint> {
         self.good.len().checked_sub(1 + self.rollback_depth()).map(|i| &self.good[i])
+    }
+
+    /// Sends each later step's activation notes ([`Tape::note`]) to `probe`.
+    pub fn set_activation_probe(&mut self, probe: Option<ActivationProbe>) {
+        self.activation_probe = probe;
     }
 
     /// Sets the schedule's horizon (a run extended with more epochs).
@@ -639,6 +650,9 @@ impl Trainer {
         let aux_weight = self.aux.map_or(0.0, |a| a.at(self.updates));
         let (lv, spike, grads) = {
             let mut t = Tape::with_params(&self.model.params);
+            if let Some(p) = &self.activation_probe {
+                t.set_probe(p.clone());
+            }
             let obj = Objective { loss: &self.loss, scaled_probe: self.probe.as_ref(), aux_weight, aux: self.aux_kind };
             trace(StepPoint::Forward);
             let nan_output = self.faults.nan_forward_steps.contains(&step);
@@ -699,7 +713,9 @@ impl Trainer {
                 backend::scale_in_place(g, unscale)?;
             }
         }
+        trace(StepPoint::Gradients { grads: &grads, clipped: false });
         let clip = self.clipper.clip(&mut grads, &self.model.params)?;
+        trace(StepPoint::Gradients { grads: &grads, clipped: true });
         report.clip = Some(clip);
         if !clip.norm_before.is_finite() {
             return Ok(match self.scaler.as_mut().map(|s| s.update(false)) {
