@@ -627,6 +627,9 @@ pub struct TrainConfig {
     pub max_consecutive_failures: usize,
     /// Keep a checkpoint every this many epochs (besides last and best); 0: only last and best.
     pub checkpoint_every: usize,
+    /// Log each part's gradient norm (before clipping) at every update in metrics.jsonl
+    /// (`layer_grad_norm`, the parts as `fnokern model` lists them): one reduction per update.
+    pub log_layers: bool,
     /// Shuffling seed.
     pub seed: u64,
     /// `cpu`, or `cuda` / `cuda:N` for a GPU (f32 storage; low precision emulated by rounding).
@@ -703,6 +706,7 @@ impl Default for TrainConfig {
             rollback_points: 2,
             max_consecutive_failures: 10,
             checkpoint_every: 0,
+            log_layers: false,
             seed: 0,
             device: "cpu".into(),
             memory_limit: None,

@@ -196,6 +196,11 @@ a directory in use); 2 bad command-line arguments (the usage is printed); 3 cras
         /// Stop after this many epochs of this invocation (resume later with --resume).
         #[arg(long)]
         stop_after_epochs: Option<usize>,
+        /// Start from this checkpoint of another run (weights, optimiser and trainer state, its
+        /// metrics so far) under this config, which may change anything but the model (e.g.
+        /// --set train.beta2=0.99): the same state, trained on with one thing changed.
+        #[arg(long, value_name = "CHECKPOINT", conflicts_with = "resume")]
+        fork: Option<PathBuf>,
     },
     /// Replay a run's steps bit for bit and show where a blow-up starts: the run restarts from
     /// its newest checkpoint at or before the window (its initial weights if none: keep one per
@@ -431,7 +436,7 @@ fn main() -> ExitCode {
             Ok(fnokern::train::exit::OK)
         }
         Command::Gradcheck { only } => ok(gradcheck(only.as_deref())),
-        Command::Train { cfg, out, resume, stop_after_epochs } => train(cfg, out, resume, stop_after_epochs),
+        Command::Train { cfg, out, resume, stop_after_epochs, fork } => train(cfg, out, resume, stop_after_epochs, fork),
         Command::Autopsy { run, steps, around, out, factor, baseline } => autopsy(run, steps, around, out, factor, baseline),
         Command::Predict { run, input, weights, out, device, batch_size } => ok(predict(run, input, weights, out, &device, batch_size)),
         Command::Model { cfg, save_weights } => ok(model(&cfg, save_weights.as_deref())),
@@ -495,7 +500,7 @@ fn stop_flag() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
     flag
 }
 
-fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: Option<usize>) -> fnokern::Result<u8> {
+fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: Option<usize>, fork: Option<PathBuf>) -> fnokern::Result<u8> {
     use std::io::IsTerminal;
     if stop_after == Some(0) {
         return Err(fnokern::Error::InvalidArgument { op: "train", why: "--stop-after-epochs must be at least 1".into() });
@@ -553,6 +558,7 @@ fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: O
         progress: std::io::stderr().is_terminal(),
         preset,
         stop: Some(stop_flag()),
+        fork,
     };
     let s = fnokern::train::train(&cfg, &opts, &mut |m| println!("{m}"))?;
     let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.5}"));

@@ -474,3 +474,64 @@ fn a_run_is_scored_on_unseen_objects_as_their_mean_and_sd() {
         assert!(err.contains("eval_seeds"), "{err}");
     }
 }
+
+/// A fork of a run's epoch-2 checkpoint under the same config is the straight run, bit for bit
+/// (its log starts with the run's own); under a changed optimiser setting it says what changed and
+/// trains apart from there; under another model, or with no epochs left, it is refused.
+#[test]
+fn a_fork_continues_a_checkpoint_under_a_changed_config() {
+    let root = tempdir("train");
+    let mut cfg = tiny(&root.join("cache"));
+    cfg.train.checkpoint_every = 1;
+    let dir = root.join("run");
+    run(&cfg, &opts(&dir));
+    let ck = dir.join("checkpoints/epoch_2.safetensors");
+
+    let same = root.join("same");
+    let mut lines = Vec::new();
+    let s = train::train(&cfg, &RunOptions { fork: Some(ck.clone()), ..opts(&same) }, &mut |l| lines.push(l.to_string())).unwrap();
+    assert!(s.finished && s.epochs_done == cfg.train.epochs, "{s:?}");
+    assert!(lines.iter().any(|l| l.starts_with("forked from") && l.contains("after epoch 2 (step 12); changed: nothing")), "{lines:?}");
+    assert_eq!(std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap(), std::fs::read_to_string(same.join("metrics.jsonl")).unwrap());
+    assert_eq!(weights_of(&dir), weights_of(&same));
+
+    let mut changed = cfg.clone();
+    changed.train.beta2 = 0.99;
+    let other = root.join("beta2");
+    let mut lines = Vec::new();
+    train::train(&changed, &RunOptions { fork: Some(ck.clone()), ..opts(&other) }, &mut |l| lines.push(l.to_string())).unwrap();
+    assert!(lines.iter().any(|l| l.contains("changed: train.beta2 (0.999 in the run, 0.99 now)")), "{lines:?}");
+    let (a, b) = (step_records(&dir), step_records(&other));
+    assert_eq!(a.len(), b.len());
+    assert_eq!(a[..13], b[..13], "the fork's first step (12) uses the checkpoint's weights");
+    assert_ne!(a[13]["loss"], b[13]["loss"], "the changed beta2 changed nothing");
+
+    let mut wider = cfg.clone();
+    wider.model.width = 8;
+    let err = train::train(&wider, &RunOptions { fork: Some(ck.clone()), ..opts(&root.join("wider")) }, &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("the model needs") || err.contains("shape"), "{err}");
+    let mut short = cfg.clone();
+    short.train.epochs = 2;
+    let err = train::train(&short, &RunOptions { fork: Some(ck), ..opts(&root.join("short")) }, &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("must be more"), "{err}");
+}
+
+/// `train.log_layers`: every update's record holds each part's gradient norm before clipping,
+/// whose root sum of squares is the global norm.
+#[test]
+fn log_layers_logs_each_parts_gradient_norm() {
+    let root = tempdir("train");
+    let mut cfg = tiny(&root.join("cache"));
+    cfg.train.epochs = 1;
+    cfg.train.log_layers = true;
+    let dir = root.join("run");
+    run(&cfg, &opts(&dir));
+    let parts = fnokern::model::Generator::for_run(&cfg, &fnokern::Device::cpu()).unwrap().table().len();
+    for r in step_records(&dir) {
+        let norms: Vec<f64> = r["layer_grad_norm"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        assert_eq!(norms.len(), parts);
+        let total = norms.iter().map(|n| n * n).sum::<f64>().sqrt();
+        let global = r["grad_norm"].as_f64().unwrap();
+        assert!((total - global).abs() <= 1e-5 * global, "{total} vs {global}");
+    }
+}

@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use crate::autograd::{ActivationProbe, ParamStore, Tape};
 use crate::config::{Config, OptimizerKind};
 use crate::error::{Error, Result};
-use crate::optim::sumsq_each;
+use crate::optim::{sumsq_by_slot, sumsq_each};
 use crate::tensor::Tensor;
 use crate::train::{self, checkpoint, forward_and_loss, RunOptions, StepAt, StepObserver, StepPoint, StepReport, Trainer};
 
@@ -246,7 +246,7 @@ fn replay(cfg: &Config, opts: &Options, out: &Path, logged: &BTreeMap<u64, Logge
     }
     let partial = out.join("autopsy.jsonl.partial");
     let mut recorder = Recorder::new(cfg, logged, opts.steps, &partial)?;
-    let run_opts = RunOptions { out_dir: dir.clone(), resume: true, stop_after_epochs: None, progress: opts.progress, preset: None, stop: opts.stop.clone() };
+    let run_opts = RunOptions { resume: true, progress: opts.progress, stop: opts.stop.clone(), ..RunOptions::new(dir.clone()) };
     let summary = train::train_observed(cfg, &run_opts, &mut recorder, &mut |m| say(&format!("replay: {m}")))?;
     if let Some(e) = recorder.failed.take() {
         return Err(e);
@@ -450,14 +450,8 @@ impl StepObserver for Recorder<'_> {
         if self.current.is_none() || self.failed.is_some() {
             return;
         }
-        let present: Vec<(usize, &Tensor)> = grads.iter().enumerate().filter_map(|(i, g)| g.as_ref().map(|g| (i, g))).collect();
-        let sums = sumsq_each(&present.iter().map(|(_, g)| *g).collect::<Vec<_>>());
-        match sums {
-            Ok(s) => {
-                let mut all = vec![0.0; grads.len()];
-                for ((i, _), v) in present.iter().zip(s) {
-                    all[*i] = v;
-                }
+        match sumsq_by_slot(grads) {
+            Ok(all) => {
                 if clipped {
                     self.clipped_sq = Some(all);
                 } else {

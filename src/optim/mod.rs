@@ -141,6 +141,17 @@ pub fn sumsq_each(ts: &[&Tensor]) -> Result<Vec<f64>> {
     backend::reduce_each(Reduce::SumSq, ts)?.to_f64_vec()
 }
 
+/// The sum of squares of each slot's tensor (0 for an empty slot), in one reduction.
+pub fn sumsq_by_slot(ts: &[Option<Tensor>]) -> Result<Vec<f64>> {
+    let present: Vec<(usize, &Tensor)> = ts.iter().enumerate().filter_map(|(i, t)| t.as_ref().map(|t| (i, t))).collect();
+    let sums = sumsq_each(&present.iter().map(|(_, t)| *t).collect::<Vec<_>>())?;
+    let mut out = vec![0.0; ts.len()];
+    for ((i, _), s) in present.iter().zip(sums) {
+        out[*i] = s;
+    }
+    Ok(out)
+}
+
 /// sqrt of the sum of squares of every gradient (NaN or inf if any entry is).
 pub fn global_norm(grads: &[Option<Tensor>]) -> Result<f64> {
     let present: Vec<&Tensor> = grads.iter().flatten().collect();

@@ -60,6 +60,10 @@ pub struct RunOptions {
     /// Set (by a signal handler) to stop cleanly: the run checkpoints where it is, at the end of
     /// the current group of micro-batches, writes its summary and returns `interrupted`.
     pub stop: Option<Arc<AtomicBool>>,
+    /// Start a new run from this checkpoint of another run (its weights, optimiser and trainer
+    /// state, its metrics so far) under this run's config, which may differ in anything but the
+    /// model: the same state trained on with one thing changed.
+    pub fork: Option<PathBuf>,
 }
 
 impl RunOptions {
@@ -763,6 +767,34 @@ pub fn train_observed(cfg: &Config, opts: &RunOptions, observer: &mut dyn StepOb
                 run_dir::truncate_metrics(&metrics_path, 0, 0)?;
             }
         }
+    } else if let Some(src) = &opts.fork {
+        let ck = match checkpoint::load(src, &trainer.model().params) {
+            Err(e @ Error::OutOfMemory { .. }) => return oom_before_training(e, say),
+            other => other?,
+        };
+        if ck.state.epochs_done >= cfg.train.epochs {
+            return Err(Error::invalid(
+                "fork",
+                format!("{} is after epoch {}: the fork's train.epochs ({}) must be more", src.display(), ck.state.epochs_done, cfg.train.epochs),
+            ));
+        }
+        let changed = toml::from_str::<Config>(&ck.state.config).map(|c| run_dir::config_diff(&c, cfg)).unwrap_or_default();
+        trainer.restore(ck.state.trainer.clone(), ck.params, ck.optimizer, ck.good, ck.newest_is_current);
+        trainer.set_horizon(total_updates);
+        state = TrainState { config: config_toml.clone(), stopped_early: false, epochs_without_improvement: 0, ..ck.state };
+        // The history the fork continues: the other run's log up to its checkpoint.
+        let source_log = src.parent().and_then(Path::parent).map(|d| d.join("metrics.jsonl")).filter(|p| p.is_file());
+        if let Some(log) = source_log {
+            crate::io::copy_atomic(&log, &metrics_path)?;
+            records = run_dir::truncate_metrics(&metrics_path, trainer.steps(), state.epochs_done)?.0;
+        }
+        say(&format!(
+            "forked from {} after epoch {} (step {}); changed: {}",
+            src.display(),
+            state.epochs_done,
+            trainer.steps(),
+            if changed.is_empty() { "nothing".to_string() } else { changed.join(", ") }
+        ));
     }
     crate::io::write_atomic(&dir.join("config.toml"), config_file.as_bytes())?;
     let mut log = MetricsLog::open(&metrics_path)?;

@@ -133,6 +133,8 @@ pub struct StepReport {
     pub spike_reference: Option<f64>,
     /// A rollback: the epoch whose end it went back to (0: the initial weights).
     pub rolled_back_to: Option<usize>,
+    /// `train.log_layers`: each part's gradient norm before clipping, at an update.
+    pub layer_grad_norms: Option<Vec<f64>>,
 }
 
 impl StepReport {
@@ -155,6 +157,9 @@ impl StepReport {
             rec["grad_norm"] = json!(c.norm_before);
             rec["grad_norm_clipped"] = json!(c.norm_after);
         }
+        if let Some(n) = &self.layer_grad_norms {
+            rec["layer_grad_norm"] = json!(n);
+        }
         rec
     }
 }
@@ -172,6 +177,12 @@ pub enum StepPoint<'a> {
     /// The group's gradients (one slot per parameter id), averaged over its micro-batches and
     /// unscaled, before clipping (`clipped` false) and after it (true); only at an update.
     Gradients { grads: &'a [Option<Tensor>], clipped: bool },
+}
+
+/// The gradient norm of each part (its parameter ids), in one reduction.
+fn layer_norms(grads: &[Option<Tensor>], parts: &[std::ops::Range<usize>]) -> Result<Vec<f64>> {
+    let per_id = crate::optim::sumsq_by_slot(grads)?;
+    Ok(parts.iter().map(|ids| ids.clone().filter_map(|i| per_id.get(i)).sum::<f64>().sqrt()).collect())
 }
 
 /// The loss spike guard: a loss over `spike_factor` times the mean of the last `spike_window`
@@ -389,6 +400,8 @@ pub struct Trainer {
     first_loss: Option<f64>,
     /// Where each step's forward pass notes its activations (the crash autopsy's), if anywhere.
     activation_probe: Option<ActivationProbe>,
+    /// `train.log_layers`: each part's parameter ids, whose gradient norms each update reports.
+    layer_ids: Option<Vec<std::ops::Range<usize>>>,
     steps: u64,
     updates: u64,
     consecutive_failures: usize,
@@ -426,6 +439,7 @@ impl Trainer {
             climbing_depth: 0,
             first_loss: None,
             activation_probe: None,
+            layer_ids: t.log_layers.then(|| model.table().iter().map(|r| r.param_ids.clone()).collect()),
             model,
             steps: 0,
             updates: 0,
@@ -630,6 +644,7 @@ impl Trainer {
             loss_scale_after: scale,
             spike_reference: None,
             rolled_back_to: None,
+            layer_grad_norms: None,
         };
         if self.faults.nan_input_steps.contains(&step) {
             batch.input = Tensor::full(f64::NAN, batch.input.shape().clone(), batch.input.dtype(), batch.input.device())?;
@@ -714,6 +729,9 @@ impl Trainer {
             }
         }
         trace(StepPoint::Gradients { grads: &grads, clipped: false });
+        if let Some(parts) = &self.layer_ids {
+            report.layer_grad_norms = Some(layer_norms(&grads, parts)?);
+        }
         let clip = self.clipper.clip(&mut grads, &self.model.params)?;
         trace(StepPoint::Gradients { grads: &grads, clipped: true });
         report.clip = Some(clip);
