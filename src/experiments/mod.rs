@@ -44,6 +44,8 @@ pub const BUILTIN_ARMS: &[(&str, &str)] = &[
     ("guard", include_str!("../../configs/arms/guard.toml")),
     ("constant_width", include_str!("../../configs/arms/constant_width.toml")),
     ("constant_width32", include_str!("../../configs/arms/constant_width32.toml")),
+    ("adam_eps", include_str!("../../configs/arms/adam_eps.toml")),
+    ("adam_beta2", include_str!("../../configs/arms/adam_beta2.toml")),
 ];
 
 /// When a run counts as crashed (REFERENCE section 3, issue 30). Every threshold is applied to
