@@ -42,6 +42,8 @@ fn bad_input_is_a_one_line_error() {
         (vec!["model", "--config", "/nonexistent/x.toml"], "/nonexistent/x.toml"),
         (vec!["model", "--set", "model.widht=3"], "unknown field `widht`"),
         (vec!["model", "--set", "model.max_channels=4"], "max_channels (4) is below width (8)"),
+        (vec!["autopsy", "/nonexistent/run", "--steps", "1..5"], "holds no config.toml: not a run directory"),
+        (vec!["autopsy", "/nonexistent/run", "--steps", "5..1"], "--steps takes A..B"),
     ] {
         let (ok, _, err) = run(&args);
         assert!(!ok, "{args:?} succeeded");
