@@ -342,18 +342,18 @@ impl Plan {
         out
     }
 
-    /// Every run, depth-major, then arm, then learning rate, then seed. Each run's config is the
-    /// base with the arm merged over it, then `model.depth`, `train.lr` (a map's),
-    /// `model.seed` and `train.seed` set.
+    /// Every run, depth-major, then seed, then arm, then learning rate: a sweep cut short (a
+    /// session's end) has as many seeds of every arm. Each run's config is the base with the arm
+    /// merged over it, then `model.depth`, `train.lr` (a map's), `model.seed` and `train.seed` set.
     pub fn runs(&self) -> Result<Vec<RunSpec>> {
         let base = Config::parse(&self.base, "the sweep's base config")?;
         let lrs: Vec<Option<f64>> = if self.lrs.is_empty() { vec![None] } else { self.lrs.iter().map(|&l| Some(l)).collect() };
+        let armed: Vec<Config> = self.arms.iter().map(|arm| arm.apply(&base)).collect::<Result<_>>()?;
         let mut out = Vec::new();
         for &depth in &self.depths {
-            for arm in &self.arms {
-                let armed = arm.apply(&base)?;
-                for &lr in &lrs {
-                    for &seed in &self.seeds {
+            for &seed in &self.seeds {
+                for (arm, armed) in self.arms.iter().zip(&armed) {
+                    for &lr in &lrs {
                         let mut config = armed.clone();
                         config.model.depth = depth;
                         config.model.seed = seed;
@@ -936,7 +936,19 @@ pub fn run_sweep(plan: &Plan, opts: &SweepOptions, say: &(dyn Fn(&str) + Sync)) 
         }
         None => None,
     };
-    let outcome = SweepOutcome { results: results.into_iter().flatten().collect(), planned: total, ran, reused };
+    let mut results: Vec<RunResult> = results.into_iter().flatten().collect();
+    // The reports list runs cell by cell (the plan trains them seed by seed).
+    let at = |r: &RunResult| {
+        let pos = |found: Option<usize>| found.unwrap_or(usize::MAX);
+        (
+            pos(plan.depths.iter().position(|&d| d == r.depth)),
+            pos(plan.arms.iter().position(|a| a.name == r.arm)),
+            pos(r.lr.and_then(|lr| plan.lrs.iter().position(|&l| l.to_bits() == lr.to_bits()))),
+            pos(plan.seeds.iter().position(|&s| s == r.seed)),
+        )
+    };
+    results.sort_by_key(at);
+    let outcome = SweepOutcome { results, planned: total, ran, reused };
     report::write(plan, opts, &outcome)?;
     Ok(outcome)
 }
