@@ -197,7 +197,7 @@ a directory in use); 2 bad command-line arguments (the usage is printed); 3 cras
         #[arg(long)]
         stop_after_epochs: Option<usize>,
         /// Start from this checkpoint of another run (weights, optimiser and trainer state, its
-        /// metrics so far) under this config, which may change anything but the model (e.g.
+        /// metrics up to the checkpoint) under this config, which may change anything but the model (e.g.
         /// --set train.beta2=0.99): the same state, trained on with one thing changed.
         #[arg(long, value_name = "CHECKPOINT", conflicts_with = "resume")]
         fork: Option<PathBuf>,
