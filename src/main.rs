@@ -226,7 +226,8 @@ a directory in use); 2 bad command-line arguments (the usage is printed); 3 cras
         /// Output directory (default RUN/autopsy-A-B).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// How far from its baseline a quantity (or the loss) must go, as a ratio (either way).
+        /// How far above its baseline a quantity (below it, for the smallest sqrt(v)) or the
+        /// loss must go, as a ratio.
         #[arg(long, default_value_t = 3.0)]
         factor: f64,
         /// At most this many calm steps at the window's start make the baselines.
