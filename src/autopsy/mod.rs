@@ -247,7 +247,13 @@ fn replay(cfg: &Config, opts: &Options, out: &Path, logged: &BTreeMap<u64, Logge
     let partial = out.join("autopsy.jsonl.partial");
     let mut recorder = Recorder::new(cfg, logged, opts.steps, &partial)?;
     let run_opts = RunOptions { resume: true, progress: opts.progress, stop: opts.stop.clone(), ..RunOptions::new(dir.clone()) };
-    let summary = train::train_observed(cfg, &run_opts, &mut recorder, &mut |m| say(&format!("replay: {m}")))?;
+    // Once the window is recorded the replay stops as an interrupted run would: that is not news.
+    let done = recorder.done.clone();
+    let summary = train::train_observed(cfg, &run_opts, &mut recorder, &mut |m| {
+        if !done.get() {
+            say(&format!("replay: {m}"))
+        }
+    })?;
     if let Some(e) = recorder.failed.take() {
         return Err(e);
     }
@@ -307,6 +313,8 @@ struct Recorder<'a> {
     file: fs::File,
     /// A failure inside `point` (which cannot return one), reported after the step.
     failed: Option<Error>,
+    /// The window's last step is recorded.
+    done: std::rc::Rc<std::cell::Cell<bool>>,
 }
 
 impl<'a> Recorder<'a> {
@@ -327,6 +335,7 @@ impl<'a> Recorder<'a> {
             records: Vec::new(),
             file,
             failed: None,
+            done: Default::default(),
         })
     }
 
@@ -493,6 +502,8 @@ impl StepObserver for Recorder<'_> {
             let rec = self.record(trainer, r, rec, &before)?;
             self.records.push(rec);
         }
-        Ok(r.step < self.window.1)
+        let more = r.step < self.window.1;
+        self.done.set(!more);
+        Ok(more)
     }
 }
