@@ -26,7 +26,6 @@ mod verdict;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -244,8 +243,7 @@ fn replay(cfg: &Config, opts: &Options, out: &Path, logged: &BTreeMap<u64, Logge
         )),
         s => say(&format!("replaying {} from its checkpoint at step {s} to step {b}", opts.run.display())),
     }
-    let partial = out.join("autopsy.jsonl.partial");
-    let mut recorder = Recorder::new(cfg, logged, opts.steps, &partial)?;
+    let mut recorder = Recorder::new(cfg, logged, opts.steps);
     let run_opts = RunOptions { resume: true, progress: opts.progress, stop: opts.stop.clone(), ..RunOptions::new(dir.clone()) };
     // Once the window is recorded the replay stops as an interrupted run would: that is not news.
     let done = recorder.done.clone();
@@ -266,11 +264,21 @@ fn replay(cfg: &Config, opts: &Options, out: &Path, logged: &BTreeMap<u64, Logge
         return Err(Error::invalid("autopsy", format!("the replay recorded {} of the steps {a}..{b}: {why}", recorder.records.len())));
     }
     let header = Header { run: opts.run.display().to_string(), steps: opts.steps, parts: recorder.parts.clone(), from_step: from };
-    recorder.finish(&header)?;
-    fs::rename(&partial, out.join("autopsy.jsonl")).map_err(|source| Error::Io { path: out.display().to_string(), source })?;
+    write_jsonl(&out.join("autopsy.jsonl"), &header, &recorder.records)?;
     // The replay's directory held a copy of the checkpoint and the replayed steps' log.
     let _ = fs::remove_dir_all(&dir);
     Ok((header, std::mem::take(&mut recorder.records)))
+}
+
+/// autopsy.jsonl, written atomically: the header, then the records.
+fn write_jsonl(path: &Path, header: &Header, records: &[StepRecord]) -> Result<()> {
+    let mut text = serde_json::to_string(header).map_err(|e| Error::invalid("autopsy", e.to_string()))?;
+    text.push('\n');
+    for r in records {
+        text.push_str(&serde_json::to_string(r).map_err(|e| Error::invalid("autopsy", e.to_string()))?);
+        text.push('\n');
+    }
+    crate::io::write_atomic(path, text.as_bytes())
 }
 
 /// Makes `dir` a run directory that resumes at or before step `a`: an interrupted replay of
@@ -310,7 +318,6 @@ struct Recorder<'a> {
     grad_sq: Option<Vec<f64>>,
     clipped_sq: Option<Vec<f64>>,
     records: Vec<StepRecord>,
-    file: fs::File,
     /// A failure inside `point` (which cannot return one), reported after the step.
     failed: Option<Error>,
     /// The window's last step is recorded.
@@ -318,11 +325,10 @@ struct Recorder<'a> {
 }
 
 impl<'a> Recorder<'a> {
-    fn new(cfg: &Config, logged: &'a BTreeMap<u64, Logged>, window: (u64, u64), partial: &Path) -> Result<Recorder<'a>> {
+    fn new(cfg: &Config, logged: &'a BTreeMap<u64, Logged>, window: (u64, u64)) -> Recorder<'a> {
         let t = &cfg.train;
         let adam = matches!(t.optimizer, OptimizerKind::Adam | OptimizerKind::Adamw).then_some((t.beta1, t.beta2, t.adam_eps));
-        let file = fs::File::create(partial).map_err(|source| Error::Io { path: partial.display().to_string(), source })?;
-        Ok(Recorder {
+        Recorder {
             logged,
             window,
             adam,
@@ -333,25 +339,13 @@ impl<'a> Recorder<'a> {
             grad_sq: None,
             clipped_sq: None,
             records: Vec::new(),
-            file,
             failed: None,
             done: Default::default(),
-        })
+        }
     }
 
     fn in_window(&self, step: u64) -> bool {
         (self.window.0..=self.window.1).contains(&step)
-    }
-
-    /// autopsy.jsonl.partial: the header, then the records.
-    fn finish(&mut self, header: &Header) -> Result<()> {
-        let mut text = serde_json::to_string(header).map_err(|e| Error::invalid("autopsy", e.to_string()))?;
-        text.push('\n');
-        for r in &self.records {
-            text.push_str(&serde_json::to_string(r).map_err(|e| Error::invalid("autopsy", e.to_string()))?);
-            text.push('\n');
-        }
-        self.file.write_all(text.as_bytes()).and_then(|()| self.file.sync_all()).map_err(|source| Error::Io { path: "autopsy.jsonl".into(), source })
     }
 
     /// The record of the step `r` ended, from what was seen during it.
