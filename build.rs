@@ -15,6 +15,7 @@ mod kernel_api;
 const TARGETS: &[&str] = &["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_80,code=compute_80"];
 
 fn main() {
+    mpi_rpath();
     println!("cargo::rustc-check-cfg=cfg(fnokern_kernels)");
     println!("cargo::rerun-if-changed=kernels");
     println!("cargo::rerun-if-changed=build");
@@ -112,6 +113,25 @@ fn generate_api(manifest: &Path, sources: &[PathBuf], out: &Path) -> Result<(), 
         return Err(format!("kernel `{}` is defined twice ({} and {})", w[0].name, w[0].file, w[1].file));
     }
     std::fs::write(out, kernel_api::generate(&structs, &kernels)?).map_err(|e| format!("{}: {e}", out.display()))
+}
+
+/// With `--features mpi`: the MPI library's directory (from `mpicc -show`, the compiler wrapper that
+/// rsmpi's build also asks) goes into the binaries' run path, so that `mpirun fnokern ...` finds
+/// libmpi without LD_LIBRARY_PATH (PyPI's mpich wheel installs it outside the loader's paths).
+fn mpi_rpath() {
+    if env::var_os("CARGO_FEATURE_MPI").is_none() {
+        return;
+    }
+    println!("cargo::rerun-if-env-changed=MPICC");
+    let mpicc = env::var("MPICC").unwrap_or_else(|_| "mpicc".into());
+    let Ok(out) = Command::new(&mpicc).arg("-show").output() else {
+        println!("cargo::warning=--features mpi: `{mpicc} -show` did not run; libmpi must be on the loader's path (LD_LIBRARY_PATH)");
+        return;
+    };
+    let shown = String::from_utf8_lossy(&out.stdout);
+    for dir in shown.split_whitespace().filter_map(|w| w.strip_prefix("-L")) {
+        println!("cargo::rustc-link-arg=-Wl,-rpath,{dir}");
+    }
 }
 
 fn find_nvcc(manifest: &Path) -> Option<PathBuf> {

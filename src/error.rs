@@ -26,6 +26,11 @@ pub enum Error {
     #[error("out of memory on {device}: requested {requested} bytes for {what} with {in_use} bytes in use, limit {limit} bytes")]
     OutOfMemory { device: String, what: String, requested: u64, in_use: u64, limit: u64 },
 
+    /// Another rank of a data-parallel run failed; its own message says why (and its failure
+    /// ends the job).
+    #[error("rank {rank} failed (its message says why)")]
+    RankFailed { rank: usize },
+
     /// A value given by the caller (a hyper-parameter, a stride, a mode count) cannot work.
     #[error("{op}: invalid argument: {why}")]
     InvalidArgument { op: &'static str, why: String },

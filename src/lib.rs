@@ -21,6 +21,7 @@ pub mod loss;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod parallel;
 pub mod plan;
 pub mod predict;
 pub mod tensor;

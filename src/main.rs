@@ -430,6 +430,26 @@ fn main() -> ExitCode {
     keep_freed_buffers();
     default_sigpipe();
     let cli = Cli::parse();
+    // Several processes started by a launcher (mpirun, srun) train one run together; MPI joins
+    // them before any other thread starts. Only `train` runs on several ranks.
+    let world = match (&cli.command, fnokern::parallel::Launch::from_env()) {
+        (Command::Train { .. }, Ok(Some(_))) => fnokern::parallel::World::from_launch(),
+        // A sweep's ranks each take a shard of its runs (see `sweep`).
+        (Command::CrashHunt { .. } | Command::StabilityMap { .. } | Command::Shootout { .. }, Ok(Some(_))) => Ok(fnokern::parallel::World::solo()),
+        (_, Ok(None)) => Ok(fnokern::parallel::World::solo()),
+        (_, Ok(Some(l))) => Err(fnokern::Error::InvalidArgument {
+            op: "launch",
+            why: format!("{} started this process as rank {} of {}: only `fnokern train` (one run together) and the sweeps (a shard each) run on several ranks; run this command as one process", l.launcher, l.rank, l.size),
+        }),
+        (_, Err(e)) => Err(e),
+    };
+    let world = match world {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(fnokern::train::exit::ERROR);
+        }
+    };
     let ok = |r: fnokern::Result<()>| r.map(|()| fnokern::train::exit::OK);
     let result = match cli.command {
         Command::Info => {
@@ -437,7 +457,7 @@ fn main() -> ExitCode {
             Ok(fnokern::train::exit::OK)
         }
         Command::Gradcheck { only } => ok(gradcheck(only.as_deref())),
-        Command::Train { cfg, out, resume, stop_after_epochs, fork } => train(cfg, out, resume, stop_after_epochs, fork),
+        Command::Train { cfg, out, resume, stop_after_epochs, fork } => train(cfg, out, resume, stop_after_epochs, fork, &world),
         Command::Autopsy { run, steps, around, out, factor, baseline } => autopsy(run, steps, around, out, factor, baseline),
         Command::Predict { run, input, weights, out, device, batch_size } => ok(predict(run, input, weights, out, &device, batch_size)),
         Command::Model { cfg, save_weights } => ok(model(&cfg, save_weights.as_deref())),
@@ -453,11 +473,28 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => ExitCode::from(code),
+        Err(e) if world.size() > 1 => end_job(&world, &e),
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(fnokern::train::exit::ERROR)
         }
     }
+}
+
+/// A rank's error ends the whole job (no rank is left waiting in a collective): the rank that
+/// failed says why and aborts every rank; a rank that only learnt of another's failure waits a
+/// moment for that abort, so that the message that says why is the one printed.
+fn end_job(world: &fnokern::parallel::World, e: &fnokern::Error) -> ExitCode {
+    if let fnokern::Error::RankFailed { .. } = e {
+        std::thread::sleep(std::time::Duration::from_secs(20));
+    }
+    eprintln!("error (rank {} of {}): {e}", world.rank(), world.size());
+    // The launcher forwards a rank's output through a pipe that the abort can close before it is
+    // read: a moment first, so that the reason reaches the user.
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    world.abort(fnokern::train::exit::ERROR as i32)
 }
 
 /// A flag that SIGINT and SIGTERM set, so that training stops cleanly at its next group
@@ -501,7 +538,22 @@ fn stop_flag() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
     flag
 }
 
-fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: Option<usize>, fork: Option<PathBuf>) -> fnokern::Result<u8> {
+fn train(
+    mut args: ConfigArgs,
+    out: Option<PathBuf>,
+    resume: bool,
+    stop_after: Option<usize>,
+    fork: Option<PathBuf>,
+    world: &fnokern::parallel::World,
+) -> fnokern::Result<u8> {
+    // Rank 0 speaks for a run on several ranks.
+    macro_rules! tell {
+        ($($t:tt)*) => {
+            if world.is_root() {
+                println!($($t)*)
+            }
+        };
+    }
     use std::io::IsTerminal;
     if stop_after == Some(0) {
         return Err(fnokern::Error::InvalidArgument { op: "train", why: "--stop-after-epochs must be at least 1".into() });
@@ -521,12 +573,12 @@ fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: O
                 why: format!("{} holds no config.toml (no run was started there): give the run's --config or --preset", dir.display()),
             });
         }
-        println!("config: {} (the run's own)", own.display());
+        tell!("config: {} (the run's own)", own.display());
         args.src.config = Some(own);
         own_config = true;
     }
     if let Some(name) = &args.src.preset {
-        println!("preset {name}: {}", fnokern::config::presets::describe(name));
+        tell!("preset {name}: {}", fnokern::config::presets::describe(name));
     }
     // Bare: the CPU-sized preset, or the reference study on a GPU (said by resolve()).
     let bare = (args.src.config.is_none() && args.src.preset.is_none()).then(|| args.src.bare_preset());
@@ -551,7 +603,9 @@ fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: O
             dir
         }
     };
-    println!("run directory: {}", out.display());
+    // Rank 0's choice (a default directory is numbered by what exists when rank 0 looks).
+    let out = if world.size() > 1 { PathBuf::from(String::from_utf8_lossy(&world.broadcast(0, out.to_string_lossy().as_bytes())?).into_owned()) } else { out };
+    tell!("run directory: {}", out.display());
     let opts = fnokern::train::RunOptions {
         out_dir: out.clone(),
         resume,
@@ -560,10 +614,11 @@ fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: O
         preset,
         stop: Some(stop_flag()),
         fork,
+        world: world.clone(),
     };
     let s = fnokern::train::train(&cfg, &opts, &mut |m| println!("{m}"))?;
     let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.5}"));
-    println!(
+    tell!(
         "{}: {} epochs, {} steps; validation loss first {} best {} final {}",
         if s.crashed {
             "CRASHED"
@@ -581,13 +636,20 @@ fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: O
         fmt(s.final_val_loss)
     );
     if let Some(r) = &s.reason {
-        println!("reason: {r}");
+        tell!("reason: {r}");
     }
     let events = fnokern::train::event_counts(&Default::default(), &s.outcomes);
-    println!("guard events: {}", if events.is_empty() { "none" } else { &events });
+    tell!("guard events: {}", if events.is_empty() { "none" } else { &events });
+    if let Some(c) = s.collective_seconds {
+        tell!(
+            "{} ranks over {}: rank 0 spent {c:.2} s of this invocation in collectives (transfers, and waits for the slower ranks)",
+            world.size(),
+            world.describe()
+        );
+    }
     let darcy = s.metrics.as_ref().is_some_and(|m| m.get("test_rel_l2").is_some());
     match &s.metrics {
-        Some(m) if darcy => println!(
+        Some(m) if darcy => tell!(
             "test split ({} samples at s = {}): relative L2 {:.5}, relative H1 {:.5}",
             m["test_samples"],
             m["s"],
@@ -606,11 +668,11 @@ fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: O
                 Some(o) => format!("{} test objects (mean ± sd)", o.len()),
                 None => "test object".to_string(),
             };
-            println!("{what}: amplitude SSIM {} MAE {}, phase SSIM {} MAE {}", num("amp_ssim", 3), num("amp_mae", 4), num("phase_ssim", 3), num("phase_mae", 4))
+            tell!("{what}: amplitude SSIM {} MAE {}, phase SSIM {} MAE {}", num("amp_ssim", 3), num("amp_mae", 4), num("phase_ssim", 3), num("phase_mae", 4))
         }
         None => {}
     }
-    println!(
+    tell!(
         "wrote {}/summary.json, metrics.jsonl, metrics.csv, loss.png, grad_norm.png, lr.png{}",
         out.display(),
         match (&s.metrics, darcy) {
@@ -620,7 +682,7 @@ fn train(mut args: ConfigArgs, out: Option<PathBuf>, resume: bool, stop_after: O
         }
     );
     if s.interrupted {
-        println!("continue it with: fnokern train --resume --out {}", out.display());
+        tell!("continue it with: fnokern train --resume --out {}", out.display());
     }
     Ok(s.exit_code())
 }
@@ -711,8 +773,23 @@ fn sweep(
         SweepKind::StabilityMap => ex::Plan::map(&base, arms, depths, lrs, seeds)?,
         _ => ex::Plan::new(kind, &base, arms, depths, seeds)?,
     };
+    // Under a launcher (mpirun, srun), each process takes the shard of its rank: the runs are
+    // independent, so the ranks need no MPI, only their numbers.
+    let shard = match (sw.shard, fnokern::parallel::Launch::from_env()?) {
+        (Some(_), Some(l)) => {
+            return Err(fnokern::Error::InvalidArgument {
+                op: "shard",
+                why: format!("{} started this process as rank {} of {}, which picks its shard: drop --shard", l.launcher, l.rank, l.size),
+            })
+        }
+        (None, Some(l)) => {
+            println!("{}: rank {} of {} runs shard {}/{} of the sweep", l.launcher, l.rank, l.size, l.rank, l.size);
+            Some(ex::Shard { index: l.rank, count: l.size })
+        }
+        (s, None) => s,
+    };
     if sw.dry_run {
-        return dry_run(&plan, sw.shard, &sw.step_ms, sw.measure);
+        return dry_run(&plan, shard, &sw.step_ms, sw.measure);
     }
     let opts = ex::SweepOptions {
         out_dir: out.clone(),
@@ -722,7 +799,7 @@ fn sweep(
         criteria,
         command: std::iter::once("fnokern".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" "),
         stop: Some(stop_flag()),
-        shard: sw.shard,
+        shard,
     };
     println!("sweep directory: {}", out.display());
     let o = ex::run_sweep(&plan, &opts, &|m| println!("{m}"))?;

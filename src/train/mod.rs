@@ -13,22 +13,17 @@
 pub(crate) mod checkpoint;
 pub mod parity;
 pub mod plot;
+mod run;
 pub mod run_dir;
 pub mod step;
 pub mod workload;
 
 use std::collections::BTreeMap;
-use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Instant;
 
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use crate::autograd::Tape;
 use crate::backend;
@@ -37,12 +32,9 @@ use crate::data::{self, npz::NpzSplit};
 use crate::device::{Device, DeviceKind};
 use crate::error::{Error, Result};
 use crate::eval;
-use crate::model::weights;
 use crate::model::Generator;
-use crate::optim;
+use crate::parallel::World;
 use crate::tensor::DType;
-use run_dir::{DirLock, MetricsLog};
-use workload::RunData;
 
 pub use step::{forward_and_loss, Forward, Objective, SpikeGuard, StepOutcome, StepPoint, StepReport, Trainer, TrainerState};
 
@@ -64,6 +56,9 @@ pub struct RunOptions {
     /// state, its metrics so far) under this run's config, which may differ in anything but the
     /// model: the same state trained on with one thing changed.
     pub fork: Option<PathBuf>,
+    /// The ranks training this run together (one process by default): rank 0 writes the run
+    /// directory, every rank trains its share of each round ([`crate::parallel`]).
+    pub world: World,
 }
 
 impl RunOptions {
@@ -112,6 +107,10 @@ pub struct TrainState {
     pub stopped_early: bool,
     /// The config the run was started with (TOML), to refuse a resume under another.
     pub config: String,
+    /// The number of ranks that trained it (absent: one), each taking `train.accumulate`
+    /// micro-batches of every update.
+    #[serde(default)]
+    pub world_size: Option<usize>,
 }
 
 /// Why the trainer stopped a run.
@@ -177,6 +176,10 @@ pub struct Summary {
     pub evaluated_epoch: Option<usize>,
     pub parameters: usize,
     pub wall_seconds: f64,
+    /// On several ranks: rank 0's seconds in collectives in this invocation (transfers, and
+    /// waits for the slower ranks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collective_seconds: Option<f64>,
 }
 
 impl Summary {
@@ -528,12 +531,36 @@ fn check_fits(cfg: &Config, dev: &Device) -> Result<()> {
 }
 
 /// The config a checkpoint's run was started with, which must be `cfg` but for `train.epochs`
-/// (a run extended, or its horizon kept). Compared as configs, not text: fields added to the
-/// config since, at their defaults, do not make a checkpoint unresumable.
-fn run_config(state: &TrainState, cfg: &Config, dir: &Path) -> Result<Config> {
+/// (a run extended, or its horizon kept) and, on another number of ranks than the run's
+/// (`world_size` now), `train.accumulate`, as long as an update takes the same micro-batches
+/// (accumulate x ranks). Compared as configs, not text: fields added to the config since, at
+/// their defaults, do not make a checkpoint unresumable.
+fn run_config(state: &TrainState, cfg: &Config, dir: &Path, world_size: usize) -> Result<Config> {
     let run_cfg: Config = toml::from_str(&state.config).map_err(|e| crate::io::bad(dir, format!("the run's config in its checkpoint is unreadable: {e}")))?;
     let mut same_epochs = run_cfg.clone();
     same_epochs.train.epochs = cfg.train.epochs;
+    let ranks_then = state.world_size.unwrap_or(1);
+    let group_then = run_cfg.train.accumulate * ranks_then;
+    if ranks_then != world_size {
+        let group_now = cfg.train.accumulate * world_size;
+        if group_now != group_then {
+            return Err(Error::invalid(
+                "resume",
+                format!(
+                    "{} ran on {ranks_then} rank(s) with train.accumulate = {}: {group_then} micro-batches per update; on {world_size} rank(s) that needs \
+                     train.accumulate = {group_then}/{world_size}{}",
+                    dir.display(),
+                    run_cfg.train.accumulate,
+                    if group_then.is_multiple_of(world_size) {
+                        String::new()
+                    } else {
+                        ", which is not a whole number: resume on a number of ranks that divides it".into()
+                    }
+                ),
+            ));
+        }
+        same_epochs.train.accumulate = cfg.train.accumulate;
+    }
     let diff = run_dir::config_diff(&same_epochs, cfg);
     if !diff.is_empty() {
         return Err(Error::invalid(
@@ -551,7 +578,13 @@ fn run_config(state: &TrainState, cfg: &Config, dir: &Path) -> Result<Config> {
 /// Where a resumed run continues: the newest checkpoint that loads (saying which were passed
 /// over and why), or None when none does (the run was killed before its first one). A
 /// checkpoint of another config is refused, not passed over.
-fn resume_point(dir: &Path, cfg: &Config, trainer: &Trainer, say: &mut dyn FnMut(&str)) -> Result<Option<(PathBuf, checkpoint::Checkpoint)>> {
+fn resume_point(
+    dir: &Path,
+    cfg: &Config,
+    trainer: &Trainer,
+    world_size: usize,
+    say: &mut dyn FnMut(&str),
+) -> Result<Option<(PathBuf, checkpoint::Checkpoint)>> {
     let found = checkpoint::candidates(dir);
     for (path, state) in &found {
         if let Err(e) = state {
@@ -560,7 +593,7 @@ fn resume_point(dir: &Path, cfg: &Config, trainer: &Trainer, say: &mut dyn FnMut
     }
     for (path, state) in found.into_iter() {
         let Ok(state) = state else { continue };
-        run_config(&state, cfg, dir)?;
+        run_config(&state, cfg, dir, world_size)?;
         match checkpoint::load(&path, &trainer.model().params) {
             Ok(ck) => return Ok(Some((path, ck))),
             // A checkpoint of another model is the user's mistake, not damage: no fallback.
@@ -590,9 +623,17 @@ pub trait StepObserver {
     fn after_step(&mut self, _trainer: &Trainer, _report: &StepReport) -> Result<bool> {
         Ok(true)
     }
+    /// Whether this observer looks at the steps (one that does needs a run in one process).
+    fn watches(&self) -> bool {
+        true
+    }
 }
 
-impl StepObserver for () {}
+impl StepObserver for () {
+    fn watches(&self) -> bool {
+        false
+    }
+}
 
 /// Where a step is: its number, its epoch (from 0), its training patterns, and how to build the
 /// training batch of any patterns (e.g. one at a time).
@@ -608,510 +649,65 @@ pub fn train(cfg: &Config, opts: &RunOptions, say: &mut dyn FnMut(&str)) -> Resu
     train_observed(cfg, opts, &mut (), say)
 }
 
-/// [`train`], with `observer` watching every step.
+/// [`train`], with `observer` watching every step (one process only). On several ranks
+/// (`opts.world`) only rank 0 speaks through `say`.
 pub fn train_observed(cfg: &Config, opts: &RunOptions, observer: &mut dyn StepObserver, say: &mut dyn FnMut(&str)) -> Result<Summary> {
-    let started = Instant::now();
-    cfg.validate()?;
-    // The device first: a GPU that is not there fails before anything is written.
-    let dev = Device::of_kind(cfg.train.device_kind()?)?;
-    // A config no machine could train is refused before anything is written.
-    check_fits(cfg, &dev)?;
-    // The data, and whether the final evaluation can use it, before the directory is touched.
-    let ds = RunData::load(cfg, &mut |m| say(m))?;
-    let train_idx = subset(ds.train_len(), cfg.train.train_patterns);
-    let val_idx = subset(ds.test_len(), cfg.train.test_patterns);
-    if train_idx.is_empty() || val_idx.is_empty() {
-        return Err(Error::invalid(
-            "train",
-            format!("the data has {} training and {} test patterns: each split needs at least one", train_idx.len(), val_idx.len()),
-        ));
+    let world = &opts.world;
+    if world.size() > 1 && observer.watches() {
+        return Err(Error::invalid("train", format!("a run watched step by step (the autopsy's replay) runs in one process, not {} ranks", world.size())));
     }
-    // The final evaluation's data is checked now, not after the training.
-    if cfg.train.evaluate && !cfg.train.eval_seeds.is_empty() {
-        eval_splits(cfg, &mut |m| say(m))?;
-    }
-    if let RunData::Gridlines(d) = &ds {
-        if cfg.train.evaluate && cfg.train.eval_seeds.is_empty() && d.test.centres.is_some() && d.test.ground_truth.is_some() {
-            eval::check_stitchable(&d.test).map_err(|e| {
-                Error::invalid(
-                    "train",
-                    format!("the test split cannot be stitched for the final evaluation ({e}); set train.evaluate = false to train without it"),
-                )
-            })?;
-        }
-    }
-    let dir = &opts.out_dir;
-    run_dir::refuse_foreign(dir)?;
-    let _lock = DirLock::take(dir, "run")?;
-    fs::create_dir_all(dir.join("checkpoints")).map_err(|source| Error::Io { path: format!("cannot create the run directory {}", dir.display()), source })?;
-    // Holding the lock, any temporary file here is a killed writer's.
-    let stale = crate::io::remove_stale_temps(dir) + crate::io::remove_stale_temps(&dir.join("checkpoints"));
-    if stale > 0 {
-        say(&format!("removed {stale} temporary file(s) that a killed run left"));
-    }
-    let metrics_path = dir.join("metrics.jsonl");
-    let last_path = dir.join("checkpoints/last.safetensors");
-    if !opts.resume && (metrics_path.exists() || !checkpoint::candidates(dir).is_empty()) {
-        return Err(Error::invalid("train", format!("{} already holds a run: continue it with --resume, or choose another --out", dir.display())));
-    }
-    let config_toml = toml::to_string(cfg).map_err(|e| Error::invalid("train", e.to_string()))?;
-    // The preset the run started from: given, or (resumed by its directory alone) the one its
-    // config.toml names, so that a resumed run's summary is the straight run's.
-    let preset = opts.preset.clone().or_else(|| if opts.resume { run_dir::preset_of(dir) } else { None });
-    let config_file = run_dir::config_file(&config_toml, preset.as_deref());
-    if !opts.resume {
-        // At once, so that a run killed before its first checkpoint can be resumed by its
-        // directory alone.
-        crate::io::write_atomic(&dir.join("config.toml"), config_file.as_bytes())?;
-    }
-
-    dev.set_memory_limit(cfg.train.memory_limit_bytes()?);
-    let batches_per_epoch = train_idx.len().div_ceil(cfg.train.batch_size);
-    let updates_per_epoch = batches_per_epoch.div_ceil(cfg.train.accumulate);
-    let total_updates = (cfg.train.epochs * updates_per_epoch) as u64;
-    // An allocation over the memory budget while the run is set up (the model, the probe, the
-    // optimiser's state, a checkpoint's tensors) is an `oom` crash before the first step, with its
-    // summary, as it is during training.
-    let oom_before_training = |e: Error, say: &mut dyn FnMut(&str)| -> Result<Summary> {
-        say(&format!("run crashed: {e}"));
-        let summary = Summary {
-            preset: preset.clone(),
-            crashed: true,
-            crash_kind: Some(Crash::Oom),
-            reason: Some(e.to_string()),
-            wall_seconds: started.elapsed().as_secs_f64(),
-            ..Summary::default()
-        };
-        write_summary(dir, &summary)?;
-        Ok(summary)
+    let mut quiet = |_: &str| {};
+    let say: &mut dyn FnMut(&str) = if world.is_root() { say } else { &mut quiet };
+    let mut run = match run::Run::open(cfg, opts, say)? {
+        run::Opened::Run(r) => r,
+        run::Opened::Ended(s) => return Ok(*s),
     };
-    let built = Generator::for_run(cfg, &dev).and_then(|mut g| ds.prepare(&mut g).map(|()| g)).and_then(|g| {
-        let probe = ds.probe(&dev)?;
-        Trainer::new(cfg, g, probe.as_ref(), total_updates)
+    let ending = run.epochs(observer, say)?;
+    run.finish(ending, say)
+}
+
+/// The mean main loss over the samples `idx` ([`validate_with`]'s), its batches shared out
+/// over the ranks (batch i on rank i mod size) and summed in batch order: the same number on any
+/// number of ranks.
+fn validate_sharded(
+    g: &Generator,
+    obj: &Objective,
+    batch_size: usize,
+    idx: &[usize],
+    batch: &dyn Fn(&[usize]) -> Result<data::Batch>,
+    world: &World,
+) -> Result<f64> {
+    if world.size() == 1 {
+        return validate_with(g, obj, batch_size, idx, batch);
+    }
+    let (rank, size) = (world.rank(), world.size());
+    let chunks: Vec<&[usize]> = idx.chunks(batch_size).collect();
+    let mut mine = Vec::new();
+    let local = chunks.iter().skip(rank).step_by(size).try_for_each(|chunk| {
+        let b = batch(chunk)?;
+        let mut t = Tape::with_params(&g.params);
+        let f = forward_and_loss(&mut t, g, obj, &b, &mut |_| {})?;
+        mine.push(f.main.value().scalar_value()? * chunk.len() as f64);
+        Ok(())
     });
-    let mut trainer = match built {
-        Ok(t) => t,
-        Err(e @ Error::OutOfMemory { .. }) => return oom_before_training(e, say),
+    // Status byte 0 and the losses, or 3 and an out-of-memory error (which every rank then ends on).
+    let packet = match local {
+        Ok(()) => std::iter::once(0u8).chain(mine.iter().flat_map(|v| v.to_le_bytes())).collect::<Vec<u8>>(),
+        Err(e @ Error::OutOfMemory { .. }) => std::iter::once(3u8).chain(crate::parallel::oom_bytes(&e)).collect(),
         Err(e) => return Err(e),
     };
-    // The overlap term's batches pair each pattern with a neighbour.
-    let neighbours = (cfg.train.aux_loss == crate::config::AuxLoss::Overlap).then(|| ds.neighbours()).transpose()?;
-    let mut state = TrainState {
-        epochs_done: 0,
-        trainer: trainer.state(),
-        best_val: None,
-        best_epoch: None,
-        first_val: None,
-        last_val: None,
-        epoch_steps: 0,
-        epoch_loss_sum: 0.0,
-        epoch_loss_count: 0,
-        good_optimizer_updates: None,
-        good_points: None,
-        wall_seconds: 0.0,
-        epochs_without_improvement: 0,
-        stopped_early: false,
-        config: config_toml.clone(),
-    };
-    let mut records = Vec::new();
-    if opts.resume {
-        let point = match resume_point(dir, cfg, &trainer, say) {
-            Err(e @ Error::OutOfMemory { .. }) => return oom_before_training(e, say),
-            other => other?,
-        };
-        match point {
-            Some((ck_path, ck)) => {
-                let run_cfg = run_config(&ck.state, cfg, dir)?;
-                if ck.state.epochs_done > cfg.train.epochs {
-                    return Err(Error::invalid(
-                        "resume",
-                        format!("the run has done {} epochs, more than train.epochs = {}", ck.state.epochs_done, cfg.train.epochs),
-                    ));
-                }
-                if ck.state.stopped_early {
-                    if let Some(s) = fs::read(dir.join("summary.json")).ok().and_then(|b| serde_json::from_slice::<Summary>(&b).ok()).filter(|s| s.finished) {
-                        say(&format!("{} stopped early after {} epochs (train.early_stopping_patience): nothing to do", dir.display(), ck.state.epochs_done));
-                        return Ok(s);
-                    }
-                }
-                if ck.state.epochs_done == cfg.train.epochs && run_cfg.train.epochs == cfg.train.epochs {
-                    if let Some(s) = fs::read(dir.join("summary.json")).ok().and_then(|b| serde_json::from_slice::<Summary>(&b).ok()).filter(|s| s.finished) {
-                        say(&format!("{} has finished all {} epochs: nothing to do (extend it with --set train.epochs=N)", dir.display(), cfg.train.epochs));
-                        return Ok(s);
-                    }
-                }
-                trainer.restore(ck.state.trainer.clone(), ck.params, ck.optimizer, ck.good, ck.newest_is_current);
-                if ck_path != last_path {
-                    // `last` is damaged or older than the checkpoint the run goes on from: it
-                    // becomes that checkpoint, as the straight run's `last` was at that point.
-                    crate::io::copy_atomic(&ck_path, &last_path)?;
-                }
-                if run_cfg.train.epochs != cfg.train.epochs {
-                    trainer.set_horizon(total_updates);
-                    say(&format!(
-                        "extending the run from {} to {} epochs: the schedule now spans {total_updates} updates",
-                        run_cfg.train.epochs, cfg.train.epochs
-                    ));
-                }
-                state = TrainState { config: config_toml.clone(), ..ck.state };
-                let (kept, dropped) = run_dir::truncate_metrics(&metrics_path, trainer.steps(), state.epochs_done)?;
-                records = kept;
-                if dropped > 0 {
-                    say(&format!("warning: dropped {dropped} unreadable line(s) of {}", metrics_path.display()));
-                }
-                let within = if state.epoch_steps > 0 { format!(" and {} steps of the next", state.epoch_steps) } else { String::new() };
-                say(&format!("resumed from {} after epoch {}{within} (step {})", ck_path.display(), state.epochs_done, trainer.steps()));
-            }
-            None => {
-                say(&format!("no complete checkpoint in {}: starting the run from its beginning", dir.display()));
-                run_dir::truncate_metrics(&metrics_path, 0, 0)?;
-            }
-        }
-    } else if let Some(src) = &opts.fork {
-        let ck = match checkpoint::load(src, &trainer.model().params) {
-            Err(e @ Error::OutOfMemory { .. }) => return oom_before_training(e, say),
-            other => other?,
-        };
-        if ck.state.epochs_done >= cfg.train.epochs {
-            return Err(Error::invalid(
-                "fork",
-                format!("{} is after epoch {}: the fork's train.epochs ({}) must be more", src.display(), ck.state.epochs_done, cfg.train.epochs),
-            ));
-        }
-        let changed = toml::from_str::<Config>(&ck.state.config).map(|c| run_dir::config_diff(&c, cfg)).unwrap_or_default();
-        trainer.restore(ck.state.trainer.clone(), ck.params, ck.optimizer, ck.good, ck.newest_is_current);
-        trainer.set_horizon(total_updates);
-        state = TrainState { config: config_toml.clone(), stopped_early: false, epochs_without_improvement: 0, ..ck.state };
-        // The history the fork continues: the other run's log up to its checkpoint.
-        let source_log = src.parent().and_then(Path::parent).map(|d| d.join("metrics.jsonl")).filter(|p| p.is_file());
-        if let Some(log) = source_log {
-            crate::io::copy_atomic(&log, &metrics_path)?;
-            records = run_dir::truncate_metrics(&metrics_path, trainer.steps(), state.epochs_done)?.0;
-        }
-        say(&format!(
-            "forked from {} after epoch {} (step {}); changed: {}",
-            src.display(),
-            state.epochs_done,
-            trainer.steps(),
-            if changed.is_empty() { "nothing".to_string() } else { changed.join(", ") }
-        ));
+    let all = world.all_gather(&packet)?;
+    crate::parallel::check_oom(&all, 1)?;
+    let all: Vec<Vec<f64>> =
+        all.iter().map(|b| b.get(1..).unwrap_or_default().chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()).collect();
+    let mut total = 0.0;
+    for i in 0..chunks.len() {
+        total += all
+            .get(i % size)
+            .and_then(|v| v.get(i / size))
+            .ok_or_else(|| Error::invalid("validation", format!("rank {} sent no loss for batch {i}", i % size)))?;
     }
-    crate::io::write_atomic(&dir.join("config.toml"), config_file.as_bytes())?;
-    let mut log = MetricsLog::open(&metrics_path)?;
-    say(&format!(
-        "training: {} parameters, {} train / {} validation patterns, batch {}, {} epochs, {} micro-batches per epoch",
-        trainer.model().num_params(),
-        train_idx.len(),
-        val_idx.len(),
-        cfg.train.batch_size,
-        cfg.train.epochs,
-        batches_per_epoch
-    ));
-
-    let total_steps = (cfg.train.epochs * batches_per_epoch) as u64;
-    let bar = if opts.progress {
-        let pb = indicatif::ProgressBar::new(total_steps);
-        pb.set_style(
-            indicatif::ProgressStyle::with_template("{pos}/{len} steps  {msg}  eta {eta} {wide_bar}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        pb.set_position(trainer.steps());
-        Some(pb)
-    } else {
-        None
-    };
-    let base_wall = state.wall_seconds;
-    observer.start(&mut trainer)?;
-    let observer_stop = std::cell::Cell::new(false);
-    let stop_requested = || observer_stop.get() || opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
-    let mut ran_epochs = 0;
-    let first_step = trainer.steps();
-    // Lines on the terminal above the progress bar, or through `say` without one.
-    let mut tell = |line: &str| match &bar {
-        Some(pb) if !pb.is_hidden() => pb.println(line),
-        _ => say(line),
-    };
-    // Each kind of event is told this many times per invocation, then only counted.
-    const TOLD_PER_KIND: u64 = 10;
-    let mut told: BTreeMap<StepOutcome, u64> = BTreeMap::new();
-
-    // The epochs run in a closure so that an allocation over the memory budget, wherever it
-    // happens, ends the run as an `oom` crash with its summary written, like any other crash.
-    let mut run_epochs = || -> Result<Ending> {
-        // A run that stopped early and was killed before it had finished resumes to its finish.
-        if state.stopped_early {
-            return Ok(Ending::EarlyStopped);
-        }
-        while state.epochs_done < cfg.train.epochs {
-            let epoch = state.epochs_done;
-            let mut order = train_idx.clone();
-            order.shuffle(&mut ChaCha8Rng::seed_from_u64(cfg.train.seed ^ (epoch as u64).wrapping_mul(0x9e37_79b9)));
-            // An interrupted epoch continues where it stopped.
-            let skip = std::mem::take(&mut state.epoch_steps) as usize;
-            let (mut loss_sum, mut loss_count) = (std::mem::take(&mut state.epoch_loss_sum), std::mem::take(&mut state.epoch_loss_count));
-            let updates_before = trainer.updates();
-            let outcomes_before = trainer.outcomes().clone();
-            for (bi, chunk) in order.chunks(cfg.train.batch_size).enumerate().skip(skip) {
-                let b = match &neighbours {
-                    Some(nb) => ds.paired_batch(nb, chunk, &dev)?,
-                    None => ds.batch(true, chunk, &dev)?,
-                };
-                let batch_of = |idx: &[usize]| ds.batch(true, idx, &dev);
-                let at = StepAt { step: trainer.steps(), epoch, patterns: chunk, batch_of: &batch_of };
-                observer.before_step(&mut trainer, &at)?;
-                let r = trainer.step_traced(b, bi + 1 == batches_per_epoch, &mut |p| observer.point(p))?;
-                if !observer.after_step(&trainer, &r)? {
-                    observer_stop.set(true);
-                }
-                if let Some(line) = event_line(&r, epoch, &trainer) {
-                    let k = told.entry(r.outcome).or_default();
-                    *k += 1;
-                    if *k <= TOLD_PER_KIND {
-                        tell(&line);
-                    }
-                    if *k == TOLD_PER_KIND {
-                        tell(&format!("({TOLD_PER_KIND} {} events told: more are counted in the epoch lines only)", r.outcome));
-                    }
-                }
-                if let (Some(before), Some(after)) = (r.loss_scale, r.loss_scale_after) {
-                    warn_scale(before, after, &mut tell);
-                }
-                if let (true, Some(l)) = (r.outcome.backpropagated(), r.loss) {
-                    loss_sum += l;
-                    loss_count += 1;
-                }
-                let rec = r.record(epoch);
-                log.write(&rec)?;
-                records.push(rec);
-                if let Some(pb) = &bar {
-                    pb.set_position(trainer.steps());
-                    let rate = (trainer.steps() - first_step) as f64 / started.elapsed().as_secs_f64().max(1e-9);
-                    let val = state.last_val.map_or(String::new(), |v| format!("  val {v:.4}"));
-                    pb.set_message(format!(
-                        "{rate:.2} steps/s  epoch {}/{}  loss {:.4}{val}",
-                        epoch + 1,
-                        cfg.train.epochs,
-                        if loss_count > 0 { loss_sum / loss_count as f64 } else { f64::NAN }
-                    ));
-                }
-                let failures = trainer.consecutive_failures();
-                if failures >= cfg.train.max_consecutive_failures {
-                    let kind = if r.outcome.is_spike() { Crash::Spike } else { Crash::Nonfinite };
-                    return Ok(Ending::Crashed(kind, format!("{failures} failed steps in a row (last: {})", r.outcome)));
-                }
-                // A stop waits for the group's update, then checkpoints mid-epoch (with the
-                // rollback point, which is then not the checkpoint's own state).
-                if stop_requested() && !trainer.mid_group() && bi + 1 < batches_per_epoch {
-                    state.trainer = trainer.state();
-                    state.epoch_steps = (bi + 1) as u64;
-                    (state.epoch_loss_sum, state.epoch_loss_count) = (loss_sum, loss_count);
-                    state.wall_seconds = base_wall + started.elapsed().as_secs_f64();
-                    log.sync()?;
-                    checkpoint::save(&last_path, &trainer, &state)?;
-                    return Ok(Ending::Interrupted);
-                }
-            }
-            // End of epoch: validation, schedule, checkpoints.
-            let model = trainer.model();
-            let finite_weights = optim::sumsq_each(&model.params.values().iter().collect::<Vec<_>>())?.iter().all(|s| s.is_finite());
-            if !finite_weights {
-                return Ok(Ending::Crashed(Crash::Nonfinite, "non-finite weights".into()));
-            }
-            if trainer.updates() == updates_before {
-                return Ok(Ending::Crashed(Crash::Nonfinite, format!("epoch {} made no update (every gradient was non-finite or skipped)", epoch + 1)));
-            }
-            let val = validate_with(model, &trainer.objective(), cfg.train.batch_size, &val_idx, &|chunk| ds.batch(false, chunk, &dev))?;
-            if !val.is_finite() {
-                return Ok(Ending::Crashed(Crash::Nonfinite, "non-finite validation loss".into()));
-            }
-            let (good, bound) = trainer.end_epoch(val, epoch + 1, state.best_val);
-            let rollbacks = cfg.train.spike_action == crate::config::SpikeAction::Rollback;
-            state.first_val.get_or_insert(val);
-            state.last_val = Some(val);
-            state.epochs_done += 1;
-            ran_epochs += 1;
-            let train_loss = if loss_count > 0 { loss_sum / loss_count as f64 } else { f64::NAN };
-            let mut rec = json!({
-                "kind": "epoch", "epoch": epoch, "steps_end": trainer.steps(), "train_loss": train_loss,
-                "val_loss": val, "lr": trainer.lr(), "outcomes": trainer.outcomes(),
-            });
-            if rollbacks {
-                rec["rollback_point"] = json!(good);
-            }
-            log.write(&rec)?;
-            log.sync()?;
-            records.push(rec);
-            let events = event_counts(&outcomes_before, trainer.outcomes());
-            let line = format!(
-                "epoch {:>3}/{}: train loss {train_loss:.5}  val loss {val:.5}  lr {:.2e}  ({:.0} s){}",
-                epoch + 1,
-                cfg.train.epochs,
-                trainer.lr(),
-                started.elapsed().as_secs_f64(),
-                if events.is_empty() { String::new() } else { format!("  events: {events}") }
-            );
-            tell(&line);
-            if rollbacks && !good {
-                tell(&format!(
-                    "epoch {}'s end is not a rollback point: validation loss {val:.5} > {:.5} (train.good_point_factor x the best so far); \
-                     a rollback goes to epoch {}'s end",
-                    epoch + 1,
-                    bound.unwrap_or(f64::NAN),
-                    trainer.rollback_target().map_or(0, |p| p.epoch)
-                ));
-            }
-            state.trainer = trainer.state();
-            state.wall_seconds = base_wall + started.elapsed().as_secs_f64();
-            let patience = cfg.train.early_stopping_patience;
-            if patience > 0 {
-                let improved = state.best_val.is_none_or(|b| val < b - cfg.train.early_stopping_min_delta);
-                state.epochs_without_improvement = if improved { 0 } else { state.epochs_without_improvement + 1 };
-                state.stopped_early = state.epochs_without_improvement >= patience && state.epochs_done < cfg.train.epochs;
-            }
-            if state.best_val.is_none_or(|b| val < b) {
-                state.best_val = Some(val);
-                state.best_epoch = Some(state.epochs_done);
-                checkpoint::save(&dir.join("checkpoints/best.safetensors"), &trainer, &state)?;
-            }
-            if cfg.train.checkpoint_every > 0 && state.epochs_done.is_multiple_of(cfg.train.checkpoint_every) {
-                checkpoint::save(&dir.join(format!("checkpoints/epoch_{}.safetensors", state.epochs_done)), &trainer, &state)?;
-            }
-            checkpoint::save(&last_path, &trainer, &state)?;
-            if let Err(e) = write_csv(dir, &records) {
-                tell(&format!("warning: metrics.csv was not written: {e}"));
-            }
-            if state.stopped_early {
-                return Ok(Ending::EarlyStopped);
-            }
-            if opts.stop_after_epochs.is_some_and(|k| ran_epochs >= k) {
-                break;
-            }
-            if stop_requested() && state.epochs_done < cfg.train.epochs {
-                return Ok(Ending::Interrupted);
-            }
-        }
-        Ok(Ending::Done)
-    };
-    let ending = match run_epochs() {
-        Ok(e) => e,
-        Err(e @ Error::OutOfMemory { .. }) => Ending::Crashed(Crash::Oom, e.to_string()),
-        Err(e) => return Err(e),
-    };
-    if let Some(pb) = &bar {
-        pb.finish_and_clear();
-    }
-    let (crash, interrupted) = match ending {
-        Ending::Done => (None, false),
-        Ending::EarlyStopped => {
-            say(&format!(
-                "early stopping after epoch {}: no validation loss below the best ({:.5}, epoch {}) by more than {} for {} epochs",
-                state.epochs_done,
-                state.best_val.unwrap_or(f64::NAN),
-                state.best_epoch.unwrap_or(0),
-                cfg.train.early_stopping_min_delta,
-                state.epochs_without_improvement
-            ));
-            if cfg.train.early_stopping_restore_best {
-                let best = dir.join("checkpoints/best.safetensors");
-                let ck = checkpoint::load(&best, &trainer.model().params)?;
-                trainer.set_params(ck.params);
-                say(&format!("restored the best epoch's weights (epoch {}) from {}", state.best_epoch.unwrap_or(0), best.display()));
-            }
-            (None, false)
-        }
-        Ending::Crashed(kind, why) => {
-            say(&format!("run crashed: {why}"));
-            (Some((kind, why)), false)
-        }
-        Ending::Interrupted => {
-            say(&format!("interrupted at step {}: checkpointed; continue it with --resume", trainer.steps()));
-            (None, true)
-        }
-    };
-    let finished = crash.is_none() && !interrupted && (state.epochs_done >= cfg.train.epochs || state.stopped_early);
-    // The results first, then what is optional: the final weights are on disk before the
-    // evaluation and the plots, whose failures are warnings. The summary says `finished` only
-    // once all of them are written: until then it says `finishing`, and a resume completes them.
-    if finished {
-        weights::save_model(&dir.join("weights.safetensors"), trainer.model())?;
-    }
-    // The epoch whose weights the evaluation scores.
-    let mut evaluated_epoch =
-        Some(if state.stopped_early && cfg.train.early_stopping_restore_best { state.best_epoch.unwrap_or(0) } else { state.epochs_done });
-    if finished && cfg.train.evaluate && cfg.train.evaluate_best && state.best_epoch.is_some() && evaluated_epoch != state.best_epoch {
-        let best = dir.join("checkpoints/best.safetensors");
-        let ck = checkpoint::load(&best, &trainer.model().params)?;
-        trainer.set_params(ck.params);
-        evaluated_epoch = state.best_epoch;
-        say(&format!(
-            "evaluating the best epoch's weights (epoch {}, validation loss {:.5})",
-            state.best_epoch.unwrap_or(0),
-            state.best_val.unwrap_or(f64::NAN)
-        ));
-    }
-    let g = trainer.model();
-    let mut summary = Summary {
-        preset: preset.clone(),
-        finished: false,
-        finishing: finished,
-        crashed: crash.is_some(),
-        crash_kind: crash.as_ref().map(|c| c.0),
-        interrupted,
-        early_stopped: state.stopped_early,
-        reason: crash.map(|c| c.1).or_else(|| interrupted.then(|| format!("interrupted at step {}", trainer.steps()))),
-        epochs_done: state.epochs_done,
-        steps: trainer.steps(),
-        updates: trainer.updates(),
-        first_val_loss: state.first_val,
-        best_val_loss: state.best_val,
-        final_val_loss: state.last_val,
-        outcomes: trainer.outcomes().clone(),
-        metrics: None,
-        evaluated_epoch: evaluated_epoch.filter(|_| finished && cfg.train.evaluate),
-        parameters: g.num_params(),
-        wall_seconds: base_wall + started.elapsed().as_secs_f64(),
-    };
-    if finished {
-        write_summary(dir, &summary)?;
-    }
-    if finished && cfg.train.evaluate {
-        let scored = match &ds {
-            RunData::Gridlines(d) => {
-                match cfg.train.eval_seeds.len() {
-                    0 => say("evaluating: stitching the test object"),
-                    k => say(&format!("evaluating: stitching {k} test objects no choice has seen (data seeds {:?})", cfg.train.eval_seeds)),
-                }
-                evaluate(g, cfg, &d.test, &dev, dir, &mut |m| say(m))
-            }
-            RunData::Darcy(d) => {
-                say(&format!("evaluating: the {} test samples", d.test.len()));
-                let m = workload::evaluate_darcy(g, d, cfg, &dev, dir)?;
-                say(&format!(
-                    "test: relative L2 {:.5}, relative H1 {:.5} (darcy.png)",
-                    m["test_rel_l2"].as_f64().unwrap_or(f64::NAN),
-                    m["test_h1"].as_f64().unwrap_or(f64::NAN)
-                ));
-                Ok(Some(m))
-            }
-        };
-        match scored {
-            Ok(m) => summary.metrics = m,
-            Err(e) => say(&format!("warning: the final evaluation failed: {e}")),
-        }
-    }
-    if let Err(e) = write_csv(dir, &records) {
-        say(&format!("warning: metrics.csv was not written: {e}"));
-    }
-    if let Err(e) = plots(dir, &records) {
-        say(&format!("warning: the plots were not written: {e}"));
-    }
-    // The summary last: a run that says it finished (or crashed, or was interrupted) has every
-    // file it will have.
-    summary.finished = finished;
-    summary.finishing = false;
-    summary.wall_seconds = base_wall + started.elapsed().as_secs_f64();
-    write_summary(dir, &summary)?;
-    Ok(summary)
+    Ok(total / idx.len().max(1) as f64)
 }
 
 fn write_summary(dir: &Path, summary: &Summary) -> Result<()> {

@@ -22,6 +22,7 @@ use crate::loss;
 use crate::model::Generator;
 use crate::ops;
 use crate::optim::{AuxSchedule, ClipReport, Clipper, LossScaler, Optimizer, OptimizerState, ScaleEvent, ScalerState, Schedule, ScheduleState};
+use crate::parallel::{check_oom, oom_bytes, World};
 use crate::tensor::{Precision, Tensor};
 
 /// What one step did; metrics.jsonl and summary.json spell it in snake case (`ok`,
@@ -402,6 +403,8 @@ pub struct Trainer {
     activation_probe: Option<ActivationProbe>,
     /// `train.log_layers`: each part's parameter ids, whose gradient norms each update reports.
     layer_ids: Option<Vec<std::ops::Range<usize>>>,
+    /// `train.max_consecutive_failures`: a round ends at the step that reaches it (the run does).
+    max_failures: usize,
     steps: u64,
     updates: u64,
     consecutive_failures: usize,
@@ -440,6 +443,7 @@ impl Trainer {
             first_loss: None,
             activation_probe: None,
             layer_ids: t.log_layers.then(|| model.table().iter().map(|r| r.param_ids.clone()).collect()),
+            max_failures: t.max_consecutive_failures,
             model,
             steps: 0,
             updates: 0,
@@ -630,95 +634,251 @@ impl Trainer {
     }
 
     /// [`Trainer::step`], calling `trace` at the points of [`StepPoint`].
-    pub fn step_traced(&mut self, mut batch: Batch, end_group: bool, trace: &mut dyn FnMut(StepPoint)) -> Result<StepReport> {
-        let step = self.steps;
-        self.steps += 1;
+    pub fn step_traced(&mut self, batch: Batch, end_group: bool, trace: &mut dyn FnMut(StepPoint)) -> Result<StepReport> {
+        let round = self.round(Some(batch), 1, end_group.then_some(0), &World::solo(), false, trace)?;
+        round.reports.into_iter().next().ok_or_else(|| Error::invalid("step", "a round of one micro-batch reported none"))
+    }
+
+    /// One round of a data-parallel run: the next `n` micro-batches of the epoch (1 <= n <= the
+    /// world's size), rank r holding the r-th (`mine`; ranks at n and beyond hold none), and
+    /// `epoch_last` the position of the epoch's last micro-batch if it is in the round. Every rank
+    /// runs its forward pass; the losses are gathered and every rank replays, in micro-batch
+    /// order, the decisions one process makes step by step (input and loss checks, the spike
+    /// guard, skips, rollbacks, the group's end); the accepted micro-batches' gradients are
+    /// gathered and summed in that order; an update ends the round. Positions after an update or
+    /// a rollback ran on parameters that have changed: the round ends before them (they are not
+    /// reported, and the next round runs them again). `stop` is this rank's stop request; the
+    /// round returns whether any rank made one.
+    pub fn round(
+        &mut self,
+        mine: Option<Batch>,
+        n: usize,
+        epoch_last: Option<usize>,
+        world: &World,
+        stop: bool,
+        trace: &mut dyn FnMut(StepPoint),
+    ) -> Result<Round> {
+        let (rank, size) = (world.rank(), world.size());
+        if n == 0 || n > size || mine.is_some() != (rank < n) {
+            return Err(Error::invalid("round", format!("rank {rank} of {size}: a round of {n} micro-batches, this rank's given: {}", mine.is_some())));
+        }
+        let first = self.steps;
         let scale = self.scaler.as_ref().map(|s| s.scale());
-        let mut report = StepReport {
-            step,
-            outcome: StepOutcome::Ok,
-            lr: self.lr(),
-            loss: None,
-            clip: None,
-            loss_scale: scale,
-            loss_scale_after: scale,
-            spike_reference: None,
-            rolled_back_to: None,
-            layer_grad_norms: None,
+        let aux_weight = self.aux.map_or(0.0, |a| a.at(self.updates));
+
+        // This rank's micro-batch, up to its loss; every rank's loss (or why there is none).
+        let local = match mine {
+            None => Ok(Local::Absent),
+            Some(b) => self.forward_local(b, first + rank as u64, aux_weight, trace),
         };
+        let mut packet = vec![0u8; 10];
+        match &local {
+            Ok(Local::Absent) => {}
+            Ok(Local::BadInput) => packet[0] = 1,
+            Ok(Local::Loss(f)) => {
+                packet[0] = 2;
+                packet[2..10].copy_from_slice(&f.value.to_le_bytes());
+            }
+            Err(e @ Error::OutOfMemory { .. }) => {
+                packet[0] = 3;
+                packet.extend(oom_bytes(e));
+            }
+            Err(_) => return local.map(|_| unreachable!("an Ok was matched above")),
+        }
+        packet[1] = stop as u8;
+        let packets = world.all_gather(&packet)?;
+        let stop = packets.iter().any(|p| p.get(1) == Some(&1));
+        check_oom(&packets, 10)?;
+        let mut local = local?;
+
+        // The single process's decisions, position by position.
+        let mut reports = Vec::with_capacity(n);
+        let mut backprop = Vec::new();
+        let mut update_at = None;
+        for (k, p) in packets.iter().take(n).enumerate() {
+            let step = first + k as u64;
+            self.steps += 1;
+            let mut report = StepReport {
+                step,
+                outcome: StepOutcome::Ok,
+                lr: self.lr(),
+                loss: None,
+                clip: None,
+                loss_scale: scale,
+                loss_scale_after: scale,
+                spike_reference: None,
+                rolled_back_to: None,
+                layer_grad_norms: None,
+            };
+            let (outcome, ends) = match p.first() {
+                Some(1) => (StepOutcome::SkippedBadInput, false),
+                Some(2) if p.len() >= 10 => {
+                    let lv = f64::from_le_bytes(p[2..10].try_into().expect("8 bytes"));
+                    report.loss = Some(lv);
+                    self.decide(k, lv, epoch_last == Some(k), &mut report, &mut backprop, &mut update_at)
+                }
+                _ => return Err(Error::invalid("round", format!("rank {k} had no micro-batch at position {k} of a round of {n}"))),
+            };
+            let pending = update_at == Some(k);
+            if !pending {
+                self.finish_step(&mut report, outcome);
+            }
+            reports.push(report);
+            if ends || pending || self.consecutive_failures >= self.max_failures {
+                break;
+            }
+        }
+
+        // The accepted micro-batches' gradients, summed in micro-batch order.
+        if !backprop.is_empty() {
+            let own = match std::mem::replace(&mut local, Local::Absent) {
+                Local::Loss(f) if backprop.contains(&rank) => Some(f.backward(scale)),
+                _ => None,
+            };
+            if size == 1 {
+                let grads = own.ok_or_else(|| Error::invalid("round", "the accepted micro-batch has no forward pass"))??;
+                self.accumulate_grads(grads)?;
+            } else {
+                let packet = match own {
+                    None => vec![0u8],
+                    Some(Ok(g)) => {
+                        let mut p = vec![2u8];
+                        p.extend(crate::parallel::pack_grads(&g)?);
+                        p
+                    }
+                    Some(Err(e @ Error::OutOfMemory { .. })) => {
+                        let mut p = vec![3u8];
+                        p.extend(oom_bytes(&e));
+                        p
+                    }
+                    Some(Err(e)) => return Err(e),
+                };
+                let packets = world.all_gather(&packet)?;
+                check_oom(&packets, 1)?;
+                let shapes: Vec<_> = self.model.params.values().iter().map(|v| v.shape().clone()).collect();
+                let device = self.model.params.values().first().map(|v| v.device().clone()).unwrap_or_else(crate::device::Device::cpu);
+                for &k in &backprop {
+                    match packets[k].split_first() {
+                        Some((2, g)) => {
+                            let grads = crate::parallel::unpack_grads(g, &shapes, &device)?;
+                            self.accumulate_grads(grads)?;
+                        }
+                        _ => return Err(Error::invalid("round", format!("rank {k}'s accepted micro-batch sent no gradients"))),
+                    }
+                }
+            }
+        }
+        drop(local);
+        if let Some(k) = update_at {
+            let spike = reports[k].spike_reference.is_some();
+            let outcome = self.update(&mut reports[k], spike, trace)?;
+            self.finish_step(&mut reports[k], outcome);
+        }
+        Ok(Round { reports, stop })
+    }
+
+    /// A micro-batch's forward pass and loss on this rank (step `step`), kept for its backward.
+    fn forward_local(&self, mut batch: Batch, step: u64, aux_weight: f64, trace: &mut dyn FnMut(StepPoint)) -> Result<Local> {
         if self.faults.nan_input_steps.contains(&step) {
             batch.input = Tensor::full(f64::NAN, batch.input.shape().clone(), batch.input.dtype(), batch.input.device())?;
         }
-        let outcome = self.run(&batch, end_group, &mut report, trace)?;
+        if !is_finite_tensor(&batch.input)? {
+            return Ok(Local::BadInput);
+        }
+        let mut t = Tape::with_params(&self.model.params);
+        if let Some(p) = &self.activation_probe {
+            t.set_probe(p.clone());
+        }
+        let obj = Objective { loss: &self.loss, scaled_probe: self.probe.as_ref(), aux_weight, aux: self.aux_kind };
+        trace(StepPoint::Forward);
+        let nan_output = self.faults.nan_forward_steps.contains(&step);
+        // Only the loss is kept: the tape frees each activation once backward is past it, and
+        // a handle held here (the output's, 2 x B x N x N floats) would outlive that.
+        let Forward { mut loss, per_sample, .. } = forward_and_loss_with(&mut t, &self.model, &obj, &batch, nan_output, &mut |i| trace(StepPoint::Part(i)))?;
+        if self.faults.spike_steps.contains(&step) {
+            loss = ops::scale(&mut t, &loss, self.faults.spike_scale)?;
+        }
+        trace(StepPoint::Loss);
+        let value = loss.value().scalar_value()? / per_sample;
+        Ok(Local::Loss(Box::new(LocalLoss { tape: t, loss, value })))
+    }
+
+    /// What the step at position `k` of a round does with its loss `lv`, as one process decides
+    /// it: its outcome (for an update, the outcome if the update goes through), and whether the
+    /// round ends there (a rollback). An accepted micro-batch joins `backprop`; the one that
+    /// completes its group (`last`: the epoch's last) sets `update_at`.
+    fn decide(
+        &mut self,
+        k: usize,
+        lv: f64,
+        last: bool,
+        report: &mut StepReport,
+        backprop: &mut Vec<usize>,
+        update_at: &mut Option<usize>,
+    ) -> (StepOutcome, bool) {
+        if !lv.is_finite() {
+            return (StepOutcome::SkippedNonfiniteLoss, false);
+        }
+        self.first_loss.get_or_insert(lv);
+        let spike = self.guard.is_spike(lv);
+        if spike {
+            report.spike_reference = self.guard.reference();
+            match self.guard.action() {
+                SpikeAction::Log => {}
+                SpikeAction::Skip => return (StepOutcome::SpikeSkipped, false),
+                SpikeAction::Rollback => {
+                    report.rolled_back_to = self.rollback_target().map(|p| p.epoch);
+                    self.roll_back();
+                    // The group's gradients are dropped, those of this round's earlier
+                    // micro-batches with them (one process had summed them before the spike).
+                    backprop.clear();
+                    return (StepOutcome::RolledBack, true);
+                }
+            }
+        }
+        backprop.push(k);
+        self.micro += 1;
+        self.guard.accept(lv);
+        if self.micro >= self.accumulate || last {
+            *update_at = Some(k);
+        }
+        let went_on = if spike {
+            StepOutcome::SpikeLogged
+        } else if update_at.is_some() {
+            StepOutcome::Ok
+        } else {
+            StepOutcome::Accumulated
+        };
+        (went_on, false)
+    }
+
+    /// Counts a step's final outcome.
+    fn finish_step(&mut self, report: &mut StepReport, outcome: StepOutcome) {
         report.outcome = outcome;
         report.loss_scale_after = self.scaler.as_ref().map(|s| s.scale());
         *self.outcomes.entry(outcome).or_default() += 1;
         self.consecutive_failures = if outcome.is_failure() { self.consecutive_failures + 1 } else { 0 };
-        Ok(report)
     }
 
-    fn run(&mut self, batch: &Batch, end_group: bool, report: &mut StepReport, trace: &mut dyn FnMut(StepPoint)) -> Result<StepOutcome> {
-        let step = report.step;
-        if !is_finite_tensor(&batch.input)? {
-            return Ok(StepOutcome::SkippedBadInput);
-        }
-        let aux_weight = self.aux.map_or(0.0, |a| a.at(self.updates));
-        let (lv, spike, grads) = {
-            let mut t = Tape::with_params(&self.model.params);
-            if let Some(p) = &self.activation_probe {
-                t.set_probe(p.clone());
-            }
-            let obj = Objective { loss: &self.loss, scaled_probe: self.probe.as_ref(), aux_weight, aux: self.aux_kind };
-            trace(StepPoint::Forward);
-            let nan_output = self.faults.nan_forward_steps.contains(&step);
-            // Only the loss is kept: the tape frees each activation once backward is past it, and
-            // a handle held here (the output's, 2 x B x N x N floats) would outlive that.
-            let Forward { mut loss, per_sample, .. } = forward_and_loss_with(&mut t, &self.model, &obj, batch, nan_output, &mut |i| trace(StepPoint::Part(i)))?;
-            if self.faults.spike_steps.contains(&step) {
-                loss = ops::scale(&mut t, &loss, self.faults.spike_scale)?;
-            }
-            trace(StepPoint::Loss);
-            let lv = loss.value().scalar_value()? / per_sample;
-            report.loss = Some(lv);
-            if !lv.is_finite() {
-                return Ok(StepOutcome::SkippedNonfiniteLoss);
-            }
-            self.first_loss.get_or_insert(lv);
-            let spike = self.guard.is_spike(lv);
-            if spike {
-                report.spike_reference = self.guard.reference();
-                match self.guard.action() {
-                    SpikeAction::Log => {}
-                    SpikeAction::Skip => return Ok(StepOutcome::SpikeSkipped),
-                    SpikeAction::Rollback => {
-                        report.rolled_back_to = self.rollback_target().map(|p| p.epoch);
-                        self.roll_back();
-                        return Ok(StepOutcome::RolledBack);
-                    }
-                }
-            }
-            // fp16: back-propagate the scaled loss so that small gradients survive rounding.
-            if let Some(s) = report.loss_scale {
-                loss = ops::scale(&mut t, &loss, s)?;
-            }
-            (lv, spike, t.backward(&loss)?.into_params())
-        };
+    /// Adds a micro-batch's gradients to the group's (the first one's become the sum).
+    fn accumulate_grads(&mut self, grads: Vec<Option<Tensor>>) -> Result<()> {
         if self.acc.is_empty() {
             self.acc = grads;
-        } else {
-            for (a, g) in self.acc.iter_mut().zip(grads) {
-                *a = match (a.take(), g) {
-                    (Some(x), Some(y)) => Some(backend::add_into(x, y)?),
-                    (x, y) => x.or(y),
-                };
-            }
+            return Ok(());
         }
-        self.micro += 1;
-        self.guard.accept(lv);
-        let went_on = if spike { StepOutcome::SpikeLogged } else { StepOutcome::Ok };
-        if self.micro < self.accumulate && !end_group {
-            return Ok(if spike { StepOutcome::SpikeLogged } else { StepOutcome::Accumulated });
+        for (a, g) in self.acc.iter_mut().zip(grads) {
+            *a = match (a.take(), g) {
+                (Some(x), Some(y)) => Some(backend::add_into(x, y)?),
+                (x, y) => x.or(y),
+            };
         }
+        Ok(())
+    }
+
+    /// The group's update at `report`'s step: the summed gradients averaged and unscaled,
+    /// clipped, and applied unless they are not finite. Returns the step's outcome.
+    fn update(&mut self, report: &mut StepReport, spike: bool, trace: &mut dyn FnMut(StepPoint)) -> Result<StepOutcome> {
+        let step = report.step;
         let mut grads = std::mem::take(&mut self.acc);
         // Average the micro-batches and undo the loss scale (a power of two: exact).
         let unscale = 1.0 / (self.micro as f64 * report.loss_scale.unwrap_or(1.0));
@@ -751,7 +911,7 @@ impl Trainer {
         if let Some(s) = self.scaler.as_mut() {
             s.update(true);
         }
-        Ok(went_on)
+        Ok(if spike { StepOutcome::SpikeLogged } else { StepOutcome::Ok })
     }
 
     /// Back to a rollback point, at a lower rate that climbs back over `rollback_rewarmup`
@@ -773,5 +933,41 @@ impl Trainer {
         self.schedule.cut_rate(self.rollback_lr_factor, self.updates);
         self.acc.clear();
         self.micro = 0;
+    }
+}
+
+/// What a round did: one report per micro-batch it consumed (from the round's first), and
+/// whether any rank asked to stop.
+pub struct Round {
+    pub reports: Vec<StepReport>,
+    pub stop: bool,
+}
+
+/// This rank's micro-batch of a round, up to its loss.
+enum Local {
+    /// The round had no micro-batch for this rank.
+    Absent,
+    /// The input was not finite: nothing was computed.
+    BadInput,
+    Loss(Box<LocalLoss>),
+}
+
+/// A forward pass kept for its backward.
+struct LocalLoss {
+    tape: Tape,
+    loss: Var,
+    /// The loss per sample (what the step reports and the guard sees).
+    value: f64,
+}
+
+impl LocalLoss {
+    /// The parameters' gradients (of the loss times the fp16 loss `scale`, if any).
+    fn backward(mut self, scale: Option<f64>) -> Result<Vec<Option<Tensor>>> {
+        let mut loss = self.loss;
+        // fp16: back-propagate the scaled loss so that small gradients survive rounding.
+        if let Some(s) = scale {
+            loss = ops::scale(&mut self.tape, &loss, s)?;
+        }
+        Ok(self.tape.backward(&loss)?.into_params())
     }
 }
