@@ -432,6 +432,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Several processes started by a launcher (mpirun, srun) train one run together; MPI joins
     // them before any other thread starts. Only `train` runs on several ranks.
+    // A GPU run on several ranks needs NCCL, which installs as libnccl.so.2: made findable by
+    // cudarc's names first (this may run fnokern again, before anything else starts).
+    if let (Command::Train { .. }, Ok(Some(_))) = (&cli.command, fnokern::parallel::Launch::from_env()) {
+        if let Err(e) = fnokern::parallel::nccl::make_findable() {
+            eprintln!("error: {e}");
+            return ExitCode::from(fnokern::train::exit::ERROR);
+        }
+    }
     let world = match (&cli.command, fnokern::parallel::Launch::from_env()) {
         (Command::Train { .. }, Ok(Some(_))) => fnokern::parallel::World::from_launch(),
         // A sweep's ranks each take a shard of its runs (see `sweep`).

@@ -252,3 +252,50 @@ fn a_resume_on_another_number_of_ranks_keeps_the_update_or_is_refused() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("trained on 2 rank(s) and goes on on 4"));
     assert_same_run(&single, &multi);
 }
+
+/// On the driver stand-in with its fake NCCL (libnccl.so.2, which fnokern makes findable): two
+/// GPU ranks, their gradients gathered through NCCL, train as one GPU process with accumulate 2.
+#[test]
+fn two_gpu_ranks_over_nccl_train_as_one_process_on_the_standin() {
+    let Some(standin) = common::standin::built("two_gpu_ranks_over_nccl_train_as_one_process_on_the_standin") else { return };
+    let d = tempdir("dpnccl");
+    let edit = |c: &mut fnokern::config::Config| c.train.device = "cuda".into();
+    let single_cfg = config(&d.join("single"), |c| {
+        edit(c);
+        c.train.accumulate = 2;
+    });
+    let multi_cfg = config(&d.join("multi"), edit);
+    let (single, multi) = (d.join("single/run"), d.join("multi/run"));
+    let lib_path = format!("{}:{}", standin.display(), std::env::var("LD_LIBRARY_PATH").unwrap_or_default());
+    let mut one = train_cmd(1, &["--config", single_cfg.to_str().unwrap(), "--out", single.to_str().unwrap()]);
+    one.env("LD_LIBRARY_PATH", &lib_path);
+    run(one);
+    let mut two = train_cmd(2, &["--config", multi_cfg.to_str().unwrap(), "--out", multi.to_str().unwrap()]);
+    two.env("LD_LIBRARY_PATH", &lib_path);
+    let out = run(two);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("and NCCL (this rank on cuda:0)"), "the run says its gradients go through NCCL:\n{said}");
+    assert_same_run(&single, &multi);
+}
+
+/// Without NCCL, a GPU run on two ranks stops at once, saying how to install it.
+#[test]
+fn gpu_ranks_without_nccl_are_refused_with_the_way_to_install_it() {
+    let Some(standin) = common::standin::built("gpu_ranks_without_nccl_are_refused_with_the_way_to_install_it") else { return };
+    let d = tempdir("dpnonccl");
+    // The stand-in's driver, without its NCCL.
+    let bare = d.join("lib");
+    std::fs::create_dir_all(&bare).unwrap();
+    for lib in ["libcuda.so", "libcublas.so", "libcufft.so"] {
+        std::fs::copy(standin.join(lib), bare.join(lib)).unwrap();
+    }
+    let cfg = config(&d.join("run"), |c| c.train.device = "cuda".into());
+    let mut two = train_cmd(2, &["--config", cfg.to_str().unwrap(), "--out", d.join("run/out").to_str().unwrap()]);
+    two.env("LD_LIBRARY_PATH", &bare);
+    let t0 = Instant::now();
+    let out = two.output().unwrap();
+    assert!(!out.status.success());
+    assert!(t0.elapsed() < Duration::from_secs(60), "refused at once");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("needs NCCL") && err.contains("nvidia-nccl-cu13"), "the refusal says how to install NCCL:\n{err}");
+}

@@ -535,3 +535,25 @@ fn log_layers_logs_each_parts_gradient_norm() {
         assert!((total - global).abs() <= 1e-5 * global, "{total} vs {global}");
     }
 }
+
+/// An observer that asks to stop after a step ends the run right there (the autopsy's replay
+/// ends at its window's last step), checkpointed, and a resume continues to the straight run.
+#[test]
+fn an_observer_stop_ends_the_run_after_that_step() {
+    struct StopAt(u64);
+    impl train::StepObserver for StopAt {
+        fn after_step(&mut self, _t: &train::Trainer, r: &train::StepReport) -> fnokern::Result<bool> {
+            Ok(r.step != self.0)
+        }
+    }
+    let dir = tempdir("observer-stop");
+    let cfg = tiny(&dir.join("cache"));
+    // Step 8 is the third of epoch 1 (6 steps an epoch), not an epoch's last.
+    let s = train::train_observed(&cfg, &opts(&dir.join("run")), &mut StopAt(8), &mut |_| {}).unwrap();
+    assert!(s.interrupted, "{s:?}");
+    assert_eq!(s.steps, 9, "the run stops right after step 8");
+    let resumed = run(&cfg, &RunOptions { resume: true, ..opts(&dir.join("run")) });
+    let straight = run(&cfg, &opts(&dir.join("straight")));
+    assert_eq!(resumed.steps, straight.steps);
+    assert_eq!(weights_of(&dir.join("run")), weights_of(&dir.join("straight")));
+}

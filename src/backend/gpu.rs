@@ -62,6 +62,12 @@ fn driver_present() -> Result<()> {
     Ok(())
 }
 
+/// How many GPUs the driver sees.
+pub fn device_count() -> Result<usize> {
+    driver_present()?;
+    Ok(CudaContext::device_count().map_err(cuda_err("device count"))?.max(0) as usize)
+}
+
 fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
     driver_present()?;
     let count = CudaContext::device_count().map_err(cuda_err("device count"))?;

@@ -16,6 +16,7 @@
 
 #[cfg(feature = "mpi")]
 mod mpi_world;
+pub mod nccl;
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -67,9 +68,10 @@ impl Collective for Solo {
     }
 }
 
-/// The ranks of a run (cheap to clone; one process by default).
+/// The ranks of a run (cheap to clone; one process by default): the host collectives, the time
+/// spent in them, and on GPUs the ranks' NCCL communicator ([`World::attach_gpu`]).
 #[derive(Clone)]
-pub struct World(Arc<dyn Collective>, Arc<AtomicU64>);
+pub struct World(Arc<dyn Collective>, Arc<AtomicU64>, Arc<std::sync::OnceLock<nccl::DeviceComm>>);
 
 impl Default for World {
     fn default() -> World {
@@ -133,7 +135,7 @@ impl Launch {
 impl World {
     /// One process.
     pub fn solo() -> World {
-        World(Arc::new(Solo), Arc::default())
+        World(Arc::new(Solo), Arc::default(), Arc::default())
     }
 
     /// The world this process was launched into: one process unless a launcher started several,
@@ -170,7 +172,7 @@ impl World {
                 ),
             ));
         }
-        Ok(World(Arc::new(w), Arc::default()))
+        Ok(World(Arc::new(w), Arc::default(), Arc::default()))
     }
 
     #[cfg(not(feature = "mpi"))]
@@ -219,6 +221,72 @@ impl World {
         let all = self.0.all_gather(mine);
         self.1.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
         all
+    }
+
+    /// Opens the ranks' NCCL communicator on `device` (a GPU; rank 0 makes its id and the host
+    /// world carries it to the others). Once per world; nothing for one process.
+    pub fn attach_gpu(&self, device: &crate::device::Device) -> Result<()> {
+        if self.size() == 1 || self.2.get().is_some() {
+            return Ok(());
+        }
+        // Every rank checks, so that each says why, before rank 0 makes the id.
+        let loads = nccl::check_loadable();
+        if !self.all_gather(&[loads.is_ok() as u8])?.iter().all(|b| b.first() == Some(&1)) {
+            return loads.and(Err(Error::invalid("nccl", "NCCL does not load on every rank (their messages say where)")));
+        }
+        let id = if self.is_root() { nccl::new_id()? } else { Vec::new() };
+        let id = self.broadcast(0, &id)?;
+        let comm = nccl::DeviceComm::join(device, self.rank(), self.size(), &id)?;
+        let _ = self.2.set(comm);
+        Ok(())
+    }
+
+    /// Every rank's gradients, in rank order: this rank's `mine` (None: it has none this round;
+    /// an out-of-memory error in its backward ends every rank's run as one), shaped as
+    /// `shapes`, on `device`. Host ranks exchange one flat buffer of bytes each; GPU ranks a flat
+    /// device buffer through NCCL, with which slots are present sent ahead through the host.
+    pub(crate) fn gather_grads(
+        &self,
+        mine: Option<Result<Vec<Option<Tensor>>>>,
+        shapes: &[Shape],
+        device: &crate::device::Device,
+    ) -> Result<Vec<Option<Vec<Option<Tensor>>>>> {
+        let mine = match mine {
+            None => None,
+            Some(Ok(g)) => Some(g),
+            Some(Err(e @ Error::OutOfMemory { .. })) => {
+                let packet: Vec<u8> = std::iter::once(3u8).chain(oom_bytes(&e)).collect();
+                let packets = self.all_gather(&packet)?;
+                check_oom(&packets, 1)?;
+                return Err(e);
+            }
+            Some(Err(e)) => return Err(e),
+        };
+        if let Some(comm) = self.2.get() {
+            // Status 2 and a byte per slot (1: present), or 0 (no gradients this round).
+            let packet: Vec<u8> = match &mine {
+                Some(g) => std::iter::once(2u8).chain(g.iter().map(|s| s.is_some() as u8)).collect(),
+                None => vec![0u8],
+            };
+            let packets = self.all_gather(&packet)?;
+            check_oom(&packets, 1)?;
+            let present: Vec<Vec<bool>> = packets.iter().map(|p| (0..shapes.len()).map(|i| p.get(i + 1) == Some(&1)).collect()).collect();
+            let all = comm.all_gather_grads(mine.as_deref(), shapes, &present)?;
+            return Ok(all.into_iter().zip(&packets).map(|(g, p)| (p.first() == Some(&2)).then_some(g)).collect());
+        }
+        let packet = match &mine {
+            Some(g) => std::iter::once(2u8).chain(pack_grads(g)?).collect(),
+            None => vec![0u8],
+        };
+        let packets = self.all_gather(&packet)?;
+        check_oom(&packets, 1)?;
+        packets
+            .iter()
+            .map(|p| match p.split_first() {
+                Some((2, g)) => unpack_grads(g, shapes, device).map(Some),
+                _ => Ok(None),
+            })
+            .collect()
     }
 
     /// Seconds this rank has spent in collectives so far: the transfers, and the waits for the

@@ -28,7 +28,7 @@ use super::{
     write_summary, Crash, Ending, RunOptions, StepAt, StepObserver, StepOutcome, Summary, TrainState, Trainer,
 };
 use crate::config::Config;
-use crate::device::Device;
+use crate::device::{Device, DeviceKind};
 use crate::error::{Error, Result};
 use crate::eval;
 use crate::model::weights;
@@ -107,17 +107,20 @@ impl<'a> Run<'a> {
         let world = opts.world.clone();
         let root = world.is_root();
         cfg.validate()?;
-        // The device first: a GPU that is not there fails before anything is written.
-        let dev = Device::of_kind(cfg.train.device_kind()?)?;
-        if world.size() > 1 && dev.kind().is_gpu() {
-            return Err(Error::invalid(
-                "train",
-                format!(
-                    "{} ranks on {}: data parallel on GPUs needs NCCL, which this fnokern does not have yet; train on the CPU (train.device = \"cpu\")",
-                    world.size(),
-                    dev
-                ),
-            ));
+        // The device first: a GPU that is not there fails before anything is written. On several
+        // ranks, each takes the GPU of its rank on its node (the config's, counted from there).
+        let kind = match (cfg.train.device_kind()?, world.size()) {
+            (DeviceKind::Cuda(i), n) if n > 1 => {
+                let local = crate::parallel::Launch::from_env()?.and_then(|l| l.local_rank).unwrap_or(world.rank());
+                let count = crate::backend::gpu::device_count()?.max(1);
+                DeviceKind::Cuda((i + local) % count)
+            }
+            (k, _) => k,
+        };
+        let dev = Device::of_kind(kind)?;
+        // On GPUs the ranks' gradients go through NCCL.
+        if dev.kind().is_gpu() {
+            world.attach_gpu(&dev)?;
         }
         // A config no machine could train is refused before anything is written.
         check_fits(cfg, &dev)?;
@@ -355,9 +358,10 @@ impl<'a> Run<'a> {
             batches_per_epoch,
             if world.size() > 1 {
                 format!(
-                    ", {} ranks over {}: {} micro-batches per update ({} per rank)",
+                    ", {} ranks over {}{}: {} micro-batches per update ({} per rank)",
                     world.size(),
                     world.describe(),
+                    if dev.kind().is_gpu() { format!(" and NCCL (this rank on {dev})") } else { String::new() },
                     group_cfg.train.accumulate,
                     cfg.train.accumulate
                 )
@@ -557,7 +561,10 @@ impl<'a> Run<'a> {
                 }
                 // A stop waits for the group's update, then checkpoints mid-epoch (with the
                 // rollback point, which is then not the checkpoint's own state).
-                if round.stop && !self.trainer.mid_group() && bi < batches {
+                // One process sees a request made during the step at once (the autopsy's observer
+                // ends its replay right after its window); ranks agree on it at the next round.
+                let stop = round.stop || (size == 1 && self.stop_requested(observer_stop));
+                if stop && !self.trainer.mid_group() && bi < batches {
                     return self.interrupt_mid_epoch(bi, loss_sum, loss_count);
                 }
             }

@@ -739,32 +739,12 @@ impl Trainer {
                 let grads = own.ok_or_else(|| Error::invalid("round", "the accepted micro-batch has no forward pass"))??;
                 self.accumulate_grads(grads)?;
             } else {
-                let packet = match own {
-                    None => vec![0u8],
-                    Some(Ok(g)) => {
-                        let mut p = vec![2u8];
-                        p.extend(crate::parallel::pack_grads(&g)?);
-                        p
-                    }
-                    Some(Err(e @ Error::OutOfMemory { .. })) => {
-                        let mut p = vec![3u8];
-                        p.extend(oom_bytes(&e));
-                        p
-                    }
-                    Some(Err(e)) => return Err(e),
-                };
-                let packets = world.all_gather(&packet)?;
-                check_oom(&packets, 1)?;
                 let shapes: Vec<_> = self.model.params.values().iter().map(|v| v.shape().clone()).collect();
                 let device = self.model.params.values().first().map(|v| v.device().clone()).unwrap_or_else(crate::device::Device::cpu);
+                let mut all = world.gather_grads(own, &shapes, &device)?;
                 for &k in &backprop {
-                    match packets[k].split_first() {
-                        Some((2, g)) => {
-                            let grads = crate::parallel::unpack_grads(g, &shapes, &device)?;
-                            self.accumulate_grads(grads)?;
-                        }
-                        _ => return Err(Error::invalid("round", format!("rank {k}'s accepted micro-batch sent no gradients"))),
-                    }
+                    let grads = all[k].take().ok_or_else(|| Error::invalid("round", format!("rank {k}'s accepted micro-batch sent no gradients")))?;
+                    self.accumulate_grads(grads)?;
                 }
             }
         }

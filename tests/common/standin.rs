@@ -1,6 +1,6 @@
 //! The CUDA device the GPU tests run on: a real GPU where the driver sees one, else the driver
 //! stand-in of tests/host/fakecuda/ (libcuda, libcublas and libcufft built with the host C++
-//! compiler from the real kernels; see its README).
+//! compiler from the real kernels, and a fake libnccl.so.2; see its README).
 //!
 //! The stand-in is built once per source tree under the target directory, then loaded by absolute
 //! path before cudarc first opens a CUDA library: cudarc asks for `libcuda.so`, `libcublas.so` and
@@ -205,7 +205,7 @@ fn build() -> Result<PathBuf, String> {
         return Err("the embedded fatbin names no kernel".into());
     }
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("fakecuda-{:016x}", fingerprint(&files, &cxx, &kernels)));
-    if dir.join("libcufft.so").is_file() {
+    if dir.join("libnccl.so.2").is_file() {
         return Ok(dir);
     }
     let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
@@ -252,6 +252,19 @@ fn build() -> Result<PathBuf, String> {
             .arg("-o")
             .arg(tmp.join(format!("lib{lib}.so"))))?;
     }
+    // NCCL installs as libnccl.so.2: the stand-in's has that name too (fnokern makes it findable).
+    let mut c = Command::new(&cxx);
+    flags(&mut c);
+    run(c
+        .arg("-shared")
+        .arg(src.join("nccl.cpp"))
+        .arg("-Wl,-soname,libnccl.so.2")
+        .arg("-Wl,-rpath,$ORIGIN")
+        .arg("-L")
+        .arg(&tmp)
+        .arg("-l:libcuda.so")
+        .arg("-o")
+        .arg(tmp.join("libnccl.so.2")))?;
     // Another test process may have finished the same build meanwhile; either copy will do.
     if std::fs::rename(&tmp, &dir).is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
@@ -266,10 +279,10 @@ fn build() -> Result<PathBuf, String> {
             }
         }
     }
-    if dir.join("libcufft.so").is_file() {
+    if dir.join("libnccl.so.2").is_file() {
         Ok(dir)
     } else {
-        Err(format!("the build left no {}", dir.join("libcufft.so").display()))
+        Err(format!("the build left no {}", dir.join("libnccl.so.2").display()))
     }
 }
 
