@@ -754,6 +754,13 @@ fn sweep(
     // command line names it for every arm.
     let guard_named = args.set.iter().any(|s| s.split('=').next().is_some_and(|k| k.trim() == "train.spike_action"));
     let mut base = args.resolve(depth, Some(if kind == SweepKind::StabilityMap { "map" } else { "sweep" }))?;
+    // Under a launcher each rank runs a shard (below), on its own GPU when the runs train on one:
+    // the config's, counted from the rank's local rank on its node.
+    let launch = fnokern::parallel::Launch::from_env()?;
+    if let (Some(l), fnokern::DeviceKind::Cuda(i)) = (&launch, base.train.device_kind()?) {
+        let count = fnokern::backend::gpu::device_count()?.max(1);
+        base.train.device = format!("cuda:{}", (i + l.local_rank.unwrap_or(l.rank)) % count);
+    }
     if !guard_named {
         base.train.spike_action = fnokern::config::SpikeAction::Log;
     }
@@ -783,7 +790,7 @@ fn sweep(
     };
     // Under a launcher (mpirun, srun), each process takes the shard of its rank: the runs are
     // independent, so the ranks need no MPI, only their numbers.
-    let shard = match (sw.shard, fnokern::parallel::Launch::from_env()?) {
+    let shard = match (sw.shard, launch) {
         (Some(_), Some(l)) => {
             return Err(fnokern::Error::InvalidArgument {
                 op: "shard",

@@ -299,3 +299,36 @@ fn gpu_ranks_without_nccl_are_refused_with_the_way_to_install_it() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("needs NCCL") && err.contains("nvidia-nccl-cu13"), "the refusal says how to install NCCL:\n{err}");
 }
+
+/// Under mpiexec a sweep's ranks each run a shard of its runs, with no MPI between them: every
+/// run is the one a single-process sweep trains, and the report covers them all.
+#[test]
+fn a_sweep_under_mpiexec_runs_a_shard_per_rank_with_the_same_runs() {
+    let d = tempdir("dpsweep");
+    let cfg = config(&d.join("cfg"), |c| c.train.epochs = 2);
+    let sweep = |ranks: usize, out: &Path| {
+        let exe = bin().get_program().to_owned();
+        let mut c = if ranks == 1 {
+            Command::new(&exe)
+        } else {
+            let mut c = Command::new(mpiexec());
+            c.args(["-n", &ranks.to_string()]).arg(&exe);
+            c
+        };
+        c.args(["crash-hunt", "--config", cfg.to_str().unwrap(), "--depths", "2", "--seeds", "3", "--jobs", "1", "--out", out.to_str().unwrap()])
+            .env("RAYON_NUM_THREADS", "1");
+        run(c)
+    };
+    let (single, multi) = (d.join("single"), d.join("multi"));
+    sweep(1, &single);
+    let out = sweep(2, &multi);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("rank 0 of 2 runs shard 0/2") && said.contains("rank 1 of 2 runs shard 1/2"), "{said}");
+    let runs: Vec<_> = std::fs::read_dir(single.join("runs")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(runs.len(), 3, "{runs:?}");
+    for r in &runs {
+        let (a, b) = (single.join("runs").join(r), multi.join("runs").join(r));
+        assert_eq!(std::fs::read_to_string(a.join("metrics.jsonl")).unwrap(), std::fs::read_to_string(b.join("metrics.jsonl")).unwrap(), "{r:?}");
+    }
+    assert!(multi.join("report.md").is_file(), "a report of the whole sweep");
+}
