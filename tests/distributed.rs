@@ -7,10 +7,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bin, tempdir, tiny};
+use common::parallel::{assert_same_run, config, run};
+use common::{bin, tempdir};
 
 /// The launcher: FNOKERN_MPIEXEC, else `mpiexec` on PATH (the one of the MPI fnokern was built
 /// with: PyPI's mpich puts both in the same bin/).
@@ -37,44 +38,6 @@ fn train_cmd(ranks: usize, args: &[&str]) -> Command {
     };
     c.arg("train").args(args).env("RAYON_NUM_THREADS", "1");
     c
-}
-
-fn run(mut c: Command) -> Output {
-    let out = c.output().expect("the command starts");
-    if !out.status.success() {
-        panic!("{c:?} failed ({}):\n{}\n{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    }
-    out
-}
-
-/// A tiny run's config, written to `dir/c.toml`, with `edit` applied (the data cache beside
-/// `dir`, shared by the runs compared).
-fn config(dir: &Path, edit: impl FnOnce(&mut fnokern::config::Config)) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    let mut c = tiny(&dir.parent().unwrap().join("cache"));
-    edit(&mut c);
-    let p = dir.join("c.toml");
-    std::fs::write(&p, toml::to_string(&c).unwrap()).unwrap();
-    p
-}
-
-/// Two finished runs are the same: every line of metrics.jsonl and every weight, bit for bit.
-fn assert_same_run(a: &Path, b: &Path) {
-    let ma = std::fs::read_to_string(a.join("metrics.jsonl")).unwrap();
-    let mb = std::fs::read_to_string(b.join("metrics.jsonl")).unwrap();
-    assert!(!ma.is_empty());
-    for (i, (la, lb)) in ma.lines().zip(mb.lines()).enumerate() {
-        assert_eq!(la, lb, "metrics.jsonl line {i} of {} and {}", a.display(), b.display());
-    }
-    assert_eq!(ma.lines().count(), mb.lines().count(), "metrics.jsonl lengths");
-    let wa = fnokern::train::load_final_weights(a).unwrap();
-    let wb = fnokern::train::load_final_weights(b).unwrap();
-    assert_eq!(wa.keys().collect::<Vec<_>>(), wb.keys().collect::<Vec<_>>());
-    for (k, ta) in &wa {
-        let (va, vb) = (&ta.values, &wb[k].values);
-        assert_eq!(va.len(), vb.len(), "weight {k}'s size");
-        assert!(va.iter().zip(vb).all(|(x, y)| x.to_bits() == y.to_bits()), "weight {k} differs between {} and {}", a.display(), b.display());
-    }
 }
 
 /// One process with `accumulate` = ranks x `per_rank`, and `ranks` processes with `per_rank`.
@@ -274,7 +237,7 @@ fn two_gpu_ranks_over_nccl_train_as_one_process_on_the_standin() {
     two.env("LD_LIBRARY_PATH", &lib_path);
     let out = run(two);
     let said = String::from_utf8_lossy(&out.stdout);
-    assert!(said.contains("and NCCL (this rank on cuda:0)"), "the run says its gradients go through NCCL:\n{said}");
+    assert!(said.contains("gradients through NCCL, this rank on cuda:0"), "the run says its gradients go through NCCL:\n{said}");
     assert_same_run(&single, &multi);
 }
 

@@ -71,7 +71,7 @@ impl Collective for Solo {
 /// The ranks of a run (cheap to clone; one process by default): the host collectives, the time
 /// spent in them, and on GPUs the ranks' NCCL communicator ([`World::attach_gpu`]).
 #[derive(Clone)]
-pub struct World(Arc<dyn Collective>, Arc<AtomicU64>, Arc<std::sync::OnceLock<nccl::DeviceComm>>);
+pub struct World(Arc<dyn Collective>, Arc<AtomicU64>, Arc<std::sync::OnceLock<Arc<nccl::DeviceComm>>>);
 
 impl Default for World {
     fn default() -> World {
@@ -133,6 +133,35 @@ impl Launch {
 }
 
 impl World {
+    /// Ranks started without MPI (torchrun's variables): NCCL carries everything, bootstrapped by
+    /// `NCCL_COMM_ID` (set, or `MASTER_ADDR`:`MASTER_PORT`+1, beside the port torchrun's own
+    /// store holds); each rank on the GPU of its local rank.
+    fn join_nccl(launch: &Launch) -> Result<World> {
+        if std::env::var_os("NCCL_COMM_ID").is_none() {
+            let addr = std::env::var("MASTER_ADDR").ok();
+            let port = std::env::var("MASTER_PORT").ok().and_then(|p| p.trim().parse::<u16>().ok());
+            let (Some(addr), Some(port)) = (addr, port) else {
+                return Err(Error::invalid(
+                    "launch",
+                    format!(
+                        "{} started this process as rank {} of {} without MPI: its ranks meet through NCCL's own bootstrap, which needs \
+                         NCCL_COMM_ID=<host>:<port> (or MASTER_ADDR and MASTER_PORT) set alike on every rank",
+                        launch.launcher, launch.rank, launch.size
+                    ),
+                ));
+            };
+            // Read by NCCL in this process only; set before any other thread starts.
+            std::env::set_var("NCCL_COMM_ID", format!("{addr}:{}", port.wrapping_add(1)));
+        }
+        let count = crate::backend::gpu::device_count()?.max(1);
+        let device = crate::device::Device::cuda(launch.local_rank.unwrap_or(launch.rank) % count)?;
+        let comm = Arc::new(nccl::DeviceComm::join(&device, launch.rank, launch.size, &nccl::new_id()?)?);
+        let host = nccl::NcclHost::new(comm.clone(), launch.rank, launch.size);
+        let lock = std::sync::OnceLock::new();
+        let _ = lock.set(comm);
+        Ok(World(Arc::new(host), Arc::default(), Arc::new(lock)))
+    }
+
     /// One process.
     pub fn solo() -> World {
         World(Arc::new(Solo), Arc::default(), Arc::default())
@@ -144,14 +173,7 @@ impl World {
     pub fn from_launch() -> Result<World> {
         let Some(launch) = Launch::from_env()? else { return Ok(World::solo()) };
         if launch.launcher == "torchrun" {
-            return Err(Error::invalid(
-                "launch",
-                format!(
-                    "torchrun's variables say rank {} of {}: ranks without MPI meet through NCCL's own bootstrap, which this fnokern does not have yet; \
-                     launch with mpirun or srun (a build with --features mpi)",
-                    launch.rank, launch.size
-                ),
-            ));
+            return World::join_nccl(&launch);
         }
         World::join(&launch)
     }
@@ -226,7 +248,15 @@ impl World {
     /// Opens the ranks' NCCL communicator on `device` (a GPU; rank 0 makes its id and the host
     /// world carries it to the others). Once per world; nothing for one process.
     pub fn attach_gpu(&self, device: &crate::device::Device) -> Result<()> {
-        if self.size() == 1 || self.2.get().is_some() {
+        if let Some(c) = self.2.get() {
+            // Ranks that meet through NCCL alone (torchrun) have their GPU from the start.
+            return if c.device().kind() == device.kind() {
+                Ok(())
+            } else {
+                Err(Error::invalid("train", format!("this rank's NCCL communicator is on {}, but the run asks for {device}", c.device())))
+            };
+        }
+        if self.size() == 1 {
             return Ok(());
         }
         // Every rank checks, so that each says why, before rank 0 makes the id.
@@ -237,7 +267,7 @@ impl World {
         let id = if self.is_root() { nccl::new_id()? } else { Vec::new() };
         let id = self.broadcast(0, &id)?;
         let comm = nccl::DeviceComm::join(device, self.rank(), self.size(), &id)?;
-        let _ = self.2.set(comm);
+        let _ = self.2.set(Arc::new(comm));
         Ok(())
     }
 
@@ -262,7 +292,7 @@ impl World {
             }
             Some(Err(e)) => return Err(e),
         };
-        if let Some(comm) = self.2.get() {
+        if let Some(comm) = self.2.get().filter(|_| device.kind().is_gpu()) {
             // Status 2 and a byte per slot (1: present), or 0 (no gradients this round).
             let packet: Vec<u8> = match &mine {
                 Some(g) => std::iter::once(2u8).chain(g.iter().map(|s| s.is_some() as u8)).collect(),
@@ -271,7 +301,7 @@ impl World {
             let packets = self.all_gather(&packet)?;
             check_oom(&packets, 1)?;
             let present: Vec<Vec<bool>> = packets.iter().map(|p| (0..shapes.len()).map(|i| p.get(i + 1) == Some(&1)).collect()).collect();
-            let all = comm.all_gather_grads(mine.as_deref(), shapes, &present)?;
+            let all = comm.all_gather_grads(mine.as_deref(), shapes, &present, device)?;
             return Ok(all.into_iter().zip(&packets).map(|(g, p)| (p.first() == Some(&2)).then_some(g)).collect());
         }
         let packet = match &mine {

@@ -81,6 +81,32 @@ fn path_of_nccl_2() -> Option<PathBuf> {
 }
 
 impl DeviceComm {
+    /// The GPU the communicator is on.
+    pub(crate) fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Every rank's bytes, through the GPU: the lengths first, then the bytes padded to the
+    /// longest.
+    fn all_gather_bytes(&self, mine: &[u8], size: usize) -> Result<Vec<Vec<u8>>> {
+        let lens = self.gather_u8(&(mine.len() as u64).to_le_bytes(), size)?;
+        let lens: Vec<usize> = lens.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")) as usize).collect();
+        let longest = lens.iter().copied().max().unwrap_or(0).max(1);
+        let mut padded = mine.to_vec();
+        padded.resize(longest, 0);
+        let all = self.gather_u8(&padded, size)?;
+        Ok(lens.iter().enumerate().map(|(r, &n)| all[r * longest..r * longest + n].to_vec()).collect())
+    }
+
+    /// NCCL's all-gather of `mine` (the same length on every rank) through device buffers.
+    fn gather_u8(&self, mine: &[u8], size: usize) -> Result<Vec<u8>> {
+        let gpu = self.device.gpu()?;
+        let send = gpu.upload(mine)?;
+        let mut recv = gpu.zeros::<u8>(mine.len() * size)?;
+        self.comm.all_gather(&send, &mut recv).map_err(|e| nccl_err("ncclAllGather", e))?;
+        gpu.download(&recv)
+    }
+
     /// The communicator of rank `rank` of `size` on `device`'s GPU, `id` from rank 0
     /// ([`new_id`]).
     pub(crate) fn join(device: &Device, rank: usize, size: usize, id: &[u8]) -> Result<DeviceComm> {
@@ -96,13 +122,20 @@ impl DeviceComm {
     }
 
     /// Every rank's gradients (`mine`: this rank's, or None for zeros), shaped as `shapes`, in
-    /// rank order; `present[r][i]` says whether rank r's slot i holds a gradient.
-    pub(crate) fn all_gather_grads(&self, mine: Option<&[Option<Tensor>]>, shapes: &[Shape], present: &[Vec<bool>]) -> Result<Vec<Vec<Option<Tensor>>>> {
-        let gpu = self.device.gpu()?;
+    /// rank order, made on `device` (the run's: its ledger counts them); `present[r][i]` says
+    /// whether rank r's slot i holds a gradient.
+    pub(crate) fn all_gather_grads(
+        &self,
+        mine: Option<&[Option<Tensor>]>,
+        shapes: &[Shape],
+        present: &[Vec<bool>],
+        device: &Device,
+    ) -> Result<Vec<Vec<Option<Tensor>>>> {
+        let gpu = device.gpu()?;
         let total: usize = shapes.iter().map(Shape::numel).sum();
         let size = present.len();
         // One flat buffer per rank (the ledger counts it, and the budget applies).
-        let mut flat = Tensor::zeros([total.max(1)], DType::F32, &self.device)?;
+        let mut flat = Tensor::zeros([total.max(1)], DType::F32, device)?;
         if let Some(grads) = mine {
             let dst = flat.cuda_mut()?;
             let mut off = 0;
@@ -114,7 +147,7 @@ impl DeviceComm {
                 off += n;
             }
         }
-        let mut all = Tensor::zeros([total.max(1) * size], DType::F32, &self.device)?;
+        let mut all = Tensor::zeros([total.max(1) * size], DType::F32, device)?;
         self.comm.all_gather(flat.cuda()?, all.cuda_mut()?).map_err(|e| nccl_err("ncclAllGather", e))?;
         let src = all.cuda()?;
         let mut out = Vec::with_capacity(size);
@@ -124,7 +157,7 @@ impl DeviceComm {
             for (shape, &here) in shapes.iter().zip(present) {
                 let n = shape.numel();
                 grads.push(if here {
-                    let mut t = Tensor::zeros(shape.clone(), DType::F32, &self.device)?;
+                    let mut t = Tensor::zeros(shape.clone(), DType::F32, device)?;
                     gpu.stream.memcpy_dtod(&src.slice(off..off + n), t.cuda_mut()?).map_err(crate::backend::gpu::cuda_err("unpacking the gradients"))?;
                     Some(t)
                 } else {
@@ -135,6 +168,49 @@ impl DeviceComm {
             out.push(grads);
         }
         Ok(out)
+    }
+}
+
+/// The host collectives of ranks that have no MPI (torchrun): NCCL's all-gather through staging
+/// buffers on the GPU.
+pub(crate) struct NcclHost {
+    comm: std::sync::Arc<DeviceComm>,
+    rank: usize,
+    size: usize,
+}
+
+impl NcclHost {
+    pub(crate) fn new(comm: std::sync::Arc<DeviceComm>, rank: usize, size: usize) -> NcclHost {
+        NcclHost { comm, rank, size }
+    }
+}
+
+impl super::Collective for NcclHost {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.size
+    }
+    fn all_gather(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
+        self.comm.all_gather_bytes(mine, self.size)
+    }
+    fn barrier(&self) -> Result<()> {
+        self.comm.all_gather_bytes(&[1], self.size).map(|_| ())
+    }
+    fn abort(&self, code: i32) -> ! {
+        // The launcher (torchrun's agent) ends the other ranks when one fails.
+        std::process::exit(code)
+    }
+    fn describe(&self) -> String {
+        let mut v = 0;
+        // SAFETY: ncclGetVersion writes one int.
+        let version = if unsafe { cudarc::nccl::sys::ncclGetVersion(&mut v) } == cudarc::nccl::sys::ncclResult_t::ncclSuccess {
+            format!("{}.{}.{}", v / 10000, (v / 100) % 100, v % 100)
+        } else {
+            "?".into()
+        };
+        format!("NCCL {version} (torchrun's variables, NCCL_COMM_ID)")
     }
 }
 

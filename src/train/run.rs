@@ -361,7 +361,7 @@ impl<'a> Run<'a> {
                     ", {} ranks over {}{}: {} micro-batches per update ({} per rank)",
                     world.size(),
                     world.describe(),
-                    if dev.kind().is_gpu() { format!(" and NCCL (this rank on {dev})") } else { String::new() },
+                    if dev.kind().is_gpu() { format!(", gradients through NCCL, this rank on {dev}") } else { String::new() },
                     group_cfg.train.accumulate,
                     cfg.train.accumulate
                 )

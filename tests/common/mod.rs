@@ -52,6 +52,7 @@ pub const UNARY: [fnokern::backend::Unary; 8] = {
     [Gelu, Abs, Sqrt, Square, Log, WrapAngle, RoundF16, RoundBf16]
 };
 
+pub mod parallel;
 pub mod standin;
 
 /// A seeded N(0, 1) f32 tensor on `dev` (the same values on every device for the same seed).
