@@ -1186,6 +1186,11 @@ fn info() {
         Err(e) => println!("gpu: none usable ({e})"),
     }
     println!("training devices: cpu (default), cuda[:N] with --device");
+    println!(
+        "data parallel: {}; nccl: {}",
+        if cfg!(feature = "mpi") { "MPI built in (mpiexec/srun fnokern train ...)" } else { "MPI not built (cargo build --release --features mpi)" },
+        fnokern::parallel::nccl::availability()
+    );
 }
 
 fn gradcheck(only: Option<&str>) -> fnokern::Result<()> {

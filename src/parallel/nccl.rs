@@ -222,6 +222,18 @@ pub(crate) fn new_id() -> Result<Vec<u8>> {
     Ok(id.internal().iter().map(|&c| c as u8).collect())
 }
 
+/// Whether NCCL loads here, and as what, for `fnokern info`.
+pub fn availability() -> String {
+    // SAFETY: tries to load the library by cudarc's names; no call into it.
+    if unsafe { cudarc::nccl::sys::is_culib_present() } {
+        "loads (GPU ranks exchange gradients through it)".into()
+    } else if let Some(p) = path_of_nccl_2() {
+        format!("{} (a multi-rank `train` links it as libnccl.so for cudarc)", p.display())
+    } else {
+        format!("not found: {INSTALL}")
+    }
+}
+
 /// NCCL loads (cudarc panics on its first call when it does not).
 pub(crate) fn check_loadable() -> Result<()> {
     // SAFETY: tries to load the library by cudarc's names; no call into it.
