@@ -41,7 +41,7 @@ fn train_cmd(ranks: usize, args: &[&str]) -> Command {
 }
 
 /// One process with `accumulate` = ranks x `per_rank`, and `ranks` processes with `per_rank`.
-fn compare(tag: &str, ranks: usize, per_rank: usize, edit: impl Fn(&mut fnokern::config::Config)) {
+fn compare(tag: &str, ranks: usize, per_rank: usize, edit: impl Fn(&mut fnokern::config::Config)) -> serde_json::Value {
     let d = tempdir(tag);
     let single_cfg = config(&d.join("single"), |c| {
         edit(c);
@@ -58,6 +58,9 @@ fn compare(tag: &str, ranks: usize, per_rank: usize, edit: impl Fn(&mut fnokern:
     assert!(said.contains(&format!("{ranks} ranks")), "the run says it trains on {ranks} ranks:\n{said}");
     assert_eq!(said.matches("run directory:").count(), 1, "rank 0 alone speaks:\n{said}");
     assert_same_run(&single, &multi);
+    // The events each test plants happened (the same in both runs, as compared above).
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(multi.join("summary.json")).unwrap()).unwrap();
+    summary
 }
 
 #[test]
@@ -80,18 +83,32 @@ fn two_ranks_accumulating_two_train_as_one_process_with_accumulate_four() {
 /// logged spike, each where the single process meets it.
 #[test]
 fn guard_events_on_one_rank_are_handled_as_one_process_handles_them() {
-    compare("dpguard", 2, 1, |c| {
+    let s = compare("dpguard", 2, 1, |c| {
         c.train.spike_action = fnokern::config::SpikeAction::Rollback;
         c.faults.nan_input_steps = vec![3];
         c.faults.spike_steps = vec![8, 15];
         c.faults.spike_scale = 100.0;
     });
-    compare("dpskip", 3, 1, |c| {
+    assert_eq!((s["outcomes"]["skipped_bad_input"].as_u64(), s["outcomes"]["rolled_back"].as_u64()), (Some(1), Some(2)), "{s}");
+    let s = compare("dpskip", 3, 1, |c| {
         c.train.spike_action = fnokern::config::SpikeAction::Skip;
         c.faults.nan_forward_steps = vec![4];
         c.faults.spike_steps = vec![10];
         c.faults.spike_scale = 100.0;
     });
+    assert_eq!((s["outcomes"]["skipped_nonfinite_loss"].as_u64(), s["outcomes"]["spike_skipped"].as_u64()), (Some(1), Some(1)), "{s}");
+}
+
+/// fp16 with a scale that overflows at first (2^20 and 2^19 do on this model): the loss scaler
+/// backs off on every rank exactly as one process's does, the overflow seen in the summed gradient
+/// every rank holds.
+#[test]
+fn fp16_loss_scaling_on_two_ranks_backs_off_as_one_process_does() {
+    let s = compare("dpfp16", 2, 1, |c| {
+        c.train.precision = fnokern::Precision::Fp16;
+        c.train.loss_scale_init = 2f64.powi(20);
+    });
+    assert_eq!(s["outcomes"]["overflow_skipped"], 2, "{s}");
 }
 
 /// The processes of a running `fnokern train` whose command line names `dir`.

@@ -1,6 +1,7 @@
 //! The stand-in's fake NCCL (tests/host/fakecuda/nccl.cpp), which the data-parallel GPU tests run
 //! on: ranks (threads here) meet through the id, sums come in rank order, and collectives that do
-//! not match, or a rank that left, are errors on every rank instead of a hang.
+//! not match, or a rank that left, are errors on every rank instead of a hang. Where a real GPU and
+//! NCCL are present, one rank over the real NCCL does the collectives fnokern's GPU ranks make.
 
 mod common;
 
@@ -160,4 +161,23 @@ fn a_rank_that_left_is_an_error_not_a_hang() {
     });
     assert_eq!(out[0], REMOTE_ERROR, "rank 0 learns that rank 1 left");
     assert!(t0.elapsed() < Duration::from_secs(30));
+}
+
+/// A real GPU with NCCL: a communicator of one rank, through cudarc as fnokern makes it, gathers
+/// and sums as the collectives say (what only a card can show; skipped elsewhere).
+#[test]
+fn one_rank_over_the_real_nccl() {
+    if !matches!(common::standin::cuda(), common::standin::Cuda::Real) || !unsafe { cudarc::nccl::sys::is_culib_present() } {
+        eprintln!("one_rank_over_the_real_nccl: skipped: needs a GPU and NCCL (libnccl.so on the loader's path)");
+        return;
+    }
+    let stream = CudaContext::new(0).unwrap().default_stream();
+    let comm = cudarc::nccl::Comm::from_rank(stream.clone(), 0, 1, cudarc::nccl::Id::new().unwrap()).unwrap();
+    let send = stream.clone_htod(&[1.5f32, -2.0, 3.25]).unwrap();
+    let mut all = stream.alloc_zeros::<f32>(3).unwrap();
+    comm.all_gather(&send, &mut all).unwrap();
+    let mut sum = stream.alloc_zeros::<f32>(3).unwrap();
+    comm.all_reduce(&send, &mut sum, &cudarc::nccl::ReduceOp::Sum).unwrap();
+    assert_eq!(stream.clone_dtoh(&all).unwrap(), vec![1.5, -2.0, 3.25]);
+    assert_eq!(stream.clone_dtoh(&sum).unwrap(), vec![1.5, -2.0, 3.25]);
 }
