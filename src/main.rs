@@ -183,7 +183,11 @@ enum Command {
     /// extends a run).
     #[command(after_help = "Exit status: 0 finished (or stopped by --stop-after-epochs); 1 error (bad input, unreadable file, \
 a directory in use); 2 bad command-line arguments (the usage is printed); 3 crashed on non-finite values; 4 crashed on repeated loss spikes; 5 crashed out of memory; 130 interrupted \
-(SIGINT or SIGTERM: checkpointed where it stopped, --resume continues it; a second SIGINT exits at once).")]
+(SIGINT or SIGTERM: checkpointed where it stopped, --resume continues it; a second SIGINT exits at once).
+
+Several ranks train one run when a launcher starts them: `mpiexec -n N` or `srun` (a build with --features mpi; GPUs \
+exchange gradients through NCCL), or torchrun on GPUs (NCCL alone). train.accumulate is each rank's: N ranks train as \
+one process with N x accumulate, bit for bit on the CPU. README: \"Training on several GPUs or nodes\".")]
     Train {
         #[command(flatten)]
         cfg: ConfigArgs,
@@ -585,7 +589,8 @@ fn train(
         args.src.config = Some(own);
         own_config = true;
     }
-    if let Some(name) = &args.src.preset {
+    // An unknown preset is refused below, by the config's resolution.
+    if let Some(name) = args.src.preset.as_ref().filter(|n| !fnokern::config::presets::describe(n).is_empty()) {
         tell!("preset {name}: {}", fnokern::config::presets::describe(name));
     }
     // Bare: the CPU-sized preset, or the reference study on a GPU (said by resolve()).
