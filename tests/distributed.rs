@@ -166,18 +166,22 @@ fn long_runs(tag: &str) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
     (single, d.join("multi/run"), multi_cfg, d)
 }
 
+/// Once `job` (two ranks training into `dir`) is mid-way through an epoch after its first
+/// checkpoint, sends `signal` to one of its ranks (the later started: either one must do).
+fn signal_one_rank(job: &mut Child, dir: &Path, signal: i32) {
+    assert!(wait_for_lines(job, dir, 12), "the job ran");
+    let ranks = ranks_of(dir);
+    assert_eq!(ranks.len(), 2, "two ranks run: {ranks:?}");
+    let victim = *ranks.iter().max().unwrap();
+    unsafe { libc::kill(victim as i32, signal) };
+}
+
 #[test]
 fn a_killed_rank_ends_the_job_and_the_run_resumes_exactly() {
     let (single, multi, multi_cfg, _d) = long_runs("dpkill");
     let mut job =
         train_cmd(2, &["--config", multi_cfg.to_str().unwrap(), "--out", multi.to_str().unwrap()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-    // Mid-way through an epoch after the first checkpoint.
-    assert!(wait_for_lines(&mut job, &multi, 12), "the job ran");
-    let ranks = ranks_of(&multi);
-    assert_eq!(ranks.len(), 2, "two ranks run: {ranks:?}");
-    // The highest pid is the later-started rank; either one dying must end the job.
-    let victim = *ranks.iter().max().unwrap();
-    unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+    signal_one_rank(&mut job, &multi, libc::SIGKILL);
     let status = ends_within(&mut job, Duration::from_secs(60));
     assert!(!status.success(), "a job that lost a rank fails");
     let t0 = Instant::now();
@@ -197,11 +201,7 @@ fn sigterm_to_one_rank_checkpoints_and_stops_every_rank_with_130() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    assert!(wait_for_lines(&mut job, &multi, 12), "the job ran");
-    let ranks = ranks_of(&multi);
-    assert_eq!(ranks.len(), 2, "two ranks run: {ranks:?}");
-    let victim = *ranks.iter().max().unwrap();
-    unsafe { libc::kill(victim as i32, libc::SIGTERM) };
+    signal_one_rank(&mut job, &multi, libc::SIGTERM);
     let status = ends_within(&mut job, Duration::from_secs(60));
     let out = job.wait_with_output().unwrap();
     let said = String::from_utf8_lossy(&out.stdout);
