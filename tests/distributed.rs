@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::parallel::{assert_same_run, config, run};
+use common::parallel::{assert_same_run, config, run, single_gpu_run, GpuRuns};
 use common::{bin, tempdir};
 
 /// The launcher: FNOKERN_MPIEXEC, else `mpiexec` on PATH (the one of the MPI fnokern was built
@@ -238,18 +238,7 @@ fn a_resume_on_another_number_of_ranks_keeps_the_update_or_is_refused() {
 #[test]
 fn two_gpu_ranks_over_nccl_train_as_one_process_on_the_standin() {
     let Some(standin) = common::standin::built("two_gpu_ranks_over_nccl_train_as_one_process_on_the_standin") else { return };
-    let d = tempdir("dpnccl");
-    let edit = |c: &mut fnokern::config::Config| c.train.device = "cuda".into();
-    let single_cfg = config(&d.join("single"), |c| {
-        edit(c);
-        c.train.accumulate = 2;
-    });
-    let multi_cfg = config(&d.join("multi"), edit);
-    let (single, multi) = (d.join("single/run"), d.join("multi/run"));
-    let lib_path = format!("{}:{}", standin.display(), std::env::var("LD_LIBRARY_PATH").unwrap_or_default());
-    let mut one = train_cmd(1, &["--config", single_cfg.to_str().unwrap(), "--out", single.to_str().unwrap()]);
-    one.env("LD_LIBRARY_PATH", &lib_path);
-    run(one);
+    let GpuRuns { single, multi, multi_cfg, lib_path } = single_gpu_run("dpnccl", &standin);
     let mut two = train_cmd(2, &["--config", multi_cfg.to_str().unwrap(), "--out", multi.to_str().unwrap()]);
     two.env("LD_LIBRARY_PATH", &lib_path);
     let out = run(two);

@@ -6,24 +6,13 @@ mod common;
 
 use std::process::{Command, Stdio};
 
-use common::parallel::{assert_same_run, config, run};
-use common::{bin, tempdir};
+use common::bin;
+use common::parallel::{assert_same_run, single_gpu_run, GpuRuns};
 
 #[test]
 fn torchrun_style_gpu_ranks_train_as_one_process_through_nccl_alone() {
     let Some(standin) = common::standin::built("torchrun_style_gpu_ranks_train_as_one_process_through_nccl_alone") else { return };
-    let d = tempdir("torchrun");
-    let edit = |c: &mut fnokern::config::Config| c.train.device = "cuda".into();
-    let single_cfg = config(&d.join("single"), |c| {
-        edit(c);
-        c.train.accumulate = 2;
-    });
-    let multi_cfg = config(&d.join("multi"), edit);
-    let (single, multi) = (d.join("single/run"), d.join("multi/run"));
-    let lib_path = format!("{}:{}", standin.display(), std::env::var("LD_LIBRARY_PATH").unwrap_or_default());
-    let mut one = bin();
-    one.args(["train", "--config", single_cfg.to_str().unwrap(), "--out", single.to_str().unwrap()]).env("LD_LIBRARY_PATH", &lib_path);
-    run(one);
+    let GpuRuns { single, multi, multi_cfg, lib_path } = single_gpu_run("torchrun", &standin);
     // What torchrun sets for each worker; the rendezvous of the fake NCCL is named by the port.
     let port = 20000 + std::process::id() % 20000;
     let ranks: Vec<_> = (0..2)

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use super::tiny;
+use super::{bin, tempdir, tiny};
 
 pub fn run(mut c: Command) -> Output {
     let out = c.output().expect("the command starts");
@@ -43,4 +43,32 @@ pub fn assert_same_run(a: &Path, b: &Path) {
         assert_eq!(va.len(), vb.len(), "weight {k}'s size");
         assert!(va.iter().zip(vb).all(|(x, y)| x.to_bits() == y.to_bits()), "weight {k} differs between {} and {}", a.display(), b.display());
     }
+}
+
+/// The GPU comparisons on the driver stand-in (`standin`: its directory): one GPU process with
+/// accumulate 2 trained into `single`, and the config of the two ranks to compare with it
+/// (`multi_cfg`, into `multi`), with the library path that gives them the stand-in.
+pub struct GpuRuns {
+    pub single: PathBuf,
+    pub multi: PathBuf,
+    pub multi_cfg: PathBuf,
+    pub lib_path: String,
+}
+
+pub fn single_gpu_run(tag: &str, standin: &Path) -> GpuRuns {
+    let d = tempdir(tag);
+    let edit = |c: &mut fnokern::config::Config| c.train.device = "cuda".into();
+    let single_cfg = config(&d.join("single"), |c| {
+        edit(c);
+        c.train.accumulate = 2;
+    });
+    let multi_cfg = config(&d.join("multi"), edit);
+    let (single, multi) = (d.join("single/run"), d.join("multi/run"));
+    let lib_path = format!("{}:{}", standin.display(), std::env::var("LD_LIBRARY_PATH").unwrap_or_default());
+    let mut one = bin();
+    one.args(["train", "--config", single_cfg.to_str().unwrap(), "--out", single.to_str().unwrap()])
+        .env("LD_LIBRARY_PATH", &lib_path)
+        .env("RAYON_NUM_THREADS", "1");
+    run(one);
+    GpuRuns { single, multi, multi_cfg, lib_path }
 }
