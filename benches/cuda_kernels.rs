@@ -100,7 +100,7 @@ fn kernels(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(7 * f4 * np as u64));
     g.bench_function("adam_step_f32", |bch| {
         bch.iter(|| {
-            backend::adam_step(&mut p, &grad, &mut m, &mut v, &h).expect("launch");
+            backend::adam_step(&mut [backend::AdamTensors { p: &mut p, g: &grad, m: &mut m, v: &mut v }], &h).expect("launch");
             sync()
         })
     });

@@ -7,8 +7,8 @@
 //! - every `extern "C" __global__ void name(...)` of `kernels/*.cu` and `kernels/dev/*.cu` (after
 //!   expanding the function-like macros the file defines) becomes an `unsafe fn name(gpu, cfg,
 //!   args...)` with the kernel's parameter names and Rust types for its C types: `const T*` takes
-//!   any readable device buffer of T, `T*` a writable one (`float2` buffers are f32 pairs), scalars
-//!   and structs by value. A wrong type or count does not compile; `SIGNATURES` lists the parameter
+//!   any readable device buffer of T, `T*` a writable one (`float2` buffers are f32 pairs; a buffer
+//!   of a params.cuh struct holds that struct), scalars and structs by value. A wrong type or count does not compile; `SIGNATURES` lists the parameter
 //!   names, against which tests/launches.rs checks that every call passes its arguments in order.
 
 use std::collections::BTreeMap;
@@ -265,6 +265,7 @@ fn scalar(ty: &str) -> Option<(usize, usize, &'static str)> {
         "unsigned" => (4, 4, "u32"),
         "float" => (4, 4, "f32"),
         "int64_t" => (8, 8, "i64"),
+        "uint64_t" => (8, 8, "u64"),
         "double" => (8, 8, "f64"),
         _ => return None,
     })
@@ -281,13 +282,14 @@ pub fn struct_size(s: &Struct) -> Result<usize, String> {
     Ok(at.div_ceil(align) * align)
 }
 
-/// The Rust element type of a device buffer of C type `t`.
-fn element(t: &str) -> Option<&'static str> {
+/// The Rust element type of a device buffer of C type `t` (a struct of params.cuh is its own).
+fn element(t: &str, structs: &[Struct]) -> Option<String> {
     Some(match t {
-        "float" | "float2" => "f32",
-        "int" => "i32",
-        "__half" => "half::f16",
-        "__nv_bfloat16" => "half::bf16",
+        "float" | "float2" => "f32".into(),
+        "int" => "i32".into(),
+        "__half" => "half::f16".into(),
+        "__nv_bfloat16" => "half::bf16".into(),
+        s if structs.iter().any(|x| x.name == s) => s.into(),
         _ => return None,
     })
 }
@@ -299,7 +301,7 @@ fn rust_param(p: &Param, structs: &[Struct]) -> Result<(String, String), String>
             Some(b) => (true, b.trim()),
             None => (false, base.trim()),
         };
-        let e = element(base).ok_or_else(|| format!("`{}`: no Rust buffer type for `{}`", p.name, p.ty))?;
+        let e = element(base, structs).ok_or_else(|| format!("`{}`: no Rust buffer type for `{}`", p.name, p.ty))?;
         return Ok(if constant {
             (format!("&impl In<{e}>"), format!("{}.push_in(&mut lb_);", p.name))
         } else {

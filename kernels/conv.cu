@@ -1,28 +1,51 @@
 // conv.cu: the layout halves of a 2-D convolution as im2col + GEMM (the GEMMs are cuBLAS's).
 //
 //   im2col_f32: cols[n, (c kh + i) kw + j, oh Wo + ow] = x[n, c, oh s + i - pad, ow s + j - pad]
-//               (0 outside the map), for a chunk of N samples
+//               (0 outside the map), for a chunk of N samples; with k_major = 1 the same columns
+//               as cols[(c kh + i) kw + j, n, oh Wo + ow]: one [K, N Ho Wo] matrix, so that the
+//               weight gradient of the whole chunk is one GEMM
 //   col2im_f32: dx[n, c, ih, iw] = sum over taps (i, j), in order, of
 //               dcols[n, (c kh + i) kw + j, oh Wo + ow] where oh s + i - pad = ih and
 //               ow s + j - pad = iw (a gather, so no atomics and a fixed order of additions)
-// Shapes: x, dx [N, C, H, W]; cols, dcols [N, C kh kw, Ho Wo].
+//   channels_outer_f32: y[c, n, s] = x[n, c, s], an activation [N, C, S] as the matrix
+//               [C, N S] (the output gradient's side of that GEMM)
+// Shapes: x, dx [N, C, H, W]; cols, dcols [N, C kh kw, Ho Wo] (or [C kh kw, N, Ho Wo]).
 // Geometry: one thread per output element (grid-stride).
 // CPU reference: im2col / col2im in src/backend/conv/cpu.rs. ConvGeom is in params.cuh.
 #include "common.cuh"
 
-extern "C" __global__ void im2col_f32(const float* __restrict__ x, float* __restrict__ cols, int nb, ConvGeom g) {
+extern "C" __global__ void im2col_f32(const float* __restrict__ x, float* __restrict__ cols, int nb, ConvGeom g, int k_major) {
     const int64_t hw = (int64_t)g.ho * g.wo;
     const int64_t k = (int64_t)g.c * g.kh * g.kw;
     const int64_t n = nb * k * hw;
     FNO_FOR(e, n) {
-        const int64_t o = e % hw, t = e / hw;
-        const int r = t % k;
-        const int64_t s = t / k;
+        int64_t o, s;
+        int r;
+        if (k_major) {
+            const int64_t q = e % (nb * hw);
+            r = e / (nb * hw);
+            s = q / hw;
+            o = q % hw;
+        } else {
+            o = e % hw;
+            const int64_t t = e / hw;
+            r = t % k;
+            s = t / k;
+        }
         const int c = r / (g.kh * g.kw), tap = r % (g.kh * g.kw);
         const int i = tap / g.kw, j = tap % g.kw;
         const int oh = o / g.wo, ow = o % g.wo;
         const int ih = oh * g.stride + i - g.pad, iw = ow * g.stride + j - g.pad;
         cols[e] = (ih >= 0 && ih < g.h && iw >= 0 && iw < g.w) ? x[((s * g.c + c) * g.h + ih) * g.w + iw] : 0.f;
+    }
+}
+
+extern "C" __global__ void channels_outer_f32(const float* __restrict__ x, float* __restrict__ y, PlaneGeom g) {
+    const int64_t n = (int64_t)g.b * g.c * g.s, ns = (int64_t)g.b * g.s;
+    FNO_FOR(e, n) {
+        const int64_t c = e / ns, q = e % ns;
+        const int64_t b = q / g.s, p = q % g.s;
+        y[e] = x[(b * g.c + c) * g.s + p];
     }
 }
 

@@ -63,14 +63,33 @@ struct AgcParams {
 };
 static_assert(sizeof(AgcParams) == 20, "AgcParams");
 
-// optim.cu: one Adam / AdamW update of n elements; bc1, bc2 are the bias corrections 1 - b^t, s
-// multiplies the gradient first.
+// optim.cu: one Adam / AdamW update of n elements (over all the tensors of a launch); bc1, bc2 are
+// the bias corrections 1 - b^t, s multiplies the gradient first.
 struct AdamParams {
     int64_t n;
     float lr, b1, b2, eps, wd, bc1, bc2, s;
     int decoupled;
 };
 static_assert(sizeof(AdamParams) == 48, "AdamParams");
+
+// optim.cu: one tensor of a multi-tensor Adam launch: the device addresses of its parameter,
+// gradient and moments (n floats each), and `start`, its first element in the launch's numbering
+// of all its tensors' elements (the slots in order, starts ascending).
+struct AdamSlot {
+    uint64_t p, g, m, v;
+    int64_t n, start;
+};
+static_assert(sizeof(AdamSlot) == 48, "AdamSlot");
+
+// reduce.cu: one tensor of a multi-tensor first pass: the device address of its n floats, and
+// `first_block`, its first block in the launch (it has `blocks` of them, as a reduction of that
+// tensor alone would; the slots in order, first blocks ascending).
+struct ReduceSlot {
+    uint64_t x;
+    int64_t n, first_block;
+    int blocks;
+};
+static_assert(sizeof(ReduceSlot) == 32, "ReduceSlot");
 
 // optim.cu: one SGD update of n elements (momentum mu, dampening 0).
 struct SgdParams {

@@ -5,12 +5,14 @@
 //   dW:        dW[i, o, r, c]       = sum_b  conj(X[b, i, rows[r], c]) * dY[b, o, rows[r], c]
 // for r < R kept rows and c < My kept columns; kept row r is rows[r] = r for r < pos, else
 // H - R + r (the non-negative frequencies, then the negative ones). Every other mode of Y and dX is
-// zero (the launcher clears the output first). Complex values are float2 (re, im).
+// zero: their kernels run over the whole output and write those zeros too, so the output needs no
+// clearing first. Complex values are float2 (re, im).
 //
 // Shapes (SpectralGeom g of params.cuh): X, dX [B, Ci, H, Wh] complex (the half spectrum of
 //         rfft2), Y, dY [B, Co, H, Wh], W, dW [Ci, Co, R, My].
-// Geometry: one thread per output mode, grid-stride; the innermost index is the column c, so a
-//         warp reads consecutive columns of X, W and dY (coalesced). The reduction over i, o or b
+// Geometry: one thread per output element (Y, dX: every mode of the half spectrum; dW: every kept
+//         mode), grid-stride; the innermost index is the column c, so a warp reads consecutive
+//         columns of X, W and dY (coalesced). The reduction over i, o or b
 //         runs in order inside the thread: results do not depend on the launch.
 // CPU reference: src/backend/spectral/cpu.rs.
 #include "common.cuh"
@@ -35,35 +37,55 @@ __device__ __forceinline__ Mode mode_of(int64_t t, int mid_n, const SpectralGeom
 
 __device__ __forceinline__ float2 cmul_conj_b(float2 a, float2 b) { return make_float2(a.x * b.x + a.y * b.y, a.y * b.x - a.x * b.y); }
 
+// Element t of a spectrum [outer, mid, H, Wh]: the indices along the outer and mid axes, its
+// offset `at` inside the H x Wh plane, and its kept row r and column c (r = -1: not a kept mode).
+struct Elem {
+    int r, c, mid, outer;
+    int64_t at;
+};
+__device__ __forceinline__ Elem elem_of(int64_t t, int mid_n, const SpectralGeom& g) {
+    Elem e;
+    e.c = t % g.wh;
+    const int row = (t / g.wh) % g.h;
+    e.mid = (t / ((int64_t)g.wh * g.h)) % mid_n;
+    e.outer = t / ((int64_t)g.wh * g.h * mid_n);
+    e.at = (int64_t)row * g.wh + e.c;
+    e.r = row < g.pos ? row : (row >= g.h - g.r + g.pos ? row - (g.h - g.r) : -1);
+    if (e.c >= g.my) e.r = -1;
+    return e;
+}
+
 extern "C" __global__ void spectral_mix_fwd_f32(const float2* __restrict__ x, const float2* __restrict__ w, float2* __restrict__ y, SpectralGeom g) {
-    const int64_t n = (int64_t)g.b * g.co * g.r * g.my;
+    const int64_t plane = (int64_t)g.h * g.wh, n = (int64_t)g.b * g.co * plane;
     FNO_FOR(t, n) {
-        const Mode m = mode_of(t, g.co, g);
-        const int c = m.c, r = m.r, o = m.mid, b = m.outer;
-        const int64_t plane = (int64_t)g.h * g.wh, at = m.at;
+        const Elem e = elem_of(t, g.co, g);
+        const int c = e.c, r = e.r, o = e.mid, b = e.outer;
         float2 acc = make_float2(0.f, 0.f);
-        for (int i = 0; i < g.ci; ++i) {
-            const float2 p = cmul(x[((int64_t)b * g.ci + i) * plane + at], w[(((int64_t)i * g.co + o) * g.r + r) * g.my + c]);
-            acc.x += p.x;
-            acc.y += p.y;
+        if (r >= 0) {
+            for (int i = 0; i < g.ci; ++i) {
+                const float2 p = cmul(x[((int64_t)b * g.ci + i) * plane + e.at], w[(((int64_t)i * g.co + o) * g.r + r) * g.my + c]);
+                acc.x += p.x;
+                acc.y += p.y;
+            }
         }
-        y[((int64_t)b * g.co + o) * plane + at] = acc;
+        y[t] = acc;
     }
 }
 
 extern "C" __global__ void spectral_mix_bwd_input_f32(const float2* __restrict__ dy, const float2* __restrict__ w, float2* __restrict__ dx, SpectralGeom g) {
-    const int64_t n = (int64_t)g.b * g.ci * g.r * g.my;
+    const int64_t plane = (int64_t)g.h * g.wh, n = (int64_t)g.b * g.ci * plane;
     FNO_FOR(t, n) {
-        const Mode m = mode_of(t, g.ci, g);
-        const int c = m.c, r = m.r, i = m.mid, b = m.outer;
-        const int64_t plane = (int64_t)g.h * g.wh, at = m.at;
+        const Elem e = elem_of(t, g.ci, g);
+        const int c = e.c, r = e.r, i = e.mid, b = e.outer;
         float2 acc = make_float2(0.f, 0.f);
-        for (int o = 0; o < g.co; ++o) {
-            const float2 p = cmul_conj_b(dy[((int64_t)b * g.co + o) * plane + at], w[(((int64_t)i * g.co + o) * g.r + r) * g.my + c]);
-            acc.x += p.x;
-            acc.y += p.y;
+        if (r >= 0) {
+            for (int o = 0; o < g.co; ++o) {
+                const float2 p = cmul_conj_b(dy[((int64_t)b * g.co + o) * plane + e.at], w[(((int64_t)i * g.co + o) * g.r + r) * g.my + c]);
+                acc.x += p.x;
+                acc.y += p.y;
+            }
         }
-        dx[((int64_t)b * g.ci + i) * plane + at] = acc;
+        dx[t] = acc;
     }
 }
 

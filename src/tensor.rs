@@ -231,7 +231,17 @@ impl fmt::Debug for Tensor {
 impl Tensor {
     /// A zero-filled tensor (a data-less one on the meta device), accounted on `device`.
     pub fn zeros(shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
-        let shape = shape.into();
+        Tensor::alloc(shape.into(), dtype, device, true)
+    }
+
+    /// A tensor whose every element the caller writes before anything reads it: on a GPU its
+    /// buffer is not cleared (the CUDA stand-in fills it with NaN, so an element left unwritten
+    /// shows); on the CPU it is zero-filled like [`Tensor::zeros`].
+    pub(crate) fn uninit(shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
+        Tensor::alloc(shape.into(), dtype, device, false)
+    }
+
+    fn alloc(shape: Shape, dtype: DType, device: &Device, clear: bool) -> Result<Tensor> {
         let n = shape.numel();
         let alloc = device.allocate((n * dtype.size_in_bytes()) as u64, || format!("a {dtype:?} tensor of shape {shape}"))?;
         let data = if device.is_meta() {
@@ -239,7 +249,7 @@ impl Tensor {
         } else if let Some(gpu) = device.gpu_opt() {
             check_gpu_dtype("Tensor::zeros", dtype)?;
             check_gpu_len("Tensor::zeros", &shape, device)?;
-            Data::Cuda(gpu.zeros::<f32>(n)?)
+            Data::Cuda(if clear { gpu.zeros::<f32>(n)? } else { gpu.uninit::<f32>(n)? })
         } else {
             match dtype {
                 DType::F16 => Data::F16(vec![f16::ZERO; n]),

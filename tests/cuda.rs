@@ -210,17 +210,29 @@ fn optimisers_match_the_cpu_at_the_first_and_a_later_step() {
     let n = 1000 + 37;
     let (p, gr) = (rn(&[n], 14), rn(&[n], 15));
     let on = |t: &Tensor| t.to_device(&g).unwrap();
+    // Adam updates several tensors in one launch: sizes below, at and above a block, one element.
+    let shapes: [&[usize]; 4] = [&[n], &[5, 7], &[256], &[1]];
     for (decoupled, step) in [(false, 1u64), (true, 1), (false, 7), (true, 7)] {
-        let (m, v) = (backend::affine(&rn(&[n], 16), 0.1, 0.0).unwrap(), backend::unary(Unary::Square, &rn(&[n], 17)).unwrap());
         let h = AdamStep { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, decoupled, step, grad_scale: 0.5 };
-        let (mut pd, mut md, mut vd) = (on(&p), on(&m), on(&v));
-        backend::adam_step(&mut pd, &on(&gr), &mut md, &mut vd, &h).unwrap();
-        let (mut pc, mut mc, mut vc) = (p.clone(), m.clone(), v.clone());
-        backend::adam_step(&mut pc, &gr, &mut mc, &mut vc, &h).unwrap();
-        let what = format!("adam (decoupled {decoupled}, step {step})");
-        assert_close(&format!("{what} p"), &pd, &pc, 1e-6, 1e-5);
-        assert_close(&format!("{what} m"), &md, &mc, 1e-6, 1e-5);
-        assert_close(&format!("{what} v"), &vd, &vc, 1e-6, 1e-5);
+        let mut cpu_t: Vec<[Tensor; 4]> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let k = 20 * i as u64;
+                [rn(s, 14 + k), rn(s, 15 + k), backend::affine(&rn(s, 16 + k), 0.1, 0.0).unwrap(), backend::unary(Unary::Square, &rn(s, 17 + k)).unwrap()]
+            })
+            .collect();
+        let mut gpu_t: Vec<[Tensor; 4]> = cpu_t.iter().map(|ts| ts.clone().map(|t| on(&t))).collect();
+        for ts in [&mut cpu_t, &mut gpu_t] {
+            let mut items: Vec<backend::AdamTensors> = ts.iter_mut().map(|[p, g, m, v]| backend::AdamTensors { p, g: &*g, m, v }).collect();
+            backend::adam_step(&mut items, &h).unwrap();
+        }
+        for (i, (c, d)) in cpu_t.iter().zip(&gpu_t).enumerate() {
+            let what = format!("adam (decoupled {decoupled}, step {step}), tensor {i}");
+            assert_close(&format!("{what} p"), &d[0], &c[0], 1e-6, 1e-5);
+            assert_close(&format!("{what} m"), &d[2], &c[2], 1e-6, 1e-5);
+            assert_close(&format!("{what} v"), &d[3], &c[3], 1e-6, 1e-5);
+        }
     }
     for (momentum, nesterov, first) in [(0.0, false, false), (0.9, false, true), (0.9, true, false)] {
         let h = SgdStep { lr: 1e-2, momentum, nesterov, weight_decay: 0.01, first, grad_scale: 2.0 };

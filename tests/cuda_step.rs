@@ -36,8 +36,9 @@ fn the_step_clips_in_one_reduction_and_launches_the_fused_kernels() {
     let weights = g.params.roles().iter().filter(|r| matches!(r, ParamRole::Weight { .. })).count();
     assert!(weights > 0 && weights < g.params.len());
 
-    // Global-norm clipping: one reduction over every gradient and one copy back, whatever the
-    // number of parameters (it was two copies per parameter).
+    // Global-norm clipping: one reduction over every gradient (two launches) and one copy back,
+    // whatever the number of parameters (it was two copies per parameter, then one first pass per
+    // parameter).
     cfg.train.clip = ClipKind::GlobalNorm;
     let mut grads = fake_grads();
     standin.reset_calls();
@@ -45,7 +46,8 @@ fn the_step_clips_in_one_reduction_and_launches_the_fused_kernels() {
     assert!(r.norm_before > cfg.train.clip_max_norm && (r.norm_after - cfg.train.clip_max_norm).abs() < 1e-5, "{r:?}");
     assert_eq!(standin.calls("cuMemcpyDtoHAsync_v2"), 1, "copies back for global-norm clipping");
     assert_eq!(standin.calls("reduce_final_f32"), 1);
-    assert_eq!(standin.calls("reduce_partial_f32"), g.params.len() as u64);
+    assert_eq!(standin.calls("reduce_partial_each_f32"), 1, "one first pass over every gradient");
+    assert_eq!(standin.calls("reduce_partial_f32"), 0);
 
     // Unit-wise AGC: one agc_unit_f32 launch per weight (biases, gains and the head excluded), no
     // norm copied back; per-tensor AGC: one per parameter. Each reads back only the norms before

@@ -60,9 +60,9 @@ impl ParamStore {
         self.values.get(id.0)
     }
 
-    /// The stored tensor itself, for in-place updates (the optimiser).
-    pub(crate) fn get_mut(&mut self, id: ParamId) -> Option<&mut Tensor> {
-        self.values.get_mut(id.0)
+    /// Every stored tensor, indexed by id, for in-place updates of all of them at once.
+    pub(crate) fn values_mut(&mut self) -> &mut [Tensor] {
+        &mut self.values
     }
 
     pub fn role(&self, id: ParamId) -> Option<ParamRole> {

@@ -264,6 +264,13 @@ impl Gpu {
         self.stream.alloc_zeros(len).map_err(self.alloc_err(len * std::mem::size_of::<T>()))
     }
 
+    /// A buffer of `len` elements whose contents are undefined until written (no memset).
+    pub fn uninit<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
+        // SAFETY: the element types here are plain numbers (every bit pattern valid, as
+        // ValidAsZeroBits says of zero); callers write every element before reading it.
+        unsafe { self.stream.alloc::<T>(len) }.map_err(self.alloc_err(len * std::mem::size_of::<T>()))
+    }
+
     pub fn clear<T: DeviceRepr + ValidAsZeroBits>(&self, dev: &mut CudaSlice<T>) -> Result<()> {
         self.stream.memset_zeros(dev).map_err(cuda_err("memset"))
     }

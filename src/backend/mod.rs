@@ -41,7 +41,7 @@ pub use fft::{fft2, irfft2, irfft2_bwd, rfft2, rfft2_bwd};
 pub use layerscale::{layerscale, layerscale_bwd};
 pub use layout::{channel_dot, channel_scale, channels_to_complex, complex_to_channels, concat_channels, roll2d, slice_channels};
 pub use norm::{norm, norm_bwd, NormKind, NormOut};
-pub use optim::{adam_step, sgd_step, AdamStep, SgdStep};
+pub use optim::{adam_step, sgd_step, AdamStep, AdamTensors, SgdStep};
 pub use reduce::{dot, reduce, reduce_each, Reduce};
 pub use spectral::{spectral_mix, spectral_mix_bwd_input, spectral_mix_bwd_weight, ModeConvention, SpectralModes};
 
@@ -61,14 +61,16 @@ pub(crate) fn on_device<T>(dev: &Device, out: T, cpu: impl FnOnce(T) -> Result<(
     }
 }
 
-/// A fresh output of `shape` on `like`'s device and dtype, computed by `cpu` or `cuda`.
+/// A fresh output of `shape` on `like`'s device and dtype, computed by `cpu` or `cuda`. The output
+/// starts zeroed on the CPU and undefined on a GPU ([`Tensor::uninit`]): a GPU launcher writes
+/// every element (or clears what it does not write).
 pub(crate) fn compute(
     shape: impl Into<Shape>,
     like: &Tensor,
     cpu: impl FnOnce(&mut Tensor) -> Result<()>,
     cuda: impl FnOnce(&Gpu, &mut Tensor) -> Result<()>,
 ) -> Result<Tensor> {
-    let mut y = Tensor::zeros(shape, like.dtype(), like.device())?;
+    let mut y = Tensor::uninit(shape, like.dtype(), like.device())?;
     on_device(like.device(), &mut y, cpu, cuda)?;
     Ok(y)
 }

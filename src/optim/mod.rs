@@ -6,10 +6,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::autograd::{ParamId, ParamRole, ParamStore};
+use crate::autograd::{ParamRole, ParamStore};
 use crate::backend::{self, AdamStep, Reduce, SgdStep};
 use crate::config::{ClipKind, OptimizerKind, ScheduleKind, TrainConfig};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::tensor::Tensor;
 
 /// What an optimiser carries from update to update: moments (Adam) or momentum buffers (SGD),
@@ -65,57 +65,57 @@ impl Optimizer {
         self.state.updates
     }
 
-    /// One update at rate `lr` of every parameter that has a gradient.
+    /// One update at rate `lr` of every parameter that has a gradient (Adam: all of them in one
+    /// backend call, so one launch on a GPU).
     pub fn step(&mut self, params: &mut ParamStore, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
         let st = &mut self.state;
         st.updates += 1;
-        let ids: Vec<ParamId> = params.iter().map(|(id, _, _)| id).collect();
-        for id in ids {
-            let Some(g) = grads.get(id.0).and_then(|g| g.as_ref()) else { continue };
-            // Updated in place: the store's tensor is written directly when nobody else holds it.
-            let p = params.get_mut(id).ok_or_else(|| Error::invalid("optimizer", "parameter vanished"))?;
-            let (shape, dtype, dev) = (p.shape().clone(), p.dtype(), p.device().clone());
-            let zeros = || Tensor::zeros(shape.clone(), dtype, &dev);
-            match self.kind {
-                OptimizerKind::Adam | OptimizerKind::Adamw => {
-                    let mut m = match st.m[id.0].take() {
-                        Some(m) => m,
-                        None => zeros()?,
-                    };
-                    let mut v = match st.v[id.0].take() {
-                        Some(v) => v,
-                        None => zeros()?,
-                    };
-                    let h = AdamStep {
-                        lr,
-                        beta1: self.beta1,
-                        beta2: self.beta2,
-                        eps: self.eps,
-                        weight_decay: self.weight_decay,
-                        decoupled: self.kind == OptimizerKind::Adamw,
-                        step: st.updates,
-                        grad_scale: 1.0,
-                    };
-                    backend::adam_step(p, g, &mut m, &mut v, &h)?;
-                    st.m[id.0] = Some(m);
-                    st.v[id.0] = Some(v);
+        let zeros = |p: &Tensor| Tensor::zeros(p.shape().clone(), p.dtype(), p.device());
+        // Updated in place: the store's tensors are written directly when nobody else holds them.
+        let updated = params.values_mut().iter_mut().enumerate().filter_map(|(i, p)| grads.get(i).and_then(Option::as_ref).map(|g| (i, p, g)));
+        match self.kind {
+            OptimizerKind::Adam | OptimizerKind::Adamw => {
+                let mut moments = Vec::new();
+                let mut held = Vec::new();
+                for (i, p, g) in updated {
+                    let m = st.m[i].take().map_or_else(|| zeros(p), Ok)?;
+                    let v = st.v[i].take().map_or_else(|| zeros(p), Ok)?;
+                    moments.push((i, m, v));
+                    held.push((p, g));
                 }
-                OptimizerKind::Sgd => {
+                let mut items: Vec<backend::AdamTensors> =
+                    held.into_iter().zip(moments.iter_mut()).map(|((p, g), (_, m, v))| backend::AdamTensors { p, g, m, v }).collect();
+                let h = AdamStep {
+                    lr,
+                    beta1: self.beta1,
+                    beta2: self.beta2,
+                    eps: self.eps,
+                    weight_decay: self.weight_decay,
+                    decoupled: self.kind == OptimizerKind::Adamw,
+                    step: st.updates,
+                    grad_scale: 1.0,
+                };
+                backend::adam_step(&mut items, &h)?;
+                drop(items);
+                for (i, m, v) in moments {
+                    st.m[i] = Some(m);
+                    st.v[i] = Some(v);
+                }
+            }
+            OptimizerKind::Sgd => {
+                for (i, p, g) in updated {
                     let h = SgdStep {
                         lr,
                         momentum: self.momentum,
                         nesterov: self.nesterov,
                         weight_decay: self.weight_decay,
-                        first: st.m[id.0].is_none(),
+                        first: st.m[i].is_none(),
                         grad_scale: 1.0,
                     };
                     if self.momentum > 0.0 {
-                        let mut b = match st.m[id.0].take() {
-                            Some(b) => b,
-                            None => zeros()?,
-                        };
+                        let mut b = st.m[i].take().map_or_else(|| zeros(p), Ok)?;
                         backend::sgd_step(p, g, Some(&mut b), &h)?;
-                        st.m[id.0] = Some(b);
+                        st.m[i] = Some(b);
                     } else {
                         backend::sgd_step(p, g, None, &h)?;
                     }

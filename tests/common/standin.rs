@@ -37,6 +37,22 @@ impl Standin {
         }
     }
 
+    /// Every counter of the stand-in (kernels, cuBLAS/cuFFT executions, copies, memsets,
+    /// allocations, frees, synchronisations) since the last reset.
+    pub fn counters(&self) -> std::collections::BTreeMap<String, u64> {
+        // SAFETY: fakecuda_counters(char*, size_t) -> size_t in tests/host/fakecuda/driver.cpp:
+        // it writes at most len bytes and returns the text's whole length.
+        let text = unsafe {
+            let f: libloading::Symbol<unsafe extern "C" fn(*mut std::ffi::c_char, usize) -> usize> = self.libs[0].get(b"fakecuda_counters\0").unwrap();
+            let len = f(std::ptr::null_mut(), 0);
+            let mut buf = vec![0u8; len + 1];
+            f(buf.as_mut_ptr().cast(), buf.len());
+            buf.truncate(len);
+            String::from_utf8(buf).unwrap()
+        };
+        text.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.to_string(), v.parse().unwrap())).collect()
+    }
+
     pub fn reset_calls(&self) {
         // SAFETY: fakecuda_reset_calls(void) in tests/host/fakecuda/driver.cpp.
         unsafe {

@@ -4,8 +4,10 @@
 //! - forward: y_n [C_out, Ho Wo] = W [C_out, K] cols(x_n) [K, Ho Wo], K = C_in kh kw, as one
 //!   strided-batched GEMM per chunk of samples (W's stride 0);
 //! - dX: col2im(W^T dy_n), batched the same way;
-//! - dW: sum over n, in order, of dy_n cols(x_n)^T, one GEMM per sample accumulating (beta 1), so
-//!   the order of the sum is the CPU's.
+//! - dW: dy [C_out, B Ho Wo] cols(x) [K, B Ho Wo]^T, one GEMM over the whole batch (per chunk of
+//!   samples), with the output gradient and the columns laid out as matrices over (sample,
+//!   position) first (`channels_outer_f32`, `im2col_f32` with `k_major`). The CPU sums per
+//!   sample, in order; the GEMM's order of additions is cuBLAS's (fixed for a shape and a card).
 //!
 //! A 1x1 kernel with stride 1 and no padding uses x_n itself as its columns. The columns of a
 //! chunk of samples are scratch from the memory pool, at most `COLS_BUDGET` floats.
@@ -16,6 +18,7 @@ use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 
 use super::ConvGeom;
 use crate::backend::gpu::{check_len, elementwise_config, Gpu};
+use crate::backend::kernels::PlaneGeom;
 use crate::backend::{int, kernels};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -103,12 +106,24 @@ pub(crate) fn gemm_rm(gpu: &Gpu, a: &Operand, b: &Operand, c: &mut CudaViewMut<f
     }
 }
 
-/// cols [nb, K, Ho Wo] of the nb samples in x.
-fn im2col(gpu: &Gpu, x: &CudaView<f32>, cols: &mut CudaViewMut<f32>, nb: usize, g: ConvGeom) -> Result<()> {
+/// The columns of the nb samples in x: [nb, K, Ho Wo], or with `k_major` one matrix [K, nb Ho Wo].
+fn im2col(gpu: &Gpu, x: &CudaView<f32>, cols: &mut CudaViewMut<f32>, nb: usize, g: ConvGeom, k_major: bool) -> Result<()> {
     let cfg = elementwise_config(cols.len());
     let nb = int("im2col_f32", nb)?;
+    let k_major = i32::from(k_major);
     // SAFETY: the callers size x and cols for nb samples of this geometry.
-    unsafe { kernels::im2col_f32(gpu, cfg, x, cols, nb, g) }
+    unsafe { kernels::im2col_f32(gpu, cfg, x, cols, nb, g, k_major) }
+}
+
+/// y [C, nb S] from x [nb, C, S] (y[c, n, s] = x[n, c, s]).
+fn channels_outer(gpu: &Gpu, x: &CudaView<f32>, y: &mut CudaViewMut<f32>, nb: usize, c: usize, s: usize) -> Result<()> {
+    const OP: &str = "channels_outer_f32";
+    if x.len() != nb * c * s || y.len() != x.len() {
+        return Err(Error::invalid(OP, format!("{} and {} elements for [{nb}, {c}, {s}]", x.len(), y.len())));
+    }
+    let g = PlaneGeom { s: s as i64, b: int(OP, nb)?, c: int(OP, c)? };
+    // SAFETY: x and y hold nb c s elements (checked above).
+    unsafe { kernels::channels_outer_f32(gpu, elementwise_config(x.len()), x, y, g) }
 }
 
 /// dx of the nb samples from their dcols [nb, K, Ho Wo].
@@ -142,7 +157,7 @@ pub(super) fn conv2d_fwd(gpu: &Gpu, g: ConvGeom, x: &Tensor, w: &Tensor, y: &mut
         let b = match &mut cols {
             None => Operand::new(xs, false, k * hw),
             Some(cols) => {
-                im2col(gpu, &xs, &mut cols.slice_mut(..nb * k * hw), nb, g)?;
+                im2col(gpu, &xs, &mut cols.slice_mut(..nb * k * hw), nb, g, false)?;
                 Operand::new(cols.slice(..nb * k * hw), false, k * hw)
             }
         };
@@ -177,7 +192,9 @@ pub(super) fn conv2d_bwd_input(gpu: &Gpu, g: ConvGeom, dy: &Tensor, w: &Tensor, 
     Ok(())
 }
 
-/// dw [C_out, C_in, kh, kw] = sum over samples, in order, of dy_n cols(x_n)^T.
+/// dw [C_out, C_in, kh, kw] = dy [C_out, B Ho Wo] cols(x) [K, B Ho Wo]^T: the output gradient and
+/// the columns of a chunk of samples laid out as two matrices over (sample, position), then one
+/// GEMM per chunk (one per convolution unless the columns exceed `COLS_BUDGET`).
 pub(super) fn conv2d_bwd_weight(gpu: &Gpu, g: ConvGeom, x: &Tensor, dy: &Tensor, dw: &mut Tensor) -> Result<()> {
     let (batch, c_out) = (x.dims()[0], dw.dims()[0]);
     let (x, dy, dw) = (x.cuda()?, dy.cuda()?, dw.cuda_mut()?);
@@ -189,23 +206,22 @@ pub(super) fn conv2d_bwd_weight(gpu: &Gpu, g: ConvGeom, x: &Tensor, dy: &Tensor,
         return gpu.clear(dw);
     }
     let chunk = g.chunk(batch);
-    let mut cols = if g.is_pointwise() { None } else { Some(scratch(gpu, chunk * k * hw)?) };
+    let mut cols = scratch(gpu, chunk * k * hw)?;
+    let mut dy_rows = scratch(gpu, chunk * c_out * hw)?;
     for n0 in (0..batch).step_by(chunk) {
         let nb = chunk.min(batch - n0);
-        if let Some(cols) = &mut cols {
-            let xs = x.slice(n0 * g.plane_in()..(n0 + nb) * g.plane_in());
-            im2col(gpu, &xs, &mut cols.slice_mut(..nb * k * hw), nb, g)?;
+        let xs = x.slice(n0 * g.plane_in()..(n0 + nb) * g.plane_in());
+        let mut cols = cols.slice_mut(..nb * k * hw);
+        if g.is_pointwise() {
+            channels_outer(gpu, &xs, &mut cols, nb, k, hw)?;
+        } else {
+            im2col(gpu, &xs, &mut cols, nb, g, true)?;
         }
-        for j in 0..nb {
-            let n = n0 + j;
-            let cols_n = match &cols {
-                None => x.slice(n * g.plane_in()..(n + 1) * g.plane_in()),
-                Some(cols) => cols.slice(j * k * hw..(j + 1) * k * hw),
-            };
-            let dyn_ = Operand::new(dy.slice(n * c_out * hw..(n + 1) * c_out * hw), false, 0);
-            let beta = if n == 0 { 0.0 } else { 1.0 };
-            gemm_rm(gpu, &dyn_, &Operand::new(cols_n, true, 0), &mut dw.slice_mut(..), c_out, k, hw, beta, 1)?;
-        }
+        let mut dy_rows = dy_rows.slice_mut(..nb * c_out * hw);
+        channels_outer(gpu, &dy.slice(n0 * c_out * hw..(n0 + nb) * c_out * hw), &mut dy_rows, nb, c_out, hw)?;
+        let beta = if n0 == 0 { 0.0 } else { 1.0 };
+        let (a, b) = (Operand::new(dy_rows.as_view(), false, 0), Operand::new(cols.as_view(), true, 0));
+        gemm_rm(gpu, &a, &b, &mut dw.slice_mut(..), c_out, k, nb * hw, beta, 1)?;
     }
     Ok(())
 }

@@ -25,8 +25,17 @@ impl Conv2dParams {
     }
 }
 
-/// Floats of im2col columns per chunk of samples on the GPU (256 MiB).
+/// Floats of im2col columns per chunk of samples on the GPU by default (256 MiB).
 pub const COLS_BUDGET: usize = 64 << 20;
+
+static COLS_BUDGET_NOW: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(COLS_BUDGET);
+
+/// Sets the floats of im2col columns per chunk of samples on the GPU (at least one sample's per
+/// chunk whatever the budget), for every later convolution of the process: a smaller budget
+/// trades scratch memory for more GEMMs. Tests lower it to run the chunked path.
+pub fn set_cols_budget(floats: usize) {
+    COLS_BUDGET_NOW.store(floats, std::sync::atomic::Ordering::Relaxed);
+}
 
 impl ConvGeom {
     /// A convolution of an input [B, c, h, w] by kernels kh x kw into maps ho x wo.
@@ -58,7 +67,7 @@ impl ConvGeom {
     }
     /// Samples per chunk so that a chunk's columns stay within the budget.
     pub(crate) fn chunk(&self, batch: usize) -> usize {
-        (COLS_BUDGET / (self.k() * self.hw_out()).max(1)).clamp(1, batch.max(1))
+        (COLS_BUDGET_NOW.load(std::sync::atomic::Ordering::Relaxed) / (self.k() * self.hw_out()).max(1)).clamp(1, batch.max(1))
     }
 }
 

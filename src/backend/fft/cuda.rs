@@ -149,7 +149,7 @@ pub(super) fn irfft2(gpu: &Gpu, s: &Spectrum, z: &Tensor, y: &mut Tensor, adjoin
     if planes == 0 {
         return Ok(());
     }
-    let mut out = gpu.zeros::<f32>(planes * h * wh * 2)?;
+    let mut out = gpu.uninit::<f32>(planes * h * wh * 2)?;
     let norm: f32 = if adjoint_of_forward { 1.0 } else { 1.0 / (h * w) as f32 };
     let g = glue("irfft_prep_f32", s, adjoint_of_forward, norm)?;
     // SAFETY: z and out hold planes H Wh complex numbers.

@@ -24,7 +24,7 @@ pub(super) fn layerscale_bwd(gpu: &Gpu, g: PlaneGeom, dy: &Tensor, br: &Tensor, 
     check_len("layerscale_bwd_f32", "br", br, g.numel())?;
     check_len("layerscale_bwd_f32", "dbr", dbr, g.numel())?;
     check_len("layerscale_bwd_f32", "l", l, g.c as usize)?;
-    let mut partial = gpu.zeros::<f32>(g.planes())?;
+    let mut partial = gpu.uninit::<f32>(g.planes())?;
     // SAFETY: lengths checked against the geometry; one block per (b, c) plane.
     unsafe { kernels::layerscale_bwd_f32(gpu, per_block_config(g.planes())?, dy, br, l, dbr, &mut partial, g)? };
     channel_sum_partials(gpu, g, &partial, dl)

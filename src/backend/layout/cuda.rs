@@ -33,7 +33,7 @@ pub(super) fn channel_dot(gpu: &Gpu, g: PlaneGeom, a: &Tensor, b: Option<&Tensor
     if let Some(b) = b {
         check_len("channel_dot_partials_f32", "b", b, g.numel())?;
     }
-    let mut partial = gpu.zeros::<f32>(g.planes())?;
+    let mut partial = gpu.uninit::<f32>(g.planes())?;
     // SAFETY: lengths checked against the geometry; one block per (b, c) plane.
     unsafe { kernels::channel_dot_partials_f32(gpu, per_block_config(g.planes())?, a, &b, &mut partial, g)? };
     channel_sum_partials(gpu, g, &partial, out)

@@ -6,7 +6,7 @@
 mod cpu;
 mod cuda;
 
-pub use super::kernels::{AdamParams, SgdParams};
+pub use super::kernels::{AdamParams, AdamSlot, SgdParams};
 use super::{check_eq, check_same, on_device, own};
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -71,19 +71,32 @@ impl SgdParams {
     }
 }
 
-/// In place: the Adam/AdamW update of p with gradient g and moments m, v.
-pub fn adam_step(p: &mut Tensor, g: &Tensor, m: &mut Tensor, v: &mut Tensor, h: &AdamStep) -> Result<()> {
+/// One tensor of an Adam update: the parameter, its gradient and its two moments (one shape).
+pub struct AdamTensors<'a> {
+    pub p: &'a mut Tensor,
+    pub g: &'a Tensor,
+    pub m: &'a mut Tensor,
+    pub v: &'a mut Tensor,
+}
+
+/// In place: the Adam/AdamW update of every tensor of `items` (all on one device), in one launch
+/// on a GPU.
+pub fn adam_step(items: &mut [AdamTensors], h: &AdamStep) -> Result<()> {
     let _p = super::profile::scope("adam_step");
-    check_same("adam_step", &[p, g, m, v])?;
-    for t in [g, &*m, &*v] {
-        check_eq("adam_step", p, t)?;
+    let Some(first) = items.first() else { return Ok(()) };
+    let dev = first.p.device().clone();
+    let firsts: Vec<&Tensor> = items.iter().map(|t| &*t.p).collect();
+    check_same("adam_step", &firsts)?;
+    for t in items.iter_mut() {
+        check_same("adam_step", &[t.p, t.g, t.m, t.v])?;
+        for u in [t.g, &*t.m, &*t.v] {
+            check_eq("adam_step", t.p, u)?;
+        }
+        own(t.p)?;
+        own(t.m)?;
+        own(t.v)?;
     }
-    own(p)?;
-    own(m)?;
-    own(v)?;
-    let dev = p.device().clone();
-    let hp = AdamParams::of(h, p.numel());
-    on_device(&dev, (p, m, v), |(p, m, v)| cpu::adam(p, g, m, v, h), |gpu, (p, m, v)| cuda::adam_step(gpu, hp, p, g, m, v))
+    on_device(&dev, items, |items| items.iter_mut().try_for_each(|t| cpu::adam(t.p, t.g, t.m, t.v, h)), |gpu, items| cuda::adam_step(gpu, h, items))
 }
 
 /// In place: the SGD update of p, with its momentum buffer when momentum > 0.

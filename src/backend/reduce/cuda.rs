@@ -2,11 +2,11 @@
 //! number of first-pass blocks a function of n alone, so the order of additions never changes for
 //! a given shape.
 
-use cudarc::driver::{CudaSlice, CudaViewMut, LaunchConfig};
+use cudarc::driver::{CudaSlice, CudaViewMut, DevicePtr, LaunchConfig};
 
 use super::Reduce;
 use crate::backend::gpu::{check_len, int, per_block_config, Gpu, BLOCK};
-use crate::backend::kernels;
+use crate::backend::kernels::{self, ReduceSlot};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -55,21 +55,37 @@ pub(super) fn reduce(gpu: &Gpu, op: Reduce, x: &Tensor, y: Option<&Tensor>, out:
         (Reduce::SumSq, None) => 1,
     };
     let parts = partials(x.len());
-    let mut partial = gpu.zeros::<f32>(parts)?;
+    // Every slot is written: the first pass runs one block per slot.
+    let mut partial = gpu.uninit::<f32>(parts)?;
     first_pass(gpu, code, x, y, &mut partial.slice_mut(..))?;
     second_pass(gpu, &partial, out, parts)
 }
 
-/// out[t] = sum xs[t] or sum xs[t]^2, each bitwise what `reduce` gives: one first pass per tensor
-/// into its own segment of PARTIALS slots (unused slots stay 0), then one launch for every
-/// segment, so that the results come back to the host in one copy.
+/// out[t] = sum xs[t] or sum xs[t]^2, each bitwise what `reduce` gives: one first pass over every
+/// tensor (`reduce_partial_each_f32`, each tensor's blocks doing what its own first pass would,
+/// into its segment of PARTIALS slots), then one launch for every segment, so that the results
+/// come back to the host in one copy.
 pub(super) fn reduce_each(gpu: &Gpu, op: Reduce, xs: &[&Tensor], out: &mut Tensor) -> Result<()> {
+    const OP: &str = "reduce_partial_each_f32";
     let out = out.cuda_mut()?;
     check_len("reduce_final_f32", "out", out, xs.len())?;
     let code = if op == Reduce::Sum { 0 } else { 1 };
-    let mut partial = gpu.zeros::<f32>(xs.len() * PARTIALS)?;
-    for (t, x) in xs.iter().enumerate() {
-        first_pass(gpu, code, x.cuda()?, None, &mut partial.slice_mut(t * PARTIALS..(t + 1) * PARTIALS))?;
+    let mut slots = Vec::with_capacity(xs.len());
+    let mut blocks = 0usize;
+    for x in xs {
+        let x = x.cuda()?;
+        let parts = partials(x.len());
+        let (ptr, _sync) = x.device_ptr(&gpu.stream);
+        slots.push(ReduceSlot { x: ptr, n: x.len() as i64, first_block: blocks as i64, blocks: parts as i32 });
+        blocks += parts;
     }
+    let slots = gpu.upload(&slots)?;
+    let mut partial = gpu.uninit::<f32>(xs.len() * PARTIALS)?;
+    let cfg = per_block_config(blocks)?;
+    let (count, p, op) = (int(OP, xs.len())?, int(OP, PARTIALS)?, code);
+    // SAFETY: each slot addresses a live buffer of its n floats (the tensors are borrowed for the
+    // call; the stream orders the launch before any later free); the blocks cover every slot's
+    // and partial holds PARTIALS slots per tensor.
+    unsafe { kernels::reduce_partial_each_f32(gpu, cfg, &slots, count, &mut partial, p, op)? };
     second_pass(gpu, &partial, out, PARTIALS)
 }

@@ -8,15 +8,14 @@ use crate::backend::kernels;
 use crate::error::Result;
 use crate::tensor::Tensor;
 
-/// y = mix(x, w) on the kept modes, zero elsewhere.
+/// y = mix(x, w) on the kept modes, zero elsewhere (the kernel writes every mode).
 pub(super) fn spectral_mix_fwd(gpu: &Gpu, g: SpectralGeom, x: &Tensor, w: &Tensor, y: &mut Tensor) -> Result<()> {
     const OP: &str = "spectral_mix_fwd_f32";
     let (x, w, y) = (x.cuda()?, w.cuda()?, y.cuda_mut()?);
     check_len(OP, "x", x, g.spectrum(g.ci))?;
     check_len(OP, "w", w, g.weight())?;
     check_len(OP, "y", y, g.spectrum(g.co))?;
-    gpu.clear(y)?;
-    let cfg = elementwise_config(g.b as usize * g.co as usize * g.r as usize * g.my as usize);
+    let cfg = elementwise_config(g.spectrum(g.co) / 2);
     // SAFETY: lengths checked against the geometry.
     unsafe { kernels::spectral_mix_fwd_f32(gpu, cfg, x, w, y, g) }
 }
@@ -28,8 +27,7 @@ pub(super) fn spectral_mix_bwd_input(gpu: &Gpu, g: SpectralGeom, dy: &Tensor, w:
     check_len(OP, "dy", dy, g.spectrum(g.co))?;
     check_len(OP, "w", w, g.weight())?;
     check_len(OP, "dx", dx, g.spectrum(g.ci))?;
-    gpu.clear(dx)?;
-    let cfg = elementwise_config(g.b as usize * g.ci as usize * g.r as usize * g.my as usize);
+    let cfg = elementwise_config(g.spectrum(g.ci) / 2);
     // SAFETY: lengths checked against the geometry.
     unsafe { kernels::spectral_mix_bwd_input_f32(gpu, cfg, dy, w, dx, g) }
 }

@@ -330,6 +330,14 @@ FAKE_API uint64_t fakecuda_calls(const char* name) {
     return it == g_calls.end() ? 0 : it->second;
 }
 
+FAKE_API size_t fakecuda_counters(char* buf, size_t len) {
+    LOCK;
+    std::string all;
+    for (const auto& [name, n] : g_calls) all += name + "=" + std::to_string(n) + "\n";
+    if (buf && len > 0) snprintf(buf, len, "%s", all.c_str());
+    return all.size();
+}
+
 FAKE_API void fakecuda_reset_calls() {
     LOCK;
     g_calls.clear();
@@ -456,6 +464,7 @@ FAKE_API CUresult cuCtxSetCurrent(CUcontext ctx) {
 FAKE_API CUresult cuCtxSynchronize() {
     LOCK;
     NEED_CONTEXT("cuCtxSynchronize");
+    fakecuda_count("cuCtxSynchronize");
     return CUDA_SUCCESS;
 }
 
@@ -475,6 +484,7 @@ FAKE_API CUresult cuStreamSynchronize(CUstream s) {
     LOCK;
     NEED_CONTEXT("cuStreamSynchronize");
     NEED_STREAM("cuStreamSynchronize", s);
+    fakecuda_count("cuStreamSynchronize");
     return CUDA_SUCCESS;
 }
 
@@ -512,7 +522,9 @@ FAKE_API CUresult cuEventRecord(CUevent e, CUstream s) {
 FAKE_API CUresult cuEventSynchronize(CUevent e) {
     LOCK;
     NEED_CONTEXT("cuEventSynchronize");
-    return event_ok("cuEventSynchronize", e) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+    if (!event_ok("cuEventSynchronize", e)) return CUDA_ERROR_INVALID_HANDLE;
+    fakecuda_count("cuEventSynchronize");
+    return CUDA_SUCCESS;
 }
 
 FAKE_API CUresult cuEventQuery(CUevent e) {
@@ -535,27 +547,35 @@ FAKE_API CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned flags) {
 FAKE_API CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
     LOCK;
     NEED_CONTEXT("cuMemAlloc_v2");
-    return do_alloc("cuMemAlloc_v2", p, bytes, false);
+    const CUresult r = do_alloc("cuMemAlloc_v2", p, bytes, false);
+    if (r == CUDA_SUCCESS) fakecuda_count("cuMemAlloc_v2");
+    return r;
 }
 
 FAKE_API CUresult cuMemFree_v2(CUdeviceptr p) {
     LOCK;
     NEED_CONTEXT("cuMemFree_v2");
-    return do_free("cuMemFree_v2", p, false);
+    const CUresult r = do_free("cuMemFree_v2", p, false);
+    if (r == CUDA_SUCCESS) fakecuda_count("cuMemFree_v2");
+    return r;
 }
 
 FAKE_API CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream s) {
     LOCK;
     NEED_CONTEXT("cuMemAllocAsync");
     NEED_STREAM("cuMemAllocAsync", s);
-    return do_alloc("cuMemAllocAsync", p, bytes, true);
+    const CUresult r = do_alloc("cuMemAllocAsync", p, bytes, true);
+    if (r == CUDA_SUCCESS) fakecuda_count("cuMemAllocAsync");
+    return r;
 }
 
 FAKE_API CUresult cuMemFreeAsync(CUdeviceptr p, CUstream s) {
     LOCK;
     NEED_CONTEXT("cuMemFreeAsync");
     NEED_STREAM("cuMemFreeAsync", s);
-    return do_free("cuMemFreeAsync", p, true);
+    const CUresult r = do_free("cuMemFreeAsync", p, true);
+    if (r == CUDA_SUCCESS) fakecuda_count("cuMemFreeAsync");
+    return r;
 }
 
 FAKE_API CUresult cuDeviceGetDefaultMemPool(CUmemoryPool* pool, CUdevice d) {
@@ -647,6 +667,7 @@ FAKE_API CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CU
     if (n == 0) return CUDA_SUCCESS;
     if (!fakecuda_range_ok("cuMemsetD8Async", "destination", dst, n, 1)) return CUDA_ERROR_INVALID_VALUE;
     memset((void*)dst, v, n);
+    fakecuda_count("cuMemsetD8Async");
     return CUDA_SUCCESS;
 }
 

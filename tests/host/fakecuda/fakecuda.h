@@ -63,3 +63,6 @@ FAKE_API void fakecuda_say(const char* api, const char* fmt, ...) __attribute__(
 // For tests (through dlsym): how many times `name` ran since the last reset.
 FAKE_API uint64_t fakecuda_calls(const char* name);
 FAKE_API void fakecuda_reset_calls();
+// Every counter, "name=count\n" each, into buf (at most len bytes with the terminating 0); returns
+// the length of the whole text, so a caller can size buf.
+FAKE_API size_t fakecuda_counters(char* buf, size_t len);
