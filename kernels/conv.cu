@@ -8,9 +8,13 @@
 //               dcols[n, (c kh + i) kw + j, oh Wo + ow] where oh s + i - pad = ih and
 //               ow s + j - pad = iw (a gather, so no atomics and a fixed order of additions)
 //   channels_outer_f32: y[c, n, s] = x[n, c, s], an activation [N, C, S] as the matrix
-//               [C, N S] (the output gradient's side of that GEMM)
+//               [C, N S] (the output gradient's side of that GEMM); when `sums` is not null
+//               also sums[c] = the sum of row c (the bias gradient, from the same read), added
+//               to what sums[c] holds when `accumulate` is 1 (the chunks after the first)
 // Shapes: x, dx [N, C, H, W]; cols, dcols [N, C kh kw, Ho Wo] (or [C kh kw, N, Ho Wo]).
-// Geometry: one thread per output element (grid-stride).
+// Geometry: one thread per output element (grid-stride); channels_outer_f32: one block per
+//   channel c, its threads stepping along the row (reads and writes coalesced), the row's sum
+//   with block_sum (a fixed order of additions).
 // CPU reference: im2col / col2im in src/backend/conv/cpu.rs. ConvGeom is in params.cuh.
 #include "common.cuh"
 
@@ -40,12 +44,19 @@ extern "C" __global__ void im2col_f32(const float* __restrict__ x, float* __rest
     }
 }
 
-extern "C" __global__ void channels_outer_f32(const float* __restrict__ x, float* __restrict__ y, PlaneGeom g) {
-    const int64_t n = (int64_t)g.b * g.c * g.s, ns = (int64_t)g.b * g.s;
-    FNO_FOR(e, n) {
-        const int64_t c = e / ns, q = e % ns;
+extern "C" __global__ void channels_outer_f32(const float* __restrict__ x, float* __restrict__ y, float* __restrict__ sums, PlaneGeom g, int accumulate) {
+    const int64_t c = blockIdx.x, ns = (int64_t)g.b * g.s;
+    if (c >= g.c) return;
+    float acc = 0.f;
+    for (int64_t q = threadIdx.x; q < ns; q += blockDim.x) {
         const int64_t b = q / g.s, p = q % g.s;
-        y[e] = x[(b * g.c + c) * g.s + p];
+        const float v = x[(b * g.c + c) * g.s + p];
+        y[c * ns + q] = v;
+        acc += v;
+    }
+    if (sums) {
+        acc = block_sum(acc);
+        if (threadIdx.x == 0) sums[c] = accumulate ? sums[c] + acc : acc;
     }
 }
 

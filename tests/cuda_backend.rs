@@ -138,6 +138,8 @@ fn convolutions_match_the_cpu_in_every_geometry() {
             vec![
                 out("dx", backend::conv2d_bwd_input(&dy, &w, x.shape(), p).unwrap()),
                 out("dw", backend::conv2d_bwd_weight(&x, &dy, w.shape(), p).unwrap()),
+                out("dw with db", backend::conv2d_bwd_params(&x, &dy, w.shape(), p, true).unwrap().0),
+                out("db", backend::conv2d_bwd_params(&x, &dy, w.shape(), p, true).unwrap().1.unwrap()),
                 out("transposed", backend::conv_transpose2d(&x, &wt, Some(&bt), p).unwrap()),
                 out("y", y),
             ]

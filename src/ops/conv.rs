@@ -18,11 +18,18 @@ pub fn conv2d(tape: &mut Tape, x: &Var, w: &Var, b: Option<&Var>, p: Conv2dParam
         if let Some(w) = sw {
             ctx.add(0, backend::conv2d_bwd_input(&dy, &w, &x_shape, p)?)?;
         }
-        if let Some(x) = sx {
-            ctx.add(1, backend::conv2d_bwd_weight(&x, &dy, &w_shape, p)?)?;
-        }
-        if has_bias && ctx.needs(2) {
-            ctx.add(2, backend::channel_dot(&dy, None)?)?;
+        let want_db = has_bias && ctx.needs(2);
+        match sx {
+            Some(x) => {
+                // The bias gradient from the weight gradient's own pass over dy.
+                let (dw, db) = backend::conv2d_bwd_params(&x, &dy, &w_shape, p, want_db)?;
+                ctx.add(1, dw)?;
+                if let Some(db) = db {
+                    ctx.add(2, db)?;
+                }
+            }
+            None if want_db => ctx.add(2, backend::channel_dot(&dy, None)?)?,
+            None => {}
         }
         Ok(())
     })

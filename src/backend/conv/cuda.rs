@@ -17,7 +17,7 @@ use cudarc::cublas::{sys as bsys, Gemm, GemmConfig, StridedBatchedConfig};
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 
 use super::ConvGeom;
-use crate::backend::gpu::{check_len, elementwise_config, Gpu};
+use crate::backend::gpu::{check_len, elementwise_config, per_block_config, Gpu};
 use crate::backend::kernels::PlaneGeom;
 use crate::backend::{int, kernels};
 use crate::error::{Error, Result};
@@ -115,15 +115,17 @@ fn im2col(gpu: &Gpu, x: &CudaView<f32>, cols: &mut CudaViewMut<f32>, nb: usize, 
     unsafe { kernels::im2col_f32(gpu, cfg, x, cols, nb, g, k_major) }
 }
 
-/// y [C, nb S] from x [nb, C, S] (y[c, n, s] = x[n, c, s]).
-fn channels_outer(gpu: &Gpu, x: &CudaView<f32>, y: &mut CudaViewMut<f32>, nb: usize, c: usize, s: usize) -> Result<()> {
+/// y [C, nb S] from x [nb, C, S] (y[c, n, s] = x[n, c, s]), and with `sums` each row's sum
+/// (added to what `sums` holds when `accumulate`).
+fn channels_outer(gpu: &Gpu, x: &CudaView<f32>, y: &mut CudaViewMut<f32>, sums: Option<&mut CudaSlice<f32>>, accumulate: bool, (nb, c, s): (usize, usize, usize)) -> Result<()> {
     const OP: &str = "channels_outer_f32";
-    if x.len() != nb * c * s || y.len() != x.len() {
+    if x.len() != nb * c * s || y.len() != x.len() || sums.as_ref().is_some_and(|v| v.len() != c) {
         return Err(Error::invalid(OP, format!("{} and {} elements for [{nb}, {c}, {s}]", x.len(), y.len())));
     }
     let g = PlaneGeom { s: s as i64, b: int(OP, nb)?, c: int(OP, c)? };
-    // SAFETY: x and y hold nb c s elements (checked above).
-    unsafe { kernels::channels_outer_f32(gpu, elementwise_config(x.len()), x, y, g) }
+    let (mut sums, accumulate) = (sums, i32::from(accumulate));
+    // SAFETY: x and y hold nb c s elements and sums (if any) c (checked above); one block per channel.
+    unsafe { kernels::channels_outer_f32(gpu, per_block_config(c)?, x, y, &mut sums, g, accumulate) }
 }
 
 /// dx of the nb samples from their dcols [nb, K, Ho Wo].
@@ -194,15 +196,23 @@ pub(super) fn conv2d_bwd_input(gpu: &Gpu, g: ConvGeom, dy: &Tensor, w: &Tensor, 
 
 /// dw [C_out, C_in, kh, kw] = dy [C_out, B Ho Wo] cols(x) [K, B Ho Wo]^T: the output gradient and
 /// the columns of a chunk of samples laid out as two matrices over (sample, position), then one
-/// GEMM per chunk (one per convolution unless the columns exceed `COLS_BUDGET`).
-pub(super) fn conv2d_bwd_weight(gpu: &Gpu, g: ConvGeom, x: &Tensor, dy: &Tensor, dw: &mut Tensor) -> Result<()> {
+/// GEMM per chunk (one per convolution unless the columns exceed the columns budget). With `db`,
+/// also the bias gradient db [C_out] = the sums of dy's rows, taken while dy is laid out.
+pub(super) fn conv2d_bwd_weight(gpu: &Gpu, g: ConvGeom, x: &Tensor, dy: &Tensor, dw: &mut Tensor, db: Option<&mut Tensor>) -> Result<()> {
     let (batch, c_out) = (x.dims()[0], dw.dims()[0]);
     let (x, dy, dw) = (x.cuda()?, dy.cuda()?, dw.cuda_mut()?);
+    let mut db = db.map(Tensor::cuda_mut).transpose()?;
     let (k, hw) = (g.k(), g.hw_out());
     check_len("conv2d_bwd_weight", "x", x, batch * g.plane_in())?;
     check_len("conv2d_bwd_weight", "dy", dy, batch * c_out * hw)?;
     check_len("conv2d_bwd_weight", "dw", dw, c_out * k)?;
+    if let Some(db) = &db {
+        check_len("conv2d_bwd_weight", "db", db, c_out)?;
+    }
     if batch == 0 {
+        if let Some(db) = db.as_deref_mut() {
+            gpu.clear(db)?;
+        }
         return gpu.clear(dw);
     }
     let chunk = g.chunk(batch);
@@ -213,12 +223,13 @@ pub(super) fn conv2d_bwd_weight(gpu: &Gpu, g: ConvGeom, x: &Tensor, dy: &Tensor,
         let xs = x.slice(n0 * g.plane_in()..(n0 + nb) * g.plane_in());
         let mut cols = cols.slice_mut(..nb * k * hw);
         if g.is_pointwise() {
-            channels_outer(gpu, &xs, &mut cols, nb, k, hw)?;
+            channels_outer(gpu, &xs, &mut cols, None, false, (nb, k, hw))?;
         } else {
             im2col(gpu, &xs, &mut cols, nb, g, true)?;
         }
         let mut dy_rows = dy_rows.slice_mut(..nb * c_out * hw);
-        channels_outer(gpu, &dy.slice(n0 * c_out * hw..(n0 + nb) * c_out * hw), &mut dy_rows, nb, c_out, hw)?;
+        let dys = dy.slice(n0 * c_out * hw..(n0 + nb) * c_out * hw);
+        channels_outer(gpu, &dys, &mut dy_rows, db.as_deref_mut(), n0 > 0, (nb, c_out, hw))?;
         let beta = if n0 == 0 { 0.0 } else { 1.0 };
         let (a, b) = (Operand::new(dy_rows.as_view(), false, 0), Operand::new(cols.as_view(), true, 0));
         gemm_rm(gpu, &a, &b, &mut dw.slice_mut(..), c_out, k, nb * hw, beta, 1)?;

@@ -8,7 +8,8 @@ mod cuda;
 
 pub use super::kernels::ConvGeom;
 use super::layout::add_channel_bias;
-use super::{check_rank, check_same, compute, int};
+use super::layout::cpu::channel_dot as channel_sum_cpu;
+use super::{check_rank, check_same, compute, int, on_device};
 use crate::error::{Error, Result};
 use crate::tensor::{Shape, Tensor};
 
@@ -137,6 +138,13 @@ pub fn conv2d_bwd_input(dy: &Tensor, w: &Tensor, x_shape: &Shape, p: Conv2dParam
 
 /// The gradient of conv2d with respect to its weight of shape `w_shape`.
 pub fn conv2d_bwd_weight(x: &Tensor, dy: &Tensor, w_shape: &Shape, p: Conv2dParams) -> Result<Tensor> {
+    Ok(conv2d_bwd_params(x, dy, w_shape, p, false)?.0)
+}
+
+/// The gradients of conv2d with respect to its weight of shape `w_shape` and, with `bias`, its
+/// bias (dy summed over samples and positions). On a GPU the bias gradient comes from the same
+/// pass over dy that lays it out for the weight's GEMM.
+pub fn conv2d_bwd_params(x: &Tensor, dy: &Tensor, w_shape: &Shape, p: Conv2dParams, bias: bool) -> Result<(Tensor, Option<Tensor>)> {
     let _p = super::profile::scope("conv2d_bwd_weight");
     const OP: &str = "conv2d_bwd_weight";
     check_same(OP, &[x, dy])?;
@@ -151,7 +159,18 @@ pub fn conv2d_bwd_weight(x: &Tensor, dy: &Tensor, w_shape: &Shape, p: Conv2dPara
         return Err(Error::mismatch_because(OP, dy.shape(), &Shape::new(expect), "output gradient does not match the forward's output"));
     }
     let g = ConvGeom::new(OP, xd, (wd[2], wd[3]), (ho, wo), p)?;
-    compute(w_shape.clone(), x, |dw| cpu::conv2d_bwd_weight(&g, x, dy, dw), |gpu, dw| cuda::conv2d_bwd_weight(gpu, g, x, dy, dw))
+    let mut dw = Tensor::uninit(w_shape.clone(), x.dtype(), x.device())?;
+    let mut db = bias.then(|| Tensor::uninit([wd[0]], x.dtype(), x.device())).transpose()?;
+    on_device(
+        x.device(),
+        (&mut dw, db.as_mut()),
+        |(dw, db)| {
+            cpu::conv2d_bwd_weight(&g, x, dy, dw)?;
+            db.map_or(Ok(()), |db| channel_sum_cpu(dy, None, db))
+        },
+        |gpu, (dw, db)| cuda::conv2d_bwd_weight(gpu, g, x, dy, dw, db),
+    )?;
+    Ok((dw, db))
 }
 
 /// Transposed 2-D convolution (PyTorch's conv_transpose2d, output padding 0): x [B, C_in, H, W],
