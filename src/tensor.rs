@@ -417,6 +417,36 @@ impl Tensor {
         })
     }
 
+    /// The elements of several tensors as f64 each, read from a GPU in one copy (and so one
+    /// synchronisation): they are gathered into one device buffer first.
+    pub fn to_f64_vecs(ts: &[&Tensor]) -> Result<Vec<Vec<f64>>> {
+        let on_gpu = ts.first().and_then(|t| t.device.gpu_opt().cloned());
+        let Some(gpu) = on_gpu.filter(|_| ts.iter().all(|t| matches!(t.storage.data, Data::Cuda(_)))) else {
+            return ts.iter().map(|t| t.to_f64_vec()).collect();
+        };
+        let total: usize = ts.iter().map(|t| t.numel()).sum();
+        let mut all = gpu.uninit::<f32>(total.max(1))?;
+        let mut at = 0;
+        for t in ts {
+            if t.device != ts[0].device {
+                return Err(Error::DeviceMismatch { op: "Tensor::to_f64_vecs", lhs: ts[0].device.to_string(), rhs: t.device.to_string() });
+            }
+            let n = t.numel();
+            gpu.stream.memcpy_dtod(t.cuda()?, &mut all.slice_mut(at..at + n)).map_err(crate::backend::gpu::cuda_err("copy on the GPU"))?;
+            at += n;
+        }
+        let host = gpu.download(&all)?;
+        let mut at = 0;
+        Ok(ts
+            .iter()
+            .map(|t| {
+                let v = host[at..at + t.numel()].iter().map(|&x| f64::from(x)).collect();
+                at += t.numel();
+                v
+            })
+            .collect())
+    }
+
     /// The single value of a one-element tensor.
     pub fn scalar_value(&self) -> Result<f64> {
         if self.numel() != 1 {

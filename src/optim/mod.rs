@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::autograd::{ParamRole, ParamStore};
 use crate::backend::{self, AdamStep, Reduce, SgdStep};
 use crate::config::{ClipKind, OptimizerKind, ScheduleKind, TrainConfig};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
 /// What an optimiser carries from update to update: moments (Adam) or momentum buffers (SGD),
@@ -135,10 +135,16 @@ pub struct ClipReport {
 
 /// The sum of squares of each tensor, computed on their device and read back in one copy.
 pub fn sumsq_each(ts: &[&Tensor]) -> Result<Vec<f64>> {
+    sumsq_each_on_device(ts)?.map_or(Ok(Vec::new()), |t| t.to_f64_vec())
+}
+
+/// The sums of squares of [`sumsq_each`], left on the tensors' device ([ts.len()]; None for no
+/// tensors), to be read back with other values in one copy.
+pub fn sumsq_each_on_device(ts: &[&Tensor]) -> Result<Option<Tensor>> {
     if ts.is_empty() {
-        return Ok(Vec::new());
+        return Ok(None);
     }
-    backend::reduce_each(Reduce::SumSq, ts)?.to_f64_vec()
+    backend::reduce_each(Reduce::SumSq, ts).map(Some)
 }
 
 /// The sum of squares of each slot's tensor (0 for an empty slot), in one reduction.
@@ -191,6 +197,16 @@ impl Clipper {
     /// on the values (the meta device's plan stays the CPU's ledger).
     pub fn clip(&self, grads: &mut [Option<Tensor>], params: &ParamStore) -> Result<ClipReport> {
         let sq = sumsq_each(&grads.iter().flatten().collect::<Vec<_>>())?;
+        self.clip_with(grads, params, sq)
+    }
+
+    /// [`Clipper::clip`] with the gradients' sums of squares (one per present gradient, in
+    /// order) already known: the trainer reads them back together with the step's loss.
+    pub fn clip_with(&self, grads: &mut [Option<Tensor>], params: &ParamStore, sq: Vec<f64>) -> Result<ClipReport> {
+        let present = grads.iter().flatten().count();
+        if sq.len() != present {
+            return Err(Error::invalid("clip", format!("{} sums of squares for {present} gradients", sq.len())));
+        }
         let before = sq.iter().sum::<f64>().sqrt();
         let after = match self.kind {
             ClipKind::None => return Ok(ClipReport { norm_before: before, norm_after: before }),

@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::loss;
 use crate::model::Generator;
 use crate::ops;
-use crate::optim::{AuxSchedule, ClipReport, Clipper, LossScaler, Optimizer, OptimizerState, ScaleEvent, ScalerState, Schedule, ScheduleState};
+use crate::optim::{self, AuxSchedule, ClipReport, Clipper, LossScaler, Optimizer, OptimizerState, ScaleEvent, ScalerState, Schedule, ScheduleState};
 use crate::parallel::{check_oom, oom_bytes, World};
 use crate::tensor::{Precision, Tensor};
 
@@ -362,10 +362,6 @@ fn forward_and_loss_with(t: &mut Tape, model: &Generator, obj: &Objective, batch
     Ok(Forward { output, loss, main, per_sample })
 }
 
-fn is_finite_tensor(t: &Tensor) -> Result<bool> {
-    Ok(backend::reduce(backend::Reduce::SumSq, t)?.scalar_value()?.is_finite())
-}
-
 /// The model with everything that trains it.
 pub struct Trainer {
     model: Generator,
@@ -386,6 +382,9 @@ pub struct Trainer {
     faults: FaultConfig,
     /// Gradients summed over the micro-batches of the current group.
     acc: Vec<Option<Tensor>>,
+    /// Set while `acc` holds a lone micro-batch's early, unscaled gradients: their sums of
+    /// squares, read back with its loss.
+    early_sq: Option<Vec<f64>>,
     micro: usize,
     /// The rollback points, oldest first, at most `rollback_points` (`spike_action = "rollback"`
     /// only: each costs a set of parameters and moments once a later update writes apart).
@@ -434,6 +433,7 @@ impl Trainer {
             rollback_lr_factor: t.rollback_lr_factor,
             faults: cfg.faults.clone(),
             acc: Vec::new(),
+            early_sq: None,
             micro: 0,
             good,
             rollback_points: t.rollback_points,
@@ -615,6 +615,7 @@ impl Trainer {
         self.climbing_depth = state.climbing_depth;
         self.first_loss = state.first_loss;
         self.acc.clear();
+        self.early_sq = None;
         self.micro = 0;
         if self.good.is_empty() {
             return;
@@ -666,10 +667,14 @@ impl Trainer {
         let scale = self.scaler.as_ref().map(|s| s.scale());
         let aux_weight = self.aux.map_or(0.0, |a| a.at(self.updates));
 
-        // This rank's micro-batch, up to its loss; every rank's loss (or why there is none).
+        // This rank's micro-batch, up to its loss; every rank's loss (or why there is none). A
+        // lone micro-batch that would update if accepted also back-propagates before its loss is
+        // read, so that the loss, the input check and the gradients' norms come back in one copy
+        // (one synchronisation of a GPU per step); the gradients are dropped if it is not.
+        let early = size == 1 && self.micro == 0 && (self.accumulate == 1 || epoch_last == Some(0));
         let local = match mine {
             None => Ok(Local::Absent),
-            Some(b) => self.forward_local(b, first + rank as u64, aux_weight, trace),
+            Some(b) => self.forward_local(b, first + rank as u64, aux_weight, early.then_some(scale), trace),
         };
         let mut packet = vec![0u8; 10];
         match &local {
@@ -732,7 +737,11 @@ impl Trainer {
         // The accepted micro-batches' gradients, summed in micro-batch order.
         if !backprop.is_empty() {
             let own = match std::mem::replace(&mut local, Local::Absent) {
-                Local::Loss(f) if backprop.contains(&rank) => Some(f.backward(scale)),
+                Local::Loss(f) if backprop.contains(&rank) => {
+                    // Early gradients are unscaled already: the update clips them with their sums.
+                    self.early_sq = f.sq;
+                    Some(f.pending.backward(scale))
+                }
                 _ => None,
             };
             if size == 1 {
@@ -757,14 +766,17 @@ impl Trainer {
         Ok(Round { reports, stop })
     }
 
-    /// A micro-batch's forward pass and loss on this rank (step `step`), kept for its backward.
-    fn forward_local(&self, mut batch: Batch, step: u64, aux_weight: f64, trace: &mut dyn FnMut(StepPoint)) -> Result<Local> {
+    /// A micro-batch's forward pass and loss on this rank (step `step`), kept for its backward;
+    /// with `early` (the fp16 loss scale, if any), its backward too, the gradients unscaled as an
+    /// update of this one micro-batch would, and their sums of squares. What the host needs (the
+    /// input's sum of squares, whose finiteness says whether the input was, the loss, the sums)
+    /// is read back in one copy; a non-finite input is found there, after a forward pass over it
+    /// that is thrown away.
+    fn forward_local(&self, mut batch: Batch, step: u64, aux_weight: f64, early: Option<Option<f64>>, trace: &mut dyn FnMut(StepPoint)) -> Result<Local> {
         if self.faults.nan_input_steps.contains(&step) {
             batch.input = Tensor::full(f64::NAN, batch.input.shape().clone(), batch.input.dtype(), batch.input.device())?;
         }
-        if !is_finite_tensor(&batch.input)? {
-            return Ok(Local::BadInput);
-        }
+        let input_sq = backend::reduce(backend::Reduce::SumSq, &batch.input)?;
         let mut t = Tape::with_params(&self.model.params);
         if let Some(p) = &self.activation_probe {
             t.set_probe(p.clone());
@@ -779,8 +791,33 @@ impl Trainer {
             loss = ops::scale(&mut t, &loss, self.faults.spike_scale)?;
         }
         trace(StepPoint::Loss);
-        let value = loss.value().scalar_value()? / per_sample;
-        Ok(Local::Loss(Box::new(LocalLoss { tape: t, loss, value })))
+        let loss_value = loss.value().clone();
+        let mut pending = Pending::Tape(t, loss);
+        let mut sq = None;
+        if let Some(scale) = early {
+            let mut grads = std::mem::replace(&mut pending, Pending::Taken).backward(scale)?;
+            let unscale = 1.0 / scale.unwrap_or(1.0);
+            if unscale != 1.0 {
+                for g in grads.iter_mut().flatten() {
+                    backend::scale_in_place(g, unscale)?;
+                }
+            }
+            sq = optim::sumsq_each_on_device(&grads.iter().flatten().collect::<Vec<_>>())?;
+            pending = Pending::Unscaled(grads);
+        }
+        let mut read: Vec<&Tensor> = vec![&input_sq, &loss_value];
+        read.extend(&sq);
+        let mut values = Tensor::to_f64_vecs(&read)?.into_iter();
+        let (input_sq, loss_value) = (values.next().unwrap_or_default(), values.next().unwrap_or_default());
+        if !input_sq.first().is_some_and(|v| v.is_finite()) {
+            return Ok(Local::BadInput);
+        }
+        let value = loss_value.first().copied().unwrap_or(f64::NAN) / per_sample;
+        let sq = match &pending {
+            Pending::Unscaled(_) => Some(values.next().unwrap_or_default()),
+            _ => None,
+        };
+        Ok(Local::Loss(Box::new(LocalLoss { pending, value, sq })))
     }
 
     /// What the step at position `k` of a round does with its loss `lv`, as one process decides
@@ -860,10 +897,12 @@ impl Trainer {
     fn update(&mut self, report: &mut StepReport, spike: bool, trace: &mut dyn FnMut(StepPoint)) -> Result<StepOutcome> {
         let step = report.step;
         let mut grads = std::mem::take(&mut self.acc);
-        // Average the micro-batches and undo the loss scale (a power of two: exact).
+        // Average the micro-batches and undo the loss scale (a power of two: exact), unless the
+        // early backward of a lone micro-batch did (its sums of squares came back with its loss).
+        let early_sq = self.early_sq.take();
         let unscale = 1.0 / (self.micro as f64 * report.loss_scale.unwrap_or(1.0));
         self.micro = 0;
-        if unscale != 1.0 {
+        if unscale != 1.0 && early_sq.is_none() {
             for g in grads.iter_mut().flatten() {
                 backend::scale_in_place(g, unscale)?;
             }
@@ -872,7 +911,10 @@ impl Trainer {
         if let Some(parts) = &self.layer_ids {
             report.layer_grad_norms = Some(layer_norms(&grads, parts)?);
         }
-        let clip = self.clipper.clip(&mut grads, &self.model.params)?;
+        let clip = match early_sq {
+            Some(sq) => self.clipper.clip_with(&mut grads, &self.model.params, sq)?,
+            None => self.clipper.clip(&mut grads, &self.model.params)?,
+        };
         trace(StepPoint::Gradients { grads: &grads, clipped: true });
         report.clip = Some(clip);
         if !clip.norm_before.is_finite() {
@@ -912,6 +954,7 @@ impl Trainer {
         }
         self.schedule.cut_rate(self.rollback_lr_factor, self.updates);
         self.acc.clear();
+        self.early_sq = None;
         self.micro = 0;
     }
 }
@@ -932,22 +975,36 @@ enum Local {
     Loss(Box<LocalLoss>),
 }
 
-/// A forward pass kept for its backward.
+/// A forward pass kept for its backward (or its backward, done early).
 struct LocalLoss {
-    tape: Tape,
-    loss: Var,
+    pending: Pending,
     /// The loss per sample (what the step reports and the guard sees).
     value: f64,
+    /// With the early backward: the sums of squares of the unscaled gradients (one per present
+    /// gradient), what clipping measures.
+    sq: Option<Vec<f64>>,
 }
 
-impl LocalLoss {
+/// A micro-batch's backward: still to run on its tape, or run early (the gradients unscaled).
+enum Pending {
+    Tape(Tape, Var),
+    Unscaled(Vec<Option<Tensor>>),
+    Taken,
+}
+
+impl Pending {
     /// The parameters' gradients (of the loss times the fp16 loss `scale`, if any).
-    fn backward(mut self, scale: Option<f64>) -> Result<Vec<Option<Tensor>>> {
-        let mut loss = self.loss;
-        // fp16: back-propagate the scaled loss so that small gradients survive rounding.
-        if let Some(s) = scale {
-            loss = ops::scale(&mut self.tape, &loss, s)?;
+    fn backward(self, scale: Option<f64>) -> Result<Vec<Option<Tensor>>> {
+        match self {
+            Pending::Tape(mut tape, mut loss) => {
+                // fp16: back-propagate the scaled loss so that small gradients survive rounding.
+                if let Some(s) = scale {
+                    loss = ops::scale(&mut tape, &loss, s)?;
+                }
+                Ok(tape.backward(&loss)?.into_params())
+            }
+            Pending::Unscaled(grads) => Ok(grads),
+            Pending::Taken => Err(Error::invalid("backward", "the micro-batch's backward has already run")),
         }
-        Ok(self.tape.backward(&loss)?.into_params())
     }
 }

@@ -117,7 +117,14 @@ fn im2col(gpu: &Gpu, x: &CudaView<f32>, cols: &mut CudaViewMut<f32>, nb: usize, 
 
 /// y [C, nb S] from x [nb, C, S] (y[c, n, s] = x[n, c, s]), and with `sums` each row's sum
 /// (added to what `sums` holds when `accumulate`).
-fn channels_outer(gpu: &Gpu, x: &CudaView<f32>, y: &mut CudaViewMut<f32>, sums: Option<&mut CudaSlice<f32>>, accumulate: bool, (nb, c, s): (usize, usize, usize)) -> Result<()> {
+fn channels_outer(
+    gpu: &Gpu,
+    x: &CudaView<f32>,
+    y: &mut CudaViewMut<f32>,
+    sums: Option<&mut CudaSlice<f32>>,
+    accumulate: bool,
+    (nb, c, s): (usize, usize, usize),
+) -> Result<()> {
     const OP: &str = "channels_outer_f32";
     if x.len() != nb * c * s || y.len() != x.len() || sums.as_ref().is_some_and(|v| v.len() != c) {
         return Err(Error::invalid(OP, format!("{} and {} elements for [{nb}, {c}, {s}]", x.len(), y.len())));
