@@ -36,8 +36,16 @@
 #define __device__
 #define __forceinline__ inline
 #define __restrict__ __restrict
-// One block runs at a time, so a function's statics are its block's shared memory.
-#define __shared__ static
+// One block runs at a time, so a function's statics are its block's shared memory. They live in
+// one section, which every block starts with filled with NaN bytes (undefined contents on a GPU:
+// a kernel that reads shared memory it has not written, or expects it to start at zero or to
+// keep a previous block's values, reads NaN).
+#define __shared__ static __attribute__((section("fno_shared")))
+extern "C" char __start_fno_shared[] __attribute__((weak, visibility("hidden")));
+extern "C" char __stop_fno_shared[] __attribute__((weak, visibility("hidden")));
+inline void fno_fill_shared() {
+    if (__start_fno_shared && __stop_fno_shared > __start_fno_shared) memset(__start_fno_shared, 0xff, (size_t)(__stop_fno_shared - __start_fno_shared));
+}
 
 struct fno_dim3 {
     unsigned x, y, z;
@@ -207,6 +215,7 @@ class FnoScheduler {
 
     void run_block(unsigned b) {
         blockIdx = {b, 0, 0};
+        fno_fill_shared();
         for (unsigned t = 0; t < block_; t++) {
             Fiber& f = fibers_[t];
             f.state = Ready;

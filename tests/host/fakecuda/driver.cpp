@@ -2,14 +2,15 @@
 // the stand-in libcuda.so; see README.md here).
 //
 // One device (ordinal 0, "compute capability 9.0") with a primary context, the default stream,
-// events that need no waiting (everything runs when it is called), a memory table, modules made
-// from the embedded fatbin, and cuLaunchKernel running the real kernels (kernels.cpp). Strict
-// where a GPU is unforgiving: a current context on the calling thread for every call; fresh
-// allocations filled with NaN bytes; a guard page right after every buffer, so that a kernel
-// reading or writing one element past it faults (reported as CUDA_ERROR_ILLEGAL_ADDRESS, sticky,
-// as on a GPU); freed buffers kept unmapped for a while, so a use after free faults too; every
-// pointer given to a copy, a memset or a kernel inside a live allocation; launch geometry
-// within the limits. Each refusal prints why on stderr ("fakecuda: <call>: ...").
+// events, a memory table, modules made from the embedded fatbin, and cuLaunchKernel running the
+// real kernels (kernels.cpp). Strict where a GPU is unforgiving: a current context on the calling
+// thread for every call; fresh allocations filled with NaN bytes; a guard page right after every
+// buffer, so that a kernel reading or writing one element past it faults (reported as
+// CUDA_ERROR_ILLEGAL_ADDRESS, sticky, as on a GPU), and one before it, with NaN bytes between it
+// and the buffer's start (a write there is found after the launch); freed buffers kept unmapped
+// for a while, so a use after free faults too; copies to the host that arrive only at a
+// synchronisation; every pointer given to a copy, a memset or a kernel inside a live allocation;
+// launch geometry within the limits. Each refusal prints why on stderr ("fakecuda: <call>: ...").
 #include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
@@ -53,6 +54,10 @@ bool trace() {
 // ---------------------------------------------------------------------------------------------
 // Memory
 
+// An allocation's mapping: [guard page][slack][buffer][guard page]. The buffer ends where the
+// last guard page begins; the slack before it (less than a page) is filled with NaN bytes, so a
+// read just before the start sees NaN and one further back faults, and a write into the slack is
+// found after the launch (check_slack).
 struct Alloc {
     uint64_t base, size;
     char* map;
@@ -74,7 +79,7 @@ const Alloc* live_at(uint64_t p) {
 }
 const Alloc* freed_at(uint64_t p) {
     for (auto it = g_freed.rbegin(); it != g_freed.rend(); ++it) {
-        if (p >= it->base && p < it->base + it->size + kPage) return &*it;
+        if (p >= (uint64_t)it->map && p < (uint64_t)it->map + it->map_len) return &*it;
     }
     return nullptr;
 }
@@ -88,6 +93,14 @@ std::string describe(uint64_t p) {
         return buf;
     }
     auto it = g_live.upper_bound(p);
+    if (it != g_live.end()) {
+        const Alloc& a = it->second;
+        if (p >= (uint64_t)a.map && p < a.base) {
+            snprintf(buf, sizeof buf, "0x%llx is %llu bytes before the start of a %llu-byte allocation", (unsigned long long)p,
+                     (unsigned long long)(a.base - p), (unsigned long long)a.size);
+            return buf;
+        }
+    }
     if (it != g_live.begin()) {
         --it;
         const Alloc& a = it->second;
@@ -109,12 +122,14 @@ CUresult do_alloc(const char* api, CUdeviceptr* out, uint64_t bytes, bool pool) 
     }
     if (g_used + bytes > total_memory()) return CUDA_ERROR_OUT_OF_MEMORY;
     const uint64_t data = round_up(bytes, kPage);
-    char* m = (char*)mmap(nullptr, data + kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    char* m = (char*)mmap(nullptr, kPage + data + kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (m == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
-    mprotect(m + data, kPage, PROT_NONE);  // the guard page right after the buffer
-    const uint64_t base = (uint64_t)(m + data - bytes);
-    memset((void*)base, 0xff, bytes);  // uninitialised device memory: NaN in every float format
-    g_live[base] = Alloc{base, bytes, m, (size_t)(data + kPage), pool};
+    mprotect(m, kPage, PROT_NONE);                 // the guard page before the slack
+    mprotect(m + kPage + data, kPage, PROT_NONE);  // the guard page right after the buffer
+    const uint64_t base = (uint64_t)(m + kPage + data - bytes);
+    // Uninitialised device memory: NaN in every float format; the slack before it too.
+    memset(m + kPage, 0xff, data);
+    g_live[base] = Alloc{base, bytes, m, (size_t)(kPage + data + kPage), pool};
     g_used += bytes;
     if (pool) {
         g_pool_used += bytes;
@@ -162,6 +177,8 @@ struct FakeContext {
 };
 struct FakeEvent {
     unsigned magic = kMagic;
+    // The copies to the host enqueued before the event was recorded (see g_pending).
+    uint64_t copies = 0;
 };
 struct FakeModule {
     unsigned magic = kMagic;
@@ -177,6 +194,26 @@ struct FakePool {
 };
 
 namespace {
+// Copies to the host complete only at a synchronisation, as on a GPU: cuMemcpyDtoHAsync takes
+// the source's bytes at its place in the stream, fills the destination with NaN bytes, and the
+// bytes arrive when the stream, the context or an event recorded after the copy is waited for.
+// A host read before then sees NaN, not the data.
+struct PendingCopy {
+    uint64_t seq;
+    void* dst;
+    std::vector<char> bytes;
+};
+std::deque<PendingCopy> g_pending;
+uint64_t g_copies = 0;
+
+void complete_copies(uint64_t upto) {
+    while (!g_pending.empty() && g_pending.front().seq <= upto) {
+        PendingCopy& c = g_pending.front();
+        memcpy(c.dst, c.bytes.data(), c.bytes.size());
+        g_pending.pop_front();
+    }
+}
+
 FakeContext g_primary;
 FakePool g_pool;
 thread_local CUcontext t_current = nullptr;
@@ -306,6 +343,23 @@ FAKE_API int fakecuda_range_ok(const char* api, const char* what, uint64_t ptr, 
     if (align > 1 && ptr % align != 0) {
         fakecuda_say(api, "%s: 0x%llx is not aligned to %llu bytes", what, (unsigned long long)ptr, (unsigned long long)align);
         return 0;
+    }
+    return 1;
+}
+
+FAKE_API int fakecuda_slack_ok(const char* api, const char* what, uint64_t ptr) {
+    LOCK;
+    const Alloc* a = live_at(ptr);
+    if (!a) return 1;
+    const unsigned char* slack = (const unsigned char*)a->map + kPage;
+    const uint64_t n = a->base - (uint64_t)slack;
+    for (uint64_t i = 0; i < n; i++) {
+        if (slack[i] != 0xff) {
+            fakecuda_say(api, "%s: something was written %llu bytes before the start of its %llu-byte allocation", what, (unsigned long long)(n - i),
+                         (unsigned long long)a->size);
+            memset((void*)slack, 0xff, n);  // reported once
+            return 0;
+        }
     }
     return 1;
 }
@@ -464,6 +518,7 @@ FAKE_API CUresult cuCtxSetCurrent(CUcontext ctx) {
 FAKE_API CUresult cuCtxSynchronize() {
     LOCK;
     NEED_CONTEXT("cuCtxSynchronize");
+    complete_copies(g_copies);
     fakecuda_count("cuCtxSynchronize");
     return CUDA_SUCCESS;
 }
@@ -478,12 +533,14 @@ FAKE_API CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Streams and events: work runs when it is called, so waiting is only checking the handles.
+// Streams and events: work runs when it is called, except the copies to the host, which waiting
+// for the stream, the context or an event recorded after them completes.
 
 FAKE_API CUresult cuStreamSynchronize(CUstream s) {
     LOCK;
     NEED_CONTEXT("cuStreamSynchronize");
     NEED_STREAM("cuStreamSynchronize", s);
+    complete_copies(g_copies);
     fakecuda_count("cuStreamSynchronize");
     return CUDA_SUCCESS;
 }
@@ -516,13 +573,16 @@ FAKE_API CUresult cuEventRecord(CUevent e, CUstream s) {
     LOCK;
     NEED_CONTEXT("cuEventRecord");
     NEED_STREAM("cuEventRecord", s);
-    return event_ok("cuEventRecord", e) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+    if (!event_ok("cuEventRecord", e)) return CUDA_ERROR_INVALID_HANDLE;
+    e->copies = g_copies;
+    return CUDA_SUCCESS;
 }
 
 FAKE_API CUresult cuEventSynchronize(CUevent e) {
     LOCK;
     NEED_CONTEXT("cuEventSynchronize");
     if (!event_ok("cuEventSynchronize", e)) return CUDA_ERROR_INVALID_HANDLE;
+    complete_copies(e->copies);
     fakecuda_count("cuEventSynchronize");
     return CUDA_SUCCESS;
 }
@@ -530,7 +590,9 @@ FAKE_API CUresult cuEventSynchronize(CUevent e) {
 FAKE_API CUresult cuEventQuery(CUevent e) {
     LOCK;
     NEED_CONTEXT("cuEventQuery");
-    return event_ok("cuEventQuery", e) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+    if (!event_ok("cuEventQuery", e)) return CUDA_ERROR_INVALID_HANDLE;
+    complete_copies(e->copies);  // "complete" is what the query answers
+    return CUDA_SUCCESS;
 }
 
 FAKE_API CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned flags) {
@@ -643,7 +705,8 @@ FAKE_API CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t bytes,
     NEED_STREAM("cuMemcpyDtoHAsync_v2", s);
     if (bytes == 0) return CUDA_SUCCESS;
     if (!dst || !fakecuda_range_ok("cuMemcpyDtoHAsync_v2", "source", src, bytes, 1)) return CUDA_ERROR_INVALID_VALUE;
-    memcpy(dst, (const void*)src, bytes);
+    g_pending.push_back(PendingCopy{++g_copies, dst, std::vector<char>((const char*)src, (const char*)src + bytes)});
+    memset(dst, 0xff, bytes);
     fakecuda_count("cuMemcpyDtoHAsync_v2");
     return CUDA_SUCCESS;
 }

@@ -51,6 +51,10 @@ FAKE_API int fakecuda_stream_ok(const char* api, const void* stream);
 // 1 when [ptr, ptr + bytes) lies inside one live allocation (and ptr is aligned to `align`);
 // otherwise prints what `what` of `api` got wrong and returns 0. bytes may be 0.
 FAKE_API int fakecuda_range_ok(const char* api, const char* what, uint64_t ptr, uint64_t bytes, uint64_t align);
+// 1 unless something wrote into the bytes just before the start of ptr's allocation (the slack
+// between its first guard page and its start, filled with NaN bytes); otherwise says so, naming
+// `what` of `api`, and returns 0.
+FAKE_API int fakecuda_slack_ok(const char* api, const char* what, uint64_t ptr);
 // Bytes from ptr to the end of its live allocation (0 when ptr is in none).
 FAKE_API uint64_t fakecuda_bytes_after(uint64_t ptr);
 // Fills [ptr, ptr + bytes) with NaN bytes (0xff), as memory whose contents are undefined.

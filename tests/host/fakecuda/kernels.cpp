@@ -37,6 +37,17 @@ bool arg_ok(const char*, int, const T&) {
     return true;
 }
 template <typename T>
+bool slack_ok(const char*, int, const T&) {
+    return true;
+}
+template <typename T>
+bool slack_ok(const char* kernel, int i, T* const& p) {
+    if (p == nullptr) return true;
+    char what[160];
+    snprintf(what, sizeof what, "argument %d (%s)", i, type_name<T*>());
+    return fakecuda_slack_ok(kernel, what, (uint64_t)(uintptr_t)p) != 0;
+}
+template <typename T>
 bool arg_ok(const char* kernel, int i, T* const& p) {
     if (p == nullptr) return true;  // optional buffers are passed as null; the kernels test for it
     char what[160];
@@ -63,7 +74,9 @@ struct Launcher<void (*)(A...)> {
         // On a GPU such a launch faults when the pointer is used.
         if (!ok) return CUDA_ERROR_ILLEGAL_ADDRESS;
         fno_host_run(grid, block, [](const void* c) { std::apply(K, *static_cast<const Args*>(c)); }, &args);
-        return CUDA_SUCCESS;
+        // A write just before a buffer's start lands in its slack (not a guard page): found here.
+        ((ok = slack_ok(k->name, (int)I, std::get<I>(args)) && ok), ...);
+        return ok ? CUDA_SUCCESS : CUDA_ERROR_ILLEGAL_ADDRESS;
     }
 };
 
