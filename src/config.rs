@@ -564,6 +564,10 @@ pub struct TrainConfig {
     pub epochs: usize,
     /// Activations and GEMMs in `fp32`, `bf16` or `fp16` (see [`Precision`]).
     pub precision: Precision,
+    /// On a GPU, cuBLAS's GEMMs (the convolutions) in TF32 tensor-op math: their operands rounded
+    /// to 10 mantissa bits, for the tensor cores' rate. No effect on the CPU. The setting is the
+    /// process's for that GPU.
+    pub tf32: bool,
     /// fp16's dynamic loss scaling: the first scale; x2 after `loss_scale_growth_interval` clean
     /// updates in a row; x0.5 after `loss_scale_hysteresis` overflowing updates in a row (each
     /// one skipped), never below `loss_scale_min`. A non-finite loss skips the batch and keeps
@@ -663,6 +667,7 @@ impl Default for TrainConfig {
         TrainConfig {
             epochs: 50,
             precision: Precision::Fp32,
+            tf32: false,
             loss_scale_init: 65536.0,
             loss_scale_growth_interval: 2000,
             loss_scale_hysteresis: 1,

@@ -112,6 +112,8 @@ pub struct Gpu {
     blas: OnceLock<Mutex<CudaBlas>>,
     pub(crate) ffts: Mutex<HashMap<crate::backend::fft::cuda::PlanKey, crate::backend::fft::cuda::FftPlan>>,
     pool: Option<Pool>,
+    /// cuBLAS GEMMs in TF32 tensor-op math (`train.tf32`), for every later GEMM on this GPU.
+    tf32: std::sync::atomic::AtomicBool,
 }
 
 impl Gpu {
@@ -180,8 +182,29 @@ impl Gpu {
         }
     }
 
-    /// cuBLAS on this GPU's stream (created on first use), locked for the caller's calls.
+    /// Whether cuBLAS GEMMs on this GPU may round their operands to TF32 and use tensor cores
+    /// (`train.tf32`): about 8x the FP32 rate on an H100, operands with 10 mantissa bits instead
+    /// of 23. The setting is the process's for this GPU (every run in it that uses the GPU).
+    pub fn set_tf32(&self, on: bool) {
+        self.tf32.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn tf32(&self) -> bool {
+        self.tf32.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// cuBLAS on this GPU's stream (created on first use), locked for the caller's calls, in
+    /// the math mode [`Gpu::set_tf32`] chose.
     pub(crate) fn blas(&self) -> Result<std::sync::MutexGuard<'_, CudaBlas>> {
+        let blas = self.blas_handle()?;
+        use cudarc::cublas::sys::cublasMath_t as M;
+        let mode = if self.tf32() { M::CUBLAS_TF32_TENSOR_OP_MATH } else { M::CUBLAS_DEFAULT_MATH };
+        // SAFETY: a live handle, held locked by this thread.
+        unsafe { cudarc::cublas::sys::cublasSetMathMode(*blas.handle(), mode) }.result().map_err(|e| Error::cuda_call("cuBLAS math mode", e))?;
+        Ok(blas)
+    }
+
+    fn blas_handle(&self) -> Result<std::sync::MutexGuard<'_, CudaBlas>> {
         fn lock(m: &Mutex<CudaBlas>) -> Result<std::sync::MutexGuard<'_, CudaBlas>> {
             m.lock().map_err(|_| Error::invalid("cuBLAS", "a thread panicked during a GEMM"))
         }
@@ -208,7 +231,16 @@ impl Gpu {
             .load_module(cudarc::nvrtc::Ptx::from_binary(build_info::FATBIN.to_vec()))
             .map_err(cuda_err("loading the embedded fatbin (is the driver older than CUDA 13.0?)"))?;
         let stream = ctx.default_stream();
-        Ok(Gpu { ctx, stream, module, functions: Mutex::default(), blas: OnceLock::new(), ffts: Mutex::default(), pool: None })
+        Ok(Gpu {
+            ctx,
+            stream,
+            module,
+            functions: Mutex::default(),
+            blas: OnceLock::new(),
+            ffts: Mutex::default(),
+            pool: None,
+            tf32: std::sync::atomic::AtomicBool::new(false),
+        })
     }
 
     /// A kernel of the embedded fatbin by name (looked up once, then cached).

@@ -414,6 +414,10 @@ impl Generator {
     /// `cfg.in_channels()` channels (the grid lines' N x N amplitudes, Darcy's (a, x, y)), f32
     /// parameters on `dev`, activations and GEMMs in `train.precision`.
     pub fn for_run(cfg: &Config, dev: &Device) -> Result<Generator> {
+        // The run's GPU math: its GEMMs in TF32 or not (`train.tf32`).
+        if let Some(gpu) = dev.gpu_opt() {
+            gpu.set_tf32(cfg.train.tf32);
+        }
         Generator::build(&cfg.model, cfg.input_size(), cfg.in_channels(), dev, DType::F32, cfg.train.precision)
     }
 

@@ -5,9 +5,13 @@
 // leading dimensions at least the rows they describe (lda >= max(1, rows of op(A) as stored),
 // likewise ldb, ldc >= max(1, m)); every matrix's elements inside one live allocation; and C not
 // read when beta is 0 (it may hold NaN). One handle used from two threads at once is refused,
-// as it is not safe on a GPU either.
+// as it is not safe on a GPU either. In TF32 math mode (cublasSetMathMode with
+// CUBLAS_TF32_TENSOR_OP_MATH) every element of A and B is rounded to TF32 (10 mantissa bits, to
+// nearest, ties away from zero, as cvt.rna.tf32.f32) before it is multiplied, as a tensor core
+// takes it; the products are summed in double as in the default mode.
 #include <math.h>
 #include <stdio.h>
+#include <string.h>
 
 #include <atomic>
 
@@ -22,11 +26,13 @@ enum {
     CUBLAS_STATUS_NOT_SUPPORTED = 15,
 };
 enum { CUBLAS_OP_N = 0, CUBLAS_OP_T = 1, CUBLAS_OP_C = 2 };
+enum { CUBLAS_DEFAULT_MATH = 0, CUBLAS_PEDANTIC_MATH = 2, CUBLAS_TF32_TENSOR_OP_MATH = 3 };
 
 struct FakeBlas {
     unsigned magic = 0xb1a5;
     void* stream = nullptr;
     std::atomic<int> busy{0};
+    int math = CUBLAS_DEFAULT_MATH;
 };
 typedef FakeBlas* cublasHandle_t;
 
@@ -53,6 +59,15 @@ struct InUse {
 
 // Element (r, c) of op(X) where X is stored column-major with leading dimension ld.
 inline float at(const float* x, int op, int ld, long r, long c) { return op == CUBLAS_OP_N ? x[r + c * (long)ld] : x[c + r * (long)ld]; }
+
+// x rounded to TF32: 10 mantissa bits, to nearest with ties away from zero (NaN and inf kept).
+inline float tf32(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x1000u) & 0xffffe000u;
+    memcpy(&x, &u, 4);
+    return x;
+}
 
 // The extent in bytes of a stored rows x cols column-major matrix with leading dimension ld.
 inline uint64_t extent(long rows, long cols, int ld) { return rows == 0 || cols == 0 ? 0 : ((uint64_t)(cols - 1) * ld + rows) * 4; }
@@ -94,11 +109,12 @@ bool ranges_ok(const char* api, int ta, int tb, int m, int n, int k, const float
     return ok;
 }
 
-void gemm(int ta, int tb, int m, int n, int k, float alpha, const float* A, int lda, const float* B, int ldb, float beta, float* C, int ldc) {
+void gemm(bool round_tf32, int ta, int tb, int m, int n, int k, float alpha, const float* A, int lda, const float* B, int ldb, float beta, float* C, int ldc) {
+    auto in = [round_tf32](float v) { return (double)(round_tf32 ? tf32(v) : v); };
     for (long j = 0; j < n; j++) {
         for (long i = 0; i < m; i++) {
             double s = 0.0;
-            for (long p = 0; p < k; p++) s += (double)at(A, ta, lda, i, p) * (double)at(B, tb, ldb, p, j);
+            for (long p = 0; p < k; p++) s += in(at(A, ta, lda, i, p)) * in(at(B, tb, ldb, p, j));
             float& c = C[i + j * (long)ldc];
             // beta == 0: C is written, never read (BLAS semantics: it may hold NaN).
             c = beta == 0.0f ? (float)(alpha * s) : (float)(alpha * s + (double)beta * c);
@@ -129,6 +145,22 @@ FAKE_API cublasStatus_t cublasSetStream_v2(cublasHandle_t h, void* stream) {
     return CUBLAS_STATUS_SUCCESS;
 }
 
+FAKE_API cublasStatus_t cublasSetMathMode(cublasHandle_t h, int mode) {
+    if (!handle_ok("cublasSetMathMode", h)) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (mode != CUBLAS_DEFAULT_MATH && mode != CUBLAS_PEDANTIC_MATH && mode != CUBLAS_TF32_TENSOR_OP_MATH) {
+        fakecuda_say("cublasSetMathMode", "math mode %d is not modelled (default, pedantic and TF32 are)", mode);
+        return CUBLAS_STATUS_INVALID_VALUE;
+    }
+    h->math = mode;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+FAKE_API cublasStatus_t cublasGetMathMode(cublasHandle_t h, int* mode) {
+    if (!handle_ok("cublasGetMathMode", h) || !mode) return CUBLAS_STATUS_INVALID_VALUE;
+    *mode = h->math;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
 FAKE_API cublasStatus_t cublasSgemm_v2(cublasHandle_t h, int ta, int tb, int m, int n, int k, const float* alpha, const float* A, int lda, const float* B,
                                        int ldb, const float* beta, float* C, int ldc) {
     const char* api = "cublasSgemm_v2";
@@ -138,7 +170,7 @@ FAKE_API cublasStatus_t cublasSgemm_v2(cublasHandle_t h, int ta, int tb, int m, 
     fakecuda_lock();
     const bool ok = ranges_ok(api, ta, tb, m, n, k, A, lda, 0, B, ldb, 0, C, ldc, 0, 1);
     if (ok) {
-        gemm(ta, tb, m, n, k, *alpha, A, lda, B, ldb, *beta, C, ldc);
+        gemm(h->math == CUBLAS_TF32_TENSOR_OP_MATH, ta, tb, m, n, k, *alpha, A, lda, B, ldb, *beta, C, ldc);
         fakecuda_count(api);
     }
     fakecuda_unlock();
@@ -160,7 +192,8 @@ FAKE_API cublasStatus_t cublasSgemmStridedBatched(cublasHandle_t h, int ta, int 
     fakecuda_lock();
     const bool ok = ranges_ok(api, ta, tb, m, n, k, A, lda, sa, B, ldb, sb, C, ldc, sc, batch);
     if (ok) {
-        for (int b = 0; b < batch; b++) gemm(ta, tb, m, n, k, *alpha, A + b * sa, lda, B + b * sb, ldb, *beta, C + b * sc, ldc);
+        for (int b = 0; b < batch; b++)
+            gemm(h->math == CUBLAS_TF32_TENSOR_OP_MATH, ta, tb, m, n, k, *alpha, A + b * sa, lda, B + b * sb, ldb, *beta, C + b * sc, ldc);
         fakecuda_count(api);
     }
     fakecuda_unlock();
