@@ -108,7 +108,10 @@ fn ranks_meet_and_sum_in_rank_order() {
         assert_eq!(nccl.all_gather(s, a, 2, comm), 0);
         drop((_g1, _g3));
         nccl.destroy(comm);
-        (stream.clone_dtoh(&sum).unwrap(), stream.clone_dtoh(&all).unwrap())
+        let got = (stream.clone_dtoh(&sum).unwrap(), stream.clone_dtoh(&all).unwrap());
+        // A copy to the host is complete only once the stream is (the stand-in holds it to that).
+        stream.synchronize().unwrap();
+        got
     });
     let ordered = (1e8f32 + 3.0) + 3.0;
     for (r, (sum, all)) in out.iter().enumerate() {
@@ -178,6 +181,8 @@ fn one_rank_over_the_real_nccl() {
     comm.all_gather(&send, &mut all).unwrap();
     let mut sum = stream.alloc_zeros::<f32>(3).unwrap();
     comm.all_reduce(&send, &mut sum, &cudarc::nccl::ReduceOp::Sum).unwrap();
-    assert_eq!(stream.clone_dtoh(&all).unwrap(), vec![1.5, -2.0, 3.25]);
-    assert_eq!(stream.clone_dtoh(&sum).unwrap(), vec![1.5, -2.0, 3.25]);
+    let (all, sum) = (stream.clone_dtoh(&all).unwrap(), stream.clone_dtoh(&sum).unwrap());
+    stream.synchronize().unwrap();
+    assert_eq!(all, vec![1.5, -2.0, 3.25]);
+    assert_eq!(sum, vec![1.5, -2.0, 3.25]);
 }

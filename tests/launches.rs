@@ -100,3 +100,40 @@ fn every_launch_passes_the_kernels_parameters_in_order() {
     assert!(problems.is_empty(), "{} of {calls} launches do not match their kernels:\n{}", problems.len(), problems.join("\n"));
     assert!(calls >= SIGNATURES.len(), "found only {calls} launches of {} kernels", SIGNATURES.len());
 }
+
+/// The `pub(super)` / `pub(crate)` functions a file defines.
+fn twins_of(path: &Path) -> std::collections::BTreeSet<String> {
+    let src = std::fs::read_to_string(path).unwrap_or_default();
+    src.lines()
+        .filter_map(|l| l.trim_start().strip_prefix("pub(super) fn ").or_else(|| l.trim_start().strip_prefix("pub(crate) fn ")))
+        .map(|rest| rest.split(|c: char| !(c.is_alphanumeric() || c == '_')).next().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// An op's CPU reference and its GPU launcher keep one name in their family's folder
+/// (`<family>/cpu.rs` and `<family>/cuda.rs`), so that the one is found from the other; the GPU
+/// side's helpers that other families call (the GEMM, the partial sums) are the only extras.
+#[test]
+fn cpu_and_cuda_twins_keep_one_name() {
+    const GPU_HELPERS: [&str; 2] = ["gemm_rm", "channel_sum_partials"];
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/backend");
+    let mut problems = Vec::new();
+    let mut families = 0;
+    for e in std::fs::read_dir(&root).unwrap().flatten() {
+        let (cpu, cuda) = (e.path().join("cpu.rs"), e.path().join("cuda.rs"));
+        if !cpu.is_file() || !cuda.is_file() {
+            continue;
+        }
+        families += 1;
+        let (a, b) = (twins_of(&cpu), twins_of(&cuda));
+        let family = e.file_name().to_string_lossy().into_owned();
+        for f in a.difference(&b) {
+            problems.push(format!("{family}: cpu.rs has `{f}`, cuda.rs none of that name"));
+        }
+        for f in b.difference(&a).filter(|f| !GPU_HELPERS.contains(&f.as_str())) {
+            problems.push(format!("{family}: cuda.rs has `{f}`, cpu.rs none of that name"));
+        }
+    }
+    assert!(families >= 11, "found {families} op families");
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}

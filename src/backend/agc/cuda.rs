@@ -10,7 +10,7 @@ use crate::tensor::Tensor;
 
 /// g_u *= min(1, lambda max(|w_u|, eps) / |g_u|) per unit, in place (the kernel's optional
 /// per-unit factors are not asked for).
-pub(super) fn agc_unit(gpu: &Gpu, a: AgcParams, w: &Tensor, g: &mut Tensor) -> Result<()> {
+pub(super) fn agc(gpu: &Gpu, a: AgcParams, w: &Tensor, g: &mut Tensor) -> Result<()> {
     const OP: &str = "agc_unit_f32";
     let (pre, units, post) = a.units();
     let (w, g) = (w.cuda()?, g.cuda_mut()?);

@@ -41,5 +41,5 @@ pub fn agc(w: &Tensor, g: &mut Tensor, axis: Option<usize>, lambda: f64, eps: f6
     let a = AgcParams::new("agc", units, lambda, eps)?;
     own(g)?;
     let dev = g.device().clone();
-    on_device(&dev, g, |g| cpu::agc(w, g, units, lambda, eps), |gpu, g| cuda::agc_unit(gpu, a, w, g))
+    on_device(&dev, g, |g| cpu::agc(w, g, units, lambda, eps), |gpu, g| cuda::agc(gpu, a, w, g))
 }

@@ -20,7 +20,7 @@ fn hw(z: &Tensor) -> (usize, usize) {
     (d[d.len() - 3], d[d.len() - 2])
 }
 
-pub(super) fn mul(z: &Tensor, p: &Tensor, conj: bool, y: &mut Tensor) -> Result<()> {
+pub(super) fn complex_mul(z: &Tensor, p: &Tensor, conj: bool, y: &mut Tensor) -> Result<()> {
     let (h, w) = hw(z);
     let plane = 2 * h * w;
     with_float!(z.dtype(), "complex_mul", |T| {
@@ -41,7 +41,7 @@ pub(super) fn mul(z: &Tensor, p: &Tensor, conj: bool, y: &mut Tensor) -> Result<
     })
 }
 
-pub(super) fn abs(z: &Tensor, y: &mut Tensor) -> Result<()> {
+pub(super) fn complex_abs(z: &Tensor, y: &mut Tensor) -> Result<()> {
     with_float!(z.dtype(), "complex_abs", |T| {
         let zs = z.as_slice::<T>()?;
         y.as_mut_slice::<T>()?.par_chunks_mut(CHUNK).zip(zs.par_chunks(2 * CHUNK)).for_each(|(yc, zc)| {
@@ -53,7 +53,7 @@ pub(super) fn abs(z: &Tensor, y: &mut Tensor) -> Result<()> {
     })
 }
 
-pub(super) fn abs_bwd(z: &Tensor, dy: &Tensor, dz: &mut Tensor) -> Result<()> {
+pub(super) fn complex_abs_bwd(z: &Tensor, dy: &Tensor, dz: &mut Tensor) -> Result<()> {
     with_float!(z.dtype(), "complex_abs_bwd", |T| {
         let (zs, dys) = (z.as_slice::<T>()?, dy.as_slice::<T>()?);
         dz.as_mut_slice::<T>()?.par_chunks_mut(2 * CHUNK).zip(zs.par_chunks(2 * CHUNK).zip(dys.par_chunks(CHUNK))).for_each(|(dzc, (zc, dyc))| {
@@ -73,7 +73,7 @@ pub(super) fn abs_bwd(z: &Tensor, dy: &Tensor, dz: &mut Tensor) -> Result<()> {
     })
 }
 
-pub(super) fn angle(z: &Tensor, y: &mut Tensor) -> Result<()> {
+pub(super) fn complex_angle(z: &Tensor, y: &mut Tensor) -> Result<()> {
     with_float!(z.dtype(), "complex_angle", |T| {
         let zs = z.as_slice::<T>()?;
         y.as_mut_slice::<T>()?.par_chunks_mut(CHUNK).zip(zs.par_chunks(2 * CHUNK)).for_each(|(yc, zc)| {
@@ -85,7 +85,7 @@ pub(super) fn angle(z: &Tensor, y: &mut Tensor) -> Result<()> {
     })
 }
 
-pub(super) fn angle_bwd(z: &Tensor, dy: &Tensor, dz: &mut Tensor) -> Result<()> {
+pub(super) fn complex_angle_bwd(z: &Tensor, dy: &Tensor, dz: &mut Tensor) -> Result<()> {
     with_float!(z.dtype(), "complex_angle_bwd", |T| {
         let (zs, dys) = (z.as_slice::<T>()?, dy.as_slice::<T>()?);
         dz.as_mut_slice::<T>()?.par_chunks_mut(2 * CHUNK).zip(zs.par_chunks(2 * CHUNK).zip(dys.par_chunks(CHUNK))).for_each(|(dzc, (zc, dyc))| {

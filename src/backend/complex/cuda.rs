@@ -24,7 +24,7 @@ pub(super) fn complex_mul(gpu: &Gpu, z: &Tensor, p: &Tensor, conj: bool, y: &mut
 }
 
 /// y = |z| (`angle` false) or arg z; z [n, 2], y [n].
-pub(super) fn complex_unary(gpu: &Gpu, z: &Tensor, angle: bool, y: &mut Tensor) -> Result<()> {
+fn complex_unary(gpu: &Gpu, z: &Tensor, angle: bool, y: &mut Tensor) -> Result<()> {
     let (z, y) = (z.cuda()?, y.cuda_mut()?);
     let (cfg, n) = (elementwise_config(y.len()), y.len() as i64);
     check_len(if angle { "complex_angle_f32" } else { "complex_abs_f32" }, "z", z, 2 * y.len())?;
@@ -39,7 +39,7 @@ pub(super) fn complex_unary(gpu: &Gpu, z: &Tensor, angle: bool, y: &mut Tensor) 
 }
 
 /// dz from dy of |z| (`angle` false) or arg z; z, dz [n, 2], dy [n].
-pub(super) fn complex_unary_bwd(gpu: &Gpu, z: &Tensor, dy: &Tensor, angle: bool, dz: &mut Tensor) -> Result<()> {
+fn complex_unary_bwd(gpu: &Gpu, z: &Tensor, dy: &Tensor, angle: bool, dz: &mut Tensor) -> Result<()> {
     let (z, dy, dz) = (z.cuda()?, dy.cuda()?, dz.cuda_mut()?);
     let name = if angle { "complex_angle_bwd_f32" } else { "complex_abs_bwd_f32" };
     check_len(name, "z", z, 2 * dy.len())?;
@@ -53,4 +53,24 @@ pub(super) fn complex_unary_bwd(gpu: &Gpu, z: &Tensor, dy: &Tensor, angle: bool,
             kernels::complex_abs_bwd_f32(gpu, cfg, z, dy, dz, n)
         }
     }
+}
+
+/// y = |z|.
+pub(super) fn complex_abs(gpu: &Gpu, z: &Tensor, y: &mut Tensor) -> Result<()> {
+    complex_unary(gpu, z, false, y)
+}
+
+/// y = arg z.
+pub(super) fn complex_angle(gpu: &Gpu, z: &Tensor, y: &mut Tensor) -> Result<()> {
+    complex_unary(gpu, z, true, y)
+}
+
+/// dz of |z| from dy.
+pub(super) fn complex_abs_bwd(gpu: &Gpu, z: &Tensor, dy: &Tensor, dz: &mut Tensor) -> Result<()> {
+    complex_unary_bwd(gpu, z, dy, false, dz)
+}
+
+/// dz of arg z from dy.
+pub(super) fn complex_angle_bwd(gpu: &Gpu, z: &Tensor, dy: &Tensor, dz: &mut Tensor) -> Result<()> {
+    complex_unary_bwd(gpu, z, dy, true, dz)
 }

@@ -19,7 +19,7 @@ pub fn complex_mul(z: &Tensor, p: &Tensor, conj: bool) -> Result<Tensor> {
     if p.dims() != &zd[zd.len() - 3..] {
         return Err(Error::mismatch_because("complex_mul", z.shape(), p.shape(), "probe must be [H, W, 2] matching the field's last dimensions"));
     }
-    compute(z.shape().clone(), z, |y| cpu::mul(z, p, conj, y), |gpu, y| cuda::complex_mul(gpu, z, p, conj, y))
+    compute(z.shape().clone(), z, |y| cpu::complex_mul(z, p, conj, y), |gpu, y| cuda::complex_mul(gpu, z, p, conj, y))
 }
 
 /// The checks of a modulus or angle: z [.., 2] and, for a backward, dy [..].
@@ -38,25 +38,25 @@ fn check_unary(op: &'static str, z: &Tensor, dy: Option<&Tensor>) -> Result<()> 
 pub fn complex_abs(z: &Tensor) -> Result<Tensor> {
     let _p = super::profile::scope("complex_abs");
     check_unary("complex_abs", z, None)?;
-    compute(&z.dims()[..z.rank() - 1], z, |y| cpu::abs(z, y), |gpu, y| cuda::complex_unary(gpu, z, false, y))
+    compute(&z.dims()[..z.rank() - 1], z, |y| cpu::complex_abs(z, y), |gpu, y| cuda::complex_abs(gpu, z, y))
 }
 
 pub fn complex_abs_bwd(z: &Tensor, dy: &Tensor) -> Result<Tensor> {
     let _p = super::profile::scope("complex_abs_bwd");
     check_unary("complex_abs_bwd", z, Some(dy))?;
-    compute(z.shape().clone(), z, |dz| cpu::abs_bwd(z, dy, dz), |gpu, dz| cuda::complex_unary_bwd(gpu, z, dy, false, dz))
+    compute(z.shape().clone(), z, |dz| cpu::complex_abs_bwd(z, dy, dz), |gpu, dz| cuda::complex_abs_bwd(gpu, z, dy, dz))
 }
 
 /// y = arg z = atan2(im, re).
 pub fn complex_angle(z: &Tensor) -> Result<Tensor> {
     let _p = super::profile::scope("complex_angle");
     check_unary("complex_angle", z, None)?;
-    compute(&z.dims()[..z.rank() - 1], z, |y| cpu::angle(z, y), |gpu, y| cuda::complex_unary(gpu, z, true, y))
+    compute(&z.dims()[..z.rank() - 1], z, |y| cpu::complex_angle(z, y), |gpu, y| cuda::complex_angle(gpu, z, y))
 }
 
 /// dz = dy (-im, re) / |z|^2, defined as 0 at z = 0.
 pub fn complex_angle_bwd(z: &Tensor, dy: &Tensor) -> Result<Tensor> {
     let _p = super::profile::scope("complex_angle_bwd");
     check_unary("complex_angle_bwd", z, Some(dy))?;
-    compute(z.shape().clone(), z, |dz| cpu::angle_bwd(z, dy, dz), |gpu, dz| cuda::complex_unary_bwd(gpu, z, dy, true, dz))
+    compute(z.shape().clone(), z, |dz| cpu::complex_angle_bwd(z, dy, dz), |gpu, dz| cuda::complex_angle_bwd(gpu, z, dy, dz))
 }

@@ -10,7 +10,7 @@ use crate::error::Result;
 use crate::tensor::Element as _;
 use crate::tensor::Tensor;
 
-pub(crate) fn add_channel_bias(y: &mut Tensor, bias: &Tensor) -> Result<()> {
+pub(crate) fn channel_bias(y: &mut Tensor, bias: &Tensor) -> Result<()> {
     let (_, c, s) = bcs(y);
     with_float!(y.dtype(), "add_channel_bias", |T| {
         let bias = bias.as_slice::<T>()?;
@@ -103,7 +103,7 @@ pub(crate) fn roll2d(x: &Tensor, sh: usize, sw: usize, complex: bool, y: &mut Te
     })
 }
 
-pub(crate) fn pack(x: &Tensor, unpack: bool, y: &mut Tensor) -> Result<()> {
+pub(crate) fn pack_complex(x: &Tensor, unpack: bool, y: &mut Tensor) -> Result<()> {
     // Sizes of the channel form [B, 2C, S].
     let (b, c2, s) = if unpack { bcs(y) } else { bcs(x) };
     let c = c2 / 2;

@@ -43,7 +43,7 @@ pub(crate) fn check_channel_vec(op: &'static str, x: &Tensor, l: &Tensor) -> Res
 pub(crate) fn add_channel_bias(y: &mut Tensor, bias: &Tensor) -> Result<()> {
     let g = check_channel_vec("add_channel_bias", y, bias)?;
     let dev = y.device().clone();
-    on_device(&dev, y, |y| cpu::add_channel_bias(y, bias), |gpu, y| cuda::channel_bias(gpu, g, y, bias))
+    on_device(&dev, y, |y| cpu::channel_bias(y, bias), |gpu, y| cuda::channel_bias(gpu, g, y, bias))
 }
 
 /// y[b, c, ...] = x[b, c, ...] * l[c].
@@ -133,7 +133,7 @@ pub fn channels_to_complex(x: &Tensor) -> Result<Tensor> {
     d.push(2);
     let (b, c2, s) = bcs(x);
     let g = PlaneGeom { s: s as i64, b: int("channels_to_complex", b)?, c: int("channels_to_complex", c2 / 2)? };
-    compute(d, x, |y| cpu::pack(x, false, y), |gpu, y| cuda::pack_complex(gpu, g, x, false, y))
+    compute(d, x, |y| cpu::pack_complex(x, false, y), |gpu, y| cuda::pack_complex(gpu, g, x, false, y))
 }
 
 /// Complex [B, C, ..., 2] -> [B, 2C, ...] channels (real parts then imaginary parts).
@@ -144,7 +144,7 @@ pub fn complex_to_channels(z: &Tensor) -> Result<Tensor> {
     let mut d = z.dims()[..z.rank() - 1].to_vec();
     let g = PlaneGeom { s: (d[2..].iter().product::<usize>()) as i64, b: int("complex_to_channels", d[0])?, c: int("complex_to_channels", d[1])? };
     d[1] *= 2;
-    compute(d, z, |y| cpu::pack(z, true, y), |gpu, y| cuda::pack_complex(gpu, g, z, true, y))
+    compute(d, z, |y| cpu::pack_complex(z, true, y), |gpu, y| cuda::pack_complex(gpu, g, z, true, y))
 }
 
 /// Circular shift by (sh, sw) of the (H, W) dimensions; `complex` says a trailing 2 follows them.

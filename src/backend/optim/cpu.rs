@@ -15,7 +15,7 @@ use crate::error::Result;
 use crate::tensor::Element as _;
 use crate::tensor::Tensor;
 
-pub(super) fn adam(p: &mut Tensor, g: &Tensor, m: &mut Tensor, v: &mut Tensor, h: &AdamStep) -> Result<()> {
+pub(super) fn adam_step(p: &mut Tensor, g: &Tensor, m: &mut Tensor, v: &mut Tensor, h: &AdamStep) -> Result<()> {
     with_float!(p.dtype(), "adam_step", |T| {
         let gs = g.as_slice::<T>()?;
         let ms = m.as_mut_slice::<T>()?;
@@ -60,7 +60,7 @@ fn adam_piece_avx2<T: Float>(h: &AdamStep, pc: &mut [T], gc: &[T], mc: &mut [T],
     adam_piece(h, pc, gc, mc, vc)
 }
 
-pub(super) fn sgd(p: &mut Tensor, g: &Tensor, buf: Option<&mut Tensor>, h: &SgdStep) -> Result<()> {
+pub(super) fn sgd_step(p: &mut Tensor, g: &Tensor, buf: Option<&mut Tensor>, h: &SgdStep) -> Result<()> {
     with_float!(p.dtype(), "sgd_step", |T| {
         let gs = g.as_slice::<T>()?;
         let mut buf = buf;

@@ -96,7 +96,7 @@ pub fn adam_step(items: &mut [AdamTensors], h: &AdamStep) -> Result<()> {
         own(t.m)?;
         own(t.v)?;
     }
-    on_device(&dev, items, |items| items.iter_mut().try_for_each(|t| cpu::adam(t.p, t.g, t.m, t.v, h)), |gpu, items| cuda::adam_step(gpu, h, items))
+    on_device(&dev, items, |items| items.iter_mut().try_for_each(|t| cpu::adam_step(t.p, t.g, t.m, t.v, h)), |gpu, items| cuda::adam_step(gpu, h, items))
 }
 
 /// In place: the SGD update of p, with its momentum buffer when momentum > 0.
@@ -115,5 +115,5 @@ pub fn sgd_step(p: &mut Tensor, g: &Tensor, buf: Option<&mut Tensor>, h: &SgdSte
     };
     let dev = p.device().clone();
     let hp = SgdParams::of(h, p.numel());
-    on_device(&dev, (p, buf), |(p, buf)| cpu::sgd(p, g, buf, h), |gpu, (p, buf)| cuda::sgd_step(gpu, hp, p, g, buf))
+    on_device(&dev, (p, buf), |(p, buf)| cpu::sgd_step(p, g, buf, h), |gpu, (p, buf)| cuda::sgd_step(gpu, hp, p, g, buf))
 }

@@ -7,6 +7,11 @@ use crate::error::Result;
 use crate::tensor::Element as _;
 use crate::tensor::Tensor;
 
+/// out = sum x or sum x^2.
+pub(super) fn reduce(op: Reduce, x: &Tensor, y: &mut Tensor) -> Result<()> {
+    reduce_each(op, &[x], y)
+}
+
 pub(super) fn reduce_each(op: Reduce, xs: &[&Tensor], y: &mut Tensor) -> Result<()> {
     with_float!(y.dtype(), "reduce", |T| {
         let ys = y.as_mut_slice::<T>()?;

@@ -45,8 +45,18 @@ fn second_pass(gpu: &Gpu, partial: &CudaSlice<f32>, out: &mut CudaSlice<f32>, p:
     unsafe { kernels::reduce_final_f32(gpu, per_block_config(segments)?, partial, out, p) }
 }
 
-/// out[0] = sum x, sum x^2, or (with `y`) sum x y; the result stays on the GPU.
-pub(super) fn reduce(gpu: &Gpu, op: Reduce, x: &Tensor, y: Option<&Tensor>, out: &mut Tensor) -> Result<()> {
+/// out[0] = sum x or sum x^2; the result stays on the GPU.
+pub(super) fn reduce(gpu: &Gpu, op: Reduce, x: &Tensor, out: &mut Tensor) -> Result<()> {
+    two_pass(gpu, op, x, None, out)
+}
+
+/// out[0] = sum a b; the result stays on the GPU.
+pub(super) fn dot(gpu: &Gpu, a: &Tensor, b: &Tensor, out: &mut Tensor) -> Result<()> {
+    two_pass(gpu, Reduce::Sum, a, Some(b), out)
+}
+
+/// out[0] = sum x, sum x^2, or (with `y`) sum x y.
+fn two_pass(gpu: &Gpu, op: Reduce, x: &Tensor, y: Option<&Tensor>, out: &mut Tensor) -> Result<()> {
     let (x, y, out) = (x.cuda()?, y.map(Tensor::cuda).transpose()?, out.cuda_mut()?);
     check_len("reduce_final_f32", "out", out, 1)?;
     let code = match (op, y) {

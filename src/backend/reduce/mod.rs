@@ -19,7 +19,7 @@ pub enum Reduce {
 pub fn reduce(op: Reduce, x: &Tensor) -> Result<Tensor> {
     let _p = super::profile::scope("reduce");
     check_compute("reduce", x)?;
-    compute(Shape::scalar(), x, |y| cpu::reduce_each(op, &[x], y), |gpu, y| cuda::reduce(gpu, op, x, None, y))
+    compute(Shape::scalar(), x, |y| cpu::reduce(op, x, y), |gpu, y| cuda::reduce(gpu, op, x, y))
 }
 
 /// One reduction per tensor, [T]: what `reduce` gives for each, computed on the device in one go
@@ -36,5 +36,5 @@ pub fn dot(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let _p = super::profile::scope("dot");
     check_same("dot", &[a, b])?;
     check_eq("dot", a, b)?;
-    compute(Shape::scalar(), a, |y| cpu::dot(a, b, y), |gpu, y| cuda::reduce(gpu, Reduce::Sum, a, Some(b), y))
+    compute(Shape::scalar(), a, |y| cpu::dot(a, b, y), |gpu, y| cuda::dot(gpu, a, b, y))
 }

@@ -153,7 +153,7 @@ fn through_w<T: Float>(m: &MixDims, rows: &[usize], src: &[T], w: &[T], adjoint:
     scatter_spec(m, rows, &ym, c_out, dst);
 }
 
-pub(super) fn mix_fwd(xh: &Tensor, w: &Tensor, rows: &[usize], y: &mut Tensor) -> Result<()> {
+pub(super) fn spectral_mix_fwd(xh: &Tensor, w: &Tensor, rows: &[usize], y: &mut Tensor) -> Result<()> {
     let m = MixDims::new(xh.dims(), w.dims());
     with_float!(xh.dtype(), "spectral_mix_fwd", |T| {
         through_w(&m, rows, xh.as_slice::<T>()?, w.as_slice::<T>()?, false, y.as_mut_slice::<T>()?);
@@ -161,7 +161,7 @@ pub(super) fn mix_fwd(xh: &Tensor, w: &Tensor, rows: &[usize], y: &mut Tensor) -
     })
 }
 
-pub(super) fn mix_bwd_input(dyh: &Tensor, w: &Tensor, rows: &[usize], dxh: &mut Tensor) -> Result<()> {
+pub(super) fn spectral_mix_bwd_input(dyh: &Tensor, w: &Tensor, rows: &[usize], dxh: &mut Tensor) -> Result<()> {
     let m = MixDims::new(dyh.dims(), w.dims());
     with_float!(dyh.dtype(), "spectral_mix_bwd_input", |T| {
         through_w(&m, rows, dyh.as_slice::<T>()?, w.as_slice::<T>()?, true, dxh.as_mut_slice::<T>()?);
@@ -169,7 +169,7 @@ pub(super) fn mix_bwd_input(dyh: &Tensor, w: &Tensor, rows: &[usize], dxh: &mut 
     })
 }
 
-pub(super) fn mix_bwd_weight(xh: &Tensor, dyh: &Tensor, rows: &[usize], dw: &mut Tensor) -> Result<()> {
+pub(super) fn spectral_mix_bwd_weight(xh: &Tensor, dyh: &Tensor, rows: &[usize], dw: &mut Tensor) -> Result<()> {
     let m = MixDims::new(xh.dims(), dw.dims());
     with_float!(xh.dtype(), "spectral_mix_bwd_weight", |T| {
         let xm = gather_spec(&m, rows, xh.as_slice::<T>()?, m.ci);

@@ -144,7 +144,7 @@ pub fn spectral_mix(xh: &Tensor, w: &Tensor, modes: SpectralModes) -> Result<Ten
             modes.convention
         )
     })?;
-    compute([b, co, h, wh, 2], xh, |y| cpu::mix_fwd(xh, w, &g.rows(), y), |gpu, y| cuda::spectral_mix_fwd(gpu, g, xh, w, y))
+    compute([b, co, h, wh, 2], xh, |y| cpu::spectral_mix_fwd(xh, w, &g.rows(), y), |gpu, y| cuda::spectral_mix_fwd(gpu, g, xh, w, y))
 }
 
 /// dX = dY conj(W) summed over output channels, on the kept modes.
@@ -158,7 +158,7 @@ pub fn spectral_mix_bwd_input(dyh: &Tensor, w: &Tensor, modes: SpectralModes) ->
     let g = SpectralGeom::new(OP, (b, ci, co, h, wh), w.shape(), modes, |_, _| {
         format!("{} and {}: output gradient does not fit the weight", dyh.shape(), w.shape())
     })?;
-    compute([b, ci, h, wh, 2], dyh, |dx| cpu::mix_bwd_input(dyh, w, &g.rows(), dx), |gpu, dx| cuda::spectral_mix_bwd_input(gpu, g, dyh, w, dx))
+    compute([b, ci, h, wh, 2], dyh, |dx| cpu::spectral_mix_bwd_input(dyh, w, &g.rows(), dx), |gpu, dx| cuda::spectral_mix_bwd_input(gpu, g, dyh, w, dx))
 }
 
 /// dW = conj(X) dY summed over the batch, on the kept modes.
@@ -173,5 +173,5 @@ pub fn spectral_mix_bwd_weight(xh: &Tensor, dyh: &Tensor, w_shape: &Shape, modes
         return Err(Error::invalid(OP, fit(0, 0)));
     }
     let g = SpectralGeom::new(OP, (b, ci, co, h, wh), w_shape, modes, fit)?;
-    compute(w_shape.clone(), xh, |dw| cpu::mix_bwd_weight(xh, dyh, &g.rows(), dw), |gpu, dw| cuda::spectral_mix_bwd_weight(gpu, g, xh, dyh, dw))
+    compute(w_shape.clone(), xh, |dw| cpu::spectral_mix_bwd_weight(xh, dyh, &g.rows(), dw), |gpu, dw| cuda::spectral_mix_bwd_weight(gpu, g, xh, dyh, dw))
 }
