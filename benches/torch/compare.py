@@ -5,12 +5,15 @@
    same weights and must agree (relative error per tensor printed; exits 1 beyond 1e-3).
 2. Speed: the same training step (forward, physics loss, backward, global-norm clipping at 1.0,
    Adam) in rounds that alternate fnokern (`fnokern bench-step`) and PyTorch, each the median of
-   --steps steps; prints the medians over rounds and their ratio.
+   --steps steps; prints the medians over rounds and their ratio. With --device cuda both run on
+   GPU 0 (fnokern `bench-step --device cuda`, the twin on CUDA, each step synchronised).
 
 Usage: python compare.py --fnokern target/release/fnokern --preset cpu --depth 8 [--threads 2]
+       [--device cuda]
 """
 
 import argparse
+import os
 import re
 import statistics
 import subprocess
@@ -21,8 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import save_file
-from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 import twin  # noqa: E402
@@ -56,9 +57,9 @@ def parity(args, p, tmp):
     n, b = p["n"], p["batch"]
     diffraction = np.abs(rng.standard_normal((b, 1, n, n))).astype(np.float32)
     probe = (rng.standard_normal((n, n)) + 1j * rng.standard_normal((n, n))).astype(np.complex64)
-    save_file({"diffraction": diffraction, "probe": probe}, str(batch))
+    twin.save_file({"diffraction": diffraction, "probe": probe}, str(batch))
     run([args.fnokern, "grad", *common, "--weights", str(weights), "--batch", str(batch), "--out", str(out)])
-    ref = load_file(str(out))
+    ref = twin.load_file(str(out))
 
     model = twin.load(twin.Generator(args.depth, p["width"], p["max_channels"], p["modes"], n), str(weights))
     x = torch.from_numpy(diffraction)
@@ -76,13 +77,16 @@ def parity(args, p, tmp):
 
 def torch_step_ms(model, opt, x, probe, steps):
     times = []
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     for _ in range(steps):
+        sync()
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss = twin.normalized_amplitude_mae(model(x), x, probe)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        sync()
         times.append(1e3 * (time.perf_counter() - t))
     return statistics.median(times)
 
@@ -95,24 +99,34 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
     p = PRESETS[args.preset]
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         worst, weights, x = parity(args, p, Path(tmp))
-        model = twin.load(twin.Generator(args.depth, p["width"], p["max_channels"], p["modes"], p["n"]), str(weights))
-        probe = torch.randn(p["n"], p["n"], dtype=torch.complex64)
+        dev = torch.device(args.device)
+        model = twin.load(twin.Generator(args.depth, p["width"], p["max_channels"], p["modes"], p["n"]), str(weights)).to(dev)
+        x = x.to(dev)
+        probe = torch.randn(p["n"], p["n"], dtype=torch.complex64).to(dev)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         torch_step_ms(model, opt, x, probe, 2)  # warm-up: Adam's moments exist
         env = {"RAYON_NUM_THREADS": str(args.threads), "PATH": "/usr/bin:/bin"}
+        if args.device == "cuda":
+            # The GPU's driver and libraries, as the caller found them.
+            env["LD_LIBRARY_PATH"] = os.environ.get("LD_LIBRARY_PATH", "")
         ours, theirs = [], []
         for r in range(args.rounds):
-            line = run([args.fnokern, "bench-step", "--preset", args.preset, "--depth", str(args.depth), "--steps", str(args.steps)], env=env)
+            line = run(
+                [args.fnokern, "bench-step", "--preset", args.preset, "--depth", str(args.depth), "--steps", str(args.steps), "--device", args.device],
+                env=env,
+            )
             ours.append(float(re.search(r"median ([0-9.]+) ms", line).group(1)))
             theirs.append(torch_step_ms(model, opt, x, probe, args.steps))
             print(f"round {r + 1}: fnokern {ours[-1]:.1f} ms, torch {theirs[-1]:.1f} ms")
     f, t = statistics.median(ours), statistics.median(theirs)
-    print(f"{args.preset} preset, depth {args.depth}, batch {p['batch']}, {args.threads} threads: fnokern {f:.1f} ms, "
+    where = f"{args.threads} threads" if args.device == "cpu" else torch.cuda.get_device_name(0)
+    print(f"{args.preset} preset, depth {args.depth}, batch {p['batch']}, {where}: fnokern {f:.1f} ms, "
           f"PyTorch {torch.__version__} eager {t:.1f} ms per step; fnokern / PyTorch = {f / t:.2f}")
     if worst > 1e-3:
         sys.exit(f"parity failed: relative error {worst:.2e}")

@@ -26,7 +26,7 @@ class Spectral(nn.Module):
     def forward(self, x):
         b, c, h, w = x.shape
         xh = torch.fft.rfft2(x)
-        y = torch.zeros(b, self.weight.shape[1], h, w // 2 + 1, dtype=torch.complex64)
+        y = torch.zeros(b, self.weight.shape[1], h, w // 2 + 1, dtype=torch.complex64, device=x.device)
         m = self.cols
         top = torch.einsum("bixy,ioxy->boxy", xh[:, :, : self.pos, :m], self.weight[:, :, : self.pos])
         y[:, :, : self.pos, :m] = top
@@ -105,10 +105,26 @@ def normalized_amplitude_mae(out, diffraction, probe, probe_scale=0.25):
     return (amp - diffraction).abs().mean() / (diffraction.mean().detach() + 1e-8)
 
 
+def load_file(path):
+    """A safetensors file as {name: CPU tensor}: the `safetensors` package's reader where it is
+    installed, else safetensors_min's (a GPU host without network may lack the package)."""
+    try:
+        from safetensors.torch import load_file as read
+    except ImportError:
+        from safetensors_min import load_file as read
+    return read(path)
+
+
+def save_file(arrays, path):
+    """{name: numpy array} into a safetensors file (the package's writer, else the fallback's)."""
+    try:
+        from safetensors.numpy import save_file as write
+    except ImportError:
+        from safetensors_min import save_file as write
+    write(arrays, path)
+
+
 def load(model, path):
     """fnokern's safetensors weights into the twin, every name and shape checked."""
-    from safetensors.torch import load_file
-
-    state = load_file(path)
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(load_file(path), strict=True)
     return model
