@@ -5,7 +5,10 @@
    same weights and must agree (relative error per tensor printed; exits 1 beyond 1e-3).
 2. Speed: the same training step (forward, physics loss, backward, global-norm clipping at 1.0,
    Adam) in rounds that alternate fnokern (`fnokern bench-step`) and PyTorch, each the median of
-   --steps steps; prints the medians over rounds and their ratio. With --device cuda both run on
+   --steps steps; prints each side's median over rounds with its spread ((max - min) / median of
+   the rounds) and the ratio with the range of the per-round ratios. When a side's rounds spread
+   by more than --max-spread (15%), the machine was not quiet enough for a ratio: it says so and
+   exits 3 instead of printing one. With --device cuda both run on
    GPU 0 (fnokern `bench-step --device cuda`, the twin on CUDA, each step synchronised).
 
 Usage: python compare.py --fnokern target/release/fnokern --preset cpu --depth 8 [--threads 2]
@@ -98,7 +101,8 @@ def main():
     ap.add_argument("--depth", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--max-spread", type=float, default=0.15)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
     p = PRESETS[args.preset]
@@ -124,12 +128,23 @@ def main():
             ours.append(float(re.search(r"median ([0-9.]+) ms", line).group(1)))
             theirs.append(torch_step_ms(model, opt, x, probe, args.steps))
             print(f"round {r + 1}: fnokern {ours[-1]:.1f} ms, torch {theirs[-1]:.1f} ms")
-    f, t = statistics.median(ours), statistics.median(theirs)
     where = f"{args.threads} threads" if args.device == "cpu" else torch.cuda.get_device_name(0)
-    print(f"{args.preset} preset, depth {args.depth}, batch {p['batch']}, {where}: fnokern {f:.1f} ms, "
-          f"PyTorch {torch.__version__} eager {t:.1f} ms per step; fnokern / PyTorch = {f / t:.2f}")
+    spreads = {}
+    for name, xs in (("fnokern", ours), (f"PyTorch {torch.__version__} eager", theirs)):
+        m = statistics.median(xs)
+        spreads[name] = (max(xs) - min(xs)) / m
+        print(f"{name}: median {m:.1f} ms per step over {len(xs)} rounds ({min(xs):.1f}-{max(xs):.1f}, spread {100 * spreads[name]:.1f}%)")
     if worst > 1e-3:
         sys.exit(f"parity failed: relative error {worst:.2e}")
+    noisy = {k: v for k, v in spreads.items() if v > args.max_spread}
+    if noisy:
+        said = ", ".join(f"{k} {100 * v:.1f}%" for k, v in noisy.items())
+        print(f"no ratio: rounds spread by more than {100 * args.max_spread:.0f}% ({said}); the machine was not quiet enough, run again")
+        sys.exit(3)
+    ratios = [a / b for a, b in zip(ours, theirs)]
+    f, t = statistics.median(ours), statistics.median(theirs)
+    print(f"{args.preset} preset, depth {args.depth}, batch {p['batch']}, {where}: fnokern / PyTorch = {f / t:.2f} "
+          f"(medians {f:.1f} / {t:.1f} ms; per-round ratios {min(ratios):.2f}-{max(ratios):.2f})")
 
 
 if __name__ == "__main__":

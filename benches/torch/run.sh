@@ -14,5 +14,5 @@ if [ ! -x "$venv/bin/python" ]; then
   "$venv/bin/pip" install --quiet torch numpy safetensors neuraloperator matplotlib
 fi
 cargo build --release --quiet
-"$venv/bin/python" benches/torch/compare.py --fnokern target/release/fnokern --preset cpu --depth 8 --threads "$threads" --rounds 3 --steps 10
-"$venv/bin/python" benches/torch/compare.py --fnokern target/release/fnokern --preset study --depth 8 --threads "$threads" --rounds 3 --steps 3
+"$venv/bin/python" benches/torch/compare.py --fnokern target/release/fnokern --preset cpu --depth 8 --threads "$threads" --steps 10
+"$venv/bin/python" benches/torch/compare.py --fnokern target/release/fnokern --preset study --depth 8 --threads "$threads" --steps 3
