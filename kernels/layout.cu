@@ -7,6 +7,8 @@
 //                       channel_dot is deterministic
 //   copy_channels_f32:  concat: dst[b, off + c, s] = src[b, c, s]   (src [B, Cs, S], dst [B, Cd, S])
 //                       slice (slice = 1): dst[b, c, s] = src[b, off + c, s] (src [B, Cs, S], dst [B, Cd, S])
+//   concat2_f32:        y[b, c, s] = a[b, c, s] for c < ca, else bb[b, c - ca, s] (two parts in
+//                       one launch, the U-Net's skip joins); split2_f32 the reverse (their gradient)
 //   pack_complex_f32:   [B, 2C, S] (real channels, then imaginary) -> [B, C, S, 2], or back (unpack)
 //   roll2d_f32:         y[p, (i + sh) % H, (j + sw) % W, k] = x[p, i, j, k] over P planes, k < inner
 // Geometry: one thread per element (grid-stride), except channel_dot_partials_f32: one block per
@@ -54,6 +56,27 @@ extern "C" __global__ void copy_channels_f32(const float* __restrict__ src, floa
         const int c = bc % Cn, b = bc / Cn;
         if (g.slice) dst[i] = src[((int64_t)b * g.cs + g.off + c) * g.s + s];
         else dst[((int64_t)b * g.cd + g.off + c) * g.s + s] = src[i];
+    }
+}
+
+extern "C" __global__ void concat2_f32(const float* __restrict__ a, const float* __restrict__ bb, float* __restrict__ y, Concat2Geom g) {
+    const int C = g.ca + g.cb;
+    const int64_t n = (int64_t)g.b * C * g.s;
+    FNO_FOR(i, n) {
+        const int64_t s = i % g.s, bc = i / g.s;
+        const int c = bc % C, b = bc / C;
+        y[i] = c < g.ca ? a[((int64_t)b * g.ca + c) * g.s + s] : bb[((int64_t)b * g.cb + c - g.ca) * g.s + s];
+    }
+}
+
+extern "C" __global__ void split2_f32(const float* __restrict__ y, float* __restrict__ a, float* __restrict__ bb, Concat2Geom g) {
+    const int C = g.ca + g.cb;
+    const int64_t n = (int64_t)g.b * C * g.s;
+    FNO_FOR(i, n) {
+        const int64_t s = i % g.s, bc = i / g.s;
+        const int c = bc % C, b = bc / C;
+        if (c < g.ca) a[((int64_t)b * g.ca + c) * g.s + s] = y[i];
+        else bb[((int64_t)b * g.cb + c - g.ca) * g.s + s] = y[i];
     }
 }
 

@@ -41,6 +41,14 @@ struct CopyGeom {
 };
 static_assert(sizeof(CopyGeom) == 32, "CopyGeom");
 
+// layout.cu: two activations [b, ca, s] and [b, cb, s] side by side along channels in one
+// [b, ca + cb, s] (concat2_f32 joins them, split2_f32 takes them apart).
+struct Concat2Geom {
+    int64_t s;
+    int b, ca, cb;
+};
+static_assert(sizeof(Concat2Geom) == 24, "Concat2Geom");
+
 // layout.cu: a circular shift by (sh, sw) of planes of [h, w, inner].
 struct RollGeom {
     int64_t planes;

@@ -100,7 +100,16 @@ fn channel_ops_match_the_cpu() {
         let l = randn(dev, &[5], 3);
         let other = randn(dev, &[3, 2, 7, 9], 4);
         let cat = backend::concat_channels(&[&x, &other, &br]).unwrap();
+        // Two parts take the one-launch kernels (concat2_f32, split2_f32), three the per-part copies.
+        let cat2 = backend::concat_channels(&[&other, &x]).unwrap();
+        let split2 = backend::split_channels(&cat2, &[2, 5]).unwrap();
+        let split3 = backend::split_channels(&cat, &[5, 2, 5]).unwrap();
         vec![
+            out("concat of two", cat2),
+            out("split in two, first", split2[0].clone()),
+            out("split in two, second", split2[1].clone()),
+            out("split in three, second", split3[1].clone()),
+            out("split in three, third", split3[2].clone()),
             out("channel_scale", backend::channel_scale(&x, &l).unwrap()),
             out("channel_dot", backend::channel_dot(&x, Some(&br)).unwrap()),
             out("channel_sum", backend::channel_dot(&x, None).unwrap()),

@@ -39,7 +39,7 @@ pub use conv::{conv2d, conv2d_bwd_input, conv2d_bwd_params, conv2d_bwd_weight, c
 pub use elementwise::{add_into, affine, binary, broadcast_scalar, clamp, scale_by, scale_in_place, unary, unary_bwd, Binary, Unary};
 pub use fft::{fft2, irfft2, irfft2_bwd, rfft2, rfft2_bwd};
 pub use layerscale::{layerscale, layerscale_bwd};
-pub use layout::{channel_dot, channel_scale, channels_to_complex, complex_to_channels, concat_channels, roll2d, slice_channels};
+pub use layout::{channel_dot, channel_scale, channels_to_complex, complex_to_channels, concat_channels, roll2d, slice_channels, split_channels};
 pub use norm::{norm, norm_bwd, NormKind, NormOut};
 pub use optim::{adam_step, sgd_step, AdamStep, AdamTensors, SgdStep};
 pub use reduce::{dot, reduce, reduce_each, Reduce};

@@ -78,6 +78,16 @@ pub(crate) fn copy_channels(src: &Tensor, dst: &mut Tensor, g: &CopyGeom) -> Res
     })
 }
 
+/// y = the parts side by side along channels (one copy per part).
+pub(super) fn concat_channels(parts: &[&Tensor], geoms: &[CopyGeom], y: &mut Tensor) -> Result<()> {
+    parts.iter().zip(geoms).try_for_each(|(p, g)| copy_channels(p, y, g))
+}
+
+/// The parts of x along channels (one copy per part).
+pub(super) fn split_channels(x: &Tensor, geoms: &[CopyGeom], outs: &mut [Tensor]) -> Result<()> {
+    outs.iter_mut().zip(geoms).try_for_each(|(o, g)| copy_channels(x, o, g))
+}
+
 pub(crate) fn roll2d(x: &Tensor, sh: usize, sw: usize, complex: bool, y: &mut Tensor) -> Result<()> {
     let d = x.dims();
     let inner = if complex { 2 } else { 1 };

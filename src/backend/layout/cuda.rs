@@ -2,7 +2,7 @@
 
 use cudarc::driver::CudaSlice;
 
-use super::{CopyGeom, PlaneGeom, RollGeom};
+use super::{Concat2Geom, CopyGeom, PlaneGeom, RollGeom};
 use crate::backend::gpu::{check_len, elementwise_config, per_block_config, Gpu};
 use crate::backend::kernels;
 use crate::error::{Error, Result};
@@ -45,6 +45,37 @@ pub(crate) fn channel_sum_partials(gpu: &Gpu, g: PlaneGeom, partial: &CudaSlice<
     check_len("channel_sum_partials_f32", "out", out, g.c as usize)?;
     // SAFETY: lengths checked against the geometry.
     unsafe { kernels::channel_sum_partials_f32(gpu, elementwise_config(g.c as usize), partial, out, g) }
+}
+
+/// y = the parts side by side along channels: one launch for two parts (`concat2_f32`), else
+/// one copy per part.
+pub(super) fn concat_channels(gpu: &Gpu, parts: &[&Tensor], geoms: &[CopyGeom], y: &mut Tensor) -> Result<()> {
+    if let ([a, b], [ga, gb]) = (parts, geoms) {
+        let g = Concat2Geom { s: ga.s, b: ga.b, ca: ga.cs, cb: gb.cs };
+        let (a, bb, y) = (a.cuda()?, b.cuda()?, y.cuda_mut()?);
+        let n = g.b as usize * g.s as usize;
+        check_len("concat2_f32", "a", a, n * g.ca as usize)?;
+        check_len("concat2_f32", "bb", bb, n * g.cb as usize)?;
+        check_len("concat2_f32", "y", y, n * (g.ca + g.cb) as usize)?;
+        // SAFETY: lengths checked against the geometry.
+        return unsafe { kernels::concat2_f32(gpu, elementwise_config(y.len()), a, bb, y, g) };
+    }
+    parts.iter().zip(geoms).try_for_each(|(p, g)| copy_channels(gpu, *g, p, y))
+}
+
+/// The parts of x along channels: one launch for two parts (`split2_f32`), else one per part.
+pub(super) fn split_channels(gpu: &Gpu, x: &Tensor, geoms: &[CopyGeom], outs: &mut [Tensor]) -> Result<()> {
+    if let ([ga, gb], [a, b]) = (geoms, &mut *outs) {
+        let g = Concat2Geom { s: ga.s, b: ga.b, ca: ga.cd, cb: gb.cd };
+        let (y, a, bb) = (x.cuda()?, a.cuda_mut()?, b.cuda_mut()?);
+        let n = g.b as usize * g.s as usize;
+        check_len("split2_f32", "y", y, n * (g.ca + g.cb) as usize)?;
+        check_len("split2_f32", "a", a, n * g.ca as usize)?;
+        check_len("split2_f32", "bb", bb, n * g.cb as usize)?;
+        // SAFETY: lengths checked against the geometry.
+        return unsafe { kernels::split2_f32(gpu, elementwise_config(y.len()), y, a, bb, g) };
+    }
+    outs.iter_mut().zip(geoms).try_for_each(|(o, g)| copy_channels(gpu, *g, x, o))
 }
 
 pub(super) fn copy_channels(gpu: &Gpu, g: CopyGeom, src: &Tensor, dst: &mut Tensor) -> Result<()> {

@@ -6,7 +6,7 @@
 pub(crate) mod cpu;
 pub(crate) mod cuda;
 
-pub use super::kernels::{CopyGeom, PlaneGeom, RollGeom};
+pub use super::kernels::{Concat2Geom, CopyGeom, PlaneGeom, RollGeom};
 use super::{bcs, check_complex, check_compute, check_eq, check_same, check_spatial, compute, int, on_device};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -98,12 +98,31 @@ pub fn concat_channels(parts: &[&Tensor]) -> Result<Tensor> {
         geoms.push(g);
         off += p.dims()[1];
     }
-    compute(
-        dims,
-        first,
-        |y| parts.iter().zip(&geoms).try_for_each(|(p, g)| cpu::copy_channels(p, y, g)),
-        |gpu, y| parts.iter().zip(&geoms).try_for_each(|(p, g)| cuda::copy_channels(gpu, *g, p, y)),
-    )
+    compute(dims, first, |y| cpu::concat_channels(parts, &geoms, y), |gpu, y| cuda::concat_channels(gpu, parts, &geoms, y))
+}
+
+/// x [B, C, ...] cut along channels into parts of `widths` channels (summing to C): what
+/// [`concat_channels`] joined, taken apart (its gradient), in one launch for two parts on a GPU.
+pub fn split_channels(x: &Tensor, widths: &[usize]) -> Result<Vec<Tensor>> {
+    let _p = super::profile::scope("split_channels");
+    const OP: &str = "split_channels";
+    check_compute(OP, x)?;
+    if x.rank() < 2 || widths.iter().sum::<usize>() != x.dims()[1] || widths.is_empty() {
+        return Err(Error::bad_shape(OP, x.shape(), format!("channels do not split into parts of {widths:?}")));
+    }
+    let (b, c, s) = bcs(x);
+    let mut geoms = Vec::with_capacity(widths.len());
+    let mut outs = Vec::with_capacity(widths.len());
+    let mut off = 0;
+    for &w in widths {
+        geoms.push(CopyGeom { s: s as i64, b: int(OP, b)?, cs: int(OP, c)?, cd: int(OP, w)?, off: int(OP, off)?, slice: 1 });
+        let mut dims = x.dims().to_vec();
+        dims[1] = w;
+        outs.push(Tensor::uninit(dims, x.dtype(), x.device())?);
+        off += w;
+    }
+    on_device(x.device(), &mut outs, |outs| cpu::split_channels(x, &geoms, outs), |gpu, outs| cuda::split_channels(gpu, x, &geoms, outs))?;
+    Ok(outs)
 }
 
 /// Channels offset..offset + len of x [B, C, ...].
