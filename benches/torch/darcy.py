@@ -256,10 +256,19 @@ def train_fnokern(args, out):
     run_dir = out / "fnokern-run"
     done, before = 0, 0.0
     if run_dir.exists():
-        # Epochs the run has checkpointed: fnokern resumes after its last one.
-        done = json.loads((run_dir / "summary.json").read_text()).get("epochs_done", 0) if (run_dir / "summary.json").exists() else 0
-        rows = list(csv.DictReader(open(out / "fnokern.csv"))) if (out / "fnokern.csv").exists() else []
-        before = max([float(r["seconds"]) for r in rows if int(r["epoch"]) <= done] or [0.0])
+        # The epochs the run has ended are its own record (metrics.jsonl: fnokern resumes after
+        # the last of them); summary.json is written only when a run finishes, so an interrupted
+        # run has none. The CSV is rebuilt from that record, keeping the seconds it had.
+        epochs = [json.loads(l) for l in open(run_dir / "metrics.jsonl") if '"kind":"epoch"' in l] if (run_dir / "metrics.jsonl").exists() else []
+        done = len(epochs)
+        old = {int(r["epoch"]): r["seconds"] for r in csv.DictReader(open(out / "fnokern.csv"))} if (out / "fnokern.csv").exists() else {}
+        with open(out / "fnokern.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["epoch", "train_rel_l2", "test_rel_l2", "seconds"])
+            for e in epochs:
+                k = e["epoch"] + 1
+                w.writerow([k, f"{e['train_loss']:.5g}", f"{e['val_loss']:.5g}", old.get(k, "")])
+        before = max([float(v) for k, v in old.items() if k <= done and v] or [0.0])
     if done >= args.epochs:
         return
     # --stop-after-epochs counts the epochs of this invocation.
@@ -314,9 +323,14 @@ def summary(out):
         last = rows[-1]
         tail = [float(r["test_rel_l2"]) for r in rows[-10:]]
         sd = statistics.stdev(tail) if len(tail) > 1 else float("nan")
+        # Seconds per epoch: the median step between consecutive epochs whose times are known
+        # (an interrupted fnokern run's earliest epochs may have lost theirs).
+        known = [(int(r["epoch"]), float(r["seconds"])) for r in rows if r["seconds"]]
+        steps = [(b - a) / (j - i) for (i, a), (j, b) in zip(known, known[1:]) if j > i and b > a]
+        per = f"{statistics.median(steps):.1f} s per epoch" if steps else "time per epoch unknown"
         print(f"{label}: {last['epoch']} epochs, test relative L2 over epochs {rows[-len(tail)]['epoch']}-{last['epoch']}: "
               f"{statistics.mean(tail):.5f} ± {sd:.5f} (last {float(last['test_rel_l2']):.5f}); "
-              f"{float(last['seconds']) / int(last['epoch']):.1f} s per epoch (one thread each, side by side)")
+              f"{per} (one thread each, side by side)")
 
 
 def main():
