@@ -164,7 +164,8 @@ pub fn global_norm(grads: &[Option<Tensor>]) -> Result<f64> {
     Ok(sumsq_each(&present)?.iter().sum::<f64>().sqrt())
 }
 
-fn scale_all(grads: &mut [Option<Tensor>], k: f64) -> Result<()> {
+/// Every present gradient times k, in place.
+pub(crate) fn scale_all(grads: &mut [Option<Tensor>], k: f64) -> Result<()> {
     for g in grads.iter_mut().flatten() {
         backend::scale_in_place(g, k)?;
     }

@@ -792,31 +792,30 @@ impl Trainer {
         }
         trace(StepPoint::Loss);
         let loss_value = loss.value().clone();
-        let mut pending = Pending::Tape(t, loss);
-        let mut sq = None;
-        if let Some(scale) = early {
-            let mut grads = std::mem::replace(&mut pending, Pending::Taken).backward(scale)?;
-            let unscale = 1.0 / scale.unwrap_or(1.0);
-            if unscale != 1.0 {
-                for g in grads.iter_mut().flatten() {
-                    backend::scale_in_place(g, unscale)?;
+        let (pending, sq_on_device) = match early {
+            None => (Pending::Tape(t, loss), None),
+            Some(scale) => {
+                let mut grads = Pending::Tape(t, loss).backward(scale)?;
+                let unscale = 1.0 / scale.unwrap_or(1.0);
+                if unscale != 1.0 {
+                    optim::scale_all(&mut grads, unscale)?;
                 }
+                // No gradient at all: no sums to read, and none to clip with.
+                let sq = optim::sumsq_each_on_device(&grads.iter().flatten().collect::<Vec<_>>())?;
+                (Pending::Unscaled(grads), Some(sq))
             }
-            sq = optim::sumsq_each_on_device(&grads.iter().flatten().collect::<Vec<_>>())?;
-            pending = Pending::Unscaled(grads);
-        }
+        };
         let mut read: Vec<&Tensor> = vec![&input_sq, &loss_value];
-        read.extend(&sq);
-        let mut values = Tensor::to_f64_vecs(&read)?.into_iter();
-        let (input_sq, loss_value) = (values.next().unwrap_or_default(), values.next().unwrap_or_default());
+        read.extend(sq_on_device.iter().flatten());
+        let values = Tensor::to_f64_vecs(&read)?;
+        let [input_sq, loss_value, sums @ ..] = values.as_slice() else {
+            return Err(Error::invalid("step", format!("{} values read back for {} tensors", values.len(), read.len())));
+        };
         if !input_sq.first().is_some_and(|v| v.is_finite()) {
             return Ok(Local::BadInput);
         }
         let value = loss_value.first().copied().unwrap_or(f64::NAN) / per_sample;
-        let sq = match &pending {
-            Pending::Unscaled(_) => Some(values.next().unwrap_or_default()),
-            _ => None,
-        };
+        let sq = sq_on_device.map(|_| sums.first().cloned().unwrap_or_default());
         Ok(Local::Loss(Box::new(LocalLoss { pending, value, sq })))
     }
 
@@ -903,9 +902,7 @@ impl Trainer {
         let unscale = 1.0 / (self.micro as f64 * report.loss_scale.unwrap_or(1.0));
         self.micro = 0;
         if unscale != 1.0 && early_sq.is_none() {
-            for g in grads.iter_mut().flatten() {
-                backend::scale_in_place(g, unscale)?;
-            }
+            optim::scale_all(&mut grads, unscale)?;
         }
         trace(StepPoint::Gradients { grads: &grads, clipped: false });
         if let Some(parts) = &self.layer_ids {
@@ -989,7 +986,6 @@ struct LocalLoss {
 enum Pending {
     Tape(Tape, Var),
     Unscaled(Vec<Option<Tensor>>),
-    Taken,
 }
 
 impl Pending {
@@ -1004,7 +1000,6 @@ impl Pending {
                 Ok(tape.backward(&loss)?.into_params())
             }
             Pending::Unscaled(grads) => Ok(grads),
-            Pending::Taken => Err(Error::invalid("backward", "the micro-batch's backward has already run")),
         }
     }
 }
