@@ -53,6 +53,25 @@ impl Var {
 struct VarInfo {
     requires_grad: bool,
     param: Option<ParamId>,
+    /// The op that made it, when that op has this one output (see [`OpKey`]).
+    made_by: Option<OpKey>,
+}
+
+/// An op's place on its tape: its index among the ops recorded there (recording or not) and a
+/// fingerprint of its inputs' ids. A checkpoint body re-run on a fresh tape makes the same ops
+/// from the same vars in the same order, so the key names the same op in both runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct OpKey {
+    index: usize,
+    inputs: u64,
+}
+
+impl OpKey {
+    fn new(index: usize, inputs: &[&Var]) -> OpKey {
+        // FNV-1a over the ids: a mismatch between the two runs shows as a different key.
+        let inputs = inputs.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, v| (h ^ v.id as u64).wrapping_mul(0x0000_0100_0000_01b3));
+        OpKey { index, inputs }
+    }
 }
 
 type BackwardFn = Box<dyn FnOnce(&mut Ctx) -> Result<()>>;
@@ -148,6 +167,11 @@ pub struct Tape {
     param_vars: HashMap<ParamId, Var>,
     /// Where [`Tape::note`] writes; None (the default) makes a note free.
     probe: Option<ActivationProbe>,
+    /// Ops recorded so far, recording or not: the next op's index.
+    ops: usize,
+    /// In a checkpoint's recomputation: the segment's last output as the forward made it, and
+    /// the op that made it, which [`Tape::reuse_or`] then skips.
+    reuse: Option<Box<(OpKey, Tensor)>>,
 }
 
 impl Default for Tape {
@@ -200,6 +224,8 @@ impl Tape {
             params,
             param_vars: HashMap::new(),
             probe: None,
+            ops: 0,
+            reuse: None,
         }
     }
 
@@ -222,7 +248,7 @@ impl Tape {
     }
 
     fn new_var(&mut self, value: Tensor, requires_grad: bool, param: Option<ParamId>) -> Var {
-        self.vars.push(VarInfo { requires_grad, param });
+        self.vars.push(VarInfo { requires_grad, param, made_by: None });
         Var { id: self.vars.len() - 1, tape: self.id, value }
     }
 
@@ -292,9 +318,15 @@ impl Tape {
         backward: impl FnOnce(&mut Ctx) -> Result<()> + 'static,
     ) -> Result<Vec<Var>> {
         self.check_own(inputs)?;
+        let key = OpKey::new(self.ops, inputs);
+        self.ops += 1;
         let rg = self.recording && (reads_params || inputs.iter().any(|v| self.vars[v.id].requires_grad));
         let out_meta: Vec<(Shape, DType)> = outputs.iter().map(|t| (t.shape().clone(), t.dtype())).collect();
+        let single = outputs.len() == 1;
         let outs: Vec<Var> = outputs.into_iter().map(|t| self.new_var(t, rg, None)).collect();
+        if single {
+            self.vars[outs[0].id].made_by = Some(key);
+        }
         if rg {
             self.nodes.push(Node {
                 inputs: inputs.iter().map(|v| v.id).collect(),
@@ -304,6 +336,20 @@ impl Tape {
             });
         }
         Ok(outs)
+    }
+
+    /// The output of the one-output op about to be recorded with `inputs`: `compute()`, or, in a
+    /// checkpoint's recomputation, the value the forward pass gave the segment's last output when
+    /// this op is the one that made it (the same bits: the body is deterministic). Ops that can
+    /// end a segment call this; an op that does not only computes its output again.
+    pub fn reuse_or(&mut self, inputs: &[&Var], compute: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
+        match self.reuse.take() {
+            Some(kept) if kept.0 == OpKey::new(self.ops, inputs) => Ok(kept.1),
+            other => {
+                self.reuse = other;
+                compute()
+            }
+        }
     }
 
     /// [`Tape::record`] for an op with one output.
@@ -390,7 +436,13 @@ impl Tape {
         fwd.recording = false;
         fwd.probe = self.probe.clone();
         let leaves: Vec<Var> = inputs.iter().map(|v| fwd.leaf(v.value.clone(), false)).collect();
-        let out_values: Vec<Tensor> = body(&mut fwd, &leaves)?.into_iter().map(|v| v.value).collect();
+        let outs = body(&mut fwd, &leaves)?;
+        // The last output is kept for the recomputation, which takes it instead of computing it
+        // again (selective recomputation): it is what the model consumes next, so the node that
+        // consumes it holds it until just before this segment's backward, and keeping it costs no
+        // memory there.
+        let reuse = outs.last().and_then(|v| fwd.vars[v.id].made_by.map(|key| Box::new((key, v.value.clone()))));
+        let out_values: Vec<Tensor> = outs.into_iter().map(|v| v.value).collect();
         // Parameters read inside the body make the outputs depend on them even when no input
         // needs a gradient (e.g. the first segment, whose input is the data).
         let reads_params = !fwd.param_vars.is_empty();
@@ -401,8 +453,10 @@ impl Tape {
         let body = Rc::new(body);
         self.record_node(inputs, out_values, reads_params, move |ctx| {
             let mut sub = Tape::with_param_values(params);
+            sub.reuse = reuse;
             let leaves: Vec<Var> = saved.into_iter().enumerate().map(|(i, t)| sub.leaf(t, ctx.needs(i))).collect();
             let outs = body(&mut sub, &leaves)?;
+            sub.reuse = None;
             if outs.len() != ctx.grads_out.len() {
                 return Err(Error::Autograd(format!("checkpoint body gave {} outputs on recomputation and {} before", outs.len(), ctx.grads_out.len())));
             }

@@ -6,13 +6,13 @@ use crate::error::Result;
 
 /// PyTorch's conv2d: x [B, C_in, H, W], w [C_out, C_in, kh, kw], b [C_out].
 pub fn conv2d(tape: &mut Tape, x: &Var, w: &Var, b: Option<&Var>, p: Conv2dParams) -> Result<Var> {
-    let y = backend::conv2d(x.value(), w.value(), b.map(Var::value), p)?;
+    let mut inputs = vec![x, w];
+    inputs.extend(b);
+    let y = tape.reuse_or(&inputs, || backend::conv2d(x.value(), w.value(), b.map(Var::value), p))?;
     let sx = tape.requires_grad(w).then(|| x.value().clone());
     let sw = tape.requires_grad(x).then(|| w.value().clone());
     let (x_shape, w_shape) = (x.shape().clone(), w.shape().clone());
     let has_bias = b.is_some();
-    let mut inputs = vec![x, w];
-    inputs.extend(b);
     tape.record1(&inputs, y, move |ctx| {
         let dy = ctx.grad(0).clone();
         if let Some(w) = sw {
@@ -39,13 +39,13 @@ pub fn conv2d(tape: &mut Tape, x: &Var, w: &Var, b: Option<&Var>, p: Conv2dParam
 /// It is the adjoint of conv2d: its backward runs conv2d forward (for dx) and conv2d's weight
 /// gradient with the roles of input and output exchanged (for dw).
 pub fn conv_transpose2d(tape: &mut Tape, x: &Var, w: &Var, b: Option<&Var>, p: Conv2dParams) -> Result<Var> {
-    let y = backend::conv_transpose2d(x.value(), w.value(), b.map(Var::value), p)?;
+    let mut inputs = vec![x, w];
+    inputs.extend(b);
+    let y = tape.reuse_or(&inputs, || backend::conv_transpose2d(x.value(), w.value(), b.map(Var::value), p))?;
     let sx = tape.requires_grad(w).then(|| x.value().clone());
     let sw = tape.requires_grad(x).then(|| w.value().clone());
     let w_shape = w.shape().clone();
     let has_bias = b.is_some();
-    let mut inputs = vec![x, w];
-    inputs.extend(b);
     tape.record1(&inputs, y, move |ctx| {
         let dy = ctx.grad(0).clone();
         if let Some(w) = sw {

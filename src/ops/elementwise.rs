@@ -6,7 +6,7 @@ use crate::error::Result;
 use crate::tensor::Precision;
 
 fn unary_op(tape: &mut Tape, x: &Var, op: Unary) -> Result<Var> {
-    let y = backend::unary(op, x.value())?;
+    let y = tape.reuse_or(&[x], || backend::unary(op, x.value()))?;
     let saved = tape.requires_grad(x).then(|| x.value().clone());
     tape.record1(&[x], y, move |ctx| {
         if let Some(x) = saved {
@@ -63,7 +63,7 @@ pub fn round_to(tape: &mut Tape, x: &Var, precision: Precision) -> Result<Var> {
 }
 
 pub fn add(tape: &mut Tape, a: &Var, b: &Var) -> Result<Var> {
-    let y = backend::binary(Binary::Add, a.value(), b.value())?;
+    let y = tape.reuse_or(&[a, b], || backend::binary(Binary::Add, a.value(), b.value()))?;
     tape.record1(&[a, b], y, |ctx| {
         let g = ctx.grad(0).clone();
         ctx.add(0, g.clone())?;
@@ -178,7 +178,7 @@ pub fn channel_scale(tape: &mut Tape, x: &Var, l: &Var) -> Result<Var> {
 /// The LayerScale residual y = x + l[c] * branch: one fused kernel forward, and one fused
 /// backward (dbranch = l dy and dl = sum dy branch together) when both need a gradient.
 pub fn layerscale(tape: &mut Tape, x: &Var, branch: &Var, l: &Var) -> Result<Var> {
-    let y = backend::layerscale(x.value(), branch.value(), l.value())?;
+    let y = tape.reuse_or(&[x, branch, l], || backend::layerscale(x.value(), branch.value(), l.value()))?;
     let sb = tape.requires_grad(l).then(|| branch.value().clone());
     let sl = tape.requires_grad(branch).then(|| l.value().clone());
     tape.record1(&[x, branch, l], y, move |ctx| {

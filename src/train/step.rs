@@ -793,9 +793,9 @@ impl Trainer {
         trace(StepPoint::Loss);
         let loss_value = loss.value().clone();
         let (pending, sq_on_device) = match early {
-            None => (Pending::Tape(t, loss), None),
+            None => (Pending::Tape(Box::new(t), loss), None),
             Some(scale) => {
-                let mut grads = Pending::Tape(t, loss).backward(scale)?;
+                let mut grads = Pending::Tape(Box::new(t), loss).backward(scale)?;
                 let unscale = 1.0 / scale.unwrap_or(1.0);
                 if unscale != 1.0 {
                     optim::scale_all(&mut grads, unscale)?;
@@ -984,7 +984,7 @@ struct LocalLoss {
 
 /// A micro-batch's backward: still to run on its tape, or run early (the gradients unscaled).
 enum Pending {
-    Tape(Tape, Var),
+    Tape(Box<Tape>, Var),
     Unscaled(Vec<Option<Tensor>>),
 }
 
