@@ -240,9 +240,29 @@ pub(crate) fn map2<T: Float>(a: &[T], b: &[T], y: &mut [T], f: impl Fn(T, T) -> 
 
 /// sum_i f(a_i, b_i) in f64: fixed pieces summed in order, so the result does not depend on threads.
 pub(crate) fn sum_pairs<T: Float>(a: &[T], b: &[T], f: impl Fn(f64, f64) -> f64 + Sync) -> f64 {
-    let parts: Vec<f64> =
-        a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)).map(|(ac, bc)| ac.iter().zip(bc).map(|(&a, &b)| f(a.as_f64(), b.as_f64())).sum()).collect();
+    let parts: Vec<f64> = a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)).map(|(ac, bc)| sum_piece(ac, bc, &f)).collect();
     parts.iter().sum()
+}
+
+/// Independent accumulators of [`sum_piece`]: one f64 add chain waits 4 cycles per add (about
+/// 3 GB/s of f32); eight chains, which vectorise, run at memory speed.
+const LANES: usize = 8;
+
+/// sum_i f(a_i, b_i) of one piece in f64: value i goes to accumulator i mod 8, and the eight are
+/// added pairwise in a fixed order.
+pub(crate) fn sum_piece<T: Float>(a: &[T], b: &[T], f: &impl Fn(f64, f64) -> f64) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let (a8, b8) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (a8.remainder(), b8.remainder());
+    for (ca, cb) in a8.zip(b8) {
+        for i in 0..LANES {
+            acc[i] += f(ca[i].as_f64(), cb[i].as_f64());
+        }
+    }
+    for (i, (&x, &y)) in ra.iter().zip(rb).enumerate() {
+        acc[i] += f(x.as_f64(), y.as_f64());
+    }
+    ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
 }
 
 pub(crate) fn scalar<T: Float>(t: &Tensor) -> Result<T> {
