@@ -7,7 +7,7 @@
 //!   8 B C_in C_out R M_y (one complex multiply-add = 8 real FLOPs).
 //! Run: cargo bench --bench cpu_ops
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use fnokern::backend::{self, Conv2dParams};
 use fnokern::{DType, Device, ModeConvention, SpectralModes, Tensor};
 
@@ -75,4 +75,10 @@ criterion_group! {
     config = Criterion::default().sample_size(10).measurement_time(std::time::Duration::from_secs(3)).without_plots();
     targets = conv2d, spectral, gelu
 }
-criterion_main!(benches);
+// The main thread is worker 0 of rayon's pool, as in `fnokern` (main.rs): a parallel op called
+// from outside the pool waits for the pool to pick its work up, a cost training does not pay.
+fn main() {
+    rayon::ThreadPoolBuilder::new().use_current_thread().build_global().expect("the thread pool starts");
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -13,7 +13,7 @@
 //!
 //! Throughput is in patterns per second.
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, Criterion, Throughput};
 use fnokern::config::{presets, CheckpointPolicy};
 use fnokern::plan::SteadyState;
 use fnokern::Device;
@@ -86,4 +86,10 @@ criterion_group! {
     config = Criterion::default().without_plots();
     targets = step, step_study_cpu, step_gpu
 }
-criterion_main!(benches);
+// The main thread is worker 0 of rayon's pool, as in `fnokern` (main.rs): a parallel op called
+// from outside the pool waits for the pool to pick its work up, a cost training does not pay.
+fn main() {
+    rayon::ThreadPoolBuilder::new().use_current_thread().build_global().expect("the thread pool starts");
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
