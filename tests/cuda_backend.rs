@@ -329,6 +329,28 @@ fn one_training_step_of_a_small_generator_matches_the_cpu() {
     eprintln!("whole step: loss, {} gradients and their updates match", want.len() - 1);
 }
 
+#[test]
+#[cfg_attr(not(fnokern_kernels), ignore = "skipped: no kernels (built without nvcc; scripts/install-nvcc.sh installs it)")]
+fn no_two_blocks_of_a_launch_write_the_same_bytes() {
+    // The stand-in runs a launch's blocks one after another, so two blocks that update one value
+    // without an atomic still sum right there, while a GPU, running them at once, loses a write.
+    // Its race check (this thread's launches) fails such a launch. No kernel uses atomics, so
+    // every kernel of a training step, the multi-tensor Adam and clipping's reductions must pass.
+    let common::standin::Cuda::Standin(standin) = common::standin::cuda() else {
+        eprintln!("race check: skipped: the check is the stand-in's");
+        return;
+    };
+    let gpu = cuda("race check").expect("the stand-in opens");
+    standin.racecheck(true);
+    let (grads, _) = one_step(&step_config(), &gpu);
+    let tensors: Vec<&Tensor> = grads.iter().map(|(_, t)| t).collect();
+    let sums = backend::reduce_each(Reduce::SumSq, &tensors);
+    standin.racecheck(false);
+    let sums = sums.expect("clipping's sums of squares run").to_f64_vec().unwrap();
+    assert!(sums.iter().all(|s| s.is_finite()) && grads[0].1.to_f64_vec().unwrap()[0].is_finite());
+    eprintln!("race check: a training step's {} gradients and their sums of squares, no byte written twice", grads.len() - 1);
+}
+
 fn run_opts(dir: &Path) -> RunOptions {
     RunOptions::new(dir.to_path_buf())
 }

@@ -53,6 +53,16 @@ impl Standin {
         text.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.to_string(), v.parse().unwrap())).collect()
     }
 
+    /// The stand-in's race check for the launches this thread makes, on or off: a byte written
+    /// by two blocks of one launch then fails the launch (see its README).
+    pub fn racecheck(&self, on: bool) {
+        // SAFETY: fakecuda_racecheck(int) in tests/host/fakecuda/driver.cpp.
+        unsafe {
+            let f: libloading::Symbol<unsafe extern "C" fn(i32)> = self.libs[0].get(b"fakecuda_racecheck\0").unwrap();
+            f(on as i32)
+        }
+    }
+
     pub fn reset_calls(&self) {
         // SAFETY: fakecuda_reset_calls(void) in tests/host/fakecuda/driver.cpp.
         unsafe {

@@ -136,6 +136,10 @@ inline void fno_context_switch(FnoContext& from, FnoContext& to) { swapcontext(&
 // ---------------------------------------------------------------------------------------------
 // The scheduler of one launch.
 
+// When set (the stand-in driver's race check), called before and after each block of a launch.
+inline void (*fno_block_begin)(unsigned block) = nullptr;
+inline void (*fno_block_end)(unsigned block) = nullptr;
+
 class FnoScheduler {
   public:
     enum State : uint8_t { Ready, AtWarp, AtBlock, Done };
@@ -147,7 +151,11 @@ class FnoScheduler {
         warps_ = block / FNO_HOST_WARP;
         gridDim = {grid, 1, 1};
         blockDim = {block, 1, 1};
-        for (unsigned b = 0; b < grid; b++) run_block(b);
+        for (unsigned b = 0; b < grid; b++) {
+            if (fno_block_begin) fno_block_begin(b);
+            run_block(b);
+            if (fno_block_end) fno_block_end(b);
+        }
     }
 
     // Forgets a launch left in the middle (a fault jumped out of it): every stack goes back.

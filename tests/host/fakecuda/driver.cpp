@@ -246,7 +246,108 @@ const char* g_kernel_name = "";
 volatile uint64_t g_fault_addr = 0;
 struct sigaction g_old_segv, g_old_bus;
 
+// ---------------------------------------------------------------------------------------------
+// The race check (`fakecuda_racecheck`, per calling thread): a GPU runs the blocks of a launch at
+// once, so two blocks that write the same bytes without an atomic lose one of the writes, while
+// the stand-in, running blocks one after another, would sum right. No fnokern kernel uses
+// atomics: every output byte belongs to one block. With the check on, a launch makes every live
+// buffer read-only; a block's first write to a page faults, the page is copied and made writable
+// (the write then runs); when the block ends, the bytes that changed are compared with the
+// blocks before it, and the page is read-only again. Two blocks that changed one byte fail the
+// launch (CUDA_ERROR_LAUNCH_FAILED), naming the byte and both blocks.
+
+thread_local bool t_racecheck = false;
+constexpr size_t kRacePages = 4096;  // pages one block may write (16 MiB), checked
+struct RaceState {
+    std::vector<std::pair<char*, char*>> regions;  // read-only during the launch: [begin, end)
+    char* copies = nullptr;                        // kRacePages page copies (mmap)
+    char* pages[kRacePages];                       // the running block's written pages
+    size_t n = 0;
+    bool overflow = false;
+    unsigned block = 0;
+    std::unordered_map<uint64_t, std::vector<uint32_t>> owner;  // page -> block + 1 per byte
+    bool race = false;
+    uint64_t race_addr = 0;
+    unsigned race_a = 0, race_b = 0;
+};
+RaceState g_race;
+volatile sig_atomic_t g_race_on = 0;
+
+bool race_fault(void* addr) {
+    char* p = (char*)((uint64_t)addr & ~(kPage - 1));
+    for (const auto& [b, e] : g_race.regions) {
+        if (p >= b && p < e) {
+            if (g_race.n == kRacePages) {
+                g_race.overflow = true;
+                return false;
+            }
+            memcpy(g_race.copies + g_race.n * kPage, p, kPage);
+            g_race.pages[g_race.n++] = p;
+            mprotect(p, kPage, PROT_READ | PROT_WRITE);
+            return true;
+        }
+    }
+    return false;
+}
+
+void race_block_begin(unsigned b) {
+    g_race.block = b;
+    g_race.n = 0;
+}
+
+void race_block_end(unsigned b) {
+    for (size_t i = 0; i < g_race.n; i++) {
+        char* p = g_race.pages[i];
+        const char* before = g_race.copies + i * kPage;
+        std::vector<uint32_t>& own = g_race.owner[(uint64_t)p];
+        if (own.empty()) own.assign(kPage, 0);
+        for (size_t j = 0; j < kPage; j++) {
+            if (p[j] == before[j]) continue;
+            if (own[j] != 0 && own[j] != b + 1 && !g_race.race) {
+                g_race.race = true;
+                g_race.race_addr = (uint64_t)(p + j);
+                g_race.race_a = own[j] - 1;
+                g_race.race_b = b;
+            }
+            own[j] = b + 1;
+        }
+        mprotect(p, kPage, PROT_READ);
+    }
+    g_race.n = 0;
+}
+
+// Makes every live buffer read-only for the launch that follows.
+void race_begin() {
+    if (!g_race.copies) {
+        void* m = mmap(nullptr, kRacePages * kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) abort();
+        g_race.copies = (char*)m;
+    }
+    g_race.regions.clear();
+    g_race.owner.clear();
+    g_race.n = 0;
+    g_race.overflow = g_race.race = false;
+    for (const auto& [base, a] : g_live) {
+        char* b = (char*)(a.base & ~(kPage - 1));  // the page holding the slack and the start
+        char* e = (char*)round_up(a.base + a.size, kPage);
+        mprotect(b, e - b, PROT_READ);
+        g_race.regions.push_back({b, e});
+    }
+    fakecuda_set_block_hooks(race_block_begin, race_block_end);
+    g_race_on = 1;
+}
+
+// Every buffer writable again; the launch's verdict.
+void race_end() {
+    g_race_on = 0;
+    fakecuda_set_block_hooks(nullptr, nullptr);
+    for (const auto& [b, e] : g_race.regions) mprotect(b, e - b, PROT_READ | PROT_WRITE);
+    g_race.regions.clear();
+    g_race.owner.clear();
+}
+
 void on_fault(int sig, siginfo_t* info, void* uc) {
+    if (g_race_on && sig == SIGSEGV && pthread_equal(pthread_self(), g_kernel_thread) && race_fault(info->si_addr)) return;
     if (g_in_kernel && pthread_equal(pthread_self(), g_kernel_thread)) {
         g_fault_addr = (uint64_t)info->si_addr;
         g_in_kernel = 0;
@@ -391,6 +492,9 @@ FAKE_API size_t fakecuda_counters(char* buf, size_t len) {
     if (buf && len > 0) snprintf(buf, len, "%s", all.c_str());
     return all.size();
 }
+
+// The race check for the launches this thread makes from now on (see RaceState), on or off.
+FAKE_API void fakecuda_racecheck(int on) { t_racecheck = on != 0; }
 
 FAKE_API void fakecuda_reset_calls() {
     LOCK;
@@ -833,17 +937,34 @@ FAKE_API CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigne
     ensure_alt_stack();
     g_kernel_thread = pthread_self();
     g_kernel_name = name;
+    const bool racecheck = t_racecheck;
     if (sigsetjmp(g_fault_jmp, 1) != 0) {
         fakecuda_abandon_launch();
+        if (racecheck) race_end();
         LOCK;
         const uint64_t addr = g_fault_addr;
         fakecuda_say(name, "illegal memory access: %s", describe(addr).c_str());
         g_primary.sticky = CUDA_ERROR_ILLEGAL_ADDRESS;
         return CUDA_ERROR_ILLEGAL_ADDRESS;
     }
+    if (racecheck) race_begin();
     g_in_kernel = 1;
-    const CUresult r = f->kernel->launch(f->kernel, params, gx, bx);
+    CUresult r = f->kernel->launch(f->kernel, params, gx, bx);
     g_in_kernel = 0;
+    if (racecheck) {
+        race_end();
+        if (r == CUDA_SUCCESS && g_race.overflow) {
+            fakecuda_say(name, "race check: a block wrote more than %zu pages", kRacePages);
+            r = CUDA_ERROR_LAUNCH_FAILED;
+        } else if (r == CUDA_SUCCESS && g_race.race) {
+            const Alloc* a = live_at(g_race.race_addr);
+            const std::string where = a ? "byte " + std::to_string(g_race.race_addr - a->base) + " of a " + std::to_string(a->size) + "-byte allocation"
+                                        : describe(g_race.race_addr);
+            fakecuda_say(name, "blocks %u and %u of one launch both wrote %s: a GPU runs them at once, and without an atomic one write is lost",
+                         g_race.race_a, g_race.race_b, where.c_str());
+            r = CUDA_ERROR_LAUNCH_FAILED;
+        }
+    }
     if (r == CUDA_SUCCESS) fakecuda_count(name);
     if (r == CUDA_ERROR_ILLEGAL_ADDRESS) g_primary.sticky = r;
     return r;

@@ -95,3 +95,8 @@ const FakeKernel* fakecuda_kernel(const char* name) {
 }
 
 void fakecuda_abandon_launch() { fno_scheduler.abandon(); }
+
+void fakecuda_set_block_hooks(void (*begin)(unsigned), void (*end)(unsigned)) {
+    fno_block_begin = begin;
+    fno_block_end = end;
+}

@@ -13,3 +13,5 @@ struct FakeKernel {
 const FakeKernel* fakecuda_kernel(const char* name);
 // After a fault jumped out of a launch: forget its threads.
 void fakecuda_abandon_launch();
+// Hooks run before and after each block of the launches that follow (null: none).
+void fakecuda_set_block_hooks(void (*begin)(unsigned), void (*end)(unsigned));
