@@ -40,7 +40,14 @@ fn on_both(test: &str, atol: f64, rtol: f64, case: impl Fn(&Device) -> Outputs) 
     let want = case(&Device::cpu());
     assert!(!want.is_empty());
     let Some(gpu) = cuda(test) else { return };
+    // On the stand-in, with its race check: no two blocks of a launch may write the same bytes.
+    let standin = match common::standin::cuda() {
+        common::standin::Cuda::Standin(s) => Some(s),
+        _ => None,
+    };
+    standin.inspect(|s| s.racecheck(true));
     let got = case(&gpu);
+    standin.inspect(|s| s.racecheck(false));
     assert_eq!(want.len(), got.len());
     for ((name, w), (_, g)) in want.iter().zip(&got) {
         assert_eq!(g.device().kind(), DeviceKind::Cuda(0), "{name} was not computed on the GPU");
@@ -335,7 +342,8 @@ fn no_two_blocks_of_a_launch_write_the_same_bytes() {
     // The stand-in runs a launch's blocks one after another, so two blocks that update one value
     // without an atomic still sum right there, while a GPU, running them at once, loses a write.
     // Its race check (this thread's launches) fails such a launch. No kernel uses atomics, so
-    // every kernel of a training step, the multi-tensor Adam and clipping's reductions must pass.
+    // every kernel of a training step, the multi-tensor Adam, clipping's reductions and the
+    // FNO-2D's Darcy step must pass (and every op case of this file: `on_both` turns it on).
     let common::standin::Cuda::Standin(standin) = common::standin::cuda() else {
         eprintln!("race check: skipped: the check is the stand-in's");
         return;
@@ -345,7 +353,9 @@ fn no_two_blocks_of_a_launch_write_the_same_bytes() {
     let (grads, _) = one_step(&step_config(), &gpu);
     let tensors: Vec<&Tensor> = grads.iter().map(|(_, t)| t).collect();
     let sums = backend::reduce_each(Reduce::SumSq, &tensors);
+    let darcy = darcy_step(&gpu);
     standin.racecheck(false);
+    assert!(darcy[0].1.to_f64_vec().unwrap()[0].is_finite());
     let sums = sums.expect("clipping's sums of squares run").to_f64_vec().unwrap();
     assert!(sums.iter().all(|s| s.is_finite()) && grads[0].1.to_f64_vec().unwrap()[0].is_finite());
     eprintln!("race check: a training step's {} gradients and their sums of squares, no byte written twice", grads.len() - 1);
