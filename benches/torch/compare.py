@@ -129,22 +129,31 @@ def main():
             theirs.append(torch_step_ms(model, opt, x, probe, args.steps))
             print(f"round {r + 1}: fnokern {ours[-1]:.1f} ms, torch {theirs[-1]:.1f} ms")
     where = f"{args.threads} threads" if args.device == "cpu" else torch.cuda.get_device_name(0)
+    if worst > 1e-3:
+        sys.exit(f"parity failed: relative error {worst:.2e}")
+    if not sides_and_ratio(ours, theirs, f"{args.preset} preset, depth {args.depth}, batch {p['batch']}, {where}", args.max_spread):
+        sys.exit(3)
+
+
+def sides_and_ratio(ours, theirs, label, max_spread):
+    """Prints each side's median over its rounds (ms per step) with the spread, (max - min) /
+    median, then `label: fnokern / PyTorch = ratio` with the range of the per-round ratios; when a
+    side's rounds spread by more than `max_spread`, says that the machine was not quiet enough
+    instead of a ratio. Returns whether it printed a ratio."""
     spreads = {}
     for name, xs in (("fnokern", ours), (f"PyTorch {torch.__version__} eager", theirs)):
         m = statistics.median(xs)
         spreads[name] = (max(xs) - min(xs)) / m
         print(f"{name}: median {m:.1f} ms per step over {len(xs)} rounds ({min(xs):.1f}-{max(xs):.1f}, spread {100 * spreads[name]:.1f}%)")
-    if worst > 1e-3:
-        sys.exit(f"parity failed: relative error {worst:.2e}")
-    noisy = {k: v for k, v in spreads.items() if v > args.max_spread}
+    noisy = {k: v for k, v in spreads.items() if v > max_spread}
     if noisy:
         said = ", ".join(f"{k} {100 * v:.1f}%" for k, v in noisy.items())
-        print(f"no ratio: rounds spread by more than {100 * args.max_spread:.0f}% ({said}); the machine was not quiet enough, run again")
-        sys.exit(3)
+        print(f"no ratio: rounds spread by more than {100 * max_spread:.0f}% ({said}); the machine was not quiet enough, run again")
+        return False
     ratios = [a / b for a, b in zip(ours, theirs)]
     f, t = statistics.median(ours), statistics.median(theirs)
-    print(f"{args.preset} preset, depth {args.depth}, batch {p['batch']}, {where}: fnokern / PyTorch = {f / t:.2f} "
-          f"(medians {f:.1f} / {t:.1f} ms; per-round ratios {min(ratios):.2f}-{max(ratios):.2f})")
+    print(f"{label}: fnokern / PyTorch = {f / t:.2f} (medians {f:.1f} / {t:.1f} ms; per-round ratios {min(ratios):.2f}-{max(ratios):.2f})")
+    return True
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ generated data.
    must agree (relative error per tensor printed; exits 1 beyond 1e-3).
 3. Speed: the same training step (forward, relative L2 summed over the batch, backward, Adam with
    weight decay) in rounds alternating fnokern (`fnokern bench-step`) and PyTorch, each the median
-   of --steps steps, with --threads threads; prints the medians and their ratio.
+   of --steps steps, with --threads threads; prints each side's median and spread over the rounds
+   and their ratio, or no ratio when a side's rounds spread by more than --max-spread (15%).
 4. Training (--epochs E > 0): three trainings on the same data with the paper's schedule (Adam
    1e-3, weight decay 1e-4, batch 20, relative L2 summed over the batch, the rate halved every 100
    epochs), at the same time, one thread each, for E epochs: fnokern (`fnokern train --config
@@ -46,7 +47,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 import twin  # noqa: E402
-from compare import rel, run  # noqa: E402
+from compare import rel, run, sides_and_ratio  # noqa: E402
 
 
 class Layer(nn.Module):
@@ -167,9 +168,9 @@ def speed(args, data, weights):
         ours.append(float(re.search(r"median ([0-9.]+) ms", line).group(1)))
         theirs.append(torch_step_ms(model, opt, x, u, args.steps))
         print(f"round {r + 1}: fnokern {ours[-1]:.1f} ms, torch {theirs[-1]:.1f} ms")
-    f, t = statistics.median(ours), statistics.median(theirs)
-    print(f"Darcy FNO-2D s {data.s}, batch 20, {args.threads} threads: fnokern {f:.1f} ms, PyTorch {torch.__version__} eager {t:.1f} ms "
-          f"per step; fnokern / PyTorch = {f / t:.2f}")
+    # As compare.py: no ratio from rounds that spread by more than --max-spread (the trainings
+    # that follow run either way).
+    sides_and_ratio(ours, theirs, f"Darcy FNO-2D s {data.s}, batch 20, {args.threads} threads", args.max_spread)
 
 
 def csv_from(path, keep_upto):
@@ -345,6 +346,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--max-spread", type=float, default=0.15, help="no step-time ratio when a side's rounds spread by more than this fraction")
     ap.add_argument("--epochs", type=int, default=0)
     ap.add_argument("--plot-only", action="store_true", help="only draw OUT/curves.png from OUT's CSV files")
     args = ap.parse_args()
