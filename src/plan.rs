@@ -29,7 +29,7 @@ use crate::train::{StepOutcome, StepPoint, StepReport, Trainer};
 #[derive(Clone, Debug, PartialEq)]
 pub struct PartMemory {
     pub part: String,
-    pub resolution: usize,
+    pub resolution: crate::model::Grid,
     pub width: usize,
     pub params: u64,
     pub grads: u64,
@@ -264,7 +264,7 @@ impl Plan {
                 s,
                 "{:<26} {:>9} {:>6} {:>11} {:>11} {:>11} {:>13} {:>13}",
                 a.part,
-                format!("{0}x{0}", a.resolution),
+                a.resolution.to_string(),
                 a.width,
                 mib(a.params),
                 mib(a.grads),

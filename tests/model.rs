@@ -6,7 +6,7 @@
 use fnokern::autograd::Tape;
 use fnokern::config::{BlockKind, CheckpointPolicy, Config, ModelConfig, PrenormKind};
 use fnokern::gradcheck::{check_with_params, Input, Tolerance};
-use fnokern::model::{plan_levels, weights, Generator, Transition};
+use fnokern::model::{plan_grid_levels, plan_levels, weights, Generator, Grid, Transition};
 use fnokern::{ops, DType, Device, Tensor};
 
 mod common;
@@ -23,7 +23,7 @@ fn depth_8_at_n_64_builds_with_capped_widths() {
     let g = Generator::new(&cfg, 64, 1, &meta, DType::F32).unwrap();
     let levels = g.levels();
     assert_eq!(levels.len(), 8);
-    let res: Vec<usize> = levels.iter().map(|l| l.resolution).collect();
+    let res: Vec<usize> = levels.iter().map(|l| l.resolution.rows).collect();
     assert_eq!(res, [64, 32, 16, 8, 4, 4, 4, 4], "halve while >= min_resolution 4, then keep");
     let widths: Vec<usize> = levels.iter().map(|l| l.width).collect();
     assert_eq!(widths, [32, 64, 128, 256, 512, 512, 512, 512]);
@@ -58,28 +58,54 @@ fn parameter_count_matches_the_hand_derivation() {
 #[test]
 fn levels_keep_resolution_when_the_map_is_too_small() {
     let cfg = ModelConfig { depth: 4, min_resolution: 8, ..ModelConfig::default() };
-    let res: Vec<usize> = plan_levels(&cfg, 16).iter().map(|l| l.resolution).collect();
+    let res: Vec<usize> = plan_levels(&cfg, 16).iter().map(|l| l.resolution.rows).collect();
     assert_eq!(res, [16, 8, 8, 8]);
     // An odd map never halves (the transposed conv could not restore it).
-    let res: Vec<usize> = plan_levels(&cfg, 18).iter().map(|l| l.resolution).collect();
+    let res: Vec<usize> = plan_levels(&cfg, 18).iter().map(|l| l.resolution.rows).collect();
     assert_eq!(res, [18, 9, 9, 9]);
+}
+
+#[test]
+fn rectangular_maps_halve_both_sides_or_neither() {
+    let cfg = ModelConfig { depth: 4, min_resolution: 4, ..ModelConfig::default() };
+    let sides: Vec<(usize, usize)> = plan_grid_levels(&cfg, Grid { rows: 16, cols: 24 }).iter().map(|l| (l.resolution.rows, l.resolution.cols)).collect();
+    assert_eq!(sides, [(16, 24), (8, 12), (4, 6), (4, 6)], "4 x 6 stops: 2 < min_resolution");
+    // One odd side keeps both.
+    let sides: Vec<(usize, usize)> = plan_grid_levels(&cfg, Grid { rows: 16, cols: 10 }).iter().map(|l| (l.resolution.rows, l.resolution.cols)).collect();
+    assert_eq!(sides, [(16, 10), (8, 5), (8, 5), (8, 5)]);
+    // The spectral weights keep rows of both half-spectra of H and columns of W's rfft.
+    let g = Generator::new_grid(&small(BlockKind::Ptycho), Grid { rows: 8, cols: 12 }, 1, &Device::meta(), DType::F32).unwrap();
+    let enc0 = g.params.iter().find(|(_, n, _)| *n == "encoder.0.spectral.weight").map(|(_, _, t)| t.dims().to_vec()).unwrap();
+    assert_eq!(g.table()[1].modes, Some((6, 3)));
+    assert_eq!(enc0[2..4], [6, 3]);
+    let cpu = Device::cpu();
+    let g = Generator::new_grid(&small(BlockKind::Ptycho), Grid { rows: 8, cols: 12 }, 1, &cpu, DType::F32).unwrap();
+    let mut t = Tape::with_params(&g.params);
+    let x = t.constant(Tensor::zeros([1, 1, 12, 8], DType::F32, &cpu).unwrap());
+    let err = g.forward(&mut t, &x).unwrap_err().to_string();
+    assert!(err.contains("[B, C, H, W]"), "{err}");
 }
 
 /// Whole-generator gradient check (f64; depth 3, width 4, N 16) for the input and every parameter
 /// of every block variant (up to 12 entries per tensor, spread over it).
 fn whole_generator_check(block: BlockKind, prenorm: PrenormKind) {
+    grid_generator_check(block, prenorm, Grid::square(16));
+}
+
+/// The same check on `grid` maps.
+fn grid_generator_check(block: BlockKind, prenorm: PrenormKind, grid: Grid) {
     let dev = Device::cpu();
     let mut cfg = small(block);
     cfg.prenorm = prenorm;
     // Non-trivial gains, so that every branch carries gradient (zero_gamma starts at 0, which is
     // its point, but then its branch parameters would get exactly 0 and test nothing).
-    let mut g = Generator::new(&cfg, 16, 1, &dev, DType::F64).unwrap();
+    let mut g = Generator::new_grid(&cfg, grid, 1, &dev, DType::F64).unwrap();
     let ids: Vec<_> =
         g.params.iter().filter(|(_, n, _)| n.ends_with("norm.weight") || n.ends_with(".scale")).map(|(id, _, v)| (id, v.shape().clone())).collect();
     for (k, (id, shape)) in ids.into_iter().enumerate() {
         g.params.set(id, Tensor::rand_uniform(shape, 0.5, 1.5, 50 + k as u64, DType::F64, &dev).unwrap()).unwrap();
     }
-    let x = Tensor::randn([2, 1, 16, 16], 1.0, 7, DType::F64, &dev).unwrap();
+    let x = Tensor::randn([2, 1, grid.rows, grid.cols], 1.0, 7, DType::F64, &dev).unwrap();
     let gen = &g;
     let f = move |t: &mut Tape, v: &[fnokern::Var]| gen.forward(t, &v[0]);
     let report = check_with_params(&g.params, vec![Input::var(x)], &f, Tolerance::default(), 3, 12).unwrap();
@@ -115,6 +141,12 @@ fn gradcheck_generator_prenorm_layer() {
 #[test]
 fn gradcheck_generator_zero_gamma() {
     whole_generator_check(BlockKind::ZeroGamma, PrenormKind::Rms);
+}
+#[test]
+fn gradcheck_generator_on_rectangular_maps() {
+    // 16 x 24 -> 8 x 12 -> 4 x 6: a swapped H and W anywhere in the model gives a wrong shape or
+    // a wrong gradient here, where square maps hide it.
+    grid_generator_check(BlockKind::LayerscaleNorm, PrenormKind::Rms, Grid { rows: 16, cols: 24 });
 }
 
 fn step(g: &Generator, x: &Tensor) -> (Vec<f64>, Vec<Vec<f64>>) {

@@ -2,9 +2,10 @@
 //!
 //! lifter:      conv3x3(C -> w) -> GELU -> conv3x3(w -> w)
 //! encoder i:   block at (r_i, c_i); its output is the skip of level i (all but the last)
-//! transition:  conv2x2 stride 2 to (r_i / 2, min(2 c_i, max_channels)) while r_i / 2 stays at
-//!              least `min_resolution` (and r_i is even); otherwise conv3x3 stride 1 at the same
-//!              width, so any depth builds at any N
+//! transition:  conv2x2 stride 2 to (r_i / 2, min(2 c_i, max_channels)) while both sides of r_i
+//!              are even and their halves stay at least `min_resolution`; otherwise conv3x3
+//!              stride 1 at the same width, so any depth builds at any N (or H x W: the maps need
+//!              not be square)
 //! bottleneck:  one more block at the last level, modes / 2
 //! decoder j:   (deepest first) up = the transition's adjoint (conv-transpose 2x2 stride 2, or
 //!              conv3x3), concat [up, skip_j], conv3x3(2 c_j -> c_j) -> GELU -> conv3x3(c_j -> c_j)
@@ -41,22 +42,54 @@ pub enum Transition {
     Same,
 }
 
+/// The rows and columns of a level's maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grid {
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl Grid {
+    pub fn square(n: usize) -> Grid {
+        Grid { rows: n, cols: n }
+    }
+    /// The shorter side.
+    pub fn min_side(self) -> usize {
+        self.rows.min(self.cols)
+    }
+    pub fn points(self) -> usize {
+        self.rows * self.cols
+    }
+}
+
+impl std::fmt::Display for Grid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}", self.rows, self.cols)
+    }
+}
+
 /// One encoder level's geometry.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LevelSpec {
-    pub resolution: usize,
+    pub resolution: Grid,
     pub width: usize,
     /// How this level passes to the next (None for the last level).
     pub next: Option<Transition>,
 }
 
-/// The level geometry a config gives at input size n.
+/// The level geometry a config gives at input size N x N.
 pub fn plan_levels(cfg: &ModelConfig, n: usize) -> Vec<LevelSpec> {
+    plan_grid_levels(cfg, Grid::square(n))
+}
+
+/// The level geometry a config gives on H x W maps: a level halves both sides or neither.
+pub fn plan_grid_levels(cfg: &ModelConfig, grid: Grid) -> Vec<LevelSpec> {
     let mut levels = Vec::with_capacity(cfg.depth);
-    let (mut r, mut c) = (n, cfg.width);
+    let (mut r, mut c) = (grid, cfg.width);
+    let halves = |n: usize| n % 2 == 0 && n / 2 >= cfg.min_resolution;
     for i in 0..cfg.depth {
         let next = (i + 1 < cfg.depth).then_some({
-            if r % 2 == 0 && r / 2 >= cfg.min_resolution {
+            if halves(r.rows) && halves(r.cols) {
                 Transition::Down
             } else {
                 Transition::Same
@@ -64,7 +97,7 @@ pub fn plan_levels(cfg: &ModelConfig, n: usize) -> Vec<LevelSpec> {
         });
         levels.push(LevelSpec { resolution: r, width: c, next });
         if next == Some(Transition::Down) {
-            r /= 2;
+            r = Grid { rows: r.rows / 2, cols: r.cols / 2 };
             c = (2 * c).min(cfg.max_channels);
         }
     }
@@ -232,7 +265,7 @@ impl DecoderLevel {
 #[derive(Clone, Debug)]
 pub struct TableRow {
     pub part: String,
-    pub resolution: usize,
+    pub resolution: Grid,
     pub width: usize,
     /// Kept (rows, cols) of its spectral convolution, if it has one.
     pub modes: Option<(usize, usize)>,
@@ -246,7 +279,8 @@ pub struct TableRow {
 /// standard FNO-2D).
 pub struct Generator {
     pub config: ModelConfig,
-    pub n: usize,
+    /// The input maps' rows and columns.
+    pub grid: Grid,
     pub in_channels: usize,
     pub params: ParamStore,
     /// The working precision of activations and GEMMs, fixed when the generator is built.
@@ -361,9 +395,9 @@ impl Builder<'_> {
     }
 
     /// A residual block of table row `part`.
-    fn block(&mut self, prefix: &str, part: usize, cfg: &ModelConfig, c: usize, r: usize, modes: usize) -> Result<Block> {
+    fn block(&mut self, prefix: &str, part: usize, cfg: &ModelConfig, c: usize, r: Grid, modes: usize) -> Result<Block> {
         let modes = SpectralModes::new(modes, cfg.mode_convention);
-        let ws = modes.weight_shape(c, c, r, r);
+        let ws = modes.weight_shape(c, c, r.rows, r.cols);
         // CN(0, 1) / sqrt(C_in): real and imaginary parts N(0, 1/2) each.
         let seed = self.next_seed();
         let spectral = self.add(
@@ -418,31 +452,37 @@ impl Generator {
         if let Some(gpu) = dev.gpu_opt() {
             gpu.set_tf32(cfg.train.tf32);
         }
-        Generator::build(&cfg.model, cfg.input_size(), cfg.in_channels(), dev, DType::F32, cfg.train.precision)
+        Generator::build(&cfg.model, Grid::square(cfg.input_size()), cfg.in_channels(), dev, DType::F32, cfg.train.precision)
     }
 
     /// Builds a generator with fp32 activations for N x N inputs with `in_channels` channels, parameters on `dev`.
     pub fn new(cfg: &ModelConfig, n: usize, in_channels: usize, dev: &Device, dtype: DType) -> Result<Generator> {
-        Generator::build(cfg, n, in_channels, dev, dtype, Precision::Fp32)
+        Generator::build(cfg, Grid::square(n), in_channels, dev, dtype, Precision::Fp32)
     }
 
-    fn build(cfg: &ModelConfig, n: usize, in_channels: usize, dev: &Device, dtype: DType, precision: Precision) -> Result<Generator> {
-        cfg.validate(n)?;
+    /// [`Generator::new`] for H x W inputs (the workloads' data are square; the model is not
+    /// bound to it).
+    pub fn new_grid(cfg: &ModelConfig, grid: Grid, in_channels: usize, dev: &Device, dtype: DType) -> Result<Generator> {
+        Generator::build(cfg, grid, in_channels, dev, dtype, Precision::Fp32)
+    }
+
+    fn build(cfg: &ModelConfig, grid: Grid, in_channels: usize, dev: &Device, dtype: DType, precision: Precision) -> Result<Generator> {
+        cfg.validate(grid.min_side())?;
         if in_channels == 0 {
             return Err(crate::error::Error::invalid("model", "in_channels must be at least 1"));
         }
         let mut b = Builder { store: ParamStore::new(), dev, dtype, seed: cfg.seed ^ 0x9e37_79b9_7f4a_7c15, counted: 0, first_id: 0 };
         let mut table = Vec::new();
         let net = match cfg.kind {
-            ModelKind::Ufno => Net::Ufno(Self::build_ufno(cfg, n, in_channels, &mut b, &mut table)?),
-            ModelKind::Fno2d => Net::Fno2d(Self::build_fno2d(cfg, n, in_channels, &mut b, &mut table)?),
+            ModelKind::Ufno => Net::Ufno(Self::build_ufno(cfg, grid, in_channels, &mut b, &mut table)?),
+            ModelKind::Fno2d => Net::Fno2d(Self::build_fno2d(cfg, grid, in_channels, &mut b, &mut table)?),
         };
-        Ok(Generator { config: cfg.clone(), n, in_channels, params: b.store, precision, net, table })
+        Ok(Generator { config: cfg.clone(), grid, in_channels, params: b.store, precision, net, table })
     }
 
     /// The FNO-2D's parameters, initialised as the paper's script does: PyTorch's defaults for
     /// the 1x1 layers, spectral weights with real and imaginary parts U(0, 1) / (C_in C_out).
-    fn build_fno2d(cfg: &ModelConfig, n: usize, in_channels: usize, b: &mut Builder, table: &mut Vec<TableRow>) -> Result<Fno2d> {
+    fn build_fno2d(cfg: &ModelConfig, n: Grid, in_channels: usize, b: &mut Builder, table: &mut Vec<TableRow>) -> Result<Fno2d> {
         let w = cfg.width;
         let lift = b.conv("lift", in_channels, w, 1)?;
         table.push(TableRow { part: "lift 1x1".into(), resolution: n, width: w, modes: None, params: b.take_count(), param_ids: b.take_ids() });
@@ -450,7 +490,7 @@ impl Generator {
         let mut layers = Vec::with_capacity(cfg.depth);
         for i in 0..cfg.depth {
             let seed = b.next_seed();
-            let weight = Tensor::rand_uniform(modes.weight_shape(w, w, n, n), 0.0, 1.0 / (w * w) as f64, seed, b.dtype, b.dev)?;
+            let weight = Tensor::rand_uniform(modes.weight_shape(w, w, n.rows, n.cols), 0.0, 1.0 / (w * w) as f64, seed, b.dtype, b.dev)?;
             let spectral = b.add(format!("layers.{i}.spectral.weight"), weight, ParamRole::Weight { unit_axis: 1 })?;
             let linear = b.conv(&format!("layers.{i}.linear"), w, w, 1)?;
             layers.push(FourierLayer { spectral, linear, modes, gelu: i + 1 < cfg.depth });
@@ -458,7 +498,7 @@ impl Generator {
                 part: format!("layers.{i} spectral + 1x1"),
                 resolution: n,
                 width: w,
-                modes: Some((modes.kept_rows(n).len(), modes.kept_cols(n))),
+                modes: Some((modes.kept_rows(n.rows).len(), modes.kept_cols(n.cols))),
                 params: b.take_count(),
                 param_ids: b.take_ids(),
             });
@@ -476,14 +516,14 @@ impl Generator {
         Ok(Fno2d { lift, layers, projection, head, decode: None })
     }
 
-    fn build_ufno(cfg: &ModelConfig, n: usize, in_channels: usize, b: &mut Builder, table: &mut Vec<TableRow>) -> Result<Ufno> {
-        let levels = plan_levels(cfg, n);
+    fn build_ufno(cfg: &ModelConfig, n: Grid, in_channels: usize, b: &mut Builder, table: &mut Vec<TableRow>) -> Result<Ufno> {
+        let levels = plan_grid_levels(cfg, n);
         let w = cfg.width;
         let lifter = (b.conv("lifter.0", in_channels, w, 3)?, b.conv("lifter.2", w, w, 3)?);
         table.push(TableRow { part: "lifter".into(), resolution: n, width: w, modes: None, params: b.take_count(), param_ids: b.take_ids() });
-        let kept = |modes: usize, r: usize| {
+        let kept = |modes: usize, r: Grid| {
             let m = SpectralModes::new(modes, cfg.mode_convention);
-            (m.kept_rows(r).len(), m.kept_cols(r))
+            (m.kept_rows(r.rows).len(), m.kept_cols(r.cols))
         };
         let mut encoder = Vec::with_capacity(cfg.depth);
         for (i, l) in levels.iter().enumerate() {
@@ -555,10 +595,10 @@ impl Generator {
         let Net::Fno2d(f) = &mut self.net else {
             return Err(crate::error::Error::invalid("model", "only the fno2d model has an output normaliser"));
         };
-        if norm.mean.len() != self.n * self.n || norm.std.len() != self.n * self.n {
+        if norm.mean.len() != self.grid.points() || norm.std.len() != self.grid.points() {
             return Err(crate::error::Error::invalid(
                 "model",
-                format!("the normaliser holds {} points but the model's fields {}", norm.mean.len(), self.n * self.n),
+                format!("the normaliser holds {} points but the model's fields {}", norm.mean.len(), self.grid.points()),
             ));
         }
         f.decode = Some(norm);
@@ -595,7 +635,7 @@ impl Generator {
         self.params.num_elements()
     }
 
-    /// x [B, C, N, N] -> [B, 2C, N, N] (real channels, then imaginary channels).
+    /// x [B, C, H, W] -> [B, 2C, H, W] (real channels, then imaginary channels).
     pub fn forward(&self, t: &mut Tape, x: &Var) -> Result<Var> {
         self.forward_traced(t, x, &mut |_| {})
     }
@@ -605,12 +645,13 @@ impl Generator {
     /// device's ledger there to attribute the activations the tape keeps to each part.
     pub fn forward_traced(&self, t: &mut Tape, x: &Var, trace: &mut dyn FnMut(usize)) -> Result<Var> {
         let d = x.dims();
-        if d.len() != 4 || d[1] != self.in_channels || d[2] != self.n || d[3] != self.n {
+        let Grid { rows, cols } = self.grid;
+        if d.len() != 4 || d[1] != self.in_channels || d[2] != rows || d[3] != cols {
             return Err(crate::error::Error::mismatch_because(
                 "generator",
                 x.shape(),
-                &Shape::new([d.first().copied().unwrap_or(0), self.in_channels, self.n, self.n]),
-                "input must be [B, C, N, N] as built",
+                &Shape::new([d.first().copied().unwrap_or(0), self.in_channels, rows, cols]),
+                "input must be [B, C, H, W] as built",
             ));
         }
         match &self.net {
@@ -626,8 +667,7 @@ impl Generator {
         let _ = writeln!(s, "{:<28} {:>10} {:>7} {:>12} {:>12} {:>12}", "part", "resolution", "width", "kept modes", "parameters", "bytes (f32)");
         for r in &self.table {
             let modes = r.modes.map_or("-".to_string(), |(a, b)| format!("{a} x {b}"));
-            let _ =
-                writeln!(s, "{:<28} {:>10} {:>7} {:>12} {:>12} {:>12}", r.part, format!("{0}x{0}", r.resolution), r.width, modes, r.params, bytes(r.params));
+            let _ = writeln!(s, "{:<28} {:>10} {:>7} {:>12} {:>12} {:>12}", r.part, r.resolution.to_string(), r.width, modes, r.params, bytes(r.params));
         }
         let total = self.num_params();
         let _ = writeln!(s, "{:<28} {:>10} {:>7} {:>12} {:>12} {:>12}", "total", "", "", "", total, bytes(total));

@@ -32,11 +32,11 @@ pub fn save_model(path: &Path, g: &crate::model::Generator) -> Result<()> {
     let extra: Vec<(String, crate::tensor::Tensor)> = match g.output_normalizer() {
         None => Vec::new(),
         Some(norm) => {
-            let n = g.n;
+            let crate::model::Grid { rows, cols } = g.grid;
             let cpu = crate::device::Device::cpu();
             vec![
-                (format!("{NORMALIZER_PREFIX}y.mean"), crate::tensor::Tensor::from_vec(norm.mean.clone(), [n, n], &cpu)?),
-                (format!("{NORMALIZER_PREFIX}y.scale"), crate::tensor::Tensor::from_vec(norm.scale(), [n, n], &cpu)?),
+                (format!("{NORMALIZER_PREFIX}y.mean"), crate::tensor::Tensor::from_vec(norm.mean.clone(), [rows, cols], &cpu)?),
+                (format!("{NORMALIZER_PREFIX}y.scale"), crate::tensor::Tensor::from_vec(norm.scale(), [rows, cols], &cpu)?),
             ]
         }
     };
