@@ -86,7 +86,7 @@ pub fn plan_levels(cfg: &ModelConfig, n: usize) -> Vec<LevelSpec> {
 pub fn plan_grid_levels(cfg: &ModelConfig, grid: Grid) -> Vec<LevelSpec> {
     let mut levels = Vec::with_capacity(cfg.depth);
     let (mut r, mut c) = (grid, cfg.width);
-    let halves = |n: usize| n % 2 == 0 && n / 2 >= cfg.min_resolution;
+    let halves = |n: usize| n.is_multiple_of(2) && n / 2 >= cfg.min_resolution;
     for i in 0..cfg.depth {
         let next = (i + 1 < cfg.depth).then_some({
             if halves(r.rows) && halves(r.cols) {

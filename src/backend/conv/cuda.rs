@@ -1,15 +1,19 @@
 //! 2-D convolutions on the GPU: im2col / col2im (kernels/conv.cu) around cuBLAS SGEMMs, the same
 //! decomposition as the CPU's (conv/cpu.rs):
 //!
-//! - forward: y_n [C_out, Ho Wo] = W [C_out, K] cols(x_n) [K, Ho Wo], K = C_in kh kw, as one
-//!   strided-batched GEMM per chunk of samples (W's stride 0);
-//! - dX: col2im(W^T dy_n), batched the same way;
+//! - forward: y_n [C_out, Ho Wo] = W [C_out, K] cols(x_n) [K, Ho Wo] + bias, K = C_in kh kw, as
+//!   one strided-batched GEMM per chunk of samples (W's stride 0) onto y set to the bias by the
+//!   columns' launch: two launches per chunk;
+//! - dX: col2im(W^T dy_n), batched the same way (the transposed convolution's bias added by
+//!   col2im);
 //! - dW: dy [C_out, B Ho Wo] cols(x) [K, B Ho Wo]^T, one GEMM over the whole batch (per chunk of
 //!   samples), with the output gradient and the columns laid out as matrices over (sample,
-//!   position) first (`channels_outer_f32`, `im2col_f32` with `k_major`). The CPU sums per
-//!   sample, in order; the GEMM's order of additions is cuBLAS's (fixed for a shape and a card).
+//!   position) first, both in one launch that also sums the bias gradient
+//!   (`conv_dw_operands_f32`). The CPU sums per sample, in order; the GEMM's order of additions
+//!   is cuBLAS's (fixed for a shape and a card).
 //!
-//! A 1x1 kernel with stride 1 and no padding uses x_n itself as its columns. The columns of a
+//! A 1x1 kernel with stride 1 and no padding uses x_n itself as its forward columns (and adds its
+//! bias after the GEMM). The columns of a
 //! chunk of samples are scratch from the memory pool, at most `COLS_BUDGET` floats.
 //! cuBLAS is column-major; [`gemm_rm`] maps a row-major product onto it.
 
@@ -17,8 +21,7 @@ use cudarc::cublas::{sys as bsys, Gemm, GemmConfig, StridedBatchedConfig};
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 
 use super::ConvGeom;
-use crate::backend::gpu::{check_len, elementwise_config, per_block_config, Gpu};
-use crate::backend::kernels::PlaneGeom;
+use crate::backend::gpu::{check_len, elementwise_config, Gpu};
 use crate::backend::{int, kernels};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -106,41 +109,70 @@ pub(crate) fn gemm_rm(gpu: &Gpu, a: &Operand, b: &Operand, c: &mut CudaViewMut<f
     }
 }
 
-/// The columns of the nb samples in x: [nb, K, Ho Wo], or with `k_major` one matrix [K, nb Ho Wo].
-fn im2col(gpu: &Gpu, x: &CudaView<f32>, cols: &mut CudaViewMut<f32>, nb: usize, g: ConvGeom, k_major: bool) -> Result<()> {
-    let cfg = elementwise_config(cols.len());
-    let nb = int("im2col_f32", nb)?;
-    let k_major = i32::from(k_major);
-    // SAFETY: the callers size x and cols for nb samples of this geometry.
-    unsafe { kernels::im2col_f32(gpu, cfg, x, cols, nb, g, k_major) }
-}
-
-/// y [C, nb S] from x [nb, C, S] (y[c, n, s] = x[n, c, s]), and with `sums` each row's sum
-/// (added to what `sums` holds when `accumulate`).
-fn channels_outer(
+/// The columns of the nb samples in x, [nb, K, Ho Wo]. With `bias_into` = (bias [C_out], y
+/// [nb, C_out, Ho Wo]), the same launch sets y to the bias.
+fn im2col(
     gpu: &Gpu,
     x: &CudaView<f32>,
-    y: &mut CudaViewMut<f32>,
-    sums: Option<&mut CudaSlice<f32>>,
-    accumulate: bool,
-    (nb, c, s): (usize, usize, usize),
+    cols: &mut CudaViewMut<f32>,
+    bias_into: Option<(&CudaSlice<f32>, &mut CudaViewMut<f32>)>,
+    nb: usize,
+    g: ConvGeom,
 ) -> Result<()> {
-    const OP: &str = "channels_outer_f32";
-    if x.len() != nb * c * s || y.len() != x.len() || sums.as_ref().is_some_and(|v| v.len() != c) {
-        return Err(Error::invalid(OP, format!("{} and {} elements for [{nb}, {c}, {s}]", x.len(), y.len())));
+    const OP: &str = "im2col_f32";
+    let (bias, mut y) = bias_into.unzip();
+    let c_out = bias.map_or(0, |b| b.len());
+    if y.as_ref().is_some_and(|y| y.len() != nb * c_out * g.hw_out()) {
+        return Err(Error::invalid(OP, format!("the output chunk does not hold {nb} x {c_out} x {} floats", g.hw_out())));
     }
-    let g = PlaneGeom { s: s as i64, b: int(OP, nb)?, c: int(OP, c)? };
-    let (mut sums, accumulate) = (sums, i32::from(accumulate));
-    // SAFETY: x and y hold nb c s elements and sums (if any) c (checked above); one block per channel.
-    unsafe { kernels::channels_outer_f32(gpu, per_block_config(c)?, x, y, &mut sums, g, accumulate) }
+    let cfg = elementwise_config(cols.len().max(y.as_ref().map_or(0, |y| y.len())));
+    let (nb, c_out) = (int(OP, nb)?, int(OP, c_out)?);
+    // SAFETY: the callers size x and cols for nb samples of this geometry; y holds nb c_out Ho Wo
+    // floats (checked above) and bias c_out.
+    unsafe { kernels::im2col_f32(gpu, cfg, x, &bias, cols, &mut y, nb, c_out, g) }
 }
 
-/// dx of the nb samples from their dcols [nb, K, Ho Wo].
-fn col2im(gpu: &Gpu, dcols: &CudaView<f32>, dx: &mut CudaViewMut<f32>, nb: usize, g: ConvGeom) -> Result<()> {
+/// The weight gradient's GEMM operands for nb samples, in one launch: the columns of x as one
+/// matrix cols [K, nb Ho Wo], and dy [nb, C_out, Ho Wo] as dy_rows [C_out, nb Ho Wo]; with `db`
+/// also the rows' sums (added to what `db` holds when `accumulate`).
+#[allow(clippy::too_many_arguments)]
+fn dw_operands(
+    gpu: &Gpu,
+    x: &CudaView<f32>,
+    dy: &CudaView<f32>,
+    cols: &mut CudaViewMut<f32>,
+    dy_rows: &mut CudaViewMut<f32>,
+    mut db: Option<&mut CudaSlice<f32>>,
+    accumulate: bool,
+    (nb, c_out): (usize, usize),
+    g: ConvGeom,
+) -> Result<()> {
+    const OP: &str = "conv_dw_operands_f32";
+    let (k, hw) = (g.k(), g.hw_out());
+    if x.len() != nb * g.plane_in() || dy.len() != nb * c_out * hw || cols.len() != k * nb * hw || dy_rows.len() != dy.len() {
+        return Err(Error::invalid(OP, format!("operands do not fit {nb} samples of {c_out} output channels")));
+    }
+    if db.as_ref().is_some_and(|d| d.len() != c_out) {
+        return Err(Error::invalid(OP, format!("the bias gradient does not hold {c_out} floats")));
+    }
+    // Blocks 0 .. c_out lay out dy's rows; the ones after them the columns.
+    let mut cfg = elementwise_config(cols.len());
+    cfg.grid_dim.0 += u32::try_from(c_out).map_err(|_| Error::invalid(OP, format!("{c_out} output channels exceed the grid")))?;
+    let (nb, c_out, accumulate) = (int(OP, nb)?, int(OP, c_out)?, i32::from(accumulate));
+    // SAFETY: every buffer's length checked above against the geometry.
+    unsafe { kernels::conv_dw_operands_f32(gpu, cfg, x, dy, cols, dy_rows, &mut db, nb, c_out, g, accumulate) }
+}
+
+/// dx of the nb samples from their dcols [nb, K, Ho Wo], plus `bias` [C] per channel if given.
+fn col2im(gpu: &Gpu, dcols: &CudaView<f32>, bias: Option<&CudaSlice<f32>>, dx: &mut CudaViewMut<f32>, nb: usize, g: ConvGeom) -> Result<()> {
+    const OP: &str = "col2im_f32";
+    if let Some(b) = bias {
+        check_len(OP, "bias", b, g.c as usize)?;
+    }
     let cfg = elementwise_config(dx.len());
-    let nb = int("col2im_f32", nb)?;
-    // SAFETY: the callers size dcols and dx for nb samples of this geometry.
-    unsafe { kernels::col2im_f32(gpu, cfg, dcols, dx, nb, g) }
+    let nb = int(OP, nb)?;
+    // SAFETY: the callers size dcols and dx for nb samples of this geometry; bias holds C floats.
+    unsafe { kernels::col2im_f32(gpu, cfg, dcols, &bias, dx, nb, g) }
 }
 
 /// An uninitialised f32 scratch buffer from the pool (every element is written before it is read
@@ -150,8 +182,33 @@ fn scratch(gpu: &Gpu, n: usize) -> Result<CudaSlice<f32>> {
     unsafe { gpu.stream.alloc::<f32>(n.max(1)) }.map_err(gpu.alloc_err(n * 4))
 }
 
-/// y [B, C_out, Ho, Wo] = conv(x [B, C_in, H, W], w [C_out, C_in, kh, kw]) (no bias).
-pub(super) fn conv2d_fwd(gpu: &Gpu, g: ConvGeom, x: &Tensor, w: &Tensor, y: &mut Tensor) -> Result<()> {
+/// y [B, C_out, Ho, Wo] = conv(x [B, C_in, H, W], w [C_out, C_in, kh, kw]) + bias [C_out]. The
+/// bias is written into y by the launch that lays out the columns, and the GEMM adds onto it
+/// (beta = 1); a pointwise convolution, which has no columns, adds it after its GEMM.
+pub(super) fn conv2d_fwd(gpu: &Gpu, g: ConvGeom, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, y: &mut Tensor) -> Result<()> {
+    let (batch, c_out) = (x.dims()[0], w.dims()[0]);
+    if g.is_pointwise() {
+        conv2d_fwd_gemms(gpu, g, x, w, None, y)?;
+        return bias.map_or(Ok(()), |b| crate::backend::layout::add_channel_bias(y, b));
+    }
+    let bias = bias.map(Tensor::cuda).transpose()?;
+    if let Some(b) = bias {
+        check_len("conv2d_fwd", "bias", b, c_out)?;
+    }
+    let mut cols = scratch(gpu, g.chunk(batch) * g.k() * g.hw_out())?;
+    conv2d_fwd_gemms(gpu, g, x, w, Some((&mut cols, bias)), y)
+}
+
+/// The forward's GEMMs, chunk by chunk; with `cols`, each chunk's columns are laid out first
+/// (and y set to the bias, if any).
+fn conv2d_fwd_gemms(
+    gpu: &Gpu,
+    g: ConvGeom,
+    x: &Tensor,
+    w: &Tensor,
+    mut cols: Option<(&mut CudaSlice<f32>, Option<&CudaSlice<f32>>)>,
+    y: &mut Tensor,
+) -> Result<()> {
     let (batch, c_out) = (x.dims()[0], w.dims()[0]);
     let (x, w, y) = (x.cuda()?, w.cuda()?, y.cuda_mut()?);
     let (k, hw) = (g.k(), g.hw_out());
@@ -159,25 +216,34 @@ pub(super) fn conv2d_fwd(gpu: &Gpu, g: ConvGeom, x: &Tensor, w: &Tensor, y: &mut
     check_len("conv2d_fwd", "w", w, c_out * k)?;
     check_len("conv2d_fwd", "y", y, batch * c_out * hw)?;
     let chunk = g.chunk(batch);
-    let mut cols = if g.is_pointwise() { None } else { Some(scratch(gpu, chunk * k * hw)?) };
     for n0 in (0..batch).step_by(chunk) {
         let nb = chunk.min(batch - n0);
         let xs = x.slice(n0 * g.plane_in()..(n0 + nb) * g.plane_in());
-        let b = match &mut cols {
-            None => Operand::new(xs, false, k * hw),
-            Some(cols) => {
-                im2col(gpu, &xs, &mut cols.slice_mut(..nb * k * hw), nb, g, false)?;
-                Operand::new(cols.slice(..nb * k * hw), false, k * hw)
+        let mut ys = y.slice_mut(n0 * c_out * hw..(n0 + nb) * c_out * hw);
+        let (b, beta) = match &mut cols {
+            None => (Operand::new(xs, false, k * hw), 0.0),
+            Some((cols, bias)) => {
+                im2col(gpu, &xs, &mut cols.slice_mut(..nb * k * hw), bias.map(|b| (b, &mut ys)), nb, g)?;
+                (Operand::new(cols.slice(..nb * k * hw), false, k * hw), if bias.is_some() { 1.0 } else { 0.0 })
             }
         };
-        let mut ys = y.slice_mut(n0 * c_out * hw..(n0 + nb) * c_out * hw);
-        gemm_rm(gpu, &Operand::new(w.slice(..), false, 0), &b, &mut ys, c_out, hw, k, 0.0, nb)?;
+        gemm_rm(gpu, &Operand::new(w.slice(..), false, 0), &b, &mut ys, c_out, hw, k, beta, nb)?;
     }
     Ok(())
 }
 
-/// dx [B, C_in, H, W] from dy [B, C_out, Ho, Wo] and w [C_out, C_in, kh, kw].
-pub(super) fn conv2d_bwd_input(gpu: &Gpu, g: ConvGeom, dy: &Tensor, w: &Tensor, dx: &mut Tensor) -> Result<()> {
+/// dx [B, C_in, H, W] from dy [B, C_out, Ho, Wo] and w [C_out, C_in, kh, kw], plus `bias` [C_in]
+/// per channel if given (the transposed convolution, which runs on this, adds its bias here:
+/// in the col2im pass, or after the GEMM of a pointwise kernel).
+pub(super) fn conv2d_bwd_input(gpu: &Gpu, g: ConvGeom, dy: &Tensor, w: &Tensor, bias: Option<&Tensor>, dx: &mut Tensor) -> Result<()> {
+    if g.is_pointwise() {
+        conv2d_bwd_input_gemms(gpu, g, dy, w, None, dx)?;
+        return bias.map_or(Ok(()), |b| crate::backend::layout::add_channel_bias(dx, b));
+    }
+    conv2d_bwd_input_gemms(gpu, g, dy, w, bias.map(Tensor::cuda).transpose()?, dx)
+}
+
+fn conv2d_bwd_input_gemms(gpu: &Gpu, g: ConvGeom, dy: &Tensor, w: &Tensor, bias: Option<&CudaSlice<f32>>, dx: &mut Tensor) -> Result<()> {
     let (batch, c_out) = (dy.dims()[0], w.dims()[0]);
     let (dy, w, dx) = (dy.cuda()?, w.cuda()?, dx.cuda_mut()?);
     let (k, hw) = (g.k(), g.hw_out());
@@ -196,7 +262,7 @@ pub(super) fn conv2d_bwd_input(gpu: &Gpu, g: ConvGeom, dy: &Tensor, w: &Tensor, 
         let dys = Operand::new(dy.slice(n0 * c_out * hw..(n0 + nb) * c_out * hw), false, c_out * hw);
         gemm_rm(gpu, &wt(), &dys, &mut dcols.slice_mut(..nb * k * hw), k, hw, c_out, 0.0, nb)?;
         let mut dxs = dx.slice_mut(n0 * g.plane_in()..(n0 + nb) * g.plane_in());
-        col2im(gpu, &dcols.slice(..nb * k * hw), &mut dxs, nb, g)?;
+        col2im(gpu, &dcols.slice(..nb * k * hw), bias, &mut dxs, nb, g)?;
     }
     Ok(())
 }
@@ -229,14 +295,9 @@ pub(super) fn conv2d_bwd_weight(gpu: &Gpu, g: ConvGeom, x: &Tensor, dy: &Tensor,
         let nb = chunk.min(batch - n0);
         let xs = x.slice(n0 * g.plane_in()..(n0 + nb) * g.plane_in());
         let mut cols = cols.slice_mut(..nb * k * hw);
-        if g.is_pointwise() {
-            channels_outer(gpu, &xs, &mut cols, None, false, (nb, k, hw))?;
-        } else {
-            im2col(gpu, &xs, &mut cols, nb, g, true)?;
-        }
         let mut dy_rows = dy_rows.slice_mut(..nb * c_out * hw);
         let dys = dy.slice(n0 * c_out * hw..(n0 + nb) * c_out * hw);
-        channels_outer(gpu, &dys, &mut dy_rows, db.as_deref_mut(), n0 > 0, (nb, c_out, hw))?;
+        dw_operands(gpu, &xs, &dys, &mut cols, &mut dy_rows, db.as_deref_mut(), n0 > 0, (nb, c_out), g)?;
         let beta = if n0 == 0 { 0.0 } else { 1.0 };
         let (a, b) = (Operand::new(dy_rows.as_view(), false, 0), Operand::new(cols.as_view(), true, 0));
         gemm_rm(gpu, &a, &b, &mut dw.slice_mut(..), c_out, k, nb * hw, beta, 1)?;

@@ -109,11 +109,16 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: Conv2dParams) -> Re
     ts.extend(b);
     check_same("conv2d", &ts)?;
     let (g, shape) = forward("conv2d", x, w, b, p)?;
-    let mut y = compute(shape, x, |y| cpu::conv2d_fwd(&g, x, w, y), |gpu, y| cuda::conv2d_fwd(gpu, g, x, w, y))?;
-    if let Some(b) = b {
-        add_channel_bias(&mut y, b)?;
-    }
-    Ok(y)
+    // The CPU adds the bias after the GEMM; the GPU sets it in the columns' launch.
+    compute(
+        shape,
+        x,
+        |y| {
+            cpu::conv2d_fwd(&g, x, w, y)?;
+            b.map_or(Ok(()), |b| add_channel_bias(y, b))
+        },
+        |gpu, y| cuda::conv2d_fwd(gpu, g, x, w, b, y),
+    )
 }
 
 /// The gradient of conv2d with respect to its input of shape `x_shape`.
@@ -133,7 +138,7 @@ pub fn conv2d_bwd_input(dy: &Tensor, w: &Tensor, x_shape: &Shape, p: Conv2dParam
         return Err(Error::mismatch_because(OP, dy.shape(), &Shape::new(expect), "output gradient does not match the forward's output"));
     }
     let g = ConvGeom::new(OP, xd, (wd[2], wd[3]), (ho, wo), p)?;
-    compute(x_shape.clone(), dy, |dx| cpu::conv2d_bwd_input(&g, dy, w, dx), |gpu, dx| cuda::conv2d_bwd_input(gpu, g, dy, w, dx))
+    compute(x_shape.clone(), dy, |dx| cpu::conv2d_bwd_input(&g, dy, w, dx), |gpu, dx| cuda::conv2d_bwd_input(gpu, g, dy, w, None, dx))
 }
 
 /// The gradient of conv2d with respect to its weight of shape `w_shape`.
@@ -207,9 +212,14 @@ pub fn conv_transpose2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: Conv2dPar
     };
     let y_shape = [xd[0], wd[1], ho, wo];
     let g = ConvGeom::new(OP, &y_shape, (wd[2], wd[3]), (xd[2], xd[3]), p)?;
-    let mut y = compute(y_shape, x, |y| cpu::conv2d_bwd_input(&g, x, w, y), |gpu, y| cuda::conv2d_bwd_input(gpu, g, x, w, y))?;
-    if let Some(b) = b {
-        add_channel_bias(&mut y, b)?;
-    }
-    Ok(y)
+    // The CPU adds the bias after the input-gradient product; the GPU in its col2im pass.
+    compute(
+        y_shape,
+        x,
+        |y| {
+            cpu::conv2d_bwd_input(&g, x, w, y)?;
+            b.map_or(Ok(()), |b| add_channel_bias(y, b))
+        },
+        |gpu, y| cuda::conv2d_bwd_input(gpu, g, x, w, b, y),
+    )
 }
