@@ -14,7 +14,7 @@ use fnokern::{DType, Device, ModeConvention, SpectralModes, Tensor};
 fn conv2d(c: &mut Criterion) {
     let dev = Device::cpu();
     let mut g = c.benchmark_group("conv2d_3x3_f32");
-    for &(b, ch, n) in &[(4, 32, 64), (16, 32, 64), (16, 128, 16), (16, 512, 4), (16, 64, 4), (16, 32, 8), (16, 8, 32)] {
+    for &(b, ch, n) in &[(4, 32, 64), (16, 32, 64), (16, 128, 16), (16, 256, 8), (16, 512, 4), (16, 64, 4), (16, 32, 8), (16, 8, 32)] {
         let x = Tensor::randn([b, ch, n, n], 1.0, 1, DType::F32, &dev).unwrap();
         let w = Tensor::randn([ch, ch, 3, 3], 0.1, 2, DType::F32, &dev).unwrap();
         let bias = Tensor::randn([ch], 0.1, 3, DType::F32, &dev).unwrap();

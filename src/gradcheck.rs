@@ -186,6 +186,16 @@ fn conv_case(x: [usize; 4], w: [usize; 4], bias: bool, p: Conv2dParams) -> Resul
     go(vars(ins), &move |t, v| ops::conv2d(t, &v[0], &v[1], v.get(2), p))
 }
 
+/// A convolution the CPU runs as Winograd (128 channels each way on 2 samples of 3 x 3 maps),
+/// with the weights at PyTorch's initial scale so that the loss stays O(1) (at N(0, 1) weights
+/// its 1152-term sums make finite differences too noisy for the tolerance); 40 entries per tensor.
+fn winograd_case() -> Result<Report> {
+    let w = backend::affine(&randn([128, 128, 3, 3], 2)?, (1.0f64 / 1152.0).sqrt(), 0.0)?;
+    let ins = vars(vec![randn([2, 128, 3, 3], 1)?, w, randn([128], 3)?]);
+    let p = Conv2dParams::new(1, 1);
+    check_with_params(&ParamStore::new(), ins, &move |t, v| ops::conv2d(t, &v[0], &v[1], v.get(2), p), Tolerance::default(), 17, 40)
+}
+
 fn convt_case(x: [usize; 4], w: [usize; 4], bias: bool, p: Conv2dParams) -> Result<Report> {
     let mut ins = vec![randn(x, 1)?, randn(w, 2)?];
     if bias {
@@ -251,6 +261,9 @@ pub fn all_cases() -> Vec<Case> {
         case!("conv2d_2x2_stride2_bias", conv_case([2, 3, 6, 5], [5, 3, 2, 2], true, Conv2dParams::new(2, 0))),
         case!("conv2d_1x1_bias", conv_case([2, 3, 5, 3], [4, 3, 1, 1], true, Conv2dParams::new(1, 0))),
         case!("conv2d_3x3_stride2_pad1", conv_case([1, 2, 7, 5], [3, 2, 3, 3], false, Conv2dParams::new(2, 1))),
+        // Many channels on a small map (C_in, C_out >= 128, C_out >= H W, batch > 1): the CPU runs
+        // Winograd F(2x2, 3x3) there (odd sides: partial tiles).
+        case!("conv2d_3x3_pad1_winograd", winograd_case()),
         case!("conv_transpose2d_2x2_stride2_bias", convt_case([2, 3, 3, 5], [3, 4, 2, 2], true, Conv2dParams::new(2, 0))),
         case!("conv_transpose2d_3x3_stride2_pad1", convt_case([1, 2, 3, 4], [2, 3, 3, 3], false, Conv2dParams::new(2, 1))),
         case!("rfft2_odd_width", go(vars(vec![randn([2, 5, 7], 1)?]), &|t, v| ops::rfft2(t, &v[0]))),

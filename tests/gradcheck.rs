@@ -32,6 +32,7 @@ gradcheck_tests!(
     conv2d_2x2_stride2_bias,
     conv2d_1x1_bias,
     conv2d_3x3_stride2_pad1,
+    conv2d_3x3_pad1_winograd,
     conv_transpose2d_2x2_stride2_bias,
     conv_transpose2d_3x3_stride2_pad1,
     rfft2_odd_width,

@@ -1,4 +1,6 @@
-//! conv2d on the CPU: im2col + GEMM per sample.
+//! conv2d on the CPU: im2col + GEMM per sample; on small maps with many channels (the batched
+//! path, at least 128 in and out) 3x3 stride-1 padding-1 kernels run as Winograd F(2x2, 3x3)
+//! (conv/winograd.rs): the forward and both gradients.
 //!
 //! Forward:  y_b [C_out, Ho*Wo] = W [C_out, K] @ cols(x_b) [K, Ho*Wo], K = C_in*kh*kw (the bias is
 //!           added after, by the layout family).
@@ -14,7 +16,7 @@ use num_traits::{Float as _, One as _, Zero as _};
 use rayon::prelude::*;
 use std::ops::Range;
 
-use super::ConvGeom;
+use super::{winograd, ConvGeom};
 use crate::backend::cpu::{gemm, transpose, with_float, Float, Mat, SharedMut};
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -343,6 +345,10 @@ pub(super) fn conv2d_fwd(g: &ConvGeom, x: &Tensor, w: &Tensor, y: &mut Tensor) -
         let ys = y.as_mut_slice::<T>()?;
         let hw = g.plane_out();
         let batch = xs.len() / g.plane_in();
+        if batched(&g, batch, c_out) && winograd::applies(g.kh, g.kw, g.stride, g.pad, (g.c, c_out)) {
+            winograd::conv(ws, (c_out, g.c), false, xs, batch, (g.h, g.w), ys);
+            return Ok(());
+        }
         if batched(&g, batch, c_out) {
             let mut rows = vec![T::zero(); c_out * batch * hw];
             T::with_scratch(g.k() * batch * hw, |cols| {
@@ -384,6 +390,10 @@ pub(super) fn conv2d_bwd_input(g: &ConvGeom, dy: &Tensor, w: &Tensor, dx: &mut T
         let dxs = dx.as_mut_slice::<T>()?;
         let hw = g.plane_out();
         let batch = dys.len() / (c_out * hw);
+        if batched(&g, batch, c_out) && winograd::applies(g.kh, g.kw, g.stride, g.pad, (g.c, c_out)) {
+            winograd::conv(ws, (c_out, g.c), true, dys, batch, (g.h, g.w), dxs);
+            return Ok(());
+        }
         if batched(&g, batch, c_out) {
             let dy_rows = batch_to_rows(dys, batch, c_out, hw);
             return T::with_scratch(g.k() * batch * hw, |dcols| {
@@ -438,6 +448,10 @@ pub(super) fn conv2d_bwd_weight(g: &ConvGeom, x: &Tensor, dy: &Tensor, dw: &mut 
         // dW at the end: with the panel as the row-major left operand the GEMM runs 1.2-3x faster
         // than dW = dY cols^T, which reads the panel down its columns.
         let k_all = g.k();
+        if batched(&g, batch, c_out) && winograd::applies(g.kh, g.kw, g.stride, g.pad, (g.c, c_out)) {
+            winograd::conv_bwd_weight(xs, dys, batch, (c_out, g.c), (g.h, g.w), dws);
+            return Ok(());
+        }
         if batched(&g, batch, c_out) {
             // The batch is the inner dimension of one GEMM (rows of dW^T in parallel blocks).
             let dy_rows = batch_to_rows(dys, batch, c_out, hw);

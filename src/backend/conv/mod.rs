@@ -5,6 +5,7 @@
 
 mod cpu;
 mod cuda;
+mod winograd;
 
 pub use super::kernels::ConvGeom;
 use super::layout::add_channel_bias;
