@@ -3,7 +3,7 @@
 //! (conv/winograd.rs): the forward and both gradients.
 //!
 //! Forward:  y_b [C_out, Ho*Wo] = W [C_out, K] @ cols(x_b) [K, Ho*Wo], K = C_in*kh*kw (the bias is
-//!           added after, by the layout family).
+//!           added after the products, by the layout family's op).
 //! dX:       col2im(W^T @ dy_b).
 //! dW:       the transpose of dW^T = sum over b of cols(x_b) @ dy_b^T: in order within fixed groups
 //!           of samples, then the groups' sums in order (the same on any number of threads).
@@ -18,6 +18,7 @@ use std::ops::Range;
 
 use super::{winograd, ConvGeom};
 use crate::backend::cpu::{gemm, transpose, with_float, Float, Mat, SharedMut};
+use crate::backend::layout::add_channel_bias;
 use crate::error::Result;
 use crate::tensor::Tensor;
 
@@ -337,7 +338,13 @@ fn dw_group(batch: usize) -> usize {
 // The batch is split across rayon's threads, one sample per task (each sample's GEMM runs on its
 // task's thread: the `gemm` crate runs with `Parallelism::None`, so the two pools never compete).
 
-pub(super) fn conv2d_fwd(g: &ConvGeom, x: &Tensor, w: &Tensor, y: &mut Tensor) -> Result<()> {
+/// y = conv(x, w), plus the bias per output channel after the products when given.
+pub(super) fn conv2d_fwd(g: &ConvGeom, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, y: &mut Tensor) -> Result<()> {
+    conv2d_fwd_products(g, x, w, y)?;
+    bias.map_or(Ok(()), |b| add_channel_bias(y, b))
+}
+
+fn conv2d_fwd_products(g: &ConvGeom, x: &Tensor, w: &Tensor, y: &mut Tensor) -> Result<()> {
     let g = Geom::new(g);
     let c_out = w.dims()[0];
     with_float!(x.dtype(), "conv2d_fwd", |T| {
@@ -382,7 +389,14 @@ pub(super) fn conv2d_fwd(g: &ConvGeom, x: &Tensor, w: &Tensor, y: &mut Tensor) -
     })
 }
 
-pub(super) fn conv2d_bwd_input(g: &ConvGeom, dy: &Tensor, w: &Tensor, dx: &mut Tensor) -> Result<()> {
+/// dx from dy and w, plus the bias per channel after the products when given (the transposed
+/// convolution, which runs on this).
+pub(super) fn conv2d_bwd_input(g: &ConvGeom, dy: &Tensor, w: &Tensor, bias: Option<&Tensor>, dx: &mut Tensor) -> Result<()> {
+    conv2d_bwd_input_products(g, dy, w, dx)?;
+    bias.map_or(Ok(()), |b| add_channel_bias(dx, b))
+}
+
+fn conv2d_bwd_input_products(g: &ConvGeom, dy: &Tensor, w: &Tensor, dx: &mut Tensor) -> Result<()> {
     let g = Geom::new(g);
     let c_out = w.dims()[0];
     with_float!(dy.dtype(), "conv2d_bwd_input", |T| {

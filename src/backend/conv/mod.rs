@@ -8,7 +8,6 @@ mod cuda;
 mod winograd;
 
 pub use super::kernels::ConvGeom;
-use super::layout::add_channel_bias;
 use super::layout::cpu::channel_dot as channel_sum_cpu;
 use super::{check_rank, check_same, compute, int, on_device};
 use crate::error::{Error, Result};
@@ -110,16 +109,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: Conv2dParams) -> Re
     ts.extend(b);
     check_same("conv2d", &ts)?;
     let (g, shape) = forward("conv2d", x, w, b, p)?;
-    // The CPU adds the bias after the GEMM; the GPU sets it in the columns' launch.
-    compute(
-        shape,
-        x,
-        |y| {
-            cpu::conv2d_fwd(&g, x, w, y)?;
-            b.map_or(Ok(()), |b| add_channel_bias(y, b))
-        },
-        |gpu, y| cuda::conv2d_fwd(gpu, g, x, w, b, y),
-    )
+    compute(shape, x, |y| cpu::conv2d_fwd(&g, x, w, b, y), |gpu, y| cuda::conv2d_fwd(gpu, g, x, w, b, y))
 }
 
 /// The gradient of conv2d with respect to its input of shape `x_shape`.
@@ -139,7 +129,7 @@ pub fn conv2d_bwd_input(dy: &Tensor, w: &Tensor, x_shape: &Shape, p: Conv2dParam
         return Err(Error::mismatch_because(OP, dy.shape(), &Shape::new(expect), "output gradient does not match the forward's output"));
     }
     let g = ConvGeom::new(OP, xd, (wd[2], wd[3]), (ho, wo), p)?;
-    compute(x_shape.clone(), dy, |dx| cpu::conv2d_bwd_input(&g, dy, w, dx), |gpu, dx| cuda::conv2d_bwd_input(gpu, g, dy, w, None, dx))
+    compute(x_shape.clone(), dy, |dx| cpu::conv2d_bwd_input(&g, dy, w, None, dx), |gpu, dx| cuda::conv2d_bwd_input(gpu, g, dy, w, None, dx))
 }
 
 /// The gradient of conv2d with respect to its weight of shape `w_shape`.
@@ -213,14 +203,5 @@ pub fn conv_transpose2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: Conv2dPar
     };
     let y_shape = [xd[0], wd[1], ho, wo];
     let g = ConvGeom::new(OP, &y_shape, (wd[2], wd[3]), (xd[2], xd[3]), p)?;
-    // The CPU adds the bias after the input-gradient product; the GPU in its col2im pass.
-    compute(
-        y_shape,
-        x,
-        |y| {
-            cpu::conv2d_bwd_input(&g, x, w, y)?;
-            b.map_or(Ok(()), |b| add_channel_bias(y, b))
-        },
-        |gpu, y| cuda::conv2d_bwd_input(gpu, g, x, w, b, y),
-    )
+    compute(y_shape, x, |y| cpu::conv2d_bwd_input(&g, x, w, b, y), |gpu, y| cuda::conv2d_bwd_input(gpu, g, x, w, b, y))
 }

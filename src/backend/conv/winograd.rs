@@ -177,35 +177,11 @@ fn transform_output_grads<T: Float>(dy: &[T], batch: usize, c_out: usize, (h, w)
     });
 }
 
-/// dU [C_out, 16, C_in]: dU_xi = dM_xi V_xi^T, one task per xi (each writes its own columns).
+/// dU [C_out, 16, C_in]: dU_xi = dM_xi V_xi^T.
 fn weight_products<T: Float>(dm: &[T], v: &[T], du: &mut [T], (c_out, c_in, p): (usize, usize, usize)) {
-    assert!(dm.len() == c_out * 16 * p && v.len() == c_in * 16 * p && du.len() == c_out * 16 * c_in, "winograd: weight products do not fit");
-    let out = SharedMut(du.as_mut_ptr());
-    (0..16).into_par_iter().for_each(|xi| {
-        let out = out.ptr();
-        // SAFETY: dM_xi is [c_out rows of stride 16 P] x P at offset xi P inside dm; V_xi^T is
-        // [P, c_in] read with row stride 1 and column stride 16 P at offset xi P inside v; dU_xi
-        // is [c_out rows of stride 16 c_in] x c_in at offset xi c_in inside du, and this task
-        // alone writes those columns.
-        unsafe {
-            T::gemm_raw(
-                c_out,
-                p,
-                c_in,
-                T::one(),
-                dm.as_ptr().add(xi * p),
-                (16 * p) as isize,
-                1,
-                v.as_ptr().add(xi * p),
-                1,
-                (16 * p) as isize,
-                T::zero(),
-                out.add(xi * c_in),
-                (16 * c_in) as isize,
-                1,
-            )
-        }
-    });
+    let dm = PerXi { data: dm, step: p, rs: 16 * p, cs: 1 };
+    let vt = PerXi { data: v, step: p, rs: 1, cs: 16 * p };
+    gemms_per_xi((c_out, p, c_in), dm, vt, du, (c_in, 16 * c_in));
 }
 
 /// dw[o, i] = G^T dU[o, :, i] G (4 x 4 -> 3 x 3), every value written.
@@ -266,30 +242,54 @@ fn transform_inputs<T: Float>(x: &[T], batch: usize, c_src: usize, (h, w): (usiz
     });
 }
 
-/// M [C_dst, 16, P]: M_xi = U_xi V_xi, one task per xi (each writes its own columns of M).
+/// M [C_dst, 16, P]: M_xi = U_xi V_xi.
 fn products<T: Float>(u: &[T], v: &[T], m: &mut [T], (c_dst, c_src, p): (usize, usize, usize)) {
-    assert!(u.len() == c_dst * 16 * c_src && v.len() == c_src * 16 * p && m.len() == c_dst * 16 * p, "winograd: products do not fit");
-    let out = SharedMut(m.as_mut_ptr());
+    let u = PerXi { data: u, step: c_src, rs: 16 * c_src, cs: 1 };
+    let v = PerXi { data: v, step: p, rs: 16 * p, cs: 1 };
+    gemms_per_xi((c_dst, c_src, p), u, v, m, (p, 16 * p));
+}
+
+/// One operand of the 16 per-xi GEMMs: matrix xi starts at xi step, its rows rs and its columns
+/// cs apart.
+struct PerXi<'a, T> {
+    data: &'a [T],
+    step: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<T> PerXi<'_, T> {
+    /// Whether all 16 matrices of `rows` x `cols` lie inside the data.
+    fn fits(&self, rows: usize, cols: usize) -> bool {
+        rows == 0 || cols == 0 || 15 * self.step + (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// C_xi [m, n] = A_xi [m, k] B_xi [k, n] for xi in 0..16, one task each; C_xi starts at xi c_step
+/// in c with rows c_rs apart (columns adjacent), and every task writes only its own matrix.
+fn gemms_per_xi<T: Float>((m, k, n): (usize, usize, usize), a: PerXi<T>, b: PerXi<T>, c: &mut [T], (c_step, c_rs): (usize, usize)) {
+    let c_fits = PerXi { data: &*c, step: c_step, rs: c_rs, cs: 1 }.fits(m, n);
+    assert!(a.fits(m, k) && b.fits(k, n) && c_fits && n <= c_step, "winograd: per-xi products do not fit");
+    let out = SharedMut(c.as_mut_ptr());
     (0..16).into_par_iter().for_each(|xi| {
         let out = out.ptr();
-        // SAFETY: U_xi is [c_dst, c_src] at offset xi c_src, row stride 16 c_src, inside u;
-        // V_xi and M_xi are [c_src or c_dst rows of stride 16 P] x P at offset xi P inside their
-        // buffers, and this task alone writes M's columns xi P..(xi + 1) P.
+        // SAFETY: `fits` bounds every element the strides reach, for all 16 matrices; C_xi's
+        // columns xi c_step..xi c_step + n (n <= c_step) are this task's alone.
         unsafe {
             T::gemm_raw(
-                c_dst,
-                c_src,
-                p,
+                m,
+                k,
+                n,
                 T::one(),
-                u.as_ptr().add(xi * c_src),
-                (16 * c_src) as isize,
-                1,
-                v.as_ptr().add(xi * p),
-                (16 * p) as isize,
-                1,
+                a.data.as_ptr().add(xi * a.step),
+                a.rs as isize,
+                a.cs as isize,
+                b.data.as_ptr().add(xi * b.step),
+                b.rs as isize,
+                b.cs as isize,
                 T::zero(),
-                out.add(xi * p),
-                (16 * p) as isize,
+                out.add(xi * c_step),
+                c_rs as isize,
                 1,
             )
         }
