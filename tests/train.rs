@@ -292,13 +292,22 @@ fn resume_falls_back_to_an_older_checkpoint_and_extends_finished_runs() {
     assert!(said.iter().any(|m| m.contains("starting the run from its beginning")), "{said:?}");
     assert_eq!(std::fs::read_to_string(straight.join("metrics.jsonl")).unwrap(), std::fs::read_to_string(fresh.join("metrics.jsonl")).unwrap());
 
+    // The training time the extension resumes from is what the last checkpoint recorded (the
+    // summary's also counts the plots after it, which the extension writes again): the extended
+    // run's time must exceed it. (Against the summary's, a lighter second pass on a busy machine
+    // could come out below: a timing race, which CI once lost.)
+    let bytes = std::fs::read(straight.join("checkpoints/last.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&meta.metadata().as_ref().unwrap()["fnokern_state"]).unwrap();
+    let base = state["wall_seconds"].as_f64().unwrap();
+    assert!(base > 0.0 && base <= s.wall_seconds, "checkpoint {base} s, summary {} s", s.wall_seconds);
     let mut longer = cfg.clone();
     longer.train.epochs = 6;
     let mut said = Vec::new();
     let e = train::train(&longer, &RunOptions { resume: true, ..opts(&straight) }, &mut |m| said.push(m.to_string())).unwrap();
     assert!(e.finished && e.epochs_done == 6 && e.steps == 36, "{e:?}");
     assert!(said.iter().any(|m| m.contains("extending the run from 4 to 6 epochs")), "{said:?}");
-    assert!(e.wall_seconds > s.wall_seconds, "{} then {}", s.wall_seconds, e.wall_seconds);
+    assert!(e.wall_seconds > base, "resumed from {base} s, then {} s", e.wall_seconds);
 }
 
 /// One process at a time holds a run directory.
