@@ -262,6 +262,12 @@ fn batched(g: &Geom, batch: usize, c_out: usize) -> bool {
     batch > 1 && c_out >= g.plane_out() && g.k() * g.plane_out() * batch <= BATCH_PANEL
 }
 
+/// Whether the batched path runs as Winograd F(2x2, 3x3) (conv/winograd.rs): 3x3 kernels, stride
+/// 1, padding 1, enough channels.
+fn winograd_runs(g: &Geom, batch: usize, c_out: usize) -> bool {
+    batched(g, batch, c_out) && winograd::applies(g.kh, g.kw, g.stride, g.pad, (g.c, c_out))
+}
+
 /// The whole batch's panel [K, B*Ho*Wo] of x [B, C, H, W] into `cols` (every value written),
 /// one task per channel (its kh*kw rows).
 fn im2col_batch<T: Float>(g: &Geom, x: &[T], batch: usize, cols: &mut [T]) {
@@ -352,7 +358,7 @@ fn conv2d_fwd_products(g: &ConvGeom, x: &Tensor, w: &Tensor, y: &mut Tensor) -> 
         let ys = y.as_mut_slice::<T>()?;
         let hw = g.plane_out();
         let batch = xs.len() / g.plane_in();
-        if batched(&g, batch, c_out) && winograd::applies(g.kh, g.kw, g.stride, g.pad, (g.c, c_out)) {
+        if winograd_runs(&g, batch, c_out) {
             winograd::conv(ws, (c_out, g.c), false, xs, batch, (g.h, g.w), ys);
             return Ok(());
         }
@@ -404,7 +410,7 @@ fn conv2d_bwd_input_products(g: &ConvGeom, dy: &Tensor, w: &Tensor, dx: &mut Ten
         let dxs = dx.as_mut_slice::<T>()?;
         let hw = g.plane_out();
         let batch = dys.len() / (c_out * hw);
-        if batched(&g, batch, c_out) && winograd::applies(g.kh, g.kw, g.stride, g.pad, (g.c, c_out)) {
+        if winograd_runs(&g, batch, c_out) {
             winograd::conv(ws, (c_out, g.c), true, dys, batch, (g.h, g.w), dxs);
             return Ok(());
         }
@@ -462,7 +468,7 @@ pub(super) fn conv2d_bwd_weight(g: &ConvGeom, x: &Tensor, dy: &Tensor, dw: &mut 
         // dW at the end: with the panel as the row-major left operand the GEMM runs 1.2-3x faster
         // than dW = dY cols^T, which reads the panel down its columns.
         let k_all = g.k();
-        if batched(&g, batch, c_out) && winograd::applies(g.kh, g.kw, g.stride, g.pad, (g.c, c_out)) {
+        if winograd_runs(&g, batch, c_out) {
             winograd::conv_bwd_weight(xs, dys, batch, (c_out, g.c), (g.h, g.w), dws);
             return Ok(());
         }

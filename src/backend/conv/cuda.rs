@@ -182,89 +182,80 @@ fn scratch(gpu: &Gpu, n: usize) -> Result<CudaSlice<f32>> {
     unsafe { gpu.stream.alloc::<f32>(n.max(1)) }.map_err(gpu.alloc_err(n * 4))
 }
 
+/// Where a convolution's bias goes: into the launch that lays out its columns (the first), or,
+/// for a pointwise kernel, which has no such launch, added after its GEMMs (the second).
+fn bias_placement(g: ConvGeom, bias: Option<&Tensor>) -> Result<(Option<&CudaSlice<f32>>, Option<&Tensor>)> {
+    if g.is_pointwise() {
+        Ok((None, bias))
+    } else {
+        Ok((bias.map(Tensor::cuda).transpose()?, None))
+    }
+}
+
 /// y [B, C_out, Ho, Wo] = conv(x [B, C_in, H, W], w [C_out, C_in, kh, kw]) + bias [C_out]. The
 /// bias is written into y by the launch that lays out the columns, and the GEMM adds onto it
 /// (beta = 1); a pointwise convolution, which has no columns, adds it after its GEMM.
 pub(super) fn conv2d_fwd(gpu: &Gpu, g: ConvGeom, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, y: &mut Tensor) -> Result<()> {
     let (batch, c_out) = (x.dims()[0], w.dims()[0]);
-    if g.is_pointwise() {
-        conv2d_fwd_gemms(gpu, g, x, w, None, y)?;
-        return bias.map_or(Ok(()), |b| crate::backend::layout::add_channel_bias(y, b));
+    let (fused, after) = bias_placement(g, bias)?;
+    {
+        let (x, w, y) = (x.cuda()?, w.cuda()?, y.cuda_mut()?);
+        let (k, hw) = (g.k(), g.hw_out());
+        check_len("conv2d_fwd", "x", x, batch * g.plane_in())?;
+        check_len("conv2d_fwd", "w", w, c_out * k)?;
+        check_len("conv2d_fwd", "y", y, batch * c_out * hw)?;
+        if let Some(b) = fused {
+            check_len("conv2d_fwd", "bias", b, c_out)?;
+        }
+        let chunk = g.chunk(batch);
+        let mut cols = if g.is_pointwise() { None } else { Some(scratch(gpu, chunk * k * hw)?) };
+        let beta = if fused.is_some() { 1.0 } else { 0.0 };
+        for n0 in (0..batch).step_by(chunk) {
+            let nb = chunk.min(batch - n0);
+            let xs = x.slice(n0 * g.plane_in()..(n0 + nb) * g.plane_in());
+            let mut ys = y.slice_mut(n0 * c_out * hw..(n0 + nb) * c_out * hw);
+            let b = match &mut cols {
+                None => Operand::new(xs, false, k * hw),
+                Some(cols) => {
+                    im2col(gpu, &xs, &mut cols.slice_mut(..nb * k * hw), fused.map(|b| (b, &mut ys)), nb, g)?;
+                    Operand::new(cols.slice(..nb * k * hw), false, k * hw)
+                }
+            };
+            gemm_rm(gpu, &Operand::new(w.slice(..), false, 0), &b, &mut ys, c_out, hw, k, beta, nb)?;
+        }
     }
-    let bias = bias.map(Tensor::cuda).transpose()?;
-    if let Some(b) = bias {
-        check_len("conv2d_fwd", "bias", b, c_out)?;
-    }
-    let mut cols = scratch(gpu, g.chunk(batch) * g.k() * g.hw_out())?;
-    conv2d_fwd_gemms(gpu, g, x, w, Some((&mut cols, bias)), y)
-}
-
-/// The forward's GEMMs, chunk by chunk; with `cols`, each chunk's columns are laid out first
-/// (and y set to the bias, if any).
-fn conv2d_fwd_gemms(
-    gpu: &Gpu,
-    g: ConvGeom,
-    x: &Tensor,
-    w: &Tensor,
-    mut cols: Option<(&mut CudaSlice<f32>, Option<&CudaSlice<f32>>)>,
-    y: &mut Tensor,
-) -> Result<()> {
-    let (batch, c_out) = (x.dims()[0], w.dims()[0]);
-    let (x, w, y) = (x.cuda()?, w.cuda()?, y.cuda_mut()?);
-    let (k, hw) = (g.k(), g.hw_out());
-    check_len("conv2d_fwd", "x", x, batch * g.plane_in())?;
-    check_len("conv2d_fwd", "w", w, c_out * k)?;
-    check_len("conv2d_fwd", "y", y, batch * c_out * hw)?;
-    let chunk = g.chunk(batch);
-    for n0 in (0..batch).step_by(chunk) {
-        let nb = chunk.min(batch - n0);
-        let xs = x.slice(n0 * g.plane_in()..(n0 + nb) * g.plane_in());
-        let mut ys = y.slice_mut(n0 * c_out * hw..(n0 + nb) * c_out * hw);
-        let (b, beta) = match &mut cols {
-            None => (Operand::new(xs, false, k * hw), 0.0),
-            Some((cols, bias)) => {
-                im2col(gpu, &xs, &mut cols.slice_mut(..nb * k * hw), bias.map(|b| (b, &mut ys)), nb, g)?;
-                (Operand::new(cols.slice(..nb * k * hw), false, k * hw), if bias.is_some() { 1.0 } else { 0.0 })
-            }
-        };
-        gemm_rm(gpu, &Operand::new(w.slice(..), false, 0), &b, &mut ys, c_out, hw, k, beta, nb)?;
-    }
-    Ok(())
+    after.map_or(Ok(()), |b| crate::backend::layout::add_channel_bias(y, b))
 }
 
 /// dx [B, C_in, H, W] from dy [B, C_out, Ho, Wo] and w [C_out, C_in, kh, kw], plus `bias` [C_in]
 /// per channel if given (the transposed convolution, which runs on this, adds its bias here:
 /// in the col2im pass, or after the GEMM of a pointwise kernel).
 pub(super) fn conv2d_bwd_input(gpu: &Gpu, g: ConvGeom, dy: &Tensor, w: &Tensor, bias: Option<&Tensor>, dx: &mut Tensor) -> Result<()> {
-    if g.is_pointwise() {
-        conv2d_bwd_input_gemms(gpu, g, dy, w, None, dx)?;
-        return bias.map_or(Ok(()), |b| crate::backend::layout::add_channel_bias(dx, b));
-    }
-    conv2d_bwd_input_gemms(gpu, g, dy, w, bias.map(Tensor::cuda).transpose()?, dx)
-}
-
-fn conv2d_bwd_input_gemms(gpu: &Gpu, g: ConvGeom, dy: &Tensor, w: &Tensor, bias: Option<&CudaSlice<f32>>, dx: &mut Tensor) -> Result<()> {
     let (batch, c_out) = (dy.dims()[0], w.dims()[0]);
-    let (dy, w, dx) = (dy.cuda()?, w.cuda()?, dx.cuda_mut()?);
-    let (k, hw) = (g.k(), g.hw_out());
-    check_len("conv2d_bwd_input", "dy", dy, batch * c_out * hw)?;
-    check_len("conv2d_bwd_input", "w", w, c_out * k)?;
-    check_len("conv2d_bwd_input", "dx", dx, batch * g.plane_in())?;
-    let wt = || Operand::new(w.slice(..), true, 0);
-    if g.is_pointwise() {
-        let dys = Operand::new(dy.slice(..), false, c_out * hw);
-        return gemm_rm(gpu, &wt(), &dys, &mut dx.slice_mut(..), k, hw, c_out, 0.0, batch);
+    let (fused, after) = bias_placement(g, bias)?;
+    {
+        let (dy, w, dx) = (dy.cuda()?, w.cuda()?, dx.cuda_mut()?);
+        let (k, hw) = (g.k(), g.hw_out());
+        check_len("conv2d_bwd_input", "dy", dy, batch * c_out * hw)?;
+        check_len("conv2d_bwd_input", "w", w, c_out * k)?;
+        check_len("conv2d_bwd_input", "dx", dx, batch * g.plane_in())?;
+        let wt = || Operand::new(w.slice(..), true, 0);
+        if g.is_pointwise() {
+            let dys = Operand::new(dy.slice(..), false, c_out * hw);
+            gemm_rm(gpu, &wt(), &dys, &mut dx.slice_mut(..), k, hw, c_out, 0.0, batch)?;
+        } else {
+            let chunk = g.chunk(batch);
+            let mut dcols = scratch(gpu, chunk * k * hw)?;
+            for n0 in (0..batch).step_by(chunk) {
+                let nb = chunk.min(batch - n0);
+                let dys = Operand::new(dy.slice(n0 * c_out * hw..(n0 + nb) * c_out * hw), false, c_out * hw);
+                gemm_rm(gpu, &wt(), &dys, &mut dcols.slice_mut(..nb * k * hw), k, hw, c_out, 0.0, nb)?;
+                let mut dxs = dx.slice_mut(n0 * g.plane_in()..(n0 + nb) * g.plane_in());
+                col2im(gpu, &dcols.slice(..nb * k * hw), fused, &mut dxs, nb, g)?;
+            }
+        }
     }
-    let chunk = g.chunk(batch);
-    let mut dcols = scratch(gpu, chunk * k * hw)?;
-    for n0 in (0..batch).step_by(chunk) {
-        let nb = chunk.min(batch - n0);
-        let dys = Operand::new(dy.slice(n0 * c_out * hw..(n0 + nb) * c_out * hw), false, c_out * hw);
-        gemm_rm(gpu, &wt(), &dys, &mut dcols.slice_mut(..nb * k * hw), k, hw, c_out, 0.0, nb)?;
-        let mut dxs = dx.slice_mut(n0 * g.plane_in()..(n0 + nb) * g.plane_in());
-        col2im(gpu, &dcols.slice(..nb * k * hw), bias, &mut dxs, nb, g)?;
-    }
-    Ok(())
+    after.map_or(Ok(()), |b| crate::backend::layout::add_channel_bias(dx, b))
 }
 
 /// dw [C_out, C_in, kh, kw] = dy [C_out, B Ho Wo] cols(x) [K, B Ho Wo]^T: the output gradient and

@@ -59,7 +59,9 @@ fn transform_weights<T: Float>(w: &[T], (c_out, c_in): (usize, usize), adjoint: 
         for s0 in (0..c_src).step_by(STAGE) {
             let n = STAGE.min(c_src - s0);
             for (k, s) in (s0..s0 + n).enumerate() {
-                let g = if adjoint { turned(&w[(s * c_in + d) * 9..][..9]) } else { w[(d * c_in + s) * 9..][..9].try_into().expect("9 taps") };
+                // The adjoint's kernel is w[s, d] turned by 180 degrees: tap t is w's tap 8 - t.
+                let g: [T; 9] =
+                    if adjoint { std::array::from_fn(|t| w[(s * c_in + d) * 9 + 8 - t]) } else { std::array::from_fn(|t| w[(d * c_in + s) * 9 + t]) };
                 for (xi, v) in kernel_transform(&g).iter().flatten().enumerate() {
                     stage[xi][k] = *v;
                 }
@@ -69,11 +71,6 @@ fn transform_weights<T: Float>(w: &[T], (c_out, c_in): (usize, usize), adjoint: 
             }
         }
     });
-}
-
-/// A 3x3 kernel turned by 180 degrees.
-fn turned<T: Float>(g: &[T]) -> [T; 9] {
-    std::array::from_fn(|t| g[8 - t])
 }
 
 /// G g G^T of a 3x3 kernel (row-major taps).
