@@ -1,4 +1,4 @@
-//! CPU benchmarks of conv2d, the spectral convolution and GELU at generator-like sizes.
+//! CPU benchmarks of conv2d, the spectral convolution, its mode mix and GELU at generator-like sizes.
 //!
 //! Throughput is in FLOPs (Elements = floating-point operations), so criterion reports FLOP/s:
 //!   conv2d forward: 2 B C_out H_o W_o C_in kh kw
@@ -54,6 +54,76 @@ fn spectral(c: &mut Criterion) {
     g.finish();
 }
 
+/// The mode mix alone (forward and both gradients) on the study model's spectra: its 4 x 4 levels
+/// (512 channels, 12 modes clamped to 4 x 3) and its top level (32 channels, 24 x 12 modes).
+fn spectral_mix(c: &mut Criterion) {
+    let dev = Device::cpu();
+    let mut g = c.benchmark_group("spectral_mix_f32");
+    for &(b, ch, n, m) in &[(16, 512, 4, 12), (16, 128, 16, 12), (16, 32, 64, 12)] {
+        let modes = SpectralModes::new(m, ModeConvention::Corners);
+        let x = Tensor::randn([b, ch, n, n], 1.0, 1, DType::F32, &dev).unwrap();
+        let xh = backend::rfft2(&x).unwrap();
+        let dyh = backend::rfft2(&Tensor::randn([b, ch, n, n], 1.0, 3, DType::F32, &dev).unwrap()).unwrap();
+        let ws = modes.weight_shape(ch, ch, n, n);
+        let (r, my) = (ws.dims()[2], ws.dims()[3]);
+        let w = Tensor::randn(ws.clone(), 0.1, 2, DType::F32, &dev).unwrap();
+        g.throughput(Throughput::Elements(8 * (b * ch * ch * r * my) as u64));
+        let id = format!("b{b}_c{ch}_n{n}_m{m}");
+        g.bench_with_input(BenchmarkId::new("fwd", &id), &(), |bch, _| bch.iter(|| backend::spectral_mix(&xh, &w, modes).unwrap()));
+        g.bench_with_input(BenchmarkId::new("bwd_input", &id), &(), |bch, _| bch.iter(|| backend::spectral_mix_bwd_input(&dyh, &w, modes).unwrap()));
+        g.bench_with_input(BenchmarkId::new("bwd_weight", &id), &(), |bch, _| bch.iter(|| backend::spectral_mix_bwd_weight(&xh, &dyh, &ws, modes).unwrap()));
+    }
+    g.finish();
+}
+
+/// The machine's fp32 GEMM rate, the yardstick for the ops above: the `gemm` crate (the CPU
+/// backend's GEMM, on the calling thread) on a 1024^3 product, on one thread, and on two as two
+/// halves of C's columns side by side (how the backend splits its products).
+fn gemm_peak(c: &mut Criterion) {
+    let n = 1024;
+    let a: Vec<f32> = (0..n * n).map(|i| (i % 7) as f32 * 0.1).collect();
+    let b: Vec<f32> = (0..n * n).map(|i| (i % 5) as f32 * 0.1).collect();
+    let mut out = vec![0f32; n * n];
+    // C[:, j0..j0 + w] = A B[:, j0..j0 + w], all row-major with row stride n; C is passed as an
+    // address so that two calls can write disjoint column ranges of it at once.
+    let product = |j0: usize, w: usize, c: usize| {
+        assert!(j0 + w <= n);
+        // SAFETY: a and b hold n x n values, and so does C (`out`, alive across every call);
+        // columns j0..j0 + w of its n rows are inside it and written by this call alone.
+        unsafe {
+            gemm::gemm(
+                n,
+                w,
+                n,
+                (c as *mut f32).add(j0),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                1,
+                n as isize,
+                b.as_ptr().add(j0),
+                1,
+                n as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+    };
+    let c_at = out.as_mut_ptr() as usize;
+    let mut g = c.benchmark_group("gemm_f32");
+    g.throughput(Throughput::Elements(2 * (n * n * n) as u64));
+    g.bench_function(BenchmarkId::new("1_thread", format!("{n}x{n}x{n}")), |bch| bch.iter(|| product(0, n, c_at)));
+    g.bench_function(BenchmarkId::new("2_threads", format!("{n}x{n}x{n}")), |bch| {
+        bch.iter(|| rayon::join(|| product(0, n / 2, c_at), || product(n / 2, n / 2, c_at)))
+    });
+    g.finish();
+}
+
 fn gelu(c: &mut Criterion) {
     let dev = Device::cpu();
     let mut g = c.benchmark_group("gelu");
@@ -73,7 +143,7 @@ criterion_group! {
     name = benches;
     // No plots: criterion's plotting needs system fonts that a CI or GPU host may lack.
     config = Criterion::default().sample_size(10).measurement_time(std::time::Duration::from_secs(3)).without_plots();
-    targets = conv2d, spectral, gelu
+    targets = conv2d, spectral, spectral_mix, gemm_peak, gelu
 }
 // The main thread is worker 0 of rayon's pool, as in `fnokern` (main.rs): a parallel op called
 // from outside the pool waits for the pool to pick its work up, a cost training does not pay.
