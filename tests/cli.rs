@@ -114,7 +114,7 @@ fn plan_shows_depth8_24gb_needs_checkpointing_and_info_names_the_build() {
     let (ok, out, err) = run(&["plan", "--config", &cfg, "--mem-limit", "24GiB"]);
     assert!(ok, "{err}");
     assert!(out.contains("without checkpointing: 27.95 GiB") && out.contains("EXCEEDS 24.00 GiB"), "{out}");
-    assert!(out.contains("checkpoint = every_level: 18.08 GiB") && out.contains("fits in 24.00 GiB"), "{out}");
+    assert!(out.contains("checkpoint = every_level: 18.25 GiB") && out.contains("fits in 24.00 GiB"), "{out}");
     assert!(out.contains("decoder.0") && out.contains("head"), "{out}");
     let (ok, _, err) = run(&["plan", "--checkpoint", "every_zero"]);
     assert!(!ok && err.contains("every_K"), "{err}");

@@ -169,9 +169,13 @@ pub struct Tape {
     probe: Option<ActivationProbe>,
     /// Ops recorded so far, recording or not: the next op's index.
     ops: usize,
-    /// In a checkpoint's recomputation: the segment's last output as the forward made it, and
-    /// the op that made it, which [`Tape::reuse_or`] then skips.
-    reuse: Option<Box<(OpKey, Tensor)>>,
+    /// In a checkpoint's forward pass: the outputs kept for its recomputation, each with the op
+    /// that made it, and the most values per sample and channel an output that an op offers
+    /// ([`Tape::reuse_or_keep`]) may have to be kept.
+    kept: Option<(Vec<(OpKey, Tensor)>, usize)>,
+    /// In a checkpoint's recomputation: outputs as the forward made them (the kept ones and the
+    /// segment's last), each with the op that made it, which [`Tape::reuse_or`] then skips.
+    reuse: Vec<(OpKey, Tensor)>,
 }
 
 impl Default for Tape {
@@ -225,7 +229,8 @@ impl Tape {
             param_vars: HashMap::new(),
             probe: None,
             ops: 0,
-            reuse: None,
+            kept: None,
+            reuse: Vec::new(),
         }
     }
 
@@ -339,17 +344,34 @@ impl Tape {
     }
 
     /// The output of the one-output op about to be recorded with `inputs`: `compute()`, or, in a
-    /// checkpoint's recomputation, the value the forward pass gave the segment's last output when
-    /// this op is the one that made it (the same bits: the body is deterministic). Ops that can
-    /// end a segment call this; an op that does not only computes its output again.
+    /// checkpoint's recomputation, the value the forward pass gave it when the forward kept it
+    /// (the same bits: the body is deterministic). Ops that can end a segment call this (the
+    /// segment's last output is always kept); an op that does not only computes its output again.
     pub fn reuse_or(&mut self, inputs: &[&Var], compute: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
-        match self.reuse.take() {
-            Some(kept) if kept.0 == OpKey::new(self.ops, inputs) => Ok(kept.1),
-            other => {
-                self.reuse = other;
-                compute()
+        self.reuse_or_compute(inputs, false, compute)
+    }
+
+    /// [`Tape::reuse_or`] for an op whose output costs much to compute per value (a convolution):
+    /// it offers the output to a checkpoint's forward pass, which keeps it for the recomputation
+    /// when its maps are small enough ([`Tape::checkpoint_keeping`]).
+    pub fn reuse_or_keep(&mut self, inputs: &[&Var], compute: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
+        self.reuse_or_compute(inputs, true, compute)
+    }
+
+    fn reuse_or_compute(&mut self, inputs: &[&Var], offered: bool, compute: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
+        let key = OpKey::new(self.ops, inputs);
+        if let Some(at) = self.reuse.iter().position(|(k, _)| *k == key) {
+            return Ok(self.reuse.swap_remove(at).1);
+        }
+        let y = compute()?;
+        if let Some((kept, max)) = self.kept.as_mut() {
+            // Values per sample and channel of an output [B, C, ...].
+            let per_channel: usize = y.dims().iter().skip(2).product();
+            if offered && y.rank() >= 3 && per_channel <= *max {
+                kept.push((key, y.clone()));
             }
         }
+        Ok(y)
     }
 
     /// [`Tape::record`] for an op with one output.
@@ -414,9 +436,21 @@ impl Tape {
         Ok(store.vars)
     }
 
-    /// Runs `body` on `inputs` as a checkpointed segment: only the inputs are kept for backward, which
-    /// re-runs the body. The body must reach other values only through its inputs and `tape.param`.
+    /// Runs `body` on `inputs` as a checkpointed segment: only the inputs (and the last output)
+    /// are kept for backward, which re-runs the body. The body must reach other values only
+    /// through its inputs and `tape.param`.
     pub fn checkpoint<F>(&mut self, inputs: &[&Var], body: F) -> Result<Vec<Var>>
+    where
+        F: Fn(&mut Tape, &[Var]) -> Result<Vec<Var>> + 'static,
+    {
+        self.checkpoint_keeping(inputs, 0, body)
+    }
+
+    /// [`Tape::checkpoint`] that also keeps, for the recomputation, the outputs that costly ops
+    /// offer ([`Tape::reuse_or_keep`]) when they hold at most `small` values per sample and
+    /// channel: the backward then does not compute them again, for the memory they hold until it
+    /// runs.
+    pub fn checkpoint_keeping<F>(&mut self, inputs: &[&Var], small: usize, body: F) -> Result<Vec<Var>>
     where
         F: Fn(&mut Tape, &[Var]) -> Result<Vec<Var>> + 'static,
     {
@@ -435,13 +469,19 @@ impl Tape {
         let mut fwd = Tape::with_param_values(self.params.clone());
         fwd.recording = false;
         fwd.probe = self.probe.clone();
+        fwd.kept = Some((Vec::new(), small));
         let leaves: Vec<Var> = inputs.iter().map(|v| fwd.leaf(v.value.clone(), false)).collect();
         let outs = body(&mut fwd, &leaves)?;
-        // The last output is kept for the recomputation, which takes it instead of computing it
-        // again (selective recomputation): it is what the model consumes next, so the node that
-        // consumes it holds it until just before this segment's backward, and keeping it costs no
-        // memory there.
-        let reuse = outs.last().and_then(|v| fwd.vars[v.id].made_by.map(|key| Box::new((key, v.value.clone()))));
+        // Selective recomputation: the recomputation takes these values instead of computing
+        // them again. The outputs the ops offered (see `reuse_or_keep`), and the last output: it
+        // is what the model consumes next, so the node that consumes it holds it until just
+        // before this segment's backward, and keeping it costs no memory there.
+        let mut reuse = fwd.kept.take().map(|(kept, _)| kept).unwrap_or_default();
+        if let Some((key, value)) = outs.last().and_then(|v| fwd.vars[v.id].made_by.map(|key| (key, v.value.clone()))) {
+            if !reuse.iter().any(|(k, _)| *k == key) {
+                reuse.push((key, value));
+            }
+        }
         let out_values: Vec<Tensor> = outs.into_iter().map(|v| v.value).collect();
         // Parameters read inside the body make the outputs depend on them even when no input
         // needs a gradient (e.g. the first segment, whose input is the data).
@@ -456,7 +496,7 @@ impl Tape {
             sub.reuse = reuse;
             let leaves: Vec<Var> = saved.into_iter().enumerate().map(|(i, t)| sub.leaf(t, ctx.needs(i))).collect();
             let outs = body(&mut sub, &leaves)?;
-            sub.reuse = None;
+            sub.reuse.clear();
             if outs.len() != ctx.grads_out.len() {
                 return Err(Error::Autograd(format!("checkpoint body gave {} outputs on recomputation and {} before", outs.len(), ctx.grads_out.len())));
             }

@@ -3,12 +3,11 @@
 use crate::autograd::{Tape, Var};
 use crate::backend::{self, Conv2dParams};
 use crate::error::Result;
-
 /// PyTorch's conv2d: x [B, C_in, H, W], w [C_out, C_in, kh, kw], b [C_out].
 pub fn conv2d(tape: &mut Tape, x: &Var, w: &Var, b: Option<&Var>, p: Conv2dParams) -> Result<Var> {
     let mut inputs = vec![x, w];
     inputs.extend(b);
-    let y = tape.reuse_or(&inputs, || backend::conv2d(x.value(), w.value(), b.map(Var::value), p))?;
+    let y = tape.reuse_or_keep(&inputs, || backend::conv2d(x.value(), w.value(), b.map(Var::value), p))?;
     let sx = tape.requires_grad(w).then(|| x.value().clone());
     let sw = tape.requires_grad(x).then(|| w.value().clone());
     let (x_shape, w_shape) = (x.shape().clone(), w.shape().clone());
@@ -41,7 +40,7 @@ pub fn conv2d(tape: &mut Tape, x: &Var, w: &Var, b: Option<&Var>, p: Conv2dParam
 pub fn conv_transpose2d(tape: &mut Tape, x: &Var, w: &Var, b: Option<&Var>, p: Conv2dParams) -> Result<Var> {
     let mut inputs = vec![x, w];
     inputs.extend(b);
-    let y = tape.reuse_or(&inputs, || backend::conv_transpose2d(x.value(), w.value(), b.map(Var::value), p))?;
+    let y = tape.reuse_or_keep(&inputs, || backend::conv_transpose2d(x.value(), w.value(), b.map(Var::value), p))?;
     let sx = tape.requires_grad(w).then(|| x.value().clone());
     let sw = tape.requires_grad(x).then(|| w.value().clone());
     let w_shape = w.shape().clone();

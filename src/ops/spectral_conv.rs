@@ -7,7 +7,7 @@ use crate::error::Result;
 
 /// Unnormalised real 2-D FFT over the last two dimensions: [.., H, W] -> [.., H, W/2+1, 2].
 pub fn rfft2(tape: &mut Tape, x: &Var) -> Result<Var> {
-    let y = backend::rfft2(x.value())?;
+    let y = tape.reuse_or_keep(&[x], || backend::rfft2(x.value()))?;
     // rfft2 accepted x, so it has at least two dimensions.
     let w = x.dims()[x.dims().len() - 1];
     tape.record1(&[x], y, move |ctx| {
@@ -19,7 +19,7 @@ pub fn rfft2(tape: &mut Tape, x: &Var) -> Result<Var> {
 /// Inverse of [`rfft2`] to width `w` (scaled 1/(HW)). A DC or Nyquist column that is not
 /// Hermitian is taken by its Hermitian part (the imaginary part of its inverse is dropped).
 pub fn irfft2(tape: &mut Tape, z: &Var, w: usize) -> Result<Var> {
-    let y = backend::irfft2(z.value(), w)?;
+    let y = tape.reuse_or_keep(&[z], || backend::irfft2(z.value(), w))?;
     tape.record1(&[z], y, |ctx| {
         let dz = backend::irfft2_bwd(ctx.grad(0))?;
         ctx.add(0, dz)
@@ -28,7 +28,7 @@ pub fn irfft2(tape: &mut Tape, z: &Var, w: usize) -> Result<Var> {
 
 /// The complex channel mix on the kept modes: xh [B, C_in, H, Wh, 2], w [C_in, C_out, R, My, 2].
 pub fn spectral_mix(tape: &mut Tape, xh: &Var, w: &Var, modes: SpectralModes) -> Result<Var> {
-    let y = backend::spectral_mix(xh.value(), w.value(), modes)?;
+    let y = tape.reuse_or_keep(&[xh, w], || backend::spectral_mix(xh.value(), w.value(), modes))?;
     let sx = tape.requires_grad(w).then(|| xh.value().clone());
     let sw = tape.requires_grad(xh).then(|| w.value().clone());
     let w_shape = w.shape().clone();
