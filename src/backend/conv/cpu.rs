@@ -271,14 +271,27 @@ fn winograd_runs(g: &Geom, batch: usize, c_out: usize) -> bool {
 /// The whole batch's panel [K, B*Ho*Wo] of x [B, C, H, W] into `cols` (every value written),
 /// one task per channel (its kh*kw rows).
 fn im2col_batch<T: Float>(g: &Geom, x: &[T], batch: usize, cols: &mut [T]) {
-    let (taps, hw, ld) = (g.kh * g.kw, g.plane_out(), batch * g.plane_out());
-    cols.par_chunks_mut(taps * ld).enumerate().for_each(|(c, rows)| {
-        let mut pad = Padded::new(g, 1);
-        for b in 0..batch {
-            let xc = &x[b * g.plane_in() + c * g.h * g.w..][..g.h * g.w];
-            taps_of_plane(g, pad.fill(g, xc), 0..g.ho, &mut rows[b * hw..], ld);
-        }
-    });
+    let ld = batch * g.plane_out();
+    cols.par_chunks_mut(g.kh * g.kw * ld).enumerate().for_each(|(c, rows)| im2col_channel(g, x, batch, c, rows));
+}
+
+/// Channel c's kh*kw rows [kh*kw, B*Ho*Wo] of the panel of x [B, C, H, W] (every value written).
+fn im2col_channel<T: Float>(g: &Geom, x: &[T], batch: usize, c: usize, rows: &mut [T]) {
+    let (hw, ld) = (g.plane_out(), batch * g.plane_out());
+    let mut pad = Padded::new(g, 1);
+    for b in 0..batch {
+        let xc = &x[b * g.plane_in() + c * g.h * g.w..][..g.h * g.w];
+        taps_of_plane(g, pad.fill(g, xc), 0..g.ho, &mut rows[b * hw..], ld);
+    }
+}
+
+/// Samples per task of the batched forward and input gradient: the batch in BATCH_SPLIT groups,
+/// each task building its group's panel, multiplying it and writing its samples while they are
+/// in its cache. One parallel pass per op instead of three (panel, GEMM, layout), with the
+/// GEMMs of the column blocks that the whole-batch product was split into before: the same
+/// sums, the same bits.
+fn group_of(batch: usize) -> usize {
+    batch.div_ceil(BATCH_SPLIT)
 }
 
 /// C[m, n] = A[m, k] B[k, n] (C row-major, every value written) in BATCH_SPLIT blocks in
@@ -325,15 +338,6 @@ fn batch_to_rows<T: Float>(v: &[T], batch: usize, c: usize, hw: usize) -> Vec<T>
     out
 }
 
-/// [C, B*HW] -> [B, C, HW], one task per sample.
-fn rows_to_batch<T: Float>(rows: &[T], out: &mut [T], batch: usize, c: usize, hw: usize) {
-    out.par_chunks_mut(c * hw).enumerate().for_each(|(b, ob)| {
-        for (ch, seg) in ob.chunks_mut(hw).enumerate() {
-            seg.copy_from_slice(&rows[ch * batch * hw + b * hw..ch * batch * hw + (b + 1) * hw]);
-        }
-    });
-}
-
 /// Samples a task of the weight gradient sums (in order) before the groups' sums are added (in
 /// order): at least 4, and enough that there are at most 8 groups (each holds a partial dW). It
 /// depends on the batch alone, so that dW is the same on any number of threads.
@@ -363,12 +367,25 @@ fn conv2d_fwd_products(g: &ConvGeom, x: &Tensor, w: &Tensor, y: &mut Tensor) -> 
             return Ok(());
         }
         if batched(&g, batch, c_out) {
-            let mut rows = vec![T::zero(); c_out * batch * hw];
-            T::with_scratch(g.k() * batch * hw, |cols| {
-                im2col_batch(&g, xs, batch, cols);
-                gemm_split(Mat::new(ws, c_out, g.k()), Mat::new(cols, g.k(), batch * hw), &mut rows)
-            })?;
-            rows_to_batch(&rows, ys, batch, c_out, hw);
+            let group = group_of(batch);
+            ys.par_chunks_mut(group * c_out * hw).zip(xs.par_chunks(group * g.plane_in())).for_each(|(yg, xg)| {
+                let (samples, k) = (xg.len() / g.plane_in(), g.k());
+                let n = samples * hw;
+                // The group's panel [K, n] and its product [C_out, n], then each sample's
+                // [C_out, HW] out of the product's columns.
+                T::with_scratch(k * n + c_out * n, |buf| {
+                    let (cols, prod) = buf.split_at_mut(k * n);
+                    for (c, rows) in cols.chunks_mut(g.kh * g.kw * n).enumerate() {
+                        im2col_channel(&g, xg, samples, c, rows);
+                    }
+                    gemm_block(ws, c_out, k, cols, n, prod, n, 0);
+                    for (b, yb) in yg.chunks_mut(c_out * hw).enumerate() {
+                        for (o, yo) in yb.chunks_mut(hw).enumerate() {
+                            yo.copy_from_slice(&prod[o * n + b * hw..][..hw]);
+                        }
+                    }
+                })
+            });
             return Ok(());
         }
         if g.is_pointwise() {
@@ -415,13 +432,26 @@ fn conv2d_bwd_input_products(g: &ConvGeom, dy: &Tensor, w: &Tensor, dx: &mut Ten
             return Ok(());
         }
         if batched(&g, batch, c_out) {
-            let dy_rows = batch_to_rows(dys, batch, c_out, hw);
-            return T::with_scratch(g.k() * batch * hw, |dcols| {
-                gemm_split(Mat::new(ws, c_out, g.k()).t(), Mat::new(&dy_rows, c_out, batch * hw), dcols)?;
-                let dcols = &*dcols;
-                dxs.par_chunks_mut(g.plane_in()).enumerate().for_each(|(b, dxb)| col2im(&g, &dcols[b * hw..], batch * hw, dxb));
-                Ok(())
+            let group = group_of(batch);
+            dxs.par_chunks_mut(group * g.plane_in()).zip(dys.par_chunks(group * c_out * hw)).for_each(|(dxg, dyg)| {
+                let (samples, k) = (dyg.len() / (c_out * hw), g.k());
+                let n = samples * hw;
+                // The group's dy as rows [C_out, n], its columns W^T dy [K, n], then each
+                // sample's col2im.
+                T::with_scratch(c_out * n + k * n, |buf| {
+                    let (dy_rows, dcols) = buf.split_at_mut(c_out * n);
+                    for (b, dyb) in dyg.chunks(c_out * hw).enumerate() {
+                        for (o, dyo) in dyb.chunks(hw).enumerate() {
+                            dy_rows[o * n + b * hw..][..hw].copy_from_slice(dyo);
+                        }
+                    }
+                    gemm_wt_block(ws, c_out, k, dy_rows, n, 0, n, dcols);
+                    for (b, dxb) in dxg.chunks_mut(g.plane_in()).enumerate() {
+                        col2im(&g, &dcols[b * hw..], n, dxb);
+                    }
+                })
             });
+            return Ok(());
         }
         if g.is_pointwise() {
             return dxs
