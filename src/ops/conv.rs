@@ -3,6 +3,7 @@
 use crate::autograd::{Tape, Var};
 use crate::backend::{self, Conv2dParams};
 use crate::error::Result;
+
 /// PyTorch's conv2d: x [B, C_in, H, W], w [C_out, C_in, kh, kw], b [C_out].
 pub fn conv2d(tape: &mut Tape, x: &Var, w: &Var, b: Option<&Var>, p: Conv2dParams) -> Result<Var> {
     let mut inputs = vec![x, w];
