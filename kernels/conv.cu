@@ -1,4 +1,5 @@
-// conv.cu: the layout halves of a 2-D convolution as im2col + GEMM (the GEMMs are cuBLAS's).
+// conv.cu: 2-D convolutions. First the layout halves of im2col + GEMM (the GEMMs are cuBLAS's;
+// `train.gpu_conv = "columns"` and TF32), then the implicit GEMMs (the default), further down.
 //
 //   im2col_f32: cols[n, (c kh + i) kw + j, oh Wo + ow] = x[n, c, oh s + i - pad, ow s + j - pad]
 //               (0 outside the map), for a chunk of N samples: the forward's columns. When
@@ -96,5 +97,196 @@ extern "C" __global__ void col2im_f32(const float* __restrict__ dcols, const flo
             }
         }
         dx[e] = bias ? acc + bias[c] : acc;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Implicit GEMMs: the same three products without columns in memory. Each block computes one
+// IG_BM x IG_BN tile of C [m, n] = sum over k of A(i, k) B(k, j), staging IG_BK-deep slices of A
+// and B in shared memory; the operands are read from the tensors through the convolution's index
+// map as the slices are loaded (the padding's taps read as 0), so no im2col buffer is written or
+// read, and each product is one launch (the weight gradient's deep reductions two, below).
+// Every thread sums its 4 x 4 outputs over k in ascending order: the same bits on every run.
+//
+//   conv2d_fwd_f32:        y[n, o, p] = bias[o] + sum_r w[o, r] cols(x)[n, r, p]
+//                          (m = C_out, n = N Ho Wo, k = C kh kw)
+//   conv2d_bwd_input_f32:  dx[n, c, q] = bias[c] + sum_(o, i, j) w[o, c, i, j] dy[n, o, oh, ow]
+//                          over the taps with oh s + i - pad = ih, ow s + j - pad = iw
+//                          (m = C, n = N H W, k = C_out kh kw; the transposed convolution's
+//                          bias, when not null)
+//   conv2d_bwd_weight_f32: dw[o, r] = sum_(n, p) dy[n, o, p] cols(x)[n, r, p] and, when
+//                          `with_bias`, db[o] = sum_(n, p) dy[n, o, p] as the extra column
+//                          r = C kh kw of a column of ones (m = C_out, n = C kh kw + with_bias,
+//                          k = N Ho Wo). With splits > 1 the k range is cut into `splits`
+//                          consecutive parts, whose sums go to part[s, o, r], and
+//                          conv2d_bwd_weight_sum_f32 adds them in order of s into dw and db:
+//                          enough blocks for the shallow levels' few outputs and long sums,
+//                          still without atomics.
+// Geometry: IG_THREADS threads per block, one-dimensional grids: block b is tile (b / tiles_n) %
+//   tiles_m, b % tiles_n of split b / (tiles_m tiles_n). Shared memory: two IG_BK x 64 slices.
+
+#define IG_BM 64
+#define IG_BN 64
+#define IG_BK 16
+#define IG_THREADS 256
+
+// One tile (tm, tn) of C over k in [k0, k1): out(i, j, sum) for each i < m, j < n of the tile.
+// a(i, kk) and b(kk, j) are called only inside [0, m) x [k0, k1) and [k0, k1) x [0, n). A's slice is
+// loaded with consecutive threads along k (its sources are contiguous along k); B's along j when
+// B_J_FAST, else along k.
+template <bool B_J_FAST, class A, class B, class Out>
+__device__ __forceinline__ void igemm_tile(const A& a, const B& b, const Out& out, int64_t m, int64_t n, int64_t k0, int64_t k1, int64_t tm, int64_t tn) {
+    __shared__ float as[IG_BK][IG_BM];
+    __shared__ float bs[IG_BK][IG_BN];
+    const int t = threadIdx.x, tx = t % 16, ty = t / 16;
+    const int64_t m0 = tm * IG_BM, n0 = tn * IG_BN;
+    float acc[4][4];
+    for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+    for (int64_t kb = k0; kb < k1; kb += IG_BK) {
+        for (int l = 0; l < IG_BK * IG_BM / IG_THREADS; ++l) {
+            const int e = t + l * IG_THREADS, kk = e % IG_BK, ii = e / IG_BK;
+            const int64_t gi = m0 + ii, gk = kb + kk;
+            as[kk][ii] = (gi < m && gk < k1) ? a(gi, gk) : 0.f;
+        }
+        for (int l = 0; l < IG_BK * IG_BN / IG_THREADS; ++l) {
+            const int e = t + l * IG_THREADS;
+            const int kk = B_J_FAST ? e / IG_BN : e % IG_BK, jj = B_J_FAST ? e % IG_BN : e / IG_BK;
+            const int64_t gj = n0 + jj, gk = kb + kk;
+            bs[kk][jj] = (gj < n && gk < k1) ? b(gk, gj) : 0.f;
+        }
+        __syncthreads();
+        for (int kk = 0; kk < IG_BK; ++kk) {
+            float av[4], bv[4];
+            for (int i = 0; i < 4; ++i) av[i] = as[kk][ty + 16 * i];
+            for (int j = 0; j < 4; ++j) bv[j] = bs[kk][tx + 16 * j];
+            for (int i = 0; i < 4; ++i)
+                for (int j = 0; j < 4; ++j) acc[i][j] += av[i] * bv[j];
+        }
+        __syncthreads();  // the slices are overwritten by the next step
+    }
+    for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) {
+            const int64_t gi = m0 + ty + 16 * i, gj = n0 + tx + 16 * j;
+            if (gi < m && gj < n) out(gi, gj, acc[i][j]);
+        }
+}
+
+__device__ __forceinline__ int64_t ig_tiles(int64_t v, int64_t tile) { return (v + tile - 1) / tile; }
+
+// The forward's operands: the weight as rows [C_out, K], the columns of x gathered.
+struct FwdWeight {
+    const float* w;
+    int64_t k;
+    __device__ float operator()(int64_t o, int64_t r) const { return w[o * k + r]; }
+};
+struct FwdCols {
+    const float* x;
+    ConvGeom g;
+    int64_t hw;
+    __device__ float operator()(int64_t r, int64_t q) const { return im2col_at(x, g, q / hw, (int)r, q % hw); }
+};
+struct FwdOut {
+    float* y;
+    const float* bias;
+    int64_t c_out, hw;
+    __device__ void operator()(int64_t o, int64_t q, float v) const { y[((q / hw) * c_out + o) * hw + q % hw] = bias ? v + bias[o] : v; }
+};
+
+extern "C" __global__ void conv2d_fwd_f32(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias, float* __restrict__ y, int nb, int c_out, ConvGeom g) {
+    const int64_t hw = (int64_t)g.ho * g.wo, k = (int64_t)g.c * g.kh * g.kw, n = (int64_t)nb * hw;
+    const int64_t tiles_n = ig_tiles(n, IG_BN);
+    igemm_tile<true>(FwdWeight{w, k}, FwdCols{x, g, hw}, FwdOut{y, bias, c_out, hw}, c_out, n, 0, k, blockIdx.x / tiles_n, blockIdx.x % tiles_n);
+}
+
+// The input gradient's operands: w [C_out, C, kh, kw] read as [C, (o, i, j)], and dy gathered at
+// the output position each tap of an input position came from (0 where none did).
+struct BwdInWeight {
+    const float* w;
+    int64_t c, taps;
+    __device__ float operator()(int64_t ci, int64_t r) const { return w[((r / taps) * c + ci) * taps + r % taps]; }
+};
+struct BwdInRows {
+    const float* dy;
+    ConvGeom g;
+    int64_t c_out, plane;
+    __device__ float operator()(int64_t r, int64_t q) const {
+        const int taps = g.kh * g.kw;
+        const int64_t o = r / taps;
+        const int tap = (int)(r % taps), i = tap / g.kw, j = tap % g.kw;
+        const int64_t s = q / plane;
+        const int pos = (int)(q % plane), ih = pos / g.w, iw = pos % g.w;
+        const int ohs = ih + g.pad - i, ows = iw + g.pad - j;
+        if (ohs < 0 || ows < 0 || ohs % g.stride != 0 || ows % g.stride != 0) return 0.f;
+        const int oh = ohs / g.stride, ow = ows / g.stride;
+        if (oh >= g.ho || ow >= g.wo) return 0.f;
+        return dy[((s * c_out + o) * g.ho + oh) * g.wo + ow];
+    }
+};
+struct BwdInOut {
+    float* dx;
+    const float* bias;
+    int64_t c, plane;
+    __device__ void operator()(int64_t ci, int64_t q, float v) const { dx[((q / plane) * c + ci) * plane + q % plane] = bias ? v + bias[ci] : v; }
+};
+
+extern "C" __global__ void conv2d_bwd_input_f32(const float* __restrict__ dy, const float* __restrict__ w, const float* __restrict__ bias, float* __restrict__ dx, int nb, int c_out, ConvGeom g) {
+    const int64_t plane = (int64_t)g.h * g.w, taps = (int64_t)g.kh * g.kw, n = (int64_t)nb * plane;
+    const int64_t tiles_n = ig_tiles(n, IG_BN);
+    igemm_tile<true>(BwdInWeight{w, g.c, taps}, BwdInRows{dy, g, c_out, plane}, BwdInOut{dx, bias, g.c, plane}, g.c, n, 0, c_out * taps,
+                     blockIdx.x / tiles_n, blockIdx.x % tiles_n);
+}
+
+// The weight gradient's operands: dy as [C_out, (n, p)], the columns of x as [(n, p), r] with a
+// column of ones after the last (r = K) for the bias.
+struct BwdWRows {
+    const float* dy;
+    int64_t c_out, hw;
+    __device__ float operator()(int64_t o, int64_t q) const { return dy[((q / hw) * c_out + o) * hw + q % hw]; }
+};
+struct BwdWCols {
+    const float* x;
+    ConvGeom g;
+    int64_t hw, k;
+    __device__ float operator()(int64_t q, int64_t r) const { return r < k ? im2col_at(x, g, q / hw, (int)r, q % hw) : 1.f; }
+};
+struct BwdWOut {
+    float* dw;
+    float* db;
+    int64_t k;
+    __device__ void operator()(int64_t o, int64_t r, float v) const {
+        if (r < k) dw[o * k + r] = v;
+        else db[o] = v;
+    }
+};
+struct BwdWPart {
+    float* part;
+    int64_t cols;
+    __device__ void operator()(int64_t o, int64_t r, float v) const { part[o * cols + r] = v; }
+};
+
+extern "C" __global__ void conv2d_bwd_weight_f32(const float* __restrict__ x, const float* __restrict__ dy, float* __restrict__ dw, float* __restrict__ db, float* __restrict__ part, int nb, int c_out, ConvGeom g, int with_bias, int splits) {
+    const int64_t hw = (int64_t)g.ho * g.wo, k = (int64_t)g.c * g.kh * g.kw, cols = k + with_bias, q = (int64_t)nb * hw;
+    const int64_t tiles_n = ig_tiles(cols, IG_BN), tiles_m = ig_tiles(c_out, IG_BM);
+    const int64_t tn = blockIdx.x % tiles_n, tm = (blockIdx.x / tiles_n) % tiles_m, s = blockIdx.x / (tiles_n * tiles_m);
+    // Each split's part of the reduction starts at a multiple of IG_BK.
+    const int64_t per = ig_tiles(ig_tiles(q, splits), IG_BK) * IG_BK;
+    const int64_t k0 = s * per, k1 = k0 + per < q ? k0 + per : q;
+    const BwdWRows a{dy, c_out, hw};
+    const BwdWCols b{x, g, hw, k};
+    if (splits == 1) igemm_tile<false>(a, b, BwdWOut{dw, db, k}, c_out, cols, k0, k1, tm, tn);
+    else igemm_tile<false>(a, b, BwdWPart{part + s * c_out * cols, cols}, c_out, cols, k0, k1, tm, tn);
+}
+
+// dw[o, r] (and db[o] = the column r = K, when `with_bias`) = the sum over s, in order, of
+// part[s, o, r]. One thread per output element (grid-stride).
+extern "C" __global__ void conv2d_bwd_weight_sum_f32(const float* __restrict__ part, float* __restrict__ dw, float* __restrict__ db, int c_out, int64_t k, int with_bias, int splits) {
+    const int64_t cols = k + with_bias;
+    FNO_FOR(e, (int64_t)c_out * cols) {
+        float acc = 0.f;
+        for (int s = 0; s < splits; ++s) acc += part[s * c_out * cols + e];
+        const int64_t o = e / cols, r = e % cols;
+        if (r < k) dw[o * k + r] = acc;
+        else db[o] = acc;
     }
 }

@@ -4,7 +4,8 @@
 # (a stage that hangs or crashes loses nothing of the ones before it); the numbers come first:
 #   1-environment  nvidia-smi, the driver, cuBLAS and cuFFT libraries found, python3/torch (10 s)
 #   2-info         fnokern info: GPU 0 opened, one allocation, copies, a kernel, cuBLAS, cuFFT (20 s)
-#   3-step         fnokern bench-step: the depth-8 study step on the GPU, FP32 then TF32 (45 s)
+#   3-step         fnokern bench-step: the depth-8 study step on the GPU, FP32 with the implicit-GEMM
+#                  convolutions, FP32 with im2col + cuBLAS (train.gpu_conv), then TF32 (60 s)
 #   4-torch        benches/torch/compare.py --device cuda: parity with the PyTorch twin, then the
 #                  same step timed in rounds alternating fnokern and PyTorch eager (90 s)
 #   5-kernels      tests/cuda: every kernel through its launcher against the CPU (45 s)
@@ -17,7 +18,7 @@
 #                  evaluation included (120 s); the run writes outside $OUT ($WORK) and only its
 #                  metrics, summary, config and plots are copied back
 #   10-memcheck    compute-sanitizer --tool memcheck on tests/cuda, where it is installed (45 s)
-# The caps add up to 8 min 45 s. A summary line per stage goes to standard output; the last
+# The caps add up to 9 min. A summary line per stage goes to standard output; the last
 # line is the size of everything under $OUT. Exit status: the number of stages that failed.
 # OUT (default: results) and WORK (default: a fresh directory under /tmp) are taken relative to
 # the directory run.sh is called from.
@@ -73,6 +74,7 @@ export -f bench
 
 step() {
   ./fnokern bench-step --preset study --depth 8 --device cuda --steps 20 &&
+    ./fnokern bench-step --preset study --depth 8 --device cuda --steps 20 --set 'train.gpu_conv="columns"' &&
     ./fnokern bench-step --preset study --depth 8 --device cuda --steps 20 --set train.tf32=true
 }
 export -f step
@@ -101,7 +103,7 @@ export OUT WORK
 
 stage 1-environment 10 bash -c environment
 stage 2-info 20 ./fnokern info
-stage 3-step 45 bash -c step
+stage 3-step 60 bash -c step
 if command -v python3 >/dev/null && python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
   stage 4-torch 90 python3 benches/torch/compare.py --fnokern ./fnokern --preset study --depth 8 --device cuda --rounds 3 --steps 10
 else

@@ -37,6 +37,18 @@ pub enum PrenormKind {
     Layer,
 }
 
+/// How convolutions run on a GPU in FP32 (`train.gpu_conv`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum GpuConv {
+    /// fnokern's implicit-GEMM kernels: the columns gathered as they are multiplied, never
+    /// written; one launch per product (two for a long weight-gradient sum).
+    #[default]
+    Implicit,
+    /// im2col / col2im around cuBLAS SGEMMs: columns in memory, two launches or more a product.
+    Columns,
+}
+
 /// Which generator levels run as checkpointed segments: `none`, `every_level`, or `every_K`
 /// (levels 0, K, 2K, ... of the encoder and of the decoder; the bottleneck is encoder level `depth`;
 /// the lifter is a segment of its own whenever level 0 is one).
@@ -568,6 +580,10 @@ pub struct TrainConfig {
     /// to 10 mantissa bits, for the tensor cores' rate. No effect on the CPU. The setting is the
     /// process's for that GPU.
     pub tf32: bool,
+    /// On a GPU in FP32, the convolutions as `implicit` GEMMs (fnokern's kernels, the default) or
+    /// as `columns` (im2col + cuBLAS). With `tf32` they always run on cuBLAS (its tensor-op math
+    /// is the TF32 path). No effect on the CPU. The setting is the process's for that GPU.
+    pub gpu_conv: GpuConv,
     /// fp16's dynamic loss scaling: the first scale; x2 after `loss_scale_growth_interval` clean
     /// updates in a row; x0.5 after `loss_scale_hysteresis` overflowing updates in a row (each
     /// one skipped), never below `loss_scale_min`. A non-finite loss skips the batch and keeps
@@ -668,6 +684,7 @@ impl Default for TrainConfig {
             epochs: 50,
             precision: Precision::Fp32,
             tf32: false,
+            gpu_conv: GpuConv::Implicit,
             loss_scale_init: 65536.0,
             loss_scale_growth_interval: 2000,
             loss_scale_hysteresis: 1,

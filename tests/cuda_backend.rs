@@ -134,15 +134,18 @@ fn channel_ops_match_the_cpu() {
 #[test]
 #[cfg_attr(not(fnokern_kernels), ignore = "skipped: no kernels (built without nvcc; scripts/install-nvcc.sh installs it)")]
 fn convolutions_match_the_cpu_in_every_geometry() {
-    // (kernel, stride, padding): the U-Net's 3x3 convs, pointwise (no im2col), the stride-2 down
-    // convs, and odd cases.
-    // A budget of one float runs every GPU convolution one sample per chunk (the weight gradient
-    // accumulating over chunks); the default runs the batch as one chunk.
-    for ((k, stride, pad), budget) in
-        [(3, 1, 1), (1, 1, 0), (3, 2, 1), (2, 2, 0), (1, 2, 0), (5, 1, 2)].into_iter().flat_map(|g| [(g, backend::conv::COLS_BUDGET), (g, 1)])
+    // (kernel, stride, padding): the U-Net's 3x3 convs, pointwise, the stride-2 down convs, and
+    // odd cases; each by both GPU algorithms (`train.gpu_conv`): the implicit GEMMs, and im2col +
+    // cuBLAS with the default columns budget and with a budget of one float, which runs every
+    // convolution one sample per chunk (the weight gradient accumulating over chunks).
+    let gpu = fnokern::backend::gpu::Gpu::shared(0).ok().filter(|_| cuda("conv").is_some());
+    let algorithms = [("implicit", false, backend::conv::COLS_BUDGET), ("columns", true, backend::conv::COLS_BUDGET), ("columns", true, 1)];
+    for ((k, stride, pad), (algorithm, columns, budget)) in
+        [(3, 1, 1), (1, 1, 0), (3, 2, 1), (2, 2, 0), (1, 2, 0), (5, 1, 2)].into_iter().flat_map(|g| algorithms.map(|a| (g, a)))
     {
         backend::conv::set_cols_budget(budget);
-        on_both(&format!("conv k{k} s{stride} p{pad}, columns budget {budget}"), 1e-4, 1e-4, |dev| {
+        gpu.as_ref().inspect(|g| g.set_conv_columns(columns));
+        on_both(&format!("conv k{k} s{stride} p{pad}, {algorithm}, columns budget {budget}"), 1e-4, 1e-4, |dev| {
             let p = Conv2dParams::new(stride, pad);
             let x = randn(dev, &[3, 5, 11, 9], 1);
             let w = randn(dev, &[7, 5, k, k], 2);
@@ -162,6 +165,26 @@ fn convolutions_match_the_cpu_in_every_geometry() {
         });
     }
     backend::conv::set_cols_budget(backend::conv::COLS_BUDGET);
+    gpu.as_ref().inspect(|g| g.set_conv_columns(false));
+    // A weight gradient over more than 4,096 terms (samples x positions) is summed in parts,
+    // added in order by a second launch; 65 output channels and 66 weights per channel take two
+    // output tiles a side, the last one partial. Sums of 4,440 products of magnitude ~1 (about 70
+    // in size, with cancellation): f32's rounding of such a sum is ~1e-4, hence atol 1e-3.
+    on_both("conv weight gradient in parts", 1e-3, 1e-4, |dev| {
+        let p = Conv2dParams::new(1, 1);
+        let x = randn(dev, &[3, 11, 40, 37], 1);
+        let w = randn(dev, &[65, 11, 3, 2], 2);
+        let y = backend::conv2d(&x, &w, None, p).unwrap();
+        let dy = randn(dev, y.dims(), 3);
+        let (dw, db) = backend::conv2d_bwd_params(&x, &dy, w.shape(), p, true).unwrap();
+        vec![
+            out("dw", backend::conv2d_bwd_weight(&x, &dy, w.shape(), p).unwrap()),
+            out("dw with db", dw),
+            out("db", db.unwrap()),
+            out("y", y),
+            out("dx", backend::conv2d_bwd_input(&dy, &w, x.shape(), p).unwrap()),
+        ]
+    });
 }
 
 #[test]

@@ -114,6 +114,8 @@ pub struct Gpu {
     pool: Option<Pool>,
     /// cuBLAS GEMMs in TF32 tensor-op math (`train.tf32`), for every later GEMM on this GPU.
     tf32: std::sync::atomic::AtomicBool,
+    /// Convolutions as im2col + cuBLAS instead of the implicit-GEMM kernels (`train.gpu_conv`).
+    conv_columns: std::sync::atomic::AtomicBool,
 }
 
 impl Gpu {
@@ -193,6 +195,18 @@ impl Gpu {
         self.tf32.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Whether FP32 convolutions on this GPU run as im2col + cuBLAS (`train.gpu_conv =
+    /// "columns"`) instead of the implicit-GEMM kernels. The process's setting for this GPU.
+    pub fn set_conv_columns(&self, on: bool) {
+        self.conv_columns.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether convolutions run as im2col + cuBLAS: when asked for, and always in TF32 (cuBLAS's
+    /// tensor-op GEMMs are the TF32 path; the implicit-GEMM kernels compute in FP32).
+    pub fn conv_columns(&self) -> bool {
+        self.tf32() || self.conv_columns.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// cuBLAS on this GPU's stream (created on first use), locked for the caller's calls, in
     /// the math mode [`Gpu::set_tf32`] chose.
     pub(crate) fn blas(&self) -> Result<std::sync::MutexGuard<'_, CudaBlas>> {
@@ -240,6 +254,7 @@ impl Gpu {
             ffts: Mutex::default(),
             pool: None,
             tf32: std::sync::atomic::AtomicBool::new(false),
+            conv_columns: std::sync::atomic::AtomicBool::new(false),
         })
     }
 

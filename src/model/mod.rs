@@ -448,9 +448,11 @@ impl Generator {
     /// `cfg.in_channels()` channels (the grid lines' N x N amplitudes, Darcy's (a, x, y)), f32
     /// parameters on `dev`, activations and GEMMs in `train.precision`.
     pub fn for_run(cfg: &Config, dev: &Device) -> Result<Generator> {
-        // The run's GPU math: its GEMMs in TF32 or not (`train.tf32`).
+        // The run's GPU math: its GEMMs in TF32 or not (`train.tf32`), its convolutions'
+        // algorithm (`train.gpu_conv`).
         if let Some(gpu) = dev.gpu_opt() {
             gpu.set_tf32(cfg.train.tf32);
+            gpu.set_conv_columns(cfg.train.gpu_conv == crate::config::GpuConv::Columns);
         }
         Generator::build(&cfg.model, Grid::square(cfg.input_size()), cfg.in_channels(), dev, DType::F32, cfg.train.precision)
     }

@@ -1,24 +1,41 @@
-//! 2-D convolutions on the GPU: im2col / col2im (kernels/conv.cu) around cuBLAS SGEMMs, the same
-//! decomposition as the CPU's (conv/cpu.rs):
+//! 2-D convolutions on the GPU, by one of two algorithms (`train.gpu_conv`, [`Gpu::conv_columns`]):
 //!
-//! - forward: y_n [C_out, Ho Wo] = W [C_out, K] cols(x_n) [K, Ho Wo] + bias, K = C_in kh kw, as
-//!   one strided-batched GEMM per chunk of samples (W's stride 0) onto y set to the bias by the
+//! **Implicit GEMMs** (the default; kernels/conv.cu's `conv2d_*_f32`): each product is a tiled
+//! GEMM whose operands are gathered from x, w and dy through the convolution's index map as the
+//! tiles are loaded, so no columns are written or read and each product is one launch:
+//!
+//! - forward: y [C_out, (n, p)] = W [C_out, K] cols(x) [K, (n, p)] + bias, K = C_in kh kw;
+//! - dX: dx [C_in, (n, ih, iw)] = W' [C_in, (o, i, j)] dy gathered at each tap's output position
+//!   (+ the transposed convolution's bias);
+//! - dW: dw [C_out, K] (and db as one more column, of ones) = dy [C_out, (n, p)] cols(x)^T,
+//!   summed over all samples in one launch; over more than `DW_TERMS_PER_BLOCK` terms the sum is
+//!   cut into parts that more blocks take, then a second launch adds them in order.
+//!
+//! Each thread sums its outputs in a fixed order, so results repeat bit for bit; the order
+//! differs from the CPU's (its tolerances in tests/cuda_backend.rs say how close).
+//!
+//! **Columns** (`gpu_conv = "columns"`, and always with `train.tf32`, whose tensor-op math is
+//! cuBLAS's): im2col / col2im around cuBLAS SGEMMs, the same decomposition as the CPU's
+//! (conv/cpu.rs):
+//!
+//! - forward: y_n [C_out, Ho Wo] = W [C_out, K] cols(x_n) [K, Ho Wo] + bias as one
+//!   strided-batched GEMM per chunk of samples (W's stride 0) onto y set to the bias by the
 //!   columns' launch: two launches per chunk;
 //! - dX: col2im(W^T dy_n), batched the same way (the transposed convolution's bias added by
 //!   col2im);
 //! - dW: dy [C_out, B Ho Wo] cols(x) [K, B Ho Wo]^T, one GEMM over the whole batch (per chunk of
 //!   samples), with the output gradient and the columns laid out as matrices over (sample,
 //!   position) first, both in one launch that also sums the bias gradient
-//!   (`conv_dw_operands_f32`). The CPU sums per sample, in order; the GEMM's order of additions
-//!   is cuBLAS's (fixed for a shape and a card).
+//!   (`conv_dw_operands_f32`). The GEMM's order of additions is cuBLAS's (fixed for a shape and
+//!   a card).
 //!
 //! A 1x1 kernel with stride 1 and no padding uses x_n itself as its forward columns (and adds its
-//! bias after the GEMM). The columns of a
-//! chunk of samples are scratch from the memory pool, at most `COLS_BUDGET` floats.
-//! cuBLAS is column-major; [`gemm_rm`] maps a row-major product onto it.
+//! bias after the GEMM). The columns of a chunk of samples are scratch from the memory pool, at
+//! most `COLS_BUDGET` floats. cuBLAS is column-major; [`gemm_rm`] maps a row-major product onto
+//! it.
 
 use cudarc::cublas::{sys as bsys, Gemm, GemmConfig, StridedBatchedConfig};
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig};
 
 use super::ConvGeom;
 use crate::backend::gpu::{check_len, elementwise_config, Gpu};
@@ -195,7 +212,7 @@ fn bias_placement(g: ConvGeom, bias: Option<&Tensor>) -> Result<(Option<&CudaSli
 /// y [B, C_out, Ho, Wo] = conv(x [B, C_in, H, W], w [C_out, C_in, kh, kw]) + bias [C_out]. The
 /// bias is written into y by the launch that lays out the columns, and the GEMM adds onto it
 /// (beta = 1); a pointwise convolution, which has no columns, adds it after its GEMM.
-pub(super) fn conv2d_fwd(gpu: &Gpu, g: ConvGeom, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, y: &mut Tensor) -> Result<()> {
+fn conv2d_fwd_columns(gpu: &Gpu, g: ConvGeom, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, y: &mut Tensor) -> Result<()> {
     let (batch, c_out) = (x.dims()[0], w.dims()[0]);
     let (fused, after) = bias_placement(g, bias)?;
     {
@@ -230,7 +247,7 @@ pub(super) fn conv2d_fwd(gpu: &Gpu, g: ConvGeom, x: &Tensor, w: &Tensor, bias: O
 /// dx [B, C_in, H, W] from dy [B, C_out, Ho, Wo] and w [C_out, C_in, kh, kw], plus `bias` [C_in]
 /// per channel if given (the transposed convolution, which runs on this, adds its bias here:
 /// in the col2im pass, or after the GEMM of a pointwise kernel).
-pub(super) fn conv2d_bwd_input(gpu: &Gpu, g: ConvGeom, dy: &Tensor, w: &Tensor, bias: Option<&Tensor>, dx: &mut Tensor) -> Result<()> {
+fn conv2d_bwd_input_columns(gpu: &Gpu, g: ConvGeom, dy: &Tensor, w: &Tensor, bias: Option<&Tensor>, dx: &mut Tensor) -> Result<()> {
     let (batch, c_out) = (dy.dims()[0], w.dims()[0]);
     let (fused, after) = bias_placement(g, bias)?;
     {
@@ -262,7 +279,7 @@ pub(super) fn conv2d_bwd_input(gpu: &Gpu, g: ConvGeom, dy: &Tensor, w: &Tensor, 
 /// the columns of a chunk of samples laid out as two matrices over (sample, position), then one
 /// GEMM per chunk (one per convolution unless the columns exceed the columns budget). With `db`,
 /// also the bias gradient db [C_out] = the sums of dy's rows, taken while dy is laid out.
-pub(super) fn conv2d_bwd_weight(gpu: &Gpu, g: ConvGeom, x: &Tensor, dy: &Tensor, dw: &mut Tensor, db: Option<&mut Tensor>) -> Result<()> {
+fn conv2d_bwd_weight_columns(gpu: &Gpu, g: ConvGeom, x: &Tensor, dy: &Tensor, dw: &mut Tensor, db: Option<&mut Tensor>) -> Result<()> {
     let (batch, c_out) = (x.dims()[0], dw.dims()[0]);
     let (x, dy, dw) = (x.cuda()?, dy.cuda()?, dw.cuda_mut()?);
     let mut db = db.map(Tensor::cuda_mut).transpose()?;
@@ -294,6 +311,109 @@ pub(super) fn conv2d_bwd_weight(gpu: &Gpu, g: ConvGeom, x: &Tensor, dy: &Tensor,
         gemm_rm(gpu, &a, &b, &mut dw.slice_mut(..), c_out, k, nb * hw, beta, 1)?;
     }
     Ok(())
+}
+
+/// Threads per block of the implicit GEMMs and the sides of their output tiles (kernels/conv.cu's
+/// IG_THREADS, IG_BM, IG_BN).
+const IG_THREADS: u32 = 256;
+const IG_TILE: usize = 64;
+
+/// Terms of the weight gradient's sum per block: a longer sum (B Ho Wo of the shallow levels) is
+/// cut into parts, summed by more blocks into a scratch buffer and then added in order, so that
+/// the few outputs of a narrow level still fill the card. A fixed length keeps the number of
+/// launches a function of the batch and the maps only.
+const DW_TERMS_PER_BLOCK: usize = 4096;
+
+/// A one-dimensional grid of `blocks` blocks of the implicit GEMMs' shape.
+fn tiles_config(op: &'static str, blocks: usize) -> Result<LaunchConfig> {
+    let blocks =
+        u32::try_from(blocks.max(1)).ok().filter(|&b| b <= i32::MAX as u32).ok_or_else(|| Error::invalid(op, format!("{blocks} blocks exceed the grid")))?;
+    Ok(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (IG_THREADS, 1, 1), shared_mem_bytes: 0 })
+}
+
+/// y [B, C_out, Ho, Wo] = conv(x [B, C_in, H, W], w [C_out, C_in, kh, kw]) + bias [C_out].
+pub(super) fn conv2d_fwd(gpu: &Gpu, g: ConvGeom, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, y: &mut Tensor) -> Result<()> {
+    if gpu.conv_columns() {
+        return conv2d_fwd_columns(gpu, g, x, w, bias, y);
+    }
+    const OP: &str = "conv2d_fwd_f32";
+    let (batch, c_out) = (x.dims()[0], w.dims()[0]);
+    let (x, w, y) = (x.cuda()?, w.cuda()?, y.cuda_mut()?);
+    check_len(OP, "x", x, batch * g.plane_in())?;
+    check_len(OP, "w", w, c_out * g.k())?;
+    check_len(OP, "y", y, batch * c_out * g.hw_out())?;
+    let bias = bias.map(Tensor::cuda).transpose()?;
+    if let Some(b) = bias {
+        check_len(OP, "bias", b, c_out)?;
+    }
+    let cfg = tiles_config(OP, c_out.div_ceil(IG_TILE) * (batch * g.hw_out()).div_ceil(IG_TILE))?;
+    let (nb, c_out) = (int(OP, batch)?, int(OP, c_out)?);
+    // SAFETY: every buffer's length checked above against the geometry.
+    unsafe { kernels::conv2d_fwd_f32(gpu, cfg, x, w, &bias, y, nb, c_out, g) }
+}
+
+/// dx [B, C_in, H, W] from dy [B, C_out, Ho, Wo] and w [C_out, C_in, kh, kw], plus `bias` [C_in]
+/// per channel if given (the transposed convolution, which runs on this).
+pub(super) fn conv2d_bwd_input(gpu: &Gpu, g: ConvGeom, dy: &Tensor, w: &Tensor, bias: Option<&Tensor>, dx: &mut Tensor) -> Result<()> {
+    if gpu.conv_columns() {
+        return conv2d_bwd_input_columns(gpu, g, dy, w, bias, dx);
+    }
+    const OP: &str = "conv2d_bwd_input_f32";
+    let (batch, c_out) = (dy.dims()[0], w.dims()[0]);
+    let (dy, w, dx) = (dy.cuda()?, w.cuda()?, dx.cuda_mut()?);
+    check_len(OP, "dy", dy, batch * c_out * g.hw_out())?;
+    check_len(OP, "w", w, c_out * g.k())?;
+    check_len(OP, "dx", dx, batch * g.plane_in())?;
+    let bias = bias.map(Tensor::cuda).transpose()?;
+    if let Some(b) = bias {
+        check_len(OP, "bias", b, g.c as usize)?;
+    }
+    let plane = (g.h * g.w) as usize;
+    let cfg = tiles_config(OP, (g.c as usize).div_ceil(IG_TILE) * (batch * plane).div_ceil(IG_TILE))?;
+    let (nb, c_out) = (int(OP, batch)?, int(OP, c_out)?);
+    // SAFETY: every buffer's length checked above against the geometry.
+    unsafe { kernels::conv2d_bwd_input_f32(gpu, cfg, dy, w, &bias, dx, nb, c_out, g) }
+}
+
+/// dw [C_out, C_in, kh, kw] = the sum over samples and positions of dy [B, C_out, Ho Wo] times
+/// the columns of x, and with `db` the bias gradient (dy's sums) as one more output column; in
+/// one launch, or with a long sum in parts and a second launch that adds them in order.
+pub(super) fn conv2d_bwd_weight(gpu: &Gpu, g: ConvGeom, x: &Tensor, dy: &Tensor, dw: &mut Tensor, db: Option<&mut Tensor>) -> Result<()> {
+    if gpu.conv_columns() {
+        return conv2d_bwd_weight_columns(gpu, g, x, dy, dw, db);
+    }
+    const OP: &str = "conv2d_bwd_weight_f32";
+    let (batch, c_out) = (x.dims()[0], dw.dims()[0]);
+    let (x, dy, dw) = (x.cuda()?, dy.cuda()?, dw.cuda_mut()?);
+    let mut db = db.map(Tensor::cuda_mut).transpose()?;
+    let k = g.k();
+    check_len(OP, "x", x, batch * g.plane_in())?;
+    check_len(OP, "dy", dy, batch * c_out * g.hw_out())?;
+    check_len(OP, "dw", dw, c_out * k)?;
+    if let Some(db) = &db {
+        check_len(OP, "db", db, c_out)?;
+    }
+    let cols = k + usize::from(db.is_some());
+    let parts = (batch * g.hw_out()).div_ceil(DW_TERMS_PER_BLOCK).max(1);
+    let cfg = tiles_config(OP, c_out.div_ceil(IG_TILE) * cols.div_ceil(IG_TILE) * parts)?;
+    let sum_cfg = elementwise_config(c_out * cols);
+    let (nb, c_out, with_bias, splits) = (int(OP, batch)?, int(OP, c_out)?, i32::from(db.is_some()), int(OP, parts)?);
+    if parts == 1 {
+        let mut part: Option<&mut CudaSlice<f32>> = None;
+        // SAFETY: every buffer's length checked above against the geometry; without parts the
+        // kernel writes dw and db.
+        return unsafe { kernels::conv2d_bwd_weight_f32(gpu, cfg, x, dy, dw, &mut db, &mut part, nb, c_out, g, with_bias, splits) };
+    }
+    let mut part = scratch(gpu, parts * c_out as usize * cols)?;
+    {
+        // The sums of the parts go to `part` only.
+        let (mut dw, mut db): (Option<&mut CudaSlice<f32>>, Option<&mut CudaSlice<f32>>) = (None, None);
+        // SAFETY: part holds splits c_out (k + with_bias) floats, all the kernel writes.
+        unsafe { kernels::conv2d_bwd_weight_f32(gpu, cfg, x, dy, &mut dw, &mut db, &mut part, nb, c_out, g, with_bias, splits)? };
+    }
+    let k = i64::try_from(k).map_err(|_| Error::invalid(OP, format!("{k} weights per output channel exceed the kernel's index")))?;
+    // SAFETY: part as written above; dw and db checked above.
+    unsafe { kernels::conv2d_bwd_weight_sum_f32(gpu, sum_cfg, &part, dw, &mut db, c_out, k, with_bias, splits) }
 }
 
 #[cfg(test)]
