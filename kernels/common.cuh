@@ -48,5 +48,16 @@ __device__ __forceinline__ float block_sum(float v) {
     return warp_sums[0];
 }
 
+// GELU, the exact form x Phi(x) = 0.5 x (1 + erf(x / sqrt 2)), and its derivative
+// Phi(x) + x phi(x): elementwise.cu's unary ops, and the activations conv.cu and binary_f32 write
+// beside their outputs.
+__device__ __forceinline__ float gelu(float v) { return 0.5f * v * (1.f + erff(v * 0.70710678118654752f)); }
+
+__device__ __forceinline__ float gelu_grad(float v) {
+    const float cdf = 0.5f * (1.f + erff(v * 0.70710678118654752f));
+    const float pdf = 0.39894228040143268f * expf(-0.5f * v * v);
+    return cdf + v * pdf;
+}
+
 // Grid-stride loop over [0, n).
 #define FNO_FOR(i, n) for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (int64_t)(n); i += (int64_t)gridDim.x * blockDim.x)

@@ -109,7 +109,8 @@ extern "C" __global__ void col2im_f32(const float* __restrict__ dcols, const flo
 // Every thread sums its 4 x 4 outputs over k in ascending order: the same bits on every run.
 //
 //   conv2d_fwd_f32:        y[n, o, p] = bias[o] + sum_r w[o, r] cols(x)[n, r, p]
-//                          (m = C_out, n = N Ho Wo, k = C kh kw)
+//                          (m = C_out, n = N Ho Wo, k = C kh kw); when `act` is not null also
+//                          act = GELU(y) (a convolution and the activation after it in one pass)
 //   conv2d_bwd_input_f32:  dx[n, c, q] = bias[c] + sum_(o, i, j) w[o, c, i, j] dy[n, o, oh, ow]
 //                          over the taps with oh s + i - pad = ih, ow s + j - pad = iw
 //                          (m = C, n = N H W, k = C_out kh kw; the transposed convolution's
@@ -188,15 +189,21 @@ struct FwdCols {
 };
 struct FwdOut {
     float* y;
+    float* act;
     const float* bias;
     int64_t c_out, hw;
-    __device__ void operator()(int64_t o, int64_t q, float v) const { y[((q / hw) * c_out + o) * hw + q % hw] = bias ? v + bias[o] : v; }
+    __device__ void operator()(int64_t o, int64_t q, float v) const {
+        const int64_t at = ((q / hw) * c_out + o) * hw + q % hw;
+        const float z = bias ? v + bias[o] : v;
+        y[at] = z;
+        if (act) act[at] = gelu(z);
+    }
 };
 
-extern "C" __global__ void conv2d_fwd_f32(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias, float* __restrict__ y, int nb, int c_out, ConvGeom g) {
+extern "C" __global__ void conv2d_fwd_f32(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias, float* __restrict__ y, float* __restrict__ act, int nb, int c_out, ConvGeom g) {
     const int64_t hw = (int64_t)g.ho * g.wo, k = (int64_t)g.c * g.kh * g.kw, n = (int64_t)nb * hw;
     const int64_t tiles_n = ig_tiles(n, IG_BN);
-    igemm_tile<true>(FwdWeight{w, k}, FwdCols{x, g, hw}, FwdOut{y, bias, c_out, hw}, c_out, n, 0, k, blockIdx.x / tiles_n, blockIdx.x % tiles_n);
+    igemm_tile<true>(FwdWeight{w, k}, FwdCols{x, g, hw}, FwdOut{y, act, bias, c_out, hw}, c_out, n, 0, k, blockIdx.x / tiles_n, blockIdx.x % tiles_n);
 }
 
 // The input gradient's operands: w [C_out, C, kh, kw] read as [C, (o, i, j)], and dy gathered at

@@ -7,21 +7,14 @@
 //                      |x|' = sign(x) with 0 at 0; rounding and wrapping pass gradients through.
 //                      Rounding goes to the nearest f16 / bf16 (ties to even; beyond f16's 65504
 //                      it is inf), stored as f32 (the emulation of low precision, as on the CPU).
-//   binary_f32(op):  y = a + b, a - b, a * b (op 0, 1, 2)
+//   binary_f32(op):  y = a + b, a - b, a * b (op 0, 1, 2); when `act` is not null also
+//                    act = GELU(y) (a block's sum and its activation in one pass)
 //   add_assign_f32:  acc += x;   affine_f32: y = alpha x + beta;   scale_in_place_f32: x *= s
 //   scale_by_f32:    y = x * s[0] (or x / s[0]), s a one-element device buffer
 //   fill_scalar_f32: y = g[0] everywhere;   clamp_f32: x = min(max(x, -c), c) in place
 // Shapes: all operands [n]. CPU reference: unary_f / unary_df, map1 / map2 and the Backend impl
 //   in src/backend/cpu/mod.rs.
 #include "common.cuh"
-
-__device__ __forceinline__ float gelu(float v) { return 0.5f * v * (1.f + erff(v * 0.70710678118654752f)); }
-
-__device__ __forceinline__ float gelu_grad(float v) {
-    const float cdf = 0.5f * (1.f + erff(v * 0.70710678118654752f));
-    const float pdf = 0.39894228040143268f * expf(-0.5f * v * v);
-    return cdf + v * pdf;
-}
 
 #define FNO_TWO_PI 6.283185307179586f
 
@@ -57,8 +50,12 @@ extern "C" __global__ void unary_bwd_f32(const float* __restrict__ x, const floa
     FNO_FOR(i, n) dx[i] = dy[i] * unary_grad(op, x[i]);
 }
 
-extern "C" __global__ void binary_f32(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ y, int64_t n, int op) {
-    FNO_FOR(i, n) y[i] = op == 0 ? a[i] + b[i] : (op == 1 ? a[i] - b[i] : a[i] * b[i]);
+extern "C" __global__ void binary_f32(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ y, float* __restrict__ act, int64_t n, int op) {
+    FNO_FOR(i, n) {
+        const float v = op == 0 ? a[i] + b[i] : (op == 1 ? a[i] - b[i] : a[i] * b[i]);
+        y[i] = v;
+        if (act) act[i] = gelu(v);
+    }
 }
 
 extern "C" __global__ void add_assign_f32(float* __restrict__ acc, const float* __restrict__ x, int64_t n) {

@@ -76,6 +76,10 @@ fn element_wise_ops_and_reductions_match_the_cpu() {
         for op in [Binary::Add, Binary::Sub, Binary::Mul] {
             o.push(out(format!("{op:?}"), backend::binary(op, &a, &b).unwrap()));
         }
+        // The sum and its GELU in one launch.
+        let (sum, act) = backend::add_gelu(&a, &b).unwrap();
+        o.push(out("add_gelu sum", sum));
+        o.push(out("add_gelu GELU", act));
         // add_into writes into a uniquely held operand.
         o.push(out("add_into", backend::add_into(randn(dev, &shape, 1), randn(dev, &shape, 4)).unwrap()));
         o.push(out("affine", backend::affine(&a, -1.5, 0.25).unwrap()));
@@ -154,7 +158,11 @@ fn convolutions_match_the_cpu_in_every_geometry() {
             let dy = randn(dev, y.dims(), 4);
             let wt = randn(dev, &[5, 7, k, k], 5);
             let bt = randn(dev, &[7], 6);
+            // The output and its GELU in one launch (implicit GEMMs), or in turn (columns).
+            let (z, act) = backend::conv2d_gelu(&x, &w, Some(&b), p).unwrap();
             vec![
+                out("conv2d_gelu z", z),
+                out("conv2d_gelu GELU", act),
                 out("dx", backend::conv2d_bwd_input(&dy, &w, x.shape(), p).unwrap()),
                 out("dw", backend::conv2d_bwd_weight(&x, &dy, w.shape(), p).unwrap()),
                 out("dw with db", backend::conv2d_bwd_params(&x, &dy, w.shape(), p, true).unwrap().0),

@@ -122,11 +122,34 @@ impl Conv {
         let y = ops::conv2d(t, x, &w, Some(&b), p)?;
         ops::round_to(t, &y, lp)
     }
+    /// GELU(conv(x)), rounded. In fp32 (nothing to round between the two) one fused op: the same
+    /// nodes and values, one launch on a GPU.
+    fn run_gelu(self, t: &mut Tape, x: &Var, p: Conv2dParams, lp: Precision) -> Result<Var> {
+        if lp == Precision::Fp32 {
+            let (w, b) = self.wb(t, lp)?;
+            return ops::conv2d_gelu(t, x, &w, Some(&b), p);
+        }
+        let y = self.run(t, x, p, lp)?;
+        let y = ops::gelu(t, &y)?;
+        ops::round_to(t, &y, lp)
+    }
     fn run_transposed(self, t: &mut Tape, x: &Var, p: Conv2dParams, lp: Precision) -> Result<Var> {
         let (w, b) = self.wb(t, lp)?;
         let y = ops::conv_transpose2d(t, x, &w, Some(&b), p)?;
         ops::round_to(t, &y, lp)
     }
+}
+
+/// GELU(a + b), each rounded to the working precision; in fp32 one fused op (the same nodes and
+/// values, one launch on a GPU).
+fn add_gelu(t: &mut Tape, a: &Var, b: &Var, lp: Precision) -> Result<Var> {
+    if lp == Precision::Fp32 {
+        return ops::add_gelu(t, a, b);
+    }
+    let sum = ops::add(t, a, b)?;
+    let sum = ops::round_to(t, &sum, lp)?;
+    let y = ops::gelu(t, &sum)?;
+    ops::round_to(t, &y, lp)
 }
 
 /// Parameters of one residual block.
@@ -156,10 +179,7 @@ impl Block {
         let s = ops::spectral_conv(t, x, &w, self.modes)?;
         let s = ops::round_to(t, &s, lp)?;
         let c = self.conv.run(t, x, PAD1, lp)?;
-        let sum = ops::add(t, &s, &c)?;
-        let sum = ops::round_to(t, &sum, lp)?;
-        let y = ops::gelu(t, &sum)?;
-        let y = ops::round_to(t, &y, lp)?;
+        let y = add_gelu(t, &s, &c, lp)?;
         t.note(self.part, "branch", &y)?;
         Ok(y)
     }
@@ -253,10 +273,8 @@ impl DecoderLevel {
         };
         let cat = ops::concat_channels(t, &[&up, skip])?;
         drop(up);
-        let h = self.conv1.run(t, &cat, PAD1, lp)?;
+        let h = self.conv1.run_gelu(t, &cat, PAD1, lp)?;
         drop(cat);
-        let h = ops::gelu(t, &h)?;
-        let h = ops::round_to(t, &h, lp)?;
         self.conv2.run(t, &h, PAD1, lp)
     }
 }
@@ -320,12 +338,10 @@ impl FourierLayer {
         let s = ops::spectral_conv(t, x, &w, self.modes)?;
         let s = ops::round_to(t, &s, lp)?;
         let c = self.linear.run(t, x, POINT, lp)?;
-        let y = ops::add(t, &s, &c)?;
-        let y = ops::round_to(t, &y, lp)?;
-        if !self.gelu {
-            return Ok(y);
+        if self.gelu {
+            return add_gelu(t, &s, &c, lp);
         }
-        let y = ops::gelu(t, &y)?;
+        let y = ops::add(t, &s, &c)?;
         ops::round_to(t, &y, lp)
     }
 }
@@ -702,9 +718,7 @@ impl Ufno {
         let lifter = self.lifter;
         let mut h = segment(t, policy, 0, &[x], move |t, v| {
             let x = ops::round_to(t, &v[0], lp)?;
-            let h = lifter.0.run(t, &x, PAD1, lp)?;
-            let h = ops::gelu(t, &h)?;
-            let h = ops::round_to(t, &h, lp)?;
+            let h = lifter.0.run_gelu(t, &x, PAD1, lp)?;
             Ok(vec![lifter.1.run(t, &h, PAD1, lp)?])
         })?
         .pop()
@@ -765,10 +779,8 @@ impl Fno2d {
             t.note(i + 1, "output", &h)?;
             trace(i + 1);
         }
-        let p = self.projection.run(t, &h, POINT, lp)?;
+        let p = self.projection.run_gelu(t, &h, POINT, lp)?;
         drop(h);
-        let p = ops::gelu(t, &p)?;
-        let p = ops::round_to(t, &p, lp)?;
         let y = self.head.run(t, &p, POINT, lp)?;
         drop(p);
         t.note(self.layers.len() + 1, "output", &y)?;

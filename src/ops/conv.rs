@@ -3,12 +3,32 @@
 use crate::autograd::{Tape, Var};
 use crate::backend::{self, Conv2dParams};
 use crate::error::Result;
+use crate::tensor::Tensor;
 
 /// PyTorch's conv2d: x [B, C_in, H, W], w [C_out, C_in, kh, kw], b [C_out].
 pub fn conv2d(tape: &mut Tape, x: &Var, w: &Var, b: Option<&Var>, p: Conv2dParams) -> Result<Var> {
+    conv2d_computed(tape, x, w, b, p, || backend::conv2d(x.value(), w.value(), b.map(Var::value), p))
+}
+
+/// GELU(conv2d(x, w, b)), recorded as the two ops it is (the same nodes, kept values and
+/// gradients as `conv2d` then `gelu`), with both outputs computed by one launch on a GPU
+/// ([`backend::conv2d_gelu`]). In a checkpoint's recomputation that reuses the convolution's
+/// output, GELU is computed from it again.
+pub fn conv2d_gelu(tape: &mut Tape, x: &Var, w: &Var, b: Option<&Var>, p: Conv2dParams) -> Result<Var> {
+    let mut activation = None;
+    let z = conv2d_computed(tape, x, w, b, p, || {
+        let (z, y) = backend::conv2d_gelu(x.value(), w.value(), b.map(Var::value), p)?;
+        activation = Some(y);
+        Ok(z)
+    })?;
+    super::elementwise::unary_computed(tape, &z, backend::Unary::Gelu, activation)
+}
+
+/// conv2d's node, with its output from `compute` (unless a checkpoint's recomputation reuses it).
+fn conv2d_computed(tape: &mut Tape, x: &Var, w: &Var, b: Option<&Var>, p: Conv2dParams, compute: impl FnOnce() -> Result<Tensor>) -> Result<Var> {
     let mut inputs = vec![x, w];
     inputs.extend(b);
-    let y = tape.reuse_or_keep(&inputs, || backend::conv2d(x.value(), w.value(), b.map(Var::value), p))?;
+    let y = tape.reuse_or_keep(&inputs, compute)?;
     let sx = tape.requires_grad(w).then(|| x.value().clone());
     let sw = tape.requires_grad(x).then(|| w.value().clone());
     let (x_shape, w_shape) = (x.shape().clone(), w.shape().clone());

@@ -3,10 +3,16 @@
 use crate::autograd::{Tape, Var};
 use crate::backend::{self, Binary, Unary};
 use crate::error::Result;
-use crate::tensor::Precision;
+use crate::tensor::{Precision, Tensor};
 
 fn unary_op(tape: &mut Tape, x: &Var, op: Unary) -> Result<Var> {
-    let y = tape.reuse_or(&[x], || backend::unary(op, x.value()))?;
+    unary_computed(tape, x, op, None)
+}
+
+/// The node of `op` on x, its output `computed` beforehand (by a fused launch) or computed now
+/// (`None`, or a checkpoint's recomputation that reuses it).
+pub(super) fn unary_computed(tape: &mut Tape, x: &Var, op: Unary, computed: Option<Tensor>) -> Result<Var> {
+    let y = tape.reuse_or(&[x], || computed.map_or_else(|| backend::unary(op, x.value()), Ok))?;
     let saved = tape.requires_grad(x).then(|| x.value().clone());
     tape.record1(&[x], y, move |ctx| {
         if let Some(x) = saved {
@@ -63,7 +69,23 @@ pub fn round_to(tape: &mut Tape, x: &Var, precision: Precision) -> Result<Var> {
 }
 
 pub fn add(tape: &mut Tape, a: &Var, b: &Var) -> Result<Var> {
-    let y = tape.reuse_or(&[a, b], || backend::binary(Binary::Add, a.value(), b.value()))?;
+    add_computed(tape, a, b, || backend::binary(Binary::Add, a.value(), b.value()))
+}
+
+/// GELU(a + b), recorded as the two ops it is (the same nodes and gradients as `add` then
+/// `gelu`), with both outputs computed by one launch on a GPU ([`backend::add_gelu`]).
+pub fn add_gelu(tape: &mut Tape, a: &Var, b: &Var) -> Result<Var> {
+    let mut activation = None;
+    let sum = add_computed(tape, a, b, || {
+        let (sum, y) = backend::add_gelu(a.value(), b.value())?;
+        activation = Some(y);
+        Ok(sum)
+    })?;
+    unary_computed(tape, &sum, Unary::Gelu, activation)
+}
+
+fn add_computed(tape: &mut Tape, a: &Var, b: &Var, compute: impl FnOnce() -> Result<Tensor>) -> Result<Var> {
+    let y = tape.reuse_or(&[a, b], compute)?;
     tape.record1(&[a, b], y, |ctx| {
         let g = ctx.grad(0).clone();
         ctx.add(0, g.clone())?;

@@ -332,8 +332,12 @@ fn tiles_config(op: &'static str, blocks: usize) -> Result<LaunchConfig> {
 }
 
 /// y [B, C_out, Ho, Wo] = conv(x [B, C_in, H, W], w [C_out, C_in, kh, kw]) + bias [C_out].
-pub(super) fn conv2d_fwd(gpu: &Gpu, g: ConvGeom, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, y: &mut Tensor) -> Result<()> {
+/// With `gelu`, also GELU(y) into it, in the same launch (implicit GEMMs only).
+pub(super) fn conv2d_fwd(gpu: &Gpu, g: ConvGeom, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, y: &mut Tensor, gelu: Option<&mut Tensor>) -> Result<()> {
     if gpu.conv_columns() {
+        if gelu.is_some() {
+            return Err(Error::invalid("conv2d_fwd", "the GELU beside the output needs the implicit-GEMM convolutions"));
+        }
         return conv2d_fwd_columns(gpu, g, x, w, bias, y);
     }
     const OP: &str = "conv2d_fwd_f32";
@@ -346,10 +350,14 @@ pub(super) fn conv2d_fwd(gpu: &Gpu, g: ConvGeom, x: &Tensor, w: &Tensor, bias: O
     if let Some(b) = bias {
         check_len(OP, "bias", b, c_out)?;
     }
+    let mut act = gelu.map(Tensor::cuda_mut).transpose()?;
+    if let Some(a) = &act {
+        check_len(OP, "act", a, y.len())?;
+    }
     let cfg = tiles_config(OP, c_out.div_ceil(IG_TILE) * (batch * g.hw_out()).div_ceil(IG_TILE))?;
     let (nb, c_out) = (int(OP, batch)?, int(OP, c_out)?);
     // SAFETY: every buffer's length checked above against the geometry.
-    unsafe { kernels::conv2d_fwd_f32(gpu, cfg, x, w, &bias, y, nb, c_out, g) }
+    unsafe { kernels::conv2d_fwd_f32(gpu, cfg, x, w, &bias, y, &mut act, nb, c_out, g) }
 }
 
 /// dx [B, C_in, H, W] from dy [B, C_out, Ho, Wo] and w [C_out, C_in, kh, kw], plus `bias` [C_in]

@@ -109,7 +109,32 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: Conv2dParams) -> Re
     ts.extend(b);
     check_same("conv2d", &ts)?;
     let (g, shape) = forward("conv2d", x, w, b, p)?;
-    compute(shape, x, |y| cpu::conv2d_fwd(&g, x, w, b, y), |gpu, y| cuda::conv2d_fwd(gpu, g, x, w, b, y))
+    compute(shape, x, |y| cpu::conv2d_fwd(&g, x, w, b, y), |gpu, y| cuda::conv2d_fwd(gpu, g, x, w, b, y, None))
+}
+
+/// conv2d and the GELU of its output: (z, GELU(z)), the output that GELU's backward keeps and
+/// the activation after it. On a GPU with the implicit-GEMM convolutions one launch writes both;
+/// elsewhere the two ops run in turn. The values, and the order in which the two outputs are
+/// allocated, are those of `conv2d` then `unary(Gelu)`.
+pub fn conv2d_gelu(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: Conv2dParams) -> Result<(Tensor, Tensor)> {
+    let gpu = match x.device().kind() {
+        crate::device::DeviceKind::Cuda(_) => Some(x.device().gpu()?).filter(|gpu| !gpu.conv_columns()),
+        _ => None,
+    };
+    let Some(gpu) = gpu else {
+        let z = conv2d(x, w, b, p)?;
+        let y = super::unary(super::Unary::Gelu, &z)?;
+        return Ok((z, y));
+    };
+    let _p = super::profile::scope("conv2d_gelu");
+    let mut ts = vec![x, w];
+    ts.extend(b);
+    check_same("conv2d", &ts)?;
+    let (g, shape) = forward("conv2d", x, w, b, p)?;
+    let mut z = Tensor::uninit(shape.clone(), x.dtype(), x.device())?;
+    let mut y = Tensor::uninit(shape, x.dtype(), x.device())?;
+    cuda::conv2d_fwd(gpu, g, x, w, b, &mut z, Some(&mut y))?;
+    Ok((z, y))
 }
 
 /// The gradient of conv2d with respect to its input of shape `x_shape`.

@@ -23,8 +23,13 @@ pub(super) fn unary_bwd(gpu: &Gpu, op: Unary, x: &Tensor, dy: &Tensor, dx: &mut 
     unsafe { kernels::unary_bwd_f32(gpu, elementwise_config(dx.len()), x, dy, dx, n, op) }
 }
 
-pub(super) fn binary(gpu: &Gpu, op: Binary, a: &Tensor, b: &Tensor, y: &mut Tensor) -> Result<()> {
+/// y = a op b; with `gelu`, also GELU(y) into it, in the same launch.
+pub(super) fn binary(gpu: &Gpu, op: Binary, a: &Tensor, b: &Tensor, y: &mut Tensor, gelu: Option<&mut Tensor>) -> Result<()> {
     let (a, b, y) = (a.cuda()?, b.cuda()?, y.cuda_mut()?);
+    let mut act = gelu.map(Tensor::cuda_mut).transpose()?;
+    if let Some(act) = &act {
+        check_len("binary_f32", "act", act, y.len())?;
+    }
     let n = y.len() as i64;
     let op = match op {
         Binary::Add => 0,
@@ -33,8 +38,8 @@ pub(super) fn binary(gpu: &Gpu, op: Binary, a: &Tensor, b: &Tensor, y: &mut Tens
     };
     check_len("binary_f32", "a", a, y.len())?;
     check_len("binary_f32", "b", b, y.len())?;
-    // SAFETY: a, b and y hold n floats.
-    unsafe { kernels::binary_f32(gpu, elementwise_config(y.len()), a, b, y, n, op) }
+    // SAFETY: a, b, y (and act) hold n floats.
+    unsafe { kernels::binary_f32(gpu, elementwise_config(y.len()), a, b, y, &mut act, n, op) }
 }
 
 pub(super) fn add_assign(gpu: &Gpu, acc: &mut Tensor, x: &Tensor) -> Result<()> {

@@ -113,7 +113,25 @@ pub fn unary_bwd(op: Unary, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
 pub fn binary(op: Binary, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let _p = super::profile::scope(op.name());
     let m = Map::of(op.name(), &[a, b])?;
-    compute(m.shape, a, |y| cpu::binary(op, a, b, y), |gpu, y| cuda::binary(gpu, op, a, b, y))
+    compute(m.shape, a, |y| cpu::binary(op, a, b, y), |gpu, y| cuda::binary(gpu, op, a, b, y, None))
+}
+
+/// (a + b, GELU(a + b)): a residual branch's sum, which GELU's backward keeps, and its
+/// activation. On a GPU one launch writes both; elsewhere the two ops run in turn. The values, and
+/// the order in which the two outputs are allocated, are those of `binary(Add)` then
+/// `unary(Gelu)`.
+pub fn add_gelu(a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
+    if !matches!(a.device().kind(), crate::device::DeviceKind::Cuda(_)) {
+        let sum = binary(Binary::Add, a, b)?;
+        let y = unary(Unary::Gelu, &sum)?;
+        return Ok((sum, y));
+    }
+    let _p = super::profile::scope("add_gelu");
+    let m = Map::of("add", &[a, b])?;
+    let mut sum = Tensor::uninit(m.shape.clone(), a.dtype(), a.device())?;
+    let mut y = Tensor::uninit(m.shape, a.dtype(), a.device())?;
+    cuda::binary(a.device().gpu()?, Binary::Add, a, b, &mut sum, Some(&mut y))?;
+    Ok((sum, y))
 }
 
 /// a + b, written into a's or b's storage when nobody else holds it (gradient accumulation).
