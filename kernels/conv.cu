@@ -131,30 +131,61 @@ extern "C" __global__ void col2im_f32(const float* __restrict__ dcols, const flo
 #define IG_BK 16
 #define IG_THREADS 256
 
+// An operand loader L of igemm_tile reads element (idx, kk) of its operand, where idx is the row
+// of A or the column of B and kk the index summed over, in three steps, so that the integer
+// divisions that map an index onto a tensor are done once per tile or once per slice, not once
+// per element:
+//   L::Fixed L::fixed(idx)          what depends on idx only: decoded once per tile (each thread
+//                                   loads its operands at the same few idx for the whole sum);
+//   L::Step  L::step(kk)            what depends on kk only: decoded once per slice of IG_BK;
+//   float    L::at(Fixed, Step)     the element, 0 on the padding.
+// The callers guarantee idx < m (or n) and kk < k1.
+//
 // One tile (tm, tn) of C over k in [k0, k1): out(i, j, sum) for each i < m, j < n of the tile.
-// a(i, kk) and b(kk, j) are called only inside [0, m) x [k0, k1) and [k0, k1) x [0, n). A's slice is
-// loaded with consecutive threads along k (its sources are contiguous along k); B's along j when
-// B_J_FAST, else along k.
+// A's slice is loaded with consecutive threads along k (its sources are contiguous along k), so
+// each thread keeps one k of A's slice and four rows; B's along j when B_J_FAST (one column, four
+// k, whose steps the slice's first IG_BK threads decode into shared memory), else along k (one k,
+// four columns).
 template <bool B_J_FAST, class A, class B, class Out>
 __device__ __forceinline__ void igemm_tile(const A& a, const B& b, const Out& out, int64_t m, int64_t n, int64_t k0, int64_t k1, int64_t tm, int64_t tn) {
     __shared__ float as[IG_BK][IG_BM];
     __shared__ float bs[IG_BK][IG_BN];
+    __shared__ typename B::Step b_steps[IG_BK];
     const int t = threadIdx.x, tx = t % 16, ty = t / 16;
     const int64_t m0 = tm * IG_BM, n0 = tn * IG_BN;
+    // A: k = t % IG_BK, rows t / IG_BK + 16 l. B: column t % IG_BN and k = t / IG_BN + 4 l, or
+    // k = t % IG_BK and columns t / IG_BK + 16 l.
+    const int a_k = t % IG_BK, b_k = B_J_FAST ? t / IG_BN : t % IG_BK;
+    typename A::Fixed a_fix[4];
+    typename B::Fixed b_fix[4];
+    bool a_in[4], b_in[4];
+    for (int l = 0; l < 4; ++l) {
+        const int64_t i = m0 + t / IG_BK + 16 * l;
+        a_in[l] = i < m;
+        if (a_in[l]) a_fix[l] = a.fixed(i);
+        const int64_t j = n0 + (B_J_FAST ? t % IG_BN : t / IG_BK + 16 * l);
+        b_in[l] = j < n;
+        if (b_in[l]) b_fix[l] = b.fixed(j);
+    }
     float acc[4][4];
     for (int i = 0; i < 4; ++i)
         for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
     for (int64_t kb = k0; kb < k1; kb += IG_BK) {
-        for (int l = 0; l < IG_BK * IG_BM / IG_THREADS; ++l) {
-            const int e = t + l * IG_THREADS, kk = e % IG_BK, ii = e / IG_BK;
-            const int64_t gi = m0 + ii, gk = kb + kk;
-            as[kk][ii] = (gi < m && gk < k1) ? a(gi, gk) : 0.f;
-        }
-        for (int l = 0; l < IG_BK * IG_BN / IG_THREADS; ++l) {
-            const int e = t + l * IG_THREADS;
-            const int kk = B_J_FAST ? e / IG_BN : e % IG_BK, jj = B_J_FAST ? e % IG_BN : e / IG_BK;
-            const int64_t gj = n0 + jj, gk = kb + kk;
-            bs[kk][jj] = (gj < n && gk < k1) ? b(gk, gj) : 0.f;
+        if (B_J_FAST && t < IG_BK && kb + t < k1) b_steps[t] = b.step(kb + t);
+        const bool ak = kb + a_k < k1;
+        typename A::Step a_step;
+        if (ak) a_step = a.step(kb + a_k);
+        typename B::Step b_step;
+        if (!B_J_FAST && kb + b_k < k1) b_step = b.step(kb + b_k);
+        if (B_J_FAST) __syncthreads();  // b_steps written
+        for (int l = 0; l < 4; ++l) as[a_k][t / IG_BK + 16 * l] = (a_in[l] && ak) ? a.at(a_fix[l], a_step) : 0.f;
+        for (int l = 0; l < 4; ++l) {
+            if (B_J_FAST) {
+                const int kk = b_k + 4 * l;
+                bs[kk][t % IG_BN] = (b_in[0] && kb + kk < k1) ? b.at(b_fix[0], b_steps[kk]) : 0.f;
+            } else {
+                bs[b_k][t / IG_BK + 16 * l] = (b_in[l] && kb + b_k < k1) ? b.at(b_fix[l], b_step) : 0.f;
+            }
         }
         __syncthreads();
         for (int kk = 0; kk < IG_BK; ++kk) {
@@ -164,7 +195,7 @@ __device__ __forceinline__ void igemm_tile(const A& a, const B& b, const Out& ou
             for (int i = 0; i < 4; ++i)
                 for (int j = 0; j < 4; ++j) acc[i][j] += av[i] * bv[j];
         }
-        __syncthreads();  // the slices are overwritten by the next step
+        __syncthreads();  // the slices (and b_steps) are overwritten by the next step
     }
     for (int i = 0; i < 4; ++i)
         for (int j = 0; j < 4; ++j) {
@@ -175,17 +206,50 @@ __device__ __forceinline__ void igemm_tile(const A& a, const B& b, const Out& ou
 
 __device__ __forceinline__ int64_t ig_tiles(int64_t v, int64_t tile) { return (v + tile - 1) / tile; }
 
+// A tap r = (c kh + i) kw + j of a column of x: its channel's plane offset and the tap's (i, j).
+struct Tap {
+    int64_t plane;
+    int i, j;
+};
+__device__ __forceinline__ Tap tap_of(const ConvGeom& g, int r) {
+    const int taps = g.kh * g.kw, c = r / taps, tap = r % taps;
+    return Tap{(int64_t)c * g.h * g.w, tap / g.kw, tap % g.kw};
+}
+// An output position q = (n, oh, ow) of the columns: its sample's offset in x and the top-left
+// input pixel of its window.
+struct Window {
+    int64_t sample;
+    int ih0, iw0;
+};
+__device__ __forceinline__ Window window_of(const ConvGeom& g, int64_t q, int64_t hw) {
+    const int64_t n = q / hw;
+    const int p = (int)(q % hw), oh = p / g.wo, ow = p % g.wo;
+    return Window{n * g.c * g.h * g.w, oh * g.stride - g.pad, ow * g.stride - g.pad};
+}
+__device__ __forceinline__ float x_at(const float* __restrict__ x, const ConvGeom& g, const Window& q, const Tap& r) {
+    const int ih = q.ih0 + r.i, iw = q.iw0 + r.j;
+    return (ih >= 0 && ih < g.h && iw >= 0 && iw < g.w) ? x[q.sample + r.plane + (int64_t)ih * g.w + iw] : 0.f;
+}
+
 // The forward's operands: the weight as rows [C_out, K], the columns of x gathered.
 struct FwdWeight {
     const float* w;
     int64_t k;
-    __device__ float operator()(int64_t o, int64_t r) const { return w[o * k + r]; }
+    typedef int64_t Fixed;
+    typedef int64_t Step;
+    __device__ Fixed fixed(int64_t o) const { return o * k; }
+    __device__ Step step(int64_t r) const { return r; }
+    __device__ float at(Fixed row, Step r) const { return w[row + r]; }
 };
 struct FwdCols {
     const float* x;
     ConvGeom g;
     int64_t hw;
-    __device__ float operator()(int64_t r, int64_t q) const { return im2col_at(x, g, q / hw, (int)r, q % hw); }
+    typedef Window Fixed;
+    typedef Tap Step;
+    __device__ Fixed fixed(int64_t q) const { return window_of(g, q, hw); }
+    __device__ Step step(int64_t r) const { return tap_of(g, (int)r); }
+    __device__ float at(const Fixed& q, const Step& r) const { return x_at(x, g, q, r); }
 };
 struct FwdOut {
     float* y;
@@ -211,23 +275,42 @@ extern "C" __global__ void conv2d_fwd_f32(const float* __restrict__ x, const flo
 struct BwdInWeight {
     const float* w;
     int64_t c, taps;
-    __device__ float operator()(int64_t ci, int64_t r) const { return w[((r / taps) * c + ci) * taps + r % taps]; }
+    typedef int64_t Fixed;
+    typedef int64_t Step;
+    __device__ Fixed fixed(int64_t ci) const { return ci * taps; }
+    __device__ Step step(int64_t r) const { return (r / taps) * c * taps + r % taps; }
+    __device__ float at(Fixed ci, Step r) const { return w[ci + r]; }
+};
+// An input pixel (n, ih, iw): dy's offset of its sample and the pixel shifted by the padding.
+struct Pixel {
+    int64_t sample;
+    int ihp, iwp;
+};
+// A tap (o, i, j) of dy: its channel's plane offset and (i, j).
+struct OutTap {
+    int64_t plane;
+    int i, j;
 };
 struct BwdInRows {
     const float* dy;
     ConvGeom g;
     int64_t c_out, plane;
-    __device__ float operator()(int64_t r, int64_t q) const {
-        const int taps = g.kh * g.kw;
-        const int64_t o = r / taps;
-        const int tap = (int)(r % taps), i = tap / g.kw, j = tap % g.kw;
-        const int64_t s = q / plane;
-        const int pos = (int)(q % plane), ih = pos / g.w, iw = pos % g.w;
-        const int ohs = ih + g.pad - i, ows = iw + g.pad - j;
+    typedef Pixel Fixed;
+    typedef OutTap Step;
+    __device__ Fixed fixed(int64_t q) const {
+        const int pos = (int)(q % plane);
+        return Pixel{(q / plane) * c_out * g.ho * g.wo, pos / g.w + g.pad, pos % g.w + g.pad};
+    }
+    __device__ Step step(int64_t r) const {
+        const int taps = g.kh * g.kw, tap = (int)(r % taps);
+        return OutTap{(r / taps) * g.ho * g.wo, tap / g.kw, tap % g.kw};
+    }
+    __device__ float at(const Fixed& q, const Step& r) const {
+        const int ohs = q.ihp - r.i, ows = q.iwp - r.j;
         if (ohs < 0 || ows < 0 || ohs % g.stride != 0 || ows % g.stride != 0) return 0.f;
         const int oh = ohs / g.stride, ow = ows / g.stride;
         if (oh >= g.ho || ow >= g.wo) return 0.f;
-        return dy[((s * c_out + o) * g.ho + oh) * g.wo + ow];
+        return dy[q.sample + r.plane + (int64_t)oh * g.wo + ow];
     }
 };
 struct BwdInOut {
@@ -249,13 +332,26 @@ extern "C" __global__ void conv2d_bwd_input_f32(const float* __restrict__ dy, co
 struct BwdWRows {
     const float* dy;
     int64_t c_out, hw;
-    __device__ float operator()(int64_t o, int64_t q) const { return dy[((q / hw) * c_out + o) * hw + q % hw]; }
+    typedef int64_t Fixed;
+    typedef int64_t Step;
+    __device__ Fixed fixed(int64_t o) const { return o * hw; }
+    __device__ Step step(int64_t q) const { return (q / hw) * c_out * hw + q % hw; }
+    __device__ float at(Fixed o, Step q) const { return dy[o + q]; }
+};
+// A column r of the weight gradient: a tap of x, or (bias) the column of ones.
+struct WeightCol {
+    Tap tap;
+    bool ones;
 };
 struct BwdWCols {
     const float* x;
     ConvGeom g;
     int64_t hw, k;
-    __device__ float operator()(int64_t q, int64_t r) const { return r < k ? im2col_at(x, g, q / hw, (int)r, q % hw) : 1.f; }
+    typedef WeightCol Fixed;
+    typedef Window Step;
+    __device__ Fixed fixed(int64_t r) const { return r < k ? WeightCol{tap_of(g, (int)r), false} : WeightCol{Tap{0, 0, 0}, true}; }
+    __device__ Step step(int64_t q) const { return window_of(g, q, hw); }
+    __device__ float at(const Fixed& r, const Step& q) const { return r.ones ? 1.f : x_at(x, g, q, r.tap); }
 };
 struct BwdWOut {
     float* dw;
