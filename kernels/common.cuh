@@ -59,5 +59,20 @@ __device__ __forceinline__ float gelu_grad(float v) {
     return cdf + v * pdf;
 }
 
+// The spectrum glue of fft.cu, which spectral.cu's mode mix also applies to what it writes for
+// cuFFT's C2R. c_ky: 1 on the DC column and, for even W, the Nyquist column; 2 elsewhere.
+__device__ __forceinline__ float hermitian_weight(int ky, int W) { return (ky == 0 || (W % 2 == 0 && ky == W / 2)) ? 1.f : 2.f; }
+
+// Element (kx, ky) of a half spectrum made ready for a C2R transform that then computes the CPU's
+// irfft2 (g.adjoint = 0) or the adjoint of rfft2 (1): times k_ky = g.norm (or g.norm / c_ky), and
+// on the DC and Nyquist columns the Hermitian part along kx, (v + conj(m)) / 2, where m is the
+// element at ((H - kx) % H, ky) (m is not read elsewhere).
+__device__ __forceinline__ float2 irfft_ready(float2 v, float2 m, int ky, const SpectrumGeom& g) {
+    const float w = hermitian_weight(ky, g.w);
+    const float k = g.adjoint ? g.norm / w : g.norm;
+    if (w == 1.f) v = make_float2(0.5f * (v.x + m.x), 0.5f * (v.y - m.y));
+    return make_float2(v.x * k, v.y * k);
+}
+
 // Grid-stride loop over [0, n).
 #define FNO_FOR(i, n) for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (int64_t)(n); i += (int64_t)gridDim.x * blockDim.x)

@@ -15,8 +15,6 @@
 // CPU reference: src/backend/fft/cpu.rs.
 #include "common.cuh"
 
-// c_ky: 1 on the DC column and, for even W, the Nyquist column; 2 elsewhere.
-__device__ __forceinline__ float hermitian_weight(int ky, int W) { return (ky == 0 || (W % 2 == 0 && ky == W / 2)) ? 1.f : 2.f; }
 
 extern "C" __global__ void spectrum_col_scale_f32(float2* __restrict__ z, SpectrumGeom g) {
     const int64_t n = g.planes * g.h * g.wh;
@@ -35,13 +33,7 @@ extern "C" __global__ void irfft_prep_f32(const float2* __restrict__ z, float2* 
         const int64_t t = i / g.wh;
         const int kx = t % g.h;
         const int64_t p = t / g.h;
-        const float w = hermitian_weight(ky, g.w);
-        const float k = g.adjoint ? g.norm / w : g.norm;
-        float2 v = z[i];
-        if (w == 1.f) {  // DC or Nyquist column: its Hermitian part along kx
-            const float2 m = z[(p * g.h + (g.h - kx) % g.h) * g.wh + ky];
-            v = make_float2(0.5f * (v.x + m.x), 0.5f * (v.y - m.y));
-        }
-        out[i] = make_float2(v.x * k, v.y * k);
+        const float2 v = z[i];
+        out[i] = irfft_ready(v, hermitian_weight(ky, g.w) == 1.f ? z[(p * g.h + (g.h - kx) % g.h) * g.wh + ky] : v, ky, g);
     }
 }

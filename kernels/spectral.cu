@@ -14,6 +14,9 @@
 //         mode), grid-stride; the innermost index is the column c, so a warp reads consecutive
 //         columns of X, W and dY (coalesced). The reduction over i, o or b
 //         runs in order inside the thread: results do not depend on the launch.
+// With `ready` not null, the forward and dX also write their result made ready for cuFFT's C2R
+// (fft.cu's irfft_prep_f32 applied in the same pass, SpectrumGeom sg: the forward's irfft2, dX's
+// adjoint of rfft2), so that the spectral convolution runs no separate glue launch.
 // CPU reference: src/backend/spectral/cpu.rs.
 #include "common.cuh"
 
@@ -55,37 +58,67 @@ __device__ __forceinline__ Elem elem_of(int64_t t, int mid_n, const SpectralGeom
     return e;
 }
 
-extern "C" __global__ void spectral_mix_fwd_f32(const float2* __restrict__ x, const float2* __restrict__ w, float2* __restrict__ y, SpectralGeom g) {
+// The kept index of row `row` at column c (-1: not a kept mode).
+__device__ __forceinline__ int kept_row(int row, int c, const SpectralGeom& g) {
+    if (c >= g.my) return -1;
+    return row < g.pos ? row : (row >= g.h - g.r + g.pos ? row - (g.h - g.r) : -1);
+}
+
+// Y[b, o] at mode (row, c): the sum over i in order (0 off the kept modes).
+__device__ __forceinline__ float2 mix_fwd_at(const float2* __restrict__ x, const float2* __restrict__ w, const SpectralGeom& g, int b, int o, int row, int c) {
+    const int r = kept_row(row, c, g);
+    const int64_t plane = (int64_t)g.h * g.wh, at = (int64_t)row * g.wh + c;
+    float2 acc = make_float2(0.f, 0.f);
+    if (r >= 0) {
+        for (int i = 0; i < g.ci; ++i) {
+            const float2 p = cmul(x[((int64_t)b * g.ci + i) * plane + at], w[(((int64_t)i * g.co + o) * g.r + r) * g.my + c]);
+            acc.x += p.x;
+            acc.y += p.y;
+        }
+    }
+    return acc;
+}
+
+// dX[b, i] at mode (row, c): the sum over o in order (0 off the kept modes).
+__device__ __forceinline__ float2 mix_bwd_input_at(const float2* __restrict__ dy, const float2* __restrict__ w, const SpectralGeom& g, int b, int i, int row, int c) {
+    const int r = kept_row(row, c, g);
+    const int64_t plane = (int64_t)g.h * g.wh, at = (int64_t)row * g.wh + c;
+    float2 acc = make_float2(0.f, 0.f);
+    if (r >= 0) {
+        for (int o = 0; o < g.co; ++o) {
+            const float2 p = cmul_conj_b(dy[((int64_t)b * g.co + o) * plane + at], w[(((int64_t)i * g.co + o) * g.r + r) * g.my + c]);
+            acc.x += p.x;
+            acc.y += p.y;
+        }
+    }
+    return acc;
+}
+
+extern "C" __global__ void spectral_mix_fwd_f32(const float2* __restrict__ x, const float2* __restrict__ w, float2* __restrict__ y, float2* __restrict__ ready, SpectralGeom g, SpectrumGeom sg) {
     const int64_t plane = (int64_t)g.h * g.wh, n = (int64_t)g.b * g.co * plane;
     FNO_FOR(t, n) {
         const Elem e = elem_of(t, g.co, g);
-        const int c = e.c, r = e.r, o = e.mid, b = e.outer;
-        float2 acc = make_float2(0.f, 0.f);
-        if (r >= 0) {
-            for (int i = 0; i < g.ci; ++i) {
-                const float2 p = cmul(x[((int64_t)b * g.ci + i) * plane + e.at], w[(((int64_t)i * g.co + o) * g.r + r) * g.my + c]);
-                acc.x += p.x;
-                acc.y += p.y;
-            }
+        const int row = (int)(e.at / g.wh);
+        const float2 v = mix_fwd_at(x, w, g, e.outer, e.mid, row, e.c);
+        y[t] = v;
+        if (ready) {
+            const float2 m = hermitian_weight(e.c, sg.w) == 1.f ? mix_fwd_at(x, w, g, e.outer, e.mid, (g.h - row) % g.h, e.c) : v;
+            ready[t] = irfft_ready(v, m, e.c, sg);
         }
-        y[t] = acc;
     }
 }
 
-extern "C" __global__ void spectral_mix_bwd_input_f32(const float2* __restrict__ dy, const float2* __restrict__ w, float2* __restrict__ dx, SpectralGeom g) {
+extern "C" __global__ void spectral_mix_bwd_input_f32(const float2* __restrict__ dy, const float2* __restrict__ w, float2* __restrict__ dx, float2* __restrict__ ready, SpectralGeom g, SpectrumGeom sg) {
     const int64_t plane = (int64_t)g.h * g.wh, n = (int64_t)g.b * g.ci * plane;
     FNO_FOR(t, n) {
         const Elem e = elem_of(t, g.ci, g);
-        const int c = e.c, r = e.r, i = e.mid, b = e.outer;
-        float2 acc = make_float2(0.f, 0.f);
-        if (r >= 0) {
-            for (int o = 0; o < g.co; ++o) {
-                const float2 p = cmul_conj_b(dy[((int64_t)b * g.co + o) * plane + e.at], w[(((int64_t)i * g.co + o) * g.r + r) * g.my + c]);
-                acc.x += p.x;
-                acc.y += p.y;
-            }
+        const int row = (int)(e.at / g.wh);
+        const float2 v = mix_bwd_input_at(dy, w, g, e.outer, e.mid, row, e.c);
+        dx[t] = v;
+        if (ready) {
+            const float2 m = hermitian_weight(e.c, sg.w) == 1.f ? mix_bwd_input_at(dy, w, g, e.outer, e.mid, (g.h - row) % g.h, e.c) : v;
+            ready[t] = irfft_ready(v, m, e.c, sg);
         }
-        dx[t] = acc;
     }
 }
 

@@ -403,6 +403,11 @@ impl Tensor {
         Arc::get_mut(&mut self.storage).is_some()
     }
 
+    /// Whether the two are views of one buffer (the same storage).
+    pub(crate) fn shares_storage(&self, other: &Tensor) -> bool {
+        Arc::ptr_eq(&self.storage, &other.storage)
+    }
+
     /// A copy of the elements as f64, whatever the dtype.
     pub fn to_f64_vec(&self) -> Result<Vec<f64>> {
         Ok(match &self.storage.data {

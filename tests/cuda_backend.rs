@@ -247,6 +247,27 @@ fn spectral_mix_and_norms_match_the_cpu_through_the_dispatch() {
             out("dw", backend::spectral_mix_bwd_weight(&xh, &dyh, wt.shape(), modes).unwrap()),
         ]
     });
+    // The mix's launches that also make their results ready for the inverse transforms after
+    // them (irfft2, rfft2's adjoint), against the CPU's mix then transform: odd and even widths,
+    // a kept Nyquist column (width 6, 4 modes), kept rows whose Hermitian partners are kept too.
+    for (h, w) in [(9, 6), (8, 7), (6, 10)] {
+        on_both(&format!("spectral with the glue in the mix, {h}x{w}"), 1e-4, 1e-4, |dev| {
+            let modes = SpectralModes::new(4, ModeConvention::Corners);
+            let (b, ci, co) = (3, 5, 7);
+            let xh = randn(dev, &[b, ci, h, w / 2 + 1, 2], 1);
+            let wt = randn(dev, modes.weight_shape(ci, co, h, w).dims(), 2);
+            let dyh = randn(dev, &[b, co, h, w / 2 + 1, 2], 3);
+            let (y, ready) = backend::spectral_mix_ready(&xh, &wt, modes, w).unwrap();
+            assert_eq!(ready.is_some(), dev.kind() != DeviceKind::Cpu, "a ready spectrum only on a GPU");
+            let image = backend::irfft2_ready(&y, w, ready).unwrap();
+            let (dx, ready) = backend::spectral_mix_bwd_input_ready(&dyh, &wt, modes, w).unwrap();
+            let adjoint = backend::rfft2_bwd_ready(&dx, w, ready).unwrap();
+            // A ready spectrum made from another tensor is not used.
+            let (_, other) = backend::spectral_mix_ready(&xh, &wt, modes, w).unwrap();
+            let plain = backend::irfft2_ready(&y, w, other).unwrap();
+            vec![out("mix", y), out("irfft2 of the mix", image), out("dx", dx), out("rfft2_bwd of dx", adjoint), out("irfft2, another's ready", plain)]
+        });
+    }
     on_both("norms", 1e-4, 1e-4, |dev| {
         let x = randn(dev, &[3, 5, 7, 9], 1);
         let dy = randn(dev, &[3, 5, 7, 9], 2);

@@ -112,10 +112,12 @@ fn twins_of(path: &Path) -> std::collections::BTreeSet<String> {
 
 /// An op's CPU reference and its GPU launcher keep one name in their family's folder
 /// (`<family>/cpu.rs` and `<family>/cuda.rs`), so that the one is found from the other; the GPU
-/// side's helpers that other families call (the GEMM, the partial sums) are the only extras.
+/// side's helpers that other families call (the GEMM, the partial sums) and the steps of GPU-only
+/// fusions (the C2R of a spectrum the mode mix made ready, and that glue's geometry) are the only
+/// extras.
 #[test]
 fn cpu_and_cuda_twins_keep_one_name() {
-    const GPU_HELPERS: [&str; 2] = ["gemm_rm", "channel_sum_partials"];
+    const GPU_HELPERS: [&str; 4] = ["gemm_rm", "channel_sum_partials", "c2r_ready", "ready_geom"];
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/backend");
     let mut problems = Vec::new();
     let mut families = 0;

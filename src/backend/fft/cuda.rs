@@ -141,27 +141,42 @@ pub(super) fn rfft2(gpu: &Gpu, s: &Spectrum, x: &Tensor, y: &mut Tensor, adjoint
 /// its interior columns halved (the adjoint of rfft2). z [planes, H, W/2+1, 2], y [planes, H, W];
 /// z is not modified (cuFFT's C2R transform runs on a prepared copy, which it may overwrite).
 pub(super) fn irfft2(gpu: &Gpu, s: &Spectrum, z: &Tensor, y: &mut Tensor, adjoint_of_forward: bool) -> Result<()> {
-    let (z, y) = (z.cuda()?, y.cuda_mut()?);
+    let z = z.cuda()?;
     let (planes, h, w) = (s.planes, s.h, s.w);
     let wh = w / 2 + 1;
     check_len("irfft2", "z", z, planes * h * wh * 2)?;
+    if planes == 0 {
+        return check_len("irfft2", "y", y.cuda()?, 0);
+    }
+    let mut out = gpu.uninit::<f32>(planes * h * wh * 2)?;
+    let g = ready_geom(s, adjoint_of_forward)?;
+    // SAFETY: z and out hold planes H Wh complex numbers.
+    unsafe { kernels::irfft_prep_f32(gpu, elementwise_config(planes * h * wh), z, &mut out, g)? };
+    c2r_ready(gpu, s, &mut out, y)
+}
+
+/// The glue's geometry that makes a half spectrum ready for the C2R of irfft2 (or, `adjoint`, of
+/// rfft2's adjoint): kernels/fft.cu's irfft_prep_f32 and the mode mix's `ready` output.
+pub(crate) fn ready_geom(s: &Spectrum, adjoint: bool) -> Result<SpectrumGeom> {
+    let norm: f32 = if adjoint { 1.0 } else { 1.0 / (s.h * s.w) as f32 };
+    glue("irfft_prep_f32", s, adjoint, norm)
+}
+
+/// y = the C2R transform of a half spectrum already made ready (which the transform overwrites).
+pub(super) fn c2r_ready(gpu: &Gpu, s: &Spectrum, ready: &mut cudarc::driver::CudaSlice<f32>, y: &mut Tensor) -> Result<()> {
+    let y = y.cuda_mut()?;
+    let (planes, h, w) = (s.planes, s.h, s.w);
+    check_len("irfft2", "ready", ready, planes * h * (w / 2 + 1) * 2)?;
     check_len("irfft2", "y", y, planes * h * w)?;
     if planes == 0 {
         return Ok(());
     }
-    let mut out = gpu.uninit::<f32>(planes * h * wh * 2)?;
-    let norm: f32 = if adjoint_of_forward { 1.0 } else { 1.0 / (h * w) as f32 };
-    let g = glue("irfft_prep_f32", s, adjoint_of_forward, norm)?;
-    // SAFETY: z and out hold planes H Wh complex numbers.
-    unsafe { kernels::irfft_prep_f32(gpu, elementwise_config(planes * h * wh), z, &mut out, g)? };
-    let (zp, _gz) = out.device_ptr_mut(&gpu.stream);
+    let (zp, _gz) = ready.device_ptr_mut(&gpu.stream);
     let (yp, _gy) = y.device_ptr_mut(&gpu.stream);
-    // SAFETY: the prepared copy and y have the plan's layout.
+    // SAFETY: the ready spectrum and y have the plan's layout (lengths checked above).
     with_plan(gpu, PlanKey { kind: FftKind::C2R, h, w, planes }, |p| unsafe { cufft::exec_c2r(p, zp as *mut fsys::cufftComplex, yp as *mut fsys::cufftReal) })
 }
 
-/// y = scale * FFT2(z) (inverse: unnormalised inverse) over `planes` planes of H x W complex
-/// numbers; z, y [planes, H, W, 2].
 #[allow(clippy::too_many_arguments)]
 pub(super) fn fft2(gpu: &Gpu, z: &Tensor, y: &mut Tensor, planes: usize, h: usize, w: usize, inverse: bool, scale: f32) -> Result<()> {
     let (z, y) = (z.cuda()?, y.cuda_mut()?);

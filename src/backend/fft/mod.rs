@@ -86,6 +86,50 @@ pub fn rfft2_bwd(dy: &Tensor, w: usize) -> Result<Tensor> {
     compute(s.image.clone(), dy, |dx| cpu::irfft2(dy, dx, true), |gpu, dx| cuda::irfft2(gpu, &s, dy, dx, true))
 }
 
+/// A half spectrum that a kernel made ready for cuFFT's C2R transform as it wrote the tensor `of`
+/// (the glue of irfft2, or with `adjoint` that of rfft2's adjoint, applied in the same pass), so
+/// that [`irfft2_ready`] and [`rfft2_bwd_ready`] run the transform without a glue launch. Only a
+/// GPU's mode mix makes one (`spectral::spectral_mix_ready`, `spectral_mix_bwd_input_ready`).
+pub struct ReadySpectrum {
+    pub(crate) buf: cudarc::driver::CudaSlice<f32>,
+    pub(crate) of: Tensor,
+    pub(crate) w: usize,
+    pub(crate) adjoint: bool,
+}
+
+impl ReadySpectrum {
+    /// An unwritten buffer for the spectrum `of` of width-`w` images made ready, and the glue's
+    /// geometry for the kernel that fills it.
+    pub(crate) fn buffer(gpu: &super::gpu::Gpu, of: &Tensor, w: usize, adjoint: bool) -> Result<(cudarc::driver::CudaSlice<f32>, SpectrumGeom)> {
+        let s = Spectrum::of_half(if adjoint { "rfft2_bwd" } else { "irfft2" }, of, w)?;
+        Ok((gpu.uninit::<f32>(of.numel().max(1))?, cuda::ready_geom(&s, adjoint)?))
+    }
+
+    /// The transform of z from this buffer, when the buffer was made from z for this transform.
+    fn transform(mut self, op: &'static str, z: &Tensor, w: usize, adjoint: bool) -> Option<Result<Tensor>> {
+        if self.adjoint != adjoint || self.w != w || !self.of.shares_storage(z) {
+            return None;
+        }
+        Some((|| {
+            let s = Spectrum::of_half(op, z, w)?;
+            let buf = &mut self.buf;
+            compute(s.image.clone(), z, |_| Err(Error::invalid(op, "a ready spectrum is a GPU's")), |gpu, y| cuda::c2r_ready(gpu, &s, buf, y))
+        })())
+    }
+}
+
+/// [`irfft2`], from the spectrum a kernel made ready as it wrote z, when `ready` is that one.
+pub fn irfft2_ready(z: &Tensor, w: usize, ready: Option<ReadySpectrum>) -> Result<Tensor> {
+    let _p = super::profile::scope("irfft2");
+    ready.and_then(|r| r.transform("irfft2", z, w, false)).unwrap_or_else(|| irfft2(z, w))
+}
+
+/// [`rfft2_bwd`], from the spectrum a kernel made ready as it wrote dy, when `ready` is that one.
+pub fn rfft2_bwd_ready(dy: &Tensor, w: usize, ready: Option<ReadySpectrum>) -> Result<Tensor> {
+    let _p = super::profile::scope("rfft2_bwd");
+    ready.and_then(|r| r.transform("rfft2_bwd", dy, w, true)).unwrap_or_else(|| rfft2_bwd(dy, w))
+}
+
 /// Complex 2-D FFT over dimensions (H, W) of [.., H, W, 2], times `scale` (`inverse`: the
 /// unnormalised inverse).
 pub fn fft2(z: &Tensor, inverse: bool, scale: f64) -> Result<Tensor> {

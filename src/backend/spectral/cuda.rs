@@ -2,34 +2,55 @@
 //! [B, C, H, Wh, 2], weights [Ci, Co, R, My, 2]. The kernels derive the kept rows from the
 //! geometry (rows 0..pos, then the last R - pos rows), so nothing but the tensors is uploaded.
 
+use cudarc::driver::CudaSlice;
+
 use super::SpectralGeom;
 use crate::backend::gpu::{check_len, elementwise_config, Gpu};
 use crate::backend::kernels;
+use crate::backend::kernels::SpectrumGeom;
 use crate::error::Result;
 use crate::tensor::Tensor;
 
-/// y = mix(x, w) on the kept modes, zero elsewhere (the kernel writes every mode).
-pub(super) fn spectral_mix_fwd(gpu: &Gpu, g: SpectralGeom, x: &Tensor, w: &Tensor, y: &mut Tensor) -> Result<()> {
+/// Where a mix kernel also writes its result made ready for cuFFT's C2R, and the glue's geometry.
+pub(crate) type Ready<'a> = Option<(&'a mut CudaSlice<f32>, SpectrumGeom)>;
+
+/// The ready buffer's launch arguments (a null buffer and an unused geometry without one).
+fn ready_args<'a>(op: &'static str, ready: Ready<'a>, len: usize) -> Result<(Option<&'a mut CudaSlice<f32>>, SpectrumGeom)> {
+    match ready {
+        Some((buf, sg)) => {
+            check_len(op, "ready", buf, len)?;
+            Ok((Some(buf), sg))
+        }
+        None => Ok((None, SpectrumGeom { planes: 0, h: 0, wh: 0, w: 0, adjoint: 0, norm: 0.0 })),
+    }
+}
+
+/// y = mix(x, w) on the kept modes, zero elsewhere (the kernel writes every mode); with `ready`,
+/// also y made ready for the C2R of irfft2.
+pub(super) fn spectral_mix_fwd(gpu: &Gpu, g: SpectralGeom, x: &Tensor, w: &Tensor, y: &mut Tensor, ready: Ready) -> Result<()> {
     const OP: &str = "spectral_mix_fwd_f32";
     let (x, w, y) = (x.cuda()?, w.cuda()?, y.cuda_mut()?);
     check_len(OP, "x", x, g.spectrum(g.ci))?;
     check_len(OP, "w", w, g.weight())?;
     check_len(OP, "y", y, g.spectrum(g.co))?;
+    let (mut ready, sg) = ready_args(OP, ready, g.spectrum(g.co))?;
     let cfg = elementwise_config(g.spectrum(g.co) / 2);
     // SAFETY: lengths checked against the geometry.
-    unsafe { kernels::spectral_mix_fwd_f32(gpu, cfg, x, w, y, g) }
+    unsafe { kernels::spectral_mix_fwd_f32(gpu, cfg, x, w, y, &mut ready, g, sg) }
 }
 
-/// dx = sum_o dy conj(w) on the kept modes, zero elsewhere.
-pub(super) fn spectral_mix_bwd_input(gpu: &Gpu, g: SpectralGeom, dy: &Tensor, w: &Tensor, dx: &mut Tensor) -> Result<()> {
+/// dx = sum_o dy conj(w) on the kept modes, zero elsewhere; with `ready`, also dx made ready for
+/// the C2R of rfft2's adjoint.
+pub(super) fn spectral_mix_bwd_input(gpu: &Gpu, g: SpectralGeom, dy: &Tensor, w: &Tensor, dx: &mut Tensor, ready: Ready) -> Result<()> {
     const OP: &str = "spectral_mix_bwd_input_f32";
     let (dy, w, dx) = (dy.cuda()?, w.cuda()?, dx.cuda_mut()?);
     check_len(OP, "dy", dy, g.spectrum(g.co))?;
     check_len(OP, "w", w, g.weight())?;
     check_len(OP, "dx", dx, g.spectrum(g.ci))?;
+    let (mut ready, sg) = ready_args(OP, ready, g.spectrum(g.ci))?;
     let cfg = elementwise_config(g.spectrum(g.ci) / 2);
     // SAFETY: lengths checked against the geometry.
-    unsafe { kernels::spectral_mix_bwd_input_f32(gpu, cfg, dy, w, dx, g) }
+    unsafe { kernels::spectral_mix_bwd_input_f32(gpu, cfg, dy, w, dx, &mut ready, g, sg) }
 }
 
 /// dw = sum_b conj(x) dy.

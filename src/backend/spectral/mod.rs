@@ -13,7 +13,9 @@ mod cpu;
 mod cuda;
 
 pub use super::kernels::SpectralGeom;
+use super::ReadySpectrum;
 use super::{check_complex, check_rank, check_same, compute, int};
+use crate::device::DeviceKind;
 use crate::error::{Error, Result};
 use crate::tensor::{Shape, Tensor};
 
@@ -126,9 +128,8 @@ fn spectrum_dims(op: &'static str, t: &Tensor, what: &str) -> Result<(usize, usi
     Ok((d[0], d[1], d[2], d[3]))
 }
 
-/// Y[b, o, r, c] = sum_i X[b, i, r, c] W[i, o, r, c] on the kept modes, zero elsewhere.
-pub fn spectral_mix(xh: &Tensor, w: &Tensor, modes: SpectralModes) -> Result<Tensor> {
-    let _p = super::profile::scope("spectral_mix");
+/// The forward's geometry and output shape.
+fn mix_geom(xh: &Tensor, w: &Tensor, modes: SpectralModes) -> Result<(SpectralGeom, [usize; 5])> {
     const OP: &str = "spectral_mix";
     check_same(OP, &[xh, w])?;
     let (b, ci, h, wh) = spectrum_dims(OP, xh, "half spectrum")?;
@@ -144,12 +145,32 @@ pub fn spectral_mix(xh: &Tensor, w: &Tensor, modes: SpectralModes) -> Result<Ten
             modes.convention
         )
     })?;
-    compute([b, co, h, wh, 2], xh, |y| cpu::spectral_mix_fwd(xh, w, &g.rows(), y), |gpu, y| cuda::spectral_mix_fwd(gpu, g, xh, w, y))
+    Ok((g, [b, co, h, wh, 2]))
 }
 
-/// dX = dY conj(W) summed over output channels, on the kept modes.
-pub fn spectral_mix_bwd_input(dyh: &Tensor, w: &Tensor, modes: SpectralModes) -> Result<Tensor> {
-    let _p = super::profile::scope("spectral_mix_bwd_input");
+/// Y[b, o, r, c] = sum_i X[b, i, r, c] W[i, o, r, c] on the kept modes, zero elsewhere.
+pub fn spectral_mix(xh: &Tensor, w: &Tensor, modes: SpectralModes) -> Result<Tensor> {
+    let _p = super::profile::scope("spectral_mix");
+    let (g, shape) = mix_geom(xh, w, modes)?;
+    compute(shape, xh, |y| cpu::spectral_mix_fwd(xh, w, &g.rows(), y), |gpu, y| cuda::spectral_mix_fwd(gpu, g, xh, w, y, None))
+}
+
+/// [`spectral_mix`] for an irfft2 to width `width` that follows: on a GPU the same launch also
+/// writes Y made ready for irfft2's C2R (what [`irfft2_ready`](super::irfft2_ready) takes), so
+/// irfft2 runs no glue launch. Elsewhere no ready spectrum. Y is the same either way.
+pub fn spectral_mix_ready(xh: &Tensor, w: &Tensor, modes: SpectralModes, width: usize) -> Result<(Tensor, Option<ReadySpectrum>)> {
+    let DeviceKind::Cuda(_) = xh.device().kind() else { return Ok((spectral_mix(xh, w, modes)?, None)) };
+    let _p = super::profile::scope("spectral_mix");
+    let (g, shape) = mix_geom(xh, w, modes)?;
+    let gpu = xh.device().gpu()?;
+    let mut y = Tensor::uninit(shape, xh.dtype(), xh.device())?;
+    let (mut buf, sg) = ReadySpectrum::buffer(gpu, &y, width, false)?;
+    cuda::spectral_mix_fwd(gpu, g, xh, w, &mut y, Some((&mut buf, sg)))?;
+    Ok((y.clone(), Some(ReadySpectrum { buf, of: y, w: width, adjoint: false })))
+}
+
+/// dX's geometry and shape.
+fn bwd_input_geom(dyh: &Tensor, w: &Tensor, modes: SpectralModes) -> Result<(SpectralGeom, [usize; 5])> {
     const OP: &str = "spectral_mix_bwd_input";
     check_same(OP, &[dyh, w])?;
     let (b, co, h, wh) = spectrum_dims(OP, dyh, "output gradient")?;
@@ -158,7 +179,28 @@ pub fn spectral_mix_bwd_input(dyh: &Tensor, w: &Tensor, modes: SpectralModes) ->
     let g = SpectralGeom::new(OP, (b, ci, co, h, wh), w.shape(), modes, |_, _| {
         format!("{} and {}: output gradient does not fit the weight", dyh.shape(), w.shape())
     })?;
-    compute([b, ci, h, wh, 2], dyh, |dx| cpu::spectral_mix_bwd_input(dyh, w, &g.rows(), dx), |gpu, dx| cuda::spectral_mix_bwd_input(gpu, g, dyh, w, dx))
+    Ok((g, [b, ci, h, wh, 2]))
+}
+
+/// dX = dY conj(W) summed over output channels, on the kept modes.
+pub fn spectral_mix_bwd_input(dyh: &Tensor, w: &Tensor, modes: SpectralModes) -> Result<Tensor> {
+    let _p = super::profile::scope("spectral_mix_bwd_input");
+    let (g, shape) = bwd_input_geom(dyh, w, modes)?;
+    compute(shape, dyh, |dx| cpu::spectral_mix_bwd_input(dyh, w, &g.rows(), dx), |gpu, dx| cuda::spectral_mix_bwd_input(gpu, g, dyh, w, dx, None))
+}
+
+/// [`spectral_mix_bwd_input`] for the adjoint of an rfft2 of width-`width` images that follows:
+/// on a GPU the same launch also writes dX made ready for that adjoint's C2R (what
+/// [`rfft2_bwd_ready`](super::rfft2_bwd_ready) takes). Elsewhere no ready spectrum.
+pub fn spectral_mix_bwd_input_ready(dyh: &Tensor, w: &Tensor, modes: SpectralModes, width: usize) -> Result<(Tensor, Option<ReadySpectrum>)> {
+    let DeviceKind::Cuda(_) = dyh.device().kind() else { return Ok((spectral_mix_bwd_input(dyh, w, modes)?, None)) };
+    let _p = super::profile::scope("spectral_mix_bwd_input");
+    let (g, shape) = bwd_input_geom(dyh, w, modes)?;
+    let gpu = dyh.device().gpu()?;
+    let mut dx = Tensor::uninit(shape, dyh.dtype(), dyh.device())?;
+    let (mut buf, sg) = ReadySpectrum::buffer(gpu, &dx, width, true)?;
+    cuda::spectral_mix_bwd_input(gpu, g, dyh, w, &mut dx, Some((&mut buf, sg)))?;
+    Ok((dx.clone(), Some(ReadySpectrum { buf, of: dx, w: width, adjoint: true })))
 }
 
 /// dW = conj(X) dY summed over the batch, on the kept modes.
