@@ -64,14 +64,19 @@ __device__ __forceinline__ int kept_row(int row, int c, const SpectralGeom& g) {
     return row < g.pos ? row : (row >= g.h - g.r + g.pos ? row - (g.h - g.r) : -1);
 }
 
-// Y[b, o] at mode (row, c): the sum over i in order (0 off the kept modes).
-__device__ __forceinline__ float2 mix_fwd_at(const float2* __restrict__ x, const float2* __restrict__ w, const SpectralGeom& g, int b, int o, int row, int c) {
-    const int r = kept_row(row, c, g);
+// The mix's sum at mode (row, c) of sample b, in order (0 off the kept modes): the forward's
+// Y[b, o] = sum over i of X[b, i] W[i, o] (DX false, src X, `at_ch` = o), or dX[b, i] = sum over
+// o of dY[b, o] conj(W[i, o]) (DX true, src dY, `at_ch` = i).
+template <bool DX>
+__device__ __forceinline__ float2 mix_at(const float2* __restrict__ src, const float2* __restrict__ w, const SpectralGeom& g, int b, int at_ch, int row, int c) {
+    const int r = kept_row(row, c, g), terms = DX ? g.co : g.ci;
     const int64_t plane = (int64_t)g.h * g.wh, at = (int64_t)row * g.wh + c;
     float2 acc = make_float2(0.f, 0.f);
     if (r >= 0) {
-        for (int i = 0; i < g.ci; ++i) {
-            const float2 p = cmul(x[((int64_t)b * g.ci + i) * plane + at], w[(((int64_t)i * g.co + o) * g.r + r) * g.my + c]);
+        for (int s = 0; s < terms; ++s) {
+            const int i = DX ? at_ch : s, o = DX ? s : at_ch;
+            const float2 v = src[((int64_t)b * terms + s) * plane + at], wv = w[(((int64_t)i * g.co + o) * g.r + r) * g.my + c];
+            const float2 p = DX ? cmul_conj_b(v, wv) : cmul(v, wv);
             acc.x += p.x;
             acc.y += p.y;
         }
@@ -79,47 +84,30 @@ __device__ __forceinline__ float2 mix_fwd_at(const float2* __restrict__ x, const
     return acc;
 }
 
-// dX[b, i] at mode (row, c): the sum over o in order (0 off the kept modes).
-__device__ __forceinline__ float2 mix_bwd_input_at(const float2* __restrict__ dy, const float2* __restrict__ w, const SpectralGeom& g, int b, int i, int row, int c) {
-    const int r = kept_row(row, c, g);
-    const int64_t plane = (int64_t)g.h * g.wh, at = (int64_t)row * g.wh + c;
-    float2 acc = make_float2(0.f, 0.f);
-    if (r >= 0) {
-        for (int o = 0; o < g.co; ++o) {
-            const float2 p = cmul_conj_b(dy[((int64_t)b * g.co + o) * plane + at], w[(((int64_t)i * g.co + o) * g.r + r) * g.my + c]);
-            acc.x += p.x;
-            acc.y += p.y;
+// Every mode of the forward's Y (DX false) or of dX (DX true), and with `ready` the same made
+// ready for the C2R after it (the partner row's sum is taken for the DC and Nyquist columns).
+template <bool DX>
+__device__ __forceinline__ void mix_all(const float2* __restrict__ src, const float2* __restrict__ w, float2* __restrict__ out, float2* __restrict__ ready, const SpectralGeom& g, const SpectrumGeom& sg) {
+    const int channels = DX ? g.ci : g.co;
+    const int64_t n = (int64_t)g.b * channels * g.h * g.wh;
+    FNO_FOR(t, n) {
+        const Elem e = elem_of(t, channels, g);
+        const int row = (int)(e.at / g.wh);
+        const float2 v = mix_at<DX>(src, w, g, e.outer, e.mid, row, e.c);
+        out[t] = v;
+        if (ready) {
+            const float2 m = hermitian_weight(e.c, sg.w) == 1.f ? mix_at<DX>(src, w, g, e.outer, e.mid, (g.h - row) % g.h, e.c) : v;
+            ready[t] = irfft_ready(v, m, e.c, sg);
         }
     }
-    return acc;
 }
 
 extern "C" __global__ void spectral_mix_fwd_f32(const float2* __restrict__ x, const float2* __restrict__ w, float2* __restrict__ y, float2* __restrict__ ready, SpectralGeom g, SpectrumGeom sg) {
-    const int64_t plane = (int64_t)g.h * g.wh, n = (int64_t)g.b * g.co * plane;
-    FNO_FOR(t, n) {
-        const Elem e = elem_of(t, g.co, g);
-        const int row = (int)(e.at / g.wh);
-        const float2 v = mix_fwd_at(x, w, g, e.outer, e.mid, row, e.c);
-        y[t] = v;
-        if (ready) {
-            const float2 m = hermitian_weight(e.c, sg.w) == 1.f ? mix_fwd_at(x, w, g, e.outer, e.mid, (g.h - row) % g.h, e.c) : v;
-            ready[t] = irfft_ready(v, m, e.c, sg);
-        }
-    }
+    mix_all<false>(x, w, y, ready, g, sg);
 }
 
 extern "C" __global__ void spectral_mix_bwd_input_f32(const float2* __restrict__ dy, const float2* __restrict__ w, float2* __restrict__ dx, float2* __restrict__ ready, SpectralGeom g, SpectrumGeom sg) {
-    const int64_t plane = (int64_t)g.h * g.wh, n = (int64_t)g.b * g.ci * plane;
-    FNO_FOR(t, n) {
-        const Elem e = elem_of(t, g.ci, g);
-        const int row = (int)(e.at / g.wh);
-        const float2 v = mix_bwd_input_at(dy, w, g, e.outer, e.mid, row, e.c);
-        dx[t] = v;
-        if (ready) {
-            const float2 m = hermitian_weight(e.c, sg.w) == 1.f ? mix_bwd_input_at(dy, w, g, e.outer, e.mid, (g.h - row) % g.h, e.c) : v;
-            ready[t] = irfft_ready(v, m, e.c, sg);
-        }
-    }
+    mix_all<true>(dy, w, dx, ready, g, sg);
 }
 
 extern "C" __global__ void spectral_mix_bwd_weight_f32(const float2* __restrict__ x, const float2* __restrict__ dy, float2* __restrict__ dw, SpectralGeom g) {

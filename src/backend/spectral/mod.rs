@@ -159,14 +159,28 @@ pub fn spectral_mix(xh: &Tensor, w: &Tensor, modes: SpectralModes) -> Result<Ten
 /// writes Y made ready for irfft2's C2R (what [`irfft2_ready`](super::irfft2_ready) takes), so
 /// irfft2 runs no glue launch. Elsewhere no ready spectrum. Y is the same either way.
 pub fn spectral_mix_ready(xh: &Tensor, w: &Tensor, modes: SpectralModes, width: usize) -> Result<(Tensor, Option<ReadySpectrum>)> {
-    let DeviceKind::Cuda(_) = xh.device().kind() else { return Ok((spectral_mix(xh, w, modes)?, None)) };
+    if !matches!(xh.device().kind(), DeviceKind::Cuda(_)) {
+        return Ok((spectral_mix(xh, w, modes)?, None));
+    }
     let _p = super::profile::scope("spectral_mix");
     let (g, shape) = mix_geom(xh, w, modes)?;
-    let gpu = xh.device().gpu()?;
-    let mut y = Tensor::uninit(shape, xh.dtype(), xh.device())?;
-    let (mut buf, sg) = ReadySpectrum::buffer(gpu, &y, width, false)?;
-    cuda::spectral_mix_fwd(gpu, g, xh, w, &mut y, Some((&mut buf, sg)))?;
-    Ok((y.clone(), Some(ReadySpectrum { buf, of: y, w: width, adjoint: false })))
+    with_ready(xh, shape, width, false, |gpu, y, ready| cuda::spectral_mix_fwd(gpu, g, xh, w, y, ready))
+}
+
+/// A fresh output of `shape` on `like`'s GPU computed by `launch`, which also fills a buffer
+/// with it made ready for the C2R of irfft2 (or, `adjoint`, of rfft2's adjoint) of width `width`.
+fn with_ready(
+    like: &Tensor,
+    shape: [usize; 5],
+    width: usize,
+    adjoint: bool,
+    launch: impl FnOnce(&super::gpu::Gpu, &mut Tensor, cuda::Ready) -> Result<()>,
+) -> Result<(Tensor, Option<ReadySpectrum>)> {
+    let gpu = like.device().gpu()?;
+    let mut out = Tensor::uninit(shape, like.dtype(), like.device())?;
+    let (mut buf, sg) = ReadySpectrum::buffer(gpu, &out, width, adjoint)?;
+    launch(gpu, &mut out, Some((&mut buf, sg)))?;
+    Ok((out.clone(), Some(ReadySpectrum { buf, of: out, w: width, adjoint })))
 }
 
 /// dX's geometry and shape.
@@ -193,14 +207,12 @@ pub fn spectral_mix_bwd_input(dyh: &Tensor, w: &Tensor, modes: SpectralModes) ->
 /// on a GPU the same launch also writes dX made ready for that adjoint's C2R (what
 /// [`rfft2_bwd_ready`](super::rfft2_bwd_ready) takes). Elsewhere no ready spectrum.
 pub fn spectral_mix_bwd_input_ready(dyh: &Tensor, w: &Tensor, modes: SpectralModes, width: usize) -> Result<(Tensor, Option<ReadySpectrum>)> {
-    let DeviceKind::Cuda(_) = dyh.device().kind() else { return Ok((spectral_mix_bwd_input(dyh, w, modes)?, None)) };
+    if !matches!(dyh.device().kind(), DeviceKind::Cuda(_)) {
+        return Ok((spectral_mix_bwd_input(dyh, w, modes)?, None));
+    }
     let _p = super::profile::scope("spectral_mix_bwd_input");
     let (g, shape) = bwd_input_geom(dyh, w, modes)?;
-    let gpu = dyh.device().gpu()?;
-    let mut dx = Tensor::uninit(shape, dyh.dtype(), dyh.device())?;
-    let (mut buf, sg) = ReadySpectrum::buffer(gpu, &dx, width, true)?;
-    cuda::spectral_mix_bwd_input(gpu, g, dyh, w, &mut dx, Some((&mut buf, sg)))?;
-    Ok((dx.clone(), Some(ReadySpectrum { buf, of: dx, w: width, adjoint: true })))
+    with_ready(dyh, shape, width, true, |gpu, dx, ready| cuda::spectral_mix_bwd_input(gpu, g, dyh, w, dx, ready))
 }
 
 /// dW = conj(X) dY summed over the batch, on the kept modes.
