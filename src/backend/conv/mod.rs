@@ -86,6 +86,9 @@ fn conv_out(op: &'static str, x: &Shape, k: usize, p: Conv2dParams, size: usize)
 /// The geometry and output shape of conv2d, after checking x [B, C_in, H, W], w [C_out, C_in, kh,
 /// kw] and b [C_out].
 fn forward(op: &'static str, x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: Conv2dParams) -> Result<(ConvGeom, Shape)> {
+    let mut ts = vec![x, w];
+    ts.extend(b);
+    check_same(op, &ts)?;
     check_rank(op, x, 4, "input")?;
     check_rank(op, w, 4, "weight")?;
     let (xd, wd) = (x.dims(), w.dims());
@@ -105,9 +108,6 @@ fn forward(op: &'static str, x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: Conv
 /// 2-D cross-correlation (PyTorch's conv2d) with zero padding and an optional bias.
 pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: Conv2dParams) -> Result<Tensor> {
     let _p = super::profile::scope("conv2d");
-    let mut ts = vec![x, w];
-    ts.extend(b);
-    check_same("conv2d", &ts)?;
     let (g, shape) = forward("conv2d", x, w, b, p)?;
     compute(shape, x, |y| cpu::conv2d_fwd(&g, x, w, b, y), |gpu, y| cuda::conv2d_fwd(gpu, g, x, w, b, y, None))
 }
@@ -127,9 +127,6 @@ pub fn conv2d_gelu(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: Conv2dParams) 
         return Ok((z, y));
     };
     let _p = super::profile::scope("conv2d_gelu");
-    let mut ts = vec![x, w];
-    ts.extend(b);
-    check_same("conv2d", &ts)?;
     let (g, shape) = forward("conv2d", x, w, b, p)?;
     let mut z = Tensor::uninit(shape.clone(), x.dtype(), x.device())?;
     let mut y = Tensor::uninit(shape, x.dtype(), x.device())?;

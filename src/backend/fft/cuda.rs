@@ -177,6 +177,8 @@ pub(super) fn c2r_ready(gpu: &Gpu, s: &Spectrum, ready: &mut cudarc::driver::Cud
     with_plan(gpu, PlanKey { kind: FftKind::C2R, h, w, planes }, |p| unsafe { cufft::exec_c2r(p, zp as *mut fsys::cufftComplex, yp as *mut fsys::cufftReal) })
 }
 
+/// y = scale * FFT2(z) (inverse: unnormalised inverse) over `planes` planes of H x W complex
+/// numbers; z, y [planes, H, W, 2].
 #[allow(clippy::too_many_arguments)]
 pub(super) fn fft2(gpu: &Gpu, z: &Tensor, y: &mut Tensor, planes: usize, h: usize, w: usize, inverse: bool, scale: f32) -> Result<()> {
     let (z, y) = (z.cuda()?, y.cuda_mut()?);

@@ -107,14 +107,12 @@ impl ReadySpectrum {
 
     /// The transform of z from this buffer, when the buffer was made from z for this transform.
     fn transform(mut self, op: &'static str, z: &Tensor, w: usize, adjoint: bool) -> Option<Result<Tensor>> {
-        if self.adjoint != adjoint || self.w != w || !self.of.shares_storage(z) {
-            return None;
-        }
-        Some((|| {
-            let s = Spectrum::of_half(op, z, w)?;
-            let buf = &mut self.buf;
-            compute(s.image.clone(), z, |_| Err(Error::invalid(op, "a ready spectrum is a GPU's")), |gpu, y| cuda::c2r_ready(gpu, &s, buf, y))
-        })())
+        (self.adjoint == adjoint && self.w == w && self.of.shares_storage(z)).then(|| self.c2r(op, z, w))
+    }
+
+    fn c2r(&mut self, op: &'static str, z: &Tensor, w: usize) -> Result<Tensor> {
+        let s = Spectrum::of_half(op, z, w)?;
+        compute(s.image.clone(), z, |_| Err(Error::invalid(op, "a ready spectrum is a GPU's")), |gpu, y| cuda::c2r_ready(gpu, &s, &mut self.buf, y))
     }
 }
 
