@@ -114,7 +114,9 @@ extern "C" __global__ void col2im_f32(const float* __restrict__ dcols, const flo
 //   conv2d_bwd_input_f32:  dx[n, c, q] = bias[c] + sum_(o, i, j) w[o, c, i, j] dy[n, o, oh, ow]
 //                          over the taps with oh s + i - pad = ih, ow s + j - pad = iw
 //                          (m = C, n = N H W, k = C_out kh kw; the transposed convolution's
-//                          bias, when not null)
+//                          bias, when not null), and acc[n, c, q] + that when `acc` is not
+//                          null (the gradient of x gathered so far from its other consumers:
+//                          the sum of the two without a launch of its own)
 //   conv2d_bwd_weight_f32: dw[o, r] = sum_(n, p) dy[n, o, p] cols(x)[n, r, p] and, when
 //                          `with_bias`, db[o] = sum_(n, p) dy[n, o, p] as the extra column
 //                          r = C kh kw of a column of ones (m = C_out, n = C kh kw + with_bias,
@@ -316,14 +318,19 @@ struct BwdInRows {
 struct BwdInOut {
     float* dx;
     const float* bias;
+    const float* acc;
     int64_t c, plane;
-    __device__ void operator()(int64_t ci, int64_t q, float v) const { dx[((q / plane) * c + ci) * plane + q % plane] = bias ? v + bias[ci] : v; }
+    __device__ void operator()(int64_t ci, int64_t q, float v) const {
+        const int64_t e = ((q / plane) * c + ci) * plane + q % plane;
+        const float r = bias ? v + bias[ci] : v;
+        dx[e] = acc ? acc[e] + r : r;
+    }
 };
 
-extern "C" __global__ void conv2d_bwd_input_f32(const float* __restrict__ dy, const float* __restrict__ w, const float* __restrict__ bias, float* __restrict__ dx, int nb, int c_out, ConvGeom g) {
+extern "C" __global__ void conv2d_bwd_input_f32(const float* __restrict__ dy, const float* __restrict__ w, const float* __restrict__ bias, const float* __restrict__ acc, float* __restrict__ dx, int nb, int c_out, ConvGeom g) {
     const int64_t plane = (int64_t)g.h * g.w, taps = (int64_t)g.kh * g.kw, n = (int64_t)nb * plane;
     const int64_t tiles_n = ig_tiles(n, IG_BN);
-    igemm_tile<true>(BwdInWeight{w, g.c, taps}, BwdInRows{dy, g, c_out, plane}, BwdInOut{dx, bias, g.c, plane}, g.c, n, 0, c_out * taps,
+    igemm_tile<true>(BwdInWeight{w, g.c, taps}, BwdInRows{dy, g, c_out, plane}, BwdInOut{dx, bias, acc, g.c, plane}, g.c, n, 0, c_out * taps,
                      blockIdx.x / tiles_n, blockIdx.x % tiles_n);
 }
 

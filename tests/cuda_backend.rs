@@ -164,6 +164,8 @@ fn convolutions_match_the_cpu_in_every_geometry() {
                 out("conv2d_gelu z", z),
                 out("conv2d_gelu GELU", act),
                 out("dx", backend::conv2d_bwd_input(&dy, &w, x.shape(), p).unwrap()),
+                // Added into the gradient gathered so far (by the implicit GEMM as it writes).
+                out("acc + dx", backend::conv2d_bwd_input_added(Some(randn(dev, x.dims(), 7)), &dy, &w, x.shape(), p).unwrap()),
                 out("dw", backend::conv2d_bwd_weight(&x, &dy, w.shape(), p).unwrap()),
                 out("dw with db", backend::conv2d_bwd_params(&x, &dy, w.shape(), p, true).unwrap().0),
                 out("db", backend::conv2d_bwd_params(&x, &dy, w.shape(), p, true).unwrap().1.unwrap()),

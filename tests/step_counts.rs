@@ -89,12 +89,12 @@ fn a_study_step_counted_on_the_stand_in() {
     // GEMM per convolution. Launches plus library calls: 1,357 at the start, 457 with im2col +
     // cuBLAS, 350 with the implicit-GEMM convolutions, 333 with GELU written by the launches that
     // compute its inputs, 315 with the spectral mix making its results ready for the inverse
-    // FFTs; the bar of 300 is not met yet, so this holds today's count against regressions.
+    // FFTs, 299 with the convolutions' dX added into the gradient gathered so far (the bar).
     let convs = fnokern::backend::profile::take().iter().find(|r| r.op == "conv2d_bwd_weight").map_or(0, |r| r.calls) / 2;
     assert!(convs >= 36, "the study structure has 40 convolutions, {convs} weight gradients counted");
     assert!(second.syncs <= 1, "{} host synchronisations a step", second.syncs);
     assert!(second.memsets <= 60, "{} memsets a step", second.memsets);
     let dw_gemms = ["cublasSgemm_v2", "conv2d_bwd_weight_f32"].iter().map(|k| steps[1].get(*k).copied().unwrap_or(0)).sum::<u64>();
     assert!(dw_gemms <= convs, "{dw_gemms} weight-gradient GEMMs for {convs} weight gradients");
-    assert!(second.kernels + second.library <= 315, "{} launches and library calls a step", second.kernels + second.library);
+    assert!(second.kernels + second.library <= 300, "{} launches and library calls a step", second.kernels + second.library);
 }

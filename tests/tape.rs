@@ -275,3 +275,40 @@ test_device!(
         assert_eq!(grads(true), plain, "the checkpointed segment lost or changed its parameter gradients");
     }
 );
+
+test_device!(
+    /// A value read by a convolution and by other ops: its gradient is the sum of their parts,
+    /// bit for bit, whether the convolution's backward runs first (nothing gathered yet) or after
+    /// the others (it adds into what they gathered, on a GPU in its own launch).
+    fn a_gradient_gathered_by_a_convolution_is_the_sum_of_the_parts(dev) {
+        let dtype = dtype_and_tol(dev).0;
+        let p = Conv2dParams::new(1, 1);
+        let xv = Tensor::randn([2, 3, 6, 5], 1.0, 1, dtype, dev).unwrap();
+        let wv = Tensor::randn([3, 3, 3, 3], 0.5, 2, dtype, dev).unwrap();
+        let seed = Tensor::randn([2, 3, 6, 5], 1.0, 3, dtype, dev).unwrap();
+        for conv_first in [true, false] {
+            let mut t = Tape::new();
+            let x = t.leaf(xv.clone(), true);
+            let w = t.leaf(wv.clone(), false);
+            // y = conv(x) + gelu(x), recorded in either order.
+            let (c, g) = if conv_first {
+                let c = ops::conv2d(&mut t, &x, &w, None, p).unwrap();
+                (c, ops::gelu(&mut t, &x).unwrap())
+            } else {
+                let g = ops::gelu(&mut t, &x).unwrap();
+                (ops::conv2d(&mut t, &x, &w, None, p).unwrap(), g)
+            };
+            let y = ops::add(&mut t, &c, &g).unwrap();
+            let grads = t.backward_with(vec![(y, seed.clone())]).unwrap();
+            let got = grads.wrt(&x).unwrap().to_f64_vec().unwrap();
+            // The parts, each on its own, then one sum.
+            let conv_part = fnokern::backend::conv2d_bwd_input(&seed, &wv, xv.shape(), p).unwrap();
+            let mut t = Tape::new();
+            let x1 = t.leaf(xv.clone(), true);
+            let g1 = ops::gelu(&mut t, &x1).unwrap();
+            let gelu_part = t.backward_with(vec![(g1, seed.clone())]).unwrap().wrt(&x1).unwrap().clone();
+            let want = fnokern::backend::binary(fnokern::backend::Binary::Add, &conv_part, &gelu_part).unwrap().to_f64_vec().unwrap();
+            assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "conv first: {conv_first}: the gathered gradient differs from the sum of the parts");
+        }
+    }
+);

@@ -134,6 +134,18 @@ impl Ctx<'_, '_> {
         }
         self.store.accumulate(self.info, self.inputs[i], g)
     }
+    /// Sets the gradient of input `i` to what `f` makes of the gradient gathered so far for it
+    /// (ignored when that input needs none): `f(None)` is this node's part, `f(Some(acc))` must be
+    /// `acc` plus that part. For ops whose kernel adds while it writes its part, which saves
+    /// [`Ctx::add`]'s separate sum.
+    pub fn add_with(&mut self, i: usize, f: impl FnOnce(Option<Tensor>) -> Result<Tensor>) -> Result<()> {
+        if !self.needs[i] {
+            return Ok(());
+        }
+        let slot = self.store.slot(self.info, self.inputs[i]);
+        *slot = Some(f(slot.take())?);
+        Ok(())
+    }
     fn take_input_grad(&mut self, i: usize) -> Option<Tensor> {
         self.store.slot(self.info, self.inputs[i]).take()
     }

@@ -35,7 +35,7 @@ pub mod spectral;
 
 pub use agc::{agc, Units};
 pub use complex::{complex_abs, complex_abs_bwd, complex_angle, complex_angle_bwd, complex_mul};
-pub use conv::{conv2d, conv2d_bwd_input, conv2d_bwd_params, conv2d_bwd_weight, conv2d_gelu, conv_transpose2d, Conv2dParams};
+pub use conv::{conv2d, conv2d_bwd_input, conv2d_bwd_input_added, conv2d_bwd_params, conv2d_bwd_weight, conv2d_gelu, conv_transpose2d, Conv2dParams};
 pub use elementwise::{add_gelu, add_into, affine, binary, broadcast_scalar, clamp, scale_by, scale_in_place, unary, unary_bwd, Binary, Unary};
 pub use fft::{fft2, irfft2, irfft2_bwd, irfft2_ready, rfft2, rfft2_bwd, rfft2_bwd_ready, ReadySpectrum};
 pub use layerscale::{layerscale, layerscale_bwd};

@@ -36,7 +36,7 @@ fn conv2d_computed(tape: &mut Tape, x: &Var, w: &Var, b: Option<&Var>, p: Conv2d
     tape.record1(&inputs, y, move |ctx| {
         let dy = ctx.grad(0).clone();
         if let Some(w) = sw {
-            ctx.add(0, backend::conv2d_bwd_input(&dy, &w, &x_shape, p)?)?;
+            ctx.add_with(0, |acc| backend::conv2d_bwd_input_added(acc, &dy, &w, &x_shape, p))?;
         }
         let want_db = has_bias && ctx.needs(2);
         match sx {

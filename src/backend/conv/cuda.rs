@@ -360,10 +360,12 @@ pub(super) fn conv2d_fwd(gpu: &Gpu, g: ConvGeom, x: &Tensor, w: &Tensor, bias: O
 }
 
 /// dx [B, C_in, H, W] from dy [B, C_out, Ho, Wo] and w [C_out, C_in, kh, kw], plus `bias` [C_in]
-/// per channel if given (the transposed convolution, which runs on this).
-pub(super) fn conv2d_bwd_input(gpu: &Gpu, g: ConvGeom, dy: &Tensor, w: &Tensor, bias: Option<&Tensor>, dx: &mut Tensor) -> Result<()> {
+/// per channel if given (the transposed convolution, which runs on this), plus `acc` (of dx's
+/// shape) if given: by the implicit GEMM as it writes dx, after the columns' products by a sum.
+pub(super) fn conv2d_bwd_input(gpu: &Gpu, g: ConvGeom, dy: &Tensor, w: &Tensor, bias: Option<&Tensor>, acc: Option<&Tensor>, dx: &mut Tensor) -> Result<()> {
     if gpu.conv_columns() {
-        return conv2d_bwd_input_columns(gpu, g, dy, w, bias, dx);
+        conv2d_bwd_input_columns(gpu, g, dy, w, bias, dx)?;
+        return acc.map_or(Ok(()), |a| crate::backend::elementwise::cuda::add_assign(gpu, dx, a));
     }
     const OP: &str = "conv2d_bwd_input_f32";
     let (batch, c_out) = (dy.dims()[0], w.dims()[0]);
@@ -375,11 +377,15 @@ pub(super) fn conv2d_bwd_input(gpu: &Gpu, g: ConvGeom, dy: &Tensor, w: &Tensor, 
     if let Some(b) = bias {
         check_len(OP, "bias", b, g.c as usize)?;
     }
+    let acc = acc.map(Tensor::cuda).transpose()?;
+    if let Some(a) = acc {
+        check_len(OP, "acc", a, dx.len())?;
+    }
     let plane = (g.h * g.w) as usize;
     let cfg = tiles_config(OP, (g.c as usize).div_ceil(IG_TILE) * (batch * plane).div_ceil(IG_TILE))?;
     let (nb, c_out) = (int(OP, batch)?, int(OP, c_out)?);
     // SAFETY: every buffer's length checked above against the geometry.
-    unsafe { kernels::conv2d_bwd_input_f32(gpu, cfg, dy, w, &bias, dx, nb, c_out, g) }
+    unsafe { kernels::conv2d_bwd_input_f32(gpu, cfg, dy, w, &bias, &acc, dx, nb, c_out, g) }
 }
 
 /// dw [C_out, C_in, kh, kw] = the sum over samples and positions of dy [B, C_out, Ho Wo] times

@@ -136,9 +136,22 @@ pub fn conv2d_gelu(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: Conv2dParams) 
 
 /// The gradient of conv2d with respect to its input of shape `x_shape`.
 pub fn conv2d_bwd_input(dy: &Tensor, w: &Tensor, x_shape: &Shape, p: Conv2dParams) -> Result<Tensor> {
+    conv2d_bwd_input_added(None, dy, w, x_shape, p)
+}
+
+/// `acc` + [`conv2d_bwd_input`]: the gradient of x gathered so far from its other consumers plus
+/// this convolution's part, as a new tensor (the same bits as adding the two, in one pass on a
+/// GPU's implicit GEMM instead of a launch for the sum; `acc` is dropped).
+pub fn conv2d_bwd_input_added(acc: Option<Tensor>, dy: &Tensor, w: &Tensor, x_shape: &Shape, p: Conv2dParams) -> Result<Tensor> {
     let _p = super::profile::scope("conv2d_bwd_input");
     const OP: &str = "conv2d_bwd_input";
     check_same(OP, &[dy, w])?;
+    if let Some(a) = &acc {
+        check_same(OP, &[dy, a])?;
+        if a.shape() != x_shape {
+            return Err(Error::mismatch_because(OP, a.shape(), x_shape, "the gradient to add into does not have the input's shape"));
+        }
+    }
     let xd = x_shape.dims();
     if xd.len() != 4 {
         return Err(Error::bad_shape(OP, x_shape, "input must have 4 dimensions"));
@@ -151,7 +164,16 @@ pub fn conv2d_bwd_input(dy: &Tensor, w: &Tensor, x_shape: &Shape, p: Conv2dParam
         return Err(Error::mismatch_because(OP, dy.shape(), &Shape::new(expect), "output gradient does not match the forward's output"));
     }
     let g = ConvGeom::new(OP, xd, (wd[2], wd[3]), (ho, wo), p)?;
-    compute(x_shape.clone(), dy, |dx| cpu::conv2d_bwd_input(&g, dy, w, None, dx), |gpu, dx| cuda::conv2d_bwd_input(gpu, g, dy, w, None, dx))
+    let acc = acc.as_ref();
+    compute(
+        x_shape.clone(),
+        dy,
+        |dx| {
+            cpu::conv2d_bwd_input(&g, dy, w, None, dx)?;
+            acc.map_or(Ok(()), |a| super::elementwise::cpu::add_assign(dx, a))
+        },
+        |gpu, dx| cuda::conv2d_bwd_input(gpu, g, dy, w, None, acc, dx),
+    )
 }
 
 /// The gradient of conv2d with respect to its weight of shape `w_shape`.
@@ -225,5 +247,5 @@ pub fn conv_transpose2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: Conv2dPar
     };
     let y_shape = [xd[0], wd[1], ho, wo];
     let g = ConvGeom::new(OP, &y_shape, (wd[2], wd[3]), (xd[2], xd[3]), p)?;
-    compute(y_shape, x, |y| cpu::conv2d_bwd_input(&g, x, w, b, y), |gpu, y| cuda::conv2d_bwd_input(gpu, g, x, w, b, y))
+    compute(y_shape, x, |y| cpu::conv2d_bwd_input(&g, x, w, b, y), |gpu, y| cuda::conv2d_bwd_input(gpu, g, x, w, b, None, y))
 }

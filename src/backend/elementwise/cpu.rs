@@ -91,7 +91,7 @@ pub(super) fn binary(op: Binary, a: &Tensor, b: &Tensor, y: &mut Tensor) -> Resu
     })
 }
 
-pub(super) fn add_assign(acc: &mut Tensor, other: &Tensor) -> Result<()> {
+pub(crate) fn add_assign(acc: &mut Tensor, other: &Tensor) -> Result<()> {
     with_float!(acc.dtype(), "add_assign", |T| {
         let o = other.as_slice::<T>()?;
         acc.as_mut_slice::<T>()?.par_chunks_mut(CHUNK).zip(o.par_chunks(CHUNK)).for_each(|(ac, oc)| ac.iter_mut().zip(oc).for_each(|(a, &o)| *a += o));

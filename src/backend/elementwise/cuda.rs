@@ -42,7 +42,7 @@ pub(super) fn binary(gpu: &Gpu, op: Binary, a: &Tensor, b: &Tensor, y: &mut Tens
     unsafe { kernels::binary_f32(gpu, elementwise_config(y.len()), a, b, y, &mut act, n, op) }
 }
 
-pub(super) fn add_assign(gpu: &Gpu, acc: &mut Tensor, x: &Tensor) -> Result<()> {
+pub(crate) fn add_assign(gpu: &Gpu, acc: &mut Tensor, x: &Tensor) -> Result<()> {
     let (acc, x) = (acc.cuda_mut()?, x.cuda()?);
     let n = acc.len() as i64;
     check_len("add_assign_f32", "x", x, acc.len())?;

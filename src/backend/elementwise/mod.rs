@@ -2,7 +2,7 @@
 //! arithmetic, in-place accumulation, affine maps, scaling by a one-element tensor, broadcasting a
 //! scalar, clamping. Their geometry is the operands' common shape ([`Map`]).
 
-mod cpu;
+pub(crate) mod cpu;
 pub(crate) mod cuda;
 mod gelu_f32;
 
