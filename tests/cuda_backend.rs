@@ -510,6 +510,55 @@ fn gpu_tensors_copy_both_ways_and_refuse_host_slices() {
     assert_eq!(gpu.memory().current, 0);
 }
 
+/// Work on a second stream (a prefetching loader's uploads, a communication stream) is ordered
+/// with the compute stream only by an event. On the stand-in, work queued on a created stream
+/// runs only when something waits for it, so a read without the event sees the buffer's fresh
+/// NaN bytes, as a GPU may; with the event it sees the data. A library call on a created stream
+/// is refused with a reason (the stand-in runs library calls when they are made).
+#[test]
+#[cfg_attr(not(fnokern_kernels), ignore = "skipped: no kernels (built without nvcc; scripts/install-nvcc.sh installs it)")]
+fn a_second_stream_is_ordered_only_by_events() {
+    let Some(_dev) = cuda("second stream") else { return };
+    let on_standin = matches!(common::standin::cuda(), common::standin::Cuda::Standin(_));
+    let gpu = backend::gpu::Gpu::shared(0).unwrap();
+    let side = gpu.ctx.new_stream().unwrap();
+    let host: Vec<f32> = (0..1000).map(|i| i as f32 * 0.5).collect();
+    let read = |slice: &cudarc::driver::CudaSlice<f32>| gpu.download(&gpu.stream.clone_dtod(slice).unwrap()).unwrap();
+
+    // An upload on the side stream, read by the compute stream without an event.
+    let up = side.clone_htod(&host).unwrap();
+    if on_standin {
+        assert!(read(&up).iter().all(|v| v.is_nan()), "the upload was seen before anything waited for it");
+    }
+    // With the event, the compute stream reads the data.
+    gpu.stream.wait(&side.record_event(None).unwrap()).unwrap();
+    assert_eq!(read(&up), host);
+
+    // A kernel on the side stream (fill_scalar_f32: y = g[0] everywhere), then the same.
+    let g = side.clone_htod(&[7.0f32]).unwrap();
+    let mut y = side.clone_htod(&host).unwrap();
+    let f = gpu.function("fill_scalar_f32").unwrap();
+    let n = y.len() as i64;
+    use cudarc::driver::PushKernelArg;
+    let mut launch = side.launch_builder(&f);
+    launch.arg(&g).arg(&mut y).arg(&n);
+    // SAFETY: fill_scalar_f32(const float* g, float* y, int64_t n), y holds n floats.
+    unsafe { launch.launch(cudarc::driver::LaunchConfig::for_num_elems(n as u32)) }.unwrap();
+    if on_standin {
+        assert!(read(&y).iter().all(|v| v.is_nan()), "the side stream's kernel ran before anything waited for it");
+    }
+    side.synchronize().unwrap();
+    assert!(read(&y).iter().all(|&v| v == 7.0));
+    drop((up, g, y));
+    side.synchronize().unwrap();
+
+    // The libraries run when called: the stand-in refuses them a created stream.
+    if on_standin {
+        let blas = cudarc::cublas::CudaBlas::new(side.clone()).map(|_| ()).unwrap_err();
+        assert!(format!("{blas:?}").contains("CUBLAS_STATUS"), "{blas:?}");
+    }
+}
+
 /// The Darcy workload's step on `dev`: the FNO-2D (with an output normaliser), the relative L2
 /// and H1 losses, and every parameter's gradient of their sum.
 fn darcy_step(dev: &Device) -> Outputs {

@@ -76,7 +76,7 @@ cublasStatus_t check_gemm(const char* api, cublasHandle_t h, int ta, int tb, int
                           int ldc) {
     if (!handle_ok(api, h)) return CUBLAS_STATUS_NOT_INITIALIZED;
     if (!fakecuda_context_ok(api)) return CUBLAS_STATUS_EXECUTION_FAILED;
-    if (!fakecuda_stream_ok(api, h->stream)) return CUBLAS_STATUS_EXECUTION_FAILED;
+    if (!fakecuda_library_stream_ok(api, h->stream)) return CUBLAS_STATUS_EXECUTION_FAILED;
     if ((ta != CUBLAS_OP_N && ta != CUBLAS_OP_T) || (tb != CUBLAS_OP_N && tb != CUBLAS_OP_T)) {
         fakecuda_say(api, "transa %d, transb %d: only N and T are modelled (real data)", ta, tb);
         return CUBLAS_STATUS_INVALID_VALUE;
@@ -140,7 +140,7 @@ FAKE_API cublasStatus_t cublasDestroy_v2(cublasHandle_t h) {
 
 FAKE_API cublasStatus_t cublasSetStream_v2(cublasHandle_t h, void* stream) {
     if (!handle_ok("cublasSetStream_v2", h)) return CUBLAS_STATUS_NOT_INITIALIZED;
-    if (!fakecuda_stream_ok("cublasSetStream_v2", stream)) return CUBLAS_STATUS_INVALID_VALUE;
+    if (!fakecuda_library_stream_ok("cublasSetStream_v2", stream)) return CUBLAS_STATUS_INVALID_VALUE;
     h->stream = stream;
     return CUBLAS_STATUS_SUCCESS;
 }

@@ -84,7 +84,7 @@ Plan* ready(const char* api, cufftHandle h, int type, uint64_t in, uint64_t in_b
         fakecuda_say(api, "a plan of type 0x%x executed as 0x%x", p->type, type);
         return nullptr;
     }
-    if (!fakecuda_context_ok(api) || !fakecuda_stream_ok(api, p->stream)) return nullptr;
+    if (!fakecuda_context_ok(api) || !fakecuda_library_stream_ok(api, p->stream)) return nullptr;
     if (!p->auto_alloc && p->work_size > 0) {
         if (p->work == 0) {
             fakecuda_say(api, "auto-allocation is off and no work area was set");
@@ -160,7 +160,7 @@ FAKE_API cufftResult cufftSetStream(cufftHandle h, void* stream) {
     std::lock_guard<std::mutex> g(g_plans_lock);
     Plan* p = plan_of("cufftSetStream", h);
     if (!p) return CUFFT_INVALID_PLAN;
-    if (!fakecuda_stream_ok("cufftSetStream", stream)) return CUFFT_INVALID_VALUE;
+    if (!fakecuda_library_stream_ok("cufftSetStream", stream)) return CUFFT_INVALID_VALUE;
     p->stream = stream;
     return CUFFT_SUCCESS;
 }

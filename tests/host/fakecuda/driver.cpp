@@ -21,8 +21,11 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <deque>
+#include <functional>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -175,10 +178,22 @@ struct FakeContext {
     int refs = 0;
     CUresult sticky = CUDA_SUCCESS;
 };
+// A created stream (cuStreamCreate): its work waits in `work` until something waits for it
+// (see on_stream). Position p is the p-th call enqueued; `done` of them have run.
+struct FakeStream {
+    unsigned magic = kMagic;
+    bool blocking = true;    // CU_STREAM_DEFAULT: the legacy default stream waits for its work
+    bool destroyed = false;  // its handle is gone; its work still runs (see cuStreamDestroy_v2)
+    std::deque<std::pair<uint64_t, std::function<CUresult()>>> work;
+    uint64_t enqueued = 0;
+};
 struct FakeEvent {
     unsigned magic = kMagic;
     // The copies to the host enqueued before the event was recorded (see g_pending).
     uint64_t copies = 0;
+    // Recorded on a created stream: that stream and its position then (else null).
+    FakeStream* stream = nullptr;
+    uint64_t pos = 0;
 };
 struct FakeModule {
     unsigned magic = kMagic;
@@ -216,6 +231,55 @@ void complete_copies(uint64_t upto) {
 
 FakeContext g_primary;
 FakePool g_pool;
+
+// Streams. Work on the default stream (null, or the per-thread one) runs when it is called; work
+// on a created stream is queued and runs only when something waits for it: a synchronisation of
+// that stream or of the context, an event recorded after it that is synchronised, queried or
+// waited for by another stream (cuStreamWaitEvent), or the legacy default stream's next call for
+// a blocking stream (destroying a stream runs nothing). So work that another stream reads without an
+// event between them has not happened yet (a fresh buffer reads NaN), as on a GPU it may not
+// have. Work that fails when it runs (an illegal address) makes the context's error sticky, and
+// the call that waited returns it.
+std::vector<FakeStream*> g_streams;
+
+bool is_created(CUstream s) { return s != nullptr && s != (CUstream)0x2; }
+
+void flush(FakeStream* s, uint64_t upto) {
+    while (!s->work.empty() && s->work.front().first <= upto) {
+        std::function<CUresult()> item = std::move(s->work.front().second);
+        s->work.pop_front();
+        const CUresult r = item();
+        if (r != CUDA_SUCCESS && g_primary.sticky == CUDA_SUCCESS) g_primary.sticky = r;
+    }
+}
+void flush_all() {
+    for (FakeStream* s : g_streams) flush(s, UINT64_MAX);
+    // Destroyed streams whose work has now run are let go.
+    for (auto it = g_streams.begin(); it != g_streams.end();) {
+        if ((*it)->destroyed) {
+            delete *it;
+            it = g_streams.erase(it);
+        } else {
+            ++it;
+        }
+    }
+}
+
+// A call's work `f` on stream s: run now on the default stream (after the queued work of the
+// blocking streams, for the legacy one), queued on a created stream.
+CUresult on_stream(CUstream s, std::function<CUresult()> f) {
+    if (is_created(s)) {
+        s->work.emplace_back(++s->enqueued, std::move(f));
+        return CUDA_SUCCESS;
+    }
+    if (s == nullptr) {
+        for (FakeStream* b : g_streams)
+            if (b->blocking) flush(b, UINT64_MAX);
+    }
+    return f();
+}
+// What a synchronising call returns after the work it waited for ran.
+CUresult sticky_or_success() { return g_primary.sticky; }
 thread_local CUcontext t_current = nullptr;
 std::unordered_map<std::string, uint64_t> g_calls;
 
@@ -425,7 +489,17 @@ FAKE_API int fakecuda_context_ok(const char* api) {
 
 FAKE_API int fakecuda_stream_ok(const char* api, const void* stream) {
     if (stream == nullptr || stream == (const void*)0x2) return 1;
-    fakecuda_say(api, "unknown stream %p (the stand-in has only the default stream)", stream);
+    LOCK;
+    auto it = std::find(g_streams.begin(), g_streams.end(), (FakeStream*)stream);
+    if (it != g_streams.end() && !(*it)->destroyed) return 1;
+    fakecuda_say(api, "%p is not a live stream", stream);
+    return 0;
+}
+
+FAKE_API int fakecuda_library_stream_ok(const char* api, const void* stream) {
+    if (!fakecuda_stream_ok(api, stream)) return 0;
+    if (stream == nullptr || stream == (const void*)0x2) return 1;
+    fakecuda_say(api, "a created stream: the stand-in runs cuBLAS, cuFFT and NCCL calls when they are made, so only on the default stream");
     return 0;
 }
 
@@ -622,9 +696,10 @@ FAKE_API CUresult cuCtxSetCurrent(CUcontext ctx) {
 FAKE_API CUresult cuCtxSynchronize() {
     LOCK;
     NEED_CONTEXT("cuCtxSynchronize");
+    flush_all();
     complete_copies(g_copies);
     fakecuda_count("cuCtxSynchronize");
-    return CUDA_SUCCESS;
+    return sticky_or_success();
 }
 
 FAKE_API CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
@@ -637,22 +712,63 @@ FAKE_API CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Streams and events: work runs when it is called, except the copies to the host, which waiting
-// for the stream, the context or an event recorded after them completes.
+// Streams and events: work on the default stream runs when it is called, except the copies to
+// the host, which waiting for the stream, the context or an event recorded after them completes;
+// work on a created stream when something waits for it (on_stream).
+
+FAKE_API CUresult cuStreamCreate(CUstream* s, unsigned flags) {
+    LOCK;
+    NEED_CONTEXT("cuStreamCreate");
+    if (!s || flags > 1) return CUDA_ERROR_INVALID_VALUE;
+    FakeStream* st = new FakeStream;
+    st->blocking = flags == 0;  // 1: CU_STREAM_NON_BLOCKING
+    g_streams.push_back(st);
+    *s = st;
+    return CUDA_SUCCESS;
+}
+
+FAKE_API CUresult cuStreamCreateWithPriority(CUstream* s, unsigned flags, int priority) {
+    (void)priority;
+    return cuStreamCreate(s, flags);
+}
+
+FAKE_API CUresult cuStreamDestroy_v2(CUstream s) {
+    LOCK;
+    NEED_CONTEXT("cuStreamDestroy_v2");
+    if (!is_created(s) || !fakecuda_stream_ok("cuStreamDestroy_v2", s)) return CUDA_ERROR_INVALID_HANDLE;
+    // The call returns at once; the stream's queued work still runs, when the context is
+    // synchronised (or an event recorded on it is waited for), and then the stream is let go.
+    s->destroyed = true;
+    return CUDA_SUCCESS;
+}
+
+FAKE_API CUresult cuStreamQuery(CUstream s) {
+    LOCK;
+    NEED_CONTEXT("cuStreamQuery");
+    NEED_STREAM("cuStreamQuery", s);
+    if (is_created(s)) flush(s, UINT64_MAX);  // "complete" is what the query answers
+    return sticky_or_success();
+}
 
 FAKE_API CUresult cuStreamSynchronize(CUstream s) {
     LOCK;
     NEED_CONTEXT("cuStreamSynchronize");
     NEED_STREAM("cuStreamSynchronize", s);
+    if (is_created(s)) flush(s, UINT64_MAX);
     complete_copies(g_copies);
     fakecuda_count("cuStreamSynchronize");
-    return CUDA_SUCCESS;
+    return sticky_or_success();
 }
 
 static bool event_ok(const char* api, CUevent e) {
     if (e && e->magic == kMagic) return true;
     fakecuda_say(api, "%p is not a live event", (void*)e);
     return false;
+}
+
+// The created stream the event was recorded on, if it is still alive.
+static bool event_stream(CUevent e) {
+    return e->stream && std::find(g_streams.begin(), g_streams.end(), e->stream) != g_streams.end();
 }
 
 FAKE_API CUresult cuEventCreate(CUevent* e, unsigned flags) {
@@ -679,6 +795,8 @@ FAKE_API CUresult cuEventRecord(CUevent e, CUstream s) {
     NEED_STREAM("cuEventRecord", s);
     if (!event_ok("cuEventRecord", e)) return CUDA_ERROR_INVALID_HANDLE;
     e->copies = g_copies;
+    e->stream = is_created(s) ? s : nullptr;
+    e->pos = is_created(s) ? s->enqueued : 0;
     return CUDA_SUCCESS;
 }
 
@@ -686,17 +804,19 @@ FAKE_API CUresult cuEventSynchronize(CUevent e) {
     LOCK;
     NEED_CONTEXT("cuEventSynchronize");
     if (!event_ok("cuEventSynchronize", e)) return CUDA_ERROR_INVALID_HANDLE;
+    if (event_stream(e)) flush(e->stream, e->pos);
     complete_copies(e->copies);
     fakecuda_count("cuEventSynchronize");
-    return CUDA_SUCCESS;
+    return sticky_or_success();
 }
 
 FAKE_API CUresult cuEventQuery(CUevent e) {
     LOCK;
     NEED_CONTEXT("cuEventQuery");
     if (!event_ok("cuEventQuery", e)) return CUDA_ERROR_INVALID_HANDLE;
+    if (event_stream(e)) flush(e->stream, e->pos);
     complete_copies(e->copies);  // "complete" is what the query answers
-    return CUDA_SUCCESS;
+    return sticky_or_success();
 }
 
 FAKE_API CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned flags) {
@@ -704,7 +824,10 @@ FAKE_API CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned flags) {
     NEED_CONTEXT("cuStreamWaitEvent");
     NEED_STREAM("cuStreamWaitEvent", s);
     (void)flags;
-    return event_ok("cuStreamWaitEvent", e) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+    if (!event_ok("cuStreamWaitEvent", e)) return CUDA_ERROR_INVALID_HANDLE;
+    // What the event covers runs now: before anything s runs after this call.
+    if (event_stream(e) && e->stream != s) flush(e->stream, e->pos);
+    return sticky_or_success();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -739,9 +862,13 @@ FAKE_API CUresult cuMemFreeAsync(CUdeviceptr p, CUstream s) {
     LOCK;
     NEED_CONTEXT("cuMemFreeAsync");
     NEED_STREAM("cuMemFreeAsync", s);
-    const CUresult r = do_free("cuMemFreeAsync", p, true);
-    if (r == CUDA_SUCCESS) fakecuda_count("cuMemFreeAsync");
-    return r;
+    if (g_live.find(p) == g_live.end()) return do_free("cuMemFreeAsync", p, true);  // says why
+    // Freed in stream order: work queued before it still reads the buffer.
+    return on_stream(s, [p] {
+        const CUresult r = do_free("cuMemFreeAsync", p, true);
+        if (r == CUDA_SUCCESS) fakecuda_count("cuMemFreeAsync");
+        return r;
+    });
 }
 
 FAKE_API CUresult cuDeviceGetDefaultMemPool(CUmemoryPool* pool, CUdevice d) {
@@ -798,9 +925,15 @@ FAKE_API CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t 
     NEED_STREAM("cuMemcpyHtoDAsync_v2", s);
     if (bytes == 0) return CUDA_SUCCESS;
     if (!src || !fakecuda_range_ok("cuMemcpyHtoDAsync_v2", "destination", dst, bytes, 1)) return CUDA_ERROR_INVALID_VALUE;
-    memcpy((void*)dst, src, bytes);
-    fakecuda_count("cuMemcpyHtoDAsync_v2");
-    return CUDA_SUCCESS;
+    // The host's bytes are taken now (pageable memory is staged before the call returns); they
+    // reach the device at the copy's place in the stream.
+    auto staged = std::make_shared<std::vector<char>>((const char*)src, (const char*)src + bytes);
+    return on_stream(s, [dst, staged] {
+        if (!fakecuda_range_ok("cuMemcpyHtoDAsync_v2", "destination", dst, staged->size(), 1)) return (CUresult)CUDA_ERROR_ILLEGAL_ADDRESS;
+        memcpy((void*)dst, staged->data(), staged->size());
+        fakecuda_count("cuMemcpyHtoDAsync_v2");
+        return (CUresult)CUDA_SUCCESS;
+    });
 }
 
 FAKE_API CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t bytes, CUstream s) {
@@ -809,8 +942,17 @@ FAKE_API CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t bytes,
     NEED_STREAM("cuMemcpyDtoHAsync_v2", s);
     if (bytes == 0) return CUDA_SUCCESS;
     if (!dst || !fakecuda_range_ok("cuMemcpyDtoHAsync_v2", "source", src, bytes, 1)) return CUDA_ERROR_INVALID_VALUE;
-    g_pending.push_back(PendingCopy{++g_copies, dst, std::vector<char>((const char*)src, (const char*)src + bytes)});
     memset(dst, 0xff, bytes);
+    if (is_created(s)) {
+        // Runs when something waits for the stream, so the bytes arrive then.
+        return on_stream(s, [dst, src, bytes] {
+            if (!fakecuda_range_ok("cuMemcpyDtoHAsync_v2", "source", src, bytes, 1)) return (CUresult)CUDA_ERROR_ILLEGAL_ADDRESS;
+            memcpy(dst, (const void*)src, bytes);
+            fakecuda_count("cuMemcpyDtoHAsync_v2");
+            return (CUresult)CUDA_SUCCESS;
+        });
+    }
+    g_pending.push_back(PendingCopy{++g_copies, dst, std::vector<char>((const char*)src, (const char*)src + bytes)});
     fakecuda_count("cuMemcpyDtoHAsync_v2");
     return CUDA_SUCCESS;
 }
@@ -822,9 +964,13 @@ FAKE_API CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t 
     if (bytes == 0) return CUDA_SUCCESS;
     if (!fakecuda_range_ok("cuMemcpyDtoDAsync_v2", "source", src, bytes, 1) || !fakecuda_range_ok("cuMemcpyDtoDAsync_v2", "destination", dst, bytes, 1))
         return CUDA_ERROR_INVALID_VALUE;
-    memmove((void*)dst, (const void*)src, bytes);
-    fakecuda_count("cuMemcpyDtoDAsync_v2");
-    return CUDA_SUCCESS;
+    return on_stream(s, [dst, src, bytes] {
+        if (!fakecuda_range_ok("cuMemcpyDtoDAsync_v2", "source", src, bytes, 1) || !fakecuda_range_ok("cuMemcpyDtoDAsync_v2", "destination", dst, bytes, 1))
+            return (CUresult)CUDA_ERROR_ILLEGAL_ADDRESS;
+        memmove((void*)dst, (const void*)src, bytes);
+        fakecuda_count("cuMemcpyDtoDAsync_v2");
+        return (CUresult)CUDA_SUCCESS;
+    });
 }
 
 FAKE_API CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream s) {
@@ -833,9 +979,12 @@ FAKE_API CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CU
     NEED_STREAM("cuMemsetD8Async", s);
     if (n == 0) return CUDA_SUCCESS;
     if (!fakecuda_range_ok("cuMemsetD8Async", "destination", dst, n, 1)) return CUDA_ERROR_INVALID_VALUE;
-    memset((void*)dst, v, n);
-    fakecuda_count("cuMemsetD8Async");
-    return CUDA_SUCCESS;
+    return on_stream(s, [dst, v, n] {
+        if (!fakecuda_range_ok("cuMemsetD8Async", "destination", dst, n, 1)) return (CUresult)CUDA_ERROR_ILLEGAL_ADDRESS;
+        memset((void*)dst, v, n);
+        fakecuda_count("cuMemsetD8Async");
+        return (CUresult)CUDA_SUCCESS;
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -894,6 +1043,8 @@ FAKE_API CUresult cuModuleGetFunction(CUfunction* f, CUmodule m, const char* nam
     return CUDA_SUCCESS;
 }
 
+static CUresult run_launch(const char* name, bool racecheck, const std::function<CUresult()>& go);
+
 FAKE_API CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, unsigned shared, CUstream s,
                                  void** params, void** extra) {
     LOCK;
@@ -933,11 +1084,21 @@ FAKE_API CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigne
         fakecuda_say(name, "arguments must come as kernelParams (extra is not supported)");
         return CUDA_ERROR_INVALID_VALUE;
     }
-    if (trace()) fprintf(stderr, "fakecuda: launch %s <<<%u, %u>>>\n", name, gx, bx);
+    if (trace()) fprintf(stderr, "fakecuda: launch %s <<<%u, %u>>>%s\n", name, gx, bx, is_created(s) ? " (queued on a created stream)" : "");
+    const bool racecheck = t_racecheck;
+    if (is_created(s)) {
+        std::function<CUresult(unsigned, unsigned)> bound = f->kernel->bind(f->kernel, params);
+        return on_stream(s, [name, racecheck, bound, gx, bx] { return run_launch(name, racecheck, [&] { return bound(gx, bx); }); });
+    }
+    return on_stream(s, [&] { return run_launch(name, racecheck, [&] { return f->kernel->launch(f->kernel, params, gx, bx); }); });
+}
+
+// Runs one launch (`go`) with the fault handler armed and, with `racecheck`, the race check;
+// counts it when it succeeds. An illegal address is sticky, as on a GPU.
+static CUresult run_launch(const char* name, bool racecheck, const std::function<CUresult()>& go) {
     ensure_alt_stack();
     g_kernel_thread = pthread_self();
     g_kernel_name = name;
-    const bool racecheck = t_racecheck;
     if (sigsetjmp(g_fault_jmp, 1) != 0) {
         fakecuda_abandon_launch();
         if (racecheck) race_end();
@@ -949,7 +1110,7 @@ FAKE_API CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigne
     }
     if (racecheck) race_begin();
     g_in_kernel = 1;
-    CUresult r = f->kernel->launch(f->kernel, params, gx, bx);
+    CUresult r = go();
     g_in_kernel = 0;
     if (racecheck) {
         race_end();

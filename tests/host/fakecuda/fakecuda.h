@@ -40,14 +40,19 @@ enum {
 #define FAKE_API extern "C" __attribute__((visibility("default")))
 
 // Services of libcuda.so for the other two libraries.
-// Every call of the stand-in holds the device lock: one device, one stream, work in call order.
+// Every call of the stand-in holds the device lock: one device; work on the default stream in call
+// order, work on a created stream when something waits for it (driver.cpp's on_stream).
 FAKE_API void fakecuda_lock();
 FAKE_API void fakecuda_unlock();
 // 1 when the calling thread has the (retained) primary context current and it has no sticky
 // error; otherwise prints why, naming `api`, and returns 0.
 FAKE_API int fakecuda_context_ok(const char* api);
-// 1 when the stream handle is the default stream (null) or the per-thread one; else prints why.
+// 1 when the stream handle is the default stream (null), the per-thread one or a live created
+// stream; else prints why.
 FAKE_API int fakecuda_stream_ok(const char* api, const void* stream);
+// fakecuda_stream_ok for the libraries, which run their calls when they are made: 0 (saying why)
+// for a created stream, whose work waits until something waits for it.
+FAKE_API int fakecuda_library_stream_ok(const char* api, const void* stream);
 // 1 when [ptr, ptr + bytes) lies inside one live allocation (and ptr is aligned to `align`);
 // otherwise prints what `what` of `api` got wrong and returns 0. bytes may be 0.
 FAKE_API int fakecuda_range_ok(const char* api, const char* what, uint64_t ptr, uint64_t bytes, uint64_t align);

@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include <memory>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -66,9 +67,25 @@ struct Launcher<void (*)(A...)> {
         return run<K>(k, params, grid, block, std::index_sequence_for<A...>{});
     }
 
+    template <void (*K)(A...)>
+    static std::function<CUresult(unsigned, unsigned)> bind(const FakeKernel* k, void** params) {
+        return bind_args<K>(k, params, std::index_sequence_for<A...>{});
+    }
+
+    template <void (*K)(A...), size_t... I>
+    static std::function<CUresult(unsigned, unsigned)> bind_args(const FakeKernel* k, void** params, std::index_sequence<I...>) {
+        auto args = std::make_shared<Args>(*static_cast<const std::decay_t<A>*>(params[I])...);
+        return [k, args](unsigned grid, unsigned block) { return run_args<K>(k, *args, grid, block, std::index_sequence<I...>{}); };
+    }
+
     template <void (*K)(A...), size_t... I>
     static CUresult run(const FakeKernel* k, void** params, unsigned grid, unsigned block, std::index_sequence<I...>) {
         Args args{*static_cast<const std::decay_t<A>*>(params[I])...};
+        return run_args<K>(k, args, grid, block, std::index_sequence<I...>{});
+    }
+
+    template <void (*K)(A...), size_t... I>
+    static CUresult run_args(const FakeKernel* k, Args& args, unsigned grid, unsigned block, std::index_sequence<I...>) {
         bool ok = true;
         ((ok = arg_ok(k->name, (int)I, std::get<I>(args)) && ok), ...);
         // On a GPU such a launch faults when the pointer is used.
@@ -80,7 +97,7 @@ struct Launcher<void (*)(A...)> {
     }
 };
 
-#define FAKECUDA_KERNEL(name) {#name, &Launcher<decltype(&name)>::template launch<&name>},
+#define FAKECUDA_KERNEL(name) {#name, &Launcher<decltype(&name)>::template launch<&name>, &Launcher<decltype(&name)>::template bind<&name>},
 const FakeKernel g_kernels[] = {
 #include "registry.inc"
 };

@@ -10,7 +10,8 @@
 // operation, count, type, reduction or root) is refused with ncclInvalidUsage on every rank and a
 // message naming both sides; a rank that left (ncclCommDestroy/Abort) or never comes
 // (FAKENCCL_TIMEOUT_S, default 60 s) is ncclRemoteError or ncclSystemError: never a hang.
-// Streams are ignored (the stand-in runs everything in call order); a group runs its operations
+// Collectives run when they are called, on the default stream only (a created stream is refused: its
+// work waits until something waits for it, see driver.cpp); a group runs its operations
 // as they are called, which is right for the collectives (not for send/recv pairs).
 #include <ctype.h>
 #include <dirent.h>
@@ -426,26 +427,26 @@ static ncclResult_t collective(const char* api, Kind kind, const void* send, voi
 }
 
 FAKE_API ncclResult_t ncclAllReduce(const void* send, void* recv, size_t count, int dtype, int op, ncclComm_t comm, void* stream) {
-    (void)stream;
+    if (!fakecuda_library_stream_ok("nccl", stream)) return ncclInvalidArgument;
     return collective("ncclAllReduce", AllReduce, send, recv, count, dtype, op, 0, comm);
 }
 FAKE_API ncclResult_t ncclAllGather(const void* send, void* recv, size_t sendcount, int dtype, ncclComm_t comm, void* stream) {
-    (void)stream;
+    if (!fakecuda_library_stream_ok("nccl", stream)) return ncclInvalidArgument;
     return collective("ncclAllGather", AllGather, send, recv, sendcount, dtype, 0, 0, comm);
 }
 FAKE_API ncclResult_t ncclBroadcast(const void* send, void* recv, size_t count, int dtype, int root, ncclComm_t comm, void* stream) {
-    (void)stream;
+    if (!fakecuda_library_stream_ok("nccl", stream)) return ncclInvalidArgument;
     return collective("ncclBroadcast", Broadcast, send, recv, count, dtype, 0, root, comm);
 }
 FAKE_API ncclResult_t ncclBcast(void* buff, size_t count, int dtype, int root, ncclComm_t comm, void* stream) {
-    (void)stream;
+    if (!fakecuda_library_stream_ok("nccl", stream)) return ncclInvalidArgument;
     return collective("ncclBcast", Broadcast, buff, buff, count, dtype, 0, root, comm);
 }
 FAKE_API ncclResult_t ncclReduce(const void* send, void* recv, size_t count, int dtype, int op, int root, ncclComm_t comm, void* stream) {
-    (void)stream;
+    if (!fakecuda_library_stream_ok("nccl", stream)) return ncclInvalidArgument;
     return collective("ncclReduce", Reduce, send, recv, count, dtype, op, root, comm);
 }
 FAKE_API ncclResult_t ncclReduceScatter(const void* send, void* recv, size_t recvcount, int dtype, int op, ncclComm_t comm, void* stream) {
-    (void)stream;
+    if (!fakecuda_library_stream_ok("nccl", stream)) return ncclInvalidArgument;
     return collective("ncclReduceScatter", ReduceScatter, send, recv, recvcount, dtype, op, 0, comm);
 }
