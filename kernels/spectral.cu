@@ -10,10 +10,13 @@
 //
 // Shapes (SpectralGeom g of params.cuh): X, dX [B, Ci, H, Wh] complex (the half spectrum of
 //         rfft2), Y, dY [B, Co, H, Wh], W, dW [Ci, Co, R, My].
-// Geometry: one thread per output element (Y, dX: every mode of the half spectrum; dW: every kept
-//         mode), grid-stride; the innermost index is the column c, so a warp reads consecutive
-//         columns of X, W and dY (coalesced). The reduction over i, o or b
-//         runs in order inside the thread: results do not depend on the launch.
+// Geometry: Y and dX (mix_all): the first blocks one thread per (group of MIX_BB = 16 samples,
+//         output channel, kept mode), kept mode fastest, summing all the group's samples at once,
+//         so each weight is read once per group rather than once per sample; the other blocks
+//         write the zero modes (grid-stride); src/backend/spectral/cuda.rs's mix_config sizes the
+//         grid. dW: one thread per kept weight, grid-stride, column c innermost. Reads of
+//         consecutive columns of X, W and dY are coalesced. The reduction over i, o or b runs in
+//         order inside the thread: results do not depend on the launch.
 // With `ready` not null, the forward and dX also write their result made ready for cuFFT's C2R
 // (fft.cu's irfft_prep_f32 applied in the same pass, SpectrumGeom sg: the forward's irfft2, dX's
 // adjoint of rfft2), so that the spectral convolution runs no separate glue launch.
@@ -64,41 +67,92 @@ __device__ __forceinline__ int kept_row(int row, int c, const SpectralGeom& g) {
     return row < g.pos ? row : (row >= g.h - g.r + g.pos ? row - (g.h - g.r) : -1);
 }
 
-// The mix's sum at mode (row, c) of sample b, in order (0 off the kept modes): the forward's
-// Y[b, o] = sum over i of X[b, i] W[i, o] (DX false, src X, `at_ch` = o), or dX[b, i] = sum over
-// o of dY[b, o] conj(W[i, o]) (DX true, src dY, `at_ch` = i).
+// The forward's Y[b, o] = sum over i of X[b, i] W[i, o] (DX false, src X, out channel o) or dX[b,
+// i] = sum over o of dY[b, o] conj(W[i, o]) (DX true, src dY, out channel i) at kept mode (r, c)
+// of `row`, for the MIX_BB samples from b0 (fewer at the end of the batch), in order of the
+// reduced channel: acc[j] for sample b0 + j. Each weight is read once for all those samples.
+#define MIX_BB 16
 template <bool DX>
-__device__ __forceinline__ float2 mix_at(const float2* __restrict__ src, const float2* __restrict__ w, const SpectralGeom& g, int b, int at_ch, int row, int c) {
-    const int r = kept_row(row, c, g), terms = DX ? g.co : g.ci;
+__device__ __forceinline__ void mix_sums(const float2* __restrict__ src, const float2* __restrict__ w, const SpectralGeom& g, int b0, int nb, int ch, int r, int row, int c, float2* acc) {
+    const int terms = DX ? g.co : g.ci;
     const int64_t plane = (int64_t)g.h * g.wh, at = (int64_t)row * g.wh + c;
-    float2 acc = make_float2(0.f, 0.f);
-    if (r >= 0) {
-        for (int s = 0; s < terms; ++s) {
-            const int i = DX ? at_ch : s, o = DX ? s : at_ch;
-            const float2 v = src[((int64_t)b * terms + s) * plane + at], wv = w[(((int64_t)i * g.co + o) * g.r + r) * g.my + c];
-            const float2 p = DX ? cmul_conj_b(v, wv) : cmul(v, wv);
-            acc.x += p.x;
-            acc.y += p.y;
+#pragma unroll
+    for (int j = 0; j < MIX_BB; ++j) acc[j] = make_float2(0.f, 0.f);
+    for (int s = 0; s < terms; ++s) {
+        const int i = DX ? ch : s, o = DX ? s : ch;
+        const float2 wv = w[(((int64_t)i * g.co + o) * g.r + r) * g.my + c];
+        const float2* col = src + ((int64_t)b0 * terms + s) * plane + at;
+#pragma unroll
+        for (int j = 0; j < MIX_BB; ++j) {
+            if (j < nb) {
+                const float2 v = col[(int64_t)j * terms * plane];
+                const float2 p = DX ? cmul_conj_b(v, wv) : cmul(v, wv);
+                acc[j].x += p.x;
+                acc[j].y += p.y;
+            }
         }
     }
-    return acc;
 }
 
 // Every mode of the forward's Y (DX false) or of dX (DX true), and with `ready` the same made
-// ready for the C2R after it (the partner row's sum is taken for the DC and Nyquist columns).
+// ready for the C2R after it. Tiled by mode: the first blocks give one thread to each (sample
+// group of MIX_BB, output channel, kept mode), kept mode fastest (consecutive columns: coalesced
+// reads of the weight and the spectrum), each weight read once per sample group instead of once
+// per sample; on the DC and Nyquist columns that thread also sums the partner row (H - row) % H
+// for the Hermitian part, and writes the partner's ready element when that row is not kept. The
+// remaining blocks write the zeros of every other mode (grid-stride). Each output element has one
+// writer; every sum runs in order of the reduced channel, so the result does not depend on the
+// launch.
 template <bool DX>
 __device__ __forceinline__ void mix_all(const float2* __restrict__ src, const float2* __restrict__ w, float2* __restrict__ out, float2* __restrict__ ready, const SpectralGeom& g, const SpectrumGeom& sg) {
     const int channels = DX ? g.ci : g.co;
-    const int64_t n = (int64_t)g.b * channels * g.h * g.wh;
-    FNO_FOR(t, n) {
-        const Elem e = elem_of(t, channels, g);
-        const int row = (int)(e.at / g.wh);
-        const float2 v = mix_at<DX>(src, w, g, e.outer, e.mid, row, e.c);
-        out[t] = v;
-        if (ready) {
-            const float2 m = hermitian_weight(e.c, sg.w) == 1.f ? mix_at<DX>(src, w, g, e.outer, e.mid, (g.h - row) % g.h, e.c) : v;
-            ready[t] = irfft_ready(v, m, e.c, sg);
+    const int64_t kept = (int64_t)g.r * g.my, groups = (g.b + MIX_BB - 1) / MIX_BB;
+    const int64_t tile_threads = groups * channels * kept, tile_blocks = (tile_threads + blockDim.x - 1) / blockDim.x;
+    const int64_t plane = (int64_t)g.h * g.wh;
+    if ((int64_t)blockIdx.x < tile_blocks) {
+        const int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+        if (t >= tile_threads) return;
+        const int mode = t % kept, ch = (t / kept) % channels, b0 = (int)(t / (kept * channels)) * MIX_BB;
+        const int nb = g.b - b0 < MIX_BB ? g.b - b0 : MIX_BB;
+        const int r = mode / g.my, c = mode % g.my, row = r < g.pos ? r : g.h - g.r + r;
+        float2 acc[MIX_BB];
+        mix_sums<DX>(src, w, g, b0, nb, ch, r, row, c, acc);
+        float2* o = out + ((int64_t)b0 * channels + ch) * plane;
+        for (int j = 0; j < nb; ++j) o[(int64_t)j * channels * plane + (int64_t)row * g.wh + c] = acc[j];
+        if (!ready) return;
+        float2* rd = ready + ((int64_t)b0 * channels + ch) * plane;
+        if (hermitian_weight(c, sg.w) != 1.f) {
+            for (int j = 0; j < nb; ++j) rd[(int64_t)j * channels * plane + (int64_t)row * g.wh + c] = irfft_ready(acc[j], acc[j], c, sg);
+            return;
         }
+        const int prow = (g.h - row) % g.h, pr = kept_row(prow, c, g);
+        float2 part[MIX_BB];
+        if (prow == row) {
+            for (int j = 0; j < MIX_BB; ++j) part[j] = acc[j];
+        } else if (pr >= 0) {
+            mix_sums<DX>(src, w, g, b0, nb, ch, pr, prow, c, part);
+        } else {
+            for (int j = 0; j < MIX_BB; ++j) part[j] = make_float2(0.f, 0.f);
+        }
+        for (int j = 0; j < nb; ++j) {
+            float2* e = rd + (int64_t)j * channels * plane;
+            e[(int64_t)row * g.wh + c] = irfft_ready(acc[j], part[j], c, sg);
+            // The partner row is not kept: its element is 0, its partner this one.
+            if (pr < 0) e[(int64_t)prow * g.wh + c] = irfft_ready(make_float2(0.f, 0.f), acc[j], c, sg);
+        }
+        return;
+    }
+    const int64_t n = (int64_t)g.b * channels * plane, zb = blockIdx.x - tile_blocks, zblocks = gridDim.x - tile_blocks;
+    for (int64_t t = zb * blockDim.x + threadIdx.x; t < n; t += zblocks * blockDim.x) {
+        const Elem e = elem_of(t, channels, g);
+        if (e.r >= 0) continue;  // a kept mode: its tile thread writes it
+        out[t] = make_float2(0.f, 0.f);
+        if (!ready) continue;
+        // On the DC and Nyquist columns, a row whose partner is kept is written by the partner's
+        // tile thread.
+        const int row = (int)(e.at / g.wh);
+        if (hermitian_weight(e.c, sg.w) == 1.f && kept_row((g.h - row) % g.h, e.c, g) >= 0) continue;
+        ready[t] = irfft_ready(make_float2(0.f, 0.f), make_float2(0.f, 0.f), e.c, sg);
     }
 }
 

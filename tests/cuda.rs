@@ -44,8 +44,9 @@ fn host(t: &Tensor) -> Vec<f32> {
 #[cfg_attr(not(fnokern_kernels), ignore = "skipped: no kernels (built without nvcc; scripts/install-nvcc.sh installs it)")]
 fn spectral_mix_forward_and_both_backward_products_match_the_cpu() {
     let Some(g) = gpu("spectral_mix") else { return };
-    // Odd sizes: 3 samples, 5 -> 7 channels, a 9 x 10 map (half spectrum 6 columns), 4 modes.
-    let (b, ci, co, h, w, m) = (3, 5, 7, 9, 10, 4);
+    // Odd sizes: 17 samples (the forward and dX sum 16 samples a thread: a full group and a
+    // group of one), 5 -> 7 channels, a 9 x 10 map (half spectrum 6 columns), 4 modes.
+    let (b, ci, co, h, w, m) = (17, 5, 7, 9, 10, 4);
     for conv in [ModeConvention::Corners, ModeConvention::Positive] {
         let modes = SpectralModes::new(m, conv);
         let wh = w / 2 + 1;

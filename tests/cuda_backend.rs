@@ -251,11 +251,12 @@ fn spectral_mix_and_norms_match_the_cpu_through_the_dispatch() {
     });
     // The mix's launches that also make their results ready for the inverse transforms after
     // them (irfft2, rfft2's adjoint), against the CPU's mix then transform: odd and even widths,
-    // a kept Nyquist column (width 6, 4 modes), kept rows whose Hermitian partners are kept too.
-    for (h, w) in [(9, 6), (8, 7), (6, 10)] {
-        on_both(&format!("spectral with the glue in the mix, {h}x{w}"), 1e-4, 1e-4, |dev| {
+    // a kept Nyquist column (width 6, 4 modes), kept rows whose Hermitian partners are kept too
+    // and one whose partner is not (row H - 4, partner 4); 19 samples once (groups of 16 and 3).
+    for (h, w, b) in [(9, 6, 19), (8, 7, 3), (6, 10, 3)] {
+        on_both(&format!("spectral with the glue in the mix, {h}x{w}, {b} samples"), 1e-4, 1e-4, |dev| {
             let modes = SpectralModes::new(4, ModeConvention::Corners);
-            let (b, ci, co) = (3, 5, 7);
+            let (ci, co) = (5, 7);
             let xh = randn(dev, &[b, ci, h, w / 2 + 1, 2], 1);
             let wt = randn(dev, modes.weight_shape(ci, co, h, w).dims(), 2);
             let dyh = randn(dev, &[b, co, h, w / 2 + 1, 2], 3);
