@@ -184,6 +184,7 @@ struct FakeStream {
     unsigned magic = kMagic;
     bool blocking = true;    // CU_STREAM_DEFAULT: the legacy default stream waits for its work
     bool destroyed = false;  // its handle is gone; its work still runs (see cuStreamDestroy_v2)
+    uint64_t id = 0;         // never reused, unlike the address (events name their stream by it)
     std::deque<std::pair<uint64_t, std::function<CUresult()>>> work;
     uint64_t enqueued = 0;
 };
@@ -191,8 +192,8 @@ struct FakeEvent {
     unsigned magic = kMagic;
     // The copies to the host enqueued before the event was recorded (see g_pending).
     uint64_t copies = 0;
-    // Recorded on a created stream: that stream and its position then (else null).
-    FakeStream* stream = nullptr;
+    // Recorded on a created stream: that stream's id and its position then (else id 0).
+    uint64_t stream = 0;
     uint64_t pos = 0;
 };
 struct FakeModule {
@@ -722,6 +723,8 @@ FAKE_API CUresult cuStreamCreate(CUstream* s, unsigned flags) {
     if (!s || flags > 1) return CUDA_ERROR_INVALID_VALUE;
     FakeStream* st = new FakeStream;
     st->blocking = flags == 0;  // 1: CU_STREAM_NON_BLOCKING
+    static uint64_t next_id = 0;
+    st->id = ++next_id;
     g_streams.push_back(st);
     *s = st;
     return CUDA_SUCCESS;
@@ -766,9 +769,11 @@ static bool event_ok(const char* api, CUevent e) {
     return false;
 }
 
-// The created stream the event was recorded on, if it is still alive.
-static bool event_stream(CUevent e) {
-    return e->stream && std::find(g_streams.begin(), g_streams.end(), e->stream) != g_streams.end();
+// The created stream the event was recorded on, while its work may still be queued.
+static FakeStream* event_stream(CUevent e) {
+    for (FakeStream* s : g_streams)
+        if (e->stream != 0 && s->id == e->stream) return s;
+    return nullptr;
 }
 
 FAKE_API CUresult cuEventCreate(CUevent* e, unsigned flags) {
@@ -795,7 +800,7 @@ FAKE_API CUresult cuEventRecord(CUevent e, CUstream s) {
     NEED_STREAM("cuEventRecord", s);
     if (!event_ok("cuEventRecord", e)) return CUDA_ERROR_INVALID_HANDLE;
     e->copies = g_copies;
-    e->stream = is_created(s) ? s : nullptr;
+    e->stream = is_created(s) ? s->id : 0;
     e->pos = is_created(s) ? s->enqueued : 0;
     return CUDA_SUCCESS;
 }
@@ -804,7 +809,7 @@ FAKE_API CUresult cuEventSynchronize(CUevent e) {
     LOCK;
     NEED_CONTEXT("cuEventSynchronize");
     if (!event_ok("cuEventSynchronize", e)) return CUDA_ERROR_INVALID_HANDLE;
-    if (event_stream(e)) flush(e->stream, e->pos);
+    if (FakeStream* es = event_stream(e)) flush(es, e->pos);
     complete_copies(e->copies);
     fakecuda_count("cuEventSynchronize");
     return sticky_or_success();
@@ -814,7 +819,7 @@ FAKE_API CUresult cuEventQuery(CUevent e) {
     LOCK;
     NEED_CONTEXT("cuEventQuery");
     if (!event_ok("cuEventQuery", e)) return CUDA_ERROR_INVALID_HANDLE;
-    if (event_stream(e)) flush(e->stream, e->pos);
+    if (FakeStream* es = event_stream(e)) flush(es, e->pos);
     complete_copies(e->copies);  // "complete" is what the query answers
     return sticky_or_success();
 }
@@ -826,7 +831,7 @@ FAKE_API CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned flags) {
     (void)flags;
     if (!event_ok("cuStreamWaitEvent", e)) return CUDA_ERROR_INVALID_HANDLE;
     // What the event covers runs now: before anything s runs after this call.
-    if (event_stream(e) && e->stream != s) flush(e->stream, e->pos);
+    if (FakeStream* es = event_stream(e); es && es != s) flush(es, e->pos);
     return sticky_or_success();
 }
 
