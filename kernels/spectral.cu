@@ -71,9 +71,16 @@ __device__ __forceinline__ int kept_row(int row, int c, const SpectralGeom& g) {
 // i] = sum over o of dY[b, o] conj(W[i, o]) (DX true, src dY, out channel i) at kept mode (r, c)
 // of `row`, for the MIX_BB samples from b0 (fewer at the end of the batch), in order of the
 // reduced channel: acc[j] for sample b0 + j. Each weight is read once for all those samples.
+// Every src value is first multiplied by k (1, or dY's column scale: see dy_scale).
 #define MIX_BB 16
+
+// The factor dY's column c is read with: 1 when dy_w is 0 (dY as given), else the column scale
+// c_c / (H W) that irfft2's adjoint applies after its R2C transform (fft.cu's
+// spectrum_col_scale_f32, computed the same way), for a dY handed over straight from the R2C of
+// width-dy_w images: the backward's two mix products apply it as they read, instead of a launch.
+__device__ __forceinline__ float dy_scale(int c, int h, int dy_w) { return dy_w ? hermitian_weight(c, dy_w) / ((float)h * (float)dy_w) : 1.f; }
 template <bool DX>
-__device__ __forceinline__ void mix_sums(const float2* __restrict__ src, const float2* __restrict__ w, const SpectralGeom& g, int b0, int nb, int ch, int r, int row, int c, float2* acc) {
+__device__ __forceinline__ void mix_sums(const float2* __restrict__ src, const float2* __restrict__ w, const SpectralGeom& g, int b0, int nb, int ch, int r, int row, int c, float k, float2* acc) {
     const int terms = DX ? g.co : g.ci;
     const int64_t plane = (int64_t)g.h * g.wh, at = (int64_t)row * g.wh + c;
 #pragma unroll
@@ -85,7 +92,9 @@ __device__ __forceinline__ void mix_sums(const float2* __restrict__ src, const f
 #pragma unroll
         for (int j = 0; j < MIX_BB; ++j) {
             if (j < nb) {
-                const float2 v = col[(int64_t)j * terms * plane];
+                float2 v = col[(int64_t)j * terms * plane];
+                v.x *= k;
+                v.y *= k;
                 const float2 p = DX ? cmul_conj_b(v, wv) : cmul(v, wv);
                 acc[j].x += p.x;
                 acc[j].y += p.y;
@@ -104,7 +113,7 @@ __device__ __forceinline__ void mix_sums(const float2* __restrict__ src, const f
 // writer; every sum runs in order of the reduced channel, so the result does not depend on the
 // launch.
 template <bool DX>
-__device__ __forceinline__ void mix_all(const float2* __restrict__ src, const float2* __restrict__ w, float2* __restrict__ out, float2* __restrict__ ready, const SpectralGeom& g, const SpectrumGeom& sg) {
+__device__ __forceinline__ void mix_all(const float2* __restrict__ src, const float2* __restrict__ w, float2* __restrict__ out, float2* __restrict__ ready, const SpectralGeom& g, const SpectrumGeom& sg, int dy_w) {
     const int channels = DX ? g.ci : g.co;
     const int64_t kept = (int64_t)g.r * g.my, groups = (g.b + MIX_BB - 1) / MIX_BB;
     const int64_t tile_threads = groups * channels * kept, tile_blocks = (tile_threads + blockDim.x - 1) / blockDim.x;
@@ -116,7 +125,7 @@ __device__ __forceinline__ void mix_all(const float2* __restrict__ src, const fl
         const int nb = g.b - b0 < MIX_BB ? g.b - b0 : MIX_BB;
         const int r = mode / g.my, c = mode % g.my, row = r < g.pos ? r : g.h - g.r + r;
         float2 acc[MIX_BB];
-        mix_sums<DX>(src, w, g, b0, nb, ch, r, row, c, acc);
+        mix_sums<DX>(src, w, g, b0, nb, ch, r, row, c, dy_scale(c, g.h, dy_w), acc);
         float2* o = out + ((int64_t)b0 * channels + ch) * plane;
         for (int j = 0; j < nb; ++j) o[(int64_t)j * channels * plane + (int64_t)row * g.wh + c] = acc[j];
         if (!ready) return;
@@ -130,7 +139,7 @@ __device__ __forceinline__ void mix_all(const float2* __restrict__ src, const fl
         if (prow == row) {
             for (int j = 0; j < MIX_BB; ++j) part[j] = acc[j];
         } else if (pr >= 0) {
-            mix_sums<DX>(src, w, g, b0, nb, ch, pr, prow, c, part);
+            mix_sums<DX>(src, w, g, b0, nb, ch, pr, prow, c, dy_scale(c, g.h, dy_w), part);
         } else {
             for (int j = 0; j < MIX_BB; ++j) part[j] = make_float2(0.f, 0.f);
         }
@@ -157,23 +166,27 @@ __device__ __forceinline__ void mix_all(const float2* __restrict__ src, const fl
 }
 
 extern "C" __global__ void spectral_mix_fwd_f32(const float2* __restrict__ x, const float2* __restrict__ w, float2* __restrict__ y, float2* __restrict__ ready, SpectralGeom g, SpectrumGeom sg) {
-    mix_all<false>(x, w, y, ready, g, sg);
+    mix_all<false>(x, w, y, ready, g, sg, 0);
 }
 
-extern "C" __global__ void spectral_mix_bwd_input_f32(const float2* __restrict__ dy, const float2* __restrict__ w, float2* __restrict__ dx, float2* __restrict__ ready, SpectralGeom g, SpectrumGeom sg) {
-    mix_all<true>(dy, w, dx, ready, g, sg);
+extern "C" __global__ void spectral_mix_bwd_input_f32(const float2* __restrict__ dy, const float2* __restrict__ w, float2* __restrict__ dx, float2* __restrict__ ready, SpectralGeom g, SpectrumGeom sg, int dy_w) {
+    mix_all<true>(dy, w, dx, ready, g, sg, dy_w);
 }
 
-extern "C" __global__ void spectral_mix_bwd_weight_f32(const float2* __restrict__ x, const float2* __restrict__ dy, float2* __restrict__ dw, SpectralGeom g) {
+extern "C" __global__ void spectral_mix_bwd_weight_f32(const float2* __restrict__ x, const float2* __restrict__ dy, float2* __restrict__ dw, SpectralGeom g, int dy_w) {
     const int64_t n = (int64_t)g.ci * g.co * g.r * g.my;
     FNO_FOR(t, n) {
         const Mode m = mode_of(t, g.co, g);
         const int o = m.mid, i = m.outer;
         const int64_t plane = (int64_t)g.h * g.wh, at = m.at;
+        const float k = dy_scale(m.c, g.h, dy_w);
         float2 acc = make_float2(0.f, 0.f);
         for (int b = 0; b < g.b; ++b) {
+            float2 d = dy[((int64_t)b * g.co + o) * plane + at];
+            d.x *= k;
+            d.y *= k;
             // conj(X) dY = conj(X conj(dY)) -> (re, -im) of cmul_conj_b(X, dY)
-            const float2 p = cmul_conj_b(x[((int64_t)b * g.ci + i) * plane + at], dy[((int64_t)b * g.co + o) * plane + at]);
+            const float2 p = cmul_conj_b(x[((int64_t)b * g.ci + i) * plane + at], d);
             acc.x += p.x;
             acc.y -= p.y;
         }

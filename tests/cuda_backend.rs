@@ -263,12 +263,32 @@ fn spectral_mix_and_norms_match_the_cpu_through_the_dispatch() {
             let (y, ready) = backend::spectral_mix_ready(&xh, &wt, modes, w).unwrap();
             assert_eq!(ready.is_some(), dev.kind() != DeviceKind::Cpu, "a ready spectrum only on a GPU");
             let image = backend::irfft2_ready(&y, w, ready).unwrap();
-            let (dx, ready) = backend::spectral_mix_bwd_input_ready(&dyh, &wt, modes, w).unwrap();
+            let (dx, ready) = backend::spectral_mix_bwd_input_ready(&dyh, &wt, modes, w, None).unwrap();
             let adjoint = backend::rfft2_bwd_ready(&dx, w, ready).unwrap();
             // A ready spectrum made from another tensor is not used.
             let (_, other) = backend::spectral_mix_ready(&xh, &wt, modes, w).unwrap();
             let plain = backend::irfft2_ready(&y, w, other).unwrap();
-            vec![out("mix", y), out("irfft2 of the mix", image), out("dx", dx), out("rfft2_bwd of dx", adjoint), out("irfft2, another's ready", plain)]
+            // dY straight from irfft2's adjoint without its column scale (on a GPU), which both
+            // backward products apply as they read; the CPU's is scaled.
+            let dy_image = randn(dev, &[b, co, h, w], 4);
+            let (dz, unscaled) = backend::irfft2_bwd_unscaled(&dy_image).unwrap();
+            assert_eq!(unscaled.is_some(), dev.kind() != DeviceKind::Cpu, "an unscaled spectrum only on a GPU");
+            let (dx_u, _) = backend::spectral_mix_bwd_input_ready(&dz, &wt, modes, w, unscaled.as_ref()).unwrap();
+            let dw_u = backend::spectral_mix_bwd_weight_unscaled(&xh, &dz, unscaled.as_ref(), wt.shape(), modes).unwrap();
+            // Handed with another gradient, it is an error, not a wrong scale.
+            if let Some(u) = &unscaled {
+                let err = backend::spectral_mix_bwd_weight_unscaled(&xh, &dyh, Some(u), wt.shape(), modes).unwrap_err().to_string();
+                assert!(err.contains("not the output gradient's"), "{err}");
+            }
+            vec![
+                out("mix", y),
+                out("irfft2 of the mix", image),
+                out("dx", dx),
+                out("rfft2_bwd of dx", adjoint),
+                out("irfft2, another's ready", plain),
+                out("dx of an unscaled dY", dx_u),
+                out("dw of an unscaled dY", dw_u),
+            ]
         });
     }
     on_both("norms", 1e-4, 1e-4, |dev| {

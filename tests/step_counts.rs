@@ -89,7 +89,8 @@ fn a_study_step_counted_on_the_stand_in() {
     // GEMM per convolution. Launches plus library calls: 1,357 at the start, 457 with im2col +
     // cuBLAS, 350 with the implicit-GEMM convolutions, 333 with GELU written by the launches that
     // compute its inputs, 315 with the spectral mix making its results ready for the inverse
-    // FFTs, 299 with the convolutions' dX added into the gradient gathered so far (the bar).
+    // FFTs, 299 with the convolutions' dX added into the gradient gathered so far, 290 with the
+    // column scale of irfft2's adjoint applied by the mix's backward as it reads (the bar: 300).
     let convs = fnokern::backend::profile::take().iter().find(|r| r.op == "conv2d_bwd_weight").map_or(0, |r| r.calls) / 2;
     assert!(convs >= 36, "the study structure has 40 convolutions, {convs} weight gradients counted");
     assert!(second.syncs <= 1, "{} host synchronisations a step", second.syncs);

@@ -37,14 +37,15 @@ pub use agc::{agc, Units};
 pub use complex::{complex_abs, complex_abs_bwd, complex_angle, complex_angle_bwd, complex_mul};
 pub use conv::{conv2d, conv2d_bwd_input, conv2d_bwd_input_added, conv2d_bwd_params, conv2d_bwd_weight, conv2d_gelu, conv_transpose2d, Conv2dParams};
 pub use elementwise::{add_gelu, add_into, affine, binary, broadcast_scalar, clamp, scale_by, scale_in_place, unary, unary_bwd, Binary, Unary};
-pub use fft::{fft2, irfft2, irfft2_bwd, irfft2_ready, rfft2, rfft2_bwd, rfft2_bwd_ready, ReadySpectrum};
+pub use fft::{fft2, irfft2, irfft2_bwd, irfft2_bwd_unscaled, irfft2_ready, rfft2, rfft2_bwd, rfft2_bwd_ready, ReadySpectrum, UnscaledSpectrum};
 pub use layerscale::{layerscale, layerscale_bwd};
 pub use layout::{channel_dot, channel_scale, channels_to_complex, complex_to_channels, concat_channels, roll2d, slice_channels, split_channels};
 pub use norm::{norm, norm_bwd, NormKind, NormOut};
 pub use optim::{adam_step, sgd_step, AdamStep, AdamTensors, SgdStep};
 pub use reduce::{dot, reduce, reduce_each, Reduce};
 pub use spectral::{
-    spectral_mix, spectral_mix_bwd_input, spectral_mix_bwd_input_ready, spectral_mix_bwd_weight, spectral_mix_ready, ModeConvention, SpectralModes,
+    spectral_mix, spectral_mix_bwd_input, spectral_mix_bwd_input_ready, spectral_mix_bwd_weight, spectral_mix_bwd_weight_unscaled, spectral_mix_ready,
+    ModeConvention, SpectralModes,
 };
 
 use crate::device::{Device, DeviceKind};

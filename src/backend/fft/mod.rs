@@ -72,6 +72,36 @@ pub fn irfft2_bwd(dy: &Tensor) -> Result<Tensor> {
     compute(s.half.clone(), dy, |dz| cpu::rfft2(dy, dz, true), |gpu, dz| cuda::rfft2(gpu, &s, dy, dz, true))
 }
 
+/// irfft2's adjoint as cuFFT's R2C transform leaves it, before the column scale c_ky / (H W) that
+/// [`irfft2_bwd`] applies after it: made only on a GPU (by [`irfft2_bwd_unscaled`]) and read only by
+/// kernels that apply the scale as they read (the mode mix's backward products), so that the
+/// scale costs no launch. It names the tensor it describes and the images' width.
+pub struct UnscaledSpectrum {
+    of: Tensor,
+    w: usize,
+}
+
+impl UnscaledSpectrum {
+    /// The images' width when this describes `z` (the same storage), else None.
+    pub(crate) fn width_of(&self, z: &Tensor) -> Option<usize> {
+        self.of.shares_storage(z).then_some(self.w)
+    }
+}
+
+/// [`irfft2_bwd`] whose column scale is left to the reader: on a GPU the R2C's spectrum and the
+/// [`UnscaledSpectrum`] that says so (hand the spectrum only to a reader that takes it), elsewhere
+/// the scaled spectrum and None.
+pub fn irfft2_bwd_unscaled(dy: &Tensor) -> Result<(Tensor, Option<UnscaledSpectrum>)> {
+    if !matches!(dy.device().kind(), crate::device::DeviceKind::Cuda(_)) {
+        return Ok((irfft2_bwd(dy)?, None));
+    }
+    let _p = super::profile::scope("irfft2_bwd");
+    let s = Spectrum::of_image("irfft2_bwd", dy)?;
+    let dz =
+        compute(s.half.clone(), dy, |_| Err(Error::invalid("irfft2_bwd", "an unscaled spectrum is a GPU's")), |gpu, dz| cuda::rfft2(gpu, &s, dy, dz, false))?;
+    Ok((dz.clone(), Some(UnscaledSpectrum { of: dz, w: s.w })))
+}
+
 /// Half spectrum [.., H, w/2+1, 2] -> real image [.., H, w], scaled by 1/(H w).
 pub fn irfft2(z: &Tensor, w: usize) -> Result<Tensor> {
     let _p = super::profile::scope("irfft2");

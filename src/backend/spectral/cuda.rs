@@ -53,8 +53,9 @@ pub(super) fn spectral_mix_fwd(gpu: &Gpu, g: SpectralGeom, x: &Tensor, w: &Tenso
 }
 
 /// dx = sum_o dy conj(w) on the kept modes, zero elsewhere; with `ready`, also dx made ready for
-/// the C2R of rfft2's adjoint.
-pub(super) fn spectral_mix_bwd_input(gpu: &Gpu, g: SpectralGeom, dy: &Tensor, w: &Tensor, dx: &mut Tensor, ready: Ready) -> Result<()> {
+/// the C2R of rfft2's adjoint. `dy_w` > 0: dy is the unscaled R2C of width-dy_w images (the
+/// kernel applies irfft2's adjoint's column scale as it reads).
+pub(super) fn spectral_mix_bwd_input(gpu: &Gpu, g: SpectralGeom, dy: &Tensor, w: &Tensor, dx: &mut Tensor, ready: Ready, dy_w: i32) -> Result<()> {
     const OP: &str = "spectral_mix_bwd_input_f32";
     let (dy, w, dx) = (dy.cuda()?, w.cuda()?, dx.cuda_mut()?);
     check_len(OP, "dy", dy, g.spectrum(g.co))?;
@@ -63,11 +64,11 @@ pub(super) fn spectral_mix_bwd_input(gpu: &Gpu, g: SpectralGeom, dy: &Tensor, w:
     let (mut ready, sg) = ready_args(OP, ready, g.spectrum(g.ci))?;
     let cfg = mix_config(OP, g, g.ci as usize)?;
     // SAFETY: lengths checked against the geometry.
-    unsafe { kernels::spectral_mix_bwd_input_f32(gpu, cfg, dy, w, dx, &mut ready, g, sg) }
+    unsafe { kernels::spectral_mix_bwd_input_f32(gpu, cfg, dy, w, dx, &mut ready, g, sg, dy_w) }
 }
 
-/// dw = sum_b conj(x) dy.
-pub(super) fn spectral_mix_bwd_weight(gpu: &Gpu, g: SpectralGeom, x: &Tensor, dy: &Tensor, dw: &mut Tensor) -> Result<()> {
+/// dw = sum_b conj(x) dy (`dy_w` as for [`spectral_mix_bwd_input`]).
+pub(super) fn spectral_mix_bwd_weight(gpu: &Gpu, g: SpectralGeom, x: &Tensor, dy: &Tensor, dw: &mut Tensor, dy_w: i32) -> Result<()> {
     const OP: &str = "spectral_mix_bwd_weight_f32";
     let (x, dy, dw) = (x.cuda()?, dy.cuda()?, dw.cuda_mut()?);
     check_len(OP, "x", x, g.spectrum(g.ci))?;
@@ -75,5 +76,5 @@ pub(super) fn spectral_mix_bwd_weight(gpu: &Gpu, g: SpectralGeom, x: &Tensor, dy
     check_len(OP, "dw", dw, g.weight())?;
     let cfg = elementwise_config(g.weight() / 2);
     // SAFETY: lengths checked against the geometry.
-    unsafe { kernels::spectral_mix_bwd_weight_f32(gpu, cfg, x, dy, dw, g) }
+    unsafe { kernels::spectral_mix_bwd_weight_f32(gpu, cfg, x, dy, dw, g, dy_w) }
 }

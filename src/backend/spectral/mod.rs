@@ -13,8 +13,8 @@ mod cpu;
 mod cuda;
 
 pub use super::kernels::SpectralGeom;
-use super::ReadySpectrum;
 use super::{check_complex, check_rank, check_same, compute, int};
+use super::{ReadySpectrum, UnscaledSpectrum};
 use crate::device::DeviceKind;
 use crate::error::{Error, Result};
 use crate::tensor::{Shape, Tensor};
@@ -200,26 +200,59 @@ fn bwd_input_geom(dyh: &Tensor, w: &Tensor, modes: SpectralModes) -> Result<(Spe
 pub fn spectral_mix_bwd_input(dyh: &Tensor, w: &Tensor, modes: SpectralModes) -> Result<Tensor> {
     let _p = super::profile::scope("spectral_mix_bwd_input");
     let (g, shape) = bwd_input_geom(dyh, w, modes)?;
-    compute(shape, dyh, |dx| cpu::spectral_mix_bwd_input(dyh, w, &g.rows(), dx), |gpu, dx| cuda::spectral_mix_bwd_input(gpu, g, dyh, w, dx, None))
+    compute(shape, dyh, |dx| cpu::spectral_mix_bwd_input(dyh, w, &g.rows(), dx), |gpu, dx| cuda::spectral_mix_bwd_input(gpu, g, dyh, w, dx, None, 0))
 }
 
 /// [`spectral_mix_bwd_input`] for the adjoint of an rfft2 of width-`width` images that follows:
 /// on a GPU the same launch also writes dX made ready for that adjoint's C2R (what
-/// [`rfft2_bwd_ready`](super::rfft2_bwd_ready) takes). Elsewhere no ready spectrum.
-pub fn spectral_mix_bwd_input_ready(dyh: &Tensor, w: &Tensor, modes: SpectralModes, width: usize) -> Result<(Tensor, Option<ReadySpectrum>)> {
+/// [`rfft2_bwd_ready`](super::rfft2_bwd_ready) takes). Elsewhere no ready spectrum. `unscaled`,
+/// when given, must describe dyh (an R2C whose column scale the launch applies as it reads).
+pub fn spectral_mix_bwd_input_ready(
+    dyh: &Tensor,
+    w: &Tensor,
+    modes: SpectralModes,
+    width: usize,
+    unscaled: Option<&UnscaledSpectrum>,
+) -> Result<(Tensor, Option<ReadySpectrum>)> {
+    const OP: &str = "spectral_mix_bwd_input";
+    let dy_w = dy_width(OP, dyh, unscaled)?;
     if !matches!(dyh.device().kind(), DeviceKind::Cuda(_)) {
         return Ok((spectral_mix_bwd_input(dyh, w, modes)?, None));
     }
-    let _p = super::profile::scope("spectral_mix_bwd_input");
+    let _p = super::profile::scope(OP);
     let (g, shape) = bwd_input_geom(dyh, w, modes)?;
-    with_ready(dyh, shape, width, true, |gpu, dx, ready| cuda::spectral_mix_bwd_input(gpu, g, dyh, w, dx, ready))
+    with_ready(dyh, shape, width, true, |gpu, dx, ready| cuda::spectral_mix_bwd_input(gpu, g, dyh, w, dx, ready, dy_w))
+}
+
+/// The dY width the kernels take: 0 for a gradient as it is, the images' width when `unscaled`
+/// describes dyh (only a GPU makes one); one that describes another tensor is an error, since
+/// the gradient would then be read unscaled.
+fn dy_width(op: &'static str, dyh: &Tensor, unscaled: Option<&UnscaledSpectrum>) -> Result<i32> {
+    match unscaled.map(|u| u.width_of(dyh)) {
+        None => Ok(0),
+        Some(Some(w)) => int(op, w),
+        Some(None) => Err(Error::invalid(op, "the unscaled spectrum handed over is not the output gradient's")),
+    }
 }
 
 /// dW = conj(X) dY summed over the batch, on the kept modes.
 pub fn spectral_mix_bwd_weight(xh: &Tensor, dyh: &Tensor, w_shape: &Shape, modes: SpectralModes) -> Result<Tensor> {
+    spectral_mix_bwd_weight_unscaled(xh, dyh, None, w_shape, modes)
+}
+
+/// [`spectral_mix_bwd_weight`] of a dyh that `unscaled`, when given, describes (as for
+/// [`spectral_mix_bwd_input_ready`]).
+pub fn spectral_mix_bwd_weight_unscaled(
+    xh: &Tensor,
+    dyh: &Tensor,
+    unscaled: Option<&UnscaledSpectrum>,
+    w_shape: &Shape,
+    modes: SpectralModes,
+) -> Result<Tensor> {
     let _p = super::profile::scope("spectral_mix_bwd_weight");
     const OP: &str = "spectral_mix_bwd_weight";
     check_same(OP, &[xh, dyh])?;
+    let dy_w = dy_width(OP, dyh, unscaled)?;
     let fit = |_: usize, _: usize| format!("{} and {}: spectra do not fit a weight of shape {w_shape}", xh.shape(), dyh.shape());
     let (b, ci, h, wh) = spectrum_dims(OP, xh, "half spectrum")?;
     let (b2, co, h2, wh2) = spectrum_dims(OP, dyh, "output gradient")?;
@@ -227,5 +260,5 @@ pub fn spectral_mix_bwd_weight(xh: &Tensor, dyh: &Tensor, w_shape: &Shape, modes
         return Err(Error::invalid(OP, fit(0, 0)));
     }
     let g = SpectralGeom::new(OP, (b, ci, co, h, wh), w_shape, modes, fit)?;
-    compute(w_shape.clone(), xh, |dw| cpu::spectral_mix_bwd_weight(xh, dyh, &g.rows(), dw), |gpu, dw| cuda::spectral_mix_bwd_weight(gpu, g, xh, dyh, dw))
+    compute(w_shape.clone(), xh, |dw| cpu::spectral_mix_bwd_weight(xh, dyh, &g.rows(), dw), |gpu, dw| cuda::spectral_mix_bwd_weight(gpu, g, xh, dyh, dw, dy_w))
 }
