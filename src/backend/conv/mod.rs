@@ -145,9 +145,10 @@ pub fn conv2d_bwd_input(dy: &Tensor, w: &Tensor, x_shape: &Shape, p: Conv2dParam
 pub fn conv2d_bwd_input_added(acc: Option<Tensor>, dy: &Tensor, w: &Tensor, x_shape: &Shape, p: Conv2dParams) -> Result<Tensor> {
     let _p = super::profile::scope("conv2d_bwd_input");
     const OP: &str = "conv2d_bwd_input";
-    check_same(OP, &[dy, w])?;
+    let mut ts = vec![dy, w];
+    ts.extend(acc.as_ref());
+    check_same(OP, &ts)?;
     if let Some(a) = &acc {
-        check_same(OP, &[dy, a])?;
         if a.shape() != x_shape {
             return Err(Error::mismatch_because(OP, a.shape(), x_shape, "the gradient to add into does not have the input's shape"));
         }

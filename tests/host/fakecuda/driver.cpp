@@ -179,9 +179,9 @@ struct FakeContext {
     CUresult sticky = CUDA_SUCCESS;
 };
 // A created stream (cuStreamCreate): its work waits in `work` until something waits for it
-// (see on_stream). Position p is the p-th call enqueued; `done` of them have run.
+// (see on_stream), each item with its position (the p-th call enqueued on the stream). A handle
+// is live while it is in g_streams and not destroyed.
 struct FakeStream {
-    unsigned magic = kMagic;
     bool blocking = true;    // CU_STREAM_DEFAULT: the legacy default stream waits for its work
     bool destroyed = false;  // its handle is gone; its work still runs (see cuStreamDestroy_v2)
     uint64_t id = 0;         // never reused, unlike the address (events name their stream by it)
@@ -771,8 +771,9 @@ static bool event_ok(const char* api, CUevent e) {
 
 // The created stream the event was recorded on, while its work may still be queued.
 static FakeStream* event_stream(CUevent e) {
+    if (e->stream == 0) return nullptr;
     for (FakeStream* s : g_streams)
-        if (e->stream != 0 && s->id == e->stream) return s;
+        if (s->id == e->stream) return s;
     return nullptr;
 }
 
